@@ -1,0 +1,148 @@
+//! `dima bench count`: the count job end to end, against a sequential anchor.
+//!
+//! For each layout (processes × workers) the bench writes a manifest on
+//! loopback, runs `dima up` on it as a user would (process start-up, timely
+//! connection set-up, the job, shutdown: all inside the clock), checks the
+//! result against the anchor, and reports events/s. The anchor is
+//! [`count_sequential`]: the same events counted by one plain loop in this
+//! process, timed in the same run, so the ratio survives a noisy machine.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use dataflows::{CountJob, count_sequential};
+
+/// A processes × workers layout, written `PxW`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Processes.
+    pub processes: usize,
+    /// Workers per process.
+    pub workers: usize,
+}
+
+impl std::str::FromStr for Layout {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (p, w) = text
+            .split_once('x')
+            .ok_or_else(|| format!("{text:?} is not PxW, e.g. 2x1"))?;
+        let parse = |s: &str| s.parse::<usize>().ok().filter(|n| (1..=64).contains(n));
+        match (parse(p), parse(w)) {
+            (Some(processes), Some(workers)) => Ok(Self { processes, workers }),
+            _ => Err(format!(
+                "{text:?} is not PxW with 1 to 64 of each, e.g. 2x1"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.processes, self.workers)
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Writes a loopback manifest for `layout` running `job`.
+pub fn write_manifest(path: &Path, layout: Layout, job: &CountJob) -> anyhow::Result<()> {
+    let mut text =
+        String::from("[cluster]\nname = \"bench\"\n\n[telemetry]\nlog_level = \"warn\"\n\n");
+    for _ in 0..layout.processes {
+        text.push_str(&format!(
+            "[[dataflow.processes]]\naddress = \"127.0.0.1:{}\"\nworkers = {}\n\n",
+            free_port()?,
+            layout.workers
+        ));
+    }
+    text.push_str(&format!(
+        "[jobs.count]\nevents = {}\nkeys = {}\nseed = {}\nepoch_events = {}\nmax_epochs_in_flight = {}\n",
+        job.events, job.keys, job.seed, job.epoch_events, job.max_epochs_in_flight
+    ));
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runs the benchmark and prints one JSON line per layout on stdout.
+pub fn bench_count(
+    exe: &Path,
+    job: &CountJob,
+    layouts: &[Layout],
+    repeat: usize,
+) -> anyhow::Result<()> {
+    let repeat = repeat.max(1);
+    let mut anchor_times = Vec::new();
+    let mut expected = None;
+    for _ in 0..repeat {
+        let started = Instant::now();
+        expected = Some(count_sequential(job));
+        anchor_times.push(started.elapsed().as_secs_f64());
+    }
+    let expected = expected.map(|s| s.to_json()).unwrap_or_default();
+    let anchor_s = median(anchor_times);
+    let anchor_rate = job.events as f64 / anchor_s;
+    eprintln!(
+        "anchor (sequential loop, one thread): {:.3} s, {:.0} events/s",
+        anchor_s, anchor_rate
+    );
+
+    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    for layout in layouts {
+        let manifest = dir.path().join(format!("bench-{layout}.toml"));
+        let mut times = Vec::new();
+        for _ in 0..repeat {
+            write_manifest(&manifest, *layout, job)?;
+            let started = Instant::now();
+            let output = Command::new(exe)
+                .args(["up"])
+                .arg(&manifest)
+                .args(["--job", "count"])
+                .stdin(Stdio::null())
+                .stderr(Stdio::inherit())
+                .output()
+                .context("running dima up")?;
+            let elapsed = started.elapsed().as_secs_f64();
+            if !output.status.success() {
+                bail!("dima up ({layout}) failed: {}", output.status);
+            }
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let last = stdout.lines().last().unwrap_or_default();
+            let got: serde_json::Value =
+                serde_json::from_str(last).with_context(|| format!("result line {last:?}"))?;
+            if got != expected {
+                bail!("layout {layout}: result {got} differs from the anchor's {expected}");
+            }
+            times.push(elapsed);
+        }
+        let wall_s = median(times);
+        let rate = job.events as f64 / wall_s;
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "count",
+                "layout": layout.to_string(),
+                "events": job.events,
+                "repeat": repeat,
+                "wall_s": wall_s,
+                "events_per_s": rate,
+                "anchor": "sequential",
+                "anchor_wall_s": anchor_s,
+                "anchor_events_per_s": anchor_rate,
+                "ratio_to_anchor": rate / anchor_rate,
+                "result_matches_anchor": true,
+            })
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! `dima`: run and inspect Dima clusters. See `dima --help`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use cluster::bench::{Layout, bench_count};
+use cluster::manifest::TelemetrySpec;
+use cluster::{
+    Identity, Job, LogFormat, Manifest, ManifestError, RunOptions, Telemetry, UpOptions,
+};
+
+/// Dima: streaming dataflows, incremental learners and sharded inference,
+/// described by one cluster manifest.
+#[derive(Debug, Parser)]
+#[command(name = "dima", version, propagate_version = true)]
+struct Cli {
+    /// Log line format; overrides the manifest's `telemetry.log_format`.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<FormatArg>,
+    /// Log filter (e.g. `info`, `debug`, `dataflows=trace`); overrides
+    /// `telemetry.log_level`. `RUST_LOG` overrides both.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    Human,
+    Json,
+}
+
+impl From<FormatArg> for LogFormat {
+    fn from(format: FormatArg) -> Self {
+        match format {
+            FormatArg::Human => Self::Human,
+            FormatArg::Json => Self::Json,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a manifest and print what it describes; exit 2 if it is invalid.
+    Validate {
+        /// The manifest (TOML).
+        file: PathBuf,
+    },
+    /// Start every process the manifest places on this machine and wait for
+    /// the job to finish; prints the job's result as the last stdout line.
+    Up {
+        /// The manifest (TOML).
+        file: PathBuf,
+        /// The job to run.
+        #[arg(long, value_enum, default_value = "count")]
+        job: Job,
+        /// Number of events; overrides the job's `events` in the manifest.
+        #[arg(long, value_name = "N")]
+        events: Option<u64>,
+    },
+    /// Run one process of the manifest's cluster (what `dima up` starts).
+    Run {
+        /// The manifest (TOML).
+        file: PathBuf,
+        /// Index of this process in `dataflow.processes`.
+        #[arg(long, value_name = "I")]
+        process: usize,
+        /// The job to run.
+        #[arg(long, value_enum, default_value = "count")]
+        job: Job,
+        /// Number of events; overrides the job's `events` in the manifest.
+        #[arg(long, value_name = "N")]
+        events: Option<u64>,
+    },
+    /// End-to-end benchmarks, each against an anchor measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        bench: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// The count job through `dima up` for each layout, against a
+    /// single-threaded loop over the same events. Prints one JSON line per layout.
+    Count {
+        /// Events per run.
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
+        /// Distinct keys.
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        /// Layouts as PROCESSESxWORKERS, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1x1,2x1")]
+        layouts: Vec<Layout>,
+        /// Runs per layout; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
+}
+
+/// A failure with the exit code it should produce.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Self {
+            code: 1,
+            error: error.into(),
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Manifest, Failure> {
+    Manifest::load(path).map_err(|e: ManifestError| Failure {
+        code: 2,
+        error: e.into(),
+    })
+}
+
+fn telemetry_spec(cli: &Cli, manifest: &Manifest) -> TelemetrySpec {
+    let mut spec = manifest.telemetry.clone();
+    if let Some(format) = cli.log_format {
+        spec.log_format = format.into();
+    }
+    if let Some(level) = &cli.log_level {
+        spec.log_level = level.clone();
+    }
+    spec
+}
+
+fn stop_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Registration only fails for forbidden signals; these are not.
+        let _ = signal_hook::flag::register(signal, Arc::clone(&stop));
+    }
+    stop
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, error }) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn execute(cli: &Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Validate { file } => {
+            let manifest = load(file)?;
+            let dataflow = &manifest.dataflow;
+            println!(
+                "ok: {}: cluster {:?}, {} process(es) x {} worker(s) = {} worker(s)",
+                file.display(),
+                manifest.cluster.name,
+                dataflow.processes.len(),
+                dataflow.workers_per_process(),
+                dataflow.total_workers()
+            );
+            for p in &dataflow.processes {
+                let metrics = p
+                    .metrics_address
+                    .map(|a| format!(", metrics at {a}"))
+                    .unwrap_or_default();
+                println!("  process {}: {}{metrics}", p.index, p.address);
+            }
+            Ok(())
+        }
+        Command::Up { file, job, events } => {
+            let manifest = load(file)?;
+            let mut spec = telemetry_spec(cli, &manifest);
+            // The launcher only logs; its children export telemetry.
+            spec.otlp = None;
+            let identity = Identity {
+                cluster: manifest.cluster.name.clone(),
+                process: None,
+            };
+            let telemetry = Telemetry::init(&spec, &identity)?;
+            let exe = std::env::current_exe().context("locating the dima executable")?;
+            let options = UpOptions {
+                manifest: file.clone(),
+                job: *job,
+                events: *events,
+                log_format: cli.log_format.map(Into::into),
+                log_level: cli.log_level.clone(),
+            };
+            let outcome = cluster::up(&manifest, &options, &exe);
+            telemetry.shutdown();
+            match outcome {
+                Ok(results) => {
+                    for result in results {
+                        println!("{result}");
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(Failure {
+                    code: u8::try_from(e.exit_code()).unwrap_or(1),
+                    error: e.into(),
+                }),
+            }
+        }
+        Command::Run {
+            file,
+            process,
+            job,
+            events,
+        } => {
+            let manifest = load(file)?;
+            let spec = telemetry_spec(cli, &manifest);
+            let identity = Identity {
+                cluster: manifest.cluster.name.clone(),
+                process: Some(*process),
+            };
+            let mut telemetry = Telemetry::init(&spec, &identity)?;
+            let options = RunOptions {
+                process: *process,
+                job: *job,
+                events: *events,
+            };
+            let outcome = cluster::run_process(&manifest, &options, &mut telemetry, stop_flag());
+            telemetry.shutdown();
+            match outcome {
+                Ok(Some(result)) => {
+                    println!("{result}");
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(e @ cluster::RunError::Interrupted) => Err(Failure {
+                    code: 130,
+                    error: e.into(),
+                }),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Count {
+                    events,
+                    keys,
+                    layouts,
+                    repeat,
+                },
+        } => {
+            let exe = std::env::current_exe().context("locating the dima executable")?;
+            let job = dataflows::CountJob {
+                events: *events,
+                keys: *keys,
+                ..Default::default()
+            };
+            bench_count(&exe, &job, layouts, *repeat)?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! `dima run FILE --process I`: one timely process of the manifest's cluster.
+
+use std::any::Any;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use dataflows::{CountJob, CountRun, DataflowMetrics, run_count};
+
+use timely::WorkerConfig;
+use timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets;
+use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
+
+use crate::manifest::Manifest;
+use crate::mesh::{self, MeshError, MeshSpec};
+use crate::telemetry::Telemetry;
+
+/// A job `dima up`/`dima run` can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Job {
+    /// Generate keyed events, exchange them by key, count them, gather the totals.
+    Count,
+}
+
+impl Job {
+    /// The job's name on the command line and in its result line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Count => "count",
+        }
+    }
+}
+
+/// What to run in this process.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Index into `dataflow.processes`.
+    pub process: usize,
+    /// Which job.
+    pub job: Job,
+    /// Overrides the job's event count.
+    pub events: Option<u64>,
+}
+
+/// Why a process could not run its job to the end.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The process index is not in the manifest.
+    #[error("--process {index}: the manifest has {count} process(es), indices 0..{count}")]
+    NoSuchProcess {
+        /// The requested index.
+        index: usize,
+        /// How many processes the manifest lists.
+        count: usize,
+    },
+    /// The process's own address cannot be listened on.
+    #[error("{field} {address}: cannot listen: {source}")]
+    Listen {
+        /// The manifest field.
+        field: String,
+        /// The address.
+        address: SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
+    /// Metrics could not be registered.
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// Telemetry could not start.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
+    /// The peers could not be connected.
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    /// Timely could not start (networking).
+    #[error("timely could not start: {0}")]
+    Timely(String),
+    /// A worker thread panicked.
+    #[error("worker {worker} failed: {message}")]
+    Worker {
+        /// Global worker index.
+        worker: usize,
+        /// The panic message.
+        message: String,
+    },
+    /// A stop signal ended the job before it finished.
+    #[error("interrupted before the job finished")]
+    Interrupted,
+}
+
+impl RunError {
+    /// A stable name for the kind of error.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::NoSuchProcess { .. } => "no_such_process",
+            Self::Listen { .. } => "listen",
+            Self::Metrics(_) => "metrics",
+            Self::Telemetry(_) => "telemetry",
+            Self::Mesh(_) => "mesh",
+            Self::Timely(_) => "timely",
+            Self::Worker { .. } => "worker",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// Timely's communication for process `index`: worker threads in-process,
+/// joined to the other processes over the sockets of [`mesh::connect`].
+pub fn communication(
+    manifest: &Manifest,
+    index: usize,
+) -> Result<(Vec<AllocatorBuilder>, Box<dyn Any + Send>), RunError> {
+    let threads = manifest.dataflow.workers_per_process();
+    let hooks = timely::communication::Hooks::default();
+    let local =
+        ProcessBuilder::new_typed_vector(threads, hooks.refill.clone(), hooks.spill.clone());
+    if manifest.dataflow.processes.len() == 1 {
+        return Ok((
+            local.into_iter().map(AllocatorBuilder::Process).collect(),
+            Box::new(()),
+        ));
+    }
+    let sockets = mesh::connect(&MeshSpec::new(manifest, index))?;
+    let (builders, guard) =
+        initialize_networking_from_sockets(local, sockets, index, threads, hooks)
+            .map_err(|e| RunError::Timely(format!("starting network threads: {e}")))?;
+    Ok((
+        builders.into_iter().map(AllocatorBuilder::Tcp).collect(),
+        Box::new(guard),
+    ))
+}
+
+/// Checks that `address` can be listened on right now.
+pub fn check_listen(address: SocketAddr, field: &str) -> Result<(), RunError> {
+    TcpListener::bind(address)
+        .map(drop)
+        .map_err(|source| RunError::Listen {
+            field: field.to_owned(),
+            address,
+            source,
+        })
+}
+
+/// Runs `options.job` in process `options.process` until it completes.
+///
+/// Returns the job's result line on the process that reports it (process 0)
+/// and `None` elsewhere.
+pub fn run_process(
+    manifest: &Manifest,
+    options: &RunOptions,
+    telemetry: &mut Telemetry,
+    stop: Arc<AtomicBool>,
+) -> Result<Option<serde_json::Value>, RunError> {
+    let count = manifest.dataflow.processes.len();
+    let spec = manifest
+        .dataflow
+        .processes
+        .get(options.process)
+        .ok_or(RunError::NoSuchProcess {
+            index: options.process,
+            count,
+        })?;
+    let field = format!("dataflow.processes[{}]", spec.index);
+
+    let metrics = DataflowMetrics::register(telemetry.registry())?;
+    telemetry.export_metrics(&DataflowMetrics::families());
+    if let Some(address) = spec.metrics_address {
+        let bound = telemetry.serve_metrics(address, &format!("{field}.metrics_address"))?;
+        tracing::info!(address = %bound, "serving Prometheus metrics at /metrics");
+    }
+
+    let job = CountJob {
+        events: options.events.unwrap_or(manifest.jobs.count.events),
+        ..manifest.jobs.count.clone()
+    };
+    let span = tracing::info_span!(
+        "dima.run",
+        cluster = %manifest.cluster.name,
+        process = options.process,
+        job = options.job.name(),
+        events = job.events,
+    );
+    let _entered = span.clone().entered();
+    tracing::info!(
+        processes = count,
+        workers = manifest.dataflow.workers_per_process(),
+        address = %spec.address,
+        "starting"
+    );
+    let started = Instant::now();
+    let worker_span = span.clone();
+    let worker_stop = Arc::clone(&stop);
+    let (builders, guard) = communication(manifest, options.process)?;
+    tracing::debug!(
+        elapsed_s = started.elapsed().as_secs_f64(),
+        "peers connected"
+    );
+    let guards =
+        timely::execute::execute_from(builders, guard, WorkerConfig::default(), move |worker| {
+            let _span =
+                tracing::info_span!(parent: &worker_span, "worker", worker = worker.index())
+                    .entered();
+            let run = run_count(worker, &job, &metrics, &worker_stop);
+            tracing::debug!(generated = run.generated, "worker done");
+            run
+        })
+        .map_err(RunError::Timely)?;
+
+    let first_worker = options.process * manifest.dataflow.workers_per_process();
+    let mut runs: Vec<CountRun> = Vec::new();
+    for (offset, result) in guards.join().into_iter().enumerate() {
+        runs.push(result.map_err(|message| RunError::Worker {
+            worker: first_worker + offset,
+            message,
+        })?);
+    }
+    let generated: u64 = runs.iter().map(|r| r.generated).sum();
+    tracing::info!(
+        generated,
+        elapsed_s = started.elapsed().as_secs_f64(),
+        "job finished"
+    );
+    if runs.iter().any(|r| r.interrupted) {
+        return Err(RunError::Interrupted);
+    }
+    Ok(runs.first().and_then(|r| r.summary).map(|s| s.to_json()))
+}

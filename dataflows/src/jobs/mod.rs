@@ -1,0 +1,3 @@
+//! Jobs: complete dataflows that `dima up --job NAME` runs.
+
+pub mod count;

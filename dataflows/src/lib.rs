@@ -1,0 +1,34 @@
+//! Dima's dataflows: timely graphs that carry events from sources through
+//! features, learners and matchers to sinks.
+//!
+//! The crate knows nothing about manifests or processes: the `cluster` crate
+//! builds a timely configuration and calls into the jobs here from each
+//! worker. Start with:
+//!
+//! - [`CountJob`] and [`run_count`]: the `count` job, the first end-to-end
+//!   dataflow (generate keyed events, exchange by key, count, gather);
+//! - [`DataflowMetrics`]: per-operator, per-worker record counters and
+//!   frontier lag, registered in a Prometheus registry;
+//! - [`placement::route`]: the stable key hash every keyed exchange uses.
+//!
+//! ```
+//! use std::sync::atomic::AtomicBool;
+//! use dataflows::{count_sequential, run_count, CountJob, DataflowMetrics};
+//!
+//! let job = CountJob { events: 5_000, keys: 50, ..CountJob::default() };
+//! let expected = count_sequential(&job);
+//! let metrics = DataflowMetrics::detached();
+//! let stop = AtomicBool::new(false);
+//! let guards = timely::execute(timely::Config::process(2), move |worker| {
+//!     run_count(worker, &job, &metrics, &stop).summary
+//! }).unwrap();
+//! let summaries: Vec<_> = guards.join().into_iter().map(Result::unwrap).collect();
+//! assert_eq!(summaries[0], Some(expected));
+//! ```
+
+pub mod jobs;
+mod metrics;
+pub mod placement;
+
+pub use jobs::count::{CountJob, CountRun, CountSummary, KeyedEvents, count_sequential, run_count};
+pub use metrics::{DataflowMetrics, FrontierMetrics, MetricFamily, MetricKind};
