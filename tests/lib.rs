@@ -1,1 +1,184 @@
+//! Helpers for Dima's end-to-end tests: locate the `dima` binary, pick free
+//! loopback ports, write manifests, and run commands with a deadline.
+//!
+//! The tests start real `dima` processes, so the binary must be built first
+//! (`scripts/test.sh` does it): `cargo build -p cluster --bin dima`. Set
+//! `DIMA_BIN` to test another build.
 
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `dima` executable under test.
+pub fn dima_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("DIMA_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/e2e-<hash> → target/<profile>/dima
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let dima = profile_dir.join("dima");
+    assert!(
+        dima.exists(),
+        "{} does not exist: build it first with `cargo build -p cluster --bin dima` (same profile), or set DIMA_BIN",
+        dima.display()
+    );
+    dima
+}
+
+/// The repository root (for `examples/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A manifest for `processes` × `workers` on loopback, with free ports.
+/// `extra` is appended verbatim (more sections).
+pub fn layout_manifest(processes: usize, workers: usize, extra: &str) -> String {
+    let mut text = String::from("[cluster]\nname = \"e2e\"\n\n");
+    for _ in 0..processes {
+        text.push_str(&format!(
+            "[[dataflow.processes]]\naddress = \"127.0.0.1:{}\"\nworkers = {workers}\n\n",
+            free_port()
+        ));
+    }
+    text.push_str(extra);
+    text
+}
+
+/// Writes `text` as `name` in `dir` and returns the path.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Finished {
+    /// The last line of stdout.
+    pub fn last_line(&self) -> &str {
+        self.stdout.lines().last().unwrap_or_default()
+    }
+
+    /// Panics with everything printed unless the command succeeded.
+    pub fn assert_success(&self) -> &Self {
+        assert!(self.status.success(), "dima failed: {}\nstdout:\n{}\nstderr:\n{}", self.status, self.stdout, self.stderr);
+        self
+    }
+
+    /// Asserts nothing panicked in any process.
+    pub fn assert_no_panic(&self) -> &Self {
+        assert!(!self.stderr.contains("panicked"), "a panic was printed:\n{}", self.stderr);
+        self
+    }
+}
+
+/// Starts `dima ARGS` with piped output.
+pub fn spawn_dima(args: &[&str]) -> Child {
+    Command::new(dima_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `child` at most `limit`, killing it (and failing) past that.
+pub fn wait(mut child: Child, limit: Duration) -> Finished {
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("dima did not finish within {limit:?}; stderr:\n{}", err.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Finished { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
+/// Runs `dima ARGS` to completion within `limit`.
+pub fn run_dima(args: &[&str], limit: Duration) -> Finished {
+    wait(spawn_dima(args), limit)
+}
+
+/// PIDs of live processes whose command line contains every one of `needles`.
+pub fn pids_with_args(needles: &[&str]) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<String> =
+            cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let joined = args.join(" ");
+        if needles.iter().all(|n| joined.contains(n)) {
+            // Zombies keep their cmdline only until reaped; skip those already dead.
+            let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            if !state.contains(") Z ") {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// Polls `check` every 20 ms until it returns `Some` or `limit` passes.
+pub fn eventually<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `GET http://ADDRESS/PATH` over a plain TCP socket; the body, if 200.
+pub fn http_get(address: &str, path: &str) -> Option<String> {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}

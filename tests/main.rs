@@ -1,1 +1,9 @@
+//! Dima's end-to-end tests: one binary, one module per area.
+//! They run the real `dima` executable; see `lib.rs` for how it is found.
 
+#![allow(clippy::unwrap_used)]
+
+mod cli;
+mod cluster;
+mod manifest;
+mod telemetry;

@@ -77,7 +77,7 @@ impl MetricsEndpoint {
     pub fn stop(mut self) {
         let handle = self.handle.clone();
         // `stop` is a future; a tiny runtime drives it to completion.
-        let _ = actix_web::rt::System::new().block_on(handle.stop(true));
+        actix_web::rt::System::new().block_on(handle.stop(true));
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

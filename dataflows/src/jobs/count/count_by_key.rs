@@ -1,21 +1,21 @@
-//! `count_by_key`: exchange keys to their owning worker and count them per epoch.
-
-use std::collections::{BTreeMap, HashMap};
+//! `count_by_key`: exchange keys to their owning worker and count them.
 
 use prometheus::IntCounter;
+use rustc_hash::FxHashMap;
 use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::{Stream, StreamVec};
 
 use crate::placement::route;
 
-/// Counts keys per epoch on the worker that owns each key.
+/// Counts keys on the worker that owns each key.
 pub trait CountByKey<'scope> {
-    /// Exchanges every key to its owner ([`route`]) and emits, once an epoch
-    /// is complete at the input, one `(key, occurrences)` pair for each key
-    /// seen in that epoch. The counts of a key over all epochs add up to its
-    /// total; records are counted in `records` as they arrive.
+    /// Exchanges every key to its owner ([`route`]) and counts it there. When
+    /// the input is exhausted the operator emits one `(key, total)` pair per
+    /// key it owns. Until then it holds a single capability that follows its
+    /// input frontier, so downstream progress (and the frontier lag a probe
+    /// reports) tracks the input epoch by epoch rather than waiting at the
+    /// first one. Records are counted in `records` as they arrive.
     ///
     /// ```
     /// use dataflows::jobs::count::CountByKey;
@@ -36,29 +36,29 @@ pub trait CountByKey<'scope> {
 impl<'scope> CountByKey<'scope> for Stream<'scope, u64, Vec<u64>> {
     fn count_by_key(self, records: IntCounter) -> StreamVec<'scope, u64, (u64, u64)> {
         let pact = Exchange::new(|key: &u64| route(*key));
-        self.unary_frontier(pact, "CountByKey", move |_initial, _info| {
-            // Counts of the epochs that are still open at the input, oldest first.
-            let mut open: BTreeMap<u64, (Capability<u64>, HashMap<u64, u64>)> = BTreeMap::new();
+        self.unary_frontier(pact, "CountByKey", move |initial, _info| {
+            let mut capability = Some(initial);
+            let mut totals: FxHashMap<u64, u64> = FxHashMap::default();
             move |(input, frontier), output| {
-                input.for_each(|cap, keys| {
-                    let (Some(epoch), Some(retained)) = (cap.least().copied(), cap.retain_least(0))
-                    else {
-                        return;
-                    };
+                input.for_each(|_cap, keys| {
                     records.inc_by(keys.len() as u64);
-                    let (_, counts) = open
-                        .entry(epoch)
-                        .or_insert_with(|| (retained, HashMap::new()));
                     for key in keys.drain(..) {
-                        *counts.entry(key).or_insert(0) += 1;
+                        *totals.entry(key).or_insert(0) += 1;
                     }
                 });
-                while let Some(entry) = open.first_entry() {
-                    if frontier.less_equal(entry.key()) {
-                        break;
+                let Some(cap) = capability.as_mut() else { return };
+                match frontier.frontier().iter().min() {
+                    // Follow the input: nothing earlier can be produced any more.
+                    Some(earliest) => {
+                        if cap.time() < earliest {
+                            cap.downgrade(earliest);
+                        }
                     }
-                    let (cap, mut counts) = entry.remove();
-                    output.session(&cap).give_iterator(counts.drain());
+                    // Input exhausted: emit the totals and let go.
+                    None => {
+                        output.session(&*cap).give_iterator(totals.drain());
+                        capability = None;
+                    }
                 }
             }
         })

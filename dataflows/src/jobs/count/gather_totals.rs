@@ -1,10 +1,10 @@
-//! `gather_totals`: bring every per-epoch count to worker 0 and total them.
+//! `gather_totals`: bring every worker's per-key counts to worker 0 and total them.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use prometheus::IntCounter;
+use rustc_hash::FxHashMap;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::Operator;
@@ -38,7 +38,7 @@ impl<'scope> GatherTotals<'scope> for Stream<'scope, u64, Vec<(u64, u64)>> {
             pact,
             "GatherTotals",
             move |_initial, _info| {
-                let mut totals: HashMap<u64, u64> = HashMap::new();
+                let mut totals: FxHashMap<u64, u64> = FxHashMap::default();
                 move |(input, frontier), _output| {
                     input.for_each(|_cap, counts| {
                         records.inc_by(counts.len() as u64);

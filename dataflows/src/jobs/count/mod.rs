@@ -2,9 +2,9 @@
 //!
 //! Every worker generates its share of `events` keyed events from a seeded
 //! generator ([`KeyedEvents`]), one epoch of `epoch_events` at a time. The keys
-//! are exchanged to their owning worker ([`CountByKey`]), counted per epoch, and
-//! the per-epoch counts are totalled on worker 0 ([`GatherTotals`]), which
-//! reports a [`CountSummary`]: events, distinct keys, and a checksum that does
+//! are exchanged to their owning worker ([`CountByKey`]) and counted there;
+//! when the input ends every worker sends its per-key totals to worker 0
+//! ([`GatherTotals`]), which reports a [`CountSummary`]: events, distinct keys, and a checksum that does
 //! not depend on the order of the (key, count) pairs. Because the generator,
 //! the routing and the checksum depend only on the job, the summary is the same
 //! for every layout of processes and workers, and equals [`count_sequential`],
@@ -15,11 +15,12 @@ mod count_by_key;
 mod gather_totals;
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use timely::dataflow::operators::{Input, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
@@ -153,7 +154,7 @@ impl CountSummary {
 /// The count job as one plain loop: the oracle for tests, the anchor for benchmarks.
 pub fn count_sequential(job: &CountJob) -> CountSummary {
     let generator = KeyedEvents::new(job.seed, job.keys);
-    let mut totals: HashMap<u64, u64> = HashMap::new();
+    let mut totals: FxHashMap<u64, u64> = FxHashMap::default();
     for index in 0..job.events {
         *totals.entry(generator.key(index)).or_insert(0) += 1;
     }

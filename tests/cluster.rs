@@ -1,0 +1,140 @@
+//! The count job across real processes: equal results for every layout,
+//! failures and signals handled.
+
+use std::time::Duration;
+
+use dataflows::{CountJob, count_sequential};
+use dima_tests::{eventually, layout_manifest, pids_with_args, repo_root, run_dima, spawn_dima, wait, write};
+
+const JOB: &str = "[jobs.count]\nevents = 200_000\nkeys = 5_000\nseed = 7\nepoch_events = 10_000\n";
+
+#[test]
+fn count_result_is_identical_for_1x1_1x2_2x1_2x2() {
+    let expected = count_sequential(&CountJob {
+        events: 200_000,
+        keys: 5_000,
+        seed: 7,
+        epoch_events: 10_000,
+        ..CountJob::default()
+    })
+    .to_json()
+    .to_string();
+    assert!(expected.starts_with(r#"{"job":"count","events":200000,"keys":5000,"checksum":""#), "{expected}");
+    let dir = tempfile::tempdir().unwrap();
+    for (processes, workers) in [(1, 1), (1, 2), (2, 1), (2, 2)] {
+        let path = write(dir.path(), &format!("{processes}x{workers}.toml"), &layout_manifest(processes, workers, JOB));
+        let done = run_dima(&["up", path.to_str().unwrap(), "--job", "count"], Duration::from_secs(60));
+        done.assert_success().assert_no_panic();
+        assert_eq!(done.last_line(), expected, "{processes}x{workers}");
+        if processes == 2 {
+            assert!(done.stderr.contains("[p0] ") && done.stderr.contains("[p1] "), "log lines are prefixed:\n{}", done.stderr);
+        }
+    }
+}
+
+#[test]
+fn events_flag_overrides_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "m.toml", &layout_manifest(2, 1, JOB));
+    let done = run_dima(&["up", path.to_str().unwrap(), "--events", "12345"], Duration::from_secs(60));
+    done.assert_success();
+    let line: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
+    assert_eq!(line["events"], 12345);
+}
+
+#[test]
+fn examples_local_toml_runs_the_count_job() {
+    let local = repo_root().join("examples/local.toml");
+    let local = local.to_str().unwrap();
+    run_dima(&["validate", local], Duration::from_secs(10)).assert_success();
+    let done = run_dima(&["up", local, "--job", "count", "--events", "50000"], Duration::from_secs(60));
+    done.assert_success().assert_no_panic();
+    let line: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
+    assert_eq!(line["job"], "count");
+    assert_eq!(line["events"], 50000);
+}
+
+/// A slow job: 2 processes generating at 2,000 events/s for ~30 s.
+fn slow_cluster(dir: &std::path::Path) -> std::path::PathBuf {
+    let job = "[jobs.count]\nevents = 60_000\nepoch_events = 1_000\nevents_per_second = 2_000.0\n";
+    write(dir, "slow.toml", &layout_manifest(2, 1, job))
+}
+
+#[test]
+fn a_failed_process_stops_the_others_and_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = slow_cluster(dir.path());
+    let path = path.to_str().unwrap();
+    let up = spawn_dima(&["up", path]);
+    let victim = eventually(Duration::from_secs(10), || pids_with_args(&[path, "--process 1"]).first().copied())
+        .expect("process 1 starts");
+    // Let it get going, then kill it the hard way.
+    std::thread::sleep(Duration::from_millis(300));
+    std::process::Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
+    let done = wait(up, Duration::from_secs(20));
+    assert!(!done.status.success());
+    assert_eq!(done.status.code(), Some(1));
+    assert!(
+        done.stderr.contains("process 1 (127.0.0.1:") && done.stderr.contains("killed by signal 9 (SIGKILL)"),
+        "the failure names the process and its status:\n{}",
+        done.stderr
+    );
+    assert!(pids_with_args(&[path, "run"]).is_empty(), "no child is left running");
+}
+
+#[test]
+fn sigterm_stops_every_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = slow_cluster(dir.path());
+    let path = path.to_str().unwrap();
+    let up = spawn_dima(&["up", path]);
+    eventually(Duration::from_secs(10), || (pids_with_args(&[path, "run"]).len() == 2).then_some(()))
+        .expect("both processes start");
+    std::thread::sleep(Duration::from_millis(300));
+    std::process::Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
+    let done = wait(up, Duration::from_secs(20));
+    assert_eq!(done.status.code(), Some(143), "stderr:\n{}", done.stderr);
+    assert!(done.stderr.contains("stopped by SIGTERM"), "{}", done.stderr);
+    assert!(pids_with_args(&[path, "run"]).is_empty(), "no child is left running");
+    done.assert_no_panic();
+}
+
+#[test]
+fn a_missing_peer_times_out_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = layout_manifest(2, 1, "").replacen(
+        "[[dataflow.processes]]",
+        "[dataflow]\nconnect_timeout_ms = 500\n\n[[dataflow.processes]]",
+        1,
+    );
+    let path = write(dir.path(), "m.toml", &manifest);
+    let done = run_dima(&["run", path.to_str().unwrap(), "--process", "0"], Duration::from_secs(20));
+    assert_eq!(done.status.code(), Some(1), "stderr:\n{}", done.stderr);
+    assert!(done.stderr.contains("peers not connected within 500ms: process 1 at 127.0.0.1:"), "{}", done.stderr);
+    done.assert_no_panic();
+}
+
+#[test]
+fn a_stranger_on_the_port_is_refused_and_the_mesh_still_forms() {
+    // A client that is not a Dima peer connects first; process 0 must turn it
+    // away and still accept process 1.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "m.toml", &layout_manifest(2, 1, JOB));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let address = text.split('"').find(|s| s.starts_with("127.0.0.1:")).unwrap().to_owned();
+    let p0 = spawn_dima(&["run", path.to_str().unwrap(), "--process", "0"]);
+    let stranger = eventually(Duration::from_secs(10), || std::net::TcpStream::connect(&address).ok()).unwrap();
+    {
+        use std::io::Write;
+        let mut s = &stranger;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    }
+    let p1 = spawn_dima(&["run", path.to_str().unwrap(), "--process", "1"]);
+    let done0 = wait(p0, Duration::from_secs(30));
+    let done1 = wait(p1, Duration::from_secs(30));
+    done0.assert_success();
+    done1.assert_success();
+    assert!(done0.stderr.contains("refused a connection"), "{}", done0.stderr);
+    assert!(done0.last_line().starts_with(r#"{"job":"count""#));
+    drop(stranger);
+}
