@@ -18,7 +18,11 @@ use dataflows::{CountJob, DataflowMetrics, count_sequential, run_count};
 const EVENTS: u64 = 1_000_000;
 
 fn job() -> CountJob {
-    CountJob { events: EVENTS, keys: 100_000, ..CountJob::default() }
+    CountJob {
+        events: EVENTS,
+        keys: 100_000,
+        ..CountJob::default()
+    }
 }
 
 fn dataflow(workers: usize) -> u64 {
@@ -26,19 +30,29 @@ fn dataflow(workers: usize) -> u64 {
     let metrics = DataflowMetrics::detached();
     let stop = AtomicBool::new(false);
     let guards = timely::execute(timely::Config::process(workers), move |worker| {
-        run_count(worker, &job, &metrics, &stop).summary.map_or(0, |s| s.events)
+        run_count(worker, &job, &metrics, &stop)
+            .summary
+            .map_or(0, |s| s.events)
     })
     .expect("timely starts");
-    guards.join().into_iter().map(|r| r.expect("worker ok")).sum()
+    guards
+        .join()
+        .into_iter()
+        .map(|r| r.expect("worker ok"))
+        .sum()
 }
 
 fn count_job(c: &mut Criterion) {
     let mut group = c.benchmark_group("count_job");
     group.throughput(Throughput::Elements(EVENTS));
     group.sample_size(10);
-    group.bench_function("anchor_sequential_loop", |b| b.iter(|| count_sequential(&job()).events));
+    group.bench_function("anchor_sequential_loop", |b| {
+        b.iter(|| count_sequential(&job()).events)
+    });
     for workers in [1, 2] {
-        group.bench_function(format!("dataflow_{workers}_workers"), |b| b.iter(|| dataflow(workers)));
+        group.bench_function(format!("dataflow_{workers}_workers"), |b| {
+            b.iter(|| dataflow(workers))
+        });
     }
     group.finish();
 }

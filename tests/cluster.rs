@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use dataflows::{CountJob, count_sequential};
-use dima_tests::{eventually, layout_manifest, pids_with_args, repo_root, run_dima, spawn_dima, wait, write};
+use dima_tests::{
+    eventually, layout_manifest, pids_with_args, repo_root, run_dima, spawn_dima, wait, write,
+};
 
 const JOB: &str = "[jobs.count]\nevents = 200_000\nkeys = 5_000\nseed = 7\nepoch_events = 10_000\n";
 
@@ -19,15 +21,29 @@ fn count_result_is_identical_for_1x1_1x2_2x1_2x2() {
     })
     .to_json()
     .to_string();
-    assert!(expected.starts_with(r#"{"job":"count","events":200000,"keys":5000,"checksum":""#), "{expected}");
+    assert!(
+        expected.starts_with(r#"{"job":"count","events":200000,"keys":5000,"checksum":""#),
+        "{expected}"
+    );
     let dir = tempfile::tempdir().unwrap();
     for (processes, workers) in [(1, 1), (1, 2), (2, 1), (2, 2)] {
-        let path = write(dir.path(), &format!("{processes}x{workers}.toml"), &layout_manifest(processes, workers, JOB));
-        let done = run_dima(&["up", path.to_str().unwrap(), "--job", "count"], Duration::from_secs(60));
+        let path = write(
+            dir.path(),
+            &format!("{processes}x{workers}.toml"),
+            &layout_manifest(processes, workers, JOB),
+        );
+        let done = run_dima(
+            &["up", path.to_str().unwrap(), "--job", "count"],
+            Duration::from_secs(60),
+        );
         done.assert_success().assert_no_panic();
         assert_eq!(done.last_line(), expected, "{processes}x{workers}");
         if processes == 2 {
-            assert!(done.stderr.contains("[p0] ") && done.stderr.contains("[p1] "), "log lines are prefixed:\n{}", done.stderr);
+            assert!(
+                done.stderr.contains("[p0] ") && done.stderr.contains("[p1] "),
+                "log lines are prefixed:\n{}",
+                done.stderr
+            );
         }
     }
 }
@@ -36,7 +52,10 @@ fn count_result_is_identical_for_1x1_1x2_2x1_2x2() {
 fn events_flag_overrides_the_manifest() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "m.toml", &layout_manifest(2, 1, JOB));
-    let done = run_dima(&["up", path.to_str().unwrap(), "--events", "12345"], Duration::from_secs(60));
+    let done = run_dima(
+        &["up", path.to_str().unwrap(), "--events", "12345"],
+        Duration::from_secs(60),
+    );
     done.assert_success();
     let line: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
     assert_eq!(line["events"], 12345);
@@ -47,7 +66,10 @@ fn examples_local_toml_runs_the_count_job() {
     let local = repo_root().join("examples/local.toml");
     let local = local.to_str().unwrap();
     run_dima(&["validate", local], Duration::from_secs(10)).assert_success();
-    let done = run_dima(&["up", local, "--job", "count", "--events", "50000"], Duration::from_secs(60));
+    let done = run_dima(
+        &["up", local, "--job", "count", "--events", "50000"],
+        Duration::from_secs(60),
+    );
     done.assert_success().assert_no_panic();
     let line: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
     assert_eq!(line["job"], "count");
@@ -66,20 +88,29 @@ fn a_failed_process_stops_the_others_and_is_named() {
     let path = slow_cluster(dir.path());
     let path = path.to_str().unwrap();
     let up = spawn_dima(&["up", path]);
-    let victim = eventually(Duration::from_secs(10), || pids_with_args(&[path, "--process 1"]).first().copied())
-        .expect("process 1 starts");
+    let victim = eventually(Duration::from_secs(10), || {
+        pids_with_args(&[path, "--process 1"]).first().copied()
+    })
+    .expect("process 1 starts");
     // Let it get going, then kill it the hard way.
     std::thread::sleep(Duration::from_millis(300));
-    std::process::Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
     let done = wait(up, Duration::from_secs(20));
     assert!(!done.status.success());
     assert_eq!(done.status.code(), Some(1));
     assert!(
-        done.stderr.contains("process 1 (127.0.0.1:") && done.stderr.contains("killed by signal 9 (SIGKILL)"),
+        done.stderr.contains("process 1 (127.0.0.1:")
+            && done.stderr.contains("killed by signal 9 (SIGKILL)"),
         "the failure names the process and its status:\n{}",
         done.stderr
     );
-    assert!(pids_with_args(&[path, "run"]).is_empty(), "no child is left running");
+    assert!(
+        pids_with_args(&[path, "run"]).is_empty(),
+        "no child is left running"
+    );
 }
 
 #[test]
@@ -88,14 +119,26 @@ fn sigterm_stops_every_process() {
     let path = slow_cluster(dir.path());
     let path = path.to_str().unwrap();
     let up = spawn_dima(&["up", path]);
-    eventually(Duration::from_secs(10), || (pids_with_args(&[path, "run"]).len() == 2).then_some(()))
-        .expect("both processes start");
+    eventually(Duration::from_secs(10), || {
+        (pids_with_args(&[path, "run"]).len() == 2).then_some(())
+    })
+    .expect("both processes start");
     std::thread::sleep(Duration::from_millis(300));
-    std::process::Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .unwrap();
     let done = wait(up, Duration::from_secs(20));
     assert_eq!(done.status.code(), Some(143), "stderr:\n{}", done.stderr);
-    assert!(done.stderr.contains("stopped by SIGTERM"), "{}", done.stderr);
-    assert!(pids_with_args(&[path, "run"]).is_empty(), "no child is left running");
+    assert!(
+        done.stderr.contains("stopped by SIGTERM"),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        pids_with_args(&[path, "run"]).is_empty(),
+        "no child is left running"
+    );
     done.assert_no_panic();
 }
 
@@ -108,9 +151,17 @@ fn a_missing_peer_times_out_with_its_name() {
         1,
     );
     let path = write(dir.path(), "m.toml", &manifest);
-    let done = run_dima(&["run", path.to_str().unwrap(), "--process", "0"], Duration::from_secs(20));
+    let done = run_dima(
+        &["run", path.to_str().unwrap(), "--process", "0"],
+        Duration::from_secs(20),
+    );
     assert_eq!(done.status.code(), Some(1), "stderr:\n{}", done.stderr);
-    assert!(done.stderr.contains("peers not connected within 500ms: process 1 at 127.0.0.1:"), "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("peers not connected within 500ms: process 1 at 127.0.0.1:"),
+        "{}",
+        done.stderr
+    );
     done.assert_no_panic();
 }
 
@@ -121,9 +172,16 @@ fn a_stranger_on_the_port_is_refused_and_the_mesh_still_forms() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "m.toml", &layout_manifest(2, 1, JOB));
     let text = std::fs::read_to_string(&path).unwrap();
-    let address = text.split('"').find(|s| s.starts_with("127.0.0.1:")).unwrap().to_owned();
+    let address = text
+        .split('"')
+        .find(|s| s.starts_with("127.0.0.1:"))
+        .unwrap()
+        .to_owned();
     let p0 = spawn_dima(&["run", path.to_str().unwrap(), "--process", "0"]);
-    let stranger = eventually(Duration::from_secs(10), || std::net::TcpStream::connect(&address).ok()).unwrap();
+    let stranger = eventually(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&address).ok()
+    })
+    .unwrap();
     {
         use std::io::Write;
         let mut s = &stranger;
@@ -134,7 +192,11 @@ fn a_stranger_on_the_port_is_refused_and_the_mesh_still_forms() {
     let done1 = wait(p1, Duration::from_secs(30));
     done0.assert_success();
     done1.assert_success();
-    assert!(done0.stderr.contains("refused a connection"), "{}", done0.stderr);
+    assert!(
+        done0.stderr.contains("refused a connection"),
+        "{}",
+        done0.stderr
+    );
     assert!(done0.last_line().starts_with(r#"{"job":"count""#));
     drop(stranger);
 }

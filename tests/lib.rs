@@ -32,12 +32,19 @@ pub fn dima_bin() -> PathBuf {
 
 /// The repository root (for `examples/`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A manifest for `processes` × `workers` on loopback, with free ports.
@@ -80,13 +87,23 @@ impl Finished {
 
     /// Panics with everything printed unless the command succeeded.
     pub fn assert_success(&self) -> &Self {
-        assert!(self.status.success(), "dima failed: {}\nstdout:\n{}\nstderr:\n{}", self.status, self.stdout, self.stderr);
+        assert!(
+            self.status.success(),
+            "dima failed: {}\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
         self
     }
 
     /// Asserts nothing panicked in any process.
     pub fn assert_no_panic(&self) -> &Self {
-        assert!(!self.stderr.contains("panicked"), "a panic was printed:\n{}", self.stderr);
+        assert!(
+            !self.stderr.contains("panicked"),
+            "a panic was printed:\n{}",
+            self.stderr
+        );
         self
     }
 }
@@ -125,11 +142,18 @@ pub fn wait(mut child: Child, limit: Duration) -> Finished {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("dima did not finish within {limit:?}; stderr:\n{}", err.join().unwrap());
+            panic!(
+                "dima did not finish within {limit:?}; stderr:\n{}",
+                err.join().unwrap()
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    Finished { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+    Finished {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 /// Runs `dima ARGS` to completion within `limit`.
@@ -141,10 +165,16 @@ pub fn run_dima(args: &[&str], limit: Duration) -> Finished {
 pub fn pids_with_args(needles: &[&str]) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let args: Vec<String> =
-            cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
         let joined = args.join(" ");
         if needles.iter().all(|n| joined.contains(n)) {
             // Zombies keep their cmdline only until reaped; skip those already dead.
@@ -176,7 +206,11 @@ pub fn http_get(address: &str, path: &str) -> Option<String> {
     use std::io::Write;
     let mut stream = std::net::TcpStream::connect(address).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;

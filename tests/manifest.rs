@@ -16,7 +16,11 @@ fn validate(text: &str) -> Finished {
 fn assert_rejected(done: &Finished, code: i32, needles: &[&str]) {
     assert_eq!(done.status.code(), Some(code), "stderr:\n{}", done.stderr);
     for needle in needles {
-        assert!(done.stderr.contains(needle), "missing {needle:?} in:\n{}", done.stderr);
+        assert!(
+            done.stderr.contains(needle),
+            "missing {needle:?} in:\n{}",
+            done.stderr
+        );
     }
     done.assert_no_panic();
 }
@@ -24,7 +28,14 @@ fn assert_rejected(done: &Finished, code: i32, needles: &[&str]) {
 #[test]
 fn missing_file() {
     let done = run_dima(&["validate", "/nonexistent/dima.toml"], LIMIT);
-    assert_rejected(&done, 2, &["cannot read manifest /nonexistent/dima.toml", "No such file"]);
+    assert_rejected(
+        &done,
+        2,
+        &[
+            "cannot read manifest /nonexistent/dima.toml",
+            "No such file",
+        ],
+    );
     let done = run_dima(&["up", "/nonexistent/dima.toml"], LIMIT);
     assert_rejected(&done, 2, &["cannot read manifest /nonexistent/dima.toml"]);
 }
@@ -46,13 +57,29 @@ fn toml_syntax_error_has_line_and_column() {
 #[test]
 fn unknown_field_is_named() {
     let done = validate("[[dataflow.processes]]\naddress = \"127.0.0.1:2101\"\nworker = 2\n");
-    assert_rejected(&done, 2, &["bad.toml:3:1", "dataflow.processes[0]", "unknown field `worker`"]);
+    assert_rejected(
+        &done,
+        2,
+        &[
+            "bad.toml:3:1",
+            "dataflow.processes[0]",
+            "unknown field `worker`",
+        ],
+    );
 }
 
 #[test]
 fn wrong_type_is_named() {
-    let done = validate("[[dataflow.processes]]\naddress = \"127.0.0.1:2101\"\nworkers = \"two\"\n");
-    assert_rejected(&done, 2, &["dataflow.processes[0].workers", "invalid type: string \"two\""]);
+    let done =
+        validate("[[dataflow.processes]]\naddress = \"127.0.0.1:2101\"\nworkers = \"two\"\n");
+    assert_rejected(
+        &done,
+        2,
+        &[
+            "dataflow.processes[0].workers",
+            "invalid type: string \"two\"",
+        ],
+    );
 }
 
 #[test]
@@ -95,22 +122,41 @@ fn process_port_in_use_at_start_up() {
     assert_rejected(
         &done,
         1,
-        &[&format!("dataflow.processes[0].address 127.0.0.1:{port}: cannot listen"), "in use"],
+        &[
+            &format!("dataflow.processes[0].address 127.0.0.1:{port}: cannot listen"),
+            "in use",
+        ],
     );
     // `dima run` on its own reports the same.
     let done = run_dima(&["run", path.to_str().unwrap(), "--process", "0"], LIMIT);
-    assert_rejected(&done, 1, &[&format!("dataflow.processes[0].address 127.0.0.1:{port}: cannot listen")]);
+    assert_rejected(
+        &done,
+        1,
+        &[&format!(
+            "dataflow.processes[0].address 127.0.0.1:{port}: cannot listen"
+        )],
+    );
 }
 
 #[test]
 fn metrics_port_in_use_at_start_up() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let manifest = layout_manifest(1, 1, &format!("[telemetry]\nmetrics_address = \"127.0.0.1:{port}\"\n"));
+    let manifest = layout_manifest(
+        1,
+        1,
+        &format!("[telemetry]\nmetrics_address = \"127.0.0.1:{port}\"\n"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "m.toml", &manifest);
     let done = run_dima(&["up", path.to_str().unwrap()], LIMIT);
-    assert_rejected(&done, 1, &[&format!("dataflow.processes[0].metrics_address 127.0.0.1:{port}: cannot listen")]);
+    assert_rejected(
+        &done,
+        1,
+        &[&format!(
+            "dataflow.processes[0].metrics_address 127.0.0.1:{port}: cannot listen"
+        )],
+    );
 }
 
 #[test]

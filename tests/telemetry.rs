@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dima_tests::{eventually, free_port, http_get, layout_manifest, run_dima, spawn_dima, wait, write};
+use dima_tests::{
+    eventually, free_port, http_get, layout_manifest, run_dima, spawn_dima, wait, write,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
@@ -15,7 +17,9 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
@@ -46,10 +50,18 @@ fn prometheus_endpoint_serves_operator_counts_and_frontier_lag() {
     ] {
         assert!(body.contains(family), "missing {family} in:\n{body}");
     }
-    assert!(http_get(&address, "/nope").is_none(), "only /metrics is served");
+    assert!(
+        http_get(&address, "/nope").is_none(),
+        "only /metrics is served"
+    );
     let done = wait(up, Duration::from_secs(30));
     done.assert_success();
-    assert!(done.last_line().starts_with(r#"{"job":"count","events":6000,"#), "{}", done.stdout);
+    assert!(
+        done.last_line()
+            .starts_with(r#"{"job":"count","events":6000,"#),
+        "{}",
+        done.stdout
+    );
 }
 
 /// An OTLP/gRPC collector that keeps what it receives.
@@ -66,7 +78,9 @@ impl TraceService for Collector {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         self.traces.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -77,16 +91,22 @@ impl MetricsService for Collector {
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         self.metrics.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
 fn attribute(resource: Option<&Resource>, key: &str) -> Option<String> {
-    resource?.attributes.iter().find(|kv| kv.key == key).and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-        Value::StringValue(s) => Some(s.clone()),
-        Value::IntValue(i) => Some(i.to_string()),
-        _ => None,
-    })
+    resource?
+        .attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => Some(s.clone()),
+            Value::IntValue(i) => Some(i.to_string()),
+            _ => None,
+        })
 }
 
 #[test]
@@ -120,7 +140,10 @@ fn otlp_collector_receives_spans_and_metrics_from_every_process() {
     for request in &traces {
         for resource_spans in &request.resource_spans {
             let resource = resource_spans.resource.as_ref();
-            assert_eq!(attribute(resource, "service.name").as_deref(), Some("dima-e2e"));
+            assert_eq!(
+                attribute(resource, "service.name").as_deref(),
+                Some("dima-e2e")
+            );
             assert_eq!(attribute(resource, "dima.cluster").as_deref(), Some("e2e"));
             let process = attribute(resource, "dima.process").unwrap();
             for scope in &resource_spans.scope_spans {
@@ -128,14 +151,23 @@ fn otlp_collector_receives_spans_and_metrics_from_every_process() {
                     names.insert(span.name.clone());
                     span_processes.insert(process.clone());
                     if span.name == "worker" {
-                        assert!(!span.parent_span_id.is_empty(), "worker spans are children of dima.run");
+                        assert!(
+                            !span.parent_span_id.is_empty(),
+                            "worker spans are children of dima.run"
+                        );
                     }
                 }
             }
         }
     }
-    assert!(names.contains("dima.run") && names.contains("worker"), "span names: {names:?}");
-    assert_eq!(span_processes.into_iter().collect::<Vec<_>>(), vec!["0", "1"]);
+    assert!(
+        names.contains("dima.run") && names.contains("worker"),
+        "span names: {names:?}"
+    );
+    assert_eq!(
+        span_processes.into_iter().collect::<Vec<_>>(),
+        vec!["0", "1"]
+    );
 
     let metrics = collector.metrics.lock().unwrap().clone();
     let mut metric_processes = std::collections::BTreeSet::new();
@@ -143,13 +175,20 @@ fn otlp_collector_receives_spans_and_metrics_from_every_process() {
         for resource_metrics in &request.resource_metrics {
             let process = attribute(resource_metrics.resource.as_ref(), "dima.process").unwrap();
             for scope in &resource_metrics.scope_metrics {
-                if scope.metrics.iter().any(|m| m.name == "dima_operator_records_total") {
+                if scope
+                    .metrics
+                    .iter()
+                    .any(|m| m.name == "dima_operator_records_total")
+                {
                     metric_processes.insert(process.clone());
                 }
             }
         }
     }
-    assert_eq!(metric_processes.into_iter().collect::<Vec<_>>(), vec!["0", "1"]);
+    assert_eq!(
+        metric_processes.into_iter().collect::<Vec<_>>(),
+        vec!["0", "1"]
+    );
 
     let _ = stop_tx.send(());
     let _ = runtime.block_on(server);
@@ -158,8 +197,15 @@ fn otlp_collector_receives_spans_and_metrics_from_every_process() {
 #[test]
 fn json_log_format_writes_json_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "m.toml", &layout_manifest(2, 1, "[jobs.count]\nevents = 1000\n"));
-    let done = run_dima(&["--log-format", "json", "up", path.to_str().unwrap()], Duration::from_secs(30));
+    let path = write(
+        dir.path(),
+        "m.toml",
+        &layout_manifest(2, 1, "[jobs.count]\nevents = 1000\n"),
+    );
+    let done = run_dima(
+        &["--log-format", "json", "up", path.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
     done.assert_success();
     let lines: Vec<serde_json::Value> = done
         .stderr
@@ -167,9 +213,14 @@ fn json_log_format_writes_json_lines() {
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
         .collect();
-    let finished: Vec<_> = lines.iter().filter(|l| l["fields"]["message"] == "job finished").collect();
+    let finished: Vec<_> = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "job finished")
+        .collect();
     assert_eq!(finished.len(), 2, "one per process:\n{}", done.stderr);
-    let processes: std::collections::BTreeSet<_> =
-        finished.iter().map(|l| l["span"]["process"].as_u64().unwrap()).collect();
+    let processes: std::collections::BTreeSet<_> = finished
+        .iter()
+        .map(|l| l["span"]["process"].as_u64().unwrap())
+        .collect();
     assert_eq!(processes.into_iter().collect::<Vec<_>>(), vec![0, 1]);
 }

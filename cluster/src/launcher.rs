@@ -71,8 +71,8 @@ pub enum UpError {
         /// `SIGINT` or `SIGTERM`.
         signal: &'static str,
     },
-    /// The processes finished but none reported a result.
-    #[error("every process exited successfully but none reported a result line")]
+    /// The processes finished but process 0 reported no result.
+    #[error("every process exited successfully but process 0 reported no result line")]
     NoResult,
 }
 
@@ -291,8 +291,13 @@ pub fn up(
         handle(event);
     }
     outcome?;
-    if results.is_empty() {
+    // Process 0 reports the result; when it runs on another host, that
+    // host's launcher prints it.
+    if results.is_empty() && local.iter().any(|p| p.index == 0) {
         return Err(UpError::NoResult);
+    }
+    if results.is_empty() {
+        tracing::info!("process 0 runs on another host; the result is printed there");
     }
     Ok(results)
 }

@@ -46,7 +46,9 @@ impl<'scope> CountByKey<'scope> for Stream<'scope, u64, Vec<u64>> {
                         *totals.entry(key).or_insert(0) += 1;
                     }
                 });
-                let Some(cap) = capability.as_mut() else { return };
+                let Some(cap) = capability.as_mut() else {
+                    return;
+                };
                 match frontier.frontier().iter().min() {
                     // Follow the input: nothing earlier can be produced any more.
                     Some(earliest) => {
