@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 use crate::manifest::{LogFormat, Manifest};
 use crate::process::{Job, RunError, check_listen};
 
+/// The exit status of a `dima run` process that stopped because a peer
+/// process went away: a consequence of another failure, not its cause.
+pub const EXIT_PEER_LOST: i32 = 3;
+
 /// How long children get to stop after SIGTERM before they are killed.
 const GRACE: Duration = Duration::from_secs(5);
 
@@ -258,20 +262,21 @@ pub fn up(
             stop_all(&mut running);
             break Err(UpError::Interrupted { signal });
         }
-        let mut failed = None;
+        // Of the failures seen in one sweep, name the cause: a process that
+        // only lost its peer is reported when nothing else failed.
+        let mut failures = Vec::new();
         for process in running.iter_mut().filter(|p| p.status.is_none()) {
             if let Ok(Some(status)) = process.child.try_wait() {
                 process.status = Some(status);
-                if !status.success() && failed.is_none() {
-                    failed = Some((
-                        process.index,
-                        process.address.clone(),
-                        describe_status(status),
-                    ));
+                if !status.success() {
+                    let consequence = status.code() == Some(EXIT_PEER_LOST);
+                    failures.push((consequence, process.index, process.address.clone(), status));
                 }
             }
         }
-        if let Some((process, address, status)) = failed {
+        failures.sort_by_key(|(consequence, index, ..)| (*consequence, *index));
+        if let Some((_, process, address, status)) = failures.into_iter().next() {
+            let status = describe_status(status);
             tracing::error!(process, %address, %status, "process failed; stopping the others");
             stop_all(&mut running);
             break Err(UpError::ProcessFailed {

@@ -24,7 +24,7 @@ pub mod mesh;
 pub mod process;
 pub mod telemetry;
 
-pub use launcher::{UpError, UpOptions, up};
+pub use launcher::{EXIT_PEER_LOST, UpError, UpOptions, up};
 pub use manifest::{LogFormat, Manifest, ManifestError, Problem};
 pub use process::{Job, RunError, RunOptions, communication, run_process};
 pub use telemetry::{Identity, Telemetry, TelemetryError};

@@ -147,6 +147,41 @@ fn stop_flag() -> Arc<AtomicBool> {
     stop
 }
 
+/// Turns any panic in a `dima run` process into one clear line and an exit.
+///
+/// Timely's network threads panic when a peer's socket closes; the process
+/// then cannot make progress, so it exits with [`cluster::EXIT_PEER_LOST`]
+/// (which tells `dima up` this is a consequence, not the cause). Any other
+/// panic is a bug: it is reported with its location and exits 1.
+fn exit_on_panic(process: usize) {
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned());
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_owned();
+        if message.contains("timely communication error") || message.contains("poisoned") {
+            eprintln!(
+                "error: process {process} lost its connection to a peer process ({message}); stopping"
+            );
+            std::process::exit(cluster::EXIT_PEER_LOST);
+        }
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "error: process {process}: internal error in thread '{thread}'{location}: {message}"
+        );
+        std::process::exit(1);
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match execute(&cli) {
@@ -232,6 +267,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             job,
             events,
         } => {
+            exit_on_panic(*process);
             let manifest = load(file)?;
             let spec = telemetry_spec(cli, &manifest);
             let identity = Identity {
