@@ -200,3 +200,23 @@ fn a_stranger_on_the_port_is_refused_and_the_mesh_still_forms() {
     assert!(done0.last_line().starts_with(r#"{"job":"count""#));
     drop(stranger);
 }
+
+#[test]
+fn ctrl_c_while_waiting_for_peers_exits_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "m.toml", &layout_manifest(2, 1, ""));
+    let p0 = spawn_dima(&["run", path.to_str().unwrap(), "--process", "0"]);
+    std::thread::sleep(Duration::from_millis(300));
+    std::process::Command::new("kill")
+        .args(["-INT", &p0.id().to_string()])
+        .status()
+        .unwrap();
+    // The default connect timeout is 60 s: only the signal can end it this soon.
+    let done = wait(p0, Duration::from_secs(5));
+    assert_eq!(done.status.code(), Some(130), "stderr:\n{}", done.stderr);
+    assert!(
+        done.stderr.contains("interrupted while waiting for peers"),
+        "{}",
+        done.stderr
+    );
+}

@@ -162,8 +162,15 @@ pub fn up(
     let interrupt = Arc::new(AtomicBool::new(false));
     let terminate = Arc::new(AtomicBool::new(false));
     // Registration only fails for forbidden signals; SIGINT/SIGTERM are not.
-    let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupt));
-    let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&terminate));
+    // A second signal while the children are being stopped exits at once
+    // (the children then get SIGTERM from the kernel: see PR_SET_PDEATHSIG).
+    for (signal, flag, code) in [
+        (signal_hook::consts::SIGINT, &interrupt, 130),
+        (signal_hook::consts::SIGTERM, &terminate, 143),
+    ] {
+        let _ = signal_hook::flag::register_conditional_shutdown(signal, code, Arc::clone(flag));
+        let _ = signal_hook::flag::register(signal, Arc::clone(flag));
+    }
 
     let (tx, rx) = mpsc::channel::<Event>();
     let mut running: Vec<Running> = Vec::new();

@@ -141,7 +141,9 @@ fn telemetry_spec(cli: &Cli, manifest: &Manifest) -> TelemetrySpec {
 fn stop_flag() -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // The first signal asks for a clean stop; a second one exits at once.
         // Registration only fails for forbidden signals; these are not.
+        let _ = signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop));
         let _ = signal_hook::flag::register(signal, Arc::clone(&stop));
     }
     stop
@@ -288,7 +290,10 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     Ok(())
                 }
                 Ok(None) => Ok(()),
-                Err(e @ cluster::RunError::Interrupted) => Err(Failure {
+                Err(
+                    e @ (cluster::RunError::Interrupted
+                    | cluster::RunError::Mesh(cluster::mesh::MeshError::Interrupted)),
+                ) => Err(Failure {
                     code: 130,
                     error: e.into(),
                 }),

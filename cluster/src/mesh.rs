@@ -11,6 +11,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::manifest::Manifest;
@@ -50,6 +51,9 @@ pub enum MeshError {
         /// Processes still missing, with their addresses.
         missing: Vec<(usize, SocketAddr)>,
     },
+    /// A stop signal arrived while waiting for peers.
+    #[error("interrupted while waiting for peers")]
+    Interrupted,
     /// The socket set-up failed.
     #[error("connecting peers: {0}")]
     Io(#[from] std::io::Error),
@@ -139,7 +143,8 @@ impl MeshSpec {
 
 /// Connects process `spec.me` to every peer. The result has one socket per
 /// process in index order, `None` at `spec.me`, as timely expects.
-pub fn connect(spec: &MeshSpec) -> Result<Vec<Option<TcpStream>>, MeshError> {
+/// Gives up with [`MeshError::Interrupted`] as soon as `stop` is set.
+pub fn connect(spec: &MeshSpec, stop: &AtomicBool) -> Result<Vec<Option<TcpStream>>, MeshError> {
     let deadline = Instant::now() + spec.timeout;
     let address = spec.addresses[spec.me];
     let listener = TcpListener::bind(address).map_err(|source| MeshError::Listen {
@@ -148,8 +153,8 @@ pub fn connect(spec: &MeshSpec) -> Result<Vec<Option<TcpStream>>, MeshError> {
         source,
     })?;
     let (higher, lower) = std::thread::scope(|scope| {
-        let accepting = scope.spawn(|| accept_higher(spec, &listener, deadline));
-        let lower = connect_lower(spec, deadline);
+        let accepting = scope.spawn(|| accept_higher(spec, &listener, deadline, stop));
+        let lower = connect_lower(spec, deadline, stop);
         let higher = accepting
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("accept thread panicked").into()));
@@ -178,11 +183,18 @@ pub fn connect(spec: &MeshSpec) -> Result<Vec<Option<TcpStream>>, MeshError> {
     Ok(sockets)
 }
 
-fn connect_lower(spec: &MeshSpec, deadline: Instant) -> Result<Vec<TcpStream>, MeshError> {
+fn connect_lower(
+    spec: &MeshSpec,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Result<Vec<TcpStream>, MeshError> {
     let mut streams = Vec::with_capacity(spec.me);
     for (peer, &address) in spec.addresses.iter().enumerate().take(spec.me) {
         let mut backoff = Duration::from_millis(5);
         let stream = loop {
+            if stop.load(Ordering::Relaxed) {
+                return Err(MeshError::Interrupted);
+            }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 let missing = (peer..spec.me).map(|p| (p, spec.addresses[p])).collect();
@@ -228,11 +240,15 @@ fn accept_higher(
     spec: &MeshSpec,
     listener: &TcpListener,
     deadline: Instant,
+    stop: &AtomicBool,
 ) -> Result<Vec<TcpStream>, MeshError> {
     let expected = spec.addresses.len() - spec.me - 1;
     let mut slots: Vec<Option<TcpStream>> = (0..expected).map(|_| None).collect();
     listener.set_nonblocking(true)?;
     while slots.iter().any(Option::is_none) {
+        if stop.load(Ordering::Relaxed) {
+            return Err(MeshError::Interrupted);
+        }
         if Instant::now() >= deadline {
             let missing = slots
                 .iter()

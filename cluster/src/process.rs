@@ -97,6 +97,7 @@ impl RunError {
             Self::Listen { .. } => "listen",
             Self::Metrics(_) => "metrics",
             Self::Telemetry(_) => "telemetry",
+            Self::Mesh(MeshError::Interrupted) => "interrupted",
             Self::Mesh(_) => "mesh",
             Self::Timely(_) => "timely",
             Self::Worker { .. } => "worker",
@@ -110,6 +111,7 @@ impl RunError {
 pub fn communication(
     manifest: &Manifest,
     index: usize,
+    stop: &AtomicBool,
 ) -> Result<(Vec<AllocatorBuilder>, Box<dyn Any + Send>), RunError> {
     let threads = manifest.dataflow.workers_per_process();
     let hooks = timely::communication::Hooks::default();
@@ -121,7 +123,7 @@ pub fn communication(
             Box::new(()),
         ));
     }
-    let sockets = mesh::connect(&MeshSpec::new(manifest, index))?;
+    let sockets = mesh::connect(&MeshSpec::new(manifest, index), stop)?;
     let (builders, guard) =
         initialize_networking_from_sockets(local, sockets, index, threads, hooks)
             .map_err(|e| RunError::Timely(format!("starting network threads: {e}")))?;
@@ -191,7 +193,7 @@ pub fn run_process(
     let started = Instant::now();
     let worker_span = span.clone();
     let worker_stop = Arc::clone(&stop);
-    let (builders, guard) = communication(manifest, options.process)?;
+    let (builders, guard) = communication(manifest, options.process, &stop)?;
     tracing::debug!(
         elapsed_s = started.elapsed().as_secs_f64(),
         "peers connected"
