@@ -2,6 +2,19 @@
 //! quantized blocks), CPU ops, CUDA ops behind the `cuda` feature, and the
 //! collectives that join tensor-parallel ranks.
 //!
-//! This crate is empty so far: the workspace layout is fixed, and the kernels
-//! arrive with the Gemma 3 CPU inference work. It must never depend on the
-//! model, the actors or the dataflows (see `shared/ARCHITECTURE.md`).
+//! So far: the GGUF reader ([`gguf::GgufFile`], [`gguf::parse`]) and the GGML
+//! tensor types ([`gguf::GgmlType`]). The crate never depends on the model,
+//! the actors or the dataflows (see `shared/ARCHITECTURE.md`).
+//!
+//! ```
+//! use kernels::gguf::{GgufBuilder, MetaValue, parse};
+//! let bytes = GgufBuilder::new()
+//!     .meta("general.architecture", MetaValue::String("gemma3".into()))
+//!     .tensor_f32("output_norm.weight", &[2], &[1.0, 2.0])
+//!     .build();
+//! let header = parse(&bytes).unwrap();
+//! assert_eq!(header.get("general.architecture").and_then(MetaValue::as_str), Some("gemma3"));
+//! assert_eq!(header.tensor("output_norm.weight").unwrap().dims, vec![2]);
+//! ```
+
+pub mod gguf;
