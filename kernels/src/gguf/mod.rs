@@ -656,7 +656,7 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
         let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         let bytes = match elements {
             None => None,
-            Some(_) if dims[0] % ggml_type.block_elements() as u64 != 0 => None,
+            Some(_) if !dims[0].is_multiple_of(ggml_type.block_elements() as u64) => None,
             Some(n) => ggml_type.bytes_for(n),
         }
         .ok_or_else(|| GgufError::BadShape {
@@ -696,7 +696,7 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
                 reason: "overflows a 64-bit offset".into(),
             });
         };
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(GgufError::BadTensorData {
                 name: tensor.name.clone(),
                 start,
