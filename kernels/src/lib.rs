@@ -18,3 +18,4 @@
 //! ```
 
 pub mod gguf;
+pub mod quant;

@@ -113,7 +113,9 @@ impl GgmlType {
     /// Bytes of `elements` elements, or `None` if they do not fill whole blocks.
     pub fn bytes_for(self, elements: u64) -> Option<u64> {
         let block = self.block_elements() as u64;
-        elements.is_multiple_of(block).then(|| elements / block * self.block_bytes() as u64)
+        elements
+            .is_multiple_of(block)
+            .then(|| elements / block * self.block_bytes() as u64)
     }
 
     /// The name GGML uses (`q4_K`, `f32` ...).

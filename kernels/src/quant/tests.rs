@@ -1,0 +1,112 @@
+use super::*;
+
+/// Blocks and decoded values from the `gguf` Python package
+/// (`scripts/reference/quant_fixture.py`).
+fn fixture() -> serde_json::Value {
+    serde_json::from_str(include_str!("../../testdata/quant_blocks.json")).unwrap()
+}
+
+fn case(name: &str) -> (Vec<u8>, Vec<f32>) {
+    let all = fixture();
+    let case = &all[name];
+    let hex = case["hex"].as_str().unwrap();
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let values = case["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    (bytes, values)
+}
+
+const TYPES: [(&str, GgmlType); 6] = [
+    ("q8_0", GgmlType::Q8_0),
+    ("q5_0", GgmlType::Q5_0),
+    ("q4_K", GgmlType::Q4K),
+    ("q6_K", GgmlType::Q6K),
+    ("f16", GgmlType::F16),
+    ("bf16", GgmlType::BF16),
+];
+
+#[test]
+fn every_type_decodes_like_the_gguf_package() {
+    for (name, t) in TYPES {
+        let (bytes, expected) = case(name);
+        let mut out = vec![0f32; expected.len()];
+        dequantize_row(t, &bytes, &mut out).unwrap();
+        for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
+            // Both sides compute the same f32 products; allow one rounding step.
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "{name} element {i}: {got} vs the reference {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dot_row_matches_decode_then_multiply() {
+    for (name, t) in TYPES {
+        let (bytes, values) = case(name);
+        let x: Vec<f32> = (0..values.len())
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let exact: f64 = values
+            .iter()
+            .zip(&x)
+            .map(|(w, v)| f64::from(*w) * f64::from(*v))
+            .sum();
+        let norm: f64 = values
+            .iter()
+            .zip(&x)
+            .map(|(w, v)| (f64::from(*w) * f64::from(*v)).abs())
+            .sum();
+        let got = dot_row(t, &bytes, &x).unwrap();
+        assert!(
+            (f64::from(got) - exact).abs() <= 1e-5 * norm.max(1e-6),
+            "{name}: dot {got} vs {exact} (sum of |terms| {norm})"
+        );
+    }
+}
+
+#[test]
+fn f32_rows_and_partial_groups_work() {
+    let w: Vec<f32> = (0..40).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let x: Vec<f32> = (0..40).map(|i| 1.0 / (i as f32 + 1.0)).collect();
+    let exact: f32 = w.iter().zip(&x).map(|(a, b)| a * b).sum();
+    assert!((dot_row(GgmlType::F32, &bytes, &x).unwrap() - exact).abs() < 1e-4);
+    // 40 f16 values: one whole group of 32 and a tail of 8.
+    let halves: Vec<u8> = w
+        .iter()
+        .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+        .collect();
+    assert!((dot_row(GgmlType::F16, &halves, &x).unwrap() - exact).abs() < 1e-3);
+}
+
+#[test]
+fn wrong_lengths_and_unsupported_types_are_errors() {
+    let mut out = vec![0f32; 32];
+    assert_eq!(
+        dequantize_row(GgmlType::Q8_0, &[0u8; 33], &mut out),
+        Err(QuantError::Length {
+            ggml_type: GgmlType::Q8_0,
+            elements: 32,
+            expected: 34,
+            got: 33
+        })
+    );
+    assert_eq!(
+        dot_row(GgmlType::Q2K, &[0u8; 84], &[0.0; 256]),
+        Err(QuantError::Unsupported(GgmlType::Q2K))
+    );
+    let e = dequantize_row(GgmlType::Q4K, &[0u8; 144], &mut [0f32; 100]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "100 elements are not a whole number of q4_K blocks of 256"
+    );
+}
