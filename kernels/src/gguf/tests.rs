@@ -223,3 +223,15 @@ fn bad_tensors_are_named() {
         .build();
     assert!(matches!(parse(&zero_dims), Err(GgufError::BadShape { .. })));
 }
+
+#[test]
+fn fuzzer_findings_stay_fixed() {
+    // cargo-fuzz, 2026-11-26: a tensor whose byte size overflows u64.
+    let overflow: &[u8] = &[
+        71, 71, 85, 70, 3, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255,
+        248, 0, 0, 0, 0, 1, 5, 0, 0, 0, 0, 0, 0, 0, 0, 202, 1, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0,
+        0, 64, 60,
+    ];
+    assert!(parse(overflow).is_err());
+}

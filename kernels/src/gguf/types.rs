@@ -110,12 +110,14 @@ impl GgmlType {
         }
     }
 
-    /// Bytes of `elements` elements, or `None` if they do not fill whole blocks.
+    /// Bytes of `elements` elements, or `None` if they do not fill whole
+    /// blocks or the size does not fit in 64 bits.
     pub fn bytes_for(self, elements: u64) -> Option<u64> {
         let block = self.block_elements() as u64;
-        elements
-            .is_multiple_of(block)
-            .then(|| elements / block * self.block_bytes() as u64)
+        if !elements.is_multiple_of(block) {
+            return None;
+        }
+        (elements / block).checked_mul(self.block_bytes() as u64)
     }
 
     /// The name GGML uses (`q4_K`, `f32` ...).
@@ -164,5 +166,10 @@ mod tests {
         assert_eq!(GgmlType::Q8_0.bytes_for(640), Some(680));
         assert_eq!(GgmlType::Q8_0.bytes_for(33), None);
         assert_eq!(GgmlType::from_id(4), None, "q4_2 was removed from ggml");
+        assert_eq!(
+            GgmlType::F32.bytes_for(u64::MAX / 2),
+            None,
+            "overflow is not a size"
+        );
     }
 }
