@@ -7,4 +7,10 @@
 //! lands next. This crate builds on `kernels` and must not know about timely
 //! (see `shared/ARCHITECTURE.md`).
 
+pub mod gemma;
+mod metadata;
 pub mod models;
+pub mod tokenizer;
+
+pub use metadata::MetadataError;
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,520 @@
+//! SentencePiece-style BPE tokenizer built from a GGUF vocabulary, behaving
+//! as llama.cpp's SPM tokenizer does.
+//!
+//! Encoding has two stages, as in llama.cpp:
+//!
+//! 1. **Special-token partition.** The text is split at occurrences of
+//!    special tokens, longest token text first: user-defined tokens always
+//!    (Gemma's `\n`, `\n\n`, runs of spaces and tabs ...), control and unknown
+//!    tokens (`<start_of_turn>`, `<bos>` ...) only when `parse_special` is set.
+//! 2. **Bigram merging** of each remaining fragment: spaces become `▁`
+//!    (U+2581), the fragment is split into UTF-8 characters, and the adjacent
+//!    pair whose concatenation is a vocabulary entry with the highest score is
+//!    merged (ties: leftmost first) until no pair is in the vocabulary. A
+//!    character that is not a token falls back to byte tokens `<0xXX>`.
+//!
+//! With `add_bos` and a vocabulary that asks for it, `<bos>` comes first.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+
+use kernels::gguf::{GgufHeader, MetaArray};
+
+use crate::metadata::{MetadataError, array_of, opt_bool, u64_of};
+
+/// What kind of entry a token is (GGUF `tokenizer.ggml.token_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenKind {
+    /// Ordinary text piece.
+    Normal,
+    /// `<unk>`.
+    Unknown,
+    /// Control token: `<bos>`, `<eos>`, `<start_of_turn>` ...
+    Control,
+    /// User-defined token, matched literally in the text.
+    UserDefined,
+    /// Reserved, never produced.
+    Unused,
+    /// One raw byte, `<0xXX>`.
+    Byte,
+}
+
+impl TokenKind {
+    fn from_gguf(kind: i32) -> Self {
+        match kind {
+            2 => Self::Unknown,
+            3 => Self::Control,
+            4 => Self::UserDefined,
+            5 => Self::Unused,
+            6 => Self::Byte,
+            _ => Self::Normal,
+        }
+    }
+}
+
+/// Why a vocabulary could not be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VocabError {
+    /// A tokenizer key is missing or mistyped.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// The GGUF tokenizer is not SentencePiece.
+    #[error("tokenizer.ggml.model is {0:?}; only \"llama\" (SentencePiece BPE) is supported")]
+    UnsupportedModel(String),
+    /// The token, score and type lists differ in length.
+    #[error("tokenizer.ggml.tokens has {tokens} entries but {field} has {other}")]
+    Mismatch {
+        /// Number of tokens.
+        tokens: usize,
+        /// The other list.
+        field: &'static str,
+        /// Its length.
+        other: usize,
+    },
+    /// A byte token `<0xXX>` is missing.
+    #[error("the vocabulary has no byte token <0x{0:02X}> (needed for byte fallback)")]
+    MissingByte(u8),
+    /// A special id is out of range.
+    #[error("{field} = {id} is not a token id (vocabulary of {size})")]
+    BadId {
+        /// The metadata key.
+        field: &'static str,
+        /// The id.
+        id: u32,
+        /// Vocabulary size.
+        size: usize,
+    },
+}
+
+/// A SentencePiece vocabulary.
+#[derive(Clone, Debug)]
+pub struct Tokenizer {
+    pieces: Vec<String>,
+    scores: Vec<f32>,
+    kinds: Vec<TokenKind>,
+    by_text: HashMap<String, u32>,
+    bytes: [u32; 256],
+    /// Special tokens for the partition stage, longest text first.
+    specials: Vec<u32>,
+    bos: u32,
+    add_bos: bool,
+}
+
+/// A piece of text awaiting tokenization, or a token already found.
+#[derive(Clone, Copy, Debug)]
+enum Fragment {
+    Raw(usize, usize),
+    Token(u32),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Symbol {
+    start: usize,
+    len: usize,
+    prev: isize,
+    next: isize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bigram {
+    left: usize,
+    right: usize,
+    score: f32,
+    size: usize,
+}
+
+impl PartialEq for Bigram {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Bigram {}
+impl PartialOrd for Bigram {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Bigram {
+    /// Highest score first; among equal scores, the leftmost pair.
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.left.cmp(&self.left))
+    }
+}
+
+impl Tokenizer {
+    /// The vocabulary stored in a GGUF file's `tokenizer.ggml.*` metadata.
+    pub fn from_gguf(header: &GgufHeader) -> Result<Self, VocabError> {
+        let model = crate::metadata::str_of(header, "tokenizer.ggml.model")?;
+        if model != "llama" {
+            return Err(VocabError::UnsupportedModel(model.to_owned()));
+        }
+        let wrong = |key: &str, expected: &'static str| MetadataError::WrongType {
+            key: key.to_owned(),
+            expected,
+            found: "an array of another element type",
+        };
+        let pieces = match array_of(header, "tokenizer.ggml.tokens")? {
+            MetaArray::String(v) => v.clone(),
+            _ => return Err(wrong("tokenizer.ggml.tokens", "an array of strings").into()),
+        };
+        let scores = match array_of(header, "tokenizer.ggml.scores")? {
+            MetaArray::F32(v) => v.clone(),
+            _ => return Err(wrong("tokenizer.ggml.scores", "an array of float32").into()),
+        };
+        let kinds = match array_of(header, "tokenizer.ggml.token_type")? {
+            MetaArray::I32(v) => v.clone(),
+            MetaArray::U32(v) => v.iter().map(|&k| k as i32).collect(),
+            _ => return Err(wrong("tokenizer.ggml.token_type", "an array of int32").into()),
+        };
+        let bos = u64_of(header, "tokenizer.ggml.bos_token_id")? as u32;
+        let add_bos = opt_bool(header, "tokenizer.ggml.add_bos_token")?.unwrap_or(true);
+        Self::new(pieces, scores, kinds, bos, add_bos)
+    }
+
+    /// Builds a vocabulary from GGUF's token texts, scores and types.
+    pub fn new(
+        pieces: Vec<String>,
+        scores: Vec<f32>,
+        kinds: Vec<i32>,
+        bos: u32,
+        add_bos: bool,
+    ) -> Result<Self, VocabError> {
+        let n = pieces.len();
+        if scores.len() != n {
+            return Err(VocabError::Mismatch {
+                tokens: n,
+                field: "tokenizer.ggml.scores",
+                other: scores.len(),
+            });
+        }
+        if kinds.len() != n {
+            return Err(VocabError::Mismatch {
+                tokens: n,
+                field: "tokenizer.ggml.token_type",
+                other: kinds.len(),
+            });
+        }
+        if bos as usize >= n {
+            return Err(VocabError::BadId {
+                field: "tokenizer.ggml.bos_token_id",
+                id: bos,
+                size: n,
+            });
+        }
+        let kinds: Vec<TokenKind> = kinds.into_iter().map(TokenKind::from_gguf).collect();
+        let mut by_text = HashMap::with_capacity(n);
+        for (id, piece) in pieces.iter().enumerate() {
+            // Later entries win, as in llama.cpp's token_to_id map.
+            by_text.insert(piece.clone(), id as u32);
+        }
+        let mut bytes = [0u32; 256];
+        for (b, slot) in bytes.iter_mut().enumerate() {
+            *slot = *by_text
+                .get(&format!("<0x{b:02X}>"))
+                .ok_or(VocabError::MissingByte(b as u8))?;
+        }
+        let mut specials: Vec<u32> = (0..n as u32)
+            .filter(|&id| {
+                matches!(
+                    kinds[id as usize],
+                    TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown
+                ) && !pieces[id as usize].is_empty()
+            })
+            .collect();
+        specials.sort_by_key(|&id| std::cmp::Reverse(pieces[id as usize].len()));
+        Ok(Self {
+            pieces,
+            scores,
+            kinds,
+            by_text,
+            bytes,
+            specials,
+            bos,
+            add_bos,
+        })
+    }
+
+    /// Vocabulary size.
+    pub fn len(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// Whether the vocabulary is empty (never, once built).
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// The id whose text is exactly `text`.
+    pub fn id(&self, text: &str) -> Option<u32> {
+        self.by_text.get(text).copied()
+    }
+
+    /// The token's text as stored in the vocabulary.
+    pub fn piece(&self, id: u32) -> Option<&str> {
+        self.pieces.get(id as usize).map(String::as_str)
+    }
+
+    /// The token's kind.
+    pub fn kind(&self, id: u32) -> Option<TokenKind> {
+        self.kinds.get(id as usize).copied()
+    }
+
+    /// `<bos>`.
+    pub fn bos(&self) -> u32 {
+        self.bos
+    }
+
+    /// Token ids of `text`. `add_bos` prepends `<bos>` if the vocabulary asks
+    /// for it; `parse_special` recognises control-token strings in the text.
+    pub fn encode(&self, text: &str, add_bos: bool, parse_special: bool) -> Vec<u32> {
+        let mut out = Vec::new();
+        if add_bos && self.add_bos {
+            out.push(self.bos);
+        }
+        for fragment in self.partition(text, parse_special) {
+            match fragment {
+                Fragment::Token(id) => out.push(id),
+                Fragment::Raw(start, end) => {
+                    let escaped = text[start..end].replace(' ', "\u{2581}");
+                    self.merge(&escaped, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+        let mut fragments = vec![Fragment::Raw(0, text.len())];
+        if text.is_empty() {
+            return Vec::new();
+        }
+        for &id in &self.specials {
+            let kind = self.kinds[id as usize];
+            if !parse_special && matches!(kind, TokenKind::Control | TokenKind::Unknown) {
+                continue;
+            }
+            let needle = self.pieces[id as usize].as_str();
+            if !fragments
+                .iter()
+                .any(|f| matches!(f, Fragment::Raw(s, e) if text[*s..*e].contains(needle)))
+            {
+                continue;
+            }
+            let mut next = Vec::with_capacity(fragments.len() + 2);
+            for fragment in fragments {
+                let Fragment::Raw(mut start, end) = fragment else {
+                    next.push(fragment);
+                    continue;
+                };
+                while let Some(at) = text[start..end].find(needle) {
+                    if at > 0 {
+                        next.push(Fragment::Raw(start, start + at));
+                    }
+                    next.push(Fragment::Token(id));
+                    start += at + needle.len();
+                }
+                if start < end {
+                    next.push(Fragment::Raw(start, end));
+                }
+            }
+            fragments = next;
+        }
+        fragments
+    }
+
+    /// Queues the merge of symbols `left` and `right` if their text is a token.
+    fn try_merge(
+        &self,
+        text: &str,
+        symbols: &[Symbol],
+        left: isize,
+        right: isize,
+        queue: &mut BinaryHeap<Bigram>,
+    ) {
+        if left < 0 || right < 0 {
+            return;
+        }
+        let (l, r) = (symbols[left as usize], symbols[right as usize]);
+        let joined = &text[l.start..l.start + l.len + r.len];
+        if let Some(&id) = self.by_text.get(joined) {
+            queue.push(Bigram {
+                left: left as usize,
+                right: right as usize,
+                score: self.scores[id as usize],
+                size: joined.len(),
+            });
+        }
+    }
+
+    fn merge(&self, text: &str, out: &mut Vec<u32>) {
+        if text.is_empty() {
+            return;
+        }
+        let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
+        for (i, (start, c)) in text.char_indices().enumerate() {
+            symbols.push(Symbol {
+                start,
+                len: c.len_utf8(),
+                prev: i as isize - 1,
+                next: i as isize + 1,
+            });
+        }
+        if let Some(last) = symbols.last_mut() {
+            last.next = -1;
+        }
+        let mut queue = BinaryHeap::new();
+        for i in 1..symbols.len() {
+            self.try_merge(text, &symbols, i as isize - 1, i as isize, &mut queue);
+        }
+        while let Some(bigram) = queue.pop() {
+            let (l, r) = (symbols[bigram.left], symbols[bigram.right]);
+            // Stale: one side has been merged into something else since.
+            if l.len == 0 || r.len == 0 || l.len + r.len != bigram.size {
+                continue;
+            }
+            symbols[bigram.left].len += r.len;
+            symbols[bigram.right].len = 0;
+            symbols[bigram.left].next = r.next;
+            if r.next >= 0 {
+                symbols[r.next as usize].prev = bigram.left as isize;
+            }
+            let left = symbols[bigram.left];
+            self.try_merge(text, &symbols, left.prev, bigram.left as isize, &mut queue);
+            self.try_merge(text, &symbols, bigram.left as isize, left.next, &mut queue);
+        }
+        // Every merged symbol is a token (merges only form vocabulary
+        // entries); a single character that is not one becomes its bytes.
+        let mut i = 0isize;
+        while i != -1 {
+            let symbol = symbols[i as usize];
+            let piece = &text[symbol.start..symbol.start + symbol.len];
+            match self.by_text.get(piece) {
+                Some(&id) => out.push(id),
+                None => out.extend(piece.bytes().map(|b| self.bytes[b as usize])),
+            }
+            i = symbol.next;
+        }
+    }
+
+    /// The bytes a token stands for in output text: `▁` becomes a space, byte
+    /// tokens their byte; control tokens render as nothing unless `special`.
+    pub fn piece_bytes(&self, id: u32, special: bool) -> Vec<u8> {
+        let Some(kind) = self.kind(id) else {
+            return Vec::new();
+        };
+        let piece = &self.pieces[id as usize];
+        match kind {
+            TokenKind::Normal => piece.replace('\u{2581}', " ").into_bytes(),
+            TokenKind::Byte => {
+                u8::from_str_radix(piece.trim_start_matches("<0x").trim_end_matches('>'), 16)
+                    .map(|b| vec![b])
+                    .unwrap_or_default()
+            }
+            TokenKind::UserDefined => piece.as_bytes().to_vec(),
+            TokenKind::Control | TokenKind::Unknown if special => piece.as_bytes().to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Text of `ids` (invalid UTF-8 replaced), control tokens omitted.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| self.piece_bytes(id, false))
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny vocabulary: bytes, a few merges, and special tokens.
+    fn vocab() -> Tokenizer {
+        let mut pieces = vec![
+            "<pad>".to_owned(),
+            "<eos>".into(),
+            "<bos>".into(),
+            "<unk>".into(),
+        ];
+        let mut kinds = vec![3, 3, 3, 2];
+        let mut scores = vec![0.0; 4];
+        for b in 0..=255u8 {
+            pieces.push(format!("<0x{b:02X}>"));
+            kinds.push(6);
+            scores.push(0.0);
+        }
+        for (piece, score, kind) in [
+            ("<start_of_turn>", 0.0, 3),
+            ("\n", 0.0, 4),
+            ("\n\n", 0.0, 4),
+            ("h", -1.0, 1),
+            ("e", -1.0, 1),
+            ("l", -1.0, 1),
+            ("o", -1.0, 1),
+            ("\u{2581}", -1.0, 1),
+            ("he", -5.0, 1),
+            ("ll", -3.0, 1),
+            ("llo", -4.0, 1),
+            ("hello", -2.0, 1),
+            ("\u{2581}he", -6.0, 1),
+        ] {
+            pieces.push(piece.to_owned());
+            scores.push(score);
+            kinds.push(kind);
+        }
+        Tokenizer::new(pieces, scores, kinds, 2, true).unwrap()
+    }
+
+    fn ids(t: &Tokenizer, pieces: &[&str]) -> Vec<u32> {
+        pieces.iter().map(|p| t.id(p).unwrap()).collect()
+    }
+
+    #[test]
+    fn merges_follow_scores_then_position() {
+        let t = vocab();
+        // ll (-3) merges first, then llo (-4), he (-5), then hello (-2).
+        assert_eq!(t.encode("hello", false, false), ids(&t, &["hello"]));
+        assert_eq!(t.encode("hello", true, false), ids(&t, &["<bos>", "hello"]));
+        // A space becomes ▁; "▁he" (-6) is the only merge across it.
+        assert_eq!(
+            t.encode("he he", false, false),
+            ids(&t, &["he", "\u{2581}he"])
+        );
+    }
+
+    #[test]
+    fn unknown_characters_fall_back_to_bytes() {
+        let t = vocab();
+        // é is two UTF-8 bytes; no piece covers it.
+        assert_eq!(t.encode("é", false, false), ids(&t, &["<0xC3>", "<0xA9>"]));
+        assert_eq!(t.decode(&t.encode("hé llo", true, false)), "hé llo");
+    }
+
+    #[test]
+    fn user_defined_tokens_always_split_control_tokens_only_when_asked() {
+        let t = vocab();
+        assert_eq!(
+            t.encode("he\n\nhe\n", false, false),
+            ids(&t, &["he", "\n\n", "he", "\n"])
+        );
+        let raw = t.encode("<start_of_turn>h", false, false);
+        assert!(!raw.contains(&t.id("<start_of_turn>").unwrap()));
+        assert_eq!(
+            t.encode("<start_of_turn>h", false, true),
+            ids(&t, &["<start_of_turn>", "h"])
+        );
+        assert_eq!(t.encode("", true, true), vec![2]);
+    }
+
+    #[test]
+    fn mismatched_lists_and_missing_bytes_are_errors() {
+        let e = Tokenizer::new(vec!["a".into()], vec![], vec![1], 0, false).unwrap_err();
+        assert!(e.to_string().contains("tokenizer.ggml.scores has 0"), "{e}");
+        let e = Tokenizer::new(vec!["a".into()], vec![0.0], vec![1], 0, false).unwrap_err();
+        assert_eq!(e, VocabError::MissingByte(0));
+    }
+}
