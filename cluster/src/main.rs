@@ -78,6 +78,31 @@ enum Command {
         #[arg(long, value_name = "N")]
         events: Option<u64>,
     },
+    /// Generate text with a Gemma 3 model (greedy decoding).
+    Generate {
+        /// A catalog name (`gemma3-270m`) or a .gguf file.
+        #[arg(long)]
+        model: String,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// `text` streams the text; `json` prints {"prompt_ids","ids","text"}.
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
+    /// Print the token ids of a text as a JSON array (no BOS; special-token
+    /// strings such as `<start_of_turn>` become their tokens).
+    Tokenize {
+        /// A catalog name (`gemma3-270m`) or a .gguf file.
+        #[arg(long)]
+        model: String,
+        /// The text.
+        #[arg(long)]
+        text: String,
+    },
     /// Fetch and inspect model files.
     Models {
         #[command(subcommand)]
@@ -88,6 +113,24 @@ enum Command {
         #[command(subcommand)]
         bench: BenchCommand,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+fn gguf_path(model: &str) -> anyhow::Result<PathBuf> {
+    match actors::models::resolve(model)? {
+        actors::models::ModelSource::Gguf(path) => Ok(path),
+        actors::models::ModelSource::Checkpoint(path) => {
+            anyhow::bail!(
+                "{}: checkpoint directories are not supported yet (GGUF files are)",
+                path.display()
+            )
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -323,6 +366,46 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 }),
                 Err(e) => Err(e.into()),
             }
+        }
+        Command::Generate {
+            model,
+            prompt,
+            max_tokens,
+            format,
+        } => {
+            use std::io::Write;
+            let gemma = actors::gemma::Gemma::load(&gguf_path(model)?)?;
+            let tokenizer = gemma.tokenizer();
+            let prompt_ids = tokenizer.encode(prompt, true, true);
+            let mut stdout = std::io::stdout();
+            let mut pending = Vec::new();
+            let ids = actors::gemma::generate_greedy(&gemma, &prompt_ids, *max_tokens, |id| {
+                if let OutputFormat::Text = format {
+                    pending.extend(tokenizer.piece_bytes(id, false));
+                    // Print whole UTF-8 characters as soon as they are complete.
+                    let valid = match std::str::from_utf8(&pending) {
+                        Ok(s) => s.len(),
+                        Err(e) => e.valid_up_to(),
+                    };
+                    let _ = stdout.write_all(&pending[..valid]);
+                    let _ = stdout.flush();
+                    pending.drain(..valid);
+                }
+            });
+            match format {
+                OutputFormat::Text => println!("{}", String::from_utf8_lossy(&pending)),
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::json!({"prompt_ids": prompt_ids, "ids": ids, "text": tokenizer.decode(&ids)})
+                ),
+            }
+            Ok(())
+        }
+        Command::Tokenize { model, text } => {
+            let file = kernels::gguf::GgufFile::open(&gguf_path(model)?)?;
+            let tokenizer = actors::Tokenizer::from_gguf(file.header())?;
+            println!("{}", serde_json::json!(tokenizer.encode(text, false, true)));
+            Ok(())
         }
         Command::Models {
             models: ModelsCommand::Fetch { name, python },

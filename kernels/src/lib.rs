@@ -18,4 +18,5 @@
 //! ```
 
 pub mod gguf;
+pub mod ops;
 pub mod quant;

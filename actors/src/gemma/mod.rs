@@ -1,5 +1,9 @@
 //! Gemma 3: configuration, weights and the forward pass.
 
 pub mod config;
+mod generate;
+mod model;
 
 pub use config::{ConfigError, GemmaConfig, LayerKind};
+pub use generate::{END_OF_GENERATION, argmax, generate_greedy};
+pub use model::{Gemma, KvCache, LoadError};

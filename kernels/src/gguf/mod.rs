@@ -407,6 +407,11 @@ impl GgufFile {
         &self.header
     }
 
+    /// The whole mapped file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
     /// The bytes of `tensor` (validated at parse time to lie inside the file).
     pub fn tensor_data(&self, tensor: &TensorInfo) -> &[u8] {
         &self.map[tensor.start as usize..(tensor.start + tensor.bytes) as usize]

@@ -226,5 +226,87 @@ pub fn dot_row(t: GgmlType, bytes: &[u8], x: &[f32]) -> Result<f32, QuantError> 
     Ok(sum)
 }
 
+/// A row-major matrix of `rows` rows of `cols` elements of one GGML type,
+/// borrowed from the bytes of a model file.
+#[derive(Clone, Copy, Debug)]
+pub struct QMatrix<'a> {
+    /// Element type.
+    pub ggml_type: GgmlType,
+    /// Rows (output features).
+    pub rows: usize,
+    /// Elements per row (input features).
+    pub cols: usize,
+    /// `rows` rows of encoded data, back to back.
+    pub data: &'a [u8],
+}
+
+impl<'a> QMatrix<'a> {
+    /// Wraps `data`, checking its length and that the type can be computed with.
+    pub fn new(
+        ggml_type: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+    ) -> Result<Self, QuantError> {
+        if !is_supported(ggml_type) {
+            return Err(QuantError::Unsupported(ggml_type));
+        }
+        let Some(row_bytes) = ggml_type.bytes_for(cols as u64).map(|b| b as usize) else {
+            return Err(QuantError::PartialBlock {
+                ggml_type,
+                elements: cols,
+                block: ggml_type.block_elements(),
+            });
+        };
+        if row_bytes * rows != data.len() {
+            return Err(QuantError::Length {
+                ggml_type,
+                elements: rows * cols,
+                expected: row_bytes * rows,
+                got: data.len(),
+            });
+        }
+        Ok(Self {
+            ggml_type,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.data.len() / self.rows.max(1)
+    }
+
+    /// The encoded bytes of row `r`.
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// Decodes row `r` into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        // Shapes were checked in `new`.
+        let _ = dequantize_row(self.ggml_type, self.row(r), out);
+    }
+
+    /// `out = self · x`, rows split across the rayon pool.
+    pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        use rayon::prelude::*;
+        debug_assert_eq!(x.len(), self.cols);
+        debug_assert_eq!(out.len(), self.rows);
+        let n = self.row_bytes();
+        out.par_chunks_mut(64)
+            .enumerate()
+            .for_each(|(chunk, outs)| {
+                for (i, o) in outs.iter_mut().enumerate() {
+                    let r = chunk * 64 + i;
+                    *o = dot_row(self.ggml_type, &self.data[r * n..(r + 1) * n], x)
+                        .unwrap_or(f32::NAN);
+                }
+            });
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,383 @@
+//! The Gemma 3 forward pass over GGUF weights, one token at a time.
+//!
+//! Field names follow the GGUF tensor names (`blk.N.attn_q` …) so a reader can
+//! go from a weight to the code that uses it. Weights stay in their quantized
+//! blocks inside the memory-mapped file; matrix-vector products run on the
+//! blocks ([`QMatrix::matvec`]); only the small norm vectors are copied out.
+//!
+//! One layer, as llama.cpp's `llm_build_gemma3` and HF's `Gemma3DecoderLayer`:
+//!
+//! ```text
+//! h   = rmsnorm(x, attn_norm)
+//! q,k,v = Wq h, Wk h, Wv h;  q,k = rmsnorm per head (attn_q_norm, attn_k_norm)
+//! q,k = rope(base = 10k on local layers, 1M / scale on global layers)
+//! a   = attention(q · query_pre_attn_scalar^-0.5, cache; local layers see the
+//!       last `window` positions, global layers all)
+//! x   = x + rmsnorm(Wo a, post_attention_norm)
+//! x   = x + rmsnorm(Wdown (gelu_tanh(Wgate h') ⊙ Wup h'), post_ffw_norm),  h' = rmsnorm(x, ffn_norm)
+//! ```
+//!
+//! GGUF norm weights already hold `1 + w` (llama.cpp's converter adds the
+//! one), so they multiply directly.
+
+use std::path::Path;
+
+use kernels::gguf::{GgmlType, GgufError, GgufFile};
+use kernels::ops::{gelu_tanh, rms_norm, rms_norm_in_place, rope_neox, softmax};
+use kernels::quant::{QMatrix, QuantError};
+
+use super::config::{ConfigError, GemmaConfig, LayerKind};
+use crate::tokenizer::{Tokenizer, VocabError};
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file is not a readable GGUF.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// The configuration is missing or unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The tokenizer is missing or unusable.
+    #[error(transparent)]
+    Vocab(#[from] VocabError),
+    /// A tensor the architecture needs is absent.
+    #[error("tensor {0:?} is missing from the model file")]
+    MissingTensor(String),
+    /// A tensor has the wrong shape.
+    #[error("tensor {name:?} has dims {dims:?}, expected {expected:?}")]
+    Shape {
+        /// The tensor.
+        name: String,
+        /// Its dims.
+        dims: Vec<u64>,
+        /// What the config implies.
+        expected: Vec<u64>,
+    },
+    /// A tensor's type cannot be computed with.
+    #[error("tensor {name:?}: {source}")]
+    Type {
+        /// The tensor.
+        name: String,
+        /// Why.
+        source: QuantError,
+    },
+}
+
+/// Where a matrix lives in the file.
+#[derive(Clone, Copy, Debug)]
+struct MatrixRef {
+    ggml_type: GgmlType,
+    rows: usize,
+    cols: usize,
+    start: usize,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct Layer {
+    kind: LayerKind,
+    attn_norm: Vec<f32>,
+    attn_q: MatrixRef,
+    attn_k: MatrixRef,
+    attn_v: MatrixRef,
+    attn_q_norm: Vec<f32>,
+    attn_k_norm: Vec<f32>,
+    attn_output: MatrixRef,
+    post_attention_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    ffn_gate: MatrixRef,
+    ffn_up: MatrixRef,
+    ffn_down: MatrixRef,
+    post_ffw_norm: Vec<f32>,
+}
+
+/// A loaded Gemma 3 model.
+#[derive(Debug)]
+pub struct Gemma {
+    file: GgufFile,
+    config: GemmaConfig,
+    tokenizer: Tokenizer,
+    token_embd: MatrixRef,
+    embed_scale: f32,
+    output_norm: Vec<f32>,
+    layers: Vec<Layer>,
+}
+
+struct Loader<'a> {
+    file: &'a GgufFile,
+}
+
+impl Loader<'_> {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<MatrixRef, LoadError> {
+        let info = self
+            .file
+            .header()
+            .tensor(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.to_owned()))?;
+        let expected = vec![cols as u64, rows as u64];
+        if info.dims != expected {
+            return Err(LoadError::Shape {
+                name: name.to_owned(),
+                dims: info.dims.clone(),
+                expected,
+            });
+        }
+        QMatrix::new(info.ggml_type, rows, cols, self.file.tensor_data(info)).map_err(
+            |source| LoadError::Type {
+                name: name.to_owned(),
+                source,
+            },
+        )?;
+        Ok(MatrixRef {
+            ggml_type: info.ggml_type,
+            rows,
+            cols,
+            start: info.start as usize,
+            bytes: info.bytes as usize,
+        })
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
+        let info = self
+            .file
+            .header()
+            .tensor(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.to_owned()))?;
+        if info.dims != [len as u64] {
+            return Err(LoadError::Shape {
+                name: name.to_owned(),
+                dims: info.dims.clone(),
+                expected: vec![len as u64],
+            });
+        }
+        let mut out = vec![0f32; len];
+        kernels::quant::dequantize_row(info.ggml_type, self.file.tensor_data(info), &mut out)
+            .map_err(|source| LoadError::Type {
+                name: name.to_owned(),
+                source,
+            })?;
+        Ok(out)
+    }
+}
+
+/// The key/value cache of one sequence.
+///
+/// Local layers keep only their window in a ring buffer (slot = position
+/// mod window); global layers keep every position.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    ring: Vec<Option<usize>>,
+    kv_dim: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions stored so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of K and V held now (f32).
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|v| v.len() * 4)
+            .sum()
+    }
+
+    fn slot(&self, layer: usize, position: usize) -> usize {
+        self.ring[layer].map_or(position, |window| position % window)
+    }
+
+    fn store(&mut self, layer: usize, position: usize, k: &[f32], v: &[f32]) {
+        let slot = self.slot(layer, position);
+        let at = slot * self.kv_dim;
+        for (cache, new) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
+            if cache.len() < at + self.kv_dim {
+                cache.resize(at + self.kv_dim, 0.0);
+            }
+            cache[at..at + self.kv_dim].copy_from_slice(new);
+        }
+    }
+}
+
+impl Gemma {
+    /// Loads a Gemma 3 GGUF file.
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let file = GgufFile::open(path)?;
+        let config = GemmaConfig::from_gguf(file.header())?;
+        let tokenizer = Tokenizer::from_gguf(file.header())?;
+        let l = Loader { file: &file };
+        let c = &config;
+        let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let mut layers = Vec::with_capacity(c.layers);
+        for (i, kind) in c.layer_kinds.iter().enumerate() {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(Layer {
+                kind: *kind,
+                attn_norm: l.vector(&n("attn_norm"), c.hidden)?,
+                attn_q: l.matrix(&n("attn_q"), q_dim, c.hidden)?,
+                attn_k: l.matrix(&n("attn_k"), kv_dim, c.hidden)?,
+                attn_v: l.matrix(&n("attn_v"), kv_dim, c.hidden)?,
+                attn_q_norm: l.vector(&n("attn_q_norm"), c.head_dim)?,
+                attn_k_norm: l.vector(&n("attn_k_norm"), c.head_dim)?,
+                attn_output: l.matrix(&n("attn_output"), c.hidden, q_dim)?,
+                post_attention_norm: l.vector(&n("post_attention_norm"), c.hidden)?,
+                ffn_norm: l.vector(&n("ffn_norm"), c.hidden)?,
+                ffn_gate: l.matrix(&n("ffn_gate"), c.ffn, c.hidden)?,
+                ffn_up: l.matrix(&n("ffn_up"), c.ffn, c.hidden)?,
+                ffn_down: l.matrix(&n("ffn_down"), c.hidden, c.ffn)?,
+                post_ffw_norm: l.vector(&n("post_ffw_norm"), c.hidden)?,
+            });
+        }
+        let token_embd = l.matrix("token_embd.weight", c.vocab, c.hidden)?;
+        let output_norm = l.vector("output_norm.weight", c.hidden)?;
+        // llama.cpp scales GGUF embeddings by sqrtf(n_embd) in f32.
+        let embed_scale = (c.hidden as f32).sqrt();
+        Ok(Self {
+            file,
+            config,
+            tokenizer,
+            token_embd,
+            embed_scale,
+            output_norm,
+            layers,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &GemmaConfig {
+        &self.config
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    fn matrix(&self, m: &MatrixRef) -> QMatrix<'_> {
+        QMatrix {
+            ggml_type: m.ggml_type,
+            rows: m.rows,
+            cols: m.cols,
+            data: &self.file.bytes()[m.start..m.start + m.bytes],
+        }
+    }
+
+    /// An empty cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        let c = &self.config;
+        KvCache {
+            keys: vec![Vec::new(); c.layers],
+            values: vec![Vec::new(); c.layers],
+            ring: c
+                .layer_kinds
+                .iter()
+                .map(|k| (*k == LayerKind::Local).then_some(c.window))
+                .collect(),
+            kv_dim: c.kv_heads * c.head_dim,
+            len: 0,
+        }
+    }
+
+    /// Runs `token` at the next position of `cache` and writes the logits
+    /// over the vocabulary into `logits`.
+    pub fn forward(&self, token: u32, cache: &mut KvCache, logits: &mut [f32]) {
+        let c = &self.config;
+        let position = cache.len;
+        let (hd, q_dim, kv_dim) = (c.head_dim, c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let group = c.heads / c.kv_heads;
+        let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
+
+        let mut x = vec![0f32; c.hidden];
+        self.matrix(&self.token_embd)
+            .dequantize_row(token as usize, &mut x);
+        x.iter_mut().for_each(|v| *v *= self.embed_scale);
+
+        let mut h = vec![0f32; c.hidden];
+        let mut q = vec![0f32; q_dim];
+        let mut k = vec![0f32; kv_dim];
+        let mut v = vec![0f32; kv_dim];
+        let mut attn = vec![0f32; q_dim];
+        let mut o = vec![0f32; c.hidden];
+        let mut gate = vec![0f32; c.ffn];
+        let mut up = vec![0f32; c.ffn];
+        let mut scores = Vec::new();
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
+            self.matrix(&layer.attn_q).matvec(&h, &mut q);
+            self.matrix(&layer.attn_k).matvec(&h, &mut k);
+            self.matrix(&layer.attn_v).matvec(&h, &mut v);
+            let (base, rope_position) = match layer.kind {
+                LayerKind::Local => (c.rope_local_base, position as f32),
+                LayerKind::Global => (c.rope_global_base, position as f32 / c.rope_global_scale),
+            };
+            for head in q.chunks_exact_mut(hd) {
+                rms_norm_in_place(head, &layer.attn_q_norm, c.rms_eps);
+                rope_neox(head, rope_position, base);
+                head.iter_mut().for_each(|v| *v *= score_scale);
+            }
+            for head in k.chunks_exact_mut(hd) {
+                rms_norm_in_place(head, &layer.attn_k_norm, c.rms_eps);
+                rope_neox(head, rope_position, base);
+            }
+            cache.store(li, position, &k, &v);
+
+            // HF window semantics: key p is visible iff position - p < window.
+            let first = match layer.kind {
+                LayerKind::Local => (position + 1).saturating_sub(c.window),
+                LayerKind::Global => 0,
+            };
+            let (keys, values) = (&cache.keys[li], &cache.values[li]);
+            for (head, out) in attn.chunks_exact_mut(hd).enumerate() {
+                let qh = &q[head * hd..(head + 1) * hd];
+                let kv_off = (head / group) * hd;
+                scores.clear();
+                for p in first..=position {
+                    let at = cache.slot(li, p) * kv_dim + kv_off;
+                    scores.push(
+                        qh.iter()
+                            .zip(&keys[at..at + hd])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>(),
+                    );
+                }
+                softmax(&mut scores);
+                out.fill(0.0);
+                for (p, weight) in (first..=position).zip(&scores) {
+                    let at = cache.slot(li, p) * kv_dim + kv_off;
+                    for (o, v) in out.iter_mut().zip(&values[at..at + hd]) {
+                        *o += weight * v;
+                    }
+                }
+            }
+            self.matrix(&layer.attn_output).matvec(&attn, &mut o);
+            rms_norm_in_place(&mut o, &layer.post_attention_norm, c.rms_eps);
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+
+            rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
+            self.matrix(&layer.ffn_gate).matvec(&h, &mut gate);
+            self.matrix(&layer.ffn_up).matvec(&h, &mut up);
+            gate.iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = gelu_tanh(*g) * u);
+            self.matrix(&layer.ffn_down).matvec(&gate, &mut o);
+            rms_norm_in_place(&mut o, &layer.post_ffw_norm, c.rms_eps);
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        }
+        cache.len += 1;
+        rms_norm_in_place(&mut x, &self.output_norm, c.rms_eps);
+        // Tied LM head: the embedding matrix, row per vocabulary entry.
+        self.matrix(&self.token_embd).matvec(&x, logits);
+    }
+}

@@ -1,0 +1,122 @@
+//! CPU ops on f32 activations: the building blocks of a transformer layer.
+//!
+//! Each op is a plain function over slices, written the straightforward way
+//! and tested against a float64 recomputation; the matrix-vector product over
+//! quantized weights lives in [`crate::quant::QMatrix`].
+
+/// RMSNorm: `out[i] = x[i] / sqrt(mean(x²) + eps) * weight[i]`, in f32.
+///
+/// Gemma's `(1 + w)` convention is the caller's: GGUF files store `1 + w`
+/// already (llama.cpp's converter adds it), Hugging Face checkpoints store `w`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (mean_square + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * scale * w;
+    }
+}
+
+/// [`rms_norm`] in place.
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (mean_square + eps).sqrt();
+    for (v, w) in x.iter_mut().zip(weight) {
+        *v *= scale * w;
+    }
+}
+
+/// Rotary position embedding, "NeoX" layout (HF `rotate_half`): element `i`
+/// of the first half pairs with element `i + d/2`. `position` is already
+/// divided by any linear scaling factor.
+pub fn rope_neox(head: &mut [f32], position: f32, base: f32) {
+    let half = head.len() / 2;
+    let dim = head.len() as f32;
+    for i in 0..half {
+        let inv_freq = base.powf(-((2 * i) as f32) / dim);
+        let (sin, cos) = (position * inv_freq).sin_cos();
+        let (a, b) = (head[i], head[i + half]);
+        head[i] = a * cos - b * sin;
+        head[i + half] = b * cos + a * sin;
+    }
+}
+
+/// Softmax in place, numerically stable.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// GELU, tanh approximation (PyTorch's `gelu(approximate="tanh")`).
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_float64() {
+        let x = [1.0f32, -2.0, 3.0, 0.5];
+        let w = [1.0f32, 0.5, 2.0, 1.5];
+        let mut out = [0f32; 4];
+        rms_norm(&x, &w, 1e-6, &mut out);
+        let ms: f64 = x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / 4.0;
+        for i in 0..4 {
+            let want = f64::from(x[i]) / (ms + 1e-6).sqrt() * f64::from(w[i]);
+            assert!((f64::from(out[i]) - want).abs() < 1e-6, "{i}");
+        }
+        let mut y = x;
+        rms_norm_in_place(&mut y, &w, 1e-6);
+        assert_eq!(y, out);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_by_position() {
+        let mut head = [1.0f32, 0.0, 0.0, 1.0];
+        rope_neox(&mut head, 0.0, 10_000.0);
+        assert_eq!(head, [1.0, 0.0, 0.0, 1.0], "position 0 is the identity");
+        let mut head = [1.0f32, 2.0, 3.0, 4.0];
+        rope_neox(&mut head, 3.0, 100.0);
+        // Pair (0, 2) turns by 3 rad; pair (1, 3) by 3 / 100^(2/4) = 0.3 rad.
+        let (s0, c0) = 3.0f64.sin_cos();
+        let (s1, c1) = 0.3f64.sin_cos();
+        let want = [
+            1.0 * c0 - 3.0 * s0,
+            2.0 * c1 - 4.0 * s1,
+            3.0 * c0 + 1.0 * s0,
+            4.0 * c1 + 2.0 * s1,
+        ];
+        for i in 0..4 {
+            assert!(
+                (f64::from(head[i]) - want[i]).abs() < 1e-5,
+                "{i}: {} vs {}",
+                head[i],
+                want[i]
+            );
+        }
+        let norm: f32 = head.iter().map(|v| v * v).sum();
+        assert!((norm - 30.0).abs() < 1e-4, "rotation keeps the norm");
+    }
+
+    #[test]
+    fn softmax_and_gelu() {
+        let mut x = [1.0f32, 2.0, 3.0, 1000.0];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[3] > 0.999);
+        // Reference values of PyTorch's tanh-approximate GELU.
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
+        assert!((gelu_tanh(-2.0) - (-0.045_402_3)).abs() < 1e-5);
+        assert_eq!(gelu_tanh(0.0), 0.0);
+    }
+}
