@@ -5,6 +5,7 @@
 
 mod cli;
 mod cluster;
+mod gemma;
 mod manifest;
 mod models;
 mod telemetry;

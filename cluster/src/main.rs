@@ -103,6 +103,28 @@ enum Command {
         #[arg(long)]
         text: String,
     },
+    /// Run one forward pass over a sequence and print, per position, the top
+    /// logits and the log-probability of the next token, and the perplexity.
+    Score {
+        /// A catalog name (`gemma3-270m`) or a .gguf file.
+        #[arg(long)]
+        model: String,
+        /// Text to score (tokenized with BOS, special tokens parsed).
+        #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+        text: Option<String>,
+        /// Token ids to score, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        ids: Option<Vec<u32>>,
+        /// Logits to list per position.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        /// Report positions from this index on (earlier ones still run, without the LM head).
+        #[arg(long, default_value_t = 0)]
+        from: usize,
+        /// Output format (only `json`).
+        #[arg(long, value_enum, default_value = "json")]
+        format: OutputFormat,
+    },
     /// Fetch and inspect model files.
     Models {
         #[command(subcommand)]
@@ -399,6 +421,48 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     serde_json::json!({"prompt_ids": prompt_ids, "ids": ids, "text": tokenizer.decode(&ids)})
                 ),
             }
+            Ok(())
+        }
+        Command::Score {
+            model,
+            text,
+            ids,
+            top_k,
+            from,
+            format: _,
+        } => {
+            let gemma = actors::gemma::Gemma::load(&gguf_path(model)?)?;
+            let ids = match (text, ids) {
+                (Some(text), _) => gemma.tokenizer().encode(text, true, true),
+                (None, Some(ids)) => ids.clone(),
+                (None, None) => {
+                    return Err(Failure {
+                        code: 2,
+                        error: anyhow::anyhow!("give --text or --ids"),
+                    });
+                }
+            };
+            let vocab = gemma.config().vocab;
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(Failure {
+                    code: 2,
+                    error: anyhow::anyhow!(
+                        "--ids: {bad} is not a token id (vocabulary of {vocab})"
+                    ),
+                });
+            }
+            let scored = actors::gemma::score(&gemma, &ids, *from, *top_k);
+            let logprobs: Vec<f64> = scored.iter().filter_map(|s| s.next_logprob).collect();
+            let perplexity = (!logprobs.is_empty())
+                .then(|| (-logprobs.iter().sum::<f64>() / logprobs.len() as f64).exp());
+            let positions: Vec<serde_json::Value> = scored
+                .iter()
+                .map(|s| serde_json::json!({"position": s.position, "top": s.top, "next_logprob": s.next_logprob}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"ids": ids, "positions": positions, "perplexity": perplexity})
+            );
             Ok(())
         }
         Command::Tokenize { model, text } => {

@@ -5,5 +5,5 @@ mod generate;
 mod model;
 
 pub use config::{ConfigError, GemmaConfig, LayerKind};
-pub use generate::{END_OF_GENERATION, argmax, generate_greedy};
+pub use generate::{END_OF_GENERATION, Scored, argmax, generate_greedy, score};
 pub use model::{Gemma, KvCache, LoadError};

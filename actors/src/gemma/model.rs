@@ -289,9 +289,10 @@ impl Gemma {
         }
     }
 
-    /// Runs `token` at the next position of `cache` and writes the logits
-    /// over the vocabulary into `logits`.
-    pub fn forward(&self, token: u32, cache: &mut KvCache, logits: &mut [f32]) {
+    /// Runs `token` at the next position of `cache` and, when `logits` is
+    /// given, writes the logits over the vocabulary into it (a prompt's
+    /// earlier positions skip the LM head, the largest matrix of the model).
+    pub fn forward(&self, token: u32, cache: &mut KvCache, logits: Option<&mut [f32]>) {
         let c = &self.config;
         let position = cache.len;
         let (hd, q_dim, kv_dim) = (c.head_dim, c.heads * c.head_dim, c.kv_heads * c.head_dim);
@@ -376,8 +377,10 @@ impl Gemma {
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         }
         cache.len += 1;
-        rms_norm_in_place(&mut x, &self.output_norm, c.rms_eps);
-        // Tied LM head: the embedding matrix, row per vocabulary entry.
-        self.matrix(&self.token_embd).matvec(&x, logits);
+        if let Some(logits) = logits {
+            rms_norm_in_place(&mut x, &self.output_norm, c.rms_eps);
+            // Tied LM head: the embedding matrix, row per vocabulary entry.
+            self.matrix(&self.token_embd).matvec(&x, logits);
+        }
     }
 }

@@ -189,41 +189,64 @@ pub fn dequantize_row(t: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), 
     Ok(())
 }
 
-/// The dot product of a row of type `t` (in `bytes`) with `x`, block by
-/// block: each block is decoded into a stack buffer and multiplied at once,
-/// so no dequantized row is ever materialised.
-pub fn dot_row(t: GgmlType, bytes: &[u8], x: &[f32]) -> Result<f32, QuantError> {
-    check(t, bytes, x.len())?;
-    if t == GgmlType::F32 {
-        let mut sum = 0.0f32;
-        for (b, xi) in bytes.chunks_exact(4).zip(x) {
-            sum += f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * xi;
-        }
-        return Ok(sum);
-    }
-    let block = t.block_bytes();
-    let n = t.block_elements().max(32);
+/// Multiplies the blocks of `bytes` with `x`, decoding each block into a
+/// stack buffer with `decode` (`n` elements of `size` bytes per block).
+#[inline(always)]
+fn dot_blocks(
+    bytes: &[u8],
+    x: &[f32],
+    size: usize,
+    n: usize,
+    decode: impl Fn(&[u8], &mut [f32]),
+) -> f32 {
     let mut buf = [0f32; 256];
     let mut sum = 0.0f32;
-    // Scalar formats decode 32 elements at a time through the same path.
-    let step_bytes = block * (n / t.block_elements());
-    for (b, xs) in bytes.chunks_exact(step_bytes).zip(x.chunks_exact(n)) {
-        dequantize_row(t, b, &mut buf[..n])?;
+    for (b, xs) in bytes.chunks_exact(size).zip(x.chunks_exact(n)) {
+        decode(b, &mut buf[..n]);
         sum += buf[..n].iter().zip(xs).map(|(w, v)| w * v).sum::<f32>();
     }
-    // Elements past the last whole 32-group (scalar formats only).
-    let done = bytes.len() / step_bytes * n;
-    if done < x.len() {
-        let tail = &bytes[done / t.block_elements() * block..];
-        let rest = &x[done..];
-        dequantize_row(t, tail, &mut buf[..rest.len()])?;
-        sum += buf[..rest.len()]
-            .iter()
-            .zip(rest)
-            .map(|(w, v)| w * v)
-            .sum::<f32>();
-    }
-    Ok(sum)
+    sum
+}
+
+/// The dot product of a row of type `t` (in `bytes`) with `x`, block by
+/// block: each block is decoded on the stack and multiplied at once, so no
+/// dequantized row is ever materialised.
+pub fn dot_row(t: GgmlType, bytes: &[u8], x: &[f32]) -> Result<f32, QuantError> {
+    check(t, bytes, x.len())?;
+    Ok(match t {
+        GgmlType::F32 => bytes
+            .chunks_exact(4)
+            .zip(x)
+            .map(|(b, v)| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * v)
+            .sum(),
+        GgmlType::F16 => bytes
+            .chunks_exact(2)
+            .zip(x)
+            .map(|(b, v)| f16::from_le_bytes([b[0], b[1]]).to_f32() * v)
+            .sum(),
+        GgmlType::BF16 => bytes
+            .chunks_exact(2)
+            .zip(x)
+            .map(|(b, v)| bf16::from_le_bytes([b[0], b[1]]).to_f32() * v)
+            .sum(),
+        GgmlType::Q8_0 => {
+            // d · Σ q·x per block: no decode buffer needed.
+            let mut sum = 0.0f32;
+            for (b, xs) in bytes.chunks_exact(34).zip(x.chunks_exact(32)) {
+                let d = f16_at(b, 0);
+                let mut block = 0.0f32;
+                for (q, v) in b[2..34].iter().zip(xs) {
+                    block += f32::from(*q as i8) * v;
+                }
+                sum += d * block;
+            }
+            sum
+        }
+        GgmlType::Q5_0 => dot_blocks(bytes, x, 22, 32, block_q5_0),
+        GgmlType::Q4K => dot_blocks(bytes, x, 144, 256, block_q4_k),
+        GgmlType::Q6K => dot_blocks(bytes, x, 210, 256, block_q6_k),
+        other => return Err(QuantError::Unsupported(other)),
+    })
 }
 
 /// A row-major matrix of `rows` rows of `cols` elements of one GGML type,

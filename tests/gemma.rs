@@ -1,0 +1,169 @@
+//! Gemma 3 270M against llama.cpp on the same GGUF file.
+//!
+//! The reference is `actors/testdata/llama_cpp_gemma3_270m.json`, written by
+//! `scripts/reference/llama_cpp_gemma3.py` with llama-cpp-python. llama.cpp
+//! quantizes activations for its dot products, so it is itself about 0.1–0.4
+//! away from exact logits and flips near-ties: greedy outputs are compared
+//! only up to the first step where llama.cpp's own top-2 margin is below 0.25,
+//! and teacher-forced steps must agree on at least 95%.
+
+use std::time::Duration;
+
+use dima_tests::run_dima;
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(600);
+
+fn reference() -> Value {
+    serde_json::from_str(include_str!(
+        "../actors/testdata/llama_cpp_gemma3_270m.json"
+    ))
+    .unwrap()
+}
+
+fn ids(value: &Value) -> Vec<u64> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
+fn dima_json(args: &[&str]) -> Value {
+    let done = run_dima(args, LIMIT);
+    done.assert_success();
+    serde_json::from_str(done.last_line()).unwrap_or_else(|e| panic!("{e}: {}", done.stdout))
+}
+
+#[test]
+fn tokenizer_ids_match_llama_cpp() {
+    let reference = reference();
+    for case in reference["tokenize"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let ours = dima_json(&["tokenize", "--model", "gemma3-270m", "--text", text]);
+        assert_eq!(ids(&ours), ids(&case["ids"]), "text {text:?}");
+    }
+}
+
+#[test]
+fn greedy_and_teacher_forced_tokens_match_llama_cpp() {
+    let reference = reference();
+    let (mut agree, mut steps, mut max_diff) = (0usize, 0usize, 0f64);
+    for prompt in reference["prompts"].as_array().unwrap() {
+        let text = prompt["text"].as_str().unwrap();
+        let short: String = text.chars().take(40).collect();
+        let prompt_ids = ids(&prompt["prompt_ids"]);
+        let greedy = prompt["greedy"].as_array().unwrap();
+        let theirs: Vec<u64> = greedy.iter().map(|s| s["id"].as_u64().unwrap()).collect();
+
+        // Free-running greedy, up to llama.cpp's first near-tie.
+        let max = theirs.len().to_string();
+        let ours = dima_json(&[
+            "generate",
+            "--model",
+            "gemma3-270m",
+            "--prompt",
+            text,
+            "--max-tokens",
+            &max,
+            "--format",
+            "json",
+        ]);
+        assert_eq!(
+            ids(&ours["prompt_ids"]),
+            prompt_ids,
+            "prompt ids of {short:?}"
+        );
+        let confident = greedy
+            .iter()
+            .take_while(|s| s["margin"].as_f64().unwrap() >= 0.25)
+            .count();
+        let ours_ids = ids(&ours["ids"]);
+        assert_eq!(
+            ours_ids[..confident.min(ours_ids.len())],
+            theirs[..confident.min(ours_ids.len())],
+            "greedy output of {short:?} before llama.cpp's first near-tie (step {confident})"
+        );
+
+        // Teacher forcing: feed llama.cpp's tokens, compare each next-token argmax.
+        let mut sequence = prompt_ids.clone();
+        sequence.extend(&theirs[..theirs.len() - 1]);
+        let list: Vec<String> = sequence.iter().map(ToString::to_string).collect();
+        let from = (prompt_ids.len() - 1).to_string();
+        let scored = dima_json(&[
+            "score",
+            "--model",
+            "gemma3-270m",
+            "--ids",
+            &list.join(","),
+            "--from",
+            &from,
+            "--top-k",
+            "20",
+        ]);
+        let positions = scored["positions"].as_array().unwrap();
+        assert_eq!(positions.len(), theirs.len());
+        // Top-1 at the last prompt position is identical.
+        let top = positions[0]["top"].as_array().unwrap();
+        let reference_top = prompt["top20"].as_array().unwrap();
+        assert_eq!(
+            top[0][0], reference_top[0][0],
+            "top-1 after the prompt {short:?}"
+        );
+        // Our top-20 logits sit within llama.cpp's noise of its own.
+        for (id, logit) in reference_top
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        {
+            if let Some(ours) = top.iter().find(|p| p[0].as_u64() == Some(id)) {
+                let diff = (ours[1].as_f64().unwrap() - logit).abs();
+                max_diff = max_diff.max(diff);
+                assert!(
+                    diff < 0.75,
+                    "{short:?}: logit of {id} is {} here, {logit} in llama.cpp",
+                    ours[1]
+                );
+            }
+        }
+        for (position, want) in positions.iter().zip(&theirs) {
+            steps += 1;
+            if position["top"][0][0].as_u64() == Some(*want) {
+                agree += 1;
+            }
+        }
+    }
+    let rate = agree as f64 / steps as f64;
+    eprintln!(
+        "teacher-forced agreement {agree}/{steps}; largest top-20 logit difference from llama.cpp {max_diff:.3}"
+    );
+    assert!(
+        rate >= 0.95,
+        "teacher-forced argmax agrees with llama.cpp on {agree}/{steps} steps"
+    );
+}
+
+#[test]
+fn bad_generation_input_is_a_clear_error() {
+    let done = run_dima(
+        &["score", "--model", "gemma3-270m", "--ids", "2,999999999"],
+        LIMIT,
+    );
+    assert_eq!(done.status.code(), Some(2), "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("999999999 is not a token id (vocabulary of 262144)"),
+        "{}",
+        done.stderr
+    );
+    let done = run_dima(
+        &["generate", "--model", "/nonexistent.gguf", "--prompt", "x"],
+        LIMIT,
+    );
+    assert!(
+        done.stderr.contains("unknown model \"/nonexistent.gguf\""),
+        "{}",
+        done.stderr
+    );
+    done.assert_no_panic();
+}
