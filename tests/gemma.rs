@@ -167,3 +167,59 @@ fn bad_generation_input_is_a_clear_error() {
     );
     done.assert_no_panic();
 }
+
+#[test]
+fn stats_report_kv_bytes_that_match_the_formula_and_seeds_repeat() {
+    let args = [
+        "generate",
+        "--model",
+        "gemma3-270m",
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "11",
+        "--format",
+        "json",
+        "--stats",
+    ];
+    let first = run_dima(&args, LIMIT);
+    first.assert_success();
+    let stats: Value = serde_json::from_str(first.stderr.lines().last().unwrap()).unwrap();
+    assert_eq!(stats["kv_bytes"], stats["kv_bytes_formula"]);
+    // 18 layers, 1 KV head of 256, f32 K and V.
+    assert_eq!(stats["kv_bytes_per_token_per_layer"], 2048);
+    let positions =
+        stats["prompt_tokens"].as_u64().unwrap() + stats["generated_tokens"].as_u64().unwrap();
+    assert!(stats["kv_bytes"].as_u64().unwrap() <= positions * 18 * 2048);
+    let second = run_dima(&args, LIMIT);
+    assert_eq!(
+        first.last_line(),
+        second.last_line(),
+        "same seed, same tokens"
+    );
+    let chat = dima_json(&[
+        "generate",
+        "--model",
+        "gemma3-270m",
+        "--prompt",
+        "Hi",
+        "--chat",
+        "--max-tokens",
+        "1",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(
+        ids(&chat["prompt_ids"])[..3],
+        [2, 105, 2364],
+        "<bos><start_of_turn>user"
+    );
+}

@@ -89,6 +89,24 @@ enum Command {
         /// Most tokens to generate.
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Sample among the K most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Sample among the most likely tokens holding probability P.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Random seed for sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Wrap the prompt in Gemma's chat template (one user turn).
+        #[arg(long)]
+        chat: bool,
+        /// Print timing and KV-cache statistics on stderr (as JSON).
+        #[arg(long)]
+        stats: bool,
         /// `text` streams the text; `json` prints {"prompt_ids","ids","text"}.
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
@@ -393,33 +411,78 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             model,
             prompt,
             max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            chat,
+            stats,
             format,
         } => {
             use std::io::Write;
+            let sampling = actors::gemma::Sampling {
+                temperature: *temperature,
+                top_k: *top_k,
+                top_p: *top_p,
+                seed: *seed,
+            };
+            sampling.check().map_err(|e| Failure {
+                code: 2,
+                error: e.into(),
+            })?;
             let gemma = actors::gemma::Gemma::load(&gguf_path(model)?)?;
             let tokenizer = gemma.tokenizer();
-            let prompt_ids = tokenizer.encode(prompt, true, true);
+            let text = if *chat {
+                // Gemma's chat template: one user turn, then the model's turn.
+                format!("<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n")
+            } else {
+                prompt.clone()
+            };
+            let prompt_ids = tokenizer.encode(&text, true, true);
+            let mut sampler = actors::gemma::Sampler::new(sampling);
             let mut stdout = std::io::stdout();
             let mut pending = Vec::new();
-            let ids = actors::gemma::generate_greedy(&gemma, &prompt_ids, *max_tokens, |id| {
-                if let OutputFormat::Text = format {
-                    pending.extend(tokenizer.piece_bytes(id, false));
-                    // Print whole UTF-8 characters as soon as they are complete.
-                    let valid = match std::str::from_utf8(&pending) {
-                        Ok(s) => s.len(),
-                        Err(e) => e.valid_up_to(),
-                    };
-                    let _ = stdout.write_all(&pending[..valid]);
-                    let _ = stdout.flush();
-                    pending.drain(..valid);
-                }
-            });
+            let (ids, run) =
+                actors::gemma::generate(&gemma, &prompt_ids, *max_tokens, &mut sampler, |id| {
+                    if let OutputFormat::Text = format {
+                        pending.extend(tokenizer.piece_bytes(id, false));
+                        // Print whole UTF-8 characters as soon as they are complete.
+                        let valid = match std::str::from_utf8(&pending) {
+                            Ok(s) => s.len(),
+                            Err(e) => e.valid_up_to(),
+                        };
+                        let _ = stdout.write_all(&pending[..valid]);
+                        let _ = stdout.flush();
+                        pending.drain(..valid);
+                    }
+                })
+                .map_err(|e| Failure {
+                    code: 2,
+                    error: e.into(),
+                })?;
             match format {
                 OutputFormat::Text => println!("{}", String::from_utf8_lossy(&pending)),
                 OutputFormat::Json => println!(
                     "{}",
                     serde_json::json!({"prompt_ids": prompt_ids, "ids": ids, "text": tokenizer.decode(&ids)})
                 ),
+            }
+            if *stats {
+                let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+                eprintln!(
+                    "{}",
+                    serde_json::json!({
+                        "prompt_tokens": run.prompt_tokens,
+                        "generated_tokens": run.generated_tokens,
+                        "prefill_s": run.prefill_s,
+                        "prefill_tokens_per_s": rate(run.prompt_tokens, run.prefill_s),
+                        "decode_s": run.decode_s,
+                        "decode_tokens_per_s": rate(run.generated_tokens, run.decode_s),
+                        "kv_bytes_per_token_per_layer": run.kv_bytes_per_token_per_layer,
+                        "kv_bytes": run.kv_bytes,
+                        "kv_bytes_formula": run.kv_bytes_formula,
+                    })
+                );
             }
             Ok(())
         }

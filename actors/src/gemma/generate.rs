@@ -1,6 +1,10 @@
-//! Greedy generation loop over [`Gemma::forward`].
+//! Generation and scoring loops over [`Gemma::forward`].
 
+use std::time::Instant;
+
+use super::config::LayerKind;
 use super::model::Gemma;
+use super::sampling::Sampler;
 
 /// llama.cpp's end-of-generation set for the Gemma 3 GGUF: `<eos>`,
 /// `<end_of_turn>`, `</s>`.
@@ -17,27 +21,74 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// Runs the prompt, then generates up to `max_tokens` tokens greedily,
-/// calling `on_token` with each; stops after an end-of-generation token.
-/// Returns the generated ids (the end token included, as llama.cpp does).
-pub fn generate_greedy(
+/// What one generation did, for `--stats`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationStats {
+    /// Prompt tokens (BOS included).
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// Seconds spent on the prompt.
+    pub prefill_s: f64,
+    /// Seconds spent generating.
+    pub decode_s: f64,
+    /// KV-cache bytes per token per layer (K and V, f32).
+    pub kv_bytes_per_token_per_layer: usize,
+    /// KV-cache bytes held at the end.
+    pub kv_bytes: usize,
+    /// What the formula says they should be: Σ over layers of
+    /// min(positions, window on local layers) × bytes per token per layer.
+    pub kv_bytes_formula: usize,
+}
+
+/// Why generation could not start.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GenerateError {
+    /// The prompt does not fit the model's context.
+    #[error("the prompt has {prompt} tokens; the model's context is {context}")]
+    PromptTooLong {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Context length.
+        context: usize,
+    },
+    /// Nothing to run.
+    #[error("the prompt is empty (not even a BOS token)")]
+    EmptyPrompt,
+}
+
+/// Runs the prompt, then generates up to `max_tokens` tokens with `sampler`
+/// (never past the context), calling `on_token` with each; stops after an
+/// end-of-generation token, which is included in the result as llama.cpp does.
+pub fn generate(
     model: &Gemma,
     prompt: &[u32],
     max_tokens: usize,
+    sampler: &mut Sampler,
     mut on_token: impl FnMut(u32),
-) -> Vec<u32> {
+) -> Result<(Vec<u32>, GenerationStats), GenerateError> {
+    let context = model.config().context;
+    if prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    if prompt.len() > context {
+        return Err(GenerateError::PromptTooLong {
+            prompt: prompt.len(),
+            context,
+        });
+    }
     let mut cache = model.new_cache();
     let mut logits = vec![0f32; model.config().vocab];
+    let started = Instant::now();
     for (i, &token) in prompt.iter().enumerate() {
         let last = i + 1 == prompt.len();
         model.forward(token, &mut cache, last.then_some(&mut logits[..]));
     }
+    let prefill_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
     let mut out = Vec::new();
-    if prompt.is_empty() {
-        return out;
-    }
-    for _ in 0..max_tokens {
-        let next = argmax(&logits);
+    for _ in 0..max_tokens.min(context - prompt.len()) {
+        let next = sampler.sample(&logits);
         out.push(next);
         on_token(next);
         if END_OF_GENERATION.contains(&next) {
@@ -45,7 +96,27 @@ pub fn generate_greedy(
         }
         model.forward(next, &mut cache, Some(&mut logits));
     }
-    out
+    let c = model.config();
+    let per_layer = c.kv_bytes_per_token_per_layer(4);
+    let positions = cache.len();
+    let kv_bytes_formula = c
+        .layer_kinds
+        .iter()
+        .map(|k| match k {
+            LayerKind::Local => positions.min(c.window),
+            LayerKind::Global => positions,
+        } * per_layer)
+        .sum();
+    let stats = GenerationStats {
+        prompt_tokens: prompt.len(),
+        generated_tokens: out.len(),
+        prefill_s,
+        decode_s: started.elapsed().as_secs_f64(),
+        kv_bytes_per_token_per_layer: per_layer,
+        kv_bytes: cache.bytes(),
+        kv_bytes_formula,
+    };
+    Ok((out, stats))
 }
 
 /// One position of [`score`]: the top logits there and the log-probability

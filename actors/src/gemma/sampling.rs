@@ -1,0 +1,200 @@
+//! Choosing the next token: greedy, or seeded sampling with temperature,
+//! top-k and top-p (applied in llama.cpp's order: top-k, top-p, temperature).
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::generate::argmax;
+
+/// Sampling parameters, validated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches `top_p`; 1 keeps all.
+    pub top_p: f32,
+    /// Seed of the random generator.
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// A sampling parameter out of range.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("--{flag} {value}: {reason}")]
+pub struct SamplingError {
+    /// The flag.
+    pub flag: &'static str,
+    /// The value given.
+    pub value: String,
+    /// The allowed range.
+    pub reason: &'static str,
+}
+
+impl Sampling {
+    /// Checks the ranges.
+    pub fn check(&self) -> Result<(), SamplingError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(SamplingError {
+                flag: "temperature",
+                value: self.temperature.to_string(),
+                reason: "must be a finite number >= 0 (0 is greedy)",
+            });
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError {
+                flag: "top-p",
+                value: self.top_p.to_string(),
+                reason: "must be in (0, 1]",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Draws tokens according to [`Sampling`].
+#[derive(Debug)]
+pub struct Sampler {
+    params: Sampling,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// A sampler seeded with `params.seed`.
+    pub fn new(params: Sampling) -> Self {
+        Self {
+            params,
+            rng: StdRng::seed_from_u64(params.seed),
+        }
+    }
+
+    /// The next token for `logits`.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let p = self.params;
+        if p.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let mut candidates: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            candidates.truncate(p.top_k);
+        }
+        // Probabilities at temperature 1 decide the top-p cut, as in llama.cpp.
+        let max = candidates[0].1;
+        let weights: Vec<f64> = candidates
+            .iter()
+            .map(|c| f64::from(c.1 - max).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut kept = 0;
+        let mut mass = 0.0;
+        for w in &weights {
+            kept += 1;
+            mass += w / total;
+            if mass >= f64::from(p.top_p) {
+                break;
+            }
+        }
+        candidates.truncate(kept.max(1));
+        let scaled: Vec<f64> = candidates
+            .iter()
+            .map(|c| (f64::from(c.1 - max) / f64::from(p.temperature)).exp())
+            .collect();
+        let total: f64 = scaled.iter().sum();
+        let mut draw = self.rng.random::<f64>() * total;
+        for (c, w) in candidates.iter().zip(&scaled) {
+            if draw < *w {
+                return c.0;
+            }
+            draw -= w;
+        }
+        candidates[candidates.len() - 1].0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_temperature_is_greedy_and_seeds_repeat() {
+        let logits = [0.1f32, 3.0, 2.9, -1.0];
+        assert_eq!(Sampler::new(Sampling::default()).sample(&logits), 1);
+        let params = Sampling {
+            temperature: 1.0,
+            seed: 7,
+            ..Sampling::default()
+        };
+        let a: Vec<u32> = (0..50)
+            .scan(Sampler::new(params), |s, _| Some(s.sample(&logits)))
+            .collect();
+        let b: Vec<u32> = (0..50)
+            .scan(Sampler::new(params), |s, _| Some(s.sample(&logits)))
+            .collect();
+        assert_eq!(a, b);
+        assert!(
+            a.contains(&1) && a.contains(&2),
+            "both likely tokens are drawn: {a:?}"
+        );
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_draw() {
+        let logits = [5.0f32, 4.9, 0.0, 0.0, 0.0];
+        let top_k = Sampling {
+            temperature: 5.0,
+            top_k: 2,
+            seed: 1,
+            ..Sampling::default()
+        };
+        let mut s = Sampler::new(top_k);
+        assert!((0..200).all(|_| s.sample(&logits) < 2));
+        let top_p = Sampling {
+            temperature: 5.0,
+            top_p: 0.5,
+            seed: 1,
+            ..Sampling::default()
+        };
+        let mut s = Sampler::new(top_p);
+        assert!(
+            (0..200).all(|_| s.sample(&logits) == 0),
+            "token 0 alone holds half the mass"
+        );
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        let e = Sampling {
+            temperature: -1.0,
+            ..Sampling::default()
+        }
+        .check()
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--temperature -1: must be a finite number >= 0 (0 is greedy)"
+        );
+        let e = Sampling {
+            top_p: 0.0,
+            ..Sampling::default()
+        }
+        .check()
+        .unwrap_err();
+        assert_eq!(e.to_string(), "--top-p 0: must be in (0, 1]");
+    }
+}
