@@ -80,12 +80,15 @@ fn check(t: GgmlType, bytes: &[u8], elements: usize) -> Result<(), QuantError> {
     Ok(())
 }
 
-#[inline]
+/// An f16 scale as f32. `to_f32_const` is plain inlinable code; the runtime
+/// dispatch behind `to_f32` costs more than the conversion, once per block.
+#[inline(always)]
 fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32_const()
 }
 
 /// Decodes one Q8_0 block (34 bytes) into 32 values.
+#[inline(always)]
 fn block_q8_0(b: &[u8], out: &mut [f32]) {
     let d = f16_at(b, 0);
     for (o, q) in out.iter_mut().zip(&b[2..34]) {
@@ -94,6 +97,7 @@ fn block_q8_0(b: &[u8], out: &mut [f32]) {
 }
 
 /// Decodes one Q5_0 block (22 bytes) into 32 values.
+#[inline(always)]
 fn block_q5_0(b: &[u8], out: &mut [f32]) {
     let d = f16_at(b, 0);
     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
@@ -109,7 +113,7 @@ fn block_q5_0(b: &[u8], out: &mut [f32]) {
 }
 
 /// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K/Q5_K block.
-#[inline]
+#[inline(always)]
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
@@ -122,6 +126,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 /// Decodes one Q4_K super-block (144 bytes) into 256 values.
+#[inline(always)]
 fn block_q4_k(b: &[u8], out: &mut [f32]) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
@@ -142,6 +147,7 @@ fn block_q4_k(b: &[u8], out: &mut [f32]) {
 }
 
 /// Decodes one Q6_K super-block (210 bytes) into 256 values.
+#[inline(always)]
 fn block_q6_k(b: &[u8], out: &mut [f32]) {
     let ql_all = &b[0..128];
     let qh_all = &b[128..192];
@@ -189,64 +195,225 @@ pub fn dequantize_row(t: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), 
     Ok(())
 }
 
-/// Multiplies the blocks of `bytes` with `x`, decoding each block into a
-/// stack buffer with `decode` (`n` elements of `size` bytes per block).
+/// `acc[l] += a[i]·b[i]` over 16 lanes (`l = i mod 16`): 16 independent
+/// partial sums let the compiler use whole vector registers, where a single
+/// running sum would force every addition into sequence.
 #[inline(always)]
-fn dot_blocks(
-    bytes: &[u8],
-    x: &[f32],
-    size: usize,
-    n: usize,
-    decode: impl Fn(&[u8], &mut [f32]),
-) -> f32 {
+fn accumulate(acc: &mut [f32; 16], a: &[f32], b: &[f32]) {
+    for (x, y) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+        // Fixed-size arrays: no bounds checks inside, so the loop vectorizes.
+        let (Ok(x), Ok(y)) = (<&[f32; 16]>::try_from(x), <&[f32; 16]>::try_from(y)) else {
+            continue;
+        };
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+}
+
+/// `Σ a[i]·b[i]`.
+#[inline(always)]
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let whole = a.len() / 16 * 16;
+    accumulate(&mut acc, &a[..whole], &b[..whole]);
+    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// A block format: how many bytes and elements a block has, and how to
+/// decode one (scales applied) into f32.
+trait Block {
+    const BYTES: usize;
+    const ELEMENTS: usize;
+    fn decode(bytes: &[u8], out: &mut [f32]);
+}
+
+struct Q8_0;
+struct Q5_0;
+struct Q4K;
+struct Q6K;
+
+impl Block for Q8_0 {
+    const BYTES: usize = 34;
+    const ELEMENTS: usize = 32;
+    #[inline(always)]
+    fn decode(bytes: &[u8], out: &mut [f32]) {
+        block_q8_0(bytes, out);
+    }
+}
+impl Block for Q5_0 {
+    const BYTES: usize = 22;
+    const ELEMENTS: usize = 32;
+    #[inline(always)]
+    fn decode(bytes: &[u8], out: &mut [f32]) {
+        block_q5_0(bytes, out);
+    }
+}
+impl Block for Q4K {
+    const BYTES: usize = 144;
+    const ELEMENTS: usize = 256;
+    #[inline(always)]
+    fn decode(bytes: &[u8], out: &mut [f32]) {
+        block_q4_k(bytes, out);
+    }
+}
+impl Block for Q6K {
+    const BYTES: usize = 210;
+    const ELEMENTS: usize = 256;
+    #[inline(always)]
+    fn decode(bytes: &[u8], out: &mut [f32]) {
+        block_q6_k(bytes, out);
+    }
+}
+
+/// Multiplies the blocks of `bytes` with `x`: each block is decoded into a
+/// stack buffer and folded into 16 running lanes; one horizontal sum per row.
+#[inline(always)]
+fn dot_blocks<B: Block>(bytes: &[u8], x: &[f32]) -> f32 {
     let mut buf = [0f32; 256];
-    let mut sum = 0.0f32;
-    for (b, xs) in bytes.chunks_exact(size).zip(x.chunks_exact(n)) {
-        decode(b, &mut buf[..n]);
-        sum += buf[..n].iter().zip(xs).map(|(w, v)| w * v).sum::<f32>();
+    let mut acc = [0f32; 16];
+    for (b, xs) in bytes
+        .chunks_exact(B::BYTES)
+        .zip(x.chunks_exact(B::ELEMENTS))
+    {
+        B::decode(b, &mut buf[..B::ELEMENTS]);
+        accumulate(&mut acc, &buf[..B::ELEMENTS], xs);
+    }
+    acc.iter().sum()
+}
+
+/// Two-byte element types, 256 at a time through the vector dot.
+#[inline(always)]
+fn dot_halves(bytes: &[u8], x: &[f32], decode: fn([u8; 2]) -> f32) -> f32 {
+    let mut buf = [0f32; 256];
+    let mut sum = 0.0;
+    for (b, xs) in bytes.chunks(512).zip(x.chunks(256)) {
+        for (o, w) in buf.iter_mut().zip(b.chunks_exact(2)) {
+            *o = decode([w[0], w[1]]);
+        }
+        sum += dot_f32(&buf[..xs.len()], xs);
     }
     sum
 }
 
-/// The dot product of a row of type `t` (in `bytes`) with `x`, block by
-/// block: each block is decoded on the stack and multiplied at once, so no
-/// dequantized row is ever materialised.
-pub fn dot_row(t: GgmlType, bytes: &[u8], x: &[f32]) -> Result<f32, QuantError> {
-    check(t, bytes, x.len())?;
-    Ok(match t {
-        GgmlType::F32 => bytes
-            .chunks_exact(4)
-            .zip(x)
-            .map(|(b, v)| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * v)
-            .sum(),
-        GgmlType::F16 => bytes
-            .chunks_exact(2)
-            .zip(x)
-            .map(|(b, v)| f16::from_le_bytes([b[0], b[1]]).to_f32() * v)
-            .sum(),
-        GgmlType::BF16 => bytes
-            .chunks_exact(2)
-            .zip(x)
-            .map(|(b, v)| bf16::from_le_bytes([b[0], b[1]]).to_f32() * v)
-            .sum(),
-        GgmlType::Q8_0 => {
-            // d · Σ q·x per block: no decode buffer needed.
-            let mut sum = 0.0f32;
-            for (b, xs) in bytes.chunks_exact(34).zip(x.chunks_exact(32)) {
-                let d = f16_at(b, 0);
-                let mut block = 0.0f32;
-                for (q, v) in b[2..34].iter().zip(xs) {
-                    block += f32::from(*q as i8) * v;
+/// The row kernel without checks: `bytes` holds `x.len()` elements of `t`.
+#[inline(always)]
+fn dot_unchecked(t: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
+    match t {
+        GgmlType::F32 => {
+            let mut buf = [0f32; 256];
+            let mut sum = 0.0;
+            for (b, xs) in bytes.chunks(1024).zip(x.chunks(256)) {
+                for (o, w) in buf.iter_mut().zip(b.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([w[0], w[1], w[2], w[3]]);
                 }
-                sum += d * block;
+                sum += dot_f32(&buf[..xs.len()], xs);
             }
             sum
         }
-        GgmlType::Q5_0 => dot_blocks(bytes, x, 22, 32, block_q5_0),
-        GgmlType::Q4K => dot_blocks(bytes, x, 144, 256, block_q4_k),
-        GgmlType::Q6K => dot_blocks(bytes, x, 210, 256, block_q6_k),
-        other => return Err(QuantError::Unsupported(other)),
-    })
+        GgmlType::F16 => dot_halves(bytes, x, |b| f16::from_le_bytes(b).to_f32_const()),
+        GgmlType::BF16 => dot_halves(bytes, x, |b| bf16::from_le_bytes(b).to_f32_const()),
+        GgmlType::Q8_0 => dot_blocks::<Q8_0>(bytes, x),
+        GgmlType::Q5_0 => dot_blocks::<Q5_0>(bytes, x),
+        GgmlType::Q4K => dot_blocks::<Q4K>(bytes, x),
+        GgmlType::Q6K => dot_blocks::<Q6K>(bytes, x),
+        // `check` admits only the types above.
+        _ => f32::NAN,
+    }
+}
+
+/// Which compiled variant of the row kernels runs on this CPU (ordered from
+/// the narrowest instruction set to the widest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kernel {
+    /// Baseline x86-64 / any architecture.
+    Portable,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX-512 (F, BW, VL) + FMA.
+    Avx512,
+}
+
+impl Kernel {
+    /// The best variant this CPU supports (detected at run time), unless
+    /// `DIMA_KERNELS=portable` asks for the baseline.
+    pub fn detect() -> Self {
+        if std::env::var_os("DIMA_KERNELS").is_some_and(|v| v == "portable") {
+            return Self::Portable;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("fma")
+            {
+                return Self::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Self::Avx2;
+            }
+        }
+        Self::Portable
+    }
+
+    /// Every variant this CPU can run (for tests).
+    pub fn available() -> Vec<Self> {
+        let best = Self::detect();
+        [Self::Portable, Self::Avx2, Self::Avx512]
+            .into_iter()
+            .filter(|k| *k <= best)
+            .collect()
+    }
+
+    /// The row dot product compiled for this variant.
+    pub fn dot(self) -> fn(GgmlType, &[u8], &[f32]) -> f32 {
+        match self {
+            Self::Portable => dot_unchecked,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => x86::dot_avx2,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => x86::dot_avx512,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => dot_unchecked,
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The same kernels compiled with wider instruction sets; chosen only
+    //! after [`super::Kernel::detect`] saw the CPU support them.
+    use super::{GgmlType, dot_unchecked};
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(t: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
+        dot_unchecked(t, bytes, x)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn avx512(t: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
+        dot_unchecked(t, bytes, x)
+    }
+
+    pub(super) fn dot_avx2(t: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: only handed out by `Kernel::dot` after detection found AVX2 and FMA.
+        unsafe { avx2(t, bytes, x) }
+    }
+
+    pub(super) fn dot_avx512(t: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: only handed out by `Kernel::dot` after detection found AVX-512 F/BW/VL and FMA.
+        unsafe { avx512(t, bytes, x) }
+    }
+}
+
+/// The dot product of a row of type `t` (in `bytes`) with `x`, block by
+/// block: each block is decoded on the stack and multiplied at once, so no
+/// dequantized row is ever materialised. Uses the best [`Kernel`] for this CPU.
+pub fn dot_row(t: GgmlType, bytes: &[u8], x: &[f32]) -> Result<f32, QuantError> {
+    check(t, bytes, x.len())?;
+    Ok(Kernel::detect().dot()(t, bytes, x))
 }
 
 /// A row-major matrix of `rows` rows of `cols` elements of one GGML type,
@@ -315,17 +482,25 @@ impl<'a> QMatrix<'a> {
 
     /// `out = self · x`, rows split across the rayon pool.
     pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        self.matvec_with(Kernel::detect(), x, out);
+    }
+
+    /// [`matvec`](Self::matvec) with a chosen kernel variant.
+    pub fn matvec_with(&self, kernel: Kernel, x: &[f32], out: &mut [f32]) {
         use rayon::prelude::*;
-        debug_assert_eq!(x.len(), self.cols);
-        debug_assert_eq!(out.len(), self.rows);
+        assert_eq!(
+            (x.len(), out.len()),
+            (self.cols, self.rows),
+            "matvec shapes"
+        );
+        let dot = kernel.dot();
         let n = self.row_bytes();
         out.par_chunks_mut(64)
             .enumerate()
             .for_each(|(chunk, outs)| {
                 for (i, o) in outs.iter_mut().enumerate() {
                     let r = chunk * 64 + i;
-                    *o = dot_row(self.ggml_type, &self.data[r * n..(r + 1) * n], x)
-                        .unwrap_or(f32::NAN);
+                    *o = dot(self.ggml_type, &self.data[r * n..(r + 1) * n], x);
                 }
             });
     }

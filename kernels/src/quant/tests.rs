@@ -70,6 +70,14 @@ fn dot_row_matches_decode_then_multiply() {
             (f64::from(got) - exact).abs() <= 1e-5 * norm.max(1e-6),
             "{name}: dot {got} vs {exact} (sum of |terms| {norm})"
         );
+        // Every compiled variant this CPU runs, the portable one included.
+        for kernel in Kernel::available() {
+            let got = kernel.dot()(t, &bytes, &x);
+            assert!(
+                (f64::from(got) - exact).abs() <= 1e-5 * norm.max(1e-6),
+                "{name} with {kernel:?}: dot {got} vs {exact}"
+            );
+        }
     }
 }
 
@@ -109,4 +117,32 @@ fn wrong_lengths_and_unsupported_types_are_errors() {
         e.to_string(),
         "100 elements are not a whole number of q4_K blocks of 256"
     );
+}
+
+#[test]
+fn matvec_agrees_across_kernel_variants() {
+    let (bytes, values) = case("q4_K");
+    // Three rows of 256.
+    let m = QMatrix::new(GgmlType::Q4K, 3, 256, &bytes).unwrap();
+    let x: Vec<f32> = (0..256).map(|i| (i as f32 * 0.37).sin()).collect();
+    let want: Vec<f64> = values
+        .chunks(256)
+        .map(|row| {
+            row.iter()
+                .zip(&x)
+                .map(|(w, v)| f64::from(*w) * f64::from(*v))
+                .sum()
+        })
+        .collect();
+    assert!(Kernel::available().contains(&Kernel::Portable));
+    for kernel in Kernel::available() {
+        let mut out = [0f32; 3];
+        m.matvec_with(kernel, &x, &mut out);
+        for (got, want) in out.iter().zip(&want) {
+            assert!(
+                (f64::from(*got) - want).abs() < 1e-3,
+                "{kernel:?}: {got} vs {want}"
+            );
+        }
+    }
 }
