@@ -5,7 +5,9 @@
 //! quantizes activations for its dot products, so it is itself about 0.1–0.4
 //! away from exact logits and flips near-ties: greedy outputs are compared
 //! only up to the first step where llama.cpp's own top-2 margin is below 0.25,
-//! and teacher-forced steps must agree on at least 95%.
+//! and teacher-forced steps must agree on at least 95%. The second reference,
+//! `actors/testdata/float64_gemma3_270m.json`, is an independent float64 NumPy
+//! forward pass (`scripts/reference/numpy_gemma3.py`).
 
 use std::time::Duration;
 
@@ -19,6 +21,11 @@ fn reference() -> Value {
         "../actors/testdata/llama_cpp_gemma3_270m.json"
     ))
     .unwrap()
+}
+
+/// The float64 NumPy forward pass (`scripts/reference/numpy_gemma3.py`).
+fn float64_reference() -> Value {
+    serde_json::from_str(include_str!("../actors/testdata/float64_gemma3_270m.json")).unwrap()
 }
 
 fn ids(value: &Value) -> Vec<u64> {
@@ -49,8 +56,18 @@ fn tokenizer_ids_match_llama_cpp() {
 #[test]
 fn greedy_and_teacher_forced_tokens_match_llama_cpp() {
     let reference = reference();
-    let (mut agree, mut steps, mut max_diff) = (0usize, 0usize, 0f64);
-    for prompt in reference["prompts"].as_array().unwrap() {
+    let exact = float64_reference();
+    let (mut agree, mut steps, mut max_diff, mut max_exact_diff) = (0usize, 0usize, 0f64, 0f64);
+    for (prompt, exact) in reference["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(exact["prompts"].as_array().unwrap())
+    {
+        assert_eq!(
+            prompt["prompt_ids"], exact["prompt_ids"],
+            "the two fixtures cover the same prompts"
+        );
         let text = prompt["text"].as_str().unwrap();
         let short: String = text.chars().take(40).collect();
         let prompt_ids = ids(&prompt["prompt_ids"]);
@@ -125,6 +142,23 @@ fn greedy_and_teacher_forced_tokens_match_llama_cpp() {
                     ours[1]
                 );
             }
+        }
+        // Against exact arithmetic the bar is 0.5; we hold ourselves to 0.05.
+        for pair in exact["top20"].as_array().unwrap() {
+            let (id, logit) = (pair[0].as_u64().unwrap(), pair[1].as_f64().unwrap());
+            let ours = top
+                .iter()
+                .find(|p| p[0].as_u64() == Some(id))
+                .unwrap_or_else(|| {
+                    panic!("{short:?}: float64 top-20 id {id} is not in our top-40")
+                });
+            let diff = (ours[1].as_f64().unwrap() - logit).abs();
+            max_exact_diff = max_exact_diff.max(diff);
+            assert!(
+                diff < 0.05,
+                "{short:?}: logit of {id} is {} here, {logit} in float64",
+                ours[1]
+            );
         }
         for (position, want) in positions.iter().zip(&theirs) {
             steps += 1;
