@@ -194,6 +194,25 @@ enum ModelsCommand {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Gemma prefill and decode tokens/s, next to llama.cpp (llama-cpp-python,
+    /// when installed) on the same file, prompt and threads. Prints one JSON line.
+    Generate {
+        /// A catalog name (`gemma3-270m`) or a .gguf file.
+        #[arg(long)]
+        model: String,
+        /// Prompt length in tokens.
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        /// Tokens to decode.
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        /// Threads for both sides.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// The Python that runs the llama.cpp anchor.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
     /// The count job through `dima up` for each layout, against a
     /// single-threaded loop over the same events. Prints one JSON line per layout.
     Count {
@@ -557,6 +576,26 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             models: ModelsCommand::Inspect { model },
         } => {
             println!("{}", cluster::models::inspect(model)?);
+            Ok(())
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Generate {
+                    model,
+                    prompt_tokens,
+                    new_tokens,
+                    threads,
+                    python,
+                },
+        } => {
+            let result = cluster::bench::bench_generate(
+                &gguf_path(model)?,
+                *prompt_tokens,
+                *new_tokens,
+                *threads,
+                python,
+            )?;
+            println!("{result}");
             Ok(())
         }
         Command::Bench {
