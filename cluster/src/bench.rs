@@ -179,10 +179,7 @@ pub fn bench_generate(
         let mut cache = gemma.new_cache();
         let mut logits = vec![0f32; gemma.config().vocab];
         let started = Instant::now();
-        for (i, &id) in ids.iter().enumerate() {
-            let last = i + 1 == ids.len();
-            gemma.forward(id, &mut cache, last.then_some(&mut logits[..]));
-        }
+        gemma.prefill(&ids, &mut cache, Some(&mut logits));
         let prefill_s = started.elapsed().as_secs_f64();
         let started = Instant::now();
         for _ in 0..new_tokens {

@@ -80,10 +80,7 @@ pub fn generate(
     let mut cache = model.new_cache();
     let mut logits = vec![0f32; model.config().vocab];
     let started = Instant::now();
-    for (i, &token) in prompt.iter().enumerate() {
-        let last = i + 1 == prompt.len();
-        model.forward(token, &mut cache, last.then_some(&mut logits[..]));
-    }
+    model.prefill(prompt, &mut cache, Some(&mut logits));
     let prefill_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let mut out = Vec::new();
@@ -137,11 +134,8 @@ pub fn score(model: &Gemma, ids: &[u32], from: usize, k: usize) -> Vec<Scored> {
     let mut cache = model.new_cache();
     let mut logits = vec![0f32; model.config().vocab];
     let mut out = Vec::new();
-    for (position, &token) in ids.iter().enumerate() {
-        if position < from {
-            model.forward(token, &mut cache, None);
-            continue;
-        }
+    model.prefill(&ids[..from.min(ids.len())], &mut cache, None);
+    for (position, &token) in ids.iter().enumerate().skip(from) {
         model.forward(token, &mut cache, Some(&mut logits));
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
         let k = k.min(order.len());

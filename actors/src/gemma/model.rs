@@ -289,6 +289,146 @@ impl Gemma {
         }
     }
 
+    /// Runs `tokens` at the next positions of `cache`, up to
+    /// [`MAX_BATCH`](kernels::quant::MAX_BATCH) at a time through the weight
+    /// matrices (each block decoded once per batch); attention still goes
+    /// token by token, in order, so every token sees exactly the positions
+    /// before it. Writes the last token's logits when `logits` is given.
+    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache, mut logits: Option<&mut [f32]>) {
+        let chunks: Vec<&[u32]> = tokens.chunks(kernels::quant::MAX_BATCH).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            self.forward_batch(
+                chunk,
+                cache,
+                if last { logits.as_deref_mut() } else { None },
+            );
+        }
+    }
+
+    fn forward_batch(&self, tokens: &[u32], cache: &mut KvCache, logits: Option<&mut [f32]>) {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return;
+        }
+        let (hd, q_dim, kv_dim) = (c.head_dim, c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let group = c.heads / c.kv_heads;
+        let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
+        let start = cache.len;
+
+        let mut x = vec![0f32; n * c.hidden];
+        for (row, &token) in x.chunks_exact_mut(c.hidden).zip(tokens) {
+            self.matrix(&self.token_embd)
+                .dequantize_row(token as usize, row);
+            row.iter_mut().for_each(|v| *v *= self.embed_scale);
+        }
+        let mut h = vec![0f32; n * c.hidden];
+        let mut q = vec![0f32; n * q_dim];
+        let mut k = vec![0f32; n * kv_dim];
+        let mut v = vec![0f32; n * kv_dim];
+        let mut attn = vec![0f32; n * q_dim];
+        let mut o = vec![0f32; n * c.hidden];
+        let mut gate = vec![0f32; n * c.ffn];
+        let mut up = vec![0f32; n * c.ffn];
+        let mut scores = Vec::new();
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            for (hr, xr) in h.chunks_exact_mut(c.hidden).zip(x.chunks_exact(c.hidden)) {
+                rms_norm(xr, &layer.attn_norm, c.rms_eps, hr);
+            }
+            self.matrix(&layer.attn_q).matmul(&h, n, &mut q);
+            self.matrix(&layer.attn_k).matmul(&h, n, &mut k);
+            self.matrix(&layer.attn_v).matmul(&h, n, &mut v);
+            for t in 0..n {
+                let position = start + t;
+                let (base, rope_position) = match layer.kind {
+                    LayerKind::Local => (c.rope_local_base, position as f32),
+                    LayerKind::Global => {
+                        (c.rope_global_base, position as f32 / c.rope_global_scale)
+                    }
+                };
+                for head in q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
+                    rms_norm_in_place(head, &layer.attn_q_norm, c.rms_eps);
+                    rope_neox(head, rope_position, base);
+                    head.iter_mut().for_each(|v| *v *= score_scale);
+                }
+                for head in k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
+                    rms_norm_in_place(head, &layer.attn_k_norm, c.rms_eps);
+                    rope_neox(head, rope_position, base);
+                }
+                // Store, then attend: a later token of the batch may reuse
+                // this token's ring slot on a local layer.
+                cache.store(
+                    li,
+                    position,
+                    &k[t * kv_dim..(t + 1) * kv_dim],
+                    &v[t * kv_dim..(t + 1) * kv_dim],
+                );
+                let first = match layer.kind {
+                    LayerKind::Local => (position + 1).saturating_sub(c.window),
+                    LayerKind::Global => 0,
+                };
+                let (keys, values) = (&cache.keys[li], &cache.values[li]);
+                for (head, out) in attn[t * q_dim..(t + 1) * q_dim]
+                    .chunks_exact_mut(hd)
+                    .enumerate()
+                {
+                    let qh = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
+                    let kv_off = (head / group) * hd;
+                    scores.clear();
+                    for p in first..=position {
+                        let at = cache.slot(li, p) * kv_dim + kv_off;
+                        scores.push(
+                            qh.iter()
+                                .zip(&keys[at..at + hd])
+                                .map(|(a, b)| a * b)
+                                .sum::<f32>(),
+                        );
+                    }
+                    softmax(&mut scores);
+                    out.fill(0.0);
+                    for (p, weight) in (first..=position).zip(&scores) {
+                        let at = cache.slot(li, p) * kv_dim + kv_off;
+                        for (o, v) in out.iter_mut().zip(&values[at..at + hd]) {
+                            *o += weight * v;
+                        }
+                    }
+                }
+            }
+            self.matrix(&layer.attn_output).matmul(&attn, n, &mut o);
+            for (xr, or) in x
+                .chunks_exact_mut(c.hidden)
+                .zip(o.chunks_exact_mut(c.hidden))
+            {
+                rms_norm_in_place(or, &layer.post_attention_norm, c.rms_eps);
+                xr.iter_mut().zip(or.iter()).for_each(|(x, o)| *x += o);
+            }
+            for (hr, xr) in h.chunks_exact_mut(c.hidden).zip(x.chunks_exact(c.hidden)) {
+                rms_norm(xr, &layer.ffn_norm, c.rms_eps, hr);
+            }
+            self.matrix(&layer.ffn_gate).matmul(&h, n, &mut gate);
+            self.matrix(&layer.ffn_up).matmul(&h, n, &mut up);
+            gate.iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = gelu_tanh(*g) * u);
+            self.matrix(&layer.ffn_down).matmul(&gate, n, &mut o);
+            for (xr, or) in x
+                .chunks_exact_mut(c.hidden)
+                .zip(o.chunks_exact_mut(c.hidden))
+            {
+                rms_norm_in_place(or, &layer.post_ffw_norm, c.rms_eps);
+                xr.iter_mut().zip(or.iter()).for_each(|(x, o)| *x += o);
+            }
+        }
+        cache.len += n;
+        if let Some(logits) = logits {
+            let last = &mut x[(n - 1) * c.hidden..];
+            rms_norm_in_place(last, &self.output_norm, c.rms_eps);
+            self.matrix(&self.token_embd).matvec(last, logits);
+        }
+    }
+
     /// Runs `token` at the next position of `cache` and, when `logits` is
     /// given, writes the logits over the vocabulary into it (a prompt's
     /// earlier positions skip the LM head, the largest matrix of the model).

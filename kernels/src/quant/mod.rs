@@ -283,6 +283,48 @@ fn dot_blocks<B: Block>(bytes: &[u8], x: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
+/// Most activation rows [`QMatrix::matmul`] multiplies per pass.
+pub const MAX_BATCH: usize = 32;
+
+/// One weight row times `n` activation rows (`xs`, row-major, `cols` each):
+/// every block is decoded once and folded into each row's 16 lanes.
+#[inline(always)]
+fn dot_blocks_batch<B: Block>(bytes: &[u8], xs: &[f32], cols: usize, out: &mut [f32]) {
+    let n = out.len();
+    let mut buf = [0f32; 256];
+    let mut acc = [[0f32; 16]; MAX_BATCH];
+    for (k, b) in bytes.chunks_exact(B::BYTES).enumerate() {
+        B::decode(b, &mut buf[..B::ELEMENTS]);
+        let at = k * B::ELEMENTS;
+        for (t, lanes) in acc.iter_mut().enumerate().take(n) {
+            accumulate(
+                lanes,
+                &buf[..B::ELEMENTS],
+                &xs[t * cols + at..t * cols + at + B::ELEMENTS],
+            );
+        }
+    }
+    for (o, lanes) in out.iter_mut().zip(&acc) {
+        *o = lanes.iter().sum();
+    }
+}
+
+/// The batched row kernel without checks (`out.len()` rows of `xs`, at most [`MAX_BATCH`]).
+#[inline(always)]
+fn dot_batch_unchecked(t: GgmlType, bytes: &[u8], xs: &[f32], cols: usize, out: &mut [f32]) {
+    match t {
+        GgmlType::Q8_0 => dot_blocks_batch::<Q8_0>(bytes, xs, cols, out),
+        GgmlType::Q5_0 => dot_blocks_batch::<Q5_0>(bytes, xs, cols, out),
+        GgmlType::Q4K => dot_blocks_batch::<Q4K>(bytes, xs, cols, out),
+        GgmlType::Q6K => dot_blocks_batch::<Q6K>(bytes, xs, cols, out),
+        _ => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = dot_unchecked(t, bytes, &xs[i * cols..(i + 1) * cols]);
+            }
+        }
+    }
+}
+
 /// Two-byte element types, 256 at a time through the vector dot.
 #[inline(always)]
 fn dot_halves(bytes: &[u8], x: &[f32], decode: fn([u8; 2]) -> f32) -> f32 {
@@ -367,6 +409,19 @@ impl Kernel {
             .collect()
     }
 
+    /// The batched row kernel compiled for this variant.
+    pub fn dot_batch(self) -> fn(GgmlType, &[u8], &[f32], usize, &mut [f32]) {
+        match self {
+            Self::Portable => dot_batch_unchecked,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => x86::dot_batch_avx2,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => x86::dot_batch_avx512,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => dot_batch_unchecked,
+        }
+    }
+
     /// The row dot product compiled for this variant.
     pub fn dot(self) -> fn(GgmlType, &[u8], &[f32]) -> f32 {
         match self {
@@ -385,7 +440,39 @@ impl Kernel {
 mod x86 {
     //! The same kernels compiled with wider instruction sets; chosen only
     //! after [`super::Kernel::detect`] saw the CPU support them.
-    use super::{GgmlType, dot_unchecked};
+    use super::{GgmlType, dot_batch_unchecked, dot_unchecked};
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn batch_avx2(t: GgmlType, bytes: &[u8], xs: &[f32], cols: usize, out: &mut [f32]) {
+        dot_batch_unchecked(t, bytes, xs, cols, out)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn batch_avx512(t: GgmlType, bytes: &[u8], xs: &[f32], cols: usize, out: &mut [f32]) {
+        dot_batch_unchecked(t, bytes, xs, cols, out)
+    }
+
+    pub(super) fn dot_batch_avx2(
+        t: GgmlType,
+        bytes: &[u8],
+        xs: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: only handed out by `Kernel::dot_batch` after detection found AVX2 and FMA.
+        unsafe { batch_avx2(t, bytes, xs, cols, out) }
+    }
+
+    pub(super) fn dot_batch_avx512(
+        t: GgmlType,
+        bytes: &[u8],
+        xs: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: only handed out by `Kernel::dot_batch` after detection found AVX-512 F/BW/VL and FMA.
+        unsafe { batch_avx512(t, bytes, xs, cols, out) }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2(t: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
@@ -483,6 +570,48 @@ impl<'a> QMatrix<'a> {
     /// `out = self · x`, rows split across the rayon pool.
     pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
         self.matvec_with(Kernel::detect(), x, out);
+    }
+
+    /// `out[t] = self · xs[t]` for `n` activation rows (row-major: `xs` is
+    /// `n × cols`, `out` is `n × rows`). Each weight block is decoded once
+    /// per [`MAX_BATCH`] rows instead of once per row: this is what makes a
+    /// prompt cheaper than the same number of single-token steps.
+    pub fn matmul(&self, xs: &[f32], n: usize, out: &mut [f32]) {
+        use rayon::prelude::*;
+        assert_eq!(
+            (xs.len(), out.len()),
+            (n * self.cols, n * self.rows),
+            "matmul shapes"
+        );
+        let kernel = Kernel::detect().dot_batch();
+        let bytes = self.row_bytes();
+        for start in (0..n).step_by(MAX_BATCH) {
+            let m = (n - start).min(MAX_BATCH);
+            let block = &xs[start * self.cols..(start + m) * self.cols];
+            // Weight-row-major scratch, transposed into `out` below.
+            let mut scratch = vec![0f32; self.rows * m];
+            scratch
+                .par_chunks_mut(m * 16)
+                .enumerate()
+                .for_each(|(chunk, rows)| {
+                    for (i, o) in rows.chunks_mut(m).enumerate() {
+                        let r = chunk * 16 + i;
+                        kernel(
+                            self.ggml_type,
+                            &self.data[r * bytes..(r + 1) * bytes],
+                            block,
+                            self.cols,
+                            o,
+                        );
+                    }
+                });
+            for t in 0..m {
+                let row = &mut out[(start + t) * self.rows..(start + t + 1) * self.rows];
+                for (r, o) in row.iter_mut().enumerate() {
+                    *o = scratch[r * m + t];
+                }
+            }
+        }
     }
 
     /// [`matvec`](Self::matvec) with a chosen kernel variant.

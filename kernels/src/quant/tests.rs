@@ -146,3 +146,35 @@ fn matvec_agrees_across_kernel_variants() {
         }
     }
 }
+
+#[test]
+fn matmul_equals_matvec_per_row() {
+    for (name, t) in [
+        ("q8_0", GgmlType::Q8_0),
+        ("q5_0", GgmlType::Q5_0),
+        ("q6_K", GgmlType::Q6K),
+        ("f16", GgmlType::F16),
+    ] {
+        let (bytes, values) = case(name);
+        let cols = if t.block_elements() == 256 { 256 } else { 64 };
+        let rows = values.len() / cols;
+        let m = QMatrix::new(t, rows, cols, &bytes).unwrap();
+        // 35 activation rows: one full batch of 32 and a partial one.
+        let n = 35;
+        let xs: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 13 % 97) as f32 - 48.0) / 40.0)
+            .collect();
+        let mut batched = vec![0f32; n * rows];
+        m.matmul(&xs, n, &mut batched);
+        for t_ in 0..n {
+            let mut single = vec![0f32; rows];
+            m.matvec(&xs[t_ * cols..(t_ + 1) * cols], &mut single);
+            for (a, b) in batched[t_ * rows..(t_ + 1) * rows].iter().zip(&single) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "{name} row {t_}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
