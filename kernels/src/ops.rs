@@ -40,6 +40,38 @@ pub fn rope_neox(head: &mut [f32], position: f32, base: f32) {
     }
 }
 
+/// `Σ a[i]·b[i]` over 16 independent lanes, so the loop vectorizes (a
+/// single running sum would force the additions into sequence).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut a16 = a.chunks_exact(16);
+    let mut b16 = b.chunks_exact(16);
+    for (x, y) in (&mut a16).zip(&mut b16) {
+        let (Ok(x), Ok(y)) = (<&[f32; 16]>::try_from(x), <&[f32; 16]>::try_from(y)) else {
+            continue;
+        };
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = a16
+        .remainder()
+        .iter()
+        .zip(b16.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `out += weight · v`.
+#[inline]
+pub fn axpy(out: &mut [f32], weight: f32, v: &[f32]) {
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += weight * x;
+    }
+}
+
 /// Softmax in place, numerically stable.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -106,6 +138,21 @@ mod tests {
         }
         let norm: f32 = head.iter().map(|v| v * v).sum();
         assert!((norm - 30.0).abs() < 1e-4, "rotation keeps the norm");
+    }
+
+    #[test]
+    fn dot_and_axpy() {
+        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.01).collect();
+        let want: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+            .sum();
+        assert!((f64::from(dot(&a, &b)) - want).abs() < 1e-3);
+        let mut out = vec![1.0f32; 3];
+        axpy(&mut out, 2.0, &[1.0, 2.0, 3.0]);
+        assert_eq!(out, [3.0, 5.0, 7.0]);
     }
 
     #[test]

@@ -23,7 +23,7 @@
 use std::path::Path;
 
 use kernels::gguf::{GgmlType, GgufError, GgufFile};
-use kernels::ops::{gelu_tanh, rms_norm, rms_norm_in_place, rope_neox, softmax};
+use kernels::ops::{axpy, dot, gelu_tanh, rms_norm, rms_norm_in_place, rope_neox, softmax};
 use kernels::quant::{QMatrix, QuantError};
 
 use super::config::{ConfigError, GemmaConfig, LayerKind};
@@ -379,20 +379,13 @@ impl Gemma {
                     scores.clear();
                     for p in first..=position {
                         let at = cache.slot(li, p) * kv_dim + kv_off;
-                        scores.push(
-                            qh.iter()
-                                .zip(&keys[at..at + hd])
-                                .map(|(a, b)| a * b)
-                                .sum::<f32>(),
-                        );
+                        scores.push(dot(qh, &keys[at..at + hd]));
                     }
                     softmax(&mut scores);
                     out.fill(0.0);
                     for (p, weight) in (first..=position).zip(&scores) {
                         let at = cache.slot(li, p) * kv_dim + kv_off;
-                        for (o, v) in out.iter_mut().zip(&values[at..at + hd]) {
-                            *o += weight * v;
-                        }
+                        axpy(out, *weight, &values[at..at + hd]);
                     }
                 }
             }
@@ -486,20 +479,13 @@ impl Gemma {
                 scores.clear();
                 for p in first..=position {
                     let at = cache.slot(li, p) * kv_dim + kv_off;
-                    scores.push(
-                        qh.iter()
-                            .zip(&keys[at..at + hd])
-                            .map(|(a, b)| a * b)
-                            .sum::<f32>(),
-                    );
+                    scores.push(dot(qh, &keys[at..at + hd]));
                 }
                 softmax(&mut scores);
                 out.fill(0.0);
                 for (p, weight) in (first..=position).zip(&scores) {
                     let at = cache.slot(li, p) * kv_dim + kv_off;
-                    for (o, v) in out.iter_mut().zip(&values[at..at + hd]) {
-                        *o += weight * v;
-                    }
+                    axpy(out, *weight, &values[at..at + hd]);
                 }
             }
             self.matrix(&layer.attn_output).matvec(&attn, &mut o);
