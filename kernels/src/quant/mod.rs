@@ -583,6 +583,10 @@ impl<'a> QMatrix<'a> {
             (n * self.cols, n * self.rows),
             "matmul shapes"
         );
+        if n == 1 {
+            // One token (decoding): the plain row kernel, no scratch.
+            return self.matvec(xs, out);
+        }
         let kernel = Kernel::detect().dot_batch();
         let bytes = self.row_bytes();
         for start in (0..n).step_by(MAX_BATCH) {
