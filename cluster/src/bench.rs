@@ -179,15 +179,15 @@ pub fn bench_generate(
         let mut cache = gemma.new_cache();
         let mut logits = vec![0f32; gemma.config().vocab];
         let started = Instant::now();
-        gemma.prefill(&ids, &mut cache, Some(&mut logits));
+        gemma.prefill(&ids, &mut cache, Some(&mut logits))?;
         let prefill_s = started.elapsed().as_secs_f64();
         let started = Instant::now();
         for _ in 0..new_tokens {
             let next = argmax(&logits);
-            gemma.forward(next, &mut cache, Some(&mut logits));
+            gemma.forward(next, &mut cache, Some(&mut logits))?;
         }
-        (prefill_s, started.elapsed().as_secs_f64())
-    });
+        Ok::<_, kernels::collective::CollectiveError>((prefill_s, started.elapsed().as_secs_f64()))
+    })?;
     let prefill = ids.len() as f64 / prefill_s;
     let decode = new_tokens as f64 / decode_s;
 

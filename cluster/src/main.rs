@@ -533,7 +533,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     ),
                 });
             }
-            let scored = actors::gemma::score(&gemma, &ids, *from, *top_k);
+            let scored = actors::gemma::score(&gemma, &ids, *from, *top_k)?;
             let logprobs: Vec<f64> = scored.iter().filter_map(|s| s.next_logprob).collect();
             let perplexity = (!logprobs.is_empty())
                 .then(|| (-logprobs.iter().sum::<f64>() / logprobs.len() as f64).exp());

@@ -17,6 +17,7 @@
 //! assert_eq!(header.tensor("output_norm.weight").unwrap().dims, vec![2]);
 //! ```
 
+pub mod collective;
 pub mod gguf;
 pub mod ops;
 pub mod quant;

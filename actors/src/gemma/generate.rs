@@ -55,6 +55,9 @@ pub enum GenerateError {
     /// Nothing to run.
     #[error("the prompt is empty (not even a BOS token)")]
     EmptyPrompt,
+    /// A tensor-parallel peer failed.
+    #[error(transparent)]
+    Collective(#[from] kernels::collective::CollectiveError),
 }
 
 /// Runs the prompt, then generates up to `max_tokens` tokens with `sampler`
@@ -80,7 +83,7 @@ pub fn generate(
     let mut cache = model.new_cache();
     let mut logits = vec![0f32; model.config().vocab];
     let started = Instant::now();
-    model.prefill(prompt, &mut cache, Some(&mut logits));
+    model.prefill(prompt, &mut cache, Some(&mut logits))?;
     let prefill_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let mut out = Vec::new();
@@ -91,7 +94,7 @@ pub fn generate(
         if END_OF_GENERATION.contains(&next) {
             break;
         }
-        model.forward(next, &mut cache, Some(&mut logits));
+        model.forward(next, &mut cache, Some(&mut logits))?;
     }
     let c = model.config();
     let per_layer = c.kv_bytes_per_token_per_layer(4);
@@ -130,13 +133,18 @@ pub struct Scored {
 
 /// Runs `ids` through the model once and reports, for every position from
 /// `from` on, the top-`k` logits and the log-probability of the next id.
-pub fn score(model: &Gemma, ids: &[u32], from: usize, k: usize) -> Vec<Scored> {
+pub fn score(
+    model: &Gemma,
+    ids: &[u32],
+    from: usize,
+    k: usize,
+) -> Result<Vec<Scored>, kernels::collective::CollectiveError> {
     let mut cache = model.new_cache();
     let mut logits = vec![0f32; model.config().vocab];
     let mut out = Vec::new();
-    model.prefill(&ids[..from.min(ids.len())], &mut cache, None);
+    model.prefill(&ids[..from.min(ids.len())], &mut cache, None)?;
     for (position, &token) in ids.iter().enumerate().skip(from) {
-        model.forward(token, &mut cache, Some(&mut logits));
+        model.forward(token, &mut cache, Some(&mut logits))?;
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
         let k = k.min(order.len());
         if k > 0 {
@@ -162,5 +170,5 @@ pub fn score(model: &Gemma, ids: &[u32], from: usize, k: usize) -> Vec<Scored> {
             next_logprob,
         });
     }
-    out
+    Ok(out)
 }

@@ -22,6 +22,7 @@
 
 use std::path::Path;
 
+use kernels::collective::{Collective, CollectiveError, SingleRank};
 use kernels::gguf::{GgmlType, GgufError, GgufFile};
 use kernels::ops::{axpy, dot, gelu_tanh, rms_norm, rms_norm_in_place, rope_neox, softmax};
 use kernels::quant::{QMatrix, QuantError};
@@ -102,6 +103,9 @@ pub struct Gemma {
     embed_scale: f32,
     output_norm: Vec<f32>,
     layers: Vec<Layer>,
+    /// How this rank combines row-parallel partial sums with its peers
+    /// (Megatron recipe: after `attn_output` and `ffn_down`). One rank here.
+    collective: Box<dyn Collective>,
 }
 
 struct Loader<'a> {
@@ -251,6 +255,7 @@ impl Gemma {
             embed_scale,
             output_norm,
             layers,
+            collective: Box::new(SingleRank),
         })
     }
 
@@ -294,7 +299,12 @@ impl Gemma {
     /// matrices (each block decoded once per batch); attention still goes
     /// token by token, in order, so every token sees exactly the positions
     /// before it. Writes the last token's logits when `logits` is given.
-    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache, mut logits: Option<&mut [f32]>) {
+    pub fn prefill(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        mut logits: Option<&mut [f32]>,
+    ) -> Result<(), CollectiveError> {
         let chunks: Vec<&[u32]> = tokens.chunks(kernels::quant::MAX_BATCH).collect();
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
@@ -302,15 +312,21 @@ impl Gemma {
                 chunk,
                 cache,
                 if last { logits.as_deref_mut() } else { None },
-            );
+            )?;
         }
+        Ok(())
     }
 
-    fn forward_batch(&self, tokens: &[u32], cache: &mut KvCache, logits: Option<&mut [f32]>) {
+    fn forward_batch(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Option<&mut [f32]>,
+    ) -> Result<(), CollectiveError> {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 {
-            return;
+            return Ok(());
         }
         let (hd, q_dim, kv_dim) = (c.head_dim, c.heads * c.head_dim, c.kv_heads * c.head_dim);
         let group = c.heads / c.kv_heads;
@@ -390,6 +406,7 @@ impl Gemma {
                 }
             }
             self.matrix(&layer.attn_output).matmul(&attn, n, &mut o);
+            self.collective.all_reduce_sum(&mut o)?;
             for (xr, or) in x
                 .chunks_exact_mut(c.hidden)
                 .zip(o.chunks_exact_mut(c.hidden))
@@ -406,6 +423,7 @@ impl Gemma {
                 .zip(&up)
                 .for_each(|(g, u)| *g = gelu_tanh(*g) * u);
             self.matrix(&layer.ffn_down).matmul(&gate, n, &mut o);
+            self.collective.all_reduce_sum(&mut o)?;
             for (xr, or) in x
                 .chunks_exact_mut(c.hidden)
                 .zip(o.chunks_exact_mut(c.hidden))
@@ -420,12 +438,18 @@ impl Gemma {
             rms_norm_in_place(last, &self.output_norm, c.rms_eps);
             self.matrix(&self.token_embd).matvec(last, logits);
         }
+        Ok(())
     }
 
     /// Runs `token` at the next position of `cache` and, when `logits` is
     /// given, writes the logits over the vocabulary into it (a prompt's
     /// earlier positions skip the LM head, the largest matrix of the model).
-    pub fn forward(&self, token: u32, cache: &mut KvCache, logits: Option<&mut [f32]>) {
-        self.forward_batch(&[token], cache, logits);
+    pub fn forward(
+        &self,
+        token: u32,
+        cache: &mut KvCache,
+        logits: Option<&mut [f32]>,
+    ) -> Result<(), CollectiveError> {
+        self.forward_batch(&[token], cache, logits)
     }
 }
