@@ -41,8 +41,10 @@ pub fn rope_neox(head: &mut [f32], position: f32, base: f32) {
 }
 
 /// `Σ a[i]·b[i]` over 16 independent lanes, so the loop vectorizes (a
-/// single running sum would force the additions into sequence).
-#[inline]
+/// single running sum would force the additions into sequence). Always
+/// inlined, so the quantized row kernels get it compiled for their
+/// instruction set.
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let mut a16 = a.chunks_exact(16);

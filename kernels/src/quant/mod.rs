@@ -211,16 +211,6 @@ fn accumulate(acc: &mut [f32; 16], a: &[f32], b: &[f32]) {
     }
 }
 
-/// `Σ a[i]·b[i]`.
-#[inline(always)]
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let whole = a.len() / 16 * 16;
-    accumulate(&mut acc, &a[..whole], &b[..whole]);
-    let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
 /// A block format: how many bytes and elements a block has, and how to
 /// decode one (scales applied) into f32.
 trait Block {
@@ -334,7 +324,7 @@ fn dot_halves(bytes: &[u8], x: &[f32], decode: fn([u8; 2]) -> f32) -> f32 {
         for (o, w) in buf.iter_mut().zip(b.chunks_exact(2)) {
             *o = decode([w[0], w[1]]);
         }
-        sum += dot_f32(&buf[..xs.len()], xs);
+        sum += crate::ops::dot(&buf[..xs.len()], xs);
     }
     sum
 }
@@ -350,7 +340,7 @@ fn dot_unchecked(t: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
                 for (o, w) in buf.iter_mut().zip(b.chunks_exact(4)) {
                     *o = f32::from_le_bytes([w[0], w[1], w[2], w[3]]);
                 }
-                sum += dot_f32(&buf[..xs.len()], xs);
+                sum += crate::ops::dot(&buf[..xs.len()], xs);
             }
             sum
         }
