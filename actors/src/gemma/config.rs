@@ -266,3 +266,207 @@ mod tests {
         assert!(GemmaConfig::preset("2b").is_none());
     }
 }
+
+/// Reads a number field of a `config.json` object.
+fn json_f64(obj: &serde_json::Value, key: &str) -> Result<Option<f64>, ConfigError> {
+    match obj.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| ConfigError::Json(format!("{key}: {v} is not a number"))),
+    }
+}
+
+fn json_usize(obj: &serde_json::Value, key: &str) -> Result<Option<usize>, ConfigError> {
+    match obj.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(|n| Some(n as usize))
+            .ok_or_else(|| ConfigError::Json(format!("{key}: {v} is not a non-negative integer"))),
+    }
+}
+
+fn required(obj: &serde_json::Value, key: &str) -> Result<usize, ConfigError> {
+    json_usize(obj, key)?.ok_or_else(|| ConfigError::Json(format!("{key} is missing")))
+}
+
+/// Linear scaling factor of a `rope_scaling` / `rope_parameters` entry (1 when absent or not linear).
+fn linear_factor(rope: Option<&serde_json::Value>) -> Result<f32, ConfigError> {
+    let Some(rope) = rope.filter(|r| !r.is_null()) else {
+        return Ok(1.0);
+    };
+    let kind = rope
+        .get("rope_type")
+        .or_else(|| rope.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok(1.0),
+        "linear" => Ok(json_f64(rope, "factor")?
+            .ok_or_else(|| ConfigError::Json("rope scaling \"linear\" without a factor".into()))?
+            as f32),
+        other => Err(ConfigError::Json(format!(
+            "rope type {other:?} is not supported (default, linear)"
+        ))),
+    }
+}
+
+impl GemmaConfig {
+    /// Reads a Hugging Face Gemma 3 `config.json`: the text model's fields,
+    /// under `text_config` for multimodal checkpoints, in either the old flat
+    /// form (`sliding_window_pattern`, `rope_scaling`, `rope_local_base_freq`,
+    /// `rope_theta`) or the newer one (`layer_types`, `rope_parameters` per
+    /// layer type).
+    pub fn from_hf_json(text: &str) -> Result<Self, ConfigError> {
+        let root: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let c = root
+            .get("text_config")
+            .filter(|v| v.is_object())
+            .unwrap_or(&root);
+        let layers = required(c, "num_hidden_layers")?;
+        let hidden = required(c, "hidden_size")?;
+        let heads = required(c, "num_attention_heads")?;
+        let head_dim = json_usize(c, "head_dim")?.unwrap_or(256);
+        let layer_kinds = match c.get("layer_types").and_then(|v| v.as_array()) {
+            Some(types) => types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    Some("sliding_attention") => Ok(LayerKind::Local),
+                    Some("full_attention") => Ok(LayerKind::Global),
+                    _ => Err(ConfigError::Json(format!(
+                        "layer_types[{i}]: {t} is not sliding_attention or full_attention"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None => {
+                let pattern = json_usize(c, "sliding_window_pattern")?.unwrap_or(6).max(1);
+                (0..layers)
+                    .map(|i| {
+                        if (i + 1) % pattern == 0 {
+                            LayerKind::Global
+                        } else {
+                            LayerKind::Local
+                        }
+                    })
+                    .collect()
+            }
+        };
+        let (global_base, global_scale, local_base) =
+            match c.get("rope_parameters").filter(|v| v.is_object()) {
+                Some(params) => {
+                    let full = params.get("full_attention");
+                    let sliding = params.get("sliding_attention");
+                    let base =
+                        |p: Option<&serde_json::Value>, default: f64| -> Result<f64, ConfigError> {
+                            Ok(p.map(|p| json_f64(p, "rope_theta"))
+                                .transpose()?
+                                .flatten()
+                                .unwrap_or(default))
+                        };
+                    (
+                        base(full, 1_000_000.0)?,
+                        linear_factor(full)?,
+                        base(sliding, 10_000.0)?,
+                    )
+                }
+                None => (
+                    json_f64(c, "rope_theta")?.unwrap_or(1_000_000.0),
+                    linear_factor(c.get("rope_scaling"))?,
+                    json_f64(c, "rope_local_base_freq")?.unwrap_or(10_000.0),
+                ),
+            };
+        let config = Self {
+            vocab: json_usize(c, "vocab_size")?.unwrap_or(262_208),
+            hidden,
+            layers,
+            ffn: required(c, "intermediate_size")?,
+            heads,
+            kv_heads: json_usize(c, "num_key_value_heads")?.unwrap_or(heads),
+            head_dim,
+            rms_eps: json_f64(c, "rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            rope_global_base: global_base as f32,
+            rope_global_scale: global_scale,
+            rope_local_base: local_base as f32,
+            window: json_usize(c, "sliding_window")?.unwrap_or(4096),
+            layer_kinds,
+            query_pre_attn_scalar: json_f64(c, "query_pre_attn_scalar")?.unwrap_or(head_dim as f64)
+                as f32,
+            context: json_usize(c, "max_position_embeddings")?.unwrap_or(131_072),
+        };
+        config.check()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod hf_tests {
+    use super::*;
+
+    /// The flat form of a 27B-like multimodal config.
+    const FLAT: &str = r#"{
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": {
+            "hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 62,
+            "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128,
+            "query_pre_attn_scalar": 168, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024, "sliding_window_pattern": 6, "vocab_size": 262208,
+            "max_position_embeddings": 131072
+        }
+    }"#;
+
+    /// The same model in the newer `layer_types` / `rope_parameters` form.
+    fn new_form() -> String {
+        let types: Vec<String> = (0..62)
+            .map(|i| {
+                if (i + 1) % 6 == 0 {
+                    "\"full_attention\"".into()
+                } else {
+                    "\"sliding_attention\"".into()
+                }
+            })
+            .collect();
+        format!(
+            r#"{{"hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 62,
+            "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128,
+            "query_pre_attn_scalar": 168, "sliding_window": 1024, "vocab_size": 262208,
+            "max_position_embeddings": 131072, "layer_types": [{}],
+            "rope_parameters": {{
+                "full_attention": {{"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
+                "sliding_attention": {{"rope_type": "default", "rope_theta": 10000.0}}
+            }}}}"#,
+            types.join(",")
+        )
+    }
+
+    #[test]
+    fn both_config_forms_give_the_27b_preset() {
+        let preset = GemmaConfig::preset("27b").unwrap();
+        assert_eq!(GemmaConfig::from_hf_json(FLAT).unwrap(), preset);
+        assert_eq!(GemmaConfig::from_hf_json(&new_form()).unwrap(), preset);
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let e = GemmaConfig::from_hf_json(r#"{"hidden_size": 640}"#).unwrap_err();
+        assert_eq!(e.to_string(), "config.json: num_hidden_layers is missing");
+        let e = GemmaConfig::from_hf_json(&FLAT.replace("\"linear\"", "\"yarn\"")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("rope type \"yarn\" is not supported"),
+            "{e}"
+        );
+        let e = GemmaConfig::from_hf_json(&new_form().replacen(
+            "\"sliding_attention\"",
+            "\"chunked\"",
+            1,
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("layer_types[0]"), "{e}");
+        assert!(GemmaConfig::from_hf_json("{not json").is_err());
+    }
+}
