@@ -161,6 +161,31 @@ enum OutputFormat {
     Json,
 }
 
+/// Loads a Gemma model, with a progress bar when stderr is a terminal.
+fn load_gemma(model: &str) -> anyhow::Result<actors::gemma::Gemma> {
+    use std::io::IsTerminal;
+    let path = gguf_path(model)?;
+    if !std::io::stderr().is_terminal() {
+        return Ok(actors::gemma::Gemma::load(&path)?);
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("loading {msg} {bar:30} {pos}/{len} layers")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    let gemma = actors::gemma::Gemma::load_with_progress(&path, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    Ok(gemma?)
+}
+
 fn gguf_path(model: &str) -> anyhow::Result<PathBuf> {
     match actors::models::resolve(model)? {
         actors::models::ModelSource::Gguf(path) => Ok(path),
@@ -449,7 +474,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 code: 2,
                 error: e.into(),
             })?;
-            let gemma = actors::gemma::Gemma::load(&gguf_path(model)?)?;
+            let gemma = load_gemma(model)?;
             let tokenizer = gemma.tokenizer();
             let text = if *chat {
                 // Gemma's chat template: one user turn, then the model's turn.
@@ -513,7 +538,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             from,
             format: _,
         } => {
-            let gemma = actors::gemma::Gemma::load(&gguf_path(model)?)?;
+            let gemma = load_gemma(model)?;
             let ids = match (text, ids) {
                 (Some(text), _) => gemma.tokenizer().encode(text, true, true),
                 (None, Some(ids)) => ids.clone(),

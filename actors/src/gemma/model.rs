@@ -217,6 +217,15 @@ impl KvCache {
 impl Gemma {
     /// Loads a Gemma 3 GGUF file.
     pub fn load(path: &Path) -> Result<Self, LoadError> {
+        Self::load_with_progress(path, |_, _| {})
+    }
+
+    /// [`load`](Self::load), calling `progress(done, total)` as layers are
+    /// checked and their norm weights read (for a progress bar).
+    pub fn load_with_progress(
+        path: &Path,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self, LoadError> {
         let file = GgufFile::open(path)?;
         let config = GemmaConfig::from_gguf(file.header())?;
         let tokenizer = Tokenizer::from_gguf(file.header())?;
@@ -225,6 +234,7 @@ impl Gemma {
         let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
         let mut layers = Vec::with_capacity(c.layers);
         for (i, kind) in c.layer_kinds.iter().enumerate() {
+            progress(i, c.layers + 1);
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Layer {
                 kind: *kind,
@@ -245,6 +255,7 @@ impl Gemma {
         }
         let token_embd = l.matrix("token_embd.weight", c.vocab, c.hidden)?;
         let output_norm = l.vector("output_norm.weight", c.hidden)?;
+        progress(c.layers + 1, c.layers + 1);
         // llama.cpp scales GGUF embeddings by sqrtf(n_embd) in f32.
         let embed_scale = (c.hidden as f32).sqrt();
         Ok(Self {
