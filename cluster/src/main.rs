@@ -164,7 +164,7 @@ enum OutputFormat {
 /// Loads a Gemma model, with a progress bar when stderr is a terminal.
 fn load_gemma(model: &str) -> anyhow::Result<actors::gemma::Gemma> {
     use std::io::IsTerminal;
-    let path = gguf_path(model)?;
+    let path = cluster::models::gguf_path(model)?;
     if !std::io::stderr().is_terminal() {
         return Ok(actors::gemma::Gemma::load(&path)?);
     }
@@ -184,18 +184,6 @@ fn load_gemma(model: &str) -> anyhow::Result<actors::gemma::Gemma> {
     });
     bar.finish_and_clear();
     Ok(gemma?)
-}
-
-fn gguf_path(model: &str) -> anyhow::Result<PathBuf> {
-    match actors::models::resolve(model)? {
-        actors::models::ModelSource::Gguf(path) => Ok(path),
-        actors::models::ModelSource::Checkpoint(path) => {
-            anyhow::bail!(
-                "{}: checkpoint directories are not supported yet (GGUF files are)",
-                path.display()
-            )
-        }
-    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -573,7 +561,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Tokenize { model, text } => {
-            let file = kernels::gguf::GgufFile::open(&gguf_path(model)?)?;
+            let file = kernels::gguf::GgufFile::open(&cluster::models::gguf_path(model)?)?;
             let tokenizer = actors::Tokenizer::from_gguf(file.header())?;
             println!("{}", serde_json::json!(tokenizer.encode(text, false, true)));
             Ok(())
@@ -614,7 +602,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 },
         } => {
             let result = cluster::bench::bench_generate(
-                &gguf_path(model)?,
+                &cluster::models::gguf_path(model)?,
                 *prompt_tokens,
                 *new_tokens,
                 *threads,

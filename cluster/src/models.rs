@@ -46,17 +46,23 @@ fn array_json(array: &MetaArray) -> Value {
     json!({"array": element, "len": array.len(), "head": head})
 }
 
-/// What `dima models inspect MODEL` prints: the file's header as JSON.
-pub fn inspect(model: &str) -> anyhow::Result<Value> {
-    let path = match resolve(model)? {
-        ModelSource::Gguf(path) => path,
+/// The GGUF file a `--model` argument names (checkpoint directories are
+/// recognised but cannot be run yet).
+pub fn gguf_path(model: &str) -> anyhow::Result<std::path::PathBuf> {
+    match resolve(model)? {
+        ModelSource::Gguf(path) => Ok(path),
         ModelSource::Checkpoint(path) => {
             anyhow::bail!(
-                "{}: inspecting checkpoint directories is not supported yet (GGUF files are)",
+                "{}: checkpoint directories are not supported yet (GGUF files are)",
                 path.display()
             )
         }
-    };
+    }
+}
+
+/// What `dima models inspect MODEL` prints: the file's header as JSON.
+pub fn inspect(model: &str) -> anyhow::Result<Value> {
+    let path = gguf_path(model)?;
     let file = GgufFile::open(&path)?;
     let header = file.header();
     let mut metadata = serde_json::Map::new();

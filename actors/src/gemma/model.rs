@@ -65,6 +65,15 @@ pub enum LoadError {
     },
 }
 
+/// `x[t] += rmsnorm(o[t]) · weight` for every token row: the sandwich
+/// norm after attention and after the MLP (Gemma 2/3 residual wiring).
+fn add_normed(x: &mut [f32], o: &mut [f32], weight: &[f32], hidden: usize, eps: f32) {
+    for (xr, or) in x.chunks_exact_mut(hidden).zip(o.chunks_exact_mut(hidden)) {
+        rms_norm_in_place(or, weight, eps);
+        xr.iter_mut().zip(or.iter()).for_each(|(x, o)| *x += o);
+    }
+}
+
 /// Where a matrix lives in the file.
 #[derive(Clone, Copy, Debug)]
 struct MatrixRef {
@@ -418,13 +427,13 @@ impl Gemma {
             }
             self.matrix(&layer.attn_output).matmul(&attn, n, &mut o);
             self.collective.all_reduce_sum(&mut o)?;
-            for (xr, or) in x
-                .chunks_exact_mut(c.hidden)
-                .zip(o.chunks_exact_mut(c.hidden))
-            {
-                rms_norm_in_place(or, &layer.post_attention_norm, c.rms_eps);
-                xr.iter_mut().zip(or.iter()).for_each(|(x, o)| *x += o);
-            }
+            add_normed(
+                &mut x,
+                &mut o,
+                &layer.post_attention_norm,
+                c.hidden,
+                c.rms_eps,
+            );
             for (hr, xr) in h.chunks_exact_mut(c.hidden).zip(x.chunks_exact(c.hidden)) {
                 rms_norm(xr, &layer.ffn_norm, c.rms_eps, hr);
             }
@@ -435,13 +444,7 @@ impl Gemma {
                 .for_each(|(g, u)| *g = gelu_tanh(*g) * u);
             self.matrix(&layer.ffn_down).matmul(&gate, n, &mut o);
             self.collective.all_reduce_sum(&mut o)?;
-            for (xr, or) in x
-                .chunks_exact_mut(c.hidden)
-                .zip(o.chunks_exact_mut(c.hidden))
-            {
-                rms_norm_in_place(or, &layer.post_ffw_norm, c.rms_eps);
-                xr.iter_mut().zip(or.iter()).for_each(|(x, o)| *x += o);
-            }
+            add_normed(&mut x, &mut o, &layer.post_ffw_norm, c.hidden, c.rms_eps);
         }
         cache.len += n;
         if let Some(logits) = logits {

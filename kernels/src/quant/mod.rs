@@ -371,6 +371,12 @@ impl Kernel {
     /// The best variant this CPU supports (detected at run time), unless
     /// `DIMA_KERNELS=portable` asks for the baseline.
     pub fn detect() -> Self {
+        // Decided once per process: matvec asks for every projection.
+        static DETECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(Self::probe)
+    }
+
+    fn probe() -> Self {
         if std::env::var_os("DIMA_KERNELS").is_some_and(|v| v == "portable") {
             return Self::Portable;
         }
