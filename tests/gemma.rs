@@ -257,3 +257,161 @@ fn stats_report_kv_bytes_that_match_the_formula_and_seeds_repeat() {
         "<bos><start_of_turn>user"
     );
 }
+
+/// A tiny random Hugging Face checkpoint written by
+/// `scripts/reference/tiny_gemma3_checkpoint.py`, with its float64 reference.
+fn tiny(layout: &str) -> String {
+    format!(
+        "{}/../actors/testdata/tiny-gemma3/{layout}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn tiny_reference() -> Value {
+    serde_json::from_str(include_str!(
+        "../actors/testdata/tiny_gemma3_reference.json"
+    ))
+    .unwrap()
+}
+
+#[test]
+fn checkpoint_directories_score_tokenize_and_generate() {
+    let reference = tiny_reference();
+    let sequence: Vec<String> = ids(&reference["ids"])
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    let sequence = sequence.join(",");
+    for layout in ["bf16", "sharded-f32", "multimodal"] {
+        let dir = tiny(layout);
+        let scored = dima_json(&[
+            "score", "--model", &dir, "--ids", &sequence, "--top-k", "5", "--format", "json",
+        ]);
+        let expected = reference["layouts"][layout]["logits"].as_array().unwrap();
+        let positions = scored["positions"].as_array().unwrap();
+        assert_eq!(positions.len(), expected.len(), "{layout}");
+        for (p, position) in positions.iter().enumerate() {
+            let row: Vec<f64> = expected[p]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            for entry in position["top"].as_array().unwrap() {
+                let (id, logit) = (entry[0].as_u64().unwrap(), entry[1].as_f64().unwrap());
+                assert!(
+                    (row[id as usize] - logit).abs() < 2e-3,
+                    "{layout} position {p} id {id}: {logit} vs {}",
+                    row[id as usize]
+                );
+            }
+            let best = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as u64;
+            assert_eq!(
+                position["top"][0][0].as_u64(),
+                Some(best),
+                "{layout} position {p}"
+            );
+        }
+    }
+
+    let tokens = dima_json(&[
+        "tokenize",
+        "--model",
+        &tiny("bf16"),
+        "--text",
+        "<start_of_turn>é the cat sat",
+    ]);
+    // <start_of_turn>, é as bytes C3 A9, ▁, th, e, ▁cat, ▁sat.
+    assert_eq!(ids(&tokens), [4, 201, 175, 263, 270, 266, 277, 278]);
+
+    let dir = tiny("multimodal");
+    let generated = dima_json(&[
+        "generate",
+        "--model",
+        &dir,
+        "--prompt",
+        "the cat",
+        "--max-tokens",
+        "4",
+        "--format",
+        "json",
+    ]);
+    let prompt = ids(&generated["prompt_ids"]);
+    assert_eq!(prompt[0], 2, "BOS first");
+    let first = ids(&generated["ids"])[0];
+    let joined: Vec<String> = prompt.iter().map(|i| i.to_string()).collect();
+    let scored = dima_json(&[
+        "score",
+        "--model",
+        &dir,
+        "--ids",
+        &joined.join(","),
+        "--top-k",
+        "1",
+        "--format",
+        "json",
+    ]);
+    let last = scored["positions"].as_array().unwrap().last().unwrap();
+    assert_eq!(
+        last["top"][0][0].as_u64(),
+        Some(first),
+        "greedy = score's argmax"
+    );
+}
+
+#[test]
+fn broken_checkpoints_are_clear_errors() {
+    let work = tempfile::tempdir().unwrap();
+    let copy = |name: &str| {
+        let to = work.path().join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in std::fs::read_dir(tiny("bf16")).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+        to
+    };
+    let truncated = copy("truncated");
+    let weights = truncated.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let deeper = copy("deeper");
+    let config = std::fs::read_to_string(deeper.join("config.json")).unwrap();
+    std::fs::write(
+        deeper.join("config.json"),
+        config.replace("\"num_hidden_layers\": 7", "\"num_hidden_layers\": 8"),
+    )
+    .unwrap();
+    let no_tokenizer = copy("no-tokenizer");
+    std::fs::remove_file(no_tokenizer.join("tokenizer.model")).unwrap();
+    for (dir, message) in [
+        (
+            &truncated,
+            "model.safetensors: not a valid safetensors file",
+        ),
+        (
+            &deeper,
+            "tensor \"model.layers.7.input_layernorm.weight\" is missing",
+        ),
+        (&no_tokenizer, "tokenizer.model"),
+    ] {
+        let done = run_dima(
+            &[
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt",
+                "x",
+            ],
+            LIMIT,
+        );
+        assert!(!done.status.success(), "{}", done.stderr);
+        assert!(done.stderr.contains(message), "{message}: {}", done.stderr);
+        done.assert_no_panic();
+    }
+}

@@ -84,6 +84,14 @@ pub enum VocabError {
         /// Vocabulary size.
         size: usize,
     },
+    /// A SentencePiece `tokenizer.model` file is malformed.
+    #[error("tokenizer.model: byte {offset}: {reason}")]
+    SentencePiece {
+        /// Byte offset in the file where reading failed.
+        offset: usize,
+        /// What was expected there.
+        reason: String,
+    },
 }
 
 /// A SentencePiece vocabulary.
@@ -171,6 +179,64 @@ impl Tokenizer {
         let bos = u64_of(header, "tokenizer.ggml.bos_token_id")? as u32;
         let add_bos = opt_bool(header, "tokenizer.ggml.add_bos_token")?.unwrap_or(true);
         Self::new(pieces, scores, kinds, bos, add_bos)
+    }
+
+    /// The vocabulary of a SentencePiece `tokenizer.model` file (the
+    /// protobuf `ModelProto` that Hugging Face Gemma checkpoints ship): its
+    /// pieces with their scores and types, in id order. Piece types use the
+    /// same numbers as GGUF's token types (1 normal, 2 unknown, 3 control,
+    /// 4 user-defined, 5 unused, 6 byte). `bos` comes from `config.json`.
+    pub fn from_sentencepiece(model: &[u8], bos: u32) -> Result<Self, VocabError> {
+        let mut pieces = Vec::new();
+        let mut scores = Vec::new();
+        let mut kinds = Vec::new();
+        let mut reader = ProtoReader {
+            bytes: model,
+            at: 0,
+            base: 0,
+        };
+        while let Some((field, value)) = reader.field()? {
+            // ModelProto field 1: repeated SentencePiece; the trainer and
+            // normalizer specs (fields 2, 3 ...) are not needed to encode.
+            let (1, ProtoValue::Bytes(start, len)) = (field, value) else {
+                continue;
+            };
+            let mut piece = ProtoReader {
+                bytes: &model[start..start + len],
+                at: 0,
+                base: start,
+            };
+            let (mut text, mut score, mut kind) = (None, 0f32, 1i32);
+            while let Some((field, value)) = piece.field()? {
+                match (field, value) {
+                    (1, ProtoValue::Bytes(s, l)) => {
+                        let raw = &model[s..s + l];
+                        text = Some(String::from_utf8(raw.to_vec()).map_err(|_| {
+                            VocabError::SentencePiece {
+                                offset: s,
+                                reason: "piece text is not UTF-8".into(),
+                            }
+                        })?);
+                    }
+                    (2, ProtoValue::Fixed32(bits)) => score = f32::from_bits(bits),
+                    (3, ProtoValue::Varint(v)) => kind = v as i32,
+                    _ => {}
+                }
+            }
+            pieces.push(text.ok_or(VocabError::SentencePiece {
+                offset: start,
+                reason: format!("piece {} has no text (field 1)", pieces.len()),
+            })?);
+            scores.push(score);
+            kinds.push(kind);
+        }
+        if pieces.is_empty() {
+            return Err(VocabError::SentencePiece {
+                offset: 0,
+                reason: "no pieces (field 1 of ModelProto)".into(),
+            });
+        }
+        Self::new(pieces, scores, kinds, bos, true)
     }
 
     /// Builds a vocabulary from GGUF's token texts, scores and types.
@@ -428,6 +494,86 @@ impl Tokenizer {
     }
 }
 
+/// A protobuf field value, as far as `tokenizer.model` needs.
+enum ProtoValue {
+    Varint(u64),
+    Fixed32(u32),
+    /// Offset into the whole file and length.
+    Bytes(usize, usize),
+}
+
+/// Reads protobuf wire-format fields from `bytes` (which start at byte
+/// `base` of the file, for error offsets).
+struct ProtoReader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    base: usize,
+}
+
+impl ProtoReader<'_> {
+    fn error(&self, reason: &str) -> VocabError {
+        VocabError::SentencePiece {
+            offset: self.base + self.at,
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn varint(&mut self) -> Result<u64, VocabError> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let Some(&b) = self.bytes.get(self.at) else {
+                return Err(self.error("truncated varint"));
+            };
+            self.at += 1;
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(self.error("varint longer than 10 bytes"))
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<usize, VocabError> {
+        if self.bytes.len() - self.at < n {
+            return Err(self.error(&format!(
+                "truncated {what}: {n} bytes expected, {} left",
+                self.bytes.len() - self.at
+            )));
+        }
+        let start = self.at;
+        self.at += n;
+        Ok(start)
+    }
+
+    /// The next field number and value, or `None` at the end.
+    fn field(&mut self) -> Result<Option<(u64, ProtoValue)>, VocabError> {
+        if self.at == self.bytes.len() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let value = match key & 7 {
+            0 => ProtoValue::Varint(self.varint()?),
+            1 => {
+                self.take(8, "fixed64")?;
+                ProtoValue::Varint(0)
+            }
+            2 => {
+                let len = usize::try_from(self.varint()?)
+                    .map_err(|_| self.error("length does not fit in memory"))?;
+                let start = self.take(len, "length-delimited field")?;
+                ProtoValue::Bytes(self.base + start, len)
+            }
+            5 => {
+                let at = self.take(4, "fixed32")?;
+                let b = &self.bytes[at..at + 4];
+                ProtoValue::Fixed32(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }
+            wire => return Err(self.error(&format!("unsupported protobuf wire type {wire}"))),
+        };
+        Ok(Some((key >> 3, value)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,6 +613,64 @@ mod tests {
             kinds.push(kind);
         }
         Tokenizer::new(pieces, scores, kinds, 2, true).unwrap()
+    }
+
+    /// `t`'s vocabulary as a SentencePiece `ModelProto`, with a trainer
+    /// spec (field 2) in front that the reader must skip.
+    fn sentencepiece_model(t: &Tokenizer) -> Vec<u8> {
+        fn varint(out: &mut Vec<u8>, mut v: u64) {
+            while v >= 0x80 {
+                out.push((v as u8) | 0x80);
+                v >>= 7;
+            }
+            out.push(v as u8);
+        }
+        let mut out = vec![0x12, 3, 0x08, 0x96, 0x01];
+        for id in 0..t.len() {
+            let mut piece = Vec::new();
+            let text = t.pieces[id].as_bytes();
+            piece.push(0x0a);
+            varint(&mut piece, text.len() as u64);
+            piece.extend_from_slice(text);
+            piece.push(0x15);
+            piece.extend_from_slice(&t.scores[id].to_le_bytes());
+            let kind = match t.kinds[id] {
+                TokenKind::Normal => 1,
+                TokenKind::Unknown => 2,
+                TokenKind::Control => 3,
+                TokenKind::UserDefined => 4,
+                TokenKind::Unused => 5,
+                TokenKind::Byte => 6,
+            };
+            if kind != 1 {
+                piece.extend_from_slice(&[0x18, kind]);
+            }
+            out.push(0x0a);
+            varint(&mut out, piece.len() as u64);
+            out.extend_from_slice(&piece);
+        }
+        out
+    }
+
+    #[test]
+    fn sentencepiece_model_file_gives_the_same_vocabulary() {
+        let t = vocab();
+        let model = sentencepiece_model(&t);
+        let u = Tokenizer::from_sentencepiece(&model, 2).unwrap();
+        assert_eq!(
+            (u.pieces.clone(), u.scores.clone(), u.kinds.clone()),
+            (t.pieces.clone(), t.scores.clone(), t.kinds.clone())
+        );
+        for text in ["hello\n\nhe said <start_of_turn>é", "  llo"] {
+            assert_eq!(u.encode(text, true, true), t.encode(text, true, true));
+        }
+        // Every truncation is an error naming a byte offset, never a panic.
+        for cut in [1, 7, 100, model.len() - 1] {
+            let e = Tokenizer::from_sentencepiece(&model[..cut], 2).unwrap_err();
+            assert!(e.to_string().starts_with("tokenizer.model: byte "), "{e}");
+        }
+        let e = Tokenizer::from_sentencepiece(&[0x12, 0], 2).unwrap_err();
+        assert!(e.to_string().contains("no pieces"), "{e}");
     }
 
     fn ids(t: &Tokenizer, pieces: &[&str]) -> Vec<u32> {

@@ -164,7 +164,7 @@ enum OutputFormat {
 /// Loads a Gemma model, with a progress bar when stderr is a terminal.
 fn load_gemma(model: &str) -> anyhow::Result<actors::gemma::Gemma> {
     use std::io::IsTerminal;
-    let path = cluster::models::gguf_path(model)?;
+    let path = cluster::models::model_path(model)?;
     if !std::io::stderr().is_terminal() {
         return Ok(actors::gemma::Gemma::load(&path)?);
     }
@@ -325,6 +325,16 @@ fn exit_on_panic(process: usize) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Up { .. } | Command::Run { .. }) {
+        // One-shot commands end quietly when their reader goes away
+        // (`dima models inspect M | head`), as Unix tools do, instead of
+        // panicking on a failed print. The cluster processes keep Rust's
+        // default (SIGPIPE ignored) so a dropped peer socket is an error.
+        // SAFETY: restoring a default disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match execute(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { code, error }) => {
@@ -561,8 +571,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Tokenize { model, text } => {
-            let file = kernels::gguf::GgufFile::open(&cluster::models::gguf_path(model)?)?;
-            let tokenizer = actors::Tokenizer::from_gguf(file.header())?;
+            let tokenizer = actors::gemma::load_tokenizer(&cluster::models::model_path(model)?)?;
             println!("{}", serde_json::json!(tokenizer.encode(text, false, true)));
             Ok(())
         }

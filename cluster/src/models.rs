@@ -46,23 +46,73 @@ fn array_json(array: &MetaArray) -> Value {
     json!({"array": element, "len": array.len(), "head": head})
 }
 
-/// The GGUF file a `--model` argument names (checkpoint directories are
-/// recognised but cannot be run yet).
+/// The GGUF file a `--model` argument names, for what only GGUF can do
+/// (the llama.cpp anchor of `dima bench generate`).
 pub fn gguf_path(model: &str) -> anyhow::Result<std::path::PathBuf> {
     match resolve(model)? {
         ModelSource::Gguf(path) => Ok(path),
         ModelSource::Checkpoint(path) => {
             anyhow::bail!(
-                "{}: checkpoint directories are not supported yet (GGUF files are)",
+                "{}: this command needs a GGUF file (llama.cpp reads only GGUF), not a checkpoint directory",
                 path.display()
             )
         }
     }
 }
 
+/// The GGUF file or checkpoint directory a `--model` argument names.
+pub fn model_path(model: &str) -> anyhow::Result<std::path::PathBuf> {
+    Ok(match resolve(model)? {
+        ModelSource::Gguf(path) | ModelSource::Checkpoint(path) => path,
+    })
+}
+
+/// What `dima models inspect DIR` prints for a checkpoint directory: the
+/// resolved text config, the tensor prefix and every tensor.
+fn inspect_checkpoint(dir: &std::path::Path) -> anyhow::Result<Value> {
+    let checkpoint = actors::gemma::Checkpoint::open(dir)?;
+    let c = checkpoint.config();
+    let mut types = std::collections::BTreeMap::<String, usize>::new();
+    let mut tensors: Vec<Value> = Vec::new();
+    for file in checkpoint.files() {
+        let name = file
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut entries: Vec<_> = file.tensors().collect();
+        entries.sort_by_key(|t| t.start);
+        for t in entries {
+            *types.entry(t.dtype.clone()).or_default() += 1;
+            tensors.push(json!({"name": t.name, "type": t.dtype, "shape": t.shape, "file": name, "start": t.start, "bytes": t.bytes}));
+        }
+    }
+    Ok(json!({
+        "path": dir.display().to_string(),
+        "format": "safetensors",
+        "prefix": checkpoint.prefix(),
+        "config": {
+            "vocab": c.vocab, "hidden": c.hidden, "layers": c.layers, "ffn": c.ffn,
+            "heads": c.heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
+            "rms_eps": c.rms_eps, "rope_global_base": c.rope_global_base,
+            "rope_global_scale": c.rope_global_scale, "rope_local_base": c.rope_local_base,
+            "window": c.window, "query_pre_attn_scalar": c.query_pre_attn_scalar,
+            "context": c.context,
+            "global_layers": c.layer_kinds.iter().enumerate()
+                .filter(|(_, k)| **k == actors::gemma::LayerKind::Global)
+                .map(|(i, _)| i).collect::<Vec<_>>(),
+        },
+        "tensor_types": types,
+        "tensors": tensors,
+    }))
+}
+
 /// What `dima models inspect MODEL` prints: the file's header as JSON.
 pub fn inspect(model: &str) -> anyhow::Result<Value> {
-    let path = gguf_path(model)?;
+    let path = match resolve(model)? {
+        ModelSource::Gguf(path) => path,
+        ModelSource::Checkpoint(dir) => return inspect_checkpoint(&dir),
+    };
     let file = GgufFile::open(&path)?;
     let header = file.header();
     let mut metadata = serde_json::Map::new();

@@ -21,3 +21,4 @@ pub mod collective;
 pub mod gguf;
 pub mod ops;
 pub mod quant;
+pub mod safetensors;

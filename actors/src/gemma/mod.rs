@@ -1,13 +1,15 @@
 //! Gemma 3: configuration, weights and the forward pass.
 
+mod checkpoint;
 pub mod config;
 mod generate;
 mod model;
 mod sampling;
 
+pub use checkpoint::{Checkpoint, CheckpointError, hf_name};
 pub use config::{ConfigError, GemmaConfig, LayerKind};
 pub use generate::{
     END_OF_GENERATION, GenerateError, GenerationStats, Scored, argmax, generate, score,
 };
-pub use model::{Gemma, KvCache, LoadError};
+pub use model::{Gemma, KvCache, LoadError, load_tokenizer};
 pub use sampling::{Sampler, Sampling, SamplingError};

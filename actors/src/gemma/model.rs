@@ -1,9 +1,11 @@
-//! The Gemma 3 forward pass over GGUF weights, one token at a time.
+//! The Gemma 3 forward pass over GGUF or safetensors weights.
 //!
 //! Field names follow the GGUF tensor names (`blk.N.attn_q` …) so a reader can
-//! go from a weight to the code that uses it. Weights stay in their quantized
-//! blocks inside the memory-mapped file; matrix-vector products run on the
-//! blocks ([`QMatrix::matvec`]); only the small norm vectors are copied out.
+//! go from a weight to the code that uses it; a Hugging Face checkpoint's
+//! names are mapped onto them ([`super::checkpoint::hf_name`]). Weights stay
+//! in their (quantized or bf16/f32) rows inside the memory-mapped files;
+//! matrix products run on those rows ([`QMatrix::matvec`]); only the small
+//! norm vectors are copied out.
 //!
 //! One layer, as llama.cpp's `llm_build_gemma3` and HF's `Gemma3DecoderLayer`:
 //!
@@ -18,15 +20,18 @@
 //! ```
 //!
 //! GGUF norm weights already hold `1 + w` (llama.cpp's converter adds the
-//! one), so they multiply directly.
+//! one), so they multiply directly; Hugging Face checkpoints store `w`, and
+//! `1 + w` is formed in f32 at load, as HF's `Gemma3RMSNorm` does.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kernels::collective::{Collective, CollectiveError, SingleRank};
 use kernels::gguf::{GgmlType, GgufError, GgufFile};
 use kernels::ops::{axpy, dot, gelu_tanh, rms_norm, rms_norm_in_place, rope_neox, softmax};
 use kernels::quant::{QMatrix, QuantError};
+use kernels::safetensors::SafetensorsFile;
 
+use super::checkpoint::{Checkpoint, CheckpointError, hf_name};
 use super::config::{ConfigError, GemmaConfig, LayerKind};
 use crate::tokenizer::{Tokenizer, VocabError};
 
@@ -42,9 +47,25 @@ pub enum LoadError {
     /// The tokenizer is missing or unusable.
     #[error(transparent)]
     Vocab(#[from] VocabError),
+    /// The Hugging Face checkpoint directory is unusable.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// A tensor the architecture needs is absent.
-    #[error("tensor {0:?} is missing from the model file")]
-    MissingTensor(String),
+    #[error("{path}: tensor {name:?} is missing")]
+    MissingTensor {
+        /// The model file or checkpoint directory.
+        path: PathBuf,
+        /// The tensor, as that file names it.
+        name: String,
+    },
+    /// The tokenizer has ids the embedding has no row for.
+    #[error("the tokenizer has {tokens} tokens but the embedding only {rows} rows")]
+    VocabTooLarge {
+        /// Tokenizer size.
+        tokens: usize,
+        /// Embedding rows.
+        rows: usize,
+    },
     /// A tensor has the wrong shape.
     #[error("tensor {name:?} has dims {dims:?}, expected {expected:?}")]
     Shape {
@@ -74,9 +95,26 @@ fn add_normed(x: &mut [f32], o: &mut [f32], weight: &[f32], hidden: usize, eps: 
     }
 }
 
-/// Where a matrix lives in the file.
+/// Where the weights live.
+#[derive(Debug)]
+enum Store {
+    Gguf(GgufFile),
+    Safetensors(Vec<SafetensorsFile>),
+}
+
+impl Store {
+    fn bytes(&self, file: usize) -> &[u8] {
+        match self {
+            Store::Gguf(f) => f.bytes(),
+            Store::Safetensors(files) => files[file].bytes(),
+        }
+    }
+}
+
+/// Where a matrix lives: which file of the store, and where in it.
 #[derive(Clone, Copy, Debug)]
 struct MatrixRef {
+    file: usize,
     ggml_type: GgmlType,
     rows: usize,
     cols: usize,
@@ -102,10 +140,16 @@ struct Layer {
     post_ffw_norm: Vec<f32>,
 }
 
+/// The tensors outside the layers.
+struct Shared {
+    token_embd: MatrixRef,
+    output_norm: Vec<f32>,
+}
+
 /// A loaded Gemma 3 model.
 #[derive(Debug)]
 pub struct Gemma {
-    file: GgufFile,
+    store: Store,
     config: GemmaConfig,
     tokenizer: Tokenizer,
     token_embd: MatrixRef,
@@ -117,60 +161,148 @@ pub struct Gemma {
     collective: Box<dyn Collective>,
 }
 
-struct Loader<'a> {
-    file: &'a GgufFile,
+/// One tensor found by [`Loader::find`].
+struct Found {
+    /// Its name in the file.
+    name: String,
+    file: usize,
+    ggml_type: Option<GgmlType>,
+    type_name: String,
+    /// Dims in the file's own order (GGUF: innermost first; safetensors:
+    /// outermost first).
+    dims: Vec<u64>,
+    start: usize,
+    bytes: usize,
+}
+
+/// Finds the architecture's tensors by their GGUF names in either store.
+enum Loader<'a> {
+    Gguf(&'a GgufFile),
+    Checkpoint(&'a Checkpoint),
 }
 
 impl Loader<'_> {
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<MatrixRef, LoadError> {
-        let info = self
-            .file
-            .header()
-            .tensor(name)
-            .ok_or_else(|| LoadError::MissingTensor(name.to_owned()))?;
-        let expected = vec![cols as u64, rows as u64];
-        if info.dims != expected {
-            return Err(LoadError::Shape {
-                name: name.to_owned(),
-                dims: info.dims.clone(),
-                expected,
-            });
+    fn path(&self) -> PathBuf {
+        match self {
+            Loader::Gguf(f) => f.path().to_owned(),
+            Loader::Checkpoint(c) => c.dir().to_owned(),
         }
-        QMatrix::new(info.ggml_type, rows, cols, self.file.tensor_data(info)).map_err(
-            |source| LoadError::Type {
-                name: name.to_owned(),
-                source,
-            },
-        )?;
-        Ok(MatrixRef {
-            ggml_type: info.ggml_type,
-            rows,
-            cols,
-            start: info.start as usize,
-            bytes: info.bytes as usize,
+    }
+
+    fn find(&self, gguf_name: &str) -> Result<Found, LoadError> {
+        let missing = |name: String| LoadError::MissingTensor {
+            path: self.path(),
+            name,
+        };
+        match self {
+            Loader::Gguf(file) => {
+                let info = file
+                    .header()
+                    .tensor(gguf_name)
+                    .ok_or_else(|| missing(gguf_name.to_owned()))?;
+                Ok(Found {
+                    name: gguf_name.to_owned(),
+                    file: 0,
+                    ggml_type: Some(info.ggml_type),
+                    type_name: info.ggml_type.name().to_owned(),
+                    dims: info.dims.clone(),
+                    start: info.start as usize,
+                    bytes: info.bytes as usize,
+                })
+            }
+            Loader::Checkpoint(c) => {
+                let hf = hf_name(gguf_name).ok_or_else(|| missing(gguf_name.to_owned()))?;
+                let (file, t) = c
+                    .tensor(&hf)
+                    .ok_or_else(|| missing(format!("{}{hf}", c.prefix())))?;
+                Ok(Found {
+                    name: t.name.clone(),
+                    file,
+                    ggml_type: t.ggml_type,
+                    type_name: t.dtype.clone(),
+                    dims: t.shape.iter().map(|&d| d as u64).collect(),
+                    start: t.start,
+                    bytes: t.bytes,
+                })
+            }
+        }
+    }
+
+    fn data(&self, found: &Found) -> &[u8] {
+        let bytes = match self {
+            Loader::Gguf(file) => file.bytes(),
+            Loader::Checkpoint(c) => c.files()[found.file].bytes(),
+        };
+        &bytes[found.start..found.start + found.bytes]
+    }
+
+    fn ggml_type(found: &Found) -> Result<GgmlType, LoadError> {
+        found.ggml_type.ok_or_else(|| LoadError::Type {
+            name: found.name.clone(),
+            source: QuantError::UnsupportedDtype(found.type_name.clone()),
         })
     }
 
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
-        let info = self
-            .file
-            .header()
-            .tensor(name)
-            .ok_or_else(|| LoadError::MissingTensor(name.to_owned()))?;
-        if info.dims != [len as u64] {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<MatrixRef, LoadError> {
+        let found = self.find(name)?;
+        let expected = match self {
+            Loader::Gguf(_) => vec![cols as u64, rows as u64],
+            Loader::Checkpoint(_) => vec![rows as u64, cols as u64],
+        };
+        if found.dims != expected {
             return Err(LoadError::Shape {
-                name: name.to_owned(),
-                dims: info.dims.clone(),
+                name: found.name,
+                dims: found.dims,
+                expected,
+            });
+        }
+        let ggml_type = Self::ggml_type(&found)?;
+        QMatrix::new(ggml_type, rows, cols, self.data(&found)).map_err(|source| {
+            LoadError::Type {
+                name: found.name.clone(),
+                source,
+            }
+        })?;
+        Ok(MatrixRef {
+            file: found.file,
+            ggml_type,
+            rows,
+            cols,
+            start: found.start,
+            bytes: found.bytes,
+        })
+    }
+
+    /// A norm weight, as the multiplier `1 + w` (GGUF stores it so already).
+    fn norm(&self, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
+        let found = self.find(name)?;
+        if found.dims != [len as u64] {
+            return Err(LoadError::Shape {
+                name: found.name,
+                dims: found.dims,
                 expected: vec![len as u64],
             });
         }
         let mut out = vec![0f32; len];
-        kernels::quant::dequantize_row(info.ggml_type, self.file.tensor_data(info), &mut out)
+        kernels::quant::dequantize_row(Self::ggml_type(&found)?, self.data(&found), &mut out)
             .map_err(|source| LoadError::Type {
-                name: name.to_owned(),
+                name: found.name.clone(),
                 source,
             })?;
+        if let Loader::Checkpoint(_) = self {
+            out.iter_mut().for_each(|w| *w += 1.0);
+        }
         Ok(out)
+    }
+}
+
+/// Only the tokenizer of a model (GGUF file or checkpoint directory), without
+/// mapping the weights.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, LoadError> {
+    if path.is_dir() {
+        Ok(Checkpoint::open(path)?.tokenizer()?)
+    } else {
+        Ok(Tokenizer::from_gguf(GgufFile::open(path)?.header())?)
     }
 }
 
@@ -224,7 +356,8 @@ impl KvCache {
 }
 
 impl Gemma {
-    /// Loads a Gemma 3 GGUF file.
+    /// Loads a Gemma 3 model: a GGUF file, or a Hugging Face checkpoint
+    /// directory (`config.json`, safetensors weights, `tokenizer.model`).
     pub fn load(path: &Path) -> Result<Self, LoadError> {
         Self::load_with_progress(path, |_, _| {})
     }
@@ -233,13 +366,53 @@ impl Gemma {
     /// checked and their norm weights read (for a progress bar).
     pub fn load_with_progress(
         path: &Path,
-        mut progress: impl FnMut(usize, usize),
+        progress: impl FnMut(usize, usize),
     ) -> Result<Self, LoadError> {
-        let file = GgufFile::open(path)?;
-        let config = GemmaConfig::from_gguf(file.header())?;
-        let tokenizer = Tokenizer::from_gguf(file.header())?;
-        let l = Loader { file: &file };
-        let c = &config;
+        if path.is_dir() {
+            let checkpoint = Checkpoint::open(path)?;
+            let tokenizer = checkpoint.tokenizer()?;
+            let config = checkpoint.config().clone();
+            let (layers, parts) =
+                Self::load_layers(&Loader::Checkpoint(&checkpoint), &config, progress)?;
+            // HF rounds sqrt(hidden) to the weights' dtype before multiplying
+            // (bf16: sqrt(3072) = 55.4 becomes 55.5).
+            let root = (config.hidden as f32).sqrt();
+            let embed_scale = match parts.token_embd.ggml_type {
+                GgmlType::BF16 => half::bf16::from_f32(root).to_f32(),
+                GgmlType::F16 => half::f16::from_f32(root).to_f32(),
+                _ => root,
+            };
+            Self::assemble(
+                Store::Safetensors(checkpoint.into_files()),
+                config,
+                tokenizer,
+                layers,
+                parts,
+                embed_scale,
+            )
+        } else {
+            let file = GgufFile::open(path)?;
+            let config = GemmaConfig::from_gguf(file.header())?;
+            let tokenizer = Tokenizer::from_gguf(file.header())?;
+            let (layers, parts) = Self::load_layers(&Loader::Gguf(&file), &config, progress)?;
+            // llama.cpp scales GGUF embeddings by sqrtf(n_embd) in f32.
+            let embed_scale = (config.hidden as f32).sqrt();
+            Self::assemble(
+                Store::Gguf(file),
+                config,
+                tokenizer,
+                layers,
+                parts,
+                embed_scale,
+            )
+        }
+    }
+
+    fn load_layers(
+        l: &Loader<'_>,
+        c: &GemmaConfig,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<(Vec<Layer>, Shared), LoadError> {
         let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
         let mut layers = Vec::with_capacity(c.layers);
         for (i, kind) in c.layer_kinds.iter().enumerate() {
@@ -247,33 +420,50 @@ impl Gemma {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Layer {
                 kind: *kind,
-                attn_norm: l.vector(&n("attn_norm"), c.hidden)?,
+                attn_norm: l.norm(&n("attn_norm"), c.hidden)?,
                 attn_q: l.matrix(&n("attn_q"), q_dim, c.hidden)?,
                 attn_k: l.matrix(&n("attn_k"), kv_dim, c.hidden)?,
                 attn_v: l.matrix(&n("attn_v"), kv_dim, c.hidden)?,
-                attn_q_norm: l.vector(&n("attn_q_norm"), c.head_dim)?,
-                attn_k_norm: l.vector(&n("attn_k_norm"), c.head_dim)?,
+                attn_q_norm: l.norm(&n("attn_q_norm"), c.head_dim)?,
+                attn_k_norm: l.norm(&n("attn_k_norm"), c.head_dim)?,
                 attn_output: l.matrix(&n("attn_output"), c.hidden, q_dim)?,
-                post_attention_norm: l.vector(&n("post_attention_norm"), c.hidden)?,
-                ffn_norm: l.vector(&n("ffn_norm"), c.hidden)?,
+                post_attention_norm: l.norm(&n("post_attention_norm"), c.hidden)?,
+                ffn_norm: l.norm(&n("ffn_norm"), c.hidden)?,
                 ffn_gate: l.matrix(&n("ffn_gate"), c.ffn, c.hidden)?,
                 ffn_up: l.matrix(&n("ffn_up"), c.ffn, c.hidden)?,
                 ffn_down: l.matrix(&n("ffn_down"), c.hidden, c.ffn)?,
-                post_ffw_norm: l.vector(&n("post_ffw_norm"), c.hidden)?,
+                post_ffw_norm: l.norm(&n("post_ffw_norm"), c.hidden)?,
             });
         }
-        let token_embd = l.matrix("token_embd.weight", c.vocab, c.hidden)?;
-        let output_norm = l.vector("output_norm.weight", c.hidden)?;
+        let shared = Shared {
+            token_embd: l.matrix("token_embd.weight", c.vocab, c.hidden)?,
+            output_norm: l.norm("output_norm.weight", c.hidden)?,
+        };
         progress(c.layers + 1, c.layers + 1);
-        // llama.cpp scales GGUF embeddings by sqrtf(n_embd) in f32.
-        let embed_scale = (c.hidden as f32).sqrt();
+        Ok((layers, shared))
+    }
+
+    fn assemble(
+        store: Store,
+        config: GemmaConfig,
+        tokenizer: Tokenizer,
+        layers: Vec<Layer>,
+        shared: Shared,
+        embed_scale: f32,
+    ) -> Result<Self, LoadError> {
+        if tokenizer.len() > config.vocab {
+            return Err(LoadError::VocabTooLarge {
+                tokens: tokenizer.len(),
+                rows: config.vocab,
+            });
+        }
         Ok(Self {
-            file,
+            store,
             config,
             tokenizer,
-            token_embd,
+            token_embd: shared.token_embd,
             embed_scale,
-            output_norm,
+            output_norm: shared.output_norm,
             layers,
             collective: Box::new(SingleRank),
         })
@@ -294,7 +484,7 @@ impl Gemma {
             ggml_type: m.ggml_type,
             rows: m.rows,
             cols: m.cols,
-            data: &self.file.bytes()[m.start..m.start + m.bytes],
+            data: &self.store.bytes(m.file)[m.start..m.start + m.bytes],
         }
     }
 

@@ -20,6 +20,9 @@ pub enum QuantError {
         "tensor type {0} is not supported for compute (supported: f32, f16, bf16, q8_0, q5_0, q4_K, q6_K)"
     )]
     Unsupported(GgmlType),
+    /// A safetensors dtype with no counterpart here (I64, F8_E4M3 …).
+    #[error("dtype {0} is not supported for compute (supported: F32, F16, BF16)")]
+    UnsupportedDtype(String),
     /// The element count is not a whole number of blocks.
     #[error("{elements} elements are not a whole number of {ggml_type} blocks of {block}")]
     PartialBlock {
