@@ -26,8 +26,10 @@
 //! assert_eq!(summaries[0], Some(expected));
 //! ```
 
+pub mod events;
 pub mod jobs;
 mod metrics;
+pub mod pipelines;
 pub mod placement;
 
 pub use jobs::count::{CountJob, CountRun, CountSummary, KeyedEvents, count_sequential, run_count};

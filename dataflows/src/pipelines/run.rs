@@ -1,0 +1,701 @@
+//! Building and driving the pipelines on one worker.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use prometheus::IntCounter;
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::vec::{Map, Partition};
+use timely::dataflow::operators::{Input, Probe};
+use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
+use timely::worker::Worker;
+
+use super::sink::{DeadLetter, LineWriter};
+use super::source::{self, Record, RecordSource};
+use super::{PipelineSpec, SourceSpec};
+use crate::events::{Event, Family, TYPES, WireEvent, parse_bytes};
+use crate::metrics::{DataflowMetrics, FrontierMetrics};
+use crate::placement::route;
+
+/// Records are sent into a dataflow in batches of at most this many.
+const BATCH: usize = 4096;
+
+/// A record after parsing.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Parsed {
+    Valid(WireEvent),
+    Invalid(DeadLetter),
+}
+
+fn classify(pipeline: &str, family: Family, record: Record) -> Parsed {
+    let reason = match parse_bytes(&record.payload) {
+        Ok(event) if event.family() == family => return Parsed::Valid(event.into()),
+        Ok(event) => format!(
+            "{} is not an event of the {} pipeline (expected {})",
+            event.type_name(),
+            family.name(),
+            family.types().join(", ")
+        ),
+        Err(malformed) => malformed.0,
+    };
+    Parsed::Invalid(DeadLetter::new(
+        pipeline,
+        &record.origin,
+        reason,
+        &record.payload,
+    ))
+}
+
+/// What one pipeline did, as reported by worker 0.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PipelineSummary {
+    /// The pipeline's name.
+    pub name: String,
+    /// Its event family.
+    pub family: String,
+    /// `generator` or `jsonl`.
+    pub source: String,
+    /// Records read, valid or not.
+    pub read: u64,
+    /// Valid events.
+    pub valid: u64,
+    /// Records sent to the dead-letter sink.
+    pub malformed: u64,
+    /// Valid events per type.
+    pub by_type: BTreeMap<String, u64>,
+    /// Sink kind and lines written.
+    pub sink: SinkSummary,
+    /// Dead-letter file and lines written.
+    pub dead_letter: DeadLetterSummary,
+}
+
+/// The sink part of a [`PipelineSummary`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SinkSummary {
+    /// `none`, `stdout` or `jsonl`.
+    pub kind: String,
+    /// Lines written.
+    pub written: u64,
+}
+
+/// The dead-letter part of a [`PipelineSummary`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DeadLetterSummary {
+    /// The file.
+    pub path: String,
+    /// Lines written by this run.
+    pub written: u64,
+}
+
+/// What one worker's run of the pipelines produced.
+#[derive(Debug, Default)]
+pub struct PipelinesRun {
+    /// Per-pipeline summaries, on worker 0 of a run that was not interrupted.
+    pub summaries: Option<Vec<PipelineSummary>>,
+    /// Records this worker read.
+    pub read: u64,
+    /// Whether `stop` ended reading early.
+    pub interrupted: bool,
+    /// The first error (a source or sink that failed), if any.
+    pub error: Option<String>,
+}
+
+/// Per-pipeline totals gathered on worker 0: read, then valid per type.
+type Totals = Rc<RefCell<(u64, [u64; 6])>>;
+
+struct Runner {
+    spec: PipelineSpec,
+    /// `None` once closed.
+    input: Option<InputHandleVec<u64, Record>>,
+    probe: ProbeHandle<u64>,
+    source: Box<dyn RecordSource>,
+    exhausted: bool,
+    epoch: u64,
+    in_epoch: u64,
+    read: u64,
+    read_counter: IntCounter,
+    rate: Option<f64>,
+    started: Instant,
+    closed_at: VecDeque<(u64, Instant)>,
+    lag: FrontierMetrics,
+    totals: Totals,
+    sink: Rc<RefCell<Option<LineWriter>>>,
+    dead: Rc<RefCell<Option<LineWriter>>>,
+}
+
+impl Runner {
+    fn complete(&self) -> u64 {
+        self.probe
+            .with_frontier(|f| f.iter().min().copied())
+            .unwrap_or(u64::MAX)
+    }
+
+    fn observe(&mut self) {
+        let complete = self.complete();
+        while self.closed_at.front().is_some_and(|(e, _)| *e < complete) {
+            self.closed_at.pop_front();
+        }
+        let age = self
+            .closed_at
+            .front()
+            .map_or(0.0, |(_, at)| at.elapsed().as_secs_f64());
+        self.lag.observe(self.epoch, complete.min(self.epoch), age);
+    }
+
+    /// Reads and sends what backpressure and the rate allow; returns
+    /// whether this runner still has input to send.
+    fn pump(&mut self, stop: &AtomicBool) -> Result<bool, String> {
+        if self.exhausted {
+            return Ok(false);
+        }
+        if stop.load(Ordering::Relaxed) {
+            self.finish();
+            return Ok(false);
+        }
+        let in_flight = self.epoch.saturating_sub(self.complete().min(self.epoch));
+        if in_flight >= self.spec.max_epochs_in_flight.max(1) {
+            return Ok(true);
+        }
+        let mut room = (self.spec.epoch_events - self.in_epoch).min(BATCH as u64) as usize;
+        if let Some(rate) = self.rate {
+            let due = (self.started.elapsed().as_secs_f64() * rate) as u64 + 1;
+            room = room.min(due.saturating_sub(self.read) as usize);
+            if room == 0 {
+                return Ok(true);
+            }
+        }
+        let mut batch = Vec::with_capacity(room);
+        let more = self
+            .source
+            .fill(room, &mut batch)
+            .map_err(|e| e.to_string())?;
+        self.read += batch.len() as u64;
+        self.in_epoch += batch.len() as u64;
+        self.read_counter.inc_by(batch.len() as u64);
+        let Some(input) = self.input.as_mut() else {
+            return Ok(false);
+        };
+        input.send_batch(&mut batch);
+        if self.in_epoch >= self.spec.epoch_events {
+            self.epoch += 1;
+            self.in_epoch = 0;
+            input.advance_to(self.epoch);
+            self.closed_at.push_back((self.epoch - 1, Instant::now()));
+        }
+        if !more {
+            self.finish();
+        }
+        Ok(more)
+    }
+
+    fn finish(&mut self) {
+        self.exhausted = true;
+        if let Some(input) = self.input.take() {
+            let last = *input.time();
+            self.closed_at.push_back((last, Instant::now()));
+            self.epoch = last + 1;
+            input.close();
+        }
+    }
+}
+
+/// A sink operator on worker 0: writes each record's line, flushes when its
+/// input frontier moves (an epoch complete here is on disk).
+fn write_lines<D: timely::ExchangeData>(
+    stream: StreamVec<'_, u64, D>,
+    name: &str,
+    writer: Rc<RefCell<Option<LineWriter>>>,
+    errors: Rc<RefCell<Option<String>>>,
+    line: impl Fn(D) -> String + 'static,
+    probe: &ProbeHandle<u64>,
+) {
+    stream
+        .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
+            Exchange::new(|_: &D| 0),
+            name,
+            move |_cap, _info| {
+                let mut frontier_seen: Option<u64> = Some(0);
+                move |(input, frontier), _output| {
+                    let mut writer = writer.borrow_mut();
+                    input.for_each(|_time, data| {
+                        for d in data.drain(..) {
+                            if let Some(w) = writer.as_mut()
+                                && let Err(e) = w.write_line(&line(d))
+                            {
+                                errors.borrow_mut().get_or_insert(e.to_string());
+                            }
+                        }
+                    });
+                    let now = frontier.frontier().iter().min().copied();
+                    if now != frontier_seen {
+                        frontier_seen = now;
+                        if let Some(w) = writer.as_mut()
+                            && let Err(e) = w.flush()
+                        {
+                            errors.borrow_mut().get_or_insert(e.to_string());
+                        }
+                    }
+                }
+            },
+        )
+        .probe_with(probe);
+}
+
+fn build(
+    worker: &mut Worker,
+    spec: &PipelineSpec,
+    metrics: &DataflowMetrics,
+    errors: &Rc<RefCell<Option<String>>>,
+) -> Runner {
+    let index = worker.index();
+    let peers = worker.peers();
+    // Every worker must build the same dataflows in the same order, so a
+    // source or sink that cannot be opened is recorded as the run's error
+    // and replaced by nothing, rather than returned before building.
+    let failed = |e: String| {
+        errors.borrow_mut().get_or_insert(e);
+    };
+    let source = source::open(&spec.source, index, peers).unwrap_or_else(|e| {
+        failed(e.to_string());
+        Box::new(source::Empty)
+    });
+    let (sink, dead) = if index == 0 {
+        (
+            LineWriter::open(&spec.sink)
+                .map_err(|e| failed(e.to_string()))
+                .ok(),
+            LineWriter::file(&spec.dead_letter)
+                .map_err(|e| failed(e.to_string()))
+                .ok(),
+        )
+    } else {
+        (None, None)
+    };
+    let sink = Rc::new(RefCell::new(sink));
+    let dead = Rc::new(RefCell::new(dead));
+    let totals: Totals = Rc::new(RefCell::new((0, [0; 6])));
+    let mut input = InputHandleVec::<u64, Record>::new();
+    let probe = ProbeHandle::new();
+    let name = spec.name.clone();
+    let family = spec.family;
+    let dataflow = format!("pipeline.{name}");
+    let parsed_counter = metrics.records(&dataflow, "parse", index);
+    let counted = metrics.records(&dataflow, "count_by_type", index);
+    let has_sink = spec.sink != super::SinkSpec::None;
+
+    worker.dataflow::<u64, _, _>(|scope| {
+        let records = scope.input_from(&mut input);
+        let pipeline = name.clone();
+        let parsed = records.map(move |r| {
+            parsed_counter.inc();
+            classify(&pipeline, family, r)
+        });
+        let mut parts = parsed.partition(2, |p| match p {
+            Parsed::Valid(_) => (0, p),
+            Parsed::Invalid(_) => (1, p),
+        });
+        let invalid = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
+        let valid = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
+
+        // Keyed exchange to the entity's owner (where later stages keep its
+        // state), counted per type there; totals to worker 0 at the end.
+        let gathered = Rc::clone(&totals);
+        valid
+            .clone()
+            .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<(u64, [u64; 6])>>, _, _, _>(
+                Exchange::new(|p: &Parsed| match p {
+                    Parsed::Valid(e) => route(Event::from(e.clone()).key()),
+                    Parsed::Invalid(_) => 0,
+                }),
+                "CountByType",
+                move |initial, _info| {
+                    let mut capability = Some(initial);
+                    let mut counts = [0u64; 6];
+                    let mut valid = 0u64;
+                    move |(input, frontier), output| {
+                        input.for_each(|_time, data| {
+                            counted.inc_by(data.len() as u64);
+                            for p in data.drain(..) {
+                                if let Parsed::Valid(e) = p {
+                                    counts[Event::from(e).type_index()] += 1;
+                                    valid += 1;
+                                }
+                            }
+                        });
+                        let Some(cap) = capability.as_mut() else {
+                            return;
+                        };
+                        match frontier.frontier().iter().min() {
+                            Some(earliest) => {
+                                if cap.time() < earliest {
+                                    cap.downgrade(earliest);
+                                }
+                            }
+                            None => {
+                                output.session(&*cap).give((valid, counts));
+                                capability = None;
+                            }
+                        }
+                    }
+                },
+            )
+            .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                Exchange::new(|_: &(u64, [u64; 6])| 0),
+                "GatherTypes",
+                move |_cap, _info| {
+                    move |input, _output| {
+                        input.for_each(|_time, data| {
+                            let mut totals = gathered.borrow_mut();
+                            for (valid, counts) in data.drain(..) {
+                                totals.0 += valid;
+                                for (t, c) in totals.1.iter_mut().zip(counts) {
+                                    *t += c;
+                                }
+                            }
+                        });
+                    }
+                },
+            )
+            .probe_with(&probe);
+        if has_sink {
+            write_lines(
+                valid,
+                "Sink",
+                Rc::clone(&sink),
+                Rc::clone(errors),
+                |p: Parsed| match p {
+                    Parsed::Valid(e) => Event::from(e).to_line(),
+                    Parsed::Invalid(_) => String::new(),
+                },
+                &probe,
+            );
+        } else {
+            valid.probe_with(&probe);
+        }
+        write_lines(
+            invalid,
+            "DeadLetter",
+            Rc::clone(&dead),
+            Rc::clone(errors),
+            |p: Parsed| match p {
+                Parsed::Invalid(d) => serde_json::to_string(&d).unwrap_or_default(),
+                Parsed::Valid(_) => String::new(),
+            },
+            &probe,
+        );
+    });
+
+    let rate = match &spec.source {
+        SourceSpec::Generator(g) => g.events_per_second.map(|r| r / peers as f64),
+        SourceSpec::Jsonl { .. } => None,
+    };
+    Runner {
+        spec: spec.clone(),
+        input: Some(input),
+        probe,
+        source,
+        exhausted: false,
+        epoch: 0,
+        in_epoch: 0,
+        read: 0,
+        read_counter: metrics.records(&dataflow, "read", index),
+        rate,
+        started: Instant::now(),
+        closed_at: VecDeque::new(),
+        lag: metrics.frontier(&dataflow, index),
+        totals,
+        sink,
+        dead,
+    }
+}
+
+/// Builds every pipeline on this worker and drives them until all complete.
+pub fn run_pipelines(
+    worker: &mut Worker,
+    specs: &[PipelineSpec],
+    metrics: &DataflowMetrics,
+    stop: &AtomicBool,
+) -> PipelinesRun {
+    let errors: Rc<RefCell<Option<String>>> = Rc::new(RefCell::new(None));
+    let mut runners: Vec<Runner> = specs
+        .iter()
+        .map(|spec| build(worker, spec, metrics, &errors))
+        .collect();
+    if errors.borrow().is_some() {
+        for runner in &mut runners {
+            runner.finish();
+        }
+    }
+    loop {
+        let mut pending = false;
+        for runner in &mut runners {
+            match runner.pump(stop) {
+                Ok(more) => pending |= more,
+                Err(e) => {
+                    errors.borrow_mut().get_or_insert(e);
+                    runner.finish();
+                }
+            }
+            runner.observe();
+        }
+        if errors.borrow().is_some() {
+            runners.iter_mut().for_each(Runner::finish);
+        }
+        let done = runners.iter().all(|r| r.exhausted && r.probe.done());
+        if done {
+            break;
+        }
+        if pending {
+            worker.step();
+        } else {
+            worker.step_or_park(Some(Duration::from_millis(5)));
+        }
+    }
+    for runner in &mut runners {
+        runner.observe();
+    }
+    let interrupted = stop.load(Ordering::Relaxed);
+    let read = runners.iter().map(|r| r.read).sum();
+    let error = errors.borrow_mut().take();
+    let summaries = (worker.index() == 0 && !interrupted && error.is_none()).then(|| {
+        runners
+            .iter()
+            .map(|r| {
+                let (valid, counts) = *r.totals.borrow();
+                let dead = r.dead.borrow().as_ref().map_or(0, LineWriter::written);
+                let by_type = TYPES
+                    .iter()
+                    .zip(counts)
+                    .filter(|(name, _)| r.spec.family.types().contains(name))
+                    .map(|(name, c)| ((*name).to_owned(), c))
+                    .collect();
+                PipelineSummary {
+                    name: r.spec.name.clone(),
+                    family: r.spec.family.name().to_owned(),
+                    source: r.spec.source.kind().to_owned(),
+                    read: valid + dead,
+                    valid,
+                    malformed: dead,
+                    by_type,
+                    sink: SinkSummary {
+                        kind: r.spec.sink.kind().to_owned(),
+                        written: r.sink.borrow().as_ref().map_or(0, LineWriter::written),
+                    },
+                    dead_letter: DeadLetterSummary {
+                        path: r.spec.dead_letter.display().to_string(),
+                        written: dead,
+                    },
+                }
+            })
+            .collect()
+    });
+    PipelinesRun {
+        summaries,
+        read,
+        interrupted,
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::events::parse_line;
+    use crate::pipelines::source::GeneratedLines;
+    use crate::pipelines::{GeneratorSpec, SinkSpec};
+
+    fn spec(name: &str, family: Family, source: SourceSpec, dir: &Path) -> PipelineSpec {
+        PipelineSpec {
+            name: name.into(),
+            family,
+            source,
+            sink: SinkSpec::Jsonl {
+                path: dir.join(format!("{name}.out.jsonl")),
+            },
+            dead_letter: dir.join(format!("dead/{name}.jsonl")),
+            epoch_events: 500,
+            max_epochs_in_flight: 2,
+        }
+    }
+
+    fn run(workers: usize, specs: Vec<PipelineSpec>) -> Vec<PipelineSummary> {
+        let metrics = DataflowMetrics::detached();
+        let stop = AtomicBool::new(false);
+        let guards = timely::execute(timely::Config::process(workers), move |worker| {
+            run_pipelines(worker, &specs, &metrics, &stop)
+        })
+        .unwrap();
+        let runs: Vec<PipelinesRun> = guards.join().into_iter().map(Result::unwrap).collect();
+        for r in &runs {
+            assert_eq!(r.error, None);
+        }
+        runs.into_iter().next().unwrap().summaries.unwrap()
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn both_generators_every_record_once_malformed_to_dead_letter() {
+        let dir = tempfile::tempdir().unwrap();
+        let generator = |family| {
+            SourceSpec::Generator(GeneratorSpec {
+                events: 7_001,
+                malformed_fraction: 0.01,
+                ..GeneratorSpec::new(family)
+            })
+        };
+        let specs = vec![
+            spec("ads", Family::Ads, generator(Family::Ads), dir.path()),
+            spec(
+                "dispatch",
+                Family::Dispatch,
+                generator(Family::Dispatch),
+                dir.path(),
+            ),
+        ];
+        let summaries = run(3, specs);
+        for s in &summaries {
+            assert_eq!(s.read, 7_001, "{s:?}");
+            assert_eq!(s.valid + s.malformed, 7_001);
+            assert_eq!(s.by_type.values().sum::<u64>(), s.valid);
+            assert!((30..120).contains(&s.malformed), "{s:?}");
+            let out = lines(&dir.path().join(format!("{}.out.jsonl", s.name)));
+            assert_eq!(out.len() as u64, s.valid);
+            assert!(out.iter().all(|l| parse_line(l).is_ok()));
+            let dead = lines(&dir.path().join(format!("dead/{}.jsonl", s.name)));
+            assert_eq!(dead.len() as u64, s.malformed);
+            for d in &dead {
+                let letter: serde_json::Value = serde_json::from_str(d).unwrap();
+                assert!(
+                    letter["source"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("generator shard ")
+                );
+                assert!(!letter["reason"].as_str().unwrap().is_empty());
+                assert!(parse_line(letter["raw"].as_str().unwrap()).is_err());
+            }
+        }
+        assert_eq!(summaries[0].by_type.len(), 2);
+        assert_eq!(summaries[1].by_type.len(), 4);
+    }
+
+    #[test]
+    fn jsonl_splits_report_exact_line_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.jsonl");
+        let spec_lines = GeneratorSpec {
+            events: 3_000,
+            ..GeneratorSpec::new(Family::Ads)
+        };
+        let mut text: Vec<String> = GeneratedLines::new(&spec_lines, 0, 1).collect();
+        // Lines 10, 1000 and 2999 go bad in three different ways; line 2000
+        // is a dispatch event in the ads pipeline.
+        text[9] = "{\"type\":".into();
+        text[999] = text[999].replace("\"schema_version\":1", "\"schema_version\":3");
+        text[1999] = r#"{"type":"driver_status","schema_version":1,"event_time":5,"driver_id":1,"location":{"lat":37.7,"lng":-122.4},"state":"idle"}"#.into();
+        text[2998] = String::new();
+        std::fs::write(&input, text.join("\n") + "\n").unwrap();
+        let mut s = spec(
+            "ads",
+            Family::Ads,
+            SourceSpec::Jsonl {
+                path: input.clone(),
+            },
+            dir.path(),
+        );
+        s.sink = SinkSpec::None;
+        let summary = &run(3, vec![s])[0];
+        assert_eq!((summary.read, summary.malformed), (3_000, 4));
+        assert_eq!(summary.sink.written, 0);
+        let dead = lines(&dir.path().join("dead/ads.jsonl"));
+        let mut got: Vec<(String, String)> = dead
+            .iter()
+            .map(|d| {
+                let v: serde_json::Value = serde_json::from_str(d).unwrap();
+                let source = v["source"].as_str().unwrap();
+                let line = source.rsplit_once(':').unwrap().1.to_owned();
+                (line, v["reason"].as_str().unwrap().to_owned())
+            })
+            .collect();
+        got.sort_by_key(|(line, _)| line.parse::<u64>().unwrap());
+        assert_eq!(got[0].0, "10");
+        assert!(got[0].1.contains("EOF while parsing"), "{got:?}");
+        assert_eq!(
+            got[1],
+            (
+                "1000".into(),
+                "schema_version 3 is not supported (this build reads 1)".into()
+            )
+        );
+        assert_eq!(got[2].0, "2000");
+        assert!(
+            got[2]
+                .1
+                .starts_with("driver_status is not an event of the ads pipeline"),
+            "{got:?}"
+        );
+        assert_eq!(got[3], ("2999".into(), "empty line".into()));
+    }
+
+    #[test]
+    fn a_sink_only_worker_0_fails_to_open_is_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("dead"),
+            "a file where a directory should be",
+        )
+        .unwrap();
+        let source = SourceSpec::Generator(GeneratorSpec {
+            events: 1000,
+            ..GeneratorSpec::new(Family::Ads)
+        });
+        let s = spec("ads", Family::Ads, source, dir.path());
+        let metrics = DataflowMetrics::detached();
+        let stop = AtomicBool::new(false);
+        let guards = timely::execute(timely::Config::process(2), move |worker| {
+            run_pipelines(worker, std::slice::from_ref(&s), &metrics, &stop)
+        })
+        .unwrap();
+        let runs: Vec<PipelinesRun> = guards.join().into_iter().map(Result::unwrap).collect();
+        let error = runs[0].error.clone().unwrap();
+        assert!(error.contains("dead"), "{error}");
+        assert!(runs[0].summaries.is_none());
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec(
+            "ads",
+            Family::Ads,
+            SourceSpec::Jsonl {
+                path: dir.path().join("nope.jsonl"),
+            },
+            dir.path(),
+        );
+        let metrics = DataflowMetrics::detached();
+        let stop = AtomicBool::new(false);
+        let guards = timely::execute(timely::Config::process(2), move |worker| {
+            run_pipelines(worker, std::slice::from_ref(&s), &metrics, &stop)
+        })
+        .unwrap();
+        for run in guards.join().into_iter().map(Result::unwrap) {
+            let error = run.error.unwrap();
+            assert!(error.contains("nope.jsonl"), "{error}");
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Sinks: line writers for valid events and for dead letters.
+//!
+//! Files are opened for appending (an earlier run's lines are kept, never
+//! truncated) and their directory is created. Writes go through a buffer
+//! that is flushed at the end of every epoch the sink completes, so what a
+//! finished epoch wrote is on disk before its completion is reported.
+
+use std::fs::OpenOptions;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::SinkSpec;
+use super::source::Origin;
+
+/// A malformed record, as the dead-letter sink writes it (one JSON line).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The pipeline that rejected it.
+    pub pipeline: String,
+    /// Where it came from: `file:line` or the generator shard and event.
+    pub source: String,
+    /// Why it was rejected.
+    pub reason: String,
+    /// The record's text (invalid UTF-8 replaced by U+FFFD).
+    pub raw: String,
+}
+
+impl DeadLetter {
+    /// The dead letter of `payload` read at `origin`.
+    pub fn new(pipeline: &str, origin: &Origin, reason: String, payload: &[u8]) -> Self {
+        Self {
+            pipeline: pipeline.to_owned(),
+            source: origin.to_string(),
+            reason,
+            raw: String::from_utf8_lossy(payload).into_owned(),
+        }
+    }
+}
+
+/// Why a sink failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct SinkError {
+    /// The file (or `-` for standard output).
+    pub path: PathBuf,
+    /// The OS error.
+    pub source: std::io::Error,
+}
+
+/// Writes lines to standard output, a file, or nowhere, and counts them.
+pub struct LineWriter {
+    out: Option<Box<dyn Write>>,
+    path: PathBuf,
+    written: u64,
+}
+
+impl std::fmt::Debug for LineWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LineWriter")
+            .field("path", &self.path)
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LineWriter {
+    /// A writer for a sink spec.
+    pub fn open(spec: &SinkSpec) -> Result<Self, SinkError> {
+        match spec {
+            SinkSpec::None => Ok(Self {
+                out: None,
+                path: PathBuf::from("(none)"),
+                written: 0,
+            }),
+            SinkSpec::Stdout => Ok(Self {
+                out: Some(Box::new(BufWriter::new(std::io::stdout()))),
+                path: PathBuf::from("-"),
+                written: 0,
+            }),
+            SinkSpec::Jsonl { path } => Self::file(path),
+        }
+    }
+
+    /// An appending writer for `path`, creating its directory.
+    pub fn file(path: &Path) -> Result<Self, SinkError> {
+        let error = |source| SinkError {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(error)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(error)?;
+        Ok(Self {
+            out: Some(Box::new(BufWriter::with_capacity(1 << 16, file))),
+            path: path.to_owned(),
+            written: 0,
+        })
+    }
+
+    /// Writes one line (a newline is added) and counts it.
+    pub fn write_line(&mut self, line: &str) -> Result<(), SinkError> {
+        self.written += 1;
+        let Some(out) = self.out.as_mut() else {
+            return Ok(());
+        };
+        out.write_all(line.as_bytes())
+            .and_then(|()| out.write_all(b"\n"))
+            .map_err(|source| SinkError {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Flushes buffered lines.
+    pub fn flush(&mut self) -> Result<(), SinkError> {
+        match self.out.as_mut() {
+            Some(out) => out.flush().map_err(|source| SinkError {
+                path: self.path.clone(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Lines written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+}

@@ -1,0 +1,370 @@
+//! Sources: each worker reads its own disjoint share.
+//!
+//! - The generator: worker `w` of `W` runs shard `w` of the generator and
+//!   produces `events / W` events (the first `events % W` workers one more).
+//! - A JSONL file: worker `w` owns the lines whose first byte lies in
+//!   `[w·len/W, (w+1)·len/W)`; a line that straddles a boundary belongs to the
+//!   worker where it starts. Line numbers are exact (each worker counts the
+//!   newlines before its range once at start-up).
+
+use std::fmt;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{GeneratorSpec, SourceSpec};
+use crate::events::{AdsGenerator, AdsTruth, DispatchGenerator, Event, Family, corrupt};
+use crate::placement::mix64;
+
+/// Where a record came from, for dead-letter reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Origin {
+    /// Event `seq` (0-based) of generator shard `shard`.
+    Generated {
+        /// The shard (the worker that generated it).
+        shard: u64,
+        /// Position within the shard.
+        seq: u64,
+    },
+    /// Line `line` (1-based) of a file.
+    File {
+        /// The file.
+        path: String,
+        /// The line.
+        line: u64,
+    },
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Generated { shard, seq } => write!(f, "generator shard {shard} event {seq}"),
+            Self::File { path, line } => write!(f, "{path}:{line}"),
+        }
+    }
+}
+
+/// One record as read: its bytes and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The line, without its newline.
+    pub payload: Vec<u8>,
+    /// Its position in the source.
+    pub origin: Origin,
+}
+
+/// Why a source could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The file could not be opened or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A worker's share of a source.
+pub trait RecordSource {
+    /// Appends up to `max` records to `out`; returns whether more remain.
+    fn fill(&mut self, max: usize, out: &mut Vec<Record>) -> Result<bool, SourceError>;
+}
+
+/// A source with nothing in it.
+#[derive(Debug)]
+pub struct Empty;
+
+impl RecordSource for Empty {
+    fn fill(&mut self, _max: usize, _out: &mut Vec<Record>) -> Result<bool, SourceError> {
+        Ok(false)
+    }
+}
+
+/// Opens worker `worker`'s share (of `workers`) of `spec`.
+pub fn open(
+    spec: &SourceSpec,
+    worker: usize,
+    workers: usize,
+) -> Result<Box<dyn RecordSource>, SourceError> {
+    Ok(match spec {
+        SourceSpec::Generator(g) => Box::new(GeneratedLines::new(g, worker as u64, workers as u64)),
+        SourceSpec::Jsonl { path } => Box::new(JsonlSplit::open(path, worker, workers)?),
+    })
+}
+
+/// Shard `shard` of `shards` of the generator, as JSON lines, with the
+/// requested fraction corrupted.
+pub struct GeneratedLines {
+    events: Box<dyn Iterator<Item = Event> + Send>,
+    corruption: ChaCha8Rng,
+    malformed_fraction: f64,
+    remaining: u64,
+    shard: u64,
+    seq: u64,
+}
+
+impl std::fmt::Debug for GeneratedLines {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GeneratedLines")
+            .field("shard", &self.shard)
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GeneratedLines {
+    /// The shard's lines.
+    pub fn new(spec: &GeneratorSpec, shard: u64, shards: u64) -> Self {
+        let shards = shards.max(1);
+        let events: Box<dyn Iterator<Item = Event> + Send> = match spec.family {
+            Family::Ads => {
+                let truth = Arc::new(AdsTruth::new(
+                    spec.seed,
+                    spec.campaigns.max(1) as usize,
+                    crate::events::DEFAULT_START_MS,
+                ));
+                Box::new(AdsGenerator::new(
+                    truth,
+                    spec.members,
+                    spec.simulated_rate,
+                    shard,
+                    shards,
+                ))
+            }
+            Family::Dispatch => Box::new(DispatchGenerator::new(
+                spec.seed,
+                spec.drivers,
+                spec.simulated_rate,
+                shard,
+                shards,
+            )),
+        };
+        Self {
+            events,
+            corruption: ChaCha8Rng::seed_from_u64(mix64(spec.seed ^ 0xBAD) ^ mix64(shard)),
+            malformed_fraction: spec.malformed_fraction,
+            remaining: spec.events / shards + u64::from(shard < spec.events % shards),
+            shard,
+            seq: 0,
+        }
+    }
+}
+
+impl Iterator for GeneratedLines {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let line = self.events.next()?.to_line();
+        self.remaining -= 1;
+        self.seq += 1;
+        Some(
+            if self.corruption.random::<f64>() < self.malformed_fraction {
+                corrupt(&line, self.corruption.random())
+            } else {
+                line
+            },
+        )
+    }
+}
+
+impl RecordSource for GeneratedLines {
+    fn fill(&mut self, max: usize, out: &mut Vec<Record>) -> Result<bool, SourceError> {
+        for _ in 0..max {
+            let seq = self.seq;
+            let Some(line) = self.next() else {
+                return Ok(false);
+            };
+            out.push(Record {
+                payload: line.into_bytes(),
+                origin: Origin::Generated {
+                    shard: self.shard,
+                    seq,
+                },
+            });
+        }
+        Ok(self.remaining > 0)
+    }
+}
+
+/// A worker's byte range of a JSONL file.
+#[derive(Debug)]
+pub struct JsonlSplit {
+    path: PathBuf,
+    display: String,
+    reader: BufReader<File>,
+    /// Offset of the next line's first byte.
+    at: u64,
+    end: u64,
+    /// 1-based number of the next line.
+    line: u64,
+    buffer: Vec<u8>,
+}
+
+impl JsonlSplit {
+    /// Opens worker `worker`'s range (of `workers`) of `path`.
+    pub fn open(path: &Path, worker: usize, workers: usize) -> Result<Self, SourceError> {
+        let io = |source| SourceError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let workers = workers.max(1) as u64;
+        let share = |w: u64| ((u128::from(len) * u128::from(w)) / u128::from(workers)) as u64;
+        let (mut start, end) = (share(worker as u64), share(worker as u64 + 1));
+        // Count the lines before the range; find the first line that starts in it.
+        let mut newlines = 0u64;
+        let mut chunk = vec![0u8; 1 << 16];
+        let mut read = 0u64;
+        if start > 0 {
+            let mut counted = 0u64;
+            while counted < start - 1 {
+                let want = ((start - 1 - counted) as usize).min(chunk.len());
+                let n = file.read(&mut chunk[..want]).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                newlines += chunk[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+                counted += n as u64;
+            }
+            read = counted;
+        }
+        let mut reader = BufReader::with_capacity(1 << 16, file);
+        if start > 0 {
+            // The byte before the range: a newline means a line starts at `start`.
+            let mut previous = [0u8; 1];
+            let n = reader.read(&mut previous).map_err(io)?;
+            read += n as u64;
+            if n == 1 && previous[0] == b'\n' {
+                newlines += 1;
+            } else if n == 1 {
+                // Mid-line: the line belongs to an earlier worker; skip it.
+                let mut skipped = Vec::new();
+                let n = reader.read_until(b'\n', &mut skipped).map_err(io)?;
+                read += n as u64;
+                if skipped.last() == Some(&b'\n') {
+                    newlines += 1;
+                }
+            }
+            start = read;
+        } else {
+            reader.seek(SeekFrom::Start(0)).map_err(io)?;
+        }
+        Ok(Self {
+            display: path.display().to_string(),
+            path: path.to_owned(),
+            reader,
+            at: start,
+            end,
+            line: newlines + 1,
+            buffer: Vec::new(),
+        })
+    }
+}
+
+impl RecordSource for JsonlSplit {
+    fn fill(&mut self, max: usize, out: &mut Vec<Record>) -> Result<bool, SourceError> {
+        for _ in 0..max {
+            if self.at >= self.end {
+                return Ok(false);
+            }
+            self.buffer.clear();
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.buffer)
+                .map_err(|source| SourceError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            if n == 0 {
+                return Ok(false);
+            }
+            self.at += n as u64;
+            if self.buffer.last() == Some(&b'\n') {
+                self.buffer.pop();
+            }
+            out.push(Record {
+                payload: std::mem::take(&mut self.buffer),
+                origin: Origin::File {
+                    path: self.display.clone(),
+                    line: self.line,
+                },
+            });
+            self.line += 1;
+        }
+        Ok(self.at < self.end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(source: &mut dyn RecordSource) -> Vec<Record> {
+        let mut out = Vec::new();
+        while source.fill(3, &mut out).unwrap() {}
+        out
+    }
+
+    #[test]
+    fn file_splits_cover_every_line_once_with_exact_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.jsonl");
+        let lines: Vec<String> = (0..57)
+            .map(|i| format!("line {i} {}", "x".repeat(i % 13)))
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        for workers in [1, 2, 3, 7, 64, 1000] {
+            let mut seen: Vec<(u64, String)> = Vec::new();
+            for w in 0..workers {
+                let mut split = JsonlSplit::open(&path, w, workers).unwrap();
+                for r in read_all(&mut split) {
+                    let Origin::File { line, .. } = r.origin else {
+                        unreachable!()
+                    };
+                    seen.push((line, String::from_utf8(r.payload).unwrap()));
+                }
+            }
+            seen.sort();
+            let expected: Vec<(u64, String)> = lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i as u64 + 1, l.clone()))
+                .collect();
+            assert_eq!(seen, expected, "{workers} workers");
+        }
+        // No trailing newline: the last line still counts.
+        std::fs::write(&path, "a\nb").unwrap();
+        let mut split = JsonlSplit::open(&path, 0, 1).unwrap();
+        assert_eq!(read_all(&mut split).len(), 2);
+    }
+
+    #[test]
+    fn generator_shards_add_up_and_corrupt_the_requested_fraction() {
+        let spec = GeneratorSpec {
+            events: 10_001,
+            malformed_fraction: 0.02,
+            ..GeneratorSpec::new(Family::Ads)
+        };
+        let mut total = 0;
+        let mut bad = 0;
+        for shard in 0..3 {
+            for line in GeneratedLines::new(&spec, shard, 3) {
+                total += 1;
+                bad += usize::from(crate::events::parse_line(&line).is_err());
+            }
+        }
+        assert_eq!(total, 10_001);
+        assert!((120..280).contains(&bad), "{bad} malformed");
+    }
+}
