@@ -5,6 +5,7 @@
 
 mod cli;
 mod cluster;
+mod events;
 mod gemma;
 mod manifest;
 mod models;

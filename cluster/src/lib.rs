@@ -18,11 +18,13 @@
 //! ```
 
 pub mod bench;
+pub mod events;
 pub mod launcher;
 pub mod manifest;
 pub mod mesh;
 pub mod models;
 pub mod process;
+pub mod summary;
 pub mod telemetry;
 
 pub use launcher::{EXIT_PEER_LOST, UpError, UpOptions, up};

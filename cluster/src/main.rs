@@ -57,10 +57,12 @@ enum Command {
     Up {
         /// The manifest (TOML).
         file: PathBuf,
-        /// The job to run.
-        #[arg(long, value_enum, default_value = "count")]
-        job: Job,
-        /// Number of events; overrides the job's `events` in the manifest.
+        /// The job to run: `pipelines` (the manifest's `[pipelines.*]`, the
+        /// default when it has any) or `count` (the default otherwise).
+        #[arg(long, value_enum)]
+        job: Option<Job>,
+        /// Number of events; overrides the count job's `events`, or every
+        /// generator source's `events`.
         #[arg(long, value_name = "N")]
         events: Option<u64>,
     },
@@ -71,9 +73,9 @@ enum Command {
         /// Index of this process in `dataflow.processes`.
         #[arg(long, value_name = "I")]
         process: usize,
-        /// The job to run.
-        #[arg(long, value_enum, default_value = "count")]
-        job: Job,
+        /// The job to run (as for `dima up`).
+        #[arg(long, value_enum)]
+        job: Option<Job>,
         /// Number of events; overrides the job's `events` in the manifest.
         #[arg(long, value_name = "N")]
         events: Option<u64>,
@@ -143,6 +145,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "json")]
         format: OutputFormat,
     },
+    /// Generate and check event streams.
+    Events {
+        #[command(subcommand)]
+        events: EventsCommand,
+    },
     /// Fetch and inspect model files.
     Models {
         #[command(subcommand)]
@@ -184,6 +191,37 @@ fn load_gemma(model: &str) -> anyhow::Result<actors::gemma::Gemma> {
     });
     bar.finish_and_clear();
     Ok(gemma?)
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Write seeded, deterministic events of one pipeline.
+    Generate {
+        /// Which pipeline's events.
+        #[arg(long, value_enum)]
+        pipeline: dataflows::events::Family,
+        /// How many events (malformed ones included).
+        #[arg(long, value_name = "N")]
+        count: u64,
+        /// Generator seed: the same seed gives the same events.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Where: `stdout`, `jsonl:PATH` or `kafka:BROKERS/TOPIC`.
+        #[arg(long, default_value = "stdout")]
+        to: String,
+        /// Fraction of lines to corrupt on purpose (0 to 1), for dead-letter tests.
+        #[arg(long, default_value_t = 0.0, value_name = "F")]
+        malformed: f64,
+    },
+    /// Check a JSONL file of events: counts per type, and the line number and
+    /// reason of every malformed line. Exit 0 if all lines are valid, 1 if not.
+    Check {
+        /// The file.
+        path: PathBuf,
+        /// `text` (default) or `json` (one object with the counts and problems).
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -392,7 +430,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             let exe = std::env::current_exe().context("locating the dima executable")?;
             let options = UpOptions {
                 manifest: file.clone(),
-                job: *job,
+                job: job.unwrap_or_else(|| Job::default_for(&manifest)),
                 events: *events,
                 log_format: cli.log_format.map(Into::into),
                 log_level: cli.log_level.clone(),
@@ -401,6 +439,11 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             telemetry.shutdown();
             match outcome {
                 Ok(results) => {
+                    for result in &results {
+                        for line in cluster::summary::human(result) {
+                            eprintln!("{line}");
+                        }
+                    }
                     for result in results {
                         println!("{result}");
                     }
@@ -428,7 +471,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             let mut telemetry = Telemetry::init(&spec, &identity)?;
             let options = RunOptions {
                 process: *process,
-                job: *job,
+                job: job.unwrap_or_else(|| Job::default_for(&manifest)),
                 events: *events,
             };
             let outcome = cluster::run_process(&manifest, &options, &mut telemetry, stop_flag());
@@ -574,6 +617,53 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             let tokenizer = actors::gemma::load_tokenizer(&cluster::models::model_path(model)?)?;
             println!("{}", serde_json::json!(tokenizer.encode(text, false, true)));
             Ok(())
+        }
+        Command::Events {
+            events:
+                EventsCommand::Generate {
+                    pipeline,
+                    count,
+                    seed,
+                    to,
+                    malformed,
+                },
+        } => {
+            if !(0.0..=1.0).contains(malformed) {
+                return Err(Failure {
+                    code: 2,
+                    error: anyhow::anyhow!("--malformed {malformed}: not between 0 and 1"),
+                });
+            }
+            let spec = dataflows::pipelines::GeneratorSpec {
+                events: *count,
+                seed: *seed,
+                malformed_fraction: *malformed,
+                ..dataflows::pipelines::GeneratorSpec::new(*pipeline)
+            };
+            let written = cluster::events::generate(&spec, to)?;
+            eprintln!("wrote {written} {} events to {to}", pipeline.name());
+            Ok(())
+        }
+        Command::Events {
+            events: EventsCommand::Check { path, format },
+        } => {
+            let report = cluster::events::check(path)?;
+            match format {
+                OutputFormat::Json => println!("{}", report.to_json()),
+                OutputFormat::Text => print!("{}", report.to_text()),
+            }
+            if report.malformed.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: 1,
+                    error: anyhow::anyhow!(
+                        "{}: {} malformed line(s)",
+                        path.display(),
+                        report.malformed.len()
+                    ),
+                })
+            }
         }
         Command::Models {
             models: ModelsCommand::Fetch { name, python },

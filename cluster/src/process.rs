@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
+use dataflows::pipelines::{PipelineSpec, PipelinesRun, SourceSpec, run_pipelines};
 use dataflows::{CountJob, CountRun, DataflowMetrics, run_count};
 
 use timely::WorkerConfig;
@@ -21,6 +22,8 @@ use crate::telemetry::Telemetry;
 pub enum Job {
     /// Generate keyed events, exchange them by key, count them, gather the totals.
     Count,
+    /// Run every `[pipelines.*]` of the manifest.
+    Pipelines,
 }
 
 impl Job {
@@ -28,6 +31,17 @@ impl Job {
     pub fn name(self) -> &'static str {
         match self {
             Self::Count => "count",
+            Self::Pipelines => "pipelines",
+        }
+    }
+
+    /// What `dima up FILE` runs without `--job`: the manifest's pipelines,
+    /// or the count job when it has none.
+    pub fn default_for(manifest: &Manifest) -> Self {
+        if manifest.pipelines.is_empty() {
+            Self::Count
+        } else {
+            Self::Pipelines
         }
     }
 }
@@ -87,6 +101,12 @@ pub enum RunError {
     /// A stop signal ended the job before it finished.
     #[error("interrupted before the job finished")]
     Interrupted,
+    /// A pipeline's source or sink failed.
+    #[error("{0}")]
+    Pipeline(String),
+    /// `--job pipelines` with a manifest that has none.
+    #[error("the manifest has no [pipelines.*] section to run (try --job count)")]
+    NoPipelines,
 }
 
 impl RunError {
@@ -102,6 +122,8 @@ impl RunError {
             Self::Timely(_) => "timely",
             Self::Worker { .. } => "worker",
             Self::Interrupted => "interrupted",
+            Self::Pipeline(_) => "pipeline",
+            Self::NoPipelines => "no_pipelines",
         }
     }
 }
@@ -172,6 +194,9 @@ pub fn run_process(
         tracing::info!(address = %bound, "serving Prometheus metrics at /metrics");
     }
 
+    if options.job == Job::Pipelines {
+        return run_pipelines_process(manifest, options, &metrics, stop);
+    }
     let job = CountJob {
         events: options.events.unwrap_or(manifest.jobs.count.events),
         ..manifest.jobs.count.clone()
@@ -227,4 +252,81 @@ pub fn run_process(
         return Err(RunError::Interrupted);
     }
     Ok(runs.first().and_then(|r| r.summary).map(|s| s.to_json()))
+}
+
+/// The manifest's pipelines, with `--events` overriding every generator's count.
+pub fn pipeline_specs(manifest: &Manifest, events: Option<u64>) -> Vec<PipelineSpec> {
+    manifest
+        .pipelines
+        .iter()
+        .cloned()
+        .map(|mut spec| {
+            if let (Some(n), SourceSpec::Generator(g)) = (events, &mut spec.source) {
+                g.events = n;
+            }
+            spec
+        })
+        .collect()
+}
+
+fn run_pipelines_process(
+    manifest: &Manifest,
+    options: &RunOptions,
+    metrics: &DataflowMetrics,
+    stop: Arc<AtomicBool>,
+) -> Result<Option<serde_json::Value>, RunError> {
+    let specs = pipeline_specs(manifest, options.events);
+    if specs.is_empty() {
+        return Err(RunError::NoPipelines);
+    }
+    let span = tracing::info_span!(
+        "dima.run",
+        cluster = %manifest.cluster.name,
+        process = options.process,
+        job = options.job.name(),
+        pipelines = specs.len(),
+    );
+    let _entered = span.clone().entered();
+    tracing::info!(
+        processes = manifest.dataflow.processes.len(),
+        workers = manifest.dataflow.workers_per_process(),
+        pipelines = ?specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        "starting"
+    );
+    let started = Instant::now();
+    let (builders, guard) = communication(manifest, options.process, &stop)?;
+    let worker_span = span.clone();
+    let metrics = metrics.clone();
+    let guards =
+        timely::execute::execute_from(builders, guard, WorkerConfig::default(), move |worker| {
+            let _span =
+                tracing::info_span!(parent: &worker_span, "worker", worker = worker.index())
+                    .entered();
+            run_pipelines(worker, &specs, &metrics, &stop)
+        })
+        .map_err(RunError::Timely)?;
+    let first_worker = options.process * manifest.dataflow.workers_per_process();
+    let mut runs: Vec<PipelinesRun> = Vec::new();
+    for (offset, result) in guards.join().into_iter().enumerate() {
+        runs.push(result.map_err(|message| RunError::Worker {
+            worker: first_worker + offset,
+            message,
+        })?);
+    }
+    let read: u64 = runs.iter().map(|r| r.read).sum();
+    tracing::info!(
+        read,
+        elapsed_s = started.elapsed().as_secs_f64(),
+        "pipelines finished"
+    );
+    if let Some(error) = runs.iter_mut().find_map(|r| r.error.take()) {
+        return Err(RunError::Pipeline(error));
+    }
+    if runs.iter().any(|r| r.interrupted) {
+        return Err(RunError::Interrupted);
+    }
+    Ok(runs
+        .first_mut()
+        .and_then(|r| r.summaries.take())
+        .map(|summaries| serde_json::json!({"job": "pipelines", "pipelines": summaries})))
 }

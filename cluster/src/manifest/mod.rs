@@ -29,6 +29,8 @@ pub struct Manifest {
     pub telemetry: TelemetrySpec,
     /// `[jobs.*]`.
     pub jobs: JobsSpec,
+    /// `[pipelines.*]`, in name order.
+    pub pipelines: Vec<dataflows::pipelines::PipelineSpec>,
 }
 
 /// `[cluster]`.
@@ -241,7 +243,8 @@ impl Manifest {
                     message: e.inner().message().trim().to_owned(),
                 }
             })?;
-        validate::validate(raw).map_err(|problems| ManifestError::Invalid {
+        let base = path.parent().unwrap_or(Path::new("."));
+        validate::validate(raw, base).map_err(|problems| ManifestError::Invalid {
             path: path.to_owned(),
             problems,
         })

@@ -12,9 +12,10 @@ pub(super) struct RawManifest {
     pub dataflow: Option<RawDataflow>,
     pub telemetry: Option<RawTelemetry>,
     pub jobs: Option<RawJobs>,
-    // Sections that later work fills in. They are accepted by the parser only
-    // so that validation can say "not supported yet" instead of "unknown field".
-    pub pipelines: Option<toml::Table>,
+    // `inference` and `checkpoints` are filled in by later work. They are
+    // accepted by the parser only so that validation can say "not supported
+    // yet" instead of "unknown field".
+    pub pipelines: Option<std::collections::BTreeMap<String, RawPipeline>>,
     pub inference: Option<toml::Value>,
     pub checkpoints: Option<toml::Value>,
 }
@@ -66,4 +67,53 @@ pub(super) struct RawCountJob {
     pub epoch_events: Option<u64>,
     pub max_epochs_in_flight: Option<u64>,
     pub events_per_second: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPipeline {
+    pub family: Option<String>,
+    pub epoch_events: Option<u64>,
+    pub max_epochs_in_flight: Option<u64>,
+    pub source: Option<RawSource>,
+    pub sink: Option<RawSink>,
+    pub dead_letter: Option<RawDeadLetter>,
+}
+
+/// Every source kind's fields in one table; validation rejects the ones
+/// that do not belong to the chosen `kind`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSource {
+    pub kind: Option<String>,
+    // generator
+    pub events: Option<u64>,
+    pub seed: Option<u64>,
+    pub malformed_fraction: Option<f64>,
+    pub events_per_second: Option<f64>,
+    pub simulated_rate: Option<f64>,
+    pub members: Option<u64>,
+    pub campaigns: Option<u64>,
+    pub drivers: Option<u64>,
+    // jsonl
+    pub path: Option<String>,
+    // kafka
+    pub brokers: Option<String>,
+    pub topic: Option<String>,
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSink {
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub brokers: Option<String>,
+    pub topic: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDeadLetter {
+    pub path: Option<String>,
 }

@@ -3,11 +3,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dataflows::CountJob;
+use dataflows::events::Family;
+use dataflows::pipelines::{GeneratorSpec, PipelineSpec, SinkSpec, SourceSpec};
 
-use super::raw::{RawCountJob, RawManifest, RawProcess, RawTelemetry};
+use super::raw::{RawCountJob, RawManifest, RawPipeline, RawProcess, RawSource, RawTelemetry};
 use super::{
     ClusterSpec, DataflowSpec, JobsSpec, LogFormat, Manifest, OtlpSpec, Problem, ProcessSpec,
     TelemetrySpec,
@@ -30,7 +33,7 @@ impl Problems {
     }
 }
 
-pub(super) fn validate(raw: RawManifest) -> Result<Manifest, Vec<Problem>> {
+pub(super) fn validate(raw: RawManifest, base: &Path) -> Result<Manifest, Vec<Problem>> {
     let mut problems = Problems::default();
 
     if raw.inference.is_some() {
@@ -45,18 +48,6 @@ pub(super) fn validate(raw: RawManifest) -> Result<Manifest, Vec<Problem>> {
             "not supported yet: it arrives with operator-state checkpointing",
         );
     }
-    if let Some(pipelines) = &raw.pipelines {
-        if pipelines.is_empty() {
-            problems.add("pipelines", "not supported yet: no pipeline is implemented");
-        }
-        for name in pipelines.keys() {
-            problems.add(
-                format!("pipelines.{name}"),
-                "not supported yet: no pipeline is implemented (run `--job count`)",
-            );
-        }
-    }
-
     let cluster = cluster(raw.cluster.and_then(|c| c.name), &mut problems);
     let raw_dataflow = raw.dataflow.unwrap_or_default();
     let telemetry_raw = raw.telemetry.unwrap_or_default();
@@ -79,12 +70,20 @@ pub(super) fn validate(raw: RawManifest) -> Result<Manifest, Vec<Problem>> {
         &mut problems,
     );
 
+    let pipelines = raw
+        .pipelines
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(name, raw)| pipeline(name, raw, base, &mut problems))
+        .collect();
+
     if problems.0.is_empty() {
         Ok(Manifest {
             cluster,
             dataflow,
             telemetry,
             jobs: JobsSpec { count },
+            pipelines,
         })
     } else {
         Err(problems.0)
@@ -272,6 +271,244 @@ fn telemetry(raw: RawTelemetry, problems: &mut Problems) -> TelemetrySpec {
     }
 }
 
+/// A manifest path: absolute, or relative to the manifest's directory.
+fn resolve_path(base: &Path, text: &str) -> PathBuf {
+    let path = Path::new(text);
+    if path.is_absolute() {
+        path.to_owned()
+    } else {
+        base.join(path)
+    }
+}
+
+/// Fields of `[pipelines.<name>.source]` that are set but do not belong to `kind`.
+fn foreign_fields(raw: &RawSource, kind: &str) -> Vec<&'static str> {
+    let generator = [
+        ("events", raw.events.is_some()),
+        ("seed", raw.seed.is_some()),
+        ("malformed_fraction", raw.malformed_fraction.is_some()),
+        ("events_per_second", raw.events_per_second.is_some()),
+        ("simulated_rate", raw.simulated_rate.is_some()),
+        ("members", raw.members.is_some()),
+        ("campaigns", raw.campaigns.is_some()),
+        ("drivers", raw.drivers.is_some()),
+    ];
+    let jsonl = [("path", raw.path.is_some())];
+    let kafka = [
+        ("brokers", raw.brokers.is_some()),
+        ("topic", raw.topic.is_some()),
+        ("group", raw.group.is_some()),
+    ];
+    let mut foreign = Vec::new();
+    for (owner, fields) in [
+        ("generator", &generator[..]),
+        ("jsonl", &jsonl[..]),
+        ("kafka", &kafka[..]),
+    ] {
+        if owner != kind {
+            foreign.extend(fields.iter().filter(|(_, set)| *set).map(|(name, _)| *name));
+        }
+    }
+    foreign
+}
+
+fn pipeline(
+    name: String,
+    raw: RawPipeline,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<PipelineSpec> {
+    let field = format!("pipelines.{name}");
+    let valid_name = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+    if !valid_name {
+        problems.add(&field, "a pipeline name is 1 to 63 of A-Z a-z 0-9 - _");
+    }
+    let family = match raw.family.as_deref().unwrap_or(name.as_str()) {
+        "ads" => Some(Family::Ads),
+        "dispatch" => Some(Family::Dispatch),
+        other => {
+            let what = if raw.family.is_some() {
+                format!("{other:?} is not \"ads\" or \"dispatch\"")
+            } else {
+                "is missing (needed when the pipeline is not named ads or dispatch): \"ads\" or \"dispatch\"".to_owned()
+            };
+            problems.add(format!("{field}.family"), what);
+            None
+        }
+    };
+    let epoch_events = raw.epoch_events.unwrap_or(10_000);
+    if epoch_events == 0 {
+        problems.add(format!("{field}.epoch_events"), "must be at least 1");
+    }
+    let max_epochs_in_flight = raw.max_epochs_in_flight.unwrap_or(4);
+    if max_epochs_in_flight == 0 {
+        problems.add(
+            format!("{field}.max_epochs_in_flight"),
+            "must be at least 1",
+        );
+    }
+    let family = family?;
+
+    let source_raw = raw.source.unwrap_or_default();
+    let kind = source_raw
+        .kind
+        .clone()
+        .unwrap_or_else(|| "generator".to_owned());
+    for foreign in foreign_fields(&source_raw, &kind) {
+        problems.add(
+            format!("{field}.source.{foreign}"),
+            format!("does not apply to kind = {kind:?}"),
+        );
+    }
+    let source = match kind.as_str() {
+        "generator" => {
+            let defaults = GeneratorSpec::new(family);
+            let fraction = source_raw.malformed_fraction.unwrap_or(0.0);
+            if !(0.0..=1.0).contains(&fraction) {
+                problems.add(
+                    format!("{field}.source.malformed_fraction"),
+                    format!("{fraction} is not between 0 and 1"),
+                );
+            }
+            if let Some(rate) = source_raw.events_per_second
+                && !(rate.is_finite() && rate > 0.0)
+            {
+                problems.add(
+                    format!("{field}.source.events_per_second"),
+                    format!("{rate} is not a positive rate"),
+                );
+            }
+            let simulated_rate = source_raw.simulated_rate.unwrap_or(defaults.simulated_rate);
+            if !(simulated_rate.is_finite() && simulated_rate > 0.0) {
+                problems.add(
+                    format!("{field}.source.simulated_rate"),
+                    format!("{simulated_rate} is not a positive rate"),
+                );
+            }
+            for (value, name) in [
+                (source_raw.members, "members"),
+                (source_raw.campaigns, "campaigns"),
+                (source_raw.drivers, "drivers"),
+            ] {
+                if value == Some(0) {
+                    problems.add(format!("{field}.source.{name}"), "must be at least 1");
+                }
+            }
+            Some(SourceSpec::Generator(GeneratorSpec {
+                family,
+                events: source_raw.events.unwrap_or(defaults.events),
+                seed: source_raw.seed.unwrap_or(defaults.seed),
+                malformed_fraction: fraction.clamp(0.0, 1.0),
+                events_per_second: source_raw
+                    .events_per_second
+                    .filter(|r| r.is_finite() && *r > 0.0),
+                simulated_rate,
+                members: source_raw.members.unwrap_or(defaults.members).max(1),
+                campaigns: source_raw.campaigns.unwrap_or(defaults.campaigns).max(1),
+                drivers: source_raw.drivers.unwrap_or(defaults.drivers).max(1),
+            }))
+        }
+        "jsonl" => match source_raw.path {
+            Some(path) => Some(SourceSpec::Jsonl {
+                path: resolve_path(base, &path),
+            }),
+            None => {
+                problems.add(
+                    format!("{field}.source.path"),
+                    "is required for kind = \"jsonl\"",
+                );
+                None
+            }
+        },
+        "kafka" => {
+            problems.add(
+                format!("{field}.source.kind"),
+                "\"kafka\" is not supported yet: Kafka sources arrive with the rdkafka work",
+            );
+            None
+        }
+        other => {
+            problems.add(
+                format!("{field}.source.kind"),
+                format!("{other:?} is not one of \"generator\", \"jsonl\", \"kafka\""),
+            );
+            None
+        }
+    };
+
+    let sink_raw = raw.sink.unwrap_or_default();
+    let sink_kind = sink_raw.kind.as_deref().unwrap_or("none");
+    if sink_kind != "jsonl" && sink_raw.path.is_some() {
+        problems.add(
+            format!("{field}.sink.path"),
+            format!("does not apply to kind = {sink_kind:?}"),
+        );
+    }
+    if sink_kind != "kafka" {
+        for (set, name) in [
+            (sink_raw.brokers.is_some(), "brokers"),
+            (sink_raw.topic.is_some(), "topic"),
+        ] {
+            if set {
+                problems.add(
+                    format!("{field}.sink.{name}"),
+                    format!("does not apply to kind = {sink_kind:?}"),
+                );
+            }
+        }
+    }
+    let sink = match sink_kind {
+        "none" => Some(SinkSpec::None),
+        "stdout" => Some(SinkSpec::Stdout),
+        "jsonl" => match &sink_raw.path {
+            Some(path) => Some(SinkSpec::Jsonl {
+                path: resolve_path(base, path),
+            }),
+            None => {
+                problems.add(
+                    format!("{field}.sink.path"),
+                    "is required for kind = \"jsonl\"",
+                );
+                None
+            }
+        },
+        "kafka" => {
+            problems.add(
+                format!("{field}.sink.kind"),
+                "\"kafka\" is not supported yet: Kafka sinks arrive with the rdkafka work",
+            );
+            None
+        }
+        other => {
+            problems.add(
+                format!("{field}.sink.kind"),
+                format!("{other:?} is not one of \"none\", \"stdout\", \"jsonl\", \"kafka\""),
+            );
+            None
+        }
+    };
+    let dead_letter = resolve_path(
+        base,
+        raw.dead_letter
+            .and_then(|d| d.path)
+            .as_deref()
+            .unwrap_or(&format!("dead-letter/{name}.jsonl")),
+    );
+    Some(PipelineSpec {
+        name,
+        family,
+        source: source?,
+        sink: sink?,
+        dead_letter,
+        epoch_events: epoch_events.max(1),
+        max_epochs_in_flight: max_epochs_in_flight.max(1),
+    })
+}
+
 fn count_job(raw: RawCountJob, problems: &mut Problems) -> CountJob {
     let defaults = CountJob::default();
     let mut at_least_one = |value: Option<u64>, default: u64, field: &str| {
@@ -446,8 +683,9 @@ mod tests {
     fn unimplemented_sections_say_not_supported_yet() {
         let p = problems(
             r#"
-            [pipelines.ads]
-            source = "generator"
+            [pipelines.ads.source]
+            kind = "kafka"
+            brokers = "127.0.0.1:9092"
             [inference]
             model = "gemma3-270m"
             [checkpoints]
@@ -456,9 +694,96 @@ mod tests {
         );
         assert_eq!(p.len(), 3, "{p:?}");
         assert!(p.iter().all(|m| m.contains("not supported yet")), "{p:?}");
-        assert!(p.iter().any(|m| m.starts_with("pipelines.ads:")));
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("pipelines.ads.source.kind:"))
+        );
         assert!(p.iter().any(|m| m.starts_with("inference:")));
         assert!(p.iter().any(|m| m.starts_with("checkpoints:")));
+    }
+
+    #[test]
+    fn pipelines_resolve_with_defaults_and_paths_next_to_the_manifest() {
+        let m = Manifest::parse(
+            r#"
+            [pipelines.ads]
+            [pipelines.replay]
+            family = "dispatch"
+            epoch_events = 500
+            [pipelines.replay.source]
+            kind = "jsonl"
+            path = "data/d.jsonl"
+            [pipelines.replay.sink]
+            kind = "jsonl"
+            path = "/abs/out.jsonl"
+            [pipelines.replay.dead_letter]
+            path = "dl/replay.jsonl"
+            "#,
+            Path::new("/etc/dima/m.toml"),
+        )
+        .unwrap();
+        use dataflows::events::Family;
+        use dataflows::pipelines::{GeneratorSpec, SinkSpec, SourceSpec};
+        assert_eq!(m.pipelines.len(), 2);
+        let ads = &m.pipelines[0];
+        assert_eq!((ads.name.as_str(), ads.family), ("ads", Family::Ads));
+        assert_eq!(
+            ads.source,
+            SourceSpec::Generator(GeneratorSpec::new(Family::Ads))
+        );
+        assert_eq!(ads.sink, SinkSpec::None);
+        assert_eq!(
+            ads.dead_letter,
+            Path::new("/etc/dima/dead-letter/ads.jsonl")
+        );
+        assert_eq!((ads.epoch_events, ads.max_epochs_in_flight), (10_000, 4));
+        let replay = &m.pipelines[1];
+        assert_eq!(replay.family, Family::Dispatch);
+        assert_eq!(
+            replay.source,
+            SourceSpec::Jsonl {
+                path: "/etc/dima/data/d.jsonl".into()
+            }
+        );
+        assert_eq!(
+            replay.sink,
+            SinkSpec::Jsonl {
+                path: "/abs/out.jsonl".into()
+            }
+        );
+        assert_eq!(replay.dead_letter, Path::new("/etc/dima/dl/replay.jsonl"));
+        assert_eq!(replay.epoch_events, 500);
+    }
+
+    #[test]
+    fn pipeline_problems_name_their_fields() {
+        let p = problems(
+            r#"
+            [pipelines.clicks]
+            [pipelines.ads]
+            epoch_events = 0
+            [pipelines.ads.source]
+            kind = "generator"
+            path = "x.jsonl"
+            malformed_fraction = 1.5
+            [pipelines.ads.sink]
+            kind = "jsonl"
+            [pipelines.dispatch.source]
+            kind = "jsonl"
+            [pipelines.dispatch.sink]
+            kind = "carrier-pigeon"
+            "#,
+        );
+        let expected = [
+            "pipelines.ads.epoch_events: must be at least 1",
+            "pipelines.ads.source.path: does not apply to kind = \"generator\"",
+            "pipelines.ads.source.malformed_fraction: 1.5 is not between 0 and 1",
+            "pipelines.ads.sink.path: is required for kind = \"jsonl\"",
+            "pipelines.clicks.family: is missing (needed when the pipeline is not named ads or dispatch): \"ads\" or \"dispatch\"",
+            "pipelines.dispatch.source.path: is required for kind = \"jsonl\"",
+            "pipelines.dispatch.sink.kind: \"carrier-pigeon\" is not one of \"none\", \"stdout\", \"jsonl\", \"kafka\"",
+        ];
+        assert_eq!(p, expected, "{p:#?}");
     }
 
     #[test]

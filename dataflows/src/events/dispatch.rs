@@ -5,7 +5,7 @@
 //! (downtown by day, the airport mornings and evenings, nightlife late); the
 //! number of drivers online follows its own cycle, lowest at night and short
 //! of demand at the peaks, so some requests are cancelled. Every driver
-//! online pings its status every 30 s. Inside the generator a naive
+//! online pings its status every minute. Inside the generator a naive
 //! nearest-idle-driver rule decides which requests become trips, only so that
 //! `trip_completed` and `request_cancelled` events follow from the requests;
 //! Dima's matcher is a separate consumer of the stream.
@@ -105,7 +105,7 @@ const SPEED_KMH: f64 = 25.0;
 const DETOUR: f64 = 1.3;
 /// Drivers farther than this from a pickup are not considered.
 const MAX_PICKUP_KM: f64 = 6.0;
-const PING_MS: i64 = 30_000;
+const PING_MS: i64 = 60_000;
 
 #[derive(Clone, Debug)]
 struct Driver {
