@@ -51,8 +51,9 @@ pub fn parse_target(text: &str) -> anyhow::Result<Target> {
     anyhow::bail!("--to {text:?}: expected stdout, jsonl:PATH or kafka:BROKERS/TOPIC")
 }
 
-/// Writes `spec.events` generated lines to `to`; returns how many.
-pub fn generate(spec: &GeneratorSpec, to: &str) -> anyhow::Result<u64> {
+/// Writes `spec.events` generated lines to `to` (creating a Kafka topic
+/// with `partitions` partitions if it does not exist); returns how many.
+pub fn generate(spec: &GeneratorSpec, to: &str, partitions: i32) -> anyhow::Result<u64> {
     let lines = GeneratedLines::new(spec, 0, 1);
     match parse_target(to)? {
         Target::Stdout => write_lines(lines, std::io::stdout().lock(), Path::new("-")),
@@ -61,9 +62,29 @@ pub fn generate(spec: &GeneratorSpec, to: &str) -> anyhow::Result<u64> {
                 File::create(&path).with_context(|| format!("creating {}", path.display()))?;
             write_lines(lines, BufWriter::with_capacity(1 << 16, file), &path)
         }
-        Target::Kafka { .. } => anyhow::bail!(
-            "--to kafka:…: not supported yet (the Kafka producer arrives with the rdkafka work); use jsonl:PATH"
-        ),
+        Target::Kafka { brokers, topic } => {
+            use dataflows::pipelines::kafka::{KafkaProducer, KafkaSinkSpec, ensure_topic};
+            ensure_topic(&brokers, &topic, partitions).map_err(anyhow::Error::msg)?;
+            let producer = KafkaProducer::new(&KafkaSinkSpec {
+                brokers: brokers.clone(),
+                topic: topic.clone(),
+            })
+            .with_context(|| format!("kafka {brokers}"))?;
+            let mut written = 0;
+            for line in lines {
+                // Keyed by the event's entity, so one member's (or one
+                // request's) events stay in order on one partition.
+                let key = dataflows::events::parse_line(&line)
+                    .map(|e| e.key().to_be_bytes().to_vec())
+                    .unwrap_or_default();
+                producer
+                    .send(&key, line.as_bytes())
+                    .with_context(|| format!("kafka {brokers} topic {topic}"))?;
+                written += 1;
+            }
+            producer.flush().map_err(anyhow::Error::msg)?;
+            Ok(written)
+        }
     }
 }
 

@@ -212,6 +212,9 @@ enum EventsCommand {
         /// Fraction of lines to corrupt on purpose (0 to 1), for dead-letter tests.
         #[arg(long, default_value_t = 0.0, value_name = "F")]
         malformed: f64,
+        /// Partitions of a Kafka topic that does not exist yet.
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        partitions: i32,
     },
     /// Check a JSONL file of events: counts per type, and the line number and
     /// reason of every malformed line. Exit 0 if all lines are valid, 1 if not.
@@ -626,6 +629,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     seed,
                     to,
                     malformed,
+                    partitions,
                 },
         } => {
             if !(0.0..=1.0).contains(malformed) {
@@ -640,7 +644,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 malformed_fraction: *malformed,
                 ..dataflows::pipelines::GeneratorSpec::new(*pipeline)
             };
-            let written = cluster::events::generate(&spec, to)?;
+            let written = cluster::events::generate(&spec, to, *partitions)?;
             eprintln!("wrote {written} {} events to {to}", pipeline.name());
             Ok(())
         }

@@ -74,6 +74,7 @@ pub(super) struct RawCountJob {
 pub(super) struct RawPipeline {
     pub family: Option<String>,
     pub epoch_events: Option<u64>,
+    pub epoch_ms: Option<u64>,
     pub max_epochs_in_flight: Option<u64>,
     pub source: Option<RawSource>,
     pub sink: Option<RawSink>,
@@ -101,6 +102,7 @@ pub(super) struct RawSource {
     pub brokers: Option<String>,
     pub topic: Option<String>,
     pub group: Option<String>,
+    pub stop_at_end: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

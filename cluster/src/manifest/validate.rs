@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use dataflows::CountJob;
 use dataflows::events::Family;
+use dataflows::pipelines::kafka::{KafkaSinkSpec, KafkaSourceSpec, Until};
 use dataflows::pipelines::{GeneratorSpec, PipelineSpec, SinkSpec, SourceSpec};
 
 use super::raw::{RawCountJob, RawManifest, RawPipeline, RawProcess, RawSource, RawTelemetry};
@@ -271,6 +272,21 @@ fn telemetry(raw: RawTelemetry, problems: &mut Problems) -> TelemetrySpec {
     }
 }
 
+/// A required, non-empty text field.
+fn required_text(value: Option<String>, field: &str, problems: &mut Problems) -> Option<String> {
+    match value {
+        Some(text) if !text.trim().is_empty() => Some(text),
+        Some(_) => {
+            problems.add(field, "must not be empty");
+            None
+        }
+        None => {
+            problems.add(field, "is required for kind = \"kafka\"");
+            None
+        }
+    }
+}
+
 /// A manifest path: absolute, or relative to the manifest's directory.
 fn resolve_path(base: &Path, text: &str) -> PathBuf {
     let path = Path::new(text);
@@ -298,6 +314,7 @@ fn foreign_fields(raw: &RawSource, kind: &str) -> Vec<&'static str> {
         ("brokers", raw.brokers.is_some()),
         ("topic", raw.topic.is_some()),
         ("group", raw.group.is_some()),
+        ("stop_at_end", raw.stop_at_end.is_some()),
     ];
     let mut foreign = Vec::new();
     for (owner, fields) in [
@@ -343,6 +360,10 @@ fn pipeline(
     let epoch_events = raw.epoch_events.unwrap_or(10_000);
     if epoch_events == 0 {
         problems.add(format!("{field}.epoch_events"), "must be at least 1");
+    }
+    let epoch_ms = raw.epoch_ms.unwrap_or(1_000);
+    if epoch_ms == 0 {
+        problems.add(format!("{field}.epoch_ms"), "must be at least 1");
     }
     let max_epochs_in_flight = raw.max_epochs_in_flight.unwrap_or(4);
     if max_epochs_in_flight == 0 {
@@ -425,11 +446,29 @@ fn pipeline(
             }
         },
         "kafka" => {
-            problems.add(
-                format!("{field}.source.kind"),
-                "\"kafka\" is not supported yet: Kafka sources arrive with the rdkafka work",
+            let brokers = required_text(
+                source_raw.brokers,
+                &format!("{field}.source.brokers"),
+                problems,
             );
-            None
+            let topic = required_text(source_raw.topic, &format!("{field}.source.topic"), problems);
+            let group = source_raw.group.unwrap_or_else(|| format!("dima.{name}"));
+            if group.trim().is_empty() {
+                problems.add(format!("{field}.source.group"), "must not be empty");
+            }
+            match (brokers, topic) {
+                (Some(brokers), Some(topic)) => Some(SourceSpec::Kafka(KafkaSourceSpec {
+                    brokers,
+                    topic,
+                    group,
+                    until: if source_raw.stop_at_end.unwrap_or(false) {
+                        Until::End
+                    } else {
+                        Until::Stopped
+                    },
+                })),
+                _ => None,
+            }
         }
         other => {
             problems.add(
@@ -477,11 +516,22 @@ fn pipeline(
             }
         },
         "kafka" => {
-            problems.add(
-                format!("{field}.sink.kind"),
-                "\"kafka\" is not supported yet: Kafka sinks arrive with the rdkafka work",
+            let brokers = required_text(
+                sink_raw.brokers.clone(),
+                &format!("{field}.sink.brokers"),
+                problems,
             );
-            None
+            let topic = required_text(
+                sink_raw.topic.clone(),
+                &format!("{field}.sink.topic"),
+                problems,
+            );
+            match (brokers, topic) {
+                (Some(brokers), Some(topic)) => {
+                    Some(SinkSpec::Kafka(KafkaSinkSpec { brokers, topic }))
+                }
+                _ => None,
+            }
         }
         other => {
             problems.add(
@@ -505,6 +555,7 @@ fn pipeline(
         sink: sink?,
         dead_letter,
         epoch_events: epoch_events.max(1),
+        epoch_ms: epoch_ms.max(1),
         max_epochs_in_flight: max_epochs_in_flight.max(1),
     })
 }

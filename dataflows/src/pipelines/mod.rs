@@ -12,6 +12,7 @@
 //! Later stages (feature computation and the learner for `ads`, matching for
 //! `dispatch`) attach to the valid, keyed stream.
 
+pub mod kafka;
 mod run;
 pub mod sink;
 pub mod source;
@@ -76,6 +77,8 @@ pub enum SourceSpec {
         /// The file.
         path: PathBuf,
     },
+    /// A Kafka topic, partitions split across workers.
+    Kafka(kafka::KafkaSourceSpec),
 }
 
 impl SourceSpec {
@@ -84,6 +87,7 @@ impl SourceSpec {
         match self {
             Self::Generator(_) => "generator",
             Self::Jsonl { .. } => "jsonl",
+            Self::Kafka(_) => "kafka",
         }
     }
 }
@@ -100,6 +104,8 @@ pub enum SinkSpec {
         /// The file.
         path: PathBuf,
     },
+    /// Produced to a Kafka topic, keyed by the event's entity.
+    Kafka(kafka::KafkaSinkSpec),
 }
 
 impl SinkSpec {
@@ -109,6 +115,7 @@ impl SinkSpec {
             Self::None => "none",
             Self::Stdout => "stdout",
             Self::Jsonl { .. } => "jsonl",
+            Self::Kafka(_) => "kafka",
         }
     }
 }
@@ -128,6 +135,9 @@ pub struct PipelineSpec {
     pub dead_letter: PathBuf,
     /// Records per epoch, per worker.
     pub epoch_events: u64,
+    /// An epoch with records in it closes after this long even when it has
+    /// fewer than `epoch_events` (slow streams still complete and commit).
+    pub epoch_ms: u64,
     /// A worker stops reading while this many of its epochs are incomplete.
     pub max_epochs_in_flight: u64,
 }

@@ -122,6 +122,10 @@ struct Runner {
     rate: Option<f64>,
     started: Instant,
     closed_at: VecDeque<(u64, Instant)>,
+    /// When the current epoch got its first record.
+    epoch_opened: Option<Instant>,
+    /// Epochs below this are complete and were reported to the source.
+    completed: u64,
     lag: FrontierMetrics,
     totals: Totals,
     sink: Rc<RefCell<Option<LineWriter>>>,
@@ -135,8 +139,14 @@ impl Runner {
             .unwrap_or(u64::MAX)
     }
 
-    fn observe(&mut self) {
+    fn observe(&mut self) -> Result<(), String> {
         let complete = self.complete();
+        if complete > self.completed {
+            self.completed = complete;
+            self.source
+                .complete_below(complete)
+                .map_err(|e| e.to_string())?;
+        }
         while self.closed_at.front().is_some_and(|(e, _)| *e < complete) {
             self.closed_at.pop_front();
         }
@@ -145,6 +155,19 @@ impl Runner {
             .front()
             .map_or(0.0, |(_, at)| at.elapsed().as_secs_f64());
         self.lag.observe(self.epoch, complete.min(self.epoch), age);
+        Ok(())
+    }
+
+    fn close_epoch(&mut self) {
+        let Some(input) = self.input.as_mut() else {
+            return;
+        };
+        self.source.epoch_closed(self.epoch);
+        self.closed_at.push_back((self.epoch, Instant::now()));
+        self.epoch += 1;
+        self.in_epoch = 0;
+        self.epoch_opened = None;
+        input.advance_to(self.epoch);
     }
 
     /// Reads and sends what backpressure and the rate allow; returns
@@ -174,6 +197,9 @@ impl Runner {
             .source
             .fill(room, &mut batch)
             .map_err(|e| e.to_string())?;
+        if !batch.is_empty() {
+            self.epoch_opened.get_or_insert_with(Instant::now);
+        }
         self.read += batch.len() as u64;
         self.in_epoch += batch.len() as u64;
         self.read_counter.inc_by(batch.len() as u64);
@@ -181,11 +207,11 @@ impl Runner {
             return Ok(false);
         };
         input.send_batch(&mut batch);
-        if self.in_epoch >= self.spec.epoch_events {
-            self.epoch += 1;
-            self.in_epoch = 0;
-            input.advance_to(self.epoch);
-            self.closed_at.push_back((self.epoch - 1, Instant::now()));
+        let timed_out = self
+            .epoch_opened
+            .is_some_and(|at| at.elapsed() >= Duration::from_millis(self.spec.epoch_ms));
+        if self.in_epoch >= self.spec.epoch_events || timed_out {
+            self.close_epoch();
         }
         if !more {
             self.finish();
@@ -197,6 +223,7 @@ impl Runner {
         self.exhausted = true;
         if let Some(input) = self.input.take() {
             let last = *input.time();
+            self.source.epoch_closed(last);
             self.closed_at.push_back((last, Instant::now()));
             self.epoch = last + 1;
             input.close();
@@ -211,7 +238,7 @@ fn write_lines<D: timely::ExchangeData>(
     name: &str,
     writer: Rc<RefCell<Option<LineWriter>>>,
     errors: Rc<RefCell<Option<String>>>,
-    line: impl Fn(D) -> String + 'static,
+    line: impl Fn(D) -> (Option<u64>, String) + 'static,
     probe: &ProbeHandle<u64>,
 ) {
     stream
@@ -224,9 +251,13 @@ fn write_lines<D: timely::ExchangeData>(
                     let mut writer = writer.borrow_mut();
                     input.for_each(|_time, data| {
                         for d in data.drain(..) {
-                            if let Some(w) = writer.as_mut()
-                                && let Err(e) = w.write_line(&line(d))
-                            {
+                            let (key, text) = line(d);
+                            let written = match (writer.as_mut(), key) {
+                                (Some(w), Some(key)) => w.write_keyed(key, &text),
+                                (Some(w), None) => w.write_line(&text),
+                                (None, _) => Ok(()),
+                            };
+                            if let Err(e) = written {
                                 errors.borrow_mut().get_or_insert(e.to_string());
                             }
                         }
@@ -260,7 +291,7 @@ fn build(
     let failed = |e: String| {
         errors.borrow_mut().get_or_insert(e);
     };
-    let source = source::open(&spec.source, index, peers).unwrap_or_else(|e| {
+    let source = source::open(&spec.source, &spec.name, index, peers).unwrap_or_else(|e| {
         failed(e.to_string());
         Box::new(source::Empty)
     });
@@ -369,8 +400,11 @@ fn build(
                 Rc::clone(&sink),
                 Rc::clone(errors),
                 |p: Parsed| match p {
-                    Parsed::Valid(e) => Event::from(e).to_line(),
-                    Parsed::Invalid(_) => String::new(),
+                    Parsed::Valid(e) => {
+                        let event = Event::from(e);
+                        (Some(event.key()), event.to_line())
+                    }
+                    Parsed::Invalid(_) => (None, String::new()),
                 },
                 &probe,
             );
@@ -383,8 +417,8 @@ fn build(
             Rc::clone(&dead),
             Rc::clone(errors),
             |p: Parsed| match p {
-                Parsed::Invalid(d) => serde_json::to_string(&d).unwrap_or_default(),
-                Parsed::Valid(_) => String::new(),
+                Parsed::Invalid(d) => (None, serde_json::to_string(&d).unwrap_or_default()),
+                Parsed::Valid(_) => (None, String::new()),
             },
             &probe,
         );
@@ -392,7 +426,7 @@ fn build(
 
     let rate = match &spec.source {
         SourceSpec::Generator(g) => g.events_per_second.map(|r| r / peers as f64),
-        SourceSpec::Jsonl { .. } => None,
+        SourceSpec::Jsonl { .. } | SourceSpec::Kafka(_) => None,
     };
     Runner {
         spec: spec.clone(),
@@ -407,6 +441,8 @@ fn build(
         rate,
         started: Instant::now(),
         closed_at: VecDeque::new(),
+        epoch_opened: None,
+        completed: 0,
         lag: metrics.frontier(&dataflow, index),
         totals,
         sink,
@@ -441,7 +477,9 @@ pub fn run_pipelines(
                     runner.finish();
                 }
             }
-            runner.observe();
+            if let Err(e) = runner.observe() {
+                errors.borrow_mut().get_or_insert(e);
+            }
         }
         if errors.borrow().is_some() {
             runners.iter_mut().for_each(Runner::finish);
@@ -457,7 +495,9 @@ pub fn run_pipelines(
         }
     }
     for runner in &mut runners {
-        runner.observe();
+        if let Err(e) = runner.observe() {
+            errors.borrow_mut().get_or_insert(e);
+        }
     }
     let interrupted = stop.load(Ordering::Relaxed);
     let read = runners.iter().map(|r| r.read).sum();
@@ -521,6 +561,7 @@ mod tests {
             },
             dead_letter: dir.join(format!("dead/{name}.jsonl")),
             epoch_events: 500,
+            epoch_ms: 1000,
             max_epochs_in_flight: 2,
         }
     }

@@ -49,9 +49,11 @@ pub struct SinkError {
     pub source: std::io::Error,
 }
 
-/// Writes lines to standard output, a file, or nowhere, and counts them.
+/// Writes lines to standard output, a file, a Kafka topic or nowhere, and
+/// counts them.
 pub struct LineWriter {
     out: Option<Box<dyn Write>>,
+    kafka: Option<super::kafka::KafkaProducer>,
     path: PathBuf,
     written: u64,
 }
@@ -71,15 +73,30 @@ impl LineWriter {
         match spec {
             SinkSpec::None => Ok(Self {
                 out: None,
+                kafka: None,
                 path: PathBuf::from("(none)"),
                 written: 0,
             }),
             SinkSpec::Stdout => Ok(Self {
                 out: Some(Box::new(BufWriter::new(std::io::stdout()))),
+                kafka: None,
                 path: PathBuf::from("-"),
                 written: 0,
             }),
             SinkSpec::Jsonl { path } => Self::file(path),
+            SinkSpec::Kafka(k) => {
+                let path = PathBuf::from(format!("kafka:{}/{}", k.brokers, k.topic));
+                let producer = super::kafka::KafkaProducer::new(k).map_err(|e| SinkError {
+                    path: path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                Ok(Self {
+                    out: None,
+                    kafka: Some(producer),
+                    path,
+                    written: 0,
+                })
+            }
         }
     }
 
@@ -99,14 +116,36 @@ impl LineWriter {
             .map_err(error)?;
         Ok(Self {
             out: Some(Box::new(BufWriter::with_capacity(1 << 16, file))),
+            kafka: None,
             path: path.to_owned(),
             written: 0,
         })
     }
 
+    /// Writes one line (a newline is added; a Kafka message is keyed by
+    /// `key`) and counts it.
+    pub fn write_keyed(&mut self, key: u64, line: &str) -> Result<(), SinkError> {
+        if let Some(kafka) = &self.kafka {
+            self.written += 1;
+            return kafka
+                .send(&key.to_be_bytes(), line.as_bytes())
+                .map_err(|e| SinkError {
+                    path: self.path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                });
+        }
+        self.write_line(line)
+    }
+
     /// Writes one line (a newline is added) and counts it.
     pub fn write_line(&mut self, line: &str) -> Result<(), SinkError> {
         self.written += 1;
+        if let Some(kafka) = &self.kafka {
+            return kafka.send(&[], line.as_bytes()).map_err(|e| SinkError {
+                path: self.path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            });
+        }
         let Some(out) = self.out.as_mut() else {
             return Ok(());
         };
@@ -120,6 +159,12 @@ impl LineWriter {
 
     /// Flushes buffered lines.
     pub fn flush(&mut self) -> Result<(), SinkError> {
+        if let Some(kafka) = &self.kafka {
+            return kafka.flush().map_err(|e| SinkError {
+                path: self.path.clone(),
+                source: std::io::Error::other(e),
+            });
+        }
         match self.out.as_mut() {
             Some(out) => out.flush().map_err(|source| SinkError {
                 path: self.path.clone(),

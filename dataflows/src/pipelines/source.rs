@@ -38,6 +38,15 @@ pub enum Origin {
         /// The line.
         line: u64,
     },
+    /// A Kafka message.
+    Kafka {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The message's offset.
+        offset: i64,
+    },
 }
 
 impl fmt::Display for Origin {
@@ -45,6 +54,11 @@ impl fmt::Display for Origin {
         match self {
             Self::Generated { shard, seq } => write!(f, "generator shard {shard} event {seq}"),
             Self::File { path, line } => write!(f, "{path}:{line}"),
+            Self::Kafka {
+                topic,
+                partition,
+                offset,
+            } => write!(f, "{topic}/{partition}/{offset}"),
         }
     }
 }
@@ -69,12 +83,31 @@ pub enum SourceError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A Kafka client could not be created or used.
+    #[error("kafka {brokers} topic {topic}: {reason}")]
+    Kafka {
+        /// Bootstrap servers.
+        brokers: String,
+        /// The topic.
+        topic: String,
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// A worker's share of a source.
 pub trait RecordSource {
     /// Appends up to `max` records to `out`; returns whether more remain.
     fn fill(&mut self, max: usize, out: &mut Vec<Record>) -> Result<bool, SourceError>;
+
+    /// Every record read so far belongs to `epoch` or earlier ones.
+    fn epoch_closed(&mut self, _epoch: u64) {}
+
+    /// Every epoch before `epoch` is complete at every output: a source with
+    /// offsets commits them here.
+    fn complete_below(&mut self, _epoch: u64) -> Result<(), SourceError> {
+        Ok(())
+    }
 }
 
 /// A source with nothing in it.
@@ -90,12 +123,16 @@ impl RecordSource for Empty {
 /// Opens worker `worker`'s share (of `workers`) of `spec`.
 pub fn open(
     spec: &SourceSpec,
+    pipeline: &str,
     worker: usize,
     workers: usize,
 ) -> Result<Box<dyn RecordSource>, SourceError> {
     Ok(match spec {
         SourceSpec::Generator(g) => Box::new(GeneratedLines::new(g, worker as u64, workers as u64)),
         SourceSpec::Jsonl { path } => Box::new(JsonlSplit::open(path, worker, workers)?),
+        SourceSpec::Kafka(k) => Box::new(super::kafka::KafkaSource::new(
+            k, pipeline, worker, workers,
+        )?),
     })
 }
 
