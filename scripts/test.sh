@@ -18,6 +18,10 @@ cargo build --locked -p cluster --bin dima
 echo "== model files the tests read (cached in \${DIMA_CACHE_DIR:-~/.cache/dima}/models)"
 cargo run --locked -q -p cluster --bin dima -- models fetch gemma3-270m
 
+echo "== the Kafka broker the integration tests start (cached in \${DIMA_CACHE_DIR:-~/.cache/dima}/tools)"
+DIMA_TANSU="$(scripts/tansu.sh)"
+export DIMA_TANSU
+
 echo "== tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -216,3 +216,108 @@ pub fn http_get(address: &str, path: &str) -> Option<String> {
     let (head, body) = response.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
+
+/// The tansu broker binary: `DIMA_TANSU`, or where `scripts/tansu.sh`
+/// installs it.
+pub fn tansu_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("DIMA_TANSU") {
+        return PathBuf::from(path);
+    }
+    let cache = std::env::var_os("DIMA_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/dima"));
+    let bin = cache.join("tools/tansu-0.6.0/bin/tansu");
+    assert!(
+        bin.exists(),
+        "{} does not exist: install the Kafka test broker with scripts/tansu.sh (scripts/test.sh does), or set DIMA_TANSU",
+        bin.display()
+    );
+    bin
+}
+
+/// A Kafka-compatible broker (tansu, sqlite storage) on a loopback port,
+/// stopped when dropped.
+#[derive(Debug)]
+pub struct Broker {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Broker {
+    /// Starts a broker on a free port, storing its data in `dir`.
+    pub fn start(dir: &Path) -> Self {
+        Self::start_on(dir, free_port())
+    }
+
+    /// Starts a broker on `port`, storing its data in `dir` (reusing what an
+    /// earlier broker on the same `dir` stored).
+    pub fn start_on(dir: &Path, port: u16) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("tansu.log"))
+            .unwrap();
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let broker = Self {
+            child: Some(child),
+            port,
+            dir: dir.to_owned(),
+        };
+        let ready = eventually(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        assert!(
+            ready.is_some(),
+            "tansu did not listen on {port}: see {}",
+            dir.join("tansu.log").display()
+        );
+        broker
+    }
+
+    /// `host:port` for clients.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Where its data lives.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stops the broker (SIGKILL) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod events;
 mod gemma;
+mod kafka;
 mod manifest;
 mod models;
 mod telemetry;

@@ -283,6 +283,25 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         repeat: usize,
     },
+    /// The ads pipeline (parse, validate, keyed exchange, count) through
+    /// `dima up` from JSONL and, with `--kafka`, from a Kafka topic, per
+    /// layout, next to each source's ceiling in the same run (one thread
+    /// reading the lines; one plain rdkafka consumer). One JSON line per row.
+    Events {
+        /// Events per run.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Layouts as PROCESSESxWORKERS, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1x1,2x1")]
+        layouts: Vec<Layout>,
+        /// Runs per layout; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Bootstrap servers of a broker for the Kafka rows (a topic
+        /// `dima-bench-<pid>` is created and filled).
+        #[arg(long, value_name = "BROKERS")]
+        kafka: Option<String>,
+    },
 }
 
 /// A failure with the exit code it should produce.
@@ -417,6 +436,30 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     .map(|a| format!(", metrics at {a}"))
                     .unwrap_or_default();
                 println!("  process {}: {}{metrics}", p.index, p.address);
+            }
+            for p in &manifest.pipelines {
+                use dataflows::pipelines::{SinkSpec, SourceSpec};
+                let source = match &p.source {
+                    SourceSpec::Generator(g) => {
+                        format!("generator ({} events, seed {})", g.events, g.seed)
+                    }
+                    SourceSpec::Jsonl { path } => format!("jsonl {}", path.display()),
+                    SourceSpec::Kafka(k) => {
+                        format!("kafka {}/{} (group {})", k.brokers, k.topic, k.group)
+                    }
+                };
+                let sink = match &p.sink {
+                    SinkSpec::None => "none".to_owned(),
+                    SinkSpec::Stdout => "stdout".to_owned(),
+                    SinkSpec::Jsonl { path } => format!("jsonl {}", path.display()),
+                    SinkSpec::Kafka(k) => format!("kafka {}/{}", k.brokers, k.topic),
+                };
+                println!(
+                    "  pipeline {} ({}): {source} -> {sink}; dead letters {}",
+                    p.name,
+                    p.family.name(),
+                    p.dead_letter.display()
+                );
             }
             Ok(())
         }
@@ -730,6 +773,19 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 ..Default::default()
             };
             bench_count(&exe, &job, layouts, *repeat)?;
+            Ok(())
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Events {
+                    events,
+                    layouts,
+                    repeat,
+                    kafka,
+                },
+        } => {
+            let exe = std::env::current_exe().context("locating the dima executable")?;
+            cluster::bench::bench_events(&exe, *events, layouts, *repeat, kafka.as_deref())?;
             Ok(())
         }
     }

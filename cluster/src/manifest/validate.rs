@@ -303,7 +303,6 @@ fn foreign_fields(raw: &RawSource, kind: &str) -> Vec<&'static str> {
         ("events", raw.events.is_some()),
         ("seed", raw.seed.is_some()),
         ("malformed_fraction", raw.malformed_fraction.is_some()),
-        ("events_per_second", raw.events_per_second.is_some()),
         ("simulated_rate", raw.simulated_rate.is_some()),
         ("members", raw.members.is_some()),
         ("campaigns", raw.campaigns.is_some()),
@@ -385,6 +384,20 @@ fn pipeline(
             format!("does not apply to kind = {kind:?}"),
         );
     }
+    if kind == "jsonl" && source_raw.events_per_second.is_some() {
+        problems.add(
+            format!("{field}.source.events_per_second"),
+            "does not apply to kind = \"jsonl\"",
+        );
+    }
+    if let Some(rate) = source_raw.events_per_second
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        problems.add(
+            format!("{field}.source.events_per_second"),
+            format!("{rate} is not a positive rate"),
+        );
+    }
     let source = match kind.as_str() {
         "generator" => {
             let defaults = GeneratorSpec::new(family);
@@ -393,14 +406,6 @@ fn pipeline(
                 problems.add(
                     format!("{field}.source.malformed_fraction"),
                     format!("{fraction} is not between 0 and 1"),
-                );
-            }
-            if let Some(rate) = source_raw.events_per_second
-                && !(rate.is_finite() && rate > 0.0)
-            {
-                problems.add(
-                    format!("{field}.source.events_per_second"),
-                    format!("{rate} is not a positive rate"),
                 );
             }
             let simulated_rate = source_raw.simulated_rate.unwrap_or(defaults.simulated_rate);
@@ -466,6 +471,9 @@ fn pipeline(
                     } else {
                         Until::Stopped
                     },
+                    events_per_second: source_raw
+                        .events_per_second
+                        .filter(|r| r.is_finite() && *r > 0.0),
                 })),
                 _ => None,
             }

@@ -46,7 +46,7 @@ pub enum Until {
 }
 
 /// A Kafka source's settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct KafkaSourceSpec {
     /// Bootstrap servers, comma-separated `host:port`.
     pub brokers: String,
@@ -56,6 +56,8 @@ pub struct KafkaSourceSpec {
     pub group: String,
     /// Where to stop.
     pub until: Until,
+    /// Read no faster than this across the cluster; `None` is unthrottled.
+    pub events_per_second: Option<f64>,
 }
 
 /// A Kafka sink's settings.
@@ -471,6 +473,49 @@ pub fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), S
     Ok(())
 }
 
+/// Reads every message of `topic` from the beginning with one plain
+/// consumer (no group, no parsing) until `expected` messages have arrived:
+/// the ceiling `dima bench events` compares the Kafka source with.
+pub fn drain_topic(brokers: &str, topic: &str, expected: u64) -> Result<u64, String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "dima-bench-ceiling")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| format!("kafka {brokers}: {e}"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+        .map_err(|e| format!("kafka {brokers} topic {topic}: {e}"))?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len()) as i32;
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition_offset(topic, p, Offset::Beginning)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer.assign(&list).map_err(|e| e.to_string())?;
+    let mut read = 0u64;
+    let started = Instant::now();
+    while read < expected {
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(format!(
+                "kafka {brokers} topic {topic}: only {read} of {expected} messages in 10 minutes"
+            ));
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                read += 1;
+                std::hint::black_box(message.payload().map(<[u8]>::len));
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+            Some(Err(e)) => return Err(format!("kafka {brokers} topic {topic}: {e}")),
+        }
+    }
+    Ok(read)
+}
+
 #[cfg(test)]
 mod tests {
     use rdkafka::mocking::MockCluster;
@@ -514,6 +559,7 @@ mod tests {
             topic: "ads".into(),
             group: "g".into(),
             until: Until::End,
+            events_per_second: None,
         };
         let mut seen = Vec::new();
         for worker in 0..2 {
@@ -563,6 +609,7 @@ mod tests {
             topic: "ads".into(),
             group: "g".into(),
             until: Until::End,
+            events_per_second: None,
         };
         let mut source = KafkaSource::new(&spec, "ads", 0, 1).unwrap();
         let mut out = Vec::new();

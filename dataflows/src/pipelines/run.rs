@@ -426,7 +426,8 @@ fn build(
 
     let rate = match &spec.source {
         SourceSpec::Generator(g) => g.events_per_second.map(|r| r / peers as f64),
-        SourceSpec::Jsonl { .. } | SourceSpec::Kafka(_) => None,
+        SourceSpec::Kafka(k) => k.events_per_second.map(|r| r / peers as f64),
+        SourceSpec::Jsonl { .. } => None,
     };
     Runner {
         spec: spec.clone(),

@@ -49,6 +49,31 @@ pub struct SinkError {
     pub source: std::io::Error,
 }
 
+/// Buffers whole lines and hands them to `inner` in large writes that end
+/// at a line boundary, so a crash leaves at worst the torn tail of one write,
+/// never a half line in the middle of the file.
+struct WholeLines<W: Write> {
+    inner: W,
+    buffer: Vec<u8>,
+}
+
+impl<W: Write> Write for WholeLines<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(bytes);
+        if self.buffer.len() >= 1 << 16 && self.buffer.last() == Some(&b'\n') {
+            self.inner.write_all(&self.buffer)?;
+            self.buffer.clear();
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.write_all(&self.buffer)?;
+        self.buffer.clear();
+        self.inner.flush()
+    }
+}
+
 /// Writes lines to standard output, a file, a Kafka topic or nowhere, and
 /// counts them.
 pub struct LineWriter {
@@ -115,7 +140,10 @@ impl LineWriter {
             .open(path)
             .map_err(error)?;
         Ok(Self {
-            out: Some(Box::new(BufWriter::with_capacity(1 << 16, file))),
+            out: Some(Box::new(WholeLines {
+                inner: file,
+                buffer: Vec::with_capacity(1 << 17),
+            })),
             kafka: None,
             path: path.to_owned(),
             written: 0,
