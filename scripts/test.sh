@@ -22,6 +22,14 @@ echo "== the Kafka broker the integration tests start (cached in \${DIMA_CACHE_D
 DIMA_TANSU="$(scripts/tansu.sh)"
 export DIMA_TANSU
 
+echo "== reference outputs CI regenerates from the real packages (cached venv in \${DIMA_CACHE_DIR:-~/.cache/dima}/venv-ref)"
+venv="${DIMA_CACHE_DIR:-$HOME/.cache/dima}/venv-ref"
+if ! "$venv/bin/python" -c 'import linkedin.learner, scipy' 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q 'lambda-learner==0.1.0' 'scipy<1.18' 'numpy<3' scikit-learn
+fi
+OPENBLAS_NUM_THREADS=1 "$venv/bin/python" scripts/reference/lambda_learner_reference.py
+
 echo "== tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

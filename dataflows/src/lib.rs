@@ -28,6 +28,7 @@
 
 pub mod events;
 pub mod jobs;
+pub mod learner;
 mod metrics;
 pub mod pipelines;
 pub mod placement;
