@@ -28,6 +28,12 @@
 //! backtracking line search and Levenberg damping when the Hessian is not
 //! positive definite. It reaches the same optimum to solver precision.
 
+pub mod operator;
+
+pub use operator::{
+    EntityModel, Example, Learn, LearnerConfig, LearnerOutput, learn_sequential, learn_window,
+};
+
 /// A Gaussian posterior over one coefficient vector: mean and precision.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Posterior {
