@@ -93,6 +93,17 @@ fn examples_local_toml_runs_the_count_job() {
             20000
         );
         let name = p["name"].as_str().unwrap();
+        if name == "ads" {
+            // The learner ran: every valid impression became an example.
+            let learner = &p["learner"];
+            assert_eq!(
+                learner["examples"], p["by_type"]["ad_impression"],
+                "{learner}"
+            );
+            assert!(learner["updates"].as_u64().unwrap() > 0, "{learner}");
+            assert_eq!(learner["failed"], 0);
+            assert!(learner["auc"].as_f64().unwrap() > 0.5, "{learner}");
+        }
         assert!(
             done.stderr
                 .contains(&format!("{name}: read 20000 from generator")),

@@ -18,12 +18,12 @@ pub fn human(result: &Value) -> Vec<String> {
             .map(|pipelines| {
                 pipelines
                     .iter()
-                    .map(|p| {
+                    .flat_map(|p| {
                         let types: Vec<String> = p["by_type"]
                             .as_object()
                             .map(|m| m.iter().map(|(t, n)| format!("{t} {}", number(n))).collect())
                             .unwrap_or_default();
-                        format!(
+                        let mut lines = vec![format!(
                             "{}: read {} from {}, {} valid ({}), {} malformed -> {} (sink {}: {} written)",
                             p["name"].as_str().unwrap_or("?"),
                             number(&p["read"]),
@@ -34,7 +34,24 @@ pub fn human(result: &Value) -> Vec<String> {
                             p["dead_letter"]["path"].as_str().unwrap_or("?"),
                             p["sink"]["kind"].as_str().unwrap_or("?"),
                             number(&p["sink"]["written"]),
-                        )
+                        )];
+                        let l = &p["learner"];
+                        if l.is_object() {
+                            let metric = |v: &Value| v.as_f64().map_or("n/a".to_owned(), |x| format!("{x:.4}"));
+                            lines.push(format!(
+                                "{}: learner: {} examples ({} clicks), {} updates of {} campaign models over {} windows, {} failed; progressive AUC {}, logloss {}",
+                                p["name"].as_str().unwrap_or("?"),
+                                number(&l["examples"]),
+                                number(&l["positives"]),
+                                number(&l["updates"]),
+                                number(&l["entities"]),
+                                l["windows"].as_array().map_or(0, Vec::len),
+                                number(&l["failed"]),
+                                metric(&l["auc"]),
+                                metric(&l["logloss"]),
+                            ));
+                        }
+                        lines
                     })
                     .collect()
             })

@@ -79,6 +79,16 @@ pub(super) struct RawPipeline {
     pub source: Option<RawSource>,
     pub sink: Option<RawSink>,
     pub dead_letter: Option<RawDeadLetter>,
+    pub learner: Option<RawLearner>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLearner {
+    pub delta: Option<f64>,
+    pub lambda: Option<f64>,
+    pub hessian: Option<String>,
+    pub snapshots: Option<String>,
 }
 
 /// Every source kind's fields in one table; validation rejects the ones

@@ -9,7 +9,7 @@ use std::time::Duration;
 use dataflows::CountJob;
 use dataflows::events::Family;
 use dataflows::pipelines::kafka::{KafkaSinkSpec, KafkaSourceSpec, Until};
-use dataflows::pipelines::{GeneratorSpec, PipelineSpec, SinkSpec, SourceSpec};
+use dataflows::pipelines::{GeneratorSpec, LearnerSpec, PipelineSpec, SinkSpec, SourceSpec};
 
 use super::raw::{RawCountJob, RawManifest, RawPipeline, RawProcess, RawSource, RawTelemetry};
 use super::{
@@ -556,6 +556,46 @@ fn pipeline(
             .as_deref()
             .unwrap_or(&format!("dead-letter/{name}.jsonl")),
     );
+    let learner = raw.learner.and_then(|l| {
+        if family != Family::Ads {
+            problems.add(
+                format!("{field}.learner"),
+                "the incremental learner runs on ads pipelines only",
+            );
+            return None;
+        }
+        let delta = l.delta.unwrap_or(0.8);
+        if !(0.0..=1.0).contains(&delta) {
+            problems.add(
+                format!("{field}.learner.delta"),
+                format!("{delta} is not between 0 and 1"),
+            );
+        }
+        let lambda = l.lambda.unwrap_or(1.0);
+        if !(lambda.is_finite() && lambda >= 0.0) {
+            problems.add(
+                format!("{field}.learner.lambda"),
+                format!("{lambda} is not a non-negative number"),
+            );
+        }
+        let full = match l.hessian.as_deref().unwrap_or("full") {
+            "full" => true,
+            "diagonal" => false,
+            other => {
+                problems.add(
+                    format!("{field}.learner.hessian"),
+                    format!("{other:?} is not \"full\" or \"diagonal\""),
+                );
+                true
+            }
+        };
+        Some(LearnerSpec {
+            delta,
+            lambda,
+            full,
+            snapshots: l.snapshots.map(|s| resolve_path(base, &s)),
+        })
+    });
     Some(PipelineSpec {
         name,
         family,
@@ -565,6 +605,7 @@ fn pipeline(
         epoch_events: epoch_events.max(1),
         epoch_ms: epoch_ms.max(1),
         max_epochs_in_flight: max_epochs_in_flight.max(1),
+        learner,
     })
 }
 

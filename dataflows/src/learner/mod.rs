@@ -28,6 +28,7 @@
 //! backtracking line search and Levenberg damping when the Hessian is not
 //! positive definite. It reaches the same optimum to solver precision.
 
+pub mod ads;
 pub mod operator;
 
 pub use operator::{

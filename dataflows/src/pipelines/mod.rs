@@ -140,4 +140,20 @@ pub struct PipelineSpec {
     pub epoch_ms: u64,
     /// A worker stops reading while this many of its epochs are incomplete.
     pub max_epochs_in_flight: u64,
+    /// The incremental learner on this pipeline's events (ads only).
+    pub learner: Option<LearnerSpec>,
+}
+
+/// `[pipelines.<name>.learner]`: per-campaign random effects learned from
+/// impressions labelled by their clicks, one update per campaign per window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LearnerSpec {
+    /// Forgetting factor δ.
+    pub delta: f64,
+    /// L2 penalty λ.
+    pub lambda: f64,
+    /// Full (true) or diagonal precision.
+    pub full: bool,
+    /// Where model snapshots go (JSONL, worker 0), if anywhere.
+    pub snapshots: Option<PathBuf>,
 }

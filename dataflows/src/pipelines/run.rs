@@ -17,8 +17,10 @@ use timely::worker::Worker;
 
 use super::sink::{DeadLetter, LineWriter};
 use super::source::{self, Record, RecordSource};
-use super::{PipelineSpec, SourceSpec};
+use super::{LearnerSpec, PipelineSpec, SourceSpec};
 use crate::events::{Event, Family, TYPES, WireEvent, parse_bytes};
+use crate::learner::ads::{AD_FEATURES, LabelClicks, LearnerTally};
+use crate::learner::{Learn, LearnerConfig, LearnerOutput, StepParams};
 use crate::metrics::{DataflowMetrics, FrontierMetrics};
 use crate::placement::route;
 
@@ -52,7 +54,7 @@ fn classify(pipeline: &str, family: Family, record: Record) -> Parsed {
 }
 
 /// What one pipeline did, as reported by worker 0.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct PipelineSummary {
     /// The pipeline's name.
     pub name: String,
@@ -72,6 +74,9 @@ pub struct PipelineSummary {
     pub sink: SinkSummary,
     /// Dead-letter file and lines written.
     pub dead_letter: DeadLetterSummary,
+    /// What the learner did, when the pipeline has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learner: Option<crate::learner::ads::LearnerSummary>,
 }
 
 /// The sink part of a [`PipelineSummary`].
@@ -130,6 +135,7 @@ struct Runner {
     totals: Totals,
     sink: Rc<RefCell<Option<LineWriter>>>,
     dead: Rc<RefCell<Option<LineWriter>>>,
+    tally: Option<Rc<RefCell<LearnerTally>>>,
 }
 
 impl Runner {
@@ -310,6 +316,19 @@ fn build(
     let sink = Rc::new(RefCell::new(sink));
     let dead = Rc::new(RefCell::new(dead));
     let totals: Totals = Rc::new(RefCell::new((0, [0; 6])));
+    let tally = Rc::new(RefCell::new(LearnerTally::default()));
+    let snapshots = Rc::new(RefCell::new(match (&spec.learner, index) {
+        (
+            Some(LearnerSpec {
+                snapshots: Some(path),
+                ..
+            }),
+            0,
+        ) => LineWriter::file(path)
+            .map_err(|e| failed(e.to_string()))
+            .ok(),
+        _ => None,
+    }));
     let mut input = InputHandleVec::<u64, Record>::new();
     let probe = ProbeHandle::new();
     let name = spec.name.clone();
@@ -393,6 +412,61 @@ fn build(
                 },
             )
             .probe_with(&probe);
+        if let (Some(learner), Family::Ads) = (&spec.learner, family) {
+            let config = LearnerConfig {
+                p: AD_FEATURES.len(),
+                params: StepParams {
+                    delta: learner.delta,
+                    lambda: learner.lambda,
+                },
+                full: learner.full,
+            };
+            let tally = Rc::clone(&tally);
+            let snapshots = Rc::clone(&snapshots);
+            let errors = Rc::clone(errors);
+            let pipeline = name.clone();
+            valid
+                .clone()
+                .flat_map(|p| match p {
+                    Parsed::Valid(e) => Some(e),
+                    Parsed::Invalid(_) => None,
+                })
+                .label_clicks()
+                .learn(config)
+                .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                    Exchange::new(|_: &LearnerOutput| 0),
+                    "LearnerTally",
+                    move |_cap, _info| {
+                        move |input, _output| {
+                            input.for_each(|cap, data| {
+                                let window = cap.least().copied().unwrap_or(0);
+                                let mut tally = tally.borrow_mut();
+                                let mut snapshots = snapshots.borrow_mut();
+                                for output in data.drain(..) {
+                                    if let (Some(w), LearnerOutput::Snapshot { entity, version, theta }) =
+                                        (snapshots.as_mut(), &output)
+                                    {
+                                        let line = serde_json::json!({
+                                            "pipeline": pipeline, "window": window, "entity": entity,
+                                            "version": version, "theta": theta,
+                                        });
+                                        if let Err(e) = w.write_line(&line.to_string()) {
+                                            errors.borrow_mut().get_or_insert(e.to_string());
+                                        }
+                                    }
+                                    tally.add(window, output);
+                                }
+                                if let Some(w) = snapshots.as_mut()
+                                    && let Err(e) = w.flush()
+                                {
+                                    errors.borrow_mut().get_or_insert(e.to_string());
+                                }
+                            });
+                        }
+                    },
+                )
+                .probe_with(&probe);
+        }
         if has_sink {
             write_lines(
                 valid,
@@ -448,6 +522,7 @@ fn build(
         totals,
         sink,
         dead,
+        tally: spec.learner.is_some().then_some(tally),
     }
 }
 
@@ -531,6 +606,7 @@ pub fn run_pipelines(
                         path: r.spec.dead_letter.display().to_string(),
                         written: dead,
                     },
+                    learner: r.tally.as_ref().map(|t| t.borrow().summary()),
                 }
             })
             .collect()
@@ -564,6 +640,7 @@ mod tests {
             epoch_events: 500,
             epoch_ms: 1000,
             max_epochs_in_flight: 2,
+            learner: None,
         }
     }
 
