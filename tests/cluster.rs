@@ -76,7 +76,7 @@ fn examples_local_toml_runs_the_count_job() {
     assert_eq!(line["events"], 50000);
 
     // Without --job: the manifest's pipelines, both of them, with a summary.
-    let done = run_dima(&["up", local, "--events", "20000"], Duration::from_secs(60));
+    let done = run_dima(&["up", local, "--events", "60000"], Duration::from_secs(60));
     done.assert_success().assert_no_panic();
     let line: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
     assert_eq!(line["job"], "pipelines");
@@ -87,10 +87,10 @@ fn examples_local_toml_runs_the_count_job() {
         .collect();
     assert_eq!(names, ["ads", "dispatch"]);
     for p in pipelines {
-        assert_eq!(p["read"], 20000, "{p}");
+        assert_eq!(p["read"], 60000, "{p}");
         assert_eq!(
             p["valid"].as_u64().unwrap() + p["malformed"].as_u64().unwrap(),
-            20000
+            60000
         );
         let name = p["name"].as_str().unwrap();
         if name == "ads" {
@@ -106,7 +106,7 @@ fn examples_local_toml_runs_the_count_job() {
         }
         assert!(
             done.stderr
-                .contains(&format!("{name}: read 20000 from generator")),
+                .contains(&format!("{name}: read 60000 from generator")),
             "human summary on stderr:\n{}",
             done.stderr
         );
