@@ -246,6 +246,7 @@ fn write_lines<D: timely::ExchangeData>(
     errors: Rc<RefCell<Option<String>>>,
     line: impl Fn(D) -> (Option<u64>, String) + 'static,
     probe: &ProbeHandle<u64>,
+    counter: IntCounter,
 ) {
     stream
         .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
@@ -256,6 +257,7 @@ fn write_lines<D: timely::ExchangeData>(
                 move |(input, frontier), _output| {
                     let mut writer = writer.borrow_mut();
                     input.for_each(|_time, data| {
+                        counter.inc_by(data.len() as u64);
                         for d in data.drain(..) {
                             let (key, text) = line(d);
                             let written = match (writer.as_mut(), key) {
@@ -336,6 +338,8 @@ fn build(
     let dataflow = format!("pipeline.{name}");
     let parsed_counter = metrics.records(&dataflow, "parse", index);
     let counted = metrics.records(&dataflow, "count_by_type", index);
+    let sink_counter = metrics.records(&dataflow, "sink", index);
+    let dead_counter = metrics.records(&dataflow, "dead_letter", index);
     let has_sink = spec.sink != super::SinkSpec::None;
 
     worker.dataflow::<u64, _, _>(|scope| {
@@ -481,6 +485,7 @@ fn build(
                     Parsed::Invalid(_) => (None, String::new()),
                 },
                 &probe,
+                sink_counter,
             );
         } else {
             valid.probe_with(&probe);
@@ -495,6 +500,7 @@ fn build(
                 Parsed::Valid(_) => (None, String::new()),
             },
             &probe,
+            dead_counter,
         );
     });
 
