@@ -196,7 +196,12 @@ pub struct RequestCancelled {
 }
 
 /// Any event, tagged by its `type` field.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// Reading is hand-written ([`Deserialize`] below) so that the common case,
+/// `type` as the first field, streams straight into the event's struct;
+/// serde's derived internally tagged enums buffer every field first, which
+/// made parsing the pipelines' bottleneck.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     /// `ad_impression`.
@@ -211,6 +216,61 @@ pub enum Event {
     TripCompleted(TripCompleted),
     /// `request_cancelled`.
     RequestCancelled(RequestCancelled),
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(EventVisitor)
+    }
+}
+
+struct EventVisitor;
+
+/// Deserializes the event of type `kind` from `rest` (the other fields).
+fn event_of<'de, D: serde::Deserializer<'de>>(kind: &str, rest: D) -> Result<Event, D::Error> {
+    Ok(match kind {
+        "ad_impression" => Event::AdImpression(AdImpression::deserialize(rest)?),
+        "ad_click" => Event::AdClick(AdClick::deserialize(rest)?),
+        "ride_request" => Event::RideRequest(RideRequest::deserialize(rest)?),
+        "driver_status" => Event::DriverStatus(DriverStatus::deserialize(rest)?),
+        "trip_completed" => Event::TripCompleted(TripCompleted::deserialize(rest)?),
+        "request_cancelled" => Event::RequestCancelled(RequestCancelled::deserialize(rest)?),
+        other => return Err(serde::de::Error::unknown_variant(other, &TYPES)),
+    })
+}
+
+impl<'de> serde::de::Visitor<'de> for EventVisitor {
+    type Value = Event;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an event object with a \"type\" field")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Event, A::Error> {
+        let Some(first) = map.next_key::<std::borrow::Cow<'de, str>>()? else {
+            return Err(serde::de::Error::missing_field("type"));
+        };
+        if first == "type" {
+            let kind = map.next_value::<std::borrow::Cow<'de, str>>()?;
+            return event_of(&kind, serde::de::value::MapAccessDeserializer::new(map));
+        }
+        // `type` is not first: collect the fields, then dispatch.
+        let mut object = serde_json::Map::new();
+        object.insert(first.into_owned(), map.next_value()?);
+        while let Some((key, value)) = map.next_entry::<String, serde_json::Value>()? {
+            object.insert(key, value);
+        }
+        let kind = match object.remove("type") {
+            Some(serde_json::Value::String(kind)) => kind,
+            Some(other) => {
+                return Err(serde::de::Error::custom(format!(
+                    "type: {other} is not a string"
+                )));
+            }
+            None => return Err(serde::de::Error::missing_field("type")),
+        };
+        event_of(&kind, serde_json::Value::Object(object)).map_err(serde::de::Error::custom)
+    }
 }
 
 /// The same events with serde's default (external) enum tagging, for
@@ -527,6 +587,28 @@ mod tests {
                 "corruption {how}"
             );
         }
+    }
+
+    #[test]
+    fn type_may_come_anywhere_in_the_object() {
+        let line = r#"{"schema_version":1,"event_time":5,"impression_id":9,"member_id":7,"item_id":3,"campaign_id":1,"type":"ad_click"}"#;
+        assert_eq!(parse_line(line).unwrap().type_name(), "ad_click");
+        let reason = |t: &str| parse_line(t).unwrap_err().0;
+        assert!(
+            reason(&line.replace(",\"type\":\"ad_click\"", "")).contains("missing field `type`")
+        );
+        assert!(reason(&line.replace("\"ad_click\"", "7")).contains("type: 7 is not a string"));
+        assert!(
+            reason(&line.replace("\"member_id\":7,", "")).contains("missing field `member_id`")
+        );
+        assert!(
+            reason("[1,2]").contains("expected an event object"),
+            "{}",
+            reason("[1,2]")
+        );
+        assert!(
+            reason(r#"{"type":"ad_click","type":"ad_click"}"#).contains("unknown field `type`")
+        );
     }
 
     #[test]
