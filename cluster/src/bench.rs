@@ -56,8 +56,8 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// Writes a loopback manifest for `layout` running `job`.
-pub fn write_manifest(path: &Path, layout: Layout, job: &CountJob) -> anyhow::Result<()> {
+/// The cluster part of a loopback manifest for `layout`, on free ports.
+fn manifest_head(layout: Layout) -> anyhow::Result<String> {
     let mut text =
         String::from("[cluster]\nname = \"bench\"\n\n[telemetry]\nlog_level = \"warn\"\n\n");
     for _ in 0..layout.processes {
@@ -67,6 +67,12 @@ pub fn write_manifest(path: &Path, layout: Layout, job: &CountJob) -> anyhow::Re
             layout.workers
         ));
     }
+    Ok(text)
+}
+
+/// Writes a loopback manifest for `layout` running `job`.
+pub fn write_manifest(path: &Path, layout: Layout, job: &CountJob) -> anyhow::Result<()> {
+    let mut text = manifest_head(layout)?;
     text.push_str(&format!(
         "[jobs.count]\nevents = {}\nkeys = {}\nseed = {}\nepoch_events = {}\nmax_epochs_in_flight = {}\n",
         job.events, job.keys, job.seed, job.epoch_events, job.max_epochs_in_flight
@@ -273,15 +279,7 @@ fn time_pipeline(
     events: u64,
 ) -> anyhow::Result<f64> {
     let manifest = dir.join(format!("events-{layout}.toml"));
-    let mut text =
-        String::from("[cluster]\nname = \"bench\"\n\n[telemetry]\nlog_level = \"warn\"\n\n");
-    for _ in 0..layout.processes {
-        text.push_str(&format!(
-            "[[dataflow.processes]]\naddress = \"127.0.0.1:{}\"\nworkers = {}\n\n",
-            free_port()?,
-            layout.workers
-        ));
-    }
+    let mut text = manifest_head(layout)?;
     text.push_str("[pipelines.ads]\nepoch_events = 20000\n\n[pipelines.ads.source]\n");
     text.push_str(source_toml);
     std::fs::write(&manifest, text).with_context(|| format!("writing {}", manifest.display()))?;

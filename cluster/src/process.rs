@@ -234,14 +234,7 @@ pub fn run_process(
         })
         .map_err(RunError::Timely)?;
 
-    let first_worker = options.process * manifest.dataflow.workers_per_process();
-    let mut runs: Vec<CountRun> = Vec::new();
-    for (offset, result) in guards.join().into_iter().enumerate() {
-        runs.push(result.map_err(|message| RunError::Worker {
-            worker: first_worker + offset,
-            message,
-        })?);
-    }
+    let runs: Vec<CountRun> = join_workers(guards, manifest, options.process)?;
     let generated: u64 = runs.iter().map(|r| r.generated).sum();
     tracing::info!(
         generated,
@@ -252,6 +245,27 @@ pub fn run_process(
         return Err(RunError::Interrupted);
     }
     Ok(runs.first().and_then(|r| r.summary).map(|s| s.to_json()))
+}
+
+/// Waits for this process's workers; a worker that panicked is named by its
+/// global index.
+fn join_workers<T: Send + 'static>(
+    guards: timely::communication::WorkerGuards<T>,
+    manifest: &Manifest,
+    process: usize,
+) -> Result<Vec<T>, RunError> {
+    let first_worker = process * manifest.dataflow.workers_per_process();
+    guards
+        .join()
+        .into_iter()
+        .enumerate()
+        .map(|(offset, result)| {
+            result.map_err(|message| RunError::Worker {
+                worker: first_worker + offset,
+                message,
+            })
+        })
+        .collect()
 }
 
 /// The manifest's pipelines, with `--events` overriding every generator's count.
@@ -305,14 +319,7 @@ fn run_pipelines_process(
             run_pipelines(worker, &specs, &metrics, &stop)
         })
         .map_err(RunError::Timely)?;
-    let first_worker = options.process * manifest.dataflow.workers_per_process();
-    let mut runs: Vec<PipelinesRun> = Vec::new();
-    for (offset, result) in guards.join().into_iter().enumerate() {
-        runs.push(result.map_err(|message| RunError::Worker {
-            worker: first_worker + offset,
-            message,
-        })?);
-    }
+    let mut runs: Vec<PipelinesRun> = join_workers(guards, manifest, options.process)?;
     let read: u64 = runs.iter().map(|r| r.read).sum();
     tracing::info!(
         read,
