@@ -8,6 +8,7 @@ mod cluster;
 mod events;
 mod gemma;
 mod kafka;
+mod learner;
 mod manifest;
 mod models;
 mod telemetry;

@@ -150,6 +150,11 @@ enum Command {
         #[command(subcommand)]
         events: EventsCommand,
     },
+    /// The incremental learner's offline tools.
+    Learner {
+        #[command(subcommand)]
+        learner: LearnerCommand,
+    },
     /// Fetch and inspect model files.
     Models {
         #[command(subcommand)]
@@ -225,6 +230,56 @@ enum EventsCommand {
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum LearnerCommand {
+    /// Progressive validation of incremental, stale, periodic and lambda
+    /// updating over a logged CSV (header row; `.csv.gz` is decompressed).
+    Evaluate {
+        /// The log.
+        #[arg(long)]
+        input: PathBuf,
+        /// The entity of the random effects.
+        #[arg(long)]
+        entity_column: String,
+        /// The label: 0/1 or -1/+1.
+        #[arg(long)]
+        label_column: String,
+        /// Fixed-effect features (an intercept is added).
+        #[arg(long, value_delimiter = ',', default_value = "")]
+        features: Vec<String>,
+        /// Random-effect features (an intercept is added).
+        #[arg(long, value_delimiter = ',', default_value = "")]
+        entity_features: Vec<String>,
+        /// Rows per batch.
+        #[arg(long)]
+        batch_size: usize,
+        /// Batches trained on before evaluation starts.
+        #[arg(long)]
+        warmup_batches: usize,
+        /// Forgetting factor.
+        #[arg(long, default_value_t = 0.8)]
+        delta: f64,
+        /// L2 penalty.
+        #[arg(long, default_value_t = 1.0)]
+        lambda: f64,
+        /// Refit period of `periodic` and `lambda`, in batches.
+        #[arg(long, default_value_t = 10)]
+        refit_every: usize,
+        /// Posterior precision kept per entity.
+        #[arg(long, value_enum, default_value = "full")]
+        hessian: Hessian,
+        /// `text` (a table) or `json`.
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Hessian {
+    Full,
+    Diagonal,
 }
 
 #[derive(Debug, Subcommand)]
@@ -711,6 +766,102 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     ),
                 })
             }
+        }
+        Command::Learner {
+            learner:
+                LearnerCommand::Evaluate {
+                    input,
+                    entity_column,
+                    label_column,
+                    features,
+                    entity_features,
+                    batch_size,
+                    warmup_batches,
+                    delta,
+                    lambda,
+                    refit_every,
+                    hessian,
+                    format,
+                },
+        } => {
+            use dataflows::learner::StepParams;
+            use dataflows::learner::evaluate::{EvalConfig, evaluate, read_csv};
+            let usage = |message: String| Failure {
+                code: 2,
+                error: anyhow::anyhow!(message),
+            };
+            if !(0.0..=1.0).contains(delta) || !(lambda.is_finite() && *lambda >= 0.0) {
+                return Err(usage(format!(
+                    "--delta {delta} must be in [0, 1] and --lambda {lambda} at least 0"
+                )));
+            }
+            let keep = |v: &[String]| -> Vec<String> {
+                v.iter().filter(|s| !s.is_empty()).cloned().collect()
+            };
+            let file = std::fs::File::open(input)
+                .with_context(|| format!("opening {}", input.display()))?;
+            let reader: Box<dyn std::io::Read> = if input.extension().is_some_and(|e| e == "gz") {
+                Box::new(flate2::read::GzDecoder::new(file))
+            } else {
+                Box::new(file)
+            };
+            let data = read_csv(
+                std::io::BufReader::new(reader),
+                entity_column,
+                label_column,
+                &keep(features),
+                &keep(entity_features),
+            )
+            .map_err(|e| usage(format!("{}: {e}", input.display())))?;
+            let config = EvalConfig {
+                batch_size: *batch_size,
+                warmup_batches: *warmup_batches,
+                params: StepParams {
+                    delta: *delta,
+                    lambda: *lambda,
+                },
+                refit_every: *refit_every,
+                full: matches!(hessian, Hessian::Full),
+            };
+            let report = evaluate(&data, &config).map_err(|e| usage(e.to_string()))?;
+            match format {
+                OutputFormat::Json => println!("{}", serde_json::to_string(&report)?),
+                OutputFormat::Text => {
+                    let show = |v: Option<f64>| v.map_or("n/a".to_owned(), |x| format!("{x:.4}"));
+                    println!(
+                        "{} rows, {} entities; evaluated {} after {} warm-up batches of {}",
+                        data.len(),
+                        data.entities.len(),
+                        report.examples,
+                        warmup_batches,
+                        batch_size
+                    );
+                    println!(
+                        "{:<12} {:>8} {:>8}   AUC per quarter",
+                        "method", "AUC", "logloss"
+                    );
+                    for (name, m) in [
+                        ("incremental", &report.incremental),
+                        ("stale", &report.stale),
+                        ("periodic", &report.periodic),
+                        ("lambda", &report.lambda),
+                    ] {
+                        let quarters: Vec<String> =
+                            m.quarters.iter().map(|q| show(q.auc)).collect();
+                        println!(
+                            "{name:<12} {:>8} {:>8}   {}",
+                            show(m.overall.auc),
+                            show(m.overall.logloss),
+                            quarters.join(" ")
+                        );
+                    }
+                    println!(
+                        "incremental learned {:.0} examples/s; {} failed updates",
+                        report.learn_examples_per_s, report.failed_updates
+                    );
+                }
+            }
+            Ok(())
         }
         Command::Models {
             models: ModelsCommand::Fetch { name, python },

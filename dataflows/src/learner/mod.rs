@@ -29,6 +29,7 @@
 //! positive definite. It reaches the same optimum to solver precision.
 
 pub mod ads;
+pub mod evaluate;
 pub mod operator;
 
 pub use operator::{

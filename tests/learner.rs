@@ -1,0 +1,95 @@
+//! `dima learner evaluate` on a logged CSV.
+
+use std::time::Duration;
+
+use dima_tests::run_dima;
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// 30,000 rows, 60 campaigns whose intercepts drift every 500 rows.
+fn drifting_log() -> String {
+    let mut state = 12345u64;
+    let mut uniform = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut bias: Vec<f64> = (0..60).map(|_| -2.0 * uniform()).collect();
+    let mut out = String::from("campaign,clicked,age,slot\n");
+    for row in 0..30_000 {
+        if row % 500 == 0 {
+            for b in &mut bias {
+                *b += uniform() - 0.5;
+            }
+        }
+        let e = (uniform() * 60.0) as usize;
+        let (age, slot) = (2.0 * uniform() - 1.0, uniform());
+        let s = bias[e] + 0.8 * age - 1.2 * slot;
+        let y = u8::from(uniform() < 1.0 / (1.0 + (-s).exp()));
+        out.push_str(&format!("c{e},{y},{age:.4},{slot:.4}\n"));
+    }
+    out
+}
+
+#[test]
+fn evaluate_reports_every_method_and_incremental_beats_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.csv");
+    std::fs::write(&path, drifting_log()).unwrap();
+    let path = path.to_str().unwrap();
+    let args = [
+        "learner",
+        "evaluate",
+        "--input",
+        path,
+        "--entity-column",
+        "campaign",
+        "--label-column",
+        "clicked",
+        "--features",
+        "age",
+        "--entity-features",
+        "slot",
+        "--batch-size",
+        "1000",
+        "--warmup-batches",
+        "5",
+        "--delta",
+        "0.5",
+        "--refit-every",
+        "5",
+        "--format",
+        "json",
+    ];
+    let done = run_dima(&args, LIMIT);
+    done.assert_success();
+    let report: Value = serde_json::from_str(done.last_line()).unwrap();
+    assert_eq!(report["examples"], 25_000);
+    assert!(report["learn_examples_per_s"].as_f64().unwrap() > 0.0);
+    let auc = |m: &str| report[m]["auc"].as_f64().unwrap();
+    for m in ["incremental", "stale", "periodic", "lambda"] {
+        assert!(report[m]["logloss"].as_f64().unwrap().is_finite(), "{m}");
+        assert_eq!(report[m]["quarters"].as_array().unwrap().len(), 4, "{m}");
+    }
+    assert!(auc("incremental") > auc("stale") + 0.05, "{report}");
+    assert!(auc("incremental") > auc("periodic"), "{report}");
+
+    let text = run_dima(&args[..args.len() - 2], LIMIT);
+    text.assert_success();
+    assert!(text.stdout.contains("incremental"), "{}", text.stdout);
+
+    let mut bad = args.to_vec();
+    bad[7] = "label";
+    let done = run_dima(&bad, LIMIT);
+    assert_eq!(done.status.code(), Some(2));
+    assert!(
+        done.stderr.contains(
+            "column \"label\" is not in the header (columns: campaign, clicked, age, slot)"
+        ),
+        "{}",
+        done.stderr
+    );
+    done.assert_no_panic();
+}
