@@ -790,7 +790,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 code: 2,
                 error: anyhow::anyhow!(message),
             };
-            if !(0.0..=1.0).contains(delta) || !(lambda.is_finite() && *lambda >= 0.0) {
+            if !((0.0..=1.0).contains(delta) && lambda.is_finite() && *lambda >= 0.0) {
                 return Err(usage(format!(
                     "--delta {delta} must be in [0, 1] and --lambda {lambda} at least 0"
                 )));
