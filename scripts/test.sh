@@ -29,6 +29,7 @@ if ! "$venv/bin/python" -c 'import linkedin.learner, scipy' 2>/dev/null; then
   "$venv/bin/python" -m pip install -q 'lambda-learner==0.1.0' 'scipy<1.18' 'numpy<3' scikit-learn
 fi
 OPENBLAS_NUM_THREADS=1 "$venv/bin/python" scripts/reference/lambda_learner_reference.py
+"$venv/bin/python" scripts/reference/assignment_reference.py
 
 echo "== tests"
 log=$(mktemp)

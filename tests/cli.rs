@@ -45,3 +45,56 @@ fn unknown_job_is_a_usage_error() {
         done.stderr
     );
 }
+
+#[test]
+fn assign_solves_json_and_csv_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dima_tests::write(
+        dir.path(),
+        "p.json",
+        r#"{"rows":3,"cols":2,"edges":[[0,0,3],[0,1,5],[1,0,4],[2,1,-2]]}"#,
+    );
+    let done = run_dima(
+        &[
+            "assign",
+            "--input",
+            json.to_str().unwrap(),
+            "--maximize",
+            "--format",
+            "json",
+        ],
+        Duration::from_secs(10),
+    );
+    done.assert_success();
+    let v: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
+    assert_eq!(v["objective"], 9.0);
+    assert_eq!(v["pairs"], serde_json::json!([[0, 1], [1, 0]]));
+    // scipy's linear_sum_assignment gives 5 for this matrix.
+    let csv = dima_tests::write(dir.path(), "p.csv", "4,1,3\n2,0,5\n3,2,2\n");
+    let done = run_dima(
+        &[
+            "assign",
+            "--input",
+            csv.to_str().unwrap(),
+            "--complete",
+            "--format",
+            "json",
+        ],
+        Duration::from_secs(10),
+    );
+    done.assert_success();
+    let v: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
+    assert_eq!(v["objective"], 5.0);
+    let bad = dima_tests::write(dir.path(), "bad.csv", "1,2\n3,nan\n");
+    let done = run_dima(
+        &["assign", "--input", bad.to_str().unwrap()],
+        Duration::from_secs(10),
+    );
+    assert_eq!(done.status.code(), Some(2));
+    assert!(
+        done.stderr.contains("weight NaN is not a finite number"),
+        "{}",
+        done.stderr
+    );
+    done.assert_no_panic();
+}

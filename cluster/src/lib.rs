@@ -17,6 +17,7 @@
 //! assert_eq!(manifest.dataflow.total_workers(), 2);
 //! ```
 
+pub mod assign;
 pub mod bench;
 pub mod events;
 pub mod launcher;

@@ -150,6 +150,25 @@ enum Command {
         #[command(subcommand)]
         events: EventsCommand,
     },
+    /// Solve an assignment problem from a file: a JSON edge list
+    /// `{"rows":R,"cols":C,"edges":[[r,c,w],...]}` (pairs not listed are
+    /// forbidden) or a dense CSV matrix (every cell a weight).
+    Assign {
+        /// The problem (`.json` or `.csv`).
+        #[arg(long)]
+        input: PathBuf,
+        /// Maximise the total weight (default: minimise).
+        #[arg(long)]
+        maximize: bool,
+        /// Match exactly min(rows, cols) pairs (scipy's
+        /// `linear_sum_assignment`) instead of letting rows and columns stay
+        /// unmatched at weight 0.
+        #[arg(long)]
+        complete: bool,
+        /// `text` or `json` (`{"objective":x,"pairs":[[r,c],...]}`).
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
     /// The incremental learner's offline tools.
     Learner {
         #[command(subcommand)]
@@ -766,6 +785,40 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     ),
                 })
             }
+        }
+        Command::Assign {
+            input,
+            maximize,
+            complete,
+            format,
+        } => {
+            let problem =
+                cluster::assign::read_problem(input).map_err(|e| Failure { code: 2, error: e })?;
+            let solved = if *complete {
+                problem.solve_complete(*maximize)
+            } else {
+                problem.solve_partial(*maximize)
+            }
+            .map_err(|e| Failure {
+                code: 2,
+                error: anyhow::anyhow!("{}: {e}", input.display()),
+            })?;
+            match format {
+                OutputFormat::Json => println!("{}", serde_json::to_string(&solved)?),
+                OutputFormat::Text => {
+                    println!(
+                        "objective {} with {} pair(s) ({} x {})",
+                        solved.objective,
+                        solved.pairs.len(),
+                        problem.rows,
+                        problem.cols
+                    );
+                    for (r, c) in &solved.pairs {
+                        println!("{r} {c}");
+                    }
+                }
+            }
+            Ok(())
         }
         Command::Learner {
             learner:

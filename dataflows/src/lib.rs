@@ -29,6 +29,7 @@
 pub mod events;
 pub mod jobs;
 pub mod learner;
+pub mod matching;
 mod metrics;
 pub mod pipelines;
 pub mod placement;
