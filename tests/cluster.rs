@@ -102,6 +102,8 @@ fn examples_local_toml_runs_the_count_job() {
             );
             assert!(learner["updates"].as_u64().unwrap() > 0, "{learner}");
             assert_eq!(learner["failed"], 0);
+            // 3 windows, the fixed effect refit every 2.
+            assert_eq!(learner["fixed_effect_refits"], 1, "{learner}");
             assert!(learner["auc"].as_f64().unwrap() > 0.5, "{learner}");
         }
         assert!(

@@ -89,6 +89,10 @@ pub(super) struct RawLearner {
     pub lambda: Option<f64>,
     pub hessian: Option<String>,
     pub snapshots: Option<String>,
+    pub fixed_effect_every: Option<u64>,
+    pub fixed_effect_history: Option<u64>,
+    pub fixed_effect_lambda: Option<f64>,
+    pub reanchor: Option<String>,
 }
 
 /// Every source kind's fields in one table; validation rejects the ones

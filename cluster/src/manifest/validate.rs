@@ -589,11 +589,41 @@ fn pipeline(
                 true
             }
         };
+        use dataflows::learner::Reanchor;
+        let reanchor = match l.reanchor.as_deref().unwrap_or("shift") {
+            "keep" => Reanchor::Keep,
+            "reset" => Reanchor::Reset,
+            "shift" => Reanchor::Shift,
+            other => {
+                problems.add(
+                    format!("{field}.learner.reanchor"),
+                    format!("{other:?} is not \"shift\", \"keep\" or \"reset\""),
+                );
+                Reanchor::Shift
+            }
+        };
+        let fe_lambda = l.fixed_effect_lambda.unwrap_or(lambda);
+        if !(fe_lambda.is_finite() && fe_lambda >= 0.0) {
+            problems.add(
+                format!("{field}.learner.fixed_effect_lambda"),
+                format!("{fe_lambda} is not a non-negative number"),
+            );
+        }
+        let fixed = match l.fixed_effect_every.unwrap_or(0) {
+            0 => None,
+            every => Some(dataflows::learner::operator::FixedEffectConfig {
+                every,
+                history: l.fixed_effect_history.unwrap_or(0),
+                lambda: fe_lambda,
+                reanchor,
+            }),
+        };
         Some(LearnerSpec {
             delta,
             lambda,
             full,
             snapshots: l.snapshots.map(|s| resolve_path(base, &s)),
+            fixed,
         })
     });
     Some(PipelineSpec {

@@ -188,6 +188,8 @@ pub struct LearnerSummary {
     pub failed: u64,
     /// Entities with a model.
     pub entities: u64,
+    /// Fixed-effect refits.
+    pub fixed_effect_refits: u64,
     /// Progressive AUC over the whole run.
     pub auc: Option<f64>,
     /// Progressive mean log loss over the whole run.
@@ -203,6 +205,7 @@ pub struct LearnerTally {
     entities: FxHashSet<u64>,
     updates: u64,
     failed: u64,
+    fixed_versions: u64,
 }
 
 impl LearnerTally {
@@ -217,6 +220,9 @@ impl LearnerTally {
                 self.entities.insert(entity);
             }
             LearnerOutput::Failed { .. } => self.failed += 1,
+            LearnerOutput::FixedEffect { version, .. } => {
+                self.fixed_versions = self.fixed_versions.max(version);
+            }
         }
     }
 
@@ -242,6 +248,7 @@ impl LearnerTally {
             updates: self.updates,
             failed: self.failed,
             entities: self.entities.len() as u64,
+            fixed_effect_refits: self.fixed_versions,
             logloss: logloss(&all),
             auc: auc(&mut all),
             windows,

@@ -33,7 +33,8 @@ pub mod evaluate;
 pub mod operator;
 
 pub use operator::{
-    EntityModel, Example, Learn, LearnerConfig, LearnerOutput, learn_sequential, learn_window,
+    EntityModel, Example, FixedEffectConfig, Learn, LearnerConfig, LearnerOutput, Reanchor,
+    learn_sequential, learn_window,
 };
 
 /// A Gaussian posterior over one coefficient vector: mean and precision.

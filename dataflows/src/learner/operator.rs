@@ -64,6 +64,130 @@ pub enum LearnerOutput {
         /// Why.
         reason: String,
     },
+    /// A new fixed-effect model (reported once, by worker 0).
+    FixedEffect {
+        /// Its version.
+        version: u64,
+        /// The coefficients.
+        theta: Vec<f64>,
+    },
+}
+
+/// The global fixed effect's schedule: refit every `every` windows on the
+/// examples of the last `history` windows (0: all so far), ridge λ.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FixedEffectConfig {
+    /// Refit period, in windows.
+    pub every: u64,
+    /// Windows of history (0 keeps everything).
+    pub history: u64,
+    /// Ridge penalty.
+    pub lambda: f64,
+    /// What happens to the random effects when a new fixed effect arrives.
+    pub reanchor: Reanchor,
+}
+
+/// How random effects follow a new fixed effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reanchor {
+    /// Keep them as they are.
+    Keep,
+    /// Back to the prior (the "lambda architecture" restart).
+    Reset,
+    /// Shift every mean by minus the fixed effect's change, so that every
+    /// prediction is unchanged at the switch (the random effects' features
+    /// must be the fixed effect's).
+    Shift,
+}
+
+/// Applies `mode` to `models` as the fixed effect goes from `old` to `new`.
+fn reanchor(
+    models: &mut BTreeMap<u64, EntityModel>,
+    mode: Reanchor,
+    old: Option<&FixedModel>,
+    new: &FixedModel,
+) {
+    match mode {
+        Reanchor::Keep => {}
+        Reanchor::Reset => models.clear(),
+        Reanchor::Shift => {
+            for model in models.values_mut() {
+                for (j, t) in model.posterior.theta.iter_mut().enumerate() {
+                    let before = old.and_then(|m| m.theta.get(j)).copied().unwrap_or(0.0);
+                    *t -= new.theta.get(j).copied().unwrap_or(0.0) - before;
+                }
+            }
+        }
+    }
+}
+
+/// A fitted fixed effect, as it flows between operators.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FixedModel {
+    /// The last window its data came from.
+    pub window: u64,
+    /// Its version (1, 2, …).
+    pub version: u64,
+    /// The coefficients.
+    pub theta: Vec<f64>,
+}
+
+/// Keeps the fixed effect's training history and refits on schedule.
+#[derive(Clone, Debug, Default)]
+pub struct FixedTrainer {
+    windows: std::collections::VecDeque<(u64, Vec<Example>)>,
+    version: u64,
+}
+
+impl FixedTrainer {
+    /// Adds window `window`'s examples and, when the schedule says so,
+    /// returns the refit model.
+    pub fn window_done(
+        &mut self,
+        window: u64,
+        mut examples: Vec<Example>,
+        p: usize,
+        config: &FixedEffectConfig,
+    ) -> Option<FixedModel> {
+        examples.sort_by_key(|e| e.id);
+        self.windows.push_back((window, examples));
+        if config.history > 0 {
+            while self.windows.len() as u64 > config.history {
+                self.windows.pop_front();
+            }
+        }
+        if !(window + 1).is_multiple_of(config.every.max(1)) {
+            return None;
+        }
+        let mut batch = Batch::new(p);
+        for (_, examples) in &self.windows {
+            for e in examples.iter().filter(|e| e.x.len() == p) {
+                batch.push(&e.x, e.y, e.w, 0.0);
+            }
+        }
+        let lambda = config.lambda.max(1e-6);
+        let fit = step(
+            &Posterior::unseen(p, lambda, true),
+            &batch,
+            StepParams { delta: 0.0, lambda },
+        )
+        .ok()?;
+        self.version += 1;
+        Some(FixedModel {
+            window,
+            version: self.version,
+            theta: fit.posterior.theta,
+        })
+    }
+}
+
+/// Sets every example's offset to the fixed effect's score.
+fn apply_offsets(examples: &mut [Example], fixed: Option<&FixedModel>) {
+    if let Some(model) = fixed {
+        for e in examples {
+            e.offset = e.x.iter().zip(&model.theta).map(|(a, b)| a * b).sum();
+        }
+    }
 }
 
 /// The learner's settings.
@@ -75,6 +199,8 @@ pub struct LearnerConfig {
     pub params: StepParams,
     /// Full (true) or diagonal precision.
     pub full: bool,
+    /// The fixed effect, when there is one (offsets stay as given otherwise).
+    pub fixed: Option<FixedEffectConfig>,
 }
 
 /// The state of one entity.
@@ -140,15 +266,31 @@ pub fn learn_window(
     }
 }
 
-/// The oracle: every window in order, one loop, one thread.
+/// The oracle: every window in order, one loop, one thread. Window `t` is
+/// scored and learned with the newest fixed effect fitted on windows before
+/// `t`; the fixed effect then takes window `t` into its history.
 pub fn learn_sequential(
     windows: &[Vec<Example>],
     config: &LearnerConfig,
 ) -> (BTreeMap<u64, EntityModel>, Vec<LearnerOutput>) {
     let mut models = BTreeMap::new();
     let mut out = Vec::new();
-    for window in windows {
-        learn_window(&mut models, window.clone(), config, &mut out);
+    let mut trainer = FixedTrainer::default();
+    let mut fixed: Option<FixedModel> = None;
+    for (t, window) in windows.iter().enumerate() {
+        let mut examples = window.clone();
+        apply_offsets(&mut examples, fixed.as_ref());
+        learn_window(&mut models, examples.clone(), config, &mut out);
+        if let Some(fe) = &config.fixed
+            && let Some(model) = trainer.window_done(t as u64, examples, config.p, fe)
+        {
+            reanchor(&mut models, fe.reanchor, fixed.as_ref(), &model);
+            out.push(LearnerOutput::FixedEffect {
+                version: model.version,
+                theta: model.theta.clone(),
+            });
+            fixed = Some(model);
+        }
     }
     (models, out)
 }
@@ -156,45 +298,138 @@ pub fn learn_sequential(
 /// The learner as an operator on a stream of examples.
 pub trait Learn<'scope> {
     /// Exchanges examples by entity and learns one window per epoch; emits
-    /// scores, snapshots and failures at the window's timestamp.
+    /// scores, snapshots and failures at the window's timestamp. With a fixed
+    /// effect configured, worker 0 refits it on schedule and broadcasts it;
+    /// window `t` uses the newest model fitted on windows before `t` (so it is
+    /// at most `every` windows stale).
     fn learn(self, config: LearnerConfig) -> StreamVec<'scope, u64, LearnerOutput>;
 }
 
+type Held = (timely::dataflow::operators::Capability<u64>, Vec<Example>);
+
 impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
     fn learn(self, config: LearnerConfig) -> StreamVec<'scope, u64, LearnerOutput> {
-        let pact = Exchange::new(|e: &Example| route(e.entity));
-        self.unary_frontier(pact, "Learn", move |_initial, _info| {
-            let mut pending: FxHashMap<
-                u64,
-                (timely::dataflow::operators::Capability<u64>, Vec<Example>),
-            > = FxHashMap::default();
-            let mut models: BTreeMap<u64, EntityModel> = BTreeMap::new();
-            move |(input, frontier), output| {
-                input.for_each(|cap, data| {
-                    let Some(&time) = cap.least() else {
-                        return;
-                    };
-                    if let Some((_, examples)) = pending.get_mut(&time) {
-                        examples.append(data);
-                    } else if let Some(held) = cap.retain_least(0) {
-                        pending.insert(time, (held, std::mem::take(data)));
+        use timely::dataflow::channels::pact::Pipeline;
+        use timely::dataflow::operators::Concat;
+        use timely::dataflow::operators::vec::Broadcast;
+
+        let worker = self.scope().index();
+        // The fixed effect: every example to worker 0, refit on schedule,
+        // broadcast to every worker.
+        let fixed_config = config.fixed;
+        let fitted = self
+            .clone()
+            .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<FixedModel>>, _, _, _>(
+                Exchange::new(|_: &Example| 0),
+                "FitFixedEffect",
+                move |_initial, _info| {
+                    let mut pending: BTreeMap<u64, Held> = BTreeMap::new();
+                    let mut trainer = FixedTrainer::default();
+                    move |(input, frontier), output| {
+                        input.for_each(|cap, data| {
+                            let Some(&time) = cap.least() else {
+                                return;
+                            };
+                            if fixed_config.is_none() {
+                                data.clear();
+                                return;
+                            }
+                            if let Some((_, examples)) = pending.get_mut(&time) {
+                                examples.append(data);
+                            } else if let Some(held) = cap.retain_least(0) {
+                                pending.insert(time, (held, std::mem::take(data)));
+                            }
+                        });
+                        let Some(fe) = &fixed_config else {
+                            return;
+                        };
+                        while let Some((&time, _)) = pending.first_key_value() {
+                            if frontier.less_equal(&time) {
+                                break;
+                            }
+                            if let Some((cap, examples)) = pending.remove(&time)
+                                && let Some(model) =
+                                    trainer.window_done(time, examples, config.p, fe)
+                            {
+                                output.session(&cap).give(model);
+                            }
+                        }
                     }
-                });
-                let mut ready: Vec<u64> = pending
-                    .keys()
-                    .copied()
-                    .filter(|t| !frontier.less_equal(t))
-                    .collect();
-                ready.sort_unstable();
-                for time in ready {
-                    if let Some((cap, examples)) = pending.remove(&time) {
-                        let mut out = Vec::new();
-                        learn_window(&mut models, examples, &config, &mut out);
-                        output.session(&cap).give_iterator(out.into_iter());
+                },
+            )
+            .broadcast();
+
+        let pact = Exchange::new(|e: &Example| route(e.entity));
+        let learned = self.binary_frontier(
+            fitted.clone(),
+            pact,
+            Pipeline,
+            "Learn",
+            move |_initial, _info| {
+                let mut pending: FxHashMap<u64, Held> = FxHashMap::default();
+                let mut fixed: BTreeMap<u64, FixedModel> = BTreeMap::new();
+                let mut models: BTreeMap<u64, EntityModel> = BTreeMap::new();
+                let mut current: Option<FixedModel> = None;
+                move |(input, frontier), (fixed_input, fixed_frontier), output| {
+                    input.for_each(|cap, data| {
+                        let Some(&time) = cap.least() else {
+                            return;
+                        };
+                        if let Some((_, examples)) = pending.get_mut(&time) {
+                            examples.append(data);
+                        } else if let Some(held) = cap.retain_least(0) {
+                            pending.insert(time, (held, std::mem::take(data)));
+                        }
+                    });
+                    fixed_input.for_each(|_cap, data| {
+                        for model in data.drain(..) {
+                            fixed.insert(model.window, model);
+                        }
+                    });
+                    let mut ready: Vec<u64> = pending
+                        .keys()
+                        .copied()
+                        .filter(|t| {
+                            !frontier.less_equal(t)
+                                && (*t == 0 || !fixed_frontier.less_equal(&(t - 1)))
+                        })
+                        .collect();
+                    ready.sort_unstable();
+                    for time in ready {
+                        if let Some((cap, mut examples)) = pending.remove(&time) {
+                            let newest = fixed.range(..time).next_back().map(|(_, m)| m);
+                            if let Some(model) = newest
+                                && current.as_ref().map(|c| c.version) != Some(model.version)
+                            {
+                                if let Some(fe) = &config.fixed {
+                                    reanchor(&mut models, fe.reanchor, current.as_ref(), model);
+                                }
+                                current = Some(model.clone());
+                            }
+                            apply_offsets(&mut examples, newest);
+                            let mut out = Vec::new();
+                            learn_window(&mut models, examples, &config, &mut out);
+                            output.session(&cap).give_iterator(out.into_iter());
+                        }
                     }
                 }
+            },
+        );
+        // Report each fixed-effect model once: worker 0's copy.
+        let reported = fitted.unary(Pipeline, "ReportFixedEffect", move |_cap, _info| {
+            move |input, output| {
+                input.for_each(|cap, data| {
+                    let mut session = output.session(&cap);
+                    for model in data.drain(..).filter(|_| worker == 0) {
+                        session.give(LearnerOutput::FixedEffect {
+                            version: model.version,
+                            theta: model.theta,
+                        });
+                    }
+                });
             }
-        })
+        });
+        learned.concat(reported)
     }
 }
 
@@ -250,6 +485,12 @@ mod tests {
             lambda: 1.0,
         },
         full: true,
+        fixed: Some(FixedEffectConfig {
+            every: 2,
+            history: 3,
+            lambda: 1.0,
+            reanchor: Reanchor::Shift,
+        }),
     };
 
     /// The distributed operator with 1, 2 and 4 workers gives exactly the
@@ -275,6 +516,11 @@ mod tests {
             .collect();
         expected_snapshots.sort();
         assert!(expected_snapshots.len() > 100);
+        let refits = expected
+            .iter()
+            .filter(|o| matches!(o, LearnerOutput::FixedEffect { .. }))
+            .count();
+        assert_eq!(refits, 3, "6 windows, a refit every 2");
         for workers in [1, 2, 4] {
             let data = data.clone();
             let seen = Arc::new(Mutex::new(Vec::new()));
@@ -287,6 +533,10 @@ mod tests {
                         .input_from(&mut input)
                         .learn(CONFIG)
                         .inspect(move |o| {
+                            if let LearnerOutput::FixedEffect { version, .. } = o {
+                                // Fixed effects are reported once, as entity u64::MAX.
+                                sink.lock().unwrap().push((u64::MAX, *version, Vec::new()));
+                            }
                             if let LearnerOutput::Snapshot {
                                 entity,
                                 version,
@@ -318,6 +568,17 @@ mod tests {
             .unwrap();
             let mut got = seen.lock().unwrap().clone();
             got.sort();
+            let reported: Vec<u64> = got
+                .iter()
+                .filter(|g| g.0 == u64::MAX)
+                .map(|g| g.1)
+                .collect();
+            assert_eq!(
+                reported,
+                vec![1, 2, 3],
+                "{workers} workers: each refit reported once"
+            );
+            got.retain(|g| g.0 != u64::MAX);
             assert!(
                 got == expected_snapshots,
                 "{workers} workers differ from the oracle"

@@ -156,4 +156,6 @@ pub struct LearnerSpec {
     pub full: bool,
     /// Where model snapshots go (JSONL, worker 0), if anywhere.
     pub snapshots: Option<PathBuf>,
+    /// The global fixed effect and its refit schedule, if any.
+    pub fixed: Option<crate::learner::operator::FixedEffectConfig>,
 }

@@ -424,6 +424,7 @@ fn build(
                     lambda: learner.lambda,
                 },
                 full: learner.full,
+                fixed: learner.fixed,
             };
             let tally = Rc::clone(&tally);
             let snapshots = Rc::clone(&snapshots);
