@@ -48,6 +48,22 @@ const EPOCHS_COMPLETED: MetricFamily = MetricFamily {
     kind: MetricKind::Counter,
 };
 
+const LEARNER_AUC: MetricFamily = MetricFamily {
+    name: "dima_learner_auc",
+    help: "Progressive-validation AUC of a pipeline's learner over its last completed window.",
+    kind: MetricKind::Gauge,
+};
+const LEARNER_LOGLOSS: MetricFamily = MetricFamily {
+    name: "dima_learner_logloss",
+    help: "Progressive-validation mean log loss of a pipeline's learner over its last completed window.",
+    kind: MetricKind::Gauge,
+};
+const LEARNER_EXAMPLES: MetricFamily = MetricFamily {
+    name: "dima_learner_examples_total",
+    help: "Examples a pipeline's learner has scored and learned from.",
+    kind: MetricKind::Counter,
+};
+
 /// Metric families shared by every dataflow of one process.
 #[derive(Clone, Debug)]
 pub struct DataflowMetrics {
@@ -55,6 +71,20 @@ pub struct DataflowMetrics {
     lag_epochs: IntGaugeVec,
     lag_seconds: prometheus::GaugeVec,
     epochs_completed: IntCounterVec,
+    learner_auc: prometheus::GaugeVec,
+    learner_logloss: prometheus::GaugeVec,
+    learner_examples: IntCounterVec,
+}
+
+/// The learner gauges of one pipeline (set by worker 0).
+#[derive(Clone, Debug)]
+pub struct LearnerMetrics {
+    /// AUC of the last completed window.
+    pub auc: prometheus::Gauge,
+    /// Log loss of the last completed window.
+    pub logloss: prometheus::Gauge,
+    /// Examples so far.
+    pub examples: IntCounter,
 }
 
 impl DataflowMetrics {
@@ -69,18 +99,44 @@ impl DataflowMetrics {
         registry.register(Box::new(lag_epochs.clone()))?;
         registry.register(Box::new(lag_seconds.clone()))?;
         registry.register(Box::new(epochs_completed.clone()))?;
+        let learner_auc = prometheus::GaugeVec::new(opts(LEARNER_AUC), &["dataflow"])?;
+        let learner_logloss = prometheus::GaugeVec::new(opts(LEARNER_LOGLOSS), &["dataflow"])?;
+        let learner_examples = IntCounterVec::new(opts(LEARNER_EXAMPLES), &["dataflow"])?;
+        registry.register(Box::new(learner_auc.clone()))?;
+        registry.register(Box::new(learner_logloss.clone()))?;
+        registry.register(Box::new(learner_examples.clone()))?;
         Ok(Self {
             records,
             lag_epochs,
             lag_seconds,
             epochs_completed,
+            learner_auc,
+            learner_logloss,
+            learner_examples,
         })
+    }
+
+    /// The learner gauges of `dataflow`.
+    pub fn learner(&self, dataflow: &str) -> LearnerMetrics {
+        LearnerMetrics {
+            auc: self.learner_auc.with_label_values(&[dataflow]),
+            logloss: self.learner_logloss.with_label_values(&[dataflow]),
+            examples: self.learner_examples.with_label_values(&[dataflow]),
+        }
     }
 
     /// The families [`register`](Self::register) adds, for exporters that
     /// need to declare instruments before any sample exists.
-    pub fn families() -> [MetricFamily; 4] {
-        [RECORDS, LAG_EPOCHS, LAG_SECONDS, EPOCHS_COMPLETED]
+    pub fn families() -> [MetricFamily; 7] {
+        [
+            RECORDS,
+            LAG_EPOCHS,
+            LAG_SECONDS,
+            EPOCHS_COMPLETED,
+            LEARNER_AUC,
+            LEARNER_LOGLOSS,
+            LEARNER_EXAMPLES,
+        ]
     }
 
     /// Metrics that go nowhere, for tests and benchmarks that do not scrape.

@@ -226,6 +226,18 @@ impl LearnerTally {
         }
     }
 
+    /// One past the last window with scores (0 when none).
+    pub fn next_window(&self) -> u64 {
+        self.scored.keys().next_back().map_or(0, |w| w + 1)
+    }
+
+    /// AUC and logloss of `window`, when it has scores.
+    pub fn window_metrics(&self, window: u64) -> Option<(Option<f64>, Option<f64>, u64)> {
+        let scored = self.scored.get(&window)?;
+        let mut copy = scored.clone();
+        Some((auc(&mut copy), logloss(scored), scored.len() as u64))
+    }
+
     /// The summary so far.
     pub fn summary(&self) -> LearnerSummary {
         let mut all: Vec<(f64, f64)> = self.scored.values().flatten().copied().collect();

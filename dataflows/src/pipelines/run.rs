@@ -430,6 +430,7 @@ fn build(
             let snapshots = Rc::clone(&snapshots);
             let errors = Rc::clone(errors);
             let pipeline = name.clone();
+            let gauges = metrics.learner(&dataflow);
             valid
                 .clone()
                 .flat_map(|p| match p {
@@ -438,11 +439,12 @@ fn build(
                 })
                 .label_clicks()
                 .learn(config)
-                .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
                     Exchange::new(|_: &LearnerOutput| 0),
                     "LearnerTally",
                     move |_cap, _info| {
-                        move |input, _output| {
+                        let mut reported = 0u64;
+                        move |(input, frontier), _output| {
                             input.for_each(|cap, data| {
                                 let window = cap.least().copied().unwrap_or(0);
                                 let mut tally = tally.borrow_mut();
@@ -467,6 +469,22 @@ fn build(
                                     errors.borrow_mut().get_or_insert(e.to_string());
                                 }
                             });
+                            // Publish each window's metrics once it is complete here.
+                            let tally = tally.borrow();
+                            let complete = frontier.frontier().iter().min().copied().unwrap_or(u64::MAX);
+                            let upto = complete.min(tally.next_window());
+                            while reported < upto {
+                                if let Some((auc, logloss, n)) = tally.window_metrics(reported) {
+                                    if let Some(a) = auc {
+                                        gauges.auc.set(a);
+                                    }
+                                    if let Some(l) = logloss {
+                                        gauges.logloss.set(l);
+                                    }
+                                    gauges.examples.inc_by(n);
+                                }
+                                reported += 1;
+                            }
                         }
                     },
                 )
@@ -633,7 +651,7 @@ mod tests {
     use super::*;
     use crate::events::parse_line;
     use crate::pipelines::source::GeneratedLines;
-    use crate::pipelines::{GeneratorSpec, SinkSpec};
+    use crate::pipelines::{GeneratorSpec, LearnerSpec, SinkSpec};
 
     fn spec(name: &str, family: Family, source: SourceSpec, dir: &Path) -> PipelineSpec {
         PipelineSpec {
@@ -800,6 +818,70 @@ mod tests {
         let error = runs[0].error.clone().unwrap();
         assert!(error.contains("dead"), "{error}");
         assert!(runs[0].summaries.is_none());
+    }
+
+    #[test]
+    fn the_learner_reports_its_metrics_and_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SourceSpec::Generator(GeneratorSpec {
+            events: 30_000,
+            ..GeneratorSpec::new(Family::Ads)
+        });
+        let mut s = spec("ads", Family::Ads, source, dir.path());
+        s.epoch_events = 5_000;
+        s.sink = SinkSpec::None;
+        s.learner = Some(LearnerSpec {
+            delta: 0.8,
+            lambda: 1.0,
+            full: false,
+            snapshots: Some(dir.path().join("models.jsonl")),
+            fixed: Some(crate::learner::FixedEffectConfig {
+                every: 2,
+                history: 0,
+                lambda: 1.0,
+                reanchor: crate::learner::Reanchor::Shift,
+            }),
+        });
+        let registry = prometheus::Registry::new();
+        let metrics = DataflowMetrics::register(&registry).unwrap();
+        let stop = AtomicBool::new(false);
+        let guards = timely::execute(timely::Config::process(2), move |worker| {
+            run_pipelines(worker, std::slice::from_ref(&s), &metrics, &stop)
+        })
+        .unwrap();
+        let runs: Vec<PipelinesRun> = guards.join().into_iter().map(Result::unwrap).collect();
+        let learner = runs[0].summaries.as_ref().unwrap()[0]
+            .learner
+            .clone()
+            .unwrap();
+        // 15,000 events per worker in windows of 5,000: 3 windows, 1 refit.
+        assert_eq!(learner.windows.len(), 3);
+        assert_eq!(learner.fixed_effect_refits, 1);
+        assert_eq!(learner.failed, 0);
+        let snapshots = lines(&dir.path().join("models.jsonl"));
+        assert_eq!(snapshots.len() as u64, learner.updates);
+        let value = |name: &str| {
+            registry
+                .gather()
+                .iter()
+                .find(|f| f.name() == name)
+                .map(|f| {
+                    let m = &f.get_metric()[0];
+                    if name.ends_with("_total") {
+                        m.get_counter().get_value()
+                    } else {
+                        m.get_gauge().get_value()
+                    }
+                })
+                .unwrap()
+        };
+        assert_eq!(
+            value("dima_learner_examples_total") as u64,
+            learner.examples
+        );
+        let last = learner.windows.last().unwrap();
+        assert!((value("dima_learner_auc") - last.auc.unwrap()).abs() < 1e-12);
+        assert!((value("dima_learner_logloss") - last.logloss.unwrap()).abs() < 1e-12);
     }
 
     #[test]
