@@ -70,7 +70,10 @@ fn evaluate_reports_every_method_and_incremental_beats_stale() {
     assert!(report["learn_examples_per_s"].as_f64().unwrap() > 0.0);
     let auc = |m: &str| report[m]["auc"].as_f64().unwrap();
     for m in ["incremental", "stale", "periodic", "lambda"] {
-        assert!(report[m]["logloss"].as_f64().unwrap().is_finite(), "{m}");
+        assert!(
+            report[m]["logloss"].as_f64().is_some_and(f64::is_finite),
+            "{m}: {report}"
+        );
         assert_eq!(report[m]["quarters"].as_array().unwrap().len(), 4, "{m}");
     }
     assert!(auc("incremental") > auc("stale") + 0.05, "{report}");
@@ -92,4 +95,109 @@ fn evaluate_reports_every_method_and_incremental_beats_stale() {
         done.stderr
     );
     done.assert_no_panic();
+}
+
+#[test]
+fn generated_ads_events_become_a_labelled_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("ads.jsonl");
+    let csv = dir.path().join("ads.csv");
+    let to = format!("jsonl:{}", events.display());
+    run_dima(
+        &[
+            "events",
+            "generate",
+            "--pipeline",
+            "ads",
+            "--count",
+            "20000",
+            "--campaigns",
+            "200",
+            "--walk-sd",
+            "0.3",
+            "--lifetime-hours",
+            "1",
+            "--simulated-rate",
+            "10",
+            "--to",
+            &to,
+        ],
+        LIMIT,
+    )
+    .assert_success();
+    let check = run_dima(
+        &[
+            "events",
+            "check",
+            events.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+        LIMIT,
+    );
+    let report: Value = serde_json::from_str(check.last_line()).unwrap();
+    let done = run_dima(
+        &[
+            "learner",
+            "dataset",
+            "--input",
+            events.to_str().unwrap(),
+            "--output",
+            csv.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    done.assert_success();
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(
+        rows.len() as u64,
+        report["by_type"]["ad_impression"].as_u64().unwrap()
+    );
+    let clicked = rows
+        .iter()
+        .filter(|r| r.split(',').nth(3) == Some("1"))
+        .count() as u64;
+    assert_eq!(clicked, report["by_type"]["ad_click"].as_u64().unwrap());
+    // Campaign lifetimes of 1 hour over about 33 minutes: many campaigns appear.
+    let campaigns: std::collections::BTreeSet<&str> =
+        rows.iter().filter_map(|r| r.split(',').nth(1)).collect();
+    assert!(campaigns.len() > 20, "{} campaigns", campaigns.len());
+    let evaluated = run_dima(
+        &[
+            "learner",
+            "evaluate",
+            "--input",
+            csv.to_str().unwrap(),
+            "--entity-column",
+            "campaign",
+            "--label-column",
+            "clicked",
+            "--features",
+            "desktop,search,position",
+            "--entity-features",
+            "search",
+            "--batch-size",
+            "2000",
+            "--warmup-batches",
+            "4",
+            "--tune",
+            "--format",
+            "json",
+        ],
+        LIMIT,
+    );
+    evaluated.assert_success();
+    let report: Value = serde_json::from_str(evaluated.last_line()).unwrap();
+    let params = &report["params"];
+    assert!(
+        params["delta"].is_f64() && params["lambda"].is_f64(),
+        "{report}"
+    );
+    assert_eq!(params["tuned"], true);
+    assert!(
+        report["lambda"]["auc"].is_f64(),
+        "the lambda method keeps its key"
+    );
+    assert!(report["incremental"]["auc"].is_f64());
 }

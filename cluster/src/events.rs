@@ -179,6 +179,68 @@ pub fn check(path: &Path) -> anyhow::Result<CheckReport> {
     Ok(report)
 }
 
+/// `dima learner dataset`: a JSONL file of ads events as a labelled CSV for
+/// `dima learner evaluate`, one row per impression in file order, labelled 1
+/// when a click names it anywhere in the file. Columns: `impression_id`,
+/// `campaign`, `member`, `clicked`, then the learner's ad features
+/// (`desktop`, `tablet`, `right_rail`, `search`, `position`, `evening`).
+/// Returns (rows, clicks); malformed lines are skipped and counted by
+/// `dima events check`.
+pub fn ads_dataset(input: &Path, output: &Path) -> anyhow::Result<(u64, u64)> {
+    use dataflows::events::Event;
+    use dataflows::learner::ads::ad_features;
+
+    let file = File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let mut impressions = Vec::new();
+    let mut clicked = std::collections::HashSet::new();
+    let mut reader = BufReader::with_capacity(1 << 16, file);
+    let mut buffer = Vec::new();
+    loop {
+        buffer.clear();
+        if reader
+            .read_until(b'\n', &mut buffer)
+            .with_context(|| format!("reading {}", input.display()))?
+            == 0
+        {
+            break;
+        }
+        match parse_bytes(buffer.trim_ascii_end()) {
+            Ok(Event::AdImpression(i)) => impressions.push(i),
+            Ok(Event::AdClick(c)) => {
+                clicked.insert(c.impression_id);
+            }
+            _ => {}
+        }
+    }
+    let out = File::create(output).with_context(|| format!("creating {}", output.display()))?;
+    let mut out = BufWriter::with_capacity(1 << 16, out);
+    let write = |out: &mut BufWriter<File>, text: String| {
+        out.write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", output.display()))
+    };
+    write(
+        &mut out,
+        "impression_id,campaign,member,clicked,desktop,tablet,right_rail,search,position,evening\n"
+            .into(),
+    )?;
+    let mut clicks = 0;
+    for i in &impressions {
+        let y = u8::from(clicked.contains(&i.impression_id));
+        clicks += u64::from(y);
+        let f = ad_features(i);
+        write(
+            &mut out,
+            format!(
+                "{},{},{},{y},{},{},{},{},{:.4},{:.4}\n",
+                i.impression_id, i.campaign_id, i.member_id, f[1], f[2], f[3], f[4], f[5], f[6]
+            ),
+        )?;
+    }
+    out.flush()
+        .with_context(|| format!("writing {}", output.display()))?;
+    Ok((impressions.len() as u64, clicks))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

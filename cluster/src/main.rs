@@ -239,6 +239,22 @@ enum EventsCommand {
         /// Partitions of a Kafka topic that does not exist yet.
         #[arg(long, default_value_t = 4, value_name = "N")]
         partitions: i32,
+        /// Ads: campaigns.
+        #[arg(long, value_name = "N")]
+        campaigns: Option<u64>,
+        /// Impressions (ads) or requests (dispatch) per simulated second.
+        #[arg(long, value_name = "R")]
+        simulated_rate: Option<f64>,
+        /// Ads: standard deviation per simulated hour of each campaign's
+        /// random walk (intercept and search coefficient).
+        #[arg(long, default_value_t = 0.0, value_name = "SD")]
+        walk_sd: f64,
+        /// Ads: hours each campaign runs (0: always); new campaigns keep starting.
+        #[arg(long, default_value_t = 0.0, value_name = "H")]
+        lifetime_hours: f64,
+        /// Ads: logit change of every impression per simulated day.
+        #[arg(long, default_value_t = 0.0, value_name = "D")]
+        global_drift: f64,
     },
     /// Check a JSONL file of events: counts per type, and the line number and
     /// reason of every malformed line. Exit 0 if all lines are valid, 1 if not.
@@ -253,6 +269,16 @@ enum EventsCommand {
 
 #[derive(Debug, Subcommand)]
 enum LearnerCommand {
+    /// Turn a JSONL file of ads events into the labelled CSV that `evaluate`
+    /// reads: one row per impression, clicked 1 when a click names it.
+    Dataset {
+        /// JSONL ads events (`dima events generate --pipeline ads`).
+        #[arg(long)]
+        input: PathBuf,
+        /// The CSV to write.
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Progressive validation of incremental, stale, periodic and lambda
     /// updating over a logged CSV (header row; `.csv.gz` is decompressed).
     Evaluate {
@@ -292,6 +318,10 @@ enum LearnerCommand {
         /// `text` (a table) or `json`.
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
+        /// Choose --delta and --lambda on the warm-up rows only (grid search,
+        /// progressive AUC of `incremental` on the warm-up's second half).
+        #[arg(long)]
+        tune: bool,
     },
 }
 
@@ -747,6 +777,11 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     to,
                     malformed,
                     partitions,
+                    campaigns,
+                    simulated_rate,
+                    walk_sd,
+                    lifetime_hours,
+                    global_drift,
                 },
         } => {
             if !(0.0..=1.0).contains(malformed) {
@@ -755,11 +790,35 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     error: anyhow::anyhow!("--malformed {malformed}: not between 0 and 1"),
                 });
             }
+            let defaults = dataflows::pipelines::GeneratorSpec::new(*pipeline);
+            let finite = [*walk_sd, *lifetime_hours, *global_drift]
+                .iter()
+                .all(|v| v.is_finite())
+                && *walk_sd >= 0.0
+                && *lifetime_hours >= 0.0
+                && simulated_rate.is_none_or(|r| r.is_finite() && r > 0.0)
+                && *campaigns != Some(0);
+            if !finite {
+                return Err(Failure {
+                    code: 2,
+                    error: anyhow::anyhow!(
+                        "--campaigns, --simulated-rate, --walk-sd and --lifetime-hours must be positive (or 0 where allowed) and finite"
+                    ),
+                });
+            }
             let spec = dataflows::pipelines::GeneratorSpec {
                 events: *count,
                 seed: *seed,
                 malformed_fraction: *malformed,
-                ..dataflows::pipelines::GeneratorSpec::new(*pipeline)
+                campaigns: campaigns.unwrap_or(defaults.campaigns),
+                simulated_rate: simulated_rate.unwrap_or(defaults.simulated_rate),
+                drift: dataflows::events::Drift {
+                    walk_sd_per_hour: *walk_sd,
+                    lifetime_hours: *lifetime_hours,
+                    global_per_day: *global_drift,
+                    horizon_hours: 0.0,
+                },
+                ..defaults
             };
             let written = cluster::events::generate(&spec, to, *partitions)?;
             eprintln!("wrote {written} {} events to {to}", pipeline.name());
@@ -821,6 +880,16 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Learner {
+            learner: LearnerCommand::Dataset { input, output },
+        } => {
+            let (rows, clicks) = cluster::events::ads_dataset(input, output)?;
+            eprintln!(
+                "wrote {rows} impressions ({clicks} clicked) to {}",
+                output.display()
+            );
+            Ok(())
+        }
+        Command::Learner {
             learner:
                 LearnerCommand::Evaluate {
                     input,
@@ -835,6 +904,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     refit_every,
                     hessian,
                     format,
+                    tune,
                 },
         } => {
             use dataflows::learner::StepParams;
@@ -866,7 +936,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 &keep(entity_features),
             )
             .map_err(|e| usage(format!("{}: {e}", input.display())))?;
-            let config = EvalConfig {
+            let mut config = EvalConfig {
                 batch_size: *batch_size,
                 warmup_batches: *warmup_batches,
                 params: StepParams {
@@ -876,9 +946,27 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 refit_every: *refit_every,
                 full: matches!(hessian, Hessian::Full),
             };
+            if *tune {
+                let (d, l) = dataflows::learner::evaluate::tune(&data, &config)
+                    .map_err(|e| usage(e.to_string()))?;
+                eprintln!("tuned on the warm-up rows: delta {d}, lambda {l}");
+                config.params = StepParams {
+                    delta: d,
+                    lambda: l,
+                };
+            }
             let report = evaluate(&data, &config).map_err(|e| usage(e.to_string()))?;
             match format {
-                OutputFormat::Json => println!("{}", serde_json::to_string(&report)?),
+                OutputFormat::Json => {
+                    let mut value = serde_json::to_value(&report)?;
+                    // "lambda" is the method's key: the hyper-parameters go under "params".
+                    value["params"] = serde_json::json!({
+                        "delta": config.params.delta,
+                        "lambda": config.params.lambda,
+                        "tuned": tune,
+                    });
+                    println!("{value}");
+                }
                 OutputFormat::Text => {
                     let show = |v: Option<f64>| v.map_or("n/a".to_owned(), |x| format!("{x:.4}"));
                     println!(

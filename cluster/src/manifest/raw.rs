@@ -110,6 +110,9 @@ pub(super) struct RawSource {
     pub members: Option<u64>,
     pub campaigns: Option<u64>,
     pub drivers: Option<u64>,
+    pub campaign_walk_sd: Option<f64>,
+    pub campaign_lifetime_hours: Option<f64>,
+    pub global_drift_per_day: Option<f64>,
     // jsonl
     pub path: Option<String>,
     // kafka

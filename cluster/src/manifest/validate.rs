@@ -307,6 +307,12 @@ fn foreign_fields(raw: &RawSource, kind: &str) -> Vec<&'static str> {
         ("members", raw.members.is_some()),
         ("campaigns", raw.campaigns.is_some()),
         ("drivers", raw.drivers.is_some()),
+        ("campaign_walk_sd", raw.campaign_walk_sd.is_some()),
+        (
+            "campaign_lifetime_hours",
+            raw.campaign_lifetime_hours.is_some(),
+        ),
+        ("global_drift_per_day", raw.global_drift_per_day.is_some()),
     ];
     let jsonl = [("path", raw.path.is_some())];
     let kafka = [
@@ -424,6 +430,26 @@ fn pipeline(
                     problems.add(format!("{field}.source.{name}"), "must be at least 1");
                 }
             }
+            let walk_sd = source_raw.campaign_walk_sd.unwrap_or(0.0);
+            let lifetime_hours = source_raw.campaign_lifetime_hours.unwrap_or(0.0);
+            let global_drift = source_raw.global_drift_per_day.unwrap_or(0.0);
+            for (value, name) in [
+                (walk_sd, "campaign_walk_sd"),
+                (lifetime_hours, "campaign_lifetime_hours"),
+            ] {
+                if !(value.is_finite() && value >= 0.0) {
+                    problems.add(
+                        format!("{field}.source.{name}"),
+                        format!("{value} is not a non-negative number"),
+                    );
+                }
+            }
+            if !global_drift.is_finite() {
+                problems.add(
+                    format!("{field}.source.global_drift_per_day"),
+                    format!("{global_drift} is not a number"),
+                );
+            }
             Some(SourceSpec::Generator(GeneratorSpec {
                 family,
                 events: source_raw.events.unwrap_or(defaults.events),
@@ -436,6 +462,12 @@ fn pipeline(
                 members: source_raw.members.unwrap_or(defaults.members).max(1),
                 campaigns: source_raw.campaigns.unwrap_or(defaults.campaigns).max(1),
                 drivers: source_raw.drivers.unwrap_or(defaults.drivers).max(1),
+                drift: dataflows::events::Drift {
+                    walk_sd_per_hour: walk_sd,
+                    lifetime_hours,
+                    global_per_day: global_drift,
+                    horizon_hours: 0.0,
+                },
             }))
         }
         "jsonl" => match source_raw.path {

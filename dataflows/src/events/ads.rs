@@ -45,6 +45,31 @@ pub struct AdsTruth {
     pub seed: u64,
     /// Simulated start, ms since the epoch.
     pub start_ms: i64,
+    /// Random-walk steps, per campaign and simulated hour, of the intercept
+    /// and the search-placement coefficient (cumulated; empty when off).
+    walk: Vec<[f64; 2]>,
+    /// Hours the walk covers (it holds its last value afterwards).
+    walk_hours: usize,
+    /// Each campaign's active span in simulated hours since the start
+    /// (always active when empty).
+    lifetimes: Vec<(f64, f64)>,
+    /// Logit change of every impression per simulated day.
+    pub global_drift_per_day: f64,
+}
+
+/// How a drifting ads stream drifts (all zero: the plain linear drift).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Drift {
+    /// Standard deviation per simulated hour of each campaign's random walk
+    /// (intercept and search coefficient).
+    pub walk_sd_per_hour: f64,
+    /// Hours a campaign runs (0: always); starts are spread so that new
+    /// campaigns keep arriving (cold starts).
+    pub lifetime_hours: f64,
+    /// Logit change of every impression per simulated day.
+    pub global_per_day: f64,
+    /// Hours of simulated time to prepare the walks and lifetimes for.
+    pub horizon_hours: f64,
 }
 
 /// A standard normal value derived from a hash (Box–Muller on two hashes).
@@ -72,7 +97,58 @@ impl AdsTruth {
             member_sd: 0.5,
             seed,
             start_ms,
+            walk: Vec::new(),
+            walk_hours: 0,
+            lifetimes: Vec::new(),
+            global_drift_per_day: 0.0,
         }
+    }
+
+    /// The model with `drift`: random walks, campaign lifetimes, global drift.
+    pub fn with_drift(seed: u64, campaigns: usize, start_ms: i64, drift: Drift) -> Self {
+        let mut truth = Self::new(seed, campaigns, start_ms);
+        let hours = drift.horizon_hours.max(1.0).ceil() as usize;
+        if drift.walk_sd_per_hour > 0.0 {
+            truth.walk_hours = hours;
+            truth.walk = Vec::with_capacity(campaigns * hours);
+            for c in 0..campaigns {
+                let mut level = [0.0, 0.0];
+                for h in 0..hours {
+                    for (k, l) in level.iter_mut().enumerate() {
+                        let key = seed ^ mix64((c * hours + h) as u64 * 2 + k as u64);
+                        *l += drift.walk_sd_per_hour * hashed_normal(key);
+                    }
+                    truth.walk.push(level);
+                }
+            }
+        }
+        if drift.lifetime_hours > 0.0 {
+            let mut rng = ChaCha8Rng::seed_from_u64(mix64(seed ^ 0x11FE));
+            let span = drift.horizon_hours + drift.lifetime_hours;
+            truth.lifetimes = (0..campaigns)
+                .map(|_| {
+                    let start = rng.random::<f64>() * span - drift.lifetime_hours;
+                    (start, start + drift.lifetime_hours)
+                })
+                .collect();
+        }
+        truth.global_drift_per_day = drift.global_per_day;
+        truth
+    }
+
+    /// Whether campaign `c` runs `hours` after the start.
+    pub fn active(&self, c: usize, hours: f64) -> bool {
+        self.lifetimes
+            .get(c)
+            .is_none_or(|(from, to)| (*from..*to).contains(&hours))
+    }
+
+    fn walked(&self, c: usize, hours: f64) -> [f64; 2] {
+        if self.walk.is_empty() {
+            return [0.0, 0.0];
+        }
+        let h = (hours.max(0.0) as usize).min(self.walk_hours - 1);
+        self.walk[c * self.walk_hours + h]
     }
 
     /// The member's own logit offset.
@@ -86,7 +162,16 @@ impl AdsTruth {
         let days = (impression.event_time - self.start_ms) as f64 / 86_400_000.0;
         let ctx = &impression.context;
         let index = |names: &[&str], name: &str| names.iter().position(|n| *n == name).unwrap_or(0);
+        let walked = self.walked(c, days * 24.0);
+        let search = if ctx.placement == "search" {
+            walked[1]
+        } else {
+            0.0
+        };
         self.campaign_bias[c]
+            + walked[0]
+            + search
+            + self.global_drift_per_day * days
             + self.campaign_drift_per_day[c] * days
             + self.device[index(&DEVICES, &ctx.device)]
             + self.placement[index(&PLACEMENTS, &ctx.placement)]
@@ -171,7 +256,15 @@ impl AdsGenerator {
         };
         let country = COUNTRIES[((profile >> 8) % COUNTRIES.len() as u64) as usize];
         let campaigns = self.truth.campaign_bias.len().max(1) as u64;
-        let campaign_id = self.rng.random_range(0..campaigns);
+        let hours = (event_time - self.truth.start_ms) as f64 / 3_600_000.0;
+        // A campaign that runs now (a few tries; any campaign if none does).
+        let mut campaign_id = self.rng.random_range(0..campaigns);
+        for _ in 0..64 {
+            if self.truth.active(campaign_id as usize, hours) {
+                break;
+            }
+            campaign_id = self.rng.random_range(0..campaigns);
+        }
         let item_id = campaign_id * self.items_per_campaign
             + self.rng.random_range(0..self.items_per_campaign)
             + 1;

@@ -16,7 +16,7 @@ mod geo;
 
 use serde::{Deserialize, Serialize};
 
-pub use ads::{AdsGenerator, AdsTruth, DEFAULT_START_MS};
+pub use ads::{AdsGenerator, AdsTruth, DEFAULT_START_MS, Drift};
 pub use dispatch::DispatchGenerator;
 pub use geo::{LatLng, haversine_km};
 

@@ -459,6 +459,51 @@ pub fn evaluate(data: &Dataset, config: &EvalConfig) -> Result<Report, EvalError
     })
 }
 
+/// The grid [`tune`] searches.
+pub const TUNE_DELTAS: [f64; 5] = [0.5, 0.8, 0.9, 0.95, 0.99];
+/// The grid [`tune`] searches.
+pub const TUNE_LAMBDAS: [f64; 4] = [0.3, 1.0, 3.0, 10.0];
+
+/// Picks δ and λ on the warm-up rows only: the first half of the warm-up
+/// batches trains, the second half is evaluated progressively, and the pair
+/// with the best `incremental` AUC wins (ties: the first in grid order).
+/// Returns the chosen (δ, λ).
+pub fn tune(data: &Dataset, config: &EvalConfig) -> Result<(f64, f64), EvalError> {
+    let warmup_rows = (config.warmup_batches * config.batch_size).min(data.len());
+    let half = config.warmup_batches / 2;
+    if half == 0 || warmup_rows <= half * config.batch_size {
+        return Err(EvalError::Settings(
+            "tuning needs at least 2 warm-up batches".into(),
+        ));
+    }
+    let prefix = Dataset {
+        entity: data.entity[..warmup_rows].to_vec(),
+        entities: data.entities.clone(),
+        y: data.y[..warmup_rows].to_vec(),
+        fixed: data.fixed[..warmup_rows * data.pf].to_vec(),
+        pf: data.pf,
+        random: data.random[..warmup_rows * data.pr].to_vec(),
+        pr: data.pr,
+    };
+    let mut best: Option<(f64, f64, f64)> = None;
+    for &delta in &TUNE_DELTAS {
+        for &lambda in &TUNE_LAMBDAS {
+            let trial = EvalConfig {
+                warmup_batches: half,
+                params: StepParams { delta, lambda },
+                ..*config
+            };
+            let report = evaluate(&prefix, &trial)?;
+            let auc = report.incremental.overall.auc.unwrap_or(0.0);
+            if best.is_none_or(|(_, _, b)| auc > b) {
+                best = Some((delta, lambda, auc));
+            }
+        }
+    }
+    best.map(|(d, l, _)| (d, l))
+        .ok_or_else(|| EvalError::Settings("nothing to tune on".into()))
+}
+
 #[cfg(test)]
 mod tests {
     use rand::{Rng, SeedableRng};
@@ -545,6 +590,13 @@ mod tests {
             );
         }
         assert!(json["examples"].is_u64() && json["learn_examples_per_s"].is_f64());
+        let (delta, lambda) = tune(&data, &config()).unwrap();
+        assert!(TUNE_DELTAS.contains(&delta) && TUNE_LAMBDAS.contains(&lambda));
+        let one = EvalConfig {
+            warmup_batches: 1,
+            ..config()
+        };
+        assert!(tune(&data, &one).is_err(), "tuning needs 2 warm-up batches");
     }
 
     #[test]

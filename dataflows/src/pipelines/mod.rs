@@ -45,6 +45,8 @@ pub struct GeneratorSpec {
     pub campaigns: u64,
     /// Dispatch: drivers.
     pub drivers: u64,
+    /// Ads: random-walk, lifetime and global drift of the click model.
+    pub drift: crate::events::Drift,
 }
 
 impl GeneratorSpec {
@@ -63,6 +65,7 @@ impl GeneratorSpec {
             members: 50_000,
             campaigns: 40,
             drivers: 500,
+            drift: crate::events::Drift::default(),
         }
     }
 }

@@ -162,10 +162,16 @@ impl GeneratedLines {
         let shards = shards.max(1);
         let events: Box<dyn Iterator<Item = Event> + Send> = match spec.family {
             Family::Ads => {
-                let truth = Arc::new(AdsTruth::new(
+                let horizon_hours =
+                    spec.events as f64 / spec.simulated_rate.max(1e-9) / 3600.0 * 1.2 + 1.0;
+                let truth = Arc::new(AdsTruth::with_drift(
                     spec.seed,
                     spec.campaigns.max(1) as usize,
                     crate::events::DEFAULT_START_MS,
+                    crate::events::Drift {
+                        horizon_hours,
+                        ..spec.drift
+                    },
                 ));
                 Box::new(AdsGenerator::new(
                     truth,
