@@ -70,6 +70,33 @@ fn manifest_head(layout: Layout) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// Runs `dima up MANIFEST --job JOB` as a user would; returns its wall time
+/// and its result line.
+fn timed_up(
+    exe: &Path,
+    manifest: &Path,
+    job: &str,
+    layout: Layout,
+) -> anyhow::Result<(f64, serde_json::Value)> {
+    let started = Instant::now();
+    let output = Command::new(exe)
+        .arg("up")
+        .arg(manifest)
+        .args(["--job", job])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running dima up")?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if !output.status.success() {
+        bail!("dima up ({layout}) failed: {}", output.status);
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let got = serde_json::from_str(last).with_context(|| format!("result line {last:?}"))?;
+    Ok((elapsed, got))
+}
+
 /// Writes a loopback manifest for `layout` running `job`.
 pub fn write_manifest(path: &Path, layout: Layout, job: &CountJob) -> anyhow::Result<()> {
     let mut text = manifest_head(layout)?;
@@ -109,23 +136,7 @@ pub fn bench_count(
         let mut times = Vec::new();
         for _ in 0..repeat {
             write_manifest(&manifest, *layout, job)?;
-            let started = Instant::now();
-            let output = Command::new(exe)
-                .args(["up"])
-                .arg(&manifest)
-                .args(["--job", "count"])
-                .stdin(Stdio::null())
-                .stderr(Stdio::inherit())
-                .output()
-                .context("running dima up")?;
-            let elapsed = started.elapsed().as_secs_f64();
-            if !output.status.success() {
-                bail!("dima up ({layout}) failed: {}", output.status);
-            }
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let last = stdout.lines().last().unwrap_or_default();
-            let got: serde_json::Value =
-                serde_json::from_str(last).with_context(|| format!("result line {last:?}"))?;
+            let (elapsed, got) = timed_up(exe, &manifest, "count", *layout)?;
             if got != expected {
                 bail!("layout {layout}: result {got} differs from the anchor's {expected}");
             }
@@ -283,22 +294,7 @@ fn time_pipeline(
     text.push_str("[pipelines.ads]\nepoch_events = 20000\n\n[pipelines.ads.source]\n");
     text.push_str(source_toml);
     std::fs::write(&manifest, text).with_context(|| format!("writing {}", manifest.display()))?;
-    let started = Instant::now();
-    let output = Command::new(exe)
-        .arg("up")
-        .arg(&manifest)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running dima up")?;
-    let elapsed = started.elapsed().as_secs_f64();
-    if !output.status.success() {
-        bail!("dima up ({layout}) failed: {}", output.status);
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    let got: serde_json::Value =
-        serde_json::from_str(last).with_context(|| format!("result line {last:?}"))?;
+    let (elapsed, got) = timed_up(exe, &manifest, "pipelines", layout)?;
     let read = got["pipelines"][0]["read"].as_u64().unwrap_or(0);
     if read != events {
         bail!("layout {layout}: read {read} events, expected {events}");
