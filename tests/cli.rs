@@ -69,6 +69,21 @@ fn assign_solves_json_and_csv_problems() {
     let v: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
     assert_eq!(v["objective"], 9.0);
     assert_eq!(v["pairs"], serde_json::json!([[0, 1], [1, 0]]));
+    let done = run_dima(
+        &[
+            "assign",
+            "--input",
+            json.to_str().unwrap(),
+            "--maximize",
+            "--sparse",
+            "--format",
+            "json",
+        ],
+        Duration::from_secs(10),
+    );
+    done.assert_success();
+    let v: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
+    assert_eq!(v["objective"], 9.0, "the sparse solver agrees");
     // scipy's linear_sum_assignment gives 5 for this matrix.
     let csv = dima_tests::write(dir.path(), "p.csv", "4,1,3\n2,0,5\n3,2,2\n");
     let done = run_dima(

@@ -165,6 +165,10 @@ enum Command {
         /// unmatched at weight 0.
         #[arg(long)]
         complete: bool,
+        /// Use the sparse solver (successive shortest paths over the listed
+        /// pairs; partial semantics): much faster when rows have few edges.
+        #[arg(long, conflicts_with = "complete")]
+        sparse: bool,
         /// `text` or `json` (`{"objective":x,"pairs":[[r,c],...]}`).
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
@@ -849,12 +853,16 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             input,
             maximize,
             complete,
+            sparse,
             format,
         } => {
             let problem =
                 cluster::assign::read_problem(input).map_err(|e| Failure { code: 2, error: e })?;
+            let started = std::time::Instant::now();
             let solved = if *complete {
                 problem.solve_complete(*maximize)
+            } else if *sparse {
+                problem.solve_sparse(*maximize)
             } else {
                 problem.solve_partial(*maximize)
             }
@@ -866,11 +874,13 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 OutputFormat::Json => println!("{}", serde_json::to_string(&solved)?),
                 OutputFormat::Text => {
                     println!(
-                        "objective {} with {} pair(s) ({} x {})",
+                        "objective {} with {} pair(s) ({} x {}, {} allowed pairs), solved in {:.1} ms",
                         solved.objective,
                         solved.pairs.len(),
                         problem.rows,
-                        problem.cols
+                        problem.cols,
+                        problem.edges.len(),
+                        started.elapsed().as_secs_f64() * 1000.0
                     );
                     for (r, c) in &solved.pairs {
                         println!("{r} {c}");

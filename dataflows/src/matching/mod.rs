@@ -2,5 +2,6 @@
 //! learned online and the matching operator.
 
 pub mod assign;
+pub mod sparse;
 
 pub use assign::{AssignError, Assignment, Problem, hungarian};

@@ -1,0 +1,302 @@
+//! Exact assignment on a sparse bipartite graph where any row or column may
+//! stay unmatched at weight 0 (the dispatch case: each request sees its k
+//! nearest drivers).
+//!
+//! Successive shortest paths with Johnson potentials: rows are added one at
+//! a time; each runs Dijkstra over reduced costs (forward along a row's
+//! edges, backward along matched pairs) until it reaches a free column, or
+//! its own private "stay unmatched" column, then flips the path. Reduced
+//! costs stay non-negative, so every step keeps an optimal partial
+//! assignment, and the result is optimal. Only the nodes a search settles
+//! are touched, so a search that finds a free column nearby costs little;
+//! the worst case is O(n · E log V).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use super::assign::{AssignError, Assignment, Problem};
+
+/// A totally ordered f64 for the heap (costs are finite).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Key(f64);
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+impl Problem {
+    /// Solves with unmatched rows and columns allowed at weight 0, by
+    /// successive shortest paths on the sparse graph. Same answer as
+    /// [`Problem::solve_partial`] (objective), usually much faster when each
+    /// row has few edges.
+    pub fn solve_sparse(&self, maximize: bool) -> Result<Assignment, AssignError> {
+        for (index, &(row, col, weight)) in self.edges.iter().enumerate() {
+            if row >= self.rows || col >= self.cols {
+                return Err(AssignError::OutOfRange {
+                    index,
+                    row,
+                    col,
+                    rows: self.rows,
+                    cols: self.cols,
+                });
+            }
+            if !weight.is_finite() {
+                return Err(AssignError::NotFinite {
+                    index,
+                    row,
+                    col,
+                    weight,
+                });
+            }
+        }
+        let (n, m) = (self.rows, self.cols);
+        let sign = if maximize { -1.0 } else { 1.0 };
+        // Rows' edges, CSR; costs are minimised.
+        let mut start = vec![0usize; n + 1];
+        for &(r, _, _) in &self.edges {
+            start[r + 1] += 1;
+        }
+        for r in 0..n {
+            start[r + 1] += start[r];
+        }
+        let mut fill = start.clone();
+        let mut targets = vec![0usize; self.edges.len()];
+        let mut costs = vec![0.0f64; self.edges.len()];
+        for &(r, c, w) in &self.edges {
+            targets[fill[r]] = c;
+            costs[fill[r]] = sign * w;
+            fill[r] += 1;
+        }
+        // Node ids: rows 0..n, columns n..n+m, row r's dummy column n+m+r.
+        let nodes = n + m + n;
+        let column = |c: usize| n + c;
+        let dummy = |r: usize| n + m + r;
+        // Potentials with reduced cost c(u, v) + p(u) − p(v) ≥ 0 on every
+        // residual edge. Every column and dummy starts at the same value, the
+        // least cost anywhere (or 0): a free column's potential never changes
+        // (a search settles a free column only as its target), so all free
+        // columns share one potential and the first one a search settles is
+        // the cheapest augmentation, as in the dense Hungarian method.
+        let floor = costs.iter().copied().fold(0.0f64, f64::min);
+        let mut p = vec![floor; nodes];
+        for r in p.iter_mut().take(n) {
+            *r = 0.0;
+        }
+        // Matching: the row each column (real or dummy) holds, and the
+        // column (node id) each row holds.
+        let mut owner: Vec<Option<usize>> = vec![None; nodes];
+        let mut holds: Vec<Option<usize>> = vec![None; n];
+        // The cost of the edge row → node (node is a column or a dummy).
+        let edge_cost = |r: usize, node: usize| -> f64 {
+            if node >= n + m {
+                0.0
+            } else {
+                let c = node - n;
+                (start[r]..start[r + 1])
+                    .filter(|&k| targets[k] == c)
+                    .map(|k| costs[k])
+                    .fold(f64::INFINITY, f64::min)
+            }
+        };
+
+        let mut dist = vec![f64::INFINITY; nodes];
+        let mut parent = vec![usize::MAX; nodes];
+        let mut settled = vec![false; nodes];
+        let mut touched: Vec<usize> = Vec::new();
+        let mut heap: BinaryHeap<Reverse<(Key, usize)>> = BinaryHeap::new();
+        for s in 0..n {
+            for &v in &touched {
+                dist[v] = f64::INFINITY;
+                parent[v] = usize::MAX;
+                settled[v] = false;
+            }
+            touched.clear();
+            heap.clear();
+            dist[s] = 0.0;
+            touched.push(s);
+            heap.push(Reverse((Key(0.0), s)));
+            let mut target = None;
+            while let Some(Reverse((Key(d), u))) = heap.pop() {
+                if settled[u] || d > dist[u] {
+                    continue;
+                }
+                settled[u] = true;
+                if u < n {
+                    // A row: its edges, and its own dummy.
+                    let relax =
+                        |v: usize,
+                         cost: f64,
+                         dist: &mut Vec<f64>,
+                         parent: &mut Vec<usize>,
+                         touched: &mut Vec<usize>,
+                         heap: &mut BinaryHeap<Reverse<(Key, usize)>>| {
+                            // Skip the edge the row is matched by: it is backward-only.
+                            let reduced = (cost + p[u] - p[v]).max(0.0);
+                            let nd = d + reduced;
+                            if nd < dist[v] {
+                                if dist[v].is_infinite() {
+                                    touched.push(v);
+                                }
+                                dist[v] = nd;
+                                parent[v] = u;
+                                heap.push(Reverse((Key(nd), v)));
+                            }
+                        };
+                    for k in start[u]..start[u + 1] {
+                        let v = column(targets[k]);
+                        if holds[u] != Some(v) && !settled[v] {
+                            relax(v, costs[k], &mut dist, &mut parent, &mut touched, &mut heap);
+                        }
+                    }
+                    let v = dummy(u);
+                    if holds[u] != Some(v) && !settled[v] {
+                        relax(v, 0.0, &mut dist, &mut parent, &mut touched, &mut heap);
+                    }
+                } else {
+                    match owner[u] {
+                        // A free column (or a free dummy of the searching row).
+                        None => {
+                            target = Some(u);
+                            break;
+                        }
+                        // A matched column: go back to its row (reduced cost 0).
+                        Some(r) => {
+                            if !settled[r] {
+                                let reduced = (-edge_cost(r, u) + p[u] - p[r]).max(0.0);
+                                let nd = d + reduced;
+                                if nd < dist[r] {
+                                    if dist[r].is_infinite() {
+                                        touched.push(r);
+                                    }
+                                    dist[r] = nd;
+                                    parent[r] = u;
+                                    heap.push(Reverse((Key(nd), r)));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // The row's own dummy is always free, so a target exists.
+            let Some(t) = target else {
+                return Err(AssignError::Infeasible(n));
+            };
+            let dt = dist[t];
+            for &v in &touched {
+                if settled[v] && dist[v] < dt {
+                    p[v] += dist[v] - dt;
+                }
+            }
+            // Flip the path t ← row ← column ← row … ← s.
+            let mut v = t;
+            loop {
+                let r = parent[v];
+                let previous = holds[r];
+                holds[r] = Some(v);
+                owner[v] = Some(r);
+                match previous {
+                    Some(col) if r != s => {
+                        owner[col] = None;
+                        v = parent[r];
+                        debug_assert_eq!(v, col);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let mut pairs = Vec::new();
+        let mut objective = 0.0;
+        for (r, held) in holds.iter().enumerate() {
+            if let Some(node) = *held
+                && node < n + m
+            {
+                pairs.push((r, node - n));
+                objective += sign * edge_cost(r, node);
+            }
+        }
+        Ok(Assignment { objective, pairs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(seed: u64, rows: usize, cols: usize, density: u64, span: i64) -> Problem {
+        let mut state = seed.max(1);
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut edges = Vec::new();
+        for r in 0..rows {
+            for c in 0..cols {
+                if next() % 100 < density {
+                    let w = (next() % (2 * span as u64 + 1)) as i64 - span / 2;
+                    edges.push((r, c, w as f64));
+                }
+            }
+        }
+        Problem { rows, cols, edges }
+    }
+
+    #[test]
+    fn sparse_equals_dense_on_random_problems() {
+        for seed in 1..400u64 {
+            let rows = (seed % 9) as usize;
+            let cols = ((seed * 7) % 11) as usize;
+            let p = random(seed, rows, cols, [100, 60, 25][(seed % 3) as usize], 10);
+            for maximize in [true, false] {
+                let dense = p.solve_partial(maximize).unwrap();
+                let sparse = p.solve_sparse(maximize).unwrap();
+                assert!(
+                    (dense.objective - sparse.objective).abs() < 1e-9,
+                    "seed {seed} max {maximize}: dense {} sparse {}",
+                    dense.objective,
+                    sparse.objective
+                );
+                let mut cols_used: Vec<usize> = sparse.pairs.iter().map(|x| x.1).collect();
+                cols_used.sort_unstable();
+                cols_used.dedup();
+                assert_eq!(
+                    cols_used.len(),
+                    sparse.pairs.len(),
+                    "seed {seed}: a column twice"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn larger_problems_and_float_weights_agree() {
+        for seed in 1..6u64 {
+            let mut p = random(seed * 977, 120, 90, 15, 1000);
+            for e in &mut p.edges {
+                e.2 = e.2 / 7.0 + 0.25;
+            }
+            for maximize in [true, false] {
+                let dense = p.solve_partial(maximize).unwrap();
+                let sparse = p.solve_sparse(maximize).unwrap();
+                assert!(
+                    (dense.objective - sparse.objective).abs()
+                        < 1e-7 * dense.objective.abs().max(1.0),
+                    "seed {seed}: {} vs {}",
+                    dense.objective,
+                    sparse.objective
+                );
+            }
+        }
+    }
+}
