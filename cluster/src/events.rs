@@ -152,12 +152,24 @@ impl CheckReport {
 
 /// Reads `path` line by line and checks every line.
 pub fn check(path: &Path) -> anyhow::Result<CheckReport> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut reader = BufReader::with_capacity(1 << 16, file);
     let mut report = CheckReport {
         path: path.display().to_string(),
         ..CheckReport::default()
     };
+    for_each_line(path, |line| {
+        report.lines += 1;
+        match parse_bytes(line) {
+            Ok(event) => *report.by_type.entry(TYPES[event.type_index()]).or_insert(0) += 1,
+            Err(reason) => report.malformed.push((report.lines, reason.0)),
+        }
+    })?;
+    Ok(report)
+}
+
+/// Calls `f` with every line of `path` (without its newline).
+fn for_each_line(path: &Path, mut f: impl FnMut(&[u8])) -> anyhow::Result<()> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut reader = BufReader::with_capacity(1 << 16, file);
     let mut buffer = Vec::new();
     loop {
         buffer.clear();
@@ -165,18 +177,13 @@ pub fn check(path: &Path) -> anyhow::Result<CheckReport> {
             .read_until(b'\n', &mut buffer)
             .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
-            break;
+            return Ok(());
         }
-        report.lines += 1;
         if buffer.last() == Some(&b'\n') {
             buffer.pop();
         }
-        match parse_bytes(&buffer) {
-            Ok(event) => *report.by_type.entry(TYPES[event.type_index()]).or_insert(0) += 1,
-            Err(reason) => report.malformed.push((report.lines, reason.0)),
-        }
+        f(&buffer);
     }
-    Ok(report)
 }
 
 /// `dima learner dataset`: a JSONL file of ads events as a labelled CSV for
@@ -190,28 +197,15 @@ pub fn ads_dataset(input: &Path, output: &Path) -> anyhow::Result<(u64, u64)> {
     use dataflows::events::Event;
     use dataflows::learner::ads::ad_features;
 
-    let file = File::open(input).with_context(|| format!("opening {}", input.display()))?;
     let mut impressions = Vec::new();
     let mut clicked = std::collections::HashSet::new();
-    let mut reader = BufReader::with_capacity(1 << 16, file);
-    let mut buffer = Vec::new();
-    loop {
-        buffer.clear();
-        if reader
-            .read_until(b'\n', &mut buffer)
-            .with_context(|| format!("reading {}", input.display()))?
-            == 0
-        {
-            break;
+    for_each_line(input, |line| match parse_bytes(line) {
+        Ok(Event::AdImpression(i)) => impressions.push(i),
+        Ok(Event::AdClick(c)) => {
+            clicked.insert(c.impression_id);
         }
-        match parse_bytes(buffer.trim_ascii_end()) {
-            Ok(Event::AdImpression(i)) => impressions.push(i),
-            Ok(Event::AdClick(c)) => {
-                clicked.insert(c.impression_id);
-            }
-            _ => {}
-        }
-    }
+        _ => {}
+    })?;
     let out = File::create(output).with_context(|| format!("creating {}", output.display()))?;
     let mut out = BufWriter::with_capacity(1 << 16, out);
     let write = |out: &mut BufWriter<File>, text: String| {

@@ -208,7 +208,7 @@ impl Checkpoint {
             .to_string();
 
         let mut config =
-            GemmaConfig::from_hf_json(&config_text).map_err(|source| CheckpointError::Config {
+            GemmaConfig::from_hf_value(&json).map_err(|source| CheckpointError::Config {
                 path: config_path.clone(),
                 source,
             })?;

@@ -322,10 +322,15 @@ impl GemmaConfig {
     pub fn from_hf_json(text: &str) -> Result<Self, ConfigError> {
         let root: serde_json::Value =
             serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
+        Self::from_hf_value(&root)
+    }
+
+    /// [`from_hf_json`](Self::from_hf_json) on an already parsed document.
+    pub fn from_hf_value(root: &serde_json::Value) -> Result<Self, ConfigError> {
         let c = root
             .get("text_config")
             .filter(|v| v.is_object())
-            .unwrap_or(&root);
+            .unwrap_or(root);
         let layers = required(c, "num_hidden_layers")?;
         let hidden = required(c, "hidden_size")?;
         let heads = required(c, "num_attention_heads")?;

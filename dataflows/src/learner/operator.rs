@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 
-use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::Operator;
@@ -305,7 +304,25 @@ pub trait Learn<'scope> {
     fn learn(self, config: LearnerConfig) -> StreamVec<'scope, u64, LearnerOutput>;
 }
 
-type Held = (timely::dataflow::operators::Capability<u64>, Vec<Example>);
+/// Examples waiting for their window to complete, with a capability for it.
+type Pending = BTreeMap<u64, (timely::dataflow::operators::Capability<u64>, Vec<Example>)>;
+
+/// Adds `data` to its window in `pending`, retaining a capability for the
+/// window the first time it is seen.
+fn hold(
+    pending: &mut Pending,
+    cap: &timely::dataflow::operators::InputCapability<u64>,
+    data: &mut Vec<Example>,
+) {
+    let Some(&time) = cap.least() else {
+        return;
+    };
+    if let Some((_, examples)) = pending.get_mut(&time) {
+        examples.append(data);
+    } else if let Some(held) = cap.retain_least(0) {
+        pending.insert(time, (held, std::mem::take(data)));
+    }
+}
 
 impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
     fn learn(self, config: LearnerConfig) -> StreamVec<'scope, u64, LearnerOutput> {
@@ -315,49 +332,36 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
 
         let worker = self.scope().index();
         // The fixed effect: every example to worker 0, refit on schedule,
-        // broadcast to every worker.
-        let fixed_config = config.fixed;
-        let fitted = self
-            .clone()
-            .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<FixedModel>>, _, _, _>(
-                Exchange::new(|_: &Example| 0),
-                "FitFixedEffect",
-                move |_initial, _info| {
-                    let mut pending: BTreeMap<u64, Held> = BTreeMap::new();
-                    let mut trainer = FixedTrainer::default();
-                    move |(input, frontier), output| {
-                        input.for_each(|cap, data| {
-                            let Some(&time) = cap.least() else {
-                                return;
-                            };
-                            if fixed_config.is_none() {
-                                data.clear();
-                                return;
-                            }
-                            if let Some((_, examples)) = pending.get_mut(&time) {
-                                examples.append(data);
-                            } else if let Some(held) = cap.retain_least(0) {
-                                pending.insert(time, (held, std::mem::take(data)));
-                            }
-                        });
-                        let Some(fe) = &fixed_config else {
-                            return;
-                        };
-                        while let Some((&time, _)) = pending.first_key_value() {
-                            if frontier.less_equal(&time) {
-                                break;
-                            }
-                            if let Some((cap, examples)) = pending.remove(&time)
-                                && let Some(model) =
-                                    trainer.window_done(time, examples, config.p, fe)
-                            {
-                                output.session(&cap).give(model);
+        // broadcast to every worker. Without one, nothing is sent.
+        let fitted = match config.fixed {
+            None => timely::dataflow::operators::generic::operator::empty(self.scope()),
+            Some(fe) => self
+                .clone()
+                .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<FixedModel>>, _, _, _>(
+                    Exchange::new(|_: &Example| 0),
+                    "FitFixedEffect",
+                    move |_initial, _info| {
+                        let mut pending = Pending::new();
+                        let mut trainer = FixedTrainer::default();
+                        move |(input, frontier), output| {
+                            input.for_each(|cap, data| hold(&mut pending, &cap, data));
+                            while let Some(entry) = pending.first_entry() {
+                                if frontier.less_equal(entry.key()) {
+                                    break;
+                                }
+                                let time = *entry.key();
+                                let (cap, examples) = entry.remove();
+                                if let Some(model) =
+                                    trainer.window_done(time, examples, config.p, &fe)
+                                {
+                                    output.session(&cap).give(model);
+                                }
                             }
                         }
-                    }
-                },
-            )
-            .broadcast();
+                    },
+                )
+                .broadcast(),
+        };
 
         let pact = Exchange::new(|e: &Example| route(e.entity));
         let learned = self.binary_frontier(
@@ -366,51 +370,40 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
             Pipeline,
             "Learn",
             move |_initial, _info| {
-                let mut pending: FxHashMap<u64, Held> = FxHashMap::default();
+                let mut pending = Pending::new();
                 let mut fixed: BTreeMap<u64, FixedModel> = BTreeMap::new();
                 let mut models: BTreeMap<u64, EntityModel> = BTreeMap::new();
                 let mut current: Option<FixedModel> = None;
                 move |(input, frontier), (fixed_input, fixed_frontier), output| {
-                    input.for_each(|cap, data| {
-                        let Some(&time) = cap.least() else {
-                            return;
-                        };
-                        if let Some((_, examples)) = pending.get_mut(&time) {
-                            examples.append(data);
-                        } else if let Some(held) = cap.retain_least(0) {
-                            pending.insert(time, (held, std::mem::take(data)));
-                        }
-                    });
+                    input.for_each(|cap, data| hold(&mut pending, &cap, data));
                     fixed_input.for_each(|_cap, data| {
                         for model in data.drain(..) {
                             fixed.insert(model.window, model);
                         }
                     });
-                    let mut ready: Vec<u64> = pending
-                        .keys()
-                        .copied()
-                        .filter(|t| {
-                            !frontier.less_equal(t)
-                                && (*t == 0 || !fixed_frontier.less_equal(&(t - 1)))
-                        })
-                        .collect();
-                    ready.sort_unstable();
-                    for time in ready {
-                        if let Some((cap, mut examples)) = pending.remove(&time) {
-                            let newest = fixed.range(..time).next_back().map(|(_, m)| m);
-                            if let Some(model) = newest
-                                && current.as_ref().map(|c| c.version) != Some(model.version)
-                            {
-                                if let Some(fe) = &config.fixed {
-                                    reanchor(&mut models, fe.reanchor, current.as_ref(), model);
-                                }
-                                current = Some(model.clone());
-                            }
-                            apply_offsets(&mut examples, newest);
-                            let mut out = Vec::new();
-                            learn_window(&mut models, examples, &config, &mut out);
-                            output.session(&cap).give_iterator(out.into_iter());
+                    // Windows complete in time order; window t also waits for
+                    // every fixed effect fitted on windows before t.
+                    while let Some(entry) = pending.first_entry() {
+                        let time = *entry.key();
+                        if frontier.less_equal(&time)
+                            || (time > 0 && fixed_frontier.less_equal(&(time - 1)))
+                        {
+                            break;
                         }
+                        let (cap, mut examples) = entry.remove();
+                        let newest = fixed.range(..time).next_back().map(|(_, m)| m);
+                        if let Some(model) = newest
+                            && current.as_ref().map(|c| c.version) != Some(model.version)
+                        {
+                            if let Some(fe) = &config.fixed {
+                                reanchor(&mut models, fe.reanchor, current.as_ref(), model);
+                            }
+                            current = Some(model.clone());
+                        }
+                        apply_offsets(&mut examples, newest);
+                        let mut out = Vec::new();
+                        learn_window(&mut models, examples, &config, &mut out);
+                        output.session(&cap).give_iterator(out.into_iter());
                     }
                 }
             },

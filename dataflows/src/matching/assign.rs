@@ -143,7 +143,7 @@ pub fn hungarian(cost: &[f64], n: usize, m: usize) -> Option<Vec<usize>> {
 }
 
 impl Problem {
-    fn check(&self) -> Result<(), AssignError> {
+    pub(crate) fn check(&self) -> Result<(), AssignError> {
         for (index, &(row, col, weight)) in self.edges.iter().enumerate() {
             if row >= self.rows || col >= self.cols {
                 return Err(AssignError::OutOfRange {

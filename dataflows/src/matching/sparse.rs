@@ -40,25 +40,7 @@ impl Problem {
     /// [`Problem::solve_partial`] (objective), usually much faster when each
     /// row has few edges.
     pub fn solve_sparse(&self, maximize: bool) -> Result<Assignment, AssignError> {
-        for (index, &(row, col, weight)) in self.edges.iter().enumerate() {
-            if row >= self.rows || col >= self.cols {
-                return Err(AssignError::OutOfRange {
-                    index,
-                    row,
-                    col,
-                    rows: self.rows,
-                    cols: self.cols,
-                });
-            }
-            if !weight.is_finite() {
-                return Err(AssignError::NotFinite {
-                    index,
-                    row,
-                    col,
-                    weight,
-                });
-            }
-        }
+        self.check()?;
         let (n, m) = (self.rows, self.cols);
         let sign = if maximize { -1.0 } else { 1.0 };
         // Rows' edges, CSR; costs are minimised.
@@ -96,18 +78,10 @@ impl Problem {
         // column (node id) each row holds.
         let mut owner: Vec<Option<usize>> = vec![None; nodes];
         let mut holds: Vec<Option<usize>> = vec![None; n];
-        // The cost of the edge row → node (node is a column or a dummy).
-        let edge_cost = |r: usize, node: usize| -> f64 {
-            if node >= n + m {
-                0.0
-            } else {
-                let c = node - n;
-                (start[r]..start[r + 1])
-                    .filter(|&k| targets[k] == c)
-                    .map(|k| costs[k])
-                    .fold(f64::INFINITY, f64::min)
-            }
-        };
+        // The cost of the edge each row holds, and of the edge a search
+        // reached each node by (a backward step and the objective need them).
+        let mut held_cost = vec![0.0f64; n];
+        let mut arc_cost = vec![0.0f64; nodes];
 
         let mut dist = vec![f64::INFINITY; nodes];
         let mut parent = vec![usize::MAX; nodes];
@@ -138,6 +112,7 @@ impl Problem {
                          cost: f64,
                          dist: &mut Vec<f64>,
                          parent: &mut Vec<usize>,
+                         arc_cost: &mut Vec<f64>,
                          touched: &mut Vec<usize>,
                          heap: &mut BinaryHeap<Reverse<(Key, usize)>>| {
                             // Skip the edge the row is matched by: it is backward-only.
@@ -149,18 +124,35 @@ impl Problem {
                                 }
                                 dist[v] = nd;
                                 parent[v] = u;
+                                arc_cost[v] = cost;
                                 heap.push(Reverse((Key(nd), v)));
                             }
                         };
                     for k in start[u]..start[u + 1] {
                         let v = column(targets[k]);
                         if holds[u] != Some(v) && !settled[v] {
-                            relax(v, costs[k], &mut dist, &mut parent, &mut touched, &mut heap);
+                            relax(
+                                v,
+                                costs[k],
+                                &mut dist,
+                                &mut parent,
+                                &mut arc_cost,
+                                &mut touched,
+                                &mut heap,
+                            );
                         }
                     }
                     let v = dummy(u);
                     if holds[u] != Some(v) && !settled[v] {
-                        relax(v, 0.0, &mut dist, &mut parent, &mut touched, &mut heap);
+                        relax(
+                            v,
+                            0.0,
+                            &mut dist,
+                            &mut parent,
+                            &mut arc_cost,
+                            &mut touched,
+                            &mut heap,
+                        );
                     }
                 } else {
                     match owner[u] {
@@ -172,7 +164,7 @@ impl Problem {
                         // A matched column: go back to its row (reduced cost 0).
                         Some(r) => {
                             if !settled[r] {
-                                let reduced = (-edge_cost(r, u) + p[u] - p[r]).max(0.0);
+                                let reduced = (-held_cost[r] + p[u] - p[r]).max(0.0);
                                 let nd = d + reduced;
                                 if nd < dist[r] {
                                     if dist[r].is_infinite() {
@@ -203,6 +195,7 @@ impl Problem {
                 let r = parent[v];
                 let previous = holds[r];
                 holds[r] = Some(v);
+                held_cost[r] = arc_cost[v];
                 owner[v] = Some(r);
                 match previous {
                     Some(col) if r != s => {
@@ -221,7 +214,7 @@ impl Problem {
                 && node < n + m
             {
                 pairs.push((r, node - n));
-                objective += sign * edge_cost(r, node);
+                objective += sign * held_cost[r];
             }
         }
         Ok(Assignment { objective, pairs })

@@ -30,13 +30,14 @@ const BATCH: usize = 4096;
 /// A record after parsing.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Parsed {
-    Valid(WireEvent),
+    /// A valid event and its entity key (computed once, at parse time).
+    Valid(u64, WireEvent),
     Invalid(DeadLetter),
 }
 
 fn classify(pipeline: &str, family: Family, record: Record) -> Parsed {
     let reason = match parse_bytes(&record.payload) {
-        Ok(event) if event.family() == family => return Parsed::Valid(event.into()),
+        Ok(event) if event.family() == family => return Parsed::Valid(event.key(), event.into()),
         Ok(event) => format!(
             "{} is not an event of the {} pipeline (expected {})",
             event.type_name(),
@@ -110,8 +111,8 @@ pub struct PipelinesRun {
     pub error: Option<String>,
 }
 
-/// Per-pipeline totals gathered on worker 0: read, then valid per type.
-type Totals = Rc<RefCell<(u64, [u64; 6])>>;
+/// Valid events per type (indexed as [`TYPES`]), gathered on worker 0.
+type Totals = Rc<RefCell<[u64; 6]>>;
 
 struct Runner {
     spec: PipelineSpec,
@@ -119,7 +120,6 @@ struct Runner {
     input: Option<InputHandleVec<u64, Record>>,
     probe: ProbeHandle<u64>,
     source: Box<dyn RecordSource>,
-    exhausted: bool,
     epoch: u64,
     in_epoch: u64,
     read: u64,
@@ -179,7 +179,7 @@ impl Runner {
     /// Reads and sends what backpressure and the rate allow; returns
     /// whether this runner still has input to send.
     fn pump(&mut self, stop: &AtomicBool) -> Result<bool, String> {
-        if self.exhausted {
+        if self.exhausted() {
             return Ok(false);
         }
         if stop.load(Ordering::Relaxed) {
@@ -225,8 +225,12 @@ impl Runner {
         Ok(more)
     }
 
+    /// Whether the input is closed (read to the end, stopped or failed).
+    fn exhausted(&self) -> bool {
+        self.input.is_none()
+    }
+
     fn finish(&mut self) {
-        self.exhausted = true;
         if let Some(input) = self.input.take() {
             let last = *input.time();
             self.source.epoch_closed(last);
@@ -260,11 +264,9 @@ fn write_lines<D: timely::ExchangeData>(
                         counter.inc_by(data.len() as u64);
                         for d in data.drain(..) {
                             let (key, text) = line(d);
-                            let written = match (writer.as_mut(), key) {
-                                (Some(w), Some(key)) => w.write_keyed(key, &text),
-                                (Some(w), None) => w.write_line(&text),
-                                (None, _) => Ok(()),
-                            };
+                            let written = writer
+                                .as_mut()
+                                .map_or(Ok(()), |w| w.write_keyed(key, &text));
                             if let Err(e) = written {
                                 errors.borrow_mut().get_or_insert(e.to_string());
                             }
@@ -317,7 +319,7 @@ fn build(
     };
     let sink = Rc::new(RefCell::new(sink));
     let dead = Rc::new(RefCell::new(dead));
-    let totals: Totals = Rc::new(RefCell::new((0, [0; 6])));
+    let totals: Totals = Rc::new(RefCell::new([0; 6]));
     let tally = Rc::new(RefCell::new(LearnerTally::default()));
     let snapshots = Rc::new(RefCell::new(match (&spec.learner, index) {
         (
@@ -350,7 +352,7 @@ fn build(
             classify(&pipeline, family, r)
         });
         let mut parts = parsed.partition(2, |p| match p {
-            Parsed::Valid(_) => (0, p),
+            Parsed::Valid(..) => (0, p),
             Parsed::Invalid(_) => (1, p),
         });
         let invalid = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
@@ -361,23 +363,21 @@ fn build(
         let gathered = Rc::clone(&totals);
         valid
             .clone()
-            .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<(u64, [u64; 6])>>, _, _, _>(
+            .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<[u64; 6]>>, _, _, _>(
                 Exchange::new(|p: &Parsed| match p {
-                    Parsed::Valid(e) => route(Event::from(e.clone()).key()),
+                    Parsed::Valid(key, _) => route(*key),
                     Parsed::Invalid(_) => 0,
                 }),
                 "CountByType",
                 move |initial, _info| {
                     let mut capability = Some(initial);
                     let mut counts = [0u64; 6];
-                    let mut valid = 0u64;
                     move |(input, frontier), output| {
                         input.for_each(|_time, data| {
                             counted.inc_by(data.len() as u64);
                             for p in data.drain(..) {
-                                if let Parsed::Valid(e) = p {
+                                if let Parsed::Valid(_, e) = p {
                                     counts[Event::from(e).type_index()] += 1;
-                                    valid += 1;
                                 }
                             }
                         });
@@ -391,7 +391,7 @@ fn build(
                                 }
                             }
                             None => {
-                                output.session(&*cap).give((valid, counts));
+                                output.session(&*cap).give(counts);
                                 capability = None;
                             }
                         }
@@ -399,15 +399,14 @@ fn build(
                 },
             )
             .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
-                Exchange::new(|_: &(u64, [u64; 6])| 0),
+                Exchange::new(|_: &[u64; 6]| 0),
                 "GatherTypes",
                 move |_cap, _info| {
                     move |input, _output| {
                         input.for_each(|_time, data| {
                             let mut totals = gathered.borrow_mut();
-                            for (valid, counts) in data.drain(..) {
-                                totals.0 += valid;
-                                for (t, c) in totals.1.iter_mut().zip(counts) {
+                            for counts in data.drain(..) {
+                                for (t, c) in totals.iter_mut().zip(counts) {
                                     *t += c;
                                 }
                             }
@@ -434,7 +433,7 @@ fn build(
             valid
                 .clone()
                 .flat_map(|p| match p {
-                    Parsed::Valid(e) => Some(e),
+                    Parsed::Valid(_, e) => Some(e),
                     Parsed::Invalid(_) => None,
                 })
                 .label_clicks()
@@ -497,10 +496,7 @@ fn build(
                 Rc::clone(&sink),
                 Rc::clone(errors),
                 |p: Parsed| match p {
-                    Parsed::Valid(e) => {
-                        let event = Event::from(e);
-                        (Some(event.key()), event.to_line())
-                    }
+                    Parsed::Valid(key, e) => (Some(key), Event::from(e).to_line()),
                     Parsed::Invalid(_) => (None, String::new()),
                 },
                 &probe,
@@ -516,7 +512,7 @@ fn build(
             Rc::clone(errors),
             |p: Parsed| match p {
                 Parsed::Invalid(d) => (None, serde_json::to_string(&d).unwrap_or_default()),
-                Parsed::Valid(_) => (None, String::new()),
+                Parsed::Valid(..) => (None, String::new()),
             },
             &probe,
             dead_counter,
@@ -533,7 +529,6 @@ fn build(
         input: Some(input),
         probe,
         source,
-        exhausted: false,
         epoch: 0,
         in_epoch: 0,
         read: 0,
@@ -585,7 +580,7 @@ pub fn run_pipelines(
         if errors.borrow().is_some() {
             runners.iter_mut().for_each(Runner::finish);
         }
-        let done = runners.iter().all(|r| r.exhausted && r.probe.done());
+        let done = runners.iter().all(|r| r.exhausted() && r.probe.done());
         if done {
             break;
         }
@@ -607,7 +602,8 @@ pub fn run_pipelines(
         runners
             .iter()
             .map(|r| {
-                let (valid, counts) = *r.totals.borrow();
+                let counts = *r.totals.borrow();
+                let valid: u64 = counts.iter().sum();
                 let dead = r.dead.borrow().as_ref().map_or(0, LineWriter::written);
                 let by_type = TYPES
                     .iter()

@@ -151,28 +151,17 @@ impl LineWriter {
     }
 
     /// Writes one line (a newline is added; a Kafka message is keyed by
-    /// `key`) and counts it.
-    pub fn write_keyed(&mut self, key: u64, line: &str) -> Result<(), SinkError> {
+    /// `key`, 8 bytes big-endian, when there is one) and counts it.
+    pub fn write_keyed(&mut self, key: Option<u64>, line: &str) -> Result<(), SinkError> {
+        self.written += 1;
         if let Some(kafka) = &self.kafka {
-            self.written += 1;
+            let key = key.map(u64::to_be_bytes);
             return kafka
-                .send(&key.to_be_bytes(), line.as_bytes())
+                .send(key.as_ref().map_or(&[][..], |k| &k[..]), line.as_bytes())
                 .map_err(|e| SinkError {
                     path: self.path.clone(),
                     source: std::io::Error::other(e.to_string()),
                 });
-        }
-        self.write_line(line)
-    }
-
-    /// Writes one line (a newline is added) and counts it.
-    pub fn write_line(&mut self, line: &str) -> Result<(), SinkError> {
-        self.written += 1;
-        if let Some(kafka) = &self.kafka {
-            return kafka.send(&[], line.as_bytes()).map_err(|e| SinkError {
-                path: self.path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            });
         }
         let Some(out) = self.out.as_mut() else {
             return Ok(());
@@ -183,6 +172,11 @@ impl LineWriter {
                 path: self.path.clone(),
                 source,
             })
+    }
+
+    /// Writes one line without a key (see [`write_keyed`](Self::write_keyed)).
+    pub fn write_line(&mut self, line: &str) -> Result<(), SinkError> {
+        self.write_keyed(None, line)
     }
 
     /// Flushes buffered lines.
