@@ -59,3 +59,40 @@ pub fn human(result: &Value) -> Vec<String> {
         _ => Vec::new(),
     }
 }
+
+/// The text report of `dima simulate`.
+pub fn simulation(r: &dataflows::matching::SimReport) -> String {
+    let hourly: Vec<String> = r
+        .hourly_served_rate
+        .iter()
+        .map(|x| format!("{:.1}%", 100.0 * x))
+        .collect();
+    format!(
+        "{scenario}, policy {policy}, {hours} h, seed {seed}\n\
+         requests {requests}, served {served} ({rate:.2}%), gave up waiting {gave_up}, declined {declined}\n\
+         wait p50 {p50:.0} s, p95 {p95:.0} s; driver utilization {util:.1}%; revenue per driver hour {rev:.2}\n\
+         value function: {states} states, {updates} TD updates, mean {mean:.2}\n\
+         served rate by hour: {hourly}\n\
+         {windows} windows, p99 {p99:.2} ms each; {speed:.0} simulated s per wall s\n",
+        scenario = r.scenario,
+        policy = r.policy,
+        hours = r.hours,
+        seed = r.seed,
+        requests = r.requests,
+        served = r.served,
+        rate = 100.0 * r.served_rate,
+        gave_up = r.cancelled_waiting,
+        declined = r.declined,
+        p50 = r.wait_p50_s,
+        p95 = r.wait_p95_s,
+        util = 100.0 * r.driver_utilization,
+        rev = r.revenue_per_driver_hour,
+        states = r.value_states,
+        updates = r.td_updates,
+        mean = r.value_mean,
+        hourly = hourly.join(" "),
+        windows = r.windows,
+        p99 = r.window_p99_ms,
+        speed = r.sim_seconds_per_wall_second,
+    )
+}

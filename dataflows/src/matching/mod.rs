@@ -1,7 +1,16 @@
-//! Dispatch matching: assignment solvers (so far), later the value function
-//! learned online and the matching operator.
+//! Dispatch matching: exact assignment solvers, the driver value function
+//! learned online by temporal-difference updates, the batch matcher that
+//! combines them, and the city simulator that compares matching policies.
 
 pub mod assign;
+pub mod batch;
+pub mod scenario;
+pub mod simulate;
 pub mod sparse;
+pub mod value;
 
 pub use assign::{AssignError, Assignment, Problem, hungarian};
+pub use batch::{DriverGrid, OpenRequest, PlanContext, Planned, Policy, Travel, plan};
+pub use scenario::{Scenario, ScenarioError};
+pub use simulate::{SimReport, Simulation, simulate};
+pub use value::{TdSample, TdUpdate, ValueKey, ValueParams, ValueTable};
