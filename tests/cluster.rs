@@ -76,6 +76,9 @@ fn examples_local_toml_runs_the_count_job() {
     assert_eq!(line["events"], 50000);
 
     // Without --job: the manifest's pipelines, both of them, with a summary.
+    // The dispatch sink appends, as every JSONL sink does.
+    let dispatches = repo_root().join("examples/out/dispatches.jsonl");
+    let before = std::fs::read_to_string(&dispatches).map_or(0, |t| t.lines().count());
     let done = run_dima(&["up", local, "--events", "60000"], Duration::from_secs(60));
     done.assert_success().assert_no_panic();
     let line: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
@@ -105,6 +108,27 @@ fn examples_local_toml_runs_the_count_job() {
             // 3 windows, the fixed effect refit every 2.
             assert_eq!(learner["fixed_effect_refits"], 1, "{learner}");
             assert!(learner["auc"].as_f64().unwrap() > 0.5, "{learner}");
+        } else {
+            // The matcher ran on every ride request and wrote its dispatches.
+            let m = &p["matching"];
+            assert_eq!(m["policy"], "value", "{m}");
+            assert_eq!(m["requests"], p["by_type"]["ride_request"], "{m}");
+            let dispatched = m["dispatched"].as_u64().unwrap();
+            assert!(dispatched > 0, "{m}");
+            assert_eq!(m["dispatches"]["written"], dispatched, "{m}");
+            assert!(m["value_states"].as_u64().unwrap() > 0, "{m}");
+            assert!(m["td_updates"].as_u64().unwrap() > dispatched, "{m}");
+            assert_eq!(m["late_events"], 0, "{m}");
+            let written = std::fs::read_to_string(&dispatches).unwrap();
+            assert_eq!((written.lines().count() - before) as u64, dispatched);
+            let first: serde_json::Value =
+                serde_json::from_str(written.lines().nth(before).unwrap()).unwrap();
+            assert_eq!(first["type"], "dispatch");
+            assert!(
+                done.stderr.contains("dispatch: matcher (value)"),
+                "{}",
+                done.stderr
+            );
         }
         assert!(
             done.stderr

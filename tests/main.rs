@@ -10,5 +10,6 @@ mod gemma;
 mod kafka;
 mod learner;
 mod manifest;
+mod matching;
 mod models;
 mod telemetry;

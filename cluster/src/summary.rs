@@ -51,6 +51,24 @@ pub fn human(result: &Value) -> Vec<String> {
                                 metric(&l["logloss"]),
                             ));
                         }
+                        let m = &p["matching"];
+                        if m.is_object() {
+                            lines.push(format!(
+                                "{}: matcher ({}): {} requests, {} dispatched ({:.1}%), {} expired, {} cancelled; value function {} states, {} TD updates; window p99 {:.2} ms; {} dispatches -> {}",
+                                p["name"].as_str().unwrap_or("?"),
+                                m["policy"].as_str().unwrap_or("?"),
+                                number(&m["requests"]),
+                                number(&m["dispatched"]),
+                                100.0 * m["served_rate"].as_f64().unwrap_or(0.0),
+                                number(&m["expired"]),
+                                number(&m["cancelled"]),
+                                number(&m["value_states"]),
+                                number(&m["td_updates"]),
+                                m["window_p99_ms"].as_f64().unwrap_or(0.0),
+                                number(&m["dispatches"]["written"]),
+                                m["dispatches"]["kind"].as_str().unwrap_or("?"),
+                            ));
+                        }
                         lines
                     })
                     .collect()

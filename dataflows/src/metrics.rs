@@ -64,6 +64,22 @@ const LEARNER_EXAMPLES: MetricFamily = MetricFamily {
     kind: MetricKind::Counter,
 };
 
+const MATCHING_SERVED_RATE: MetricFamily = MetricFamily {
+    name: "dima_matching_served_rate",
+    help: "Share of the ride requests a pipeline's matcher has seen that it dispatched.",
+    kind: MetricKind::Gauge,
+};
+const MATCHING_VALUE_STATES: MetricFamily = MetricFamily {
+    name: "dima_matching_value_states",
+    help: "States (H3 cell, time bucket) with a learned driver value, over all shards.",
+    kind: MetricKind::Gauge,
+};
+const MATCHING_DISPATCHES: MetricFamily = MetricFamily {
+    name: "dima_matching_dispatches_total",
+    help: "Dispatches a pipeline's matcher has made.",
+    kind: MetricKind::Counter,
+};
+
 /// Metric families shared by every dataflow of one process.
 #[derive(Clone, Debug)]
 pub struct DataflowMetrics {
@@ -74,6 +90,20 @@ pub struct DataflowMetrics {
     learner_auc: prometheus::GaugeVec,
     learner_logloss: prometheus::GaugeVec,
     learner_examples: IntCounterVec,
+    matching_served_rate: prometheus::GaugeVec,
+    matching_value_states: IntGaugeVec,
+    matching_dispatches: IntCounterVec,
+}
+
+/// The matcher's metrics of one pipeline (set by worker 0).
+#[derive(Clone, Debug)]
+pub struct MatchingMetrics {
+    /// Dispatched / requests seen.
+    pub served_rate: prometheus::Gauge,
+    /// Value-function states.
+    pub value_states: IntGauge,
+    /// Dispatches so far.
+    pub dispatches: IntCounter,
 }
 
 /// The learner gauges of one pipeline (set by worker 0).
@@ -105,6 +135,13 @@ impl DataflowMetrics {
         registry.register(Box::new(learner_auc.clone()))?;
         registry.register(Box::new(learner_logloss.clone()))?;
         registry.register(Box::new(learner_examples.clone()))?;
+        let matching_served_rate =
+            prometheus::GaugeVec::new(opts(MATCHING_SERVED_RATE), &["dataflow"])?;
+        let matching_value_states = IntGaugeVec::new(opts(MATCHING_VALUE_STATES), &["dataflow"])?;
+        let matching_dispatches = IntCounterVec::new(opts(MATCHING_DISPATCHES), &["dataflow"])?;
+        registry.register(Box::new(matching_served_rate.clone()))?;
+        registry.register(Box::new(matching_value_states.clone()))?;
+        registry.register(Box::new(matching_dispatches.clone()))?;
         Ok(Self {
             records,
             lag_epochs,
@@ -113,7 +150,19 @@ impl DataflowMetrics {
             learner_auc,
             learner_logloss,
             learner_examples,
+            matching_served_rate,
+            matching_value_states,
+            matching_dispatches,
         })
+    }
+
+    /// The matcher's metrics of `dataflow`.
+    pub fn matching(&self, dataflow: &str) -> MatchingMetrics {
+        MatchingMetrics {
+            served_rate: self.matching_served_rate.with_label_values(&[dataflow]),
+            value_states: self.matching_value_states.with_label_values(&[dataflow]),
+            dispatches: self.matching_dispatches.with_label_values(&[dataflow]),
+        }
     }
 
     /// The learner gauges of `dataflow`.
@@ -127,7 +176,7 @@ impl DataflowMetrics {
 
     /// The families [`register`](Self::register) adds, for exporters that
     /// need to declare instruments before any sample exists.
-    pub fn families() -> [MetricFamily; 7] {
+    pub fn families() -> [MetricFamily; 10] {
         [
             RECORDS,
             LAG_EPOCHS,
@@ -136,6 +185,9 @@ impl DataflowMetrics {
             LEARNER_AUC,
             LEARNER_LOGLOSS,
             LEARNER_EXAMPLES,
+            MATCHING_SERVED_RATE,
+            MATCHING_VALUE_STATES,
+            MATCHING_DISPATCHES,
         ]
     }
 

@@ -80,6 +80,26 @@ pub(super) struct RawPipeline {
     pub sink: Option<RawSink>,
     pub dead_letter: Option<RawDeadLetter>,
     pub learner: Option<RawLearner>,
+    pub matching: Option<RawMatching>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMatching {
+    pub policy: Option<String>,
+    pub window_s: Option<f64>,
+    pub radius_km: Option<f64>,
+    pub nearest: Option<usize>,
+    pub rider_value: Option<f64>,
+    pub region_resolution: Option<u8>,
+    pub lateness_s: Option<f64>,
+    pub max_wait_s: Option<f64>,
+    pub driver_stale_s: Option<f64>,
+    pub speed_kmh: Option<f64>,
+    pub detour: Option<f64>,
+    pub pricing: Option<dataflows::matching::scenario::Pricing>,
+    pub value: Option<dataflows::matching::ValueParams>,
+    pub dispatches: Option<RawSink>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -9,9 +9,14 @@ use std::time::Duration;
 use dataflows::CountJob;
 use dataflows::events::Family;
 use dataflows::pipelines::kafka::{KafkaSinkSpec, KafkaSourceSpec, Until};
-use dataflows::pipelines::{GeneratorSpec, LearnerSpec, PipelineSpec, SinkSpec, SourceSpec};
+use dataflows::pipelines::{
+    GeneratorSpec, LearnerSpec, MatchingSpec, PipelineSpec, SinkSpec, SourceSpec,
+};
 
-use super::raw::{RawCountJob, RawManifest, RawPipeline, RawProcess, RawSource, RawTelemetry};
+use super::raw::{
+    RawCountJob, RawManifest, RawMatching, RawPipeline, RawProcess, RawSink, RawSource,
+    RawTelemetry,
+};
 use super::{
     ClusterSpec, DataflowSpec, JobsSpec, LogFormat, Manifest, OtlpSpec, Problem, ProcessSpec,
     TelemetrySpec,
@@ -288,6 +293,69 @@ fn required_text(value: Option<String>, field: &str, problems: &mut Problems) ->
 }
 
 /// A manifest path: absolute, or relative to the manifest's directory.
+/// Resolves a sink table (`field` is its dotted path, for problems).
+fn sink_spec(
+    sink_raw: RawSink,
+    field: &str,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<SinkSpec> {
+    let sink_kind = sink_raw.kind.as_deref().unwrap_or("none");
+    if sink_kind != "jsonl" && sink_raw.path.is_some() {
+        problems.add(
+            format!("{field}.path"),
+            format!("does not apply to kind = {sink_kind:?}"),
+        );
+    }
+    if sink_kind != "kafka" {
+        for (set, name) in [
+            (sink_raw.brokers.is_some(), "brokers"),
+            (sink_raw.topic.is_some(), "topic"),
+        ] {
+            if set {
+                problems.add(
+                    format!("{field}.{name}"),
+                    format!("does not apply to kind = {sink_kind:?}"),
+                );
+            }
+        }
+    }
+    match sink_kind {
+        "none" => Some(SinkSpec::None),
+        "stdout" => Some(SinkSpec::Stdout),
+        "jsonl" => match &sink_raw.path {
+            Some(path) => Some(SinkSpec::Jsonl {
+                path: resolve_path(base, path),
+            }),
+            None => {
+                problems.add(format!("{field}.path"), "is required for kind = \"jsonl\"");
+                None
+            }
+        },
+        "kafka" => {
+            let brokers = required_text(
+                sink_raw.brokers.clone(),
+                &format!("{field}.brokers"),
+                problems,
+            );
+            let topic = required_text(sink_raw.topic.clone(), &format!("{field}.topic"), problems);
+            match (brokers, topic) {
+                (Some(brokers), Some(topic)) => {
+                    Some(SinkSpec::Kafka(KafkaSinkSpec { brokers, topic }))
+                }
+                _ => None,
+            }
+        }
+        other => {
+            problems.add(
+                format!("{field}.kind"),
+                format!("{other:?} is not one of \"none\", \"stdout\", \"jsonl\", \"kafka\""),
+            );
+            None
+        }
+    }
+}
+
 fn resolve_path(base: &Path, text: &str) -> PathBuf {
     let path = Path::new(text);
     if path.is_absolute() {
@@ -519,68 +587,12 @@ fn pipeline(
         }
     };
 
-    let sink_raw = raw.sink.unwrap_or_default();
-    let sink_kind = sink_raw.kind.as_deref().unwrap_or("none");
-    if sink_kind != "jsonl" && sink_raw.path.is_some() {
-        problems.add(
-            format!("{field}.sink.path"),
-            format!("does not apply to kind = {sink_kind:?}"),
-        );
-    }
-    if sink_kind != "kafka" {
-        for (set, name) in [
-            (sink_raw.brokers.is_some(), "brokers"),
-            (sink_raw.topic.is_some(), "topic"),
-        ] {
-            if set {
-                problems.add(
-                    format!("{field}.sink.{name}"),
-                    format!("does not apply to kind = {sink_kind:?}"),
-                );
-            }
-        }
-    }
-    let sink = match sink_kind {
-        "none" => Some(SinkSpec::None),
-        "stdout" => Some(SinkSpec::Stdout),
-        "jsonl" => match &sink_raw.path {
-            Some(path) => Some(SinkSpec::Jsonl {
-                path: resolve_path(base, path),
-            }),
-            None => {
-                problems.add(
-                    format!("{field}.sink.path"),
-                    "is required for kind = \"jsonl\"",
-                );
-                None
-            }
-        },
-        "kafka" => {
-            let brokers = required_text(
-                sink_raw.brokers.clone(),
-                &format!("{field}.sink.brokers"),
-                problems,
-            );
-            let topic = required_text(
-                sink_raw.topic.clone(),
-                &format!("{field}.sink.topic"),
-                problems,
-            );
-            match (brokers, topic) {
-                (Some(brokers), Some(topic)) => {
-                    Some(SinkSpec::Kafka(KafkaSinkSpec { brokers, topic }))
-                }
-                _ => None,
-            }
-        }
-        other => {
-            problems.add(
-                format!("{field}.sink.kind"),
-                format!("{other:?} is not one of \"none\", \"stdout\", \"jsonl\", \"kafka\""),
-            );
-            None
-        }
-    };
+    let sink = sink_spec(
+        raw.sink.unwrap_or_default(),
+        &format!("{field}.sink"),
+        base,
+        problems,
+    );
     let dead_letter = resolve_path(
         base,
         raw.dead_letter
@@ -658,6 +670,16 @@ fn pipeline(
             fixed,
         })
     });
+    let matching = raw.matching.and_then(|m| {
+        if family != Family::Dispatch {
+            problems.add(
+                format!("{field}.matching"),
+                "the matcher runs on dispatch pipelines only",
+            );
+            return None;
+        }
+        matching_spec(m, &format!("{field}.matching"), base, problems)
+    });
     Some(PipelineSpec {
         name,
         family,
@@ -668,7 +690,120 @@ fn pipeline(
         epoch_ms: epoch_ms.max(1),
         max_epochs_in_flight: max_epochs_in_flight.max(1),
         learner,
+        matching,
     })
+}
+
+/// Resolves `[pipelines.<name>.matching]` (`field` is its dotted path).
+fn matching_spec(
+    m: RawMatching,
+    field: &str,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<MatchingSpec> {
+    use dataflows::matching::Policy;
+    use dataflows::matching::operator::MatchConfig;
+    let policy = match m.policy.as_deref().unwrap_or("value") {
+        "value" => Policy::Value,
+        "myopic" => Policy::Myopic,
+        "nearest" => Policy::Nearest,
+        other => {
+            problems.add(
+                format!("{field}.policy"),
+                format!("{other:?} is not one of \"value\", \"myopic\", \"nearest\""),
+            );
+            Policy::Value
+        }
+    };
+    let mut config = MatchConfig {
+        policy,
+        ..MatchConfig::default()
+    };
+    let mut positive = |name: &str, value: Option<f64>, default: f64| -> f64 {
+        let v = value.unwrap_or(default);
+        if !(v.is_finite() && v > 0.0) {
+            problems.add(
+                format!("{field}.{name}"),
+                format!("{v} is not a positive number"),
+            );
+            return default;
+        }
+        v
+    };
+    config.matching.window_s = positive("window_s", m.window_s, config.matching.window_s);
+    config.matching.radius_km = positive("radius_km", m.radius_km, config.matching.radius_km);
+    config.travel.speed_kmh = positive("speed_kmh", m.speed_kmh, config.travel.speed_kmh);
+    let max_wait_s = positive("max_wait_s", m.max_wait_s, 300.0);
+    let driver_stale_s = positive("driver_stale_s", m.driver_stale_s, 120.0);
+    config.max_wait_ms = (max_wait_s * 1000.0) as i64;
+    config.driver_stale_ms = (driver_stale_s * 1000.0) as i64;
+    let lateness_s = m.lateness_s.unwrap_or(4.0);
+    if !(lateness_s.is_finite() && lateness_s >= 0.0) {
+        problems.add(
+            format!("{field}.lateness_s"),
+            format!("{lateness_s} is not a number >= 0"),
+        );
+    } else {
+        config.lateness_ms = (lateness_s * 1000.0) as i64;
+    }
+    let rider_value = m.rider_value.unwrap_or(config.matching.rider_value);
+    if !(rider_value.is_finite() && rider_value >= 0.0) {
+        problems.add(
+            format!("{field}.rider_value"),
+            format!("{rider_value} is not a number >= 0"),
+        );
+    } else {
+        config.matching.rider_value = rider_value;
+    }
+    let detour = m.detour.unwrap_or(config.travel.detour);
+    if !(detour.is_finite() && detour >= 1.0) {
+        problems.add(
+            format!("{field}.detour"),
+            format!("{detour} is not a number >= 1"),
+        );
+    } else {
+        config.travel.detour = detour;
+    }
+    match m.nearest {
+        Some(0) => problems.add(format!("{field}.nearest"), "must be at least 1"),
+        Some(k) => config.matching.nearest = k,
+        None => {}
+    }
+    match m.region_resolution {
+        Some(r) if r > 15 => problems.add(
+            format!("{field}.region_resolution"),
+            format!("{r} is not an H3 resolution (0 to 15)"),
+        ),
+        Some(r) => config.region_resolution = r,
+        None => {}
+    }
+    if let Some(pricing) = m.pricing {
+        for (name, v) in [
+            ("base", pricing.base),
+            ("per_km", pricing.per_km),
+            ("per_minute", pricing.per_minute),
+            ("pickup_cost_per_km", pricing.pickup_cost_per_km),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                problems.add(
+                    format!("{field}.pricing.{name}"),
+                    format!("{v} is not a number >= 0"),
+                );
+            }
+        }
+        config.pricing = pricing;
+    }
+    if let Some(value) = m.value {
+        if let Err(e) = value.check() {
+            problems.add(format!("{field}.value"), e);
+        }
+        config.value = value;
+    }
+    let dispatches = match m.dispatches {
+        Some(raw) => sink_spec(raw, &format!("{field}.dispatches"), base, problems)?,
+        None => SinkSpec::None,
+    };
+    Some(MatchingSpec { config, dispatches })
 }
 
 fn count_job(raw: RawCountJob, problems: &mut Problems) -> CountJob {

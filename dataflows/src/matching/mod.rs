@@ -4,6 +4,7 @@
 
 pub mod assign;
 pub mod batch;
+pub mod operator;
 pub mod scenario;
 pub mod simulate;
 pub mod sparse;

@@ -19,7 +19,7 @@ pub mod source;
 
 use std::path::PathBuf;
 
-pub use run::{PipelineSummary, PipelinesRun, run_pipelines};
+pub use run::{MatchingReport, PipelineSummary, PipelinesRun, run_pipelines};
 
 use crate::events::Family;
 
@@ -145,6 +145,17 @@ pub struct PipelineSpec {
     pub max_epochs_in_flight: u64,
     /// The incremental learner on this pipeline's events (ads only).
     pub learner: Option<LearnerSpec>,
+    /// The dispatch matcher (dispatch pipelines only).
+    pub matching: Option<MatchingSpec>,
+}
+
+/// The dispatch matcher of a pipeline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MatchingSpec {
+    /// Policy, windows, radius, values, prices.
+    pub config: crate::matching::operator::MatchConfig,
+    /// Where dispatch events go.
+    pub dispatches: SinkSpec,
 }
 
 /// `[pipelines.<name>.learner]`: per-campaign random effects learned from

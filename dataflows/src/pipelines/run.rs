@@ -21,6 +21,9 @@ use super::{LearnerSpec, PipelineSpec, SourceSpec};
 use crate::events::{Event, Family, TYPES, WireEvent, parse_bytes};
 use crate::learner::ads::{AD_FEATURES, LabelClicks, LearnerTally};
 use crate::learner::{Learn, LearnerConfig, LearnerOutput, StepParams};
+use crate::matching::operator::{
+    DispatchRecord, MatchEvent, MatchOutput, MatchTally, MatchingSummary, match_dispatch,
+};
 use crate::metrics::{DataflowMetrics, FrontierMetrics};
 use crate::placement::route;
 
@@ -78,6 +81,20 @@ pub struct PipelineSummary {
     /// What the learner did, when the pipeline has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub learner: Option<crate::learner::ads::LearnerSummary>,
+    /// What the dispatch matcher did, when the pipeline has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matching: Option<MatchingReport>,
+}
+
+/// The matcher's part of a [`PipelineSummary`]: its summary and where the
+/// dispatches went.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MatchingReport {
+    /// What the matcher did.
+    #[serde(flatten)]
+    pub summary: MatchingSummary,
+    /// Dispatch sink kind and lines written.
+    pub dispatches: SinkSummary,
 }
 
 /// The sink part of a [`PipelineSummary`].
@@ -114,6 +131,9 @@ pub struct PipelinesRun {
 /// Valid events per type (indexed as [`TYPES`]), gathered on worker 0.
 type Totals = Rc<RefCell<[u64; 6]>>;
 
+/// A sink that worker 0's operators and the runner share.
+type SharedWriter = Rc<RefCell<Option<LineWriter>>>;
+
 struct Runner {
     spec: PipelineSpec,
     /// `None` once closed.
@@ -136,6 +156,8 @@ struct Runner {
     sink: Rc<RefCell<Option<LineWriter>>>,
     dead: Rc<RefCell<Option<LineWriter>>>,
     tally: Option<Rc<RefCell<LearnerTally>>>,
+    /// The matcher's tally and its dispatch sink.
+    matching: Option<(Rc<RefCell<MatchTally>>, SharedWriter)>,
 }
 
 impl Runner {
@@ -333,6 +355,13 @@ fn build(
             .ok(),
         _ => None,
     }));
+    let match_tally = Rc::new(RefCell::new(MatchTally::default()));
+    let dispatch_sink = Rc::new(RefCell::new(match (&spec.matching, index) {
+        (Some(m), 0) => LineWriter::open(&m.dispatches)
+            .map_err(|e| failed(e.to_string()))
+            .ok(),
+        _ => None,
+    }));
     let mut input = InputHandleVec::<u64, Record>::new();
     let probe = ProbeHandle::new();
     let name = spec.name.clone();
@@ -489,6 +518,51 @@ fn build(
                 )
                 .probe_with(&probe);
         }
+        if let (Some(matching), Family::Dispatch) = (&spec.matching, family) {
+            let events = valid.clone().flat_map(|p| match p {
+                Parsed::Valid(_, e) => MatchEvent::from_event(&Event::from(e)),
+                Parsed::Invalid(_) => None,
+            });
+            let streams = match_dispatch(events, matching.config.clone());
+            let policy = matching.config.policy;
+            let gauges = metrics.matching(&dataflow);
+            let tally = Rc::clone(&match_tally);
+            streams
+                .outputs
+                .clone()
+                .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                    Exchange::new(|_: &MatchOutput| 0),
+                    "MatchTally",
+                    move |_cap, _info| {
+                        move |input, _output| {
+                            input.for_each(|_time, data| {
+                                let mut tally = tally.borrow_mut();
+                                for output in data.drain(..) {
+                                    if let MatchOutput::Dispatch(_) = output {
+                                        gauges.dispatches.inc();
+                                    }
+                                    tally.add(&output);
+                                }
+                                gauges.served_rate.set(tally.served_rate());
+                                gauges.value_states.set(tally.value_states() as i64);
+                            });
+                        }
+                    },
+                )
+                .probe_with(&probe);
+            write_lines(
+                streams.outputs.flat_map(|o| match o {
+                    MatchOutput::Dispatch(d) => Some(d),
+                    MatchOutput::Window(_) | MatchOutput::Shard(_) => None,
+                }),
+                "Dispatches",
+                Rc::clone(&dispatch_sink),
+                Rc::clone(errors),
+                move |d: DispatchRecord| (Some(d.request_id), d.to_line(policy)),
+                &probe,
+                metrics.records(&dataflow, "dispatches", index),
+            );
+        }
         if has_sink {
             write_lines(
                 valid,
@@ -543,6 +617,10 @@ fn build(
         sink,
         dead,
         tally: spec.learner.is_some().then_some(tally),
+        matching: spec
+            .matching
+            .is_some()
+            .then_some((match_tally, dispatch_sink)),
     }
 }
 
@@ -628,6 +706,16 @@ pub fn run_pipelines(
                         written: dead,
                     },
                     learner: r.tally.as_ref().map(|t| t.borrow().summary()),
+                    matching: match (&r.matching, &r.spec.matching) {
+                        (Some((tally, sink)), Some(m)) => Some(MatchingReport {
+                            summary: tally.borrow().summary(m.config.policy),
+                            dispatches: SinkSummary {
+                                kind: m.dispatches.kind().to_owned(),
+                                written: sink.borrow().as_ref().map_or(0, LineWriter::written),
+                            },
+                        }),
+                        _ => None,
+                    },
                 }
             })
             .collect()
@@ -662,6 +750,7 @@ mod tests {
             epoch_ms: 1000,
             max_epochs_in_flight: 2,
             learner: None,
+            matching: None,
         }
     }
 

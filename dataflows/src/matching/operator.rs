@@ -1,0 +1,1073 @@
+//! The matching operator of the dispatch pipeline.
+//!
+//! Events are exchanged by region (the H3 cell of their location at a coarse
+//! resolution) to the worker that owns the region; `trip_completed` and
+//! `request_cancelled`, which carry no location, go to every worker (only
+//! the one that knows the request acts on them). Each worker cuts its
+//! events into batch windows of event time and, once the watermark (the
+//! oldest of the newest event times that the reading workers report, minus
+//! the allowed lateness) passes a window's end, matches that window with
+//! [`plan`] and emits dispatches. Events that arrive after their window was
+//! matched count in the next window (and as late).
+//!
+//! The value function is sharded by cell: every TD update travels to the
+//! owner of its cell, which applies the updates of a timely epoch in a fixed
+//! order and broadcasts the values that changed; a loop delivers them back
+//! to the matchers one epoch later. A matcher therefore reads values that
+//! miss at most the updates of the epoch in progress and of the one before
+//! it (with the default epochs of 10,000 events, about 1 to 2 simulated
+//! minutes of dispatch traffic).
+
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::vec::{Broadcast, Map, Partition};
+use timely::dataflow::operators::{Capability, Concat, ConnectLoop, Feedback};
+
+use super::batch::{DriverGrid, OpenRequest, PlanContext, Policy, Travel, plan};
+use super::scenario::{Matching, Pricing};
+use super::value::{TdSample, TdUpdate, ValueKey, ValueParams, ValueTable, cell_of};
+use crate::events::{DriverState, Event, LatLng};
+use crate::placement::route;
+
+/// The dispatch events the matcher reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MatchEvent {
+    /// `ride_request`.
+    Request {
+        /// Event time, ms.
+        at_ms: i64,
+        /// Request id.
+        id: u64,
+        /// Pickup.
+        pickup: LatLng,
+        /// Drop-off.
+        dropoff: LatLng,
+    },
+    /// `driver_status`.
+    Driver {
+        /// Event time, ms.
+        at_ms: i64,
+        /// Driver id.
+        id: u64,
+        /// Where the driver is.
+        location: LatLng,
+        /// Whether the driver is idle (available).
+        idle: bool,
+    },
+    /// `trip_completed`.
+    Completed {
+        /// Event time, ms.
+        at_ms: i64,
+        /// The request served.
+        request: u64,
+        /// The driver.
+        driver: u64,
+        /// What it paid.
+        fare: f64,
+    },
+    /// `request_cancelled`.
+    Cancelled {
+        /// Event time, ms.
+        at_ms: i64,
+        /// The request.
+        request: u64,
+    },
+    /// A watermark: the newest event time that worker `source` has sent.
+    Mark {
+        /// The newest event time, ms.
+        at_ms: i64,
+        /// The worker that read the events.
+        source: u32,
+    },
+}
+
+impl MatchEvent {
+    /// The matcher's view of a dispatch event (`None` for ads events).
+    pub fn from_event(event: &Event) -> Option<Self> {
+        Some(match event {
+            Event::RideRequest(r) => Self::Request {
+                at_ms: r.event_time,
+                id: r.request_id,
+                pickup: r.pickup,
+                dropoff: r.dropoff,
+            },
+            Event::DriverStatus(d) => Self::Driver {
+                at_ms: d.event_time,
+                id: d.driver_id,
+                location: d.location,
+                idle: d.state == DriverState::Idle,
+            },
+            Event::TripCompleted(t) => Self::Completed {
+                at_ms: t.event_time,
+                request: t.request_id,
+                driver: t.driver_id,
+                fare: t.fare,
+            },
+            Event::RequestCancelled(c) => Self::Cancelled {
+                at_ms: c.event_time,
+                request: c.request_id,
+            },
+            Event::AdImpression(_) | Event::AdClick(_) => return None,
+        })
+    }
+
+    /// Event time, ms.
+    pub fn at_ms(&self) -> i64 {
+        match self {
+            Self::Request { at_ms, .. }
+            | Self::Driver { at_ms, .. }
+            | Self::Completed { at_ms, .. }
+            | Self::Cancelled { at_ms, .. }
+            | Self::Mark { at_ms, .. } => *at_ms,
+        }
+    }
+
+    /// Where it happens, for events that say.
+    fn location(&self) -> Option<LatLng> {
+        match self {
+            Self::Request { pickup, .. } => Some(*pickup),
+            Self::Driver { location, .. } => Some(*location),
+            Self::Completed { .. } | Self::Cancelled { .. } | Self::Mark { .. } => None,
+        }
+    }
+
+    /// A total order within a window: time, then kind, then id.
+    fn order(&self) -> (i64, u8, u64) {
+        match self {
+            Self::Cancelled { at_ms, request } => (*at_ms, 0, *request),
+            Self::Completed { at_ms, request, .. } => (*at_ms, 1, *request),
+            Self::Driver { at_ms, id, .. } => (*at_ms, 2, *id),
+            Self::Request { at_ms, id, .. } => (*at_ms, 3, *id),
+            Self::Mark { at_ms, source } => (*at_ms, 4, u64::from(*source)),
+        }
+    }
+}
+
+/// How the dispatch pipeline matches.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MatchConfig {
+    /// Edge weights.
+    pub policy: Policy,
+    /// Fares and pickup cost.
+    pub pricing: Pricing,
+    /// Window, radius, nearest-k, rider value.
+    pub matching: Matching,
+    /// Driving times.
+    pub travel: Travel,
+    /// The value function.
+    pub value: ValueParams,
+    /// H3 resolution of the region shards.
+    pub region_resolution: u8,
+    /// How far behind the newest event a window may still receive events, ms.
+    pub lateness_ms: i64,
+    /// A request not matched for this long is dropped, ms.
+    pub max_wait_ms: i64,
+    /// A driver whose last idle status is older than this is not offered, ms.
+    pub driver_stale_ms: i64,
+}
+
+impl Default for MatchConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Value,
+            pricing: Pricing::default(),
+            matching: Matching::default(),
+            travel: Travel {
+                speed_kmh: 25.0,
+                detour: 1.3,
+            },
+            value: ValueParams::default(),
+            region_resolution: 5,
+            lateness_ms: 4_000,
+            max_wait_ms: 300_000,
+            driver_stale_ms: 120_000,
+        }
+    }
+}
+
+/// A dispatch the matcher made.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DispatchRecord {
+    /// End of the window that made it, ms.
+    pub event_time: i64,
+    /// The request.
+    pub request_id: u64,
+    /// The driver sent.
+    pub driver_id: u64,
+    /// Road km to the pickup.
+    pub pickup_km: f64,
+    /// Predicted time to the pickup, s.
+    pub pickup_eta_s: f64,
+    /// Predicted fare.
+    pub fare: f64,
+    /// How long the rider had waited, s.
+    pub waited_s: f64,
+}
+
+impl DispatchRecord {
+    /// The record as a `dispatch` JSON line.
+    pub fn to_line(&self, policy: Policy) -> String {
+        serde_json::json!({
+            "type": "dispatch",
+            "schema_version": crate::events::SCHEMA_VERSION,
+            "event_time": self.event_time,
+            "request_id": self.request_id,
+            "driver_id": self.driver_id,
+            "pickup_km": self.pickup_km,
+            "pickup_eta_s": self.pickup_eta_s,
+            "fare": self.fare,
+            "waited_s": self.waited_s,
+            "policy": policy.name(),
+        })
+        .to_string()
+    }
+}
+
+/// One matched window of one worker.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WindowStats {
+    /// Worker.
+    pub worker: usize,
+    /// Window index (event time / window length).
+    pub window: i64,
+    /// Requests that arrived in it.
+    pub requests: u64,
+    /// Dispatches made.
+    pub dispatched: u64,
+    /// Requests dropped after waiting `max_wait`.
+    pub expired: u64,
+    /// Requests cancelled by their rider while open.
+    pub cancelled: u64,
+    /// Open requests offered to the solver.
+    pub open: u64,
+    /// Drivers offered.
+    pub available: u64,
+    /// Events that arrived after their window was matched (counted in the next).
+    pub late: u64,
+    /// Wall time of the window's matching, ms.
+    pub solve_ms: f64,
+}
+
+/// A value shard's size after an epoch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ValueShardStats {
+    /// Owner worker.
+    pub worker: usize,
+    /// States with a value.
+    pub states: usize,
+    /// Updates applied so far.
+    pub updates: u64,
+    /// Sum of the values (for the mean over shards).
+    pub sum: f64,
+}
+
+/// What the matching dataflow emits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MatchOutput {
+    /// A dispatch.
+    Dispatch(DispatchRecord),
+    /// A matched window.
+    Window(WindowStats),
+    /// A value shard after an epoch.
+    Shard(ValueShardStats),
+}
+
+/// The matcher's internal output: results, and TD updates for the owners.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum Matched {
+    Out(MatchOutput),
+    Td(TdUpdate),
+}
+
+/// The streams of the matching dataflow.
+#[derive(Debug)]
+pub struct MatchStreams<'scope> {
+    /// Dispatches, window and shard statistics.
+    pub outputs: StreamVec<'scope, u64, MatchOutput>,
+    /// Every TD update, at the epoch its matcher emitted it (the epoch in
+    /// which its owner applies it).
+    pub updates: StreamVec<'scope, u64, TdUpdate>,
+    /// Every value an owner changed, at the epoch it changed.
+    pub values: StreamVec<'scope, u64, (ValueKey, f64)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct DriverInfo {
+    at: LatLng,
+    idle: bool,
+    seen_ms: i64,
+    /// We dispatched it after its last status.
+    taken: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct TripRecord {
+    driver: u64,
+    dispatched_ms: i64,
+    dropoff: LatLng,
+    pickup_km: f64,
+    from: ValueKey,
+    to: ValueKey,
+    reward: f64,
+    busy_s: f64,
+}
+
+/// One worker's matcher state.
+#[derive(Debug)]
+struct Matcher {
+    config: MatchConfig,
+    ctx: PlanContext,
+    worker: usize,
+    window_ms: i64,
+    pending: BTreeMap<i64, Vec<MatchEvent>>,
+    next_window: Option<i64>,
+    newest_ms: i64,
+    /// The newest event time each reading worker has reported.
+    marks: BTreeMap<u32, i64>,
+    open: BTreeMap<u64, OpenRequest>,
+    drivers: FxHashMap<u64, DriverInfo>,
+    trips: FxHashMap<u64, TripRecord>,
+    values: ValueTable,
+    late: u64,
+}
+
+impl Matcher {
+    fn new(config: MatchConfig, worker: usize) -> Self {
+        let ctx = PlanContext {
+            policy: config.policy,
+            pricing: config.pricing.clone(),
+            matching: config.matching.clone(),
+            travel: config.travel,
+            value: config.value.clone(),
+        };
+        let window_ms = ((config.matching.window_s * 1000.0).round() as i64).max(1);
+        Self {
+            values: ValueTable::new(config.value.alpha),
+            config,
+            ctx,
+            worker,
+            window_ms,
+            pending: BTreeMap::new(),
+            next_window: None,
+            newest_ms: i64::MIN,
+            marks: BTreeMap::new(),
+            open: BTreeMap::new(),
+            drivers: FxHashMap::default(),
+            trips: FxHashMap::default(),
+            late: 0,
+        }
+    }
+
+    fn add(&mut self, event: MatchEvent) {
+        if let MatchEvent::Mark { at_ms, source } = event {
+            let mark = self.marks.entry(source).or_insert(at_ms);
+            *mark = (*mark).max(at_ms);
+            return;
+        }
+        let at = event.at_ms();
+        self.newest_ms = self.newest_ms.max(at);
+        let mut window = at.div_euclid(self.window_ms);
+        if let Some(next) = self.next_window
+            && window < next
+        {
+            // Its window is already matched: it counts in the next one.
+            self.late += 1;
+            window = next;
+        }
+        self.pending.entry(window).or_default().push(event);
+    }
+
+    /// Matches every window that ends at or before `upto` (ms); all of them
+    /// when `upto` is `None`.
+    fn run(&mut self, upto: Option<i64>, out: &mut Vec<Matched>) {
+        let last = match upto {
+            Some(ms) => ms.div_euclid(self.window_ms) - 1,
+            None => match self.pending.last_key_value() {
+                Some((w, _)) => *w,
+                None => return,
+            },
+        };
+        let Some(first) = self
+            .next_window
+            .or_else(|| self.pending.first_key_value().map(|(w, _)| *w))
+        else {
+            return;
+        };
+        for window in first..=last {
+            let events = self.pending.remove(&window).unwrap_or_default();
+            // Empty windows with nothing waiting and nobody available only
+            // age the idle drivers, which the next busy window does at once.
+            self.window(window, events, out);
+            self.next_window = Some(window + 1);
+        }
+    }
+
+    fn window(&mut self, window: i64, mut events: Vec<MatchEvent>, out: &mut Vec<Matched>) {
+        let started = std::time::Instant::now();
+        let now = (window + 1) * self.window_ms;
+        let mut stats = WindowStats {
+            worker: self.worker,
+            window,
+            late: std::mem::take(&mut self.late),
+            ..WindowStats::default()
+        };
+        events.sort_by_key(MatchEvent::order);
+        for event in events {
+            match event {
+                MatchEvent::Request {
+                    at_ms,
+                    id,
+                    pickup,
+                    dropoff,
+                } => {
+                    stats.requests += 1;
+                    self.open.insert(
+                        id,
+                        OpenRequest {
+                            id,
+                            at_ms,
+                            pickup,
+                            dropoff,
+                        },
+                    );
+                }
+                MatchEvent::Driver {
+                    at_ms,
+                    id,
+                    location,
+                    idle,
+                } => {
+                    let info = self.drivers.entry(id).or_insert(DriverInfo {
+                        at: location,
+                        idle,
+                        seen_ms: at_ms,
+                        taken: false,
+                    });
+                    if at_ms >= info.seen_ms {
+                        *info = DriverInfo {
+                            at: location,
+                            idle,
+                            seen_ms: at_ms,
+                            taken: false,
+                        };
+                    }
+                }
+                MatchEvent::Completed {
+                    at_ms,
+                    request,
+                    driver,
+                    fare,
+                } => {
+                    if let Some(trip) = self.trips.remove(&request)
+                        && trip.driver == driver
+                    {
+                        // TD on completion, as in the simulator: the surprise
+                        // in reward, time and drop-off state.
+                        let elapsed_s = (at_ms - trip.dispatched_ms) as f64 / 1000.0;
+                        let landed = self.config.value.key(trip.dropoff, at_ms);
+                        let actual = fare - self.config.pricing.pickup_cost_per_km * trip.pickup_km
+                            + self.config.value.discount(elapsed_s) * self.values.get(landed);
+                        let predicted = trip.reward
+                            + self.config.value.discount(trip.busy_s) * self.values.get(trip.to);
+                        out.push(Matched::Td(TdUpdate::Correct {
+                            key: trip.from,
+                            delta: actual - predicted,
+                        }));
+                    }
+                }
+                MatchEvent::Cancelled { request, .. } => {
+                    if self.open.remove(&request).is_some() {
+                        stats.cancelled += 1;
+                    }
+                }
+                MatchEvent::Mark { .. } => {}
+            }
+        }
+        let before = self.open.len();
+        let max_wait = self.config.max_wait_ms;
+        self.open.retain(|_, r| now - r.at_ms <= max_wait);
+        stats.expired = (before - self.open.len()) as u64;
+        // Trips whose completion never came (lost, or served by someone
+        // else) are forgotten after a day.
+        self.trips
+            .retain(|_, t| now - t.dispatched_ms <= 86_400_000);
+
+        let stale = self.config.driver_stale_ms;
+        let mut grid = DriverGrid::new(self.config.matching.radius_km);
+        let mut ids: Vec<(&u64, &DriverInfo)> = self
+            .drivers
+            .iter()
+            .filter(|(_, d)| d.idle && !d.taken && now - d.seen_ms <= stale)
+            .collect();
+        ids.sort_by_key(|(id, _)| **id);
+        for (id, d) in ids {
+            grid.insert(*id, d.at);
+        }
+        stats.available = grid.len() as u64;
+        stats.open = self.open.len() as u64;
+        if !self.open.is_empty() && !grid.is_empty() {
+            let requests: Vec<OpenRequest> = self.open.values().copied().collect();
+            let values = &self.values;
+            let planned = plan(&self.ctx, now, &requests, &grid, &|k| values.get(k));
+            for p in planned {
+                let request = requests[p.request];
+                self.open.remove(&request.id);
+                grid.remove(p.driver);
+                if let Some(d) = self.drivers.get_mut(&p.driver) {
+                    d.taken = true;
+                }
+                self.trips.insert(
+                    request.id,
+                    TripRecord {
+                        driver: p.driver,
+                        dispatched_ms: now,
+                        dropoff: request.dropoff,
+                        pickup_km: p.pickup_km,
+                        from: p.from,
+                        to: p.to,
+                        reward: p.reward,
+                        busy_s: p.pickup_s + p.trip_s,
+                    },
+                );
+                out.push(Matched::Td(TdUpdate::Sample(TdSample {
+                    key: p.from,
+                    target: p.target,
+                    count: 1,
+                })));
+                out.push(Matched::Out(MatchOutput::Dispatch(DispatchRecord {
+                    event_time: now,
+                    request_id: request.id,
+                    driver_id: p.driver,
+                    pickup_km: p.pickup_km,
+                    pickup_eta_s: p.pickup_s,
+                    fare: p.fare,
+                    waited_s: (now - request.at_ms) as f64 / 1000.0,
+                })));
+                stats.dispatched += 1;
+            }
+        }
+        // Drivers still available waited one window: zero reward, one step.
+        let discount = self.config.value.discount(self.window_ms as f64 / 1000.0);
+        let mut idle: BTreeMap<ValueKey, u32> = BTreeMap::new();
+        for (_, at) in grid.drivers() {
+            *idle
+                .entry(self.config.value.key(at, now - self.window_ms))
+                .or_default() += 1;
+        }
+        for (key, count) in idle {
+            let next = ValueKey {
+                bucket: self.config.value.bucket(now),
+                ..key
+            };
+            out.push(Matched::Td(TdUpdate::Sample(TdSample {
+                key,
+                target: discount * self.values.get(next),
+                count,
+            })));
+        }
+        stats.solve_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if stats.requests + stats.dispatched + stats.expired + stats.cancelled > 0 {
+            out.push(Matched::Out(MatchOutput::Window(stats)));
+        }
+    }
+}
+
+/// What a pipeline's matcher did, gathered on worker 0.
+#[derive(Clone, Debug, Default)]
+pub struct MatchTally {
+    windows: u64,
+    requests: u64,
+    dispatched: u64,
+    expired: u64,
+    cancelled: u64,
+    late: u64,
+    solve_ms: Vec<f64>,
+    waits_s: Vec<f64>,
+    shards: BTreeMap<usize, ValueShardStats>,
+}
+
+/// The matcher's part of a pipeline summary.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MatchingSummary {
+    /// The policy.
+    pub policy: &'static str,
+    /// Windows with activity (requests, dispatches, expiries or cancellations), over all region shards.
+    pub windows: u64,
+    /// Ride requests seen.
+    pub requests: u64,
+    /// Dispatches made.
+    pub dispatched: u64,
+    /// dispatched / requests.
+    pub served_rate: f64,
+    /// Requests dropped unmatched after `max_wait_s`.
+    pub expired: u64,
+    /// Requests cancelled by the rider while open.
+    pub cancelled: u64,
+    /// Events that arrived after their window was matched.
+    pub late_events: u64,
+    /// Median wait from request to dispatch, s.
+    pub wait_p50_s: f64,
+    /// States with a learned value, over all shards.
+    pub value_states: usize,
+    /// TD updates applied, over all shards.
+    pub td_updates: u64,
+    /// Mean learned value.
+    pub value_mean: f64,
+    /// 99th percentile of one window's matching time, ms.
+    pub window_p99_ms: f64,
+}
+
+impl MatchTally {
+    /// Counts one output.
+    pub fn add(&mut self, output: &MatchOutput) {
+        match output {
+            MatchOutput::Dispatch(d) => self.waits_s.push(d.waited_s),
+            MatchOutput::Window(w) => {
+                self.windows += 1;
+                self.requests += w.requests;
+                self.dispatched += w.dispatched;
+                self.expired += w.expired;
+                self.cancelled += w.cancelled;
+                self.late += w.late;
+                self.solve_ms.push(w.solve_ms);
+            }
+            MatchOutput::Shard(s) => {
+                let entry = self.shards.entry(s.worker).or_default();
+                if s.updates >= entry.updates {
+                    *entry = s.clone();
+                }
+            }
+        }
+    }
+
+    /// dispatched / requests (0 before any request).
+    pub fn served_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.dispatched as f64 / self.requests as f64
+        }
+    }
+
+    /// States with a value, over all shards.
+    pub fn value_states(&self) -> usize {
+        self.shards.values().map(|s| s.states).sum()
+    }
+
+    /// The summary so far.
+    pub fn summary(&self, policy: Policy) -> MatchingSummary {
+        let quantile = |values: &[f64], q: f64| {
+            let mut sorted = values.to_vec();
+            sorted.sort_by(f64::total_cmp);
+            if sorted.is_empty() {
+                return 0.0;
+            }
+            let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+            sorted[rank - 1]
+        };
+        let states = self.value_states();
+        let sum: f64 = self.shards.values().map(|s| s.sum).sum();
+        MatchingSummary {
+            policy: policy.name(),
+            windows: self.windows,
+            requests: self.requests,
+            dispatched: self.dispatched,
+            served_rate: self.served_rate(),
+            expired: self.expired,
+            cancelled: self.cancelled,
+            late_events: self.late,
+            wait_p50_s: quantile(&self.waits_s, 0.5),
+            value_states: states,
+            td_updates: self.shards.values().map(|s| s.updates).sum(),
+            value_mean: if states == 0 {
+                0.0
+            } else {
+                sum / states as f64
+            },
+            window_p99_ms: quantile(&self.solve_ms, 0.99),
+        }
+    }
+}
+
+/// The order in which an owner applies one epoch's updates: by state, then
+/// kind, then value, so the result does not depend on arrival order.
+fn apply_order(a: &TdUpdate, b: &TdUpdate) -> std::cmp::Ordering {
+    let rank = |u: &TdUpdate| match u {
+        TdUpdate::Sample(s) => (0u8, s.target, s.count),
+        TdUpdate::Correct { delta, .. } => (1u8, *delta, 0),
+    };
+    let (ka, kb) = (a.key(), b.key());
+    let (ra, rb) = (rank(a), rank(b));
+    ka.cmp(&kb)
+        .then(ra.0.cmp(&rb.0))
+        .then(ra.1.total_cmp(&rb.1))
+        .then(ra.2.cmp(&rb.2))
+}
+
+/// Applies one epoch's updates in [`apply_order`] and returns the changed
+/// values in key order.
+pub fn apply_epoch(table: &mut ValueTable, mut updates: Vec<TdUpdate>) -> Vec<(ValueKey, f64)> {
+    updates.sort_by(apply_order);
+    let mut changed: BTreeMap<ValueKey, f64> = BTreeMap::new();
+    for u in updates {
+        let v = table.update(u);
+        changed.insert(u.key(), v);
+    }
+    changed.into_iter().collect()
+}
+
+/// The matching dataflow on a stream of dispatch events.
+pub fn match_dispatch<'scope>(
+    events: StreamVec<'scope, u64, MatchEvent>,
+    config: MatchConfig,
+) -> MatchStreams<'scope> {
+    let scope = events.scope();
+    let worker = scope.index();
+    let region_resolution = config.region_resolution;
+    let alpha = config.value.alpha;
+
+    // Each reading worker follows its events with its newest event time.
+    let source = worker as u32;
+    let events = events.unary(Pipeline, "Watermark", move |_cap, _info| {
+        let mut newest = i64::MIN;
+        move |input, output| {
+            input.for_each(|cap, data| {
+                newest = data.iter().map(MatchEvent::at_ms).fold(newest, i64::max);
+                let mut session = output.session(&cap);
+                session.give_container(data);
+                if newest > i64::MIN {
+                    session.give(MatchEvent::Mark {
+                        at_ms: newest,
+                        source,
+                    });
+                }
+            });
+        }
+    });
+    // Located events to their region's owner; the rest (and the marks) to
+    // everyone.
+    let mut parts = events.partition(2, |e: MatchEvent| (u64::from(e.location().is_none()), e));
+    let unlocated = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
+    let located = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
+    let located = located.unary(
+        Exchange::new(move |e: &MatchEvent| {
+            route(e.location().map_or(0, |l| cell_of(l, region_resolution)))
+        }),
+        "ByRegion",
+        |_cap, _info| {
+            |input, output| {
+                input.for_each(|cap, data| output.session(&cap).give_container(data));
+            }
+        },
+    );
+    let inputs = located.concat(unlocated.broadcast());
+
+    let (handle, fed_back) = scope.feedback::<Vec<(ValueKey, f64)>>(1);
+    let matched = inputs.binary_frontier(
+        fed_back,
+        Pipeline,
+        Pipeline,
+        "Match",
+        move |_initial, _info| {
+            let mut matcher = Matcher::new(config, worker);
+            let mut caps: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+            // Marks count once their epoch is complete: only then have all
+            // the events they vouch for arrived.
+            let mut marks: BTreeMap<u64, Vec<MatchEvent>> = BTreeMap::new();
+            move |(input, frontier), (values, _values_frontier), output| {
+                input.for_each(|cap, data| {
+                    let Some(&time) = cap.least() else {
+                        return;
+                    };
+                    if !caps.contains_key(&time)
+                        && let Some(held) = cap.retain_least(0)
+                    {
+                        caps.insert(time, held);
+                    }
+                    for e in data.drain(..) {
+                        if let MatchEvent::Mark { .. } = e {
+                            marks.entry(time).or_default().push(e);
+                        } else {
+                            matcher.add(e);
+                        }
+                    }
+                });
+                values.for_each(|_cap, data| {
+                    for (key, v) in data.drain(..) {
+                        matcher.values.set(key, v);
+                    }
+                });
+                let complete: Vec<u64> = caps
+                    .keys()
+                    .copied()
+                    .filter(|t| !frontier.less_equal(t))
+                    .collect();
+                let Some(&latest) = complete.last() else {
+                    return;
+                };
+                for t in &complete {
+                    for mark in marks.remove(t).unwrap_or_default() {
+                        matcher.add(mark);
+                    }
+                }
+                let mut out = Vec::new();
+                let finished = frontier.is_empty();
+                // The watermark: the oldest of the reading workers' newest
+                // event times (workers that have sent nothing yet do not
+                // hold it back), less the allowed lateness.
+                let upto = (!finished).then(|| {
+                    let oldest = matcher.marks.values().min().copied().unwrap_or(i64::MIN);
+                    oldest.saturating_sub(matcher.config.lateness_ms)
+                });
+                matcher.run(upto, &mut out);
+                if let Some(cap) = caps.get(&latest) {
+                    output.session(cap).give_iterator(out.into_iter());
+                }
+                for t in complete {
+                    caps.remove(&t);
+                }
+            }
+        },
+    );
+    let updates = matched.clone().flat_map(|m| match m {
+        Matched::Td(u) => Some(u),
+        Matched::Out(_) => None,
+    });
+    let results = matched.flat_map(|m| match m {
+        Matched::Out(o) => Some(o),
+        Matched::Td(_) => None,
+    });
+
+    // The owners of the value function.
+    let owned = updates
+        .clone()
+        .unary_frontier::<timely::container::CapacityContainerBuilder<
+            Vec<(Option<(ValueKey, f64)>, Option<ValueShardStats>)>,
+        >, _, _, _>(
+            Exchange::new(move |u: &TdUpdate| route(u.key().cell)),
+            "ValueOwner",
+            move |_initial, _info| {
+                let mut table = ValueTable::new(alpha);
+                let mut pending: BTreeMap<u64, (Capability<u64>, Vec<TdUpdate>)> = BTreeMap::new();
+                move |(input, frontier), output| {
+                    input.for_each(|cap, data| {
+                        let Some(&time) = cap.least() else {
+                            return;
+                        };
+                        if let Some((_, list)) = pending.get_mut(&time) {
+                            list.append(data);
+                        } else if let Some(held) = cap.retain_least(0) {
+                            pending.insert(time, (held, std::mem::take(data)));
+                        }
+                    });
+                    while let Some(entry) = pending.first_entry() {
+                        if frontier.less_equal(entry.key()) {
+                            break;
+                        }
+                        let (cap, updates) = entry.remove();
+                        let changed = apply_epoch(&mut table, updates);
+                        let mut session = output.session(&cap);
+                        for kv in changed {
+                            session.give((Some(kv), None));
+                        }
+                        session.give((
+                            None,
+                            Some(ValueShardStats {
+                                worker,
+                                states: table.len(),
+                                updates: table.updates(),
+                                sum: table.mean() * table.len() as f64,
+                            }),
+                        ));
+                    }
+                }
+            },
+        );
+    let values = owned.clone().flat_map(|(kv, _)| kv);
+    values.clone().broadcast().connect_loop(handle);
+    let shards = owned.flat_map(|(_, s)| s.map(MatchOutput::Shard));
+    MatchStreams {
+        outputs: results.concat(shards),
+        updates,
+        values,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use timely::dataflow::InputHandleVec;
+    use timely::dataflow::operators::{Input, Inspect, Probe};
+
+    use super::*;
+    use crate::events::DispatchGenerator;
+
+    type Captured = (
+        Vec<(u64, TdUpdate)>,
+        Vec<(u64, ValueKey, f64)>,
+        Vec<MatchOutput>,
+    );
+
+    /// Runs the matching dataflow on `workers` workers over the generator's
+    /// events, `per_epoch` events an epoch, and gathers what every worker saw.
+    fn run(workers: usize, events: usize, per_epoch: usize, policy: Policy) -> Captured {
+        let all: Arc<Mutex<Captured>> = Arc::default();
+        let sink = Arc::clone(&all);
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let index = worker.index();
+            let peers = worker.peers();
+            let mut input = InputHandleVec::<u64, MatchEvent>::new();
+            let probe = timely::dataflow::ProbeHandle::new();
+            let sink = Arc::clone(&sink);
+            worker.dataflow::<u64, _, _>(|scope| {
+                let config = MatchConfig {
+                    policy,
+                    ..MatchConfig::default()
+                };
+                let streams = match_dispatch(scope.input_from(&mut input), config);
+                let (s1, s2, s3) = (Arc::clone(&sink), Arc::clone(&sink), Arc::clone(&sink));
+                streams
+                    .updates
+                    .inspect_core(move |e| {
+                        if let Ok((stamp, data)) = e {
+                            let t = stamp.elements()[0];
+                            s1.lock().unwrap().0.extend(data.iter().map(|u| (t, *u)));
+                        }
+                    })
+                    .probe_with(&probe);
+                streams
+                    .values
+                    .inspect_core(move |e| {
+                        if let Ok((stamp, data)) = e {
+                            let t = stamp.elements()[0];
+                            s2.lock()
+                                .unwrap()
+                                .1
+                                .extend(data.iter().map(|(k, v)| (t, *k, *v)));
+                        }
+                    })
+                    .probe_with(&probe);
+                streams
+                    .outputs
+                    .inspect(move |o| s3.lock().unwrap().2.push(o.clone()))
+                    .probe_with(&probe);
+            });
+            let generator = DispatchGenerator::new(5, 300, 0.2, index as u64, peers as u64);
+            for (i, event) in generator.take(events / peers).enumerate() {
+                if let Some(e) = MatchEvent::from_event(&event) {
+                    input.send(e);
+                }
+                if (i + 1) % (per_epoch / peers) == 0 {
+                    let next = input.time() + 1;
+                    input.advance_to(next);
+                    while probe.less_than(input.time()) {
+                        worker.step();
+                    }
+                }
+            }
+            input.close();
+            while worker.step() {}
+        })
+        .unwrap();
+        let mut all = all.lock().unwrap();
+        std::mem::take(&mut *all)
+    }
+
+    #[test]
+    fn sharded_values_equal_applying_every_update_in_epoch_order() {
+        // The oracle: one table that applies each epoch's updates (from every
+        // matcher) in the owners' order must hold exactly the values the
+        // owners broadcast last.
+        let (updates, values, outputs) = run(3, 30_000, 3_000, Policy::Value);
+        assert!(updates.len() > 1000, "{} updates", updates.len());
+        let mut by_epoch: BTreeMap<u64, Vec<TdUpdate>> = BTreeMap::new();
+        for (t, u) in updates {
+            by_epoch.entry(t).or_default().push(u);
+        }
+        let mut oracle = ValueTable::new(ValueParams::default().alpha);
+        for (_, list) in by_epoch {
+            apply_epoch(&mut oracle, list);
+        }
+        let mut last: BTreeMap<ValueKey, (u64, f64)> = BTreeMap::new();
+        for (t, k, v) in values {
+            let entry = last.entry(k).or_insert((t, v));
+            if t >= entry.0 {
+                *entry = (t, v);
+            }
+        }
+        assert_eq!(last.len(), oracle.len());
+        for (k, (_, v)) in &last {
+            assert!(
+                (oracle.get(*k) - v).abs() <= 1e-9 * v.abs().max(1.0),
+                "{k:?}"
+            );
+        }
+        // The shards' own report agrees.
+        let mut shards: BTreeMap<usize, ValueShardStats> = BTreeMap::new();
+        for o in &outputs {
+            if let MatchOutput::Shard(s) = o {
+                let e = shards.entry(s.worker).or_default();
+                if s.updates >= e.updates {
+                    *e = s.clone();
+                }
+            }
+        }
+        assert_eq!(
+            shards.values().map(|s| s.states).sum::<usize>(),
+            oracle.len()
+        );
+        assert_eq!(
+            shards.values().map(|s| s.updates).sum::<u64>(),
+            oracle.updates()
+        );
+    }
+
+    #[test]
+    fn every_request_is_dispatched_at_most_once_to_a_driver_within_the_radius() {
+        for (workers, policy) in [
+            (1, Policy::Value),
+            (2, Policy::Value),
+            (1, Policy::Myopic),
+            (2, Policy::Myopic),
+            (2, Policy::Nearest),
+        ] {
+            let (_, _, outputs) = run(workers, 20_000, 2_000, policy);
+            let mut requests = rustc_hash::FxHashSet::default();
+            let mut per_window: rustc_hash::FxHashSet<(i64, u64)> = Default::default();
+            let (mut dispatched, mut windows_dispatched, mut arrived) = (0u64, 0u64, 0u64);
+            for o in &outputs {
+                match o {
+                    MatchOutput::Dispatch(d) => {
+                        dispatched += 1;
+                        assert!(
+                            requests.insert(d.request_id),
+                            "request {} twice",
+                            d.request_id
+                        );
+                        assert!(per_window.insert((d.event_time, d.driver_id)));
+                        // Straight-line radius 2 km, 1.3 road km per km.
+                        assert!(d.pickup_km <= 2.0 * 1.3 + 1e-9, "{d:?}");
+                        assert!(d.waited_s >= 0.0 && d.waited_s <= 300.0 + 2.0, "{d:?}");
+                    }
+                    MatchOutput::Window(w) => {
+                        windows_dispatched += w.dispatched;
+                        arrived += w.requests;
+                    }
+                    MatchOutput::Shard(_) => {}
+                }
+            }
+            assert_eq!(dispatched, windows_dispatched);
+            assert!(arrived > 100, "{arrived} requests");
+            assert!(
+                dispatched * 5 > arrived,
+                "{policy:?} on {workers}: {dispatched} of {arrived}"
+            );
+        }
+    }
+}
