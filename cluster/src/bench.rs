@@ -396,3 +396,345 @@ pub fn bench_events(
     }
     Ok(())
 }
+
+/// One policy's results over the seeds of [`bench_dispatch`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PolicyRuns {
+    /// The policy.
+    pub policy: &'static str,
+    /// Served rate per seed, in seed order.
+    pub served_rate: Vec<f64>,
+    /// Mean served rate.
+    pub mean: f64,
+    /// Sample standard deviation of the served rate.
+    pub std: f64,
+    /// Mean served rate per simulated hour (the learning curve).
+    pub hourly: Vec<f64>,
+    /// Mean revenue per online driver hour.
+    pub revenue_per_driver_hour: f64,
+    /// Mean median wait, s.
+    pub wait_p50_s: f64,
+}
+
+fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// Runs a scenario under every policy for each seed (the same riders for
+/// every policy of one seed), on all cores, and summarises per policy.
+pub fn bench_dispatch(
+    scenario: &dataflows::matching::Scenario,
+    seeds: &[u64],
+    hours: f64,
+) -> Vec<PolicyRuns> {
+    use dataflows::matching::{Policy, simulate};
+    use rayon::prelude::*;
+    let policies = [Policy::Value, Policy::Myopic, Policy::Nearest];
+    let jobs: Vec<(Policy, u64)> = policies
+        .iter()
+        .flat_map(|p| seeds.iter().map(move |s| (*p, *s)))
+        .collect();
+    let reports: Vec<_> = jobs
+        .par_iter()
+        .map(|(p, s)| simulate(scenario, *p, hours, *s))
+        .collect();
+    policies
+        .iter()
+        .map(|policy| {
+            let runs: Vec<_> = reports
+                .iter()
+                .filter(|r| r.policy == policy.name())
+                .collect();
+            let rates: Vec<f64> = runs.iter().map(|r| r.served_rate).collect();
+            let (mean, std) = mean_std(&rates);
+            let hours_seen = runs
+                .iter()
+                .map(|r| r.hourly_served_rate.len())
+                .min()
+                .unwrap_or(0);
+            let hourly = (0..hours_seen)
+                .map(|h| runs.iter().map(|r| r.hourly_served_rate[h]).sum::<f64>() / runs.len() as f64)
+                .collect();
+            let avg = |f: &dyn Fn(&dataflows::matching::SimReport) -> f64| {
+                runs.iter().map(|r| f(r)).sum::<f64>() / runs.len() as f64
+            };
+            PolicyRuns {
+                policy: policy.name(),
+                served_rate: rates,
+                mean,
+                std,
+                hourly,
+                revenue_per_driver_hour: avg(&|r| r.revenue_per_driver_hour),
+                wait_p50_s: avg(&|r| r.wait_p50_s),
+            }
+        })
+        .collect()
+}
+
+/// The relative gain of `a` over `b` per seed: mean and sample standard deviation.
+pub fn gain(a: &PolicyRuns, b: &PolicyRuns) -> (f64, f64) {
+    let gains: Vec<f64> = a
+        .served_rate
+        .iter()
+        .zip(&b.served_rate)
+        .map(|(x, y)| x / y - 1.0)
+        .collect();
+    mean_std(&gains)
+}
+
+/// Draws the learning curves (served rate per simulated hour, mean over
+/// seeds) of every policy into an SVG file.
+pub fn plot_learning(path: &Path, title: &str, runs: &[PolicyRuns]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let hours = runs.iter().map(|r| r.hourly.len()).max().unwrap_or(1).max(1);
+    let (low, high) = runs
+        .iter()
+        .flat_map(|r| r.hourly.iter().copied())
+        .fold((1.0f64, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (low, high) = ((low - 0.05).max(0.0), (high + 0.05).min(1.0));
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(52)
+        .build_cartesian_2d(0f64..hours as f64, low..high)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("simulated hour")
+        .y_desc("served rate")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (i, run) in runs.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(
+                run.hourly
+                    .iter()
+                    .enumerate()
+                    .map(|(h, v)| (h as f64 + 0.5, *v)),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(run.policy)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// One row of `dima bench assign`: our solver and its anchor on one problem.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AssignRow {
+    /// `dense` (n × n, minimise, complete) or `sparse` (N × N, k nearest,
+    /// maximise, unmatched allowed).
+    pub kind: &'static str,
+    /// Rows (= columns).
+    pub n: usize,
+    /// Allowed pairs.
+    pub edges: usize,
+    /// Our median solve time, ms.
+    pub dima_ms: f64,
+    /// Our objective.
+    pub dima_objective: f64,
+    /// The anchor's name and version.
+    pub anchor: String,
+    /// The anchor's median time, ms.
+    pub anchor_ms: f64,
+    /// The anchor's objective.
+    pub anchor_objective: f64,
+    /// anchor_ms / dima_ms (above 1: we are faster).
+    pub speedup: f64,
+}
+
+fn median_ms<T>(repeat: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..repeat.max(1) {
+        let started = std::time::Instant::now();
+        last = Some(f());
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    let result = last.unwrap_or_else(|| unreachable!("at least one run"));
+    (times[times.len() / 2], result)
+}
+
+fn anchor(python: &str, args: &[String]) -> anyhow::Result<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench/assignment_anchor.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run {python}: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} {} failed: {}",
+            python,
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(text.trim())?)
+}
+
+/// A dense n × n cost matrix, uniform in [0, 1000).
+pub fn dense_problem(n: usize, seed: u64) -> Vec<f64> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n * n).map(|_| rng.random::<f64>() * 1000.0).collect()
+}
+
+/// A dispatch-shaped sparse problem: n riders and n drivers uniform in a
+/// square of side √n · 0.15 km (about 44 per km²), each rider linked to its
+/// `k` nearest drivers with weight 10 − 3·km + uniform noise in [−1, 1].
+pub fn sparse_problem(n: usize, k: usize, seed: u64) -> dataflows::matching::Problem {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let side = (n as f64).sqrt() * 0.15;
+    let mut point = || (rng.random::<f64>() * side, rng.random::<f64>() * side);
+    let riders: Vec<(f64, f64)> = (0..n).map(|_| point()).collect();
+    let drivers: Vec<(f64, f64)> = (0..n).map(|_| point()).collect();
+    // A grid of 0.3 km buckets for the nearest-k search.
+    let cell = 0.3;
+    let cells = (side / cell).ceil() as usize + 1;
+    let mut grid = vec![Vec::new(); cells * cells];
+    let at = |x: f64| ((x / cell) as usize).min(cells - 1);
+    for (j, (x, y)) in drivers.iter().enumerate() {
+        grid[at(*y) * cells + at(*x)].push(j);
+    }
+    let mut edges = Vec::with_capacity(n * k);
+    for (i, (x, y)) in riders.iter().enumerate() {
+        let (cx, cy) = (at(*x) as i64, at(*y) as i64);
+        let mut found: Vec<(f64, usize)> = Vec::new();
+        let mut ring = 1i64;
+        loop {
+            found.clear();
+            for gy in (cy - ring).max(0)..=(cy + ring).min(cells as i64 - 1) {
+                for gx in (cx - ring).max(0)..=(cx + ring).min(cells as i64 - 1) {
+                    for &j in &grid[gy as usize * cells + gx as usize] {
+                        let d = ((drivers[j].0 - x).powi(2) + (drivers[j].1 - y).powi(2)).sqrt();
+                        found.push((d, j));
+                    }
+                }
+            }
+            // Complete once the k-th nearest lies within the searched radius.
+            found.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if found.len() >= k && found[k - 1].0 <= ring as f64 * cell || ring as usize > cells {
+                break;
+            }
+            ring += 1;
+        }
+        for (d, j) in found.into_iter().take(k) {
+            let noise = rng.random::<f64>() * 2.0 - 1.0;
+            edges.push((i, j, 10.0 - 3.0 * d + noise));
+        }
+    }
+    dataflows::matching::Problem {
+        rows: n,
+        cols: n,
+        edges,
+    }
+}
+
+/// Our dense and sparse solvers against scipy and OR-tools on the same
+/// problems, in the same run.
+pub fn bench_assign(
+    dense: &[usize],
+    sparse: &[usize],
+    k: usize,
+    repeat: usize,
+    python: &str,
+) -> anyhow::Result<Vec<AssignRow>> {
+    use std::io::Write;
+    let dir = tempfile::tempdir()?;
+    let mut rows = Vec::new();
+    for &n in dense {
+        let cost = dense_problem(n, n as u64);
+        let (dima_ms, columns) = median_ms(repeat, || dataflows::matching::hungarian(&cost, n, n));
+        let columns = columns.ok_or_else(|| anyhow::anyhow!("dense {n}: no assignment"))?;
+        let objective: f64 = columns.iter().enumerate().map(|(r, c)| cost[r * n + c]).sum();
+        let path = dir.path().join(format!("dense-{n}.bin"));
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        for v in &cost {
+            file.write_all(&v.to_le_bytes())?;
+        }
+        file.flush()?;
+        drop(file);
+        let a = anchor(
+            python,
+            &["dense".into(), path.display().to_string(), n.to_string(), repeat.to_string()],
+        )?;
+        std::fs::remove_file(&path)?;
+        rows.push(assign_row("dense", n, n * n, dima_ms, objective, &a));
+    }
+    for &n in sparse {
+        let problem = sparse_problem(n, k, n as u64 + 1);
+        let (dima_ms, solved) = median_ms(repeat, || problem.solve_sparse(true));
+        let solved = solved?;
+        let path = dir.path().join(format!("sparse-{n}.bin"));
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        for (r, _, _) in &problem.edges {
+            file.write_all(&(*r as u32).to_le_bytes())?;
+        }
+        for (_, c, _) in &problem.edges {
+            file.write_all(&(*c as u32).to_le_bytes())?;
+        }
+        for (_, _, w) in &problem.edges {
+            file.write_all(&w.to_le_bytes())?;
+        }
+        file.flush()?;
+        drop(file);
+        let a = anchor(
+            python,
+            &[
+                "sparse".into(),
+                path.display().to_string(),
+                n.to_string(),
+                n.to_string(),
+                problem.edges.len().to_string(),
+                repeat.to_string(),
+            ],
+        )?;
+        rows.push(assign_row("sparse", n, problem.edges.len(), dima_ms, solved.objective, &a));
+    }
+    Ok(rows)
+}
+
+fn assign_row(
+    kind: &'static str,
+    n: usize,
+    edges: usize,
+    dima_ms: f64,
+    dima_objective: f64,
+    anchor: &serde_json::Value,
+) -> AssignRow {
+    let anchor_ms = anchor["ms"].as_f64().unwrap_or(f64::NAN);
+    AssignRow {
+        kind,
+        n,
+        edges,
+        dima_ms,
+        dima_objective,
+        anchor: anchor["solver"].as_str().unwrap_or("?").to_owned(),
+        anchor_ms,
+        anchor_objective: anchor["objective"].as_f64().unwrap_or(f64::NAN),
+        speedup: anchor_ms / dima_ms,
+    }
+}

@@ -413,6 +413,46 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         repeat: usize,
     },
+    /// The dispatch learning bar: a scenario under the value, myopic and
+    /// nearest policies for each seed (the same riders for every policy of
+    /// a seed), from V = 0. One JSON line per policy, then the value
+    /// policy's gain over myopic; `--plot` draws the learning curves.
+    Dispatch {
+        /// The scenario.
+        #[arg(long, default_value = "examples/city-small.toml")]
+        scenario: PathBuf,
+        /// Seeds 1..=N.
+        #[arg(long, default_value_t = 5)]
+        seeds: u64,
+        /// Simulated hours per run.
+        #[arg(long, default_value_t = 6.0)]
+        hours: f64,
+        /// Write the learning curves (served rate per hour) to this SVG.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// The assignment solvers against their anchors on the same problems in
+    /// the same run: dense n × n (uniform costs, minimise, complete) against
+    /// scipy's `linear_sum_assignment`; sparse N × N dispatch-shaped
+    /// problems (k nearest, maximise, unmatched allowed) against OR-tools'
+    /// `SimpleMinCostFlow`. One JSON line per problem.
+    Assign {
+        /// Dense sizes.
+        #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,4000")]
+        dense: Vec<usize>,
+        /// Sparse sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000")]
+        sparse: Vec<usize>,
+        /// Nearest drivers per rider in the sparse problems.
+        #[arg(long, default_value_t = 20)]
+        k: usize,
+        /// Solves per problem and side; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// A Python with scipy and ortools.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
     /// The ads pipeline (parse, validate, keyed exchange, count) through
     /// `dima up` from JSONL and, with `--kafka`, from a Kafka topic, per
     /// layout, next to each source's ceiling in the same run (one thread
@@ -1121,6 +1161,73 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 ..Default::default()
             };
             bench_count(&exe, &job, layouts, *repeat)?;
+            Ok(())
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Assign {
+                    dense,
+                    sparse,
+                    k,
+                    repeat,
+                    python,
+                },
+        } => {
+            for row in cluster::bench::bench_assign(dense, sparse, *k, *repeat, python)? {
+                println!("{}", serde_json::to_string(&row)?);
+            }
+            Ok(())
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Dispatch {
+                    scenario,
+                    seeds,
+                    hours,
+                    plot,
+                },
+        } => {
+            if *seeds == 0 || !(hours.is_finite() && *hours > 0.0) {
+                return Err(Failure {
+                    code: 2,
+                    error: anyhow::anyhow!("--seeds must be at least 1 and --hours positive"),
+                });
+            }
+            let loaded = dataflows::matching::Scenario::load(scenario).map_err(|e| Failure {
+                code: 2,
+                error: e.into(),
+            })?;
+            let seeds: Vec<u64> = (1..=*seeds).collect();
+            let started = std::time::Instant::now();
+            let runs = cluster::bench::bench_dispatch(&loaded, &seeds, *hours);
+            for run in &runs {
+                println!("{}", serde_json::to_string(run)?);
+            }
+            let value = &runs[0];
+            let myopic = &runs[1];
+            let (gain, spread) = cluster::bench::gain(value, myopic);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "dispatch",
+                    "scenario": loaded.city.name,
+                    "seeds": seeds.len(),
+                    "hours": hours,
+                    "value_over_myopic": gain,
+                    "value_over_myopic_std": spread,
+                    "value_over_nearest": cluster::bench::gain(value, &runs[2]).0,
+                    "wall_s": started.elapsed().as_secs_f64(),
+                })
+            );
+            if let Some(path) = plot {
+                let title = format!(
+                    "{}: served rate per simulated hour, mean of {} seeds",
+                    loaded.city.name,
+                    seeds.len()
+                );
+                cluster::bench::plot_learning(path, &title, &runs)?;
+                eprintln!("wrote {}", path.display());
+            }
             Ok(())
         }
         Command::Bench {

@@ -75,8 +75,220 @@ pub struct Assignment {
 /// Minimises Σ cost over an n × m matrix (n ≤ m), every row matched;
 /// `f64::INFINITY` marks a forbidden cell. Returns the column of each row,
 /// or `None` when some row can only take forbidden cells.
+///
+/// Square matrices without forbidden cells go to [`jonker_volgenant`];
+/// everything else to the shortest-augmenting-path Hungarian method.
 pub fn hungarian(cost: &[f64], n: usize, m: usize) -> Option<Vec<usize>> {
     debug_assert!(n <= m && cost.len() == n * m);
+    if n == m && n > 0 && cost.iter().all(|c| c.is_finite()) {
+        return Some(jonker_volgenant(cost, n));
+    }
+    shortest_augmenting_path(cost, n, m)
+}
+
+/// Jonker & Volgenant's LAPJV ("A shortest augmenting path algorithm for
+/// dense and sparse linear assignment problems", Computing 38, 1987) on a
+/// square matrix of finite costs: column reduction, reduction transfer and
+/// two rounds of augmenting row reduction assign most rows cheaply; the rows
+/// still free are then added by Dijkstra over reduced costs, scanning
+/// columns in blocks of equal distance. Returns the column of each row.
+pub fn jonker_volgenant(cost: &[f64], n: usize) -> Vec<usize> {
+    const NONE: usize = usize::MAX;
+    let c = |i: usize, j: usize| cost[i * n + j];
+    let mut v = vec![0.0f64; n];
+    let mut row_col = vec![NONE; n];
+    let mut col_row = vec![NONE; n];
+    let mut matches = vec![0u32; n];
+    // Column reduction: each column's price is its least cost, and goes to
+    // that row when the row has nothing cheaper yet.
+    for j in (0..n).rev() {
+        let (mut min, mut imin) = (c(0, j), 0);
+        for i in 1..n {
+            if c(i, j) < min {
+                min = c(i, j);
+                imin = i;
+            }
+        }
+        v[j] = min;
+        matches[imin] += 1;
+        if matches[imin] == 1 {
+            row_col[imin] = j;
+            col_row[j] = imin;
+        } else if v[j] < v[row_col[imin]] {
+            let j1 = row_col[imin];
+            row_col[imin] = j;
+            col_row[j] = imin;
+            col_row[j1] = NONE;
+        } else {
+            col_row[j] = NONE;
+        }
+    }
+    // Reduction transfer: a row that got one column passes its slack to it.
+    let mut free = Vec::with_capacity(n);
+    for i in 0..n {
+        if matches[i] == 0 {
+            free.push(i);
+        } else if matches[i] == 1 {
+            let j1 = row_col[i];
+            let mut min = f64::INFINITY;
+            for j in 0..n {
+                if j != j1 && c(i, j) - v[j] < min {
+                    min = c(i, j) - v[j];
+                }
+            }
+            if min.is_finite() {
+                v[j1] -= min;
+            }
+        }
+    }
+    // Augmenting row reduction, twice: a free row takes its cheapest column
+    // and lowers that column's price to its second-cheapest, evicting the
+    // owner, which is processed next.
+    for _ in 0..2 {
+        let todo = std::mem::take(&mut free);
+        let mut k = 0;
+        let mut stack = todo;
+        // In floating point two rows can trade a column back and forth by
+        // ever smaller price steps; past a budget, the augmentation phase
+        // takes the rows still waiting.
+        let mut budget = 4 * n + 16;
+        while k < stack.len() {
+            if budget == 0 {
+                free.extend_from_slice(&stack[k..]);
+                break;
+            }
+            budget -= 1;
+            let i = stack[k];
+            k += 1;
+            let (mut umin, mut j1) = (c(i, 0) - v[0], 0usize);
+            let (mut usubmin, mut j2) = (f64::INFINITY, NONE);
+            for j in 1..n {
+                let h = c(i, j) - v[j];
+                if h < usubmin {
+                    if h >= umin {
+                        usubmin = h;
+                        j2 = j;
+                    } else {
+                        usubmin = umin;
+                        umin = h;
+                        j2 = j1;
+                        j1 = j;
+                    }
+                }
+            }
+            let mut i0 = col_row[j1];
+            let strict = umin < usubmin;
+            if strict {
+                v[j1] -= usubmin - umin;
+            } else if i0 != NONE && j2 != NONE {
+                j1 = j2;
+                i0 = col_row[j2];
+            }
+            if row_col[i] != NONE && col_row[row_col[i]] == i {
+                col_row[row_col[i]] = NONE;
+            }
+            row_col[i] = j1;
+            col_row[j1] = i;
+            if i0 != NONE {
+                row_col[i0] = NONE;
+                if strict {
+                    // Process the evicted row right away.
+                    k -= 1;
+                    stack[k] = i0;
+                } else {
+                    free.push(i0);
+                }
+            }
+        }
+    }
+    // Augmentation: Dijkstra from each remaining free row.
+    let mut d = vec![0.0f64; n];
+    let mut pred = vec![0usize; n];
+    let mut cols: Vec<usize> = (0..n).collect();
+    for &start in &free {
+        for j in 0..n {
+            d[j] = c(start, j) - v[j];
+            pred[j] = start;
+            cols[j] = j;
+        }
+        // cols[..low]: settled; cols[low..up]: at the current minimum,
+        // to scan; cols[up..]: not yet reached at the minimum.
+        let (mut low, mut up) = (0usize, 0usize);
+        let mut last = 0usize;
+        let mut min = 0.0f64;
+        let end;
+        'search: loop {
+            if up == low {
+                last = low;
+                min = d[cols[up]];
+                up += 1;
+                for k in up..n {
+                    let j = cols[k];
+                    let h = d[j];
+                    if h <= min {
+                        if h < min {
+                            up = low;
+                            min = h;
+                        }
+                        cols[k] = cols[up];
+                        cols[up] = j;
+                        up += 1;
+                    }
+                }
+                for &j in &cols[low..up] {
+                    if col_row[j] == NONE {
+                        end = j;
+                        break 'search;
+                    }
+                }
+            }
+            let j1 = cols[low];
+            low += 1;
+            let i = col_row[j1];
+            let h = c(i, j1) - v[j1] - min;
+            let mut k = up;
+            while k < n {
+                let j = cols[k];
+                let reduced = c(i, j) - v[j] - h;
+                if reduced < d[j] {
+                    pred[j] = i;
+                    if reduced == min {
+                        if col_row[j] == NONE {
+                            end = j;
+                            break 'search;
+                        }
+                        cols[k] = cols[up];
+                        cols[up] = j;
+                        up += 1;
+                    }
+                    d[j] = reduced;
+                }
+                k += 1;
+            }
+        }
+        // Settled columns move their prices by how much closer they were.
+        for &j in &cols[..last] {
+            v[j] += d[j] - min;
+        }
+        // Flip the alternating path back to the start row.
+        let mut j = end;
+        loop {
+            let i = pred[j];
+            col_row[j] = i;
+            let next = row_col[i];
+            row_col[i] = j;
+            if i == start {
+                break;
+            }
+            j = next;
+        }
+    }
+    row_col
+}
+
+/// The classic shortest-augmenting-path Hungarian method (row by row, with
+/// row and column potentials), for rectangular matrices and forbidden cells.
+fn shortest_augmenting_path(cost: &[f64], n: usize, m: usize) -> Option<Vec<usize>> {
     // 1-based arrays with a virtual column 0, as in the classic formulation.
     let mut u = vec![0.0f64; n + 1];
     let mut v = vec![0.0f64; m + 1];
@@ -335,6 +547,36 @@ mod tests {
                 cols_used.dedup();
                 assert_eq!(cols_used.len(), done.pairs.len());
             }
+        }
+    }
+
+    #[test]
+    fn jonker_volgenant_equals_the_hungarian_method() {
+        // Random square problems: small integer costs (many ties), negative
+        // costs, wide floats; the objective must equal the classic method's.
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for case in 0..600 {
+            let n = 1 + case % 60;
+            let cost: Vec<f64> = (0..n * n)
+                .map(|_| match case % 3 {
+                    0 => rng.random_range(0..4) as f64,
+                    1 => rng.random_range(-50..50) as f64,
+                    _ => rng.random::<f64>() * 1e3 - 5e2,
+                })
+                .collect();
+            let jv = jonker_volgenant(&cost, n);
+            let sap = shortest_augmenting_path(&cost, n, n).expect("finite costs");
+            let mut seen = vec![false; n];
+            for &j in &jv {
+                assert!(!seen[j], "case {case}: column {j} twice");
+                seen[j] = true;
+            }
+            let total = |cols: &[usize]| -> f64 {
+                cols.iter().enumerate().map(|(i, j)| cost[i * n + j]).sum()
+            };
+            let (a, b) = (total(&jv), total(&sap));
+            assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "case {case} n {n}: {a} vs {b}");
         }
     }
 
