@@ -88,7 +88,32 @@ impl Problem {
         let mut settled = vec![false; nodes];
         let mut touched: Vec<usize> = Vec::new();
         let mut heap: BinaryHeap<Reverse<(Key, usize)>> = BinaryHeap::new();
+        // Warm start: a row whose cheapest option (an edge or its dummy) is
+        // still free takes it, with its potential raised so that the edge is
+        // tight. Each such row sits at its own minimum, so the matching of
+        // these rows is optimal, every reduced cost stays non-negative and
+        // every column keeps the common potential: the invariant the
+        // searches below need. Only the rows that lose a column to an earlier
+        // row are searched.
+        for r in 0..n {
+            let (mut best, mut to) = (0.0f64, dummy(r));
+            for k in start[r]..start[r + 1] {
+                if costs[k] < best {
+                    best = costs[k];
+                    to = column(targets[k]);
+                }
+            }
+            if owner[to].is_none() {
+                owner[to] = Some(r);
+                holds[r] = Some(to);
+                held_cost[r] = best;
+                p[r] = floor - best;
+            }
+        }
         for s in 0..n {
+            if holds[s].is_some() {
+                continue;
+            }
             for &v in &touched {
                 dist[v] = f64::INFINITY;
                 parent[v] = usize::MAX;
