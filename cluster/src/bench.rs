@@ -460,7 +460,9 @@ pub fn bench_dispatch(
                 .min()
                 .unwrap_or(0);
             let hourly = (0..hours_seen)
-                .map(|h| runs.iter().map(|r| r.hourly_served_rate[h]).sum::<f64>() / runs.len() as f64)
+                .map(|h| {
+                    runs.iter().map(|r| r.hourly_served_rate[h]).sum::<f64>() / runs.len() as f64
+                })
                 .collect();
             let avg = |f: &dyn Fn(&dataflows::matching::SimReport) -> f64| {
                 runs.iter().map(|r| f(r)).sum::<f64>() / runs.len() as f64
@@ -493,7 +495,12 @@ pub fn gain(a: &PolicyRuns, b: &PolicyRuns) -> (f64, f64) {
 /// seeds) of every policy into an SVG file.
 pub fn plot_learning(path: &Path, title: &str, runs: &[PolicyRuns]) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let hours = runs.iter().map(|r| r.hourly.len()).max().unwrap_or(1).max(1);
+    let hours = runs
+        .iter()
+        .map(|r| r.hourly.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let (low, high) = runs
         .iter()
         .flat_map(|r| r.hourly.iter().copied())
@@ -526,7 +533,9 @@ pub fn plot_learning(path: &Path, title: &str, runs: &[PolicyRuns]) -> anyhow::R
             ))
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label(run.policy)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -576,7 +585,8 @@ fn median_ms<T>(repeat: usize, mut f: impl FnMut() -> T) -> (f64, T) {
 }
 
 fn anchor(python: &str, args: &[String]) -> anyhow::Result<serde_json::Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench/assignment_anchor.py");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench/assignment_anchor.py");
     let out = std::process::Command::new(python)
         .arg(&script)
         .args(args)
@@ -669,7 +679,11 @@ pub fn bench_assign(
         let cost = dense_problem(n, n as u64);
         let (dima_ms, columns) = median_ms(repeat, || dataflows::matching::hungarian(&cost, n, n));
         let columns = columns.ok_or_else(|| anyhow::anyhow!("dense {n}: no assignment"))?;
-        let objective: f64 = columns.iter().enumerate().map(|(r, c)| cost[r * n + c]).sum();
+        let objective: f64 = columns
+            .iter()
+            .enumerate()
+            .map(|(r, c)| cost[r * n + c])
+            .sum();
         let path = dir.path().join(format!("dense-{n}.bin"));
         let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
         for v in &cost {
@@ -679,7 +693,12 @@ pub fn bench_assign(
         drop(file);
         let a = anchor(
             python,
-            &["dense".into(), path.display().to_string(), n.to_string(), repeat.to_string()],
+            &[
+                "dense".into(),
+                path.display().to_string(),
+                n.to_string(),
+                repeat.to_string(),
+            ],
         )?;
         std::fs::remove_file(&path)?;
         rows.push(assign_row("dense", n, n * n, dima_ms, objective, &a));
@@ -712,7 +731,14 @@ pub fn bench_assign(
                 repeat.to_string(),
             ],
         )?;
-        rows.push(assign_row("sparse", n, problem.edges.len(), dima_ms, solved.objective, &a));
+        rows.push(assign_row(
+            "sparse",
+            n,
+            problem.edges.len(),
+            dima_ms,
+            solved.objective,
+            &a,
+        ));
     }
     Ok(rows)
 }

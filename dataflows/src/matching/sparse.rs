@@ -88,27 +88,73 @@ impl Problem {
         let mut settled = vec![false; nodes];
         let mut touched: Vec<usize> = Vec::new();
         let mut heap: BinaryHeap<Reverse<(Key, usize)>> = BinaryHeap::new();
-        // Warm start: a row whose cheapest option (an edge or its dummy) is
-        // still free takes it, with its potential raised so that the edge is
-        // tight. Each such row sits at its own minimum, so the matching of
-        // these rows is optimal, every reduced cost stays non-negative and
-        // every column keeps the common potential: the invariant the
-        // searches below need. Only the rows that lose a column to an earlier
-        // row are searched.
-        for r in 0..n {
-            let (mut best, mut to) = (0.0f64, dummy(r));
-            for k in start[r]..start[r + 1] {
-                if costs[k] < best {
-                    best = costs[k];
-                    to = column(targets[k]);
+        // Warm start, Jonker–Volgenant's augmenting row reduction adapted to
+        // free columns: a row takes its cheapest option (an edge or its
+        // dummy) at a tight row potential. If that column is held and the
+        // row's second-best is strictly worse, the column's potential drops
+        // by the difference (only reduced costs into it grow) and its holder
+        // is evicted and goes next; on a tie the row takes its second-best
+        // and the evicted holder waits for the next round. Free columns keep
+        // the common potential, matched ones only go below it, and every
+        // reduced cost stays non-negative: the invariant the searches below
+        // need. Two rounds with a work budget; the searches take the rest.
+        let none = usize::MAX;
+        let mut queue: Vec<usize> = (0..n).collect();
+        for _round in 0..2 {
+            let mut next = Vec::new();
+            let mut budget = 4 * n + 16;
+            let mut k = 0;
+            while k < queue.len() {
+                if budget == 0 {
+                    next.extend_from_slice(&queue[k..]);
+                    break;
+                }
+                budget -= 1;
+                let i = queue[k];
+                k += 1;
+                // Cheapest and second cheapest reduced cost (row potential 0).
+                let (mut umin, mut j1, mut c1) = (0.0 - p[dummy(i)], dummy(i), 0.0);
+                let (mut usub, mut j2, mut c2) = (f64::INFINITY, none, 0.0);
+                for e in start[i]..start[i + 1] {
+                    let v = column(targets[e]);
+                    let h = costs[e] - p[v];
+                    if h < usub {
+                        if h >= umin {
+                            (usub, j2, c2) = (h, v, costs[e]);
+                        } else {
+                            (usub, j2, c2) = (umin, j1, c1);
+                            (umin, j1, c1) = (h, v, costs[e]);
+                        }
+                    }
+                }
+                let mut holder = owner[j1];
+                let strict = umin < usub;
+                let (mut to, mut cost) = (j1, c1);
+                if holder.is_some() {
+                    if strict {
+                        p[j1] -= usub - umin;
+                    } else if j2 != none {
+                        (to, cost) = (j2, c2);
+                        holder = owner[j2];
+                    }
+                }
+                if let Some(r) = holder {
+                    holds[r] = None;
+                }
+                owner[to] = Some(i);
+                holds[i] = Some(to);
+                held_cost[i] = cost;
+                p[i] = p[to] - cost;
+                if let Some(r) = holder {
+                    if strict && to == j1 {
+                        k -= 1;
+                        queue[k] = r;
+                    } else {
+                        next.push(r);
+                    }
                 }
             }
-            if owner[to].is_none() {
-                owner[to] = Some(r);
-                holds[r] = Some(to);
-                held_cost[r] = best;
-                p[r] = floor - best;
-            }
+            queue = next;
         }
         for s in 0..n {
             if holds[s].is_some() {
