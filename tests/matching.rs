@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dima_tests::{Finished, repo_root, run_dima, write};
+use dima_tests::{Finished, layout_manifest, repo_root, run_dima, write};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -180,4 +180,65 @@ fn the_matching_section_is_validated() {
         ),
         &["pipelines.ads.matching", "dispatch pipelines only"],
     );
+}
+
+#[test]
+fn simulated_city_events_feed_the_pipeline_matcher() {
+    // The simulator writes the city's events; the dispatch pipeline reads
+    // them from JSONL on 2 processes and matches every request it sees.
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("city.jsonl");
+    let scenario = repo_root().join("examples/city-small.toml");
+    run_dima(
+        &[
+            "simulate",
+            "--scenario",
+            scenario.to_str().unwrap(),
+            "--hours",
+            "0.5",
+            "--events-out",
+            events.to_str().unwrap(),
+        ],
+        LIMIT,
+    )
+    .assert_success();
+    let check = run_dima(
+        &[
+            "events",
+            "check",
+            events.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+        LIMIT,
+    );
+    check.assert_success();
+    let report: serde_json::Value = serde_json::from_str(check.last_line()).unwrap();
+    let requests = report["by_type"]["ride_request"].as_u64().unwrap();
+    assert!(requests > 100, "{report}");
+    let dispatches = dir.path().join("dispatches.jsonl");
+    let manifest = write(
+        dir.path(),
+        "city.toml",
+        &layout_manifest(
+            2,
+            1,
+            &format!(
+                "[pipelines.city]\nfamily = \"dispatch\"\n[pipelines.city.source]\nkind = \"jsonl\"\npath = \"{}\"\n[pipelines.city.matching]\npolicy = \"myopic\"\ndispatches = {{ kind = \"jsonl\", path = \"{}\" }}\n",
+                events.display(),
+                dispatches.display()
+            ),
+        ),
+    );
+    let done = run_dima(&["up", manifest.to_str().unwrap()], LIMIT);
+    done.assert_success().assert_no_panic();
+    let line: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
+    let m = &line["pipelines"][0]["matching"];
+    assert_eq!(m["policy"], "myopic", "{m}");
+    assert_eq!(m["requests"].as_u64().unwrap(), requests, "{m}");
+    assert_eq!(m["late_events"], 0, "{m}");
+    let dispatched = m["dispatched"].as_u64().unwrap();
+    assert!(dispatched * 2 > requests, "{m}");
+    let written = std::fs::read_to_string(&dispatches).unwrap();
+    assert_eq!(written.lines().count() as u64, dispatched);
 }

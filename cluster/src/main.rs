@@ -194,6 +194,11 @@ enum Command {
         /// revenue_per_driver_hour, and more).
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
+        /// Also write the city's events (ride requests, driver statuses,
+        /// trips, cancellations) to this JSONL file, in event-time order:
+        /// a dispatch pipeline's input.
+        #[arg(long, value_name = "PATH")]
+        events_out: Option<PathBuf>,
     },
     /// The incremental learner's offline tools.
     Learner {
@@ -452,6 +457,20 @@ enum BenchCommand {
         /// A Python with scipy and ortools.
         #[arg(long, default_value = "python3")]
         python: String,
+    },
+    /// The dispatch pipeline's matcher (value policy) over a JSONL file of
+    /// city events (`dima simulate --events-out`) through `dima up`, per
+    /// layout: simulated seconds per wall second and the window p99.
+    Matching {
+        /// The events.
+        #[arg(long)]
+        input: PathBuf,
+        /// Layouts as PROCESSESxWORKERS, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1x1,2x1")]
+        layouts: Vec<Layout>,
+        /// Runs per layout; the median is reported.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
     },
     /// The ads pipeline (parse, validate, keyed exchange, count) through
     /// `dima up` from JSONL and, with `--kafka`, from a Kafka topic, per
@@ -957,6 +976,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             hours,
             seed,
             format,
+            events_out,
         } => {
             if !(hours.is_finite() && *hours > 0.0 && *hours <= 24.0 * 365.0) {
                 return Err(Failure {
@@ -968,7 +988,29 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 code: 2,
                 error: e.into(),
             })?;
-            let report = dataflows::matching::simulate(&loaded, *policy, *hours, *seed);
+            let report = match events_out {
+                None => dataflows::matching::simulate(&loaded, *policy, *hours, *seed),
+                Some(path) => {
+                    use std::io::Write;
+                    let file = std::fs::File::create(path).map_err(|e| Failure {
+                        code: 2,
+                        error: anyhow::anyhow!("cannot create {}: {e}", path.display()),
+                    })?;
+                    let mut out = std::io::BufWriter::new(file);
+                    let mut sim =
+                        dataflows::matching::Simulation::new(&loaded, *policy, *seed).with_events();
+                    while !sim.done(*hours) {
+                        sim.step();
+                        for event in sim.drain_events() {
+                            writeln!(out, "{}", event.to_line())
+                                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                        }
+                    }
+                    out.flush()
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    sim.report(*hours)
+                }
+            };
             match format {
                 OutputFormat::Json => println!("{}", serde_json::to_string(&report)?),
                 OutputFormat::Text => print!("{}", cluster::summary::simulation(&report)),
@@ -1241,6 +1283,18 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
         } => {
             let exe = std::env::current_exe().context("locating the dima executable")?;
             cluster::bench::bench_events(&exe, *events, layouts, *repeat, kafka.as_deref())?;
+            Ok(())
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Matching {
+                    input,
+                    layouts,
+                    repeat,
+                },
+        } => {
+            let exe = std::env::current_exe().context("locating the dima executable")?;
+            cluster::bench::bench_matching(&exe, input, layouts, *repeat)?;
             Ok(())
         }
     }

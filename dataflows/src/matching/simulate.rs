@@ -20,8 +20,10 @@ use serde::Serialize;
 use super::batch::{DriverGrid, OpenRequest, PlanContext, Policy, Travel, plan};
 use super::scenario::Scenario;
 use super::value::{TdSample, TdUpdate, ValueKey, ValueTable};
-use crate::events::DEFAULT_START_MS;
-use crate::events::LatLng;
+use crate::events::{
+    DEFAULT_START_MS, DriverState, DriverStatus, Event, LatLng, RequestCancelled, RideRequest,
+    SCHEMA_VERSION, TripCompleted,
+};
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -75,7 +77,9 @@ pub struct SimReport {
 
 #[derive(Clone, Copy, Debug)]
 struct Trip {
+    request: u64,
     request_at_ms: i64,
+    road_km: f64,
     dispatched_ms: i64,
     dropoff: LatLng,
     pickup_km: f64,
@@ -160,6 +164,9 @@ pub struct Simulation {
     revenue: f64,
     hourly: Vec<(u64, u64)>,
     window_ms_wall: Vec<f64>,
+    /// The city's events, when asked for ([`Simulation::with_events`]).
+    events: Option<Vec<Event>>,
+    started: std::time::Instant,
 }
 
 impl Simulation {
@@ -226,7 +233,60 @@ impl Simulation {
             revenue: 0.0,
             hourly: Vec::new(),
             window_ms_wall: Vec::new(),
+            events: None,
+            started: std::time::Instant::now(),
         }
+    }
+
+    /// Records the city's events (`ride_request`, `driver_status` at every
+    /// change and every minute, `trip_completed`, `request_cancelled`), the
+    /// stream a dispatch pipeline reads; take them with [`Self::drain_events`].
+    pub fn with_events(mut self) -> Self {
+        self.events = Some(Vec::new());
+        self
+    }
+
+    /// The events recorded since the last call, in event-time order.
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        let mut out = self.events.as_mut().map(std::mem::take).unwrap_or_default();
+        out.sort_by_key(Event::event_time);
+        out
+    }
+
+    fn emit(&mut self, event: impl FnOnce() -> Event) {
+        if let Some(events) = self.events.as_mut() {
+            events.push(event());
+        }
+    }
+
+    fn status(&mut self, d: u32, at: i64, state: DriverState) {
+        let location = self.drivers[d as usize].at;
+        self.emit(|| {
+            Event::DriverStatus(DriverStatus {
+                schema_version: SCHEMA_VERSION,
+                event_time: at,
+                driver_id: u64::from(d),
+                location,
+                state,
+            })
+        });
+    }
+
+    fn cancelled(&mut self, request: u64, at: i64, reason: &str) {
+        self.emit(|| {
+            Event::RequestCancelled(RequestCancelled {
+                schema_version: SCHEMA_VERSION,
+                event_time: at,
+                request_id: request,
+                rider_id: request,
+                reason: reason.to_owned(),
+            })
+        });
+    }
+
+    /// Whether `now_ms` has passed `hours` of simulated time.
+    pub fn done(&self, hours: f64) -> bool {
+        self.now_ms >= self.start_ms + (hours * HOUR_MS as f64) as i64
     }
 
     /// Simulated time so far, s.
@@ -315,10 +375,33 @@ impl Simulation {
         }
         if (now - self.start_ms) % 60_000 < self.window_ms {
             self.staff(now);
+            if self.events.is_some() {
+                // Every online driver pings its state once a minute.
+                for d in 0..self.drivers.len() as u32 {
+                    let state = match self.drivers[d as usize].state {
+                        State::Offline => continue,
+                        State::Idle => DriverState::Idle,
+                        State::Repositioning | State::EnRoute(_) => DriverState::EnRoute,
+                        State::OnTrip(_) => DriverState::OnTrip,
+                    };
+                    self.status(d, now, state);
+                }
+            }
         }
         self.arrivals(now);
         // Riders past their patience give up.
         let before = self.open.len();
+        if self.events.is_some() {
+            let gave_up: Vec<(u64, i64)> = self
+                .open
+                .iter()
+                .filter(|w| w.give_up_ms <= now)
+                .map(|w| (w.request.id, w.give_up_ms))
+                .collect();
+            for (id, at) in gave_up {
+                self.cancelled(id, at, "no_driver");
+            }
+        }
         self.open.retain(|w| w.give_up_ms > now);
         self.cancelled_waiting += (before - self.open.len()) as u64;
         // Match.
@@ -333,6 +416,7 @@ impl Simulation {
                 .min(self.scenario.demand.decline_max);
             if self.rng.random::<f64>() < chance {
                 self.declined += 1;
+                self.cancelled(requests[p.request].id, now, "rider");
                 continue;
             }
             matched += 1;
@@ -342,7 +426,9 @@ impl Simulation {
             let pickup_ms = self.noisy_ms(p.pickup_s);
             let trip_ms = self.noisy_ms(p.trip_s);
             let trip = Trip {
+                request: request.id,
                 request_at_ms: request.at_ms,
+                road_km: self.ctx.travel.road_km(request.pickup, request.dropoff),
                 dispatched_ms: now,
                 dropoff: request.dropoff,
                 pickup_km: p.pickup_km,
@@ -357,6 +443,7 @@ impl Simulation {
                 busy_s: p.pickup_s + p.trip_s,
             };
             self.drivers[d as usize].state = State::EnRoute(trip);
+            self.status(d, now, DriverState::EnRoute);
             self.drivers[d as usize].at = request.pickup;
             self.schedule(now + pickup_ms, Timed::Pickup(d));
             let hour = self.open[p.request].hour;
@@ -402,6 +489,7 @@ impl Simulation {
         let driver = &mut self.drivers[d as usize];
         if let State::EnRoute(trip) = driver.state {
             driver.state = State::OnTrip(trip);
+            self.status(d, at, DriverState::OnTrip);
             self.served += 1;
             self.waits_s.push((at - trip.request_at_ms) as f64 / 1000.0);
             self.schedule(at + trip.trip_ms, Timed::Dropoff(d));
@@ -414,6 +502,17 @@ impl Simulation {
         };
         self.completed += 1;
         self.revenue += trip.fare;
+        self.emit(|| {
+            Event::TripCompleted(TripCompleted {
+                schema_version: SCHEMA_VERSION,
+                event_time: at,
+                request_id: trip.request,
+                driver_id: u64::from(d),
+                fare: trip.fare,
+                distance_km: trip.road_km,
+                duration_s: (trip.trip_ms / 1000).clamp(0, i64::from(u32::MAX)) as u32,
+            })
+        });
         self.busy_ms += at - trip.dispatched_ms;
         // TD on completion: correct the dispatch-time sample by what the
         // trip actually paid and took. Both sides read today's values, so
@@ -440,6 +539,7 @@ impl Simulation {
         driver.state = State::Idle;
         driver.idle_since_ms = now;
         self.idle.insert(u64::from(d), at_pos);
+        self.status(d, now, DriverState::Idle);
         let mean = self.scenario.fleet.reposition_after_s;
         if mean > 0.0 {
             let wait_ms = -mean * 1000.0 * (1.0 - self.rng.random::<f64>()).ln();
@@ -464,6 +564,7 @@ impl Simulation {
         let driver = &mut self.drivers[d as usize];
         driver.state = State::Repositioning;
         driver.at = to;
+        self.status(d, now, DriverState::EnRoute);
         self.schedule(now + ms, Timed::Arrive(d));
     }
 
@@ -500,6 +601,7 @@ impl Simulation {
                 let id = eligible.swap_remove(pick);
                 self.idle.remove(id);
                 self.drivers[id as usize].state = State::Offline;
+                self.status(id as u32, now, DriverState::Offline);
                 self.offline.push(id as u32);
             }
         }
@@ -529,6 +631,17 @@ impl Simulation {
                 give_up_ms: at_ms + patience as i64,
                 hour,
             });
+            let id = self.next_request;
+            self.emit(|| {
+                Event::RideRequest(RideRequest {
+                    schema_version: SCHEMA_VERSION,
+                    event_time: at_ms,
+                    request_id: id,
+                    rider_id: id,
+                    pickup,
+                    dropoff,
+                })
+            });
             self.next_request += 1;
             self.requests += 1;
             self.hourly[hour].0 += 1;
@@ -546,11 +659,15 @@ impl Simulation {
 
     /// Runs `hours` of simulated time and reports.
     pub fn run(mut self, hours: f64) -> SimReport {
-        let started = std::time::Instant::now();
-        let end = self.start_ms + (hours * HOUR_MS as f64) as i64;
-        while self.now_ms < end {
+        while !self.done(hours) {
             self.step();
         }
+        self.report(hours)
+    }
+
+    /// What the run did so far (`hours` as asked, for the report).
+    pub fn report(mut self, hours: f64) -> SimReport {
+        let started = self.started;
         // Trips still running count their time so far as busy.
         for driver in &self.drivers {
             if let State::EnRoute(t) | State::OnTrip(t) = driver.state {
