@@ -326,7 +326,6 @@ struct Matcher {
     window_ms: i64,
     pending: BTreeMap<i64, Vec<MatchEvent>>,
     next_window: Option<i64>,
-    newest_ms: i64,
     /// The newest event time each reading worker has reported.
     marks: BTreeMap<u32, i64>,
     open: BTreeMap<u64, OpenRequest>,
@@ -354,7 +353,6 @@ impl Matcher {
             window_ms,
             pending: BTreeMap::new(),
             next_window: None,
-            newest_ms: i64::MIN,
             marks: BTreeMap::new(),
             open: BTreeMap::new(),
             drivers: FxHashMap::default(),
@@ -370,7 +368,6 @@ impl Matcher {
             return;
         }
         let at = event.at_ms();
-        self.newest_ms = self.newest_ms.max(at);
         let mut window = at.div_euclid(self.window_ms);
         if let Some(next) = self.next_window
             && window < next
@@ -398,13 +395,33 @@ impl Matcher {
         else {
             return;
         };
-        for window in first..=last {
+        let mut window = first;
+        while window <= last {
             let events = self.pending.remove(&window).unwrap_or_default();
-            // Empty windows with nothing waiting and nobody available only
-            // age the idle drivers, which the next busy window does at once.
+            let empty = events.is_empty();
             self.window(window, events, out);
-            self.next_window = Some(window + 1);
+            window += 1;
+            // A gap in the stream (a quiet night, a replay that jumps ahead):
+            // once nothing waits and no driver is fresh enough to be offered,
+            // the empty windows up to the next event change nothing.
+            if empty && self.open.is_empty() && !self.anyone_available(window * self.window_ms) {
+                let next = self
+                    .pending
+                    .range(window..)
+                    .next()
+                    .map_or(last + 1, |(w, _)| *w);
+                window = next.min(last + 1);
+            }
+            self.next_window = Some(window);
         }
+    }
+
+    /// Whether some driver could be offered at `now` (ms).
+    fn anyone_available(&self, now: i64) -> bool {
+        let stale = self.config.driver_stale_ms;
+        self.drivers
+            .values()
+            .any(|d| d.idle && !d.taken && now - d.seen_ms <= stale)
     }
 
     fn window(&mut self, window: i64, mut events: Vec<MatchEvent>, out: &mut Vec<Matched>) {
@@ -977,6 +994,40 @@ mod tests {
         .unwrap();
         let mut all = all.lock().unwrap();
         std::mem::take(&mut *all)
+    }
+
+    #[test]
+    fn a_gap_of_days_in_event_time_is_skipped_not_walked() {
+        let mut matcher = Matcher::new(MatchConfig::default(), 0);
+        let at = |lat: f64| LatLng { lat, lng: -122.41 };
+        let day = 86_400_000i64;
+        let t0 = crate::events::DEFAULT_START_MS;
+        for (t, id) in [(t0, 1u64), (t0 + 30 * day, 2)] {
+            matcher.add(MatchEvent::Driver {
+                at_ms: t,
+                id,
+                location: at(37.78),
+                idle: true,
+            });
+            matcher.add(MatchEvent::Request {
+                at_ms: t + 500,
+                id,
+                pickup: at(37.781),
+                dropoff: at(37.80),
+            });
+        }
+        let started = std::time::Instant::now();
+        let mut out = Vec::new();
+        matcher.run(None, &mut out);
+        assert!(started.elapsed().as_secs() < 5, "walked the gap");
+        let dispatched: Vec<u64> = out
+            .iter()
+            .filter_map(|m| match m {
+                Matched::Out(MatchOutput::Dispatch(d)) => Some(d.request_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dispatched, [1, 2]);
     }
 
     #[test]
