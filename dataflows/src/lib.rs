@@ -33,6 +33,7 @@ pub mod matching;
 mod metrics;
 pub mod pipelines;
 pub mod placement;
+pub mod toml_input;
 
 pub use jobs::count::{CountJob, CountRun, CountSummary, KeyedEvents, count_sequential, run_count};
 pub use metrics::{DataflowMetrics, FrontierMetrics, MetricFamily, MetricKind};

@@ -212,36 +212,21 @@ impl Manifest {
 
     /// Parses and validates manifest text; `path` is only used in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ManifestError> {
-        let position = |span: Option<std::ops::Range<usize>>| {
-            let offset = span.map_or(0, |s| s.start).min(text.len());
-            let before = &text[..offset];
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            (line, column)
-        };
-        let deserializer = toml::Deserializer::parse(text).map_err(|e| {
-            let (line, column) = position(e.span());
-            ManifestError::Syntax {
-                path: path.to_owned(),
-                line,
-                column,
-                message: e.message().trim().to_owned(),
-            }
-        })?;
         let raw: raw::RawManifest =
-            serde_path_to_error::deserialize(deserializer).map_err(|e| {
-                let field = match e.path().to_string() {
-                    p if p == "." => "(top level)".to_owned(),
-                    p => p,
-                };
-                let (line, column) = position(e.inner().span());
-                ManifestError::Schema {
+            dataflows::toml_input::parse_toml(text).map_err(|e| match e.field {
+                None => ManifestError::Syntax {
+                    path: path.to_owned(),
+                    line: e.line,
+                    column: e.column,
+                    message: e.message,
+                },
+                Some(field) => ManifestError::Schema {
                     path: path.to_owned(),
                     field,
-                    line,
-                    column,
-                    message: e.inner().message().trim().to_owned(),
-                }
+                    line: e.line,
+                    column: e.column,
+                    message: e.message,
+                },
             })?;
         let base = path.parent().unwrap_or(Path::new("."));
         validate::validate(raw, base).map_err(|problems| ManifestError::Invalid {

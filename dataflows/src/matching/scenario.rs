@@ -264,37 +264,14 @@ impl Scenario {
 
     /// Parses and validates scenario text; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ScenarioError> {
-        let position = |span: Option<std::ops::Range<usize>>| {
-            let offset = span.map_or(0, |s| s.start).min(text.len());
-            let before = &text[..offset];
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            (line, column)
-        };
-        let deserializer = toml::Deserializer::parse(text).map_err(|e| {
-            let (line, column) = position(e.span());
-            ScenarioError::Parse {
+        let scenario: Scenario =
+            crate::toml_input::parse_toml(text).map_err(|e| ScenarioError::Parse {
                 path: path.to_owned(),
-                field: "(top level)".into(),
-                line,
-                column,
-                message: e.message().trim().to_owned(),
-            }
-        })?;
-        let scenario: Scenario = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let field = match e.path().to_string() {
-                p if p == "." => "(top level)".to_owned(),
-                p => p,
-            };
-            let (line, column) = position(e.inner().span());
-            ScenarioError::Parse {
-                path: path.to_owned(),
-                field,
-                line,
-                column,
-                message: e.inner().message().trim().to_owned(),
-            }
-        })?;
+                field: e.field.unwrap_or_else(|| "(top level)".into()),
+                line: e.line,
+                column: e.column,
+                message: e.message,
+            })?;
         let problems = scenario.problems();
         if problems.is_empty() {
             Ok(scenario)
