@@ -169,6 +169,11 @@ impl DriverGrid {
         all
     }
 
+    /// Where the available drivers are, in no particular order.
+    pub fn positions(&self) -> impl Iterator<Item = LatLng> + '_ {
+        self.drivers.values().map(|(at, _)| *at)
+    }
+
     /// The `nearest` available drivers within the radius of `at`, closest
     /// first (ties by id), with their straight-line distance.
     pub fn near(&self, at: LatLng, nearest: usize) -> Vec<(u64, LatLng, f64)> {

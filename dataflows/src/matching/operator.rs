@@ -516,13 +516,12 @@ impl Matcher {
 
         let stale = self.config.driver_stale_ms;
         let mut grid = DriverGrid::new(self.config.matching.radius_km);
-        let mut ids: Vec<(&u64, &DriverInfo)> = self
+        // Insertion order does not matter: queries order by distance and id.
+        for (id, d) in self
             .drivers
             .iter()
             .filter(|(_, d)| d.idle && !d.taken && now - d.seen_ms <= stale)
-            .collect();
-        ids.sort_by_key(|(id, _)| **id);
-        for (id, d) in ids {
+        {
             grid.insert(*id, d.at);
         }
         stats.available = grid.len() as u64;
@@ -569,24 +568,13 @@ impl Matcher {
             }
         }
         // Drivers still available waited one window: zero reward, one step.
-        let discount = self.config.value.discount(self.window_ms as f64 / 1000.0);
-        let mut idle: BTreeMap<ValueKey, u32> = BTreeMap::new();
-        for (_, at) in grid.drivers() {
-            *idle
-                .entry(self.config.value.key(at, now - self.window_ms))
-                .or_default() += 1;
-        }
-        for (key, count) in idle {
-            let next = ValueKey {
-                bucket: self.config.value.bucket(now),
-                ..key
-            };
-            out.push(Matched::Td(TdUpdate::Sample(TdSample {
-                key,
-                target: discount * self.values.get(next),
-                count,
-            })));
-        }
+        let idle = self.config.value.idle_samples(
+            grid.positions(),
+            now - self.window_ms,
+            self.window_ms,
+            |k| self.values.get(k),
+        );
+        out.extend(idle.into_iter().map(|s| Matched::Td(TdUpdate::Sample(s))));
         stats.solve_ms = started.elapsed().as_secs_f64() * 1000.0;
         if stats.requests + stats.dispatched + stats.expired + stats.cancelled > 0 {
             out.push(Matched::Out(MatchOutput::Window(stats)));
@@ -681,11 +669,7 @@ impl MatchTally {
         let quantile = |values: &[f64], q: f64| {
             let mut sorted = values.to_vec();
             sorted.sort_by(f64::total_cmp);
-            if sorted.is_empty() {
-                return 0.0;
-            }
-            let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-            sorted[rank - 1]
+            super::simulate::quantile(&sorted, q)
         };
         let states = self.value_states();
         let sum: f64 = self.shards.values().map(|s| s.sum).sum();

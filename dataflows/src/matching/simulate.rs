@@ -14,7 +14,6 @@ use std::collections::BinaryHeap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use super::batch::{DriverGrid, OpenRequest, PlanContext, Policy, Travel, plan};
@@ -461,21 +460,15 @@ impl Simulation {
             !gone[i - 1]
         });
         // Idle drivers wait one window: zero reward, one step.
-        let discount = self.ctx.value.discount(self.window_ms as f64 / 1000.0);
-        let mut idle: FxHashMap<ValueKey, u32> = FxHashMap::default();
-        for (_, at) in self.idle.drivers() {
-            *idle.entry(self.ctx.value.key(at, now)).or_default() += 1;
-        }
-        let mut idle: Vec<_> = idle.into_iter().collect();
-        idle.sort_by_key(|(k, _)| *k);
-        for (key, count) in idle {
-            let next = ValueKey {
-                bucket: self.ctx.value.bucket(now + self.window_ms),
-                ..key
-            };
-            let target = discount * self.values.get(next);
-            self.values
-                .update(TdUpdate::Sample(TdSample { key, target, count }));
+        let values = &self.values;
+        let idle = self
+            .ctx
+            .value
+            .idle_samples(self.idle.positions(), now, self.window_ms, |k| {
+                values.get(k)
+            });
+        for sample in idle {
+            self.values.update(TdUpdate::Sample(sample));
         }
         let online = self.drivers.len() - self.offline.len();
         self.online_ms += online as i64 * self.window_ms;
@@ -716,7 +709,7 @@ pub fn simulate(scenario: &Scenario, policy: Policy, hours: f64, seed: u64) -> S
 }
 
 /// The q-quantile of sorted values (nearest rank; 0 when empty).
-fn quantile(sorted: &[f64], q: f64) -> f64 {
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

@@ -88,6 +88,32 @@ impl ValueParams {
         }
     }
 
+    /// The TD samples of drivers who waited one window of `window_ms` from
+    /// `from_ms` at `positions`: zero reward, one step, one counted sample
+    /// per state, in key order. `value` reads the values the caller has.
+    pub fn idle_samples(
+        &self,
+        positions: impl IntoIterator<Item = LatLng>,
+        from_ms: i64,
+        window_ms: i64,
+        value: impl Fn(ValueKey) -> f64,
+    ) -> Vec<TdSample> {
+        let mut counts: std::collections::BTreeMap<ValueKey, u32> = Default::default();
+        for at in positions {
+            *counts.entry(self.key(at, from_ms)).or_default() += 1;
+        }
+        let discount = self.discount(window_ms as f64 / 1000.0);
+        let bucket = self.bucket(from_ms + window_ms);
+        counts
+            .into_iter()
+            .map(|(key, count)| TdSample {
+                key,
+                target: discount * value(ValueKey { bucket, ..key }),
+                count,
+            })
+            .collect()
+    }
+
     /// The time-of-day bucket of `ms`.
     pub fn bucket(&self, ms: i64) -> u16 {
         let day_ms = ms.rem_euclid(86_400_000) as u64;
