@@ -715,10 +715,8 @@ fn matching_spec(
             Policy::Value
         }
     };
-    let mut config = MatchConfig {
-        policy,
-        ..MatchConfig::default()
-    };
+    let mut config = MatchConfig::default();
+    config.plan.policy = policy;
     let mut positive = |name: &str, value: Option<f64>, default: f64| -> f64 {
         let v = value.unwrap_or(default);
         if !(v.is_finite() && v > 0.0) {
@@ -730,9 +728,10 @@ fn matching_spec(
         }
         v
     };
-    config.matching.window_s = positive("window_s", m.window_s, config.matching.window_s);
-    config.matching.radius_km = positive("radius_km", m.radius_km, config.matching.radius_km);
-    config.travel.speed_kmh = positive("speed_kmh", m.speed_kmh, config.travel.speed_kmh);
+    config.plan.matching.window_s = positive("window_s", m.window_s, config.plan.matching.window_s);
+    config.plan.matching.radius_km =
+        positive("radius_km", m.radius_km, config.plan.matching.radius_km);
+    config.plan.travel.speed_kmh = positive("speed_kmh", m.speed_kmh, config.plan.travel.speed_kmh);
     let max_wait_s = positive("max_wait_s", m.max_wait_s, 300.0);
     let driver_stale_s = positive("driver_stale_s", m.driver_stale_s, 120.0);
     config.max_wait_ms = (max_wait_s * 1000.0) as i64;
@@ -746,27 +745,27 @@ fn matching_spec(
     } else {
         config.lateness_ms = (lateness_s * 1000.0) as i64;
     }
-    let rider_value = m.rider_value.unwrap_or(config.matching.rider_value);
+    let rider_value = m.rider_value.unwrap_or(config.plan.matching.rider_value);
     if !(rider_value.is_finite() && rider_value >= 0.0) {
         problems.add(
             format!("{field}.rider_value"),
             format!("{rider_value} is not a number >= 0"),
         );
     } else {
-        config.matching.rider_value = rider_value;
+        config.plan.matching.rider_value = rider_value;
     }
-    let detour = m.detour.unwrap_or(config.travel.detour);
+    let detour = m.detour.unwrap_or(config.plan.travel.detour);
     if !(detour.is_finite() && detour >= 1.0) {
         problems.add(
             format!("{field}.detour"),
             format!("{detour} is not a number >= 1"),
         );
     } else {
-        config.travel.detour = detour;
+        config.plan.travel.detour = detour;
     }
     match m.nearest {
         Some(0) => problems.add(format!("{field}.nearest"), "must be at least 1"),
-        Some(k) => config.matching.nearest = k,
+        Some(k) => config.plan.matching.nearest = k,
         None => {}
     }
     match m.region_resolution {
@@ -791,13 +790,13 @@ fn matching_spec(
                 );
             }
         }
-        config.pricing = pricing;
+        config.plan.pricing = pricing;
     }
     if let Some(value) = m.value {
         if let Err(e) = value.check() {
             problems.add(format!("{field}.value"), e);
         }
-        config.value = value;
+        config.plan.value = value;
     }
     let dispatches = match m.dispatches {
         Some(raw) => sink_spec(raw, &format!("{field}.dispatches"), base, problems)?,

@@ -201,7 +201,7 @@ impl DriverGrid {
 }
 
 /// Everything [`plan`] needs besides the requests, drivers and values.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PlanContext {
     /// How to weigh edges.
     pub policy: Policy,

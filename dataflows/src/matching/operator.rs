@@ -151,16 +151,9 @@ impl MatchEvent {
 /// How the dispatch pipeline matches.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MatchConfig {
-    /// Edge weights.
-    pub policy: Policy,
-    /// Fares and pickup cost.
-    pub pricing: Pricing,
-    /// Window, radius, nearest-k, rider value.
-    pub matching: Matching,
-    /// Driving times.
-    pub travel: Travel,
-    /// The value function.
-    pub value: ValueParams,
+    /// Policy, prices, window, radius, nearest-k, rider value, driving
+    /// times and the value function: what each window's [`plan`] needs.
+    pub plan: PlanContext,
     /// H3 resolution of the region shards.
     pub region_resolution: u8,
     /// How far behind the newest event a window may still receive events, ms.
@@ -174,14 +167,16 @@ pub struct MatchConfig {
 impl Default for MatchConfig {
     fn default() -> Self {
         Self {
-            policy: Policy::Value,
-            pricing: Pricing::default(),
-            matching: Matching::default(),
-            travel: Travel {
-                speed_kmh: 25.0,
-                detour: 1.3,
+            plan: PlanContext {
+                policy: Policy::Value,
+                pricing: Pricing::default(),
+                matching: Matching::default(),
+                travel: Travel {
+                    speed_kmh: 25.0,
+                    detour: 1.3,
+                },
+                value: ValueParams::default(),
             },
-            value: ValueParams::default(),
             region_resolution: 5,
             lateness_ms: 4_000,
             max_wait_ms: 300_000,
@@ -321,7 +316,6 @@ struct TripRecord {
 #[derive(Debug)]
 struct Matcher {
     config: MatchConfig,
-    ctx: PlanContext,
     worker: usize,
     window_ms: i64,
     pending: BTreeMap<i64, Vec<MatchEvent>>,
@@ -337,18 +331,10 @@ struct Matcher {
 
 impl Matcher {
     fn new(config: MatchConfig, worker: usize) -> Self {
-        let ctx = PlanContext {
-            policy: config.policy,
-            pricing: config.pricing.clone(),
-            matching: config.matching.clone(),
-            travel: config.travel,
-            value: config.value.clone(),
-        };
-        let window_ms = ((config.matching.window_s * 1000.0).round() as i64).max(1);
+        let window_ms = ((config.plan.matching.window_s * 1000.0).round() as i64).max(1);
         Self {
-            values: ValueTable::new(config.value.alpha),
+            values: ValueTable::new(config.plan.value.alpha),
             config,
-            ctx,
             worker,
             window_ms,
             pending: BTreeMap::new(),
@@ -486,11 +472,13 @@ impl Matcher {
                         // TD on completion, as in the simulator: the surprise
                         // in reward, time and drop-off state.
                         let elapsed_s = (at_ms - trip.dispatched_ms) as f64 / 1000.0;
-                        let landed = self.config.value.key(trip.dropoff, at_ms);
-                        let actual = fare - self.config.pricing.pickup_cost_per_km * trip.pickup_km
-                            + self.config.value.discount(elapsed_s) * self.values.get(landed);
+                        let landed = self.config.plan.value.key(trip.dropoff, at_ms);
+                        let actual = fare
+                            - self.config.plan.pricing.pickup_cost_per_km * trip.pickup_km
+                            + self.config.plan.value.discount(elapsed_s) * self.values.get(landed);
                         let predicted = trip.reward
-                            + self.config.value.discount(trip.busy_s) * self.values.get(trip.to);
+                            + self.config.plan.value.discount(trip.busy_s)
+                                * self.values.get(trip.to);
                         out.push(Matched::Td(TdUpdate::Correct {
                             key: trip.from,
                             delta: actual - predicted,
@@ -515,7 +503,7 @@ impl Matcher {
             .retain(|_, t| now - t.dispatched_ms <= 86_400_000);
 
         let stale = self.config.driver_stale_ms;
-        let mut grid = DriverGrid::new(self.config.matching.radius_km);
+        let mut grid = DriverGrid::new(self.config.plan.matching.radius_km);
         // Insertion order does not matter: queries order by distance and id.
         for (id, d) in self
             .drivers
@@ -529,7 +517,7 @@ impl Matcher {
         if !self.open.is_empty() && !grid.is_empty() {
             let requests: Vec<OpenRequest> = self.open.values().copied().collect();
             let values = &self.values;
-            let planned = plan(&self.ctx, now, &requests, &grid, &|k| values.get(k));
+            let planned = plan(&self.config.plan, now, &requests, &grid, &|k| values.get(k));
             for p in planned {
                 let request = requests[p.request];
                 self.open.remove(&request.id);
@@ -568,7 +556,7 @@ impl Matcher {
             }
         }
         // Drivers still available waited one window: zero reward, one step.
-        let idle = self.config.value.idle_samples(
+        let idle = self.config.plan.value.idle_samples(
             grid.positions(),
             now - self.window_ms,
             self.window_ms,
@@ -730,7 +718,7 @@ pub fn match_dispatch<'scope>(
     let scope = events.scope();
     let worker = scope.index();
     let region_resolution = config.region_resolution;
-    let alpha = config.value.alpha;
+    let alpha = config.plan.value.alpha;
 
     // Each reading worker follows its events with its newest event time.
     let source = worker as u32;
@@ -927,10 +915,8 @@ mod tests {
             let probe = timely::dataflow::ProbeHandle::new();
             let sink = Arc::clone(&sink);
             worker.dataflow::<u64, _, _>(|scope| {
-                let config = MatchConfig {
-                    policy,
-                    ..MatchConfig::default()
-                };
+                let mut config = MatchConfig::default();
+                config.plan.policy = policy;
                 let streams = match_dispatch(scope.input_from(&mut input), config);
                 let (s1, s2, s3) = (Arc::clone(&sink), Arc::clone(&sink), Arc::clone(&sink));
                 streams

@@ -524,7 +524,7 @@ fn build(
                 Parsed::Invalid(_) => None,
             });
             let streams = match_dispatch(events, matching.config.clone());
-            let policy = matching.config.policy;
+            let policy = matching.config.plan.policy;
             let gauges = metrics.matching(&dataflow);
             let tally = Rc::clone(&match_tally);
             streams
@@ -708,7 +708,7 @@ pub fn run_pipelines(
                     learner: r.tally.as_ref().map(|t| t.borrow().summary()),
                     matching: match (&r.matching, &r.spec.matching) {
                         (Some((tally, sink)), Some(m)) => Some(MatchingReport {
-                            summary: tally.borrow().summary(m.config.policy),
+                            summary: tally.borrow().summary(m.config.plan.policy),
                             dispatches: SinkSummary {
                                 kind: m.dispatches.kind().to_owned(),
                                 written: sink.borrow().as_ref().map_or(0, LineWriter::written),
