@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use dima_tests::{Broker, free_port, layout_manifest, run_dima, spawn_dima, wait, write};
+use dima_tests::{
+    Broker, check_events, free_port, layout_manifest, run_dima, spawn_dima, wait, write,
+};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -47,17 +49,7 @@ fn expected(dir: &Path, family: &str, count: u64, seed: u64, malformed: f64) -> 
         malformed,
         &format!("jsonl:{}", path.display()),
     );
-    let done = run_dima(
-        &[
-            "events",
-            "check",
-            path.to_str().unwrap(),
-            "--format",
-            "json",
-        ],
-        LIMIT,
-    );
-    serde_json::from_str(done.last_line()).unwrap()
+    check_events(&path).1
 }
 
 fn kafka_pipeline(name: &str, broker: &str, topic: &str, group: &str, extra: &str) -> String {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use dima_tests::run_dima;
+use dima_tests::{check_events, run_dima};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -125,17 +125,7 @@ fn generated_ads_events_become_a_labelled_dataset() {
         LIMIT,
     )
     .assert_success();
-    let check = run_dima(
-        &[
-            "events",
-            "check",
-            events.to_str().unwrap(),
-            "--format",
-            "json",
-        ],
-        LIMIT,
-    );
-    let report: Value = serde_json::from_str(check.last_line()).unwrap();
+    let (_, report) = check_events(&events);
     let done = run_dima(
         &[
             "learner",

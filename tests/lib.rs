@@ -106,6 +106,35 @@ impl Finished {
         );
         self
     }
+
+    /// Asserts exit status `code`, every needle on stderr, and no panic.
+    pub fn assert_rejected(&self, code: i32, needles: &[&str]) -> &Self {
+        assert_eq!(self.status.code(), Some(code), "stderr:\n{}", self.stderr);
+        for needle in needles {
+            assert!(
+                self.stderr.contains(needle),
+                "missing {needle:?} in:\n{}",
+                self.stderr
+            );
+        }
+        self.assert_no_panic()
+    }
+}
+
+/// `dima events check PATH --format json`: the run and its JSON report.
+pub fn check_events(path: &Path) -> (Finished, serde_json::Value) {
+    let done = run_dima(
+        &[
+            "events",
+            "check",
+            path.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+        Duration::from_secs(300),
+    );
+    let report = serde_json::from_str(done.last_line()).unwrap();
+    (done, report)
 }
 
 /// Starts `dima ARGS` with piped output.

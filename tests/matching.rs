@@ -3,20 +3,12 @@
 
 use std::time::Duration;
 
-use dima_tests::{Finished, layout_manifest, repo_root, run_dima, write};
+use dima_tests::{Finished, check_events, layout_manifest, repo_root, run_dima, write};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn rejected(done: &Finished, needles: &[&str]) {
-    assert_eq!(done.status.code(), Some(2), "stderr:\n{}", done.stderr);
-    for needle in needles {
-        assert!(
-            done.stderr.contains(needle),
-            "missing {needle:?} in:\n{}",
-            done.stderr
-        );
-    }
-    done.assert_no_panic();
+    done.assert_rejected(2, needles);
 }
 
 #[test]
@@ -202,18 +194,8 @@ fn simulated_city_events_feed_the_pipeline_matcher() {
         LIMIT,
     )
     .assert_success();
-    let check = run_dima(
-        &[
-            "events",
-            "check",
-            events.to_str().unwrap(),
-            "--format",
-            "json",
-        ],
-        LIMIT,
-    );
+    let (check, report) = check_events(&events);
     check.assert_success();
-    let report: serde_json::Value = serde_json::from_str(check.last_line()).unwrap();
     let requests = report["by_type"]["ride_request"].as_u64().unwrap();
     assert!(requests > 100, "{report}");
     let dispatches = dir.path().join("dispatches.jsonl");
