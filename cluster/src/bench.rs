@@ -579,9 +579,8 @@ fn median_ms<T>(repeat: usize, mut f: impl FnMut() -> T) -> (f64, T) {
         last = Some(f());
         times.push(started.elapsed().as_secs_f64() * 1000.0);
     }
-    times.sort_by(f64::total_cmp);
     let result = last.unwrap_or_else(|| unreachable!("at least one run"));
-    (times[times.len() / 2], result)
+    (median(times), result)
 }
 
 fn anchor(python: &str, args: &[String]) -> anyhow::Result<serde_json::Value> {
