@@ -3,6 +3,7 @@
 //! combines them, and the city simulator that compares matching policies.
 
 pub mod assign;
+mod auction;
 pub mod batch;
 pub mod operator;
 pub mod scenario;

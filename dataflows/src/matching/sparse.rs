@@ -2,6 +2,12 @@
 //! stay unmatched at weight 0 (the dispatch case: each request sees its k
 //! nearest drivers).
 //!
+//! [`Problem::solve_sparse`] runs the ε-scaling auction of
+//! [`super::auction`], which is exact on every problem whose weights fit
+//! 62-bit integers after one power-of-two scale (any weights within a factor
+//! of about 2^9 of each other's precision, so in practice all). Other
+//! problems go to [`Problem::solve_sparse_paths`]:
+//!
 //! Successive shortest paths with Johnson potentials: rows are added one at
 //! a time; each runs Dijkstra over reduced costs (forward along a row's
 //! edges, backward along matched pairs) until it reaches a free column, or
@@ -35,11 +41,22 @@ impl Ord for Key {
 }
 
 impl Problem {
-    /// Solves with unmatched rows and columns allowed at weight 0, by
-    /// successive shortest paths on the sparse graph. Same answer as
-    /// [`Problem::solve_partial`] (objective), usually much faster when each
-    /// row has few edges.
+    /// Solves with unmatched rows and columns allowed at weight 0 over the
+    /// listed pairs: the auction, or shortest paths when the weights cannot
+    /// be made integers (see the module). Same answer as
+    /// [`Problem::solve_partial`] (objective), much faster when each row
+    /// has few edges.
     pub fn solve_sparse(&self, maximize: bool) -> Result<Assignment, AssignError> {
+        self.check()?;
+        if let Some(solved) = super::auction::solve(self, maximize) {
+            return Ok(solved);
+        }
+        self.solve_sparse_paths(maximize)
+    }
+
+    /// The successive-shortest-path solver alone (exact for any finite
+    /// weights; slower than the auction on large problems).
+    pub fn solve_sparse_paths(&self, maximize: bool) -> Result<Assignment, AssignError> {
         self.check()?;
         let (n, m) = (self.rows, self.cols);
         let sign = if maximize { -1.0 } else { 1.0 };
@@ -322,12 +339,16 @@ mod tests {
             let rows = (seed % 9) as usize;
             let cols = ((seed * 7) % 11) as usize;
             let p = random(seed, rows, cols, [100, 60, 25][(seed % 3) as usize], 10);
-            for maximize in [true, false] {
+            for (maximize, paths) in [(true, false), (false, false), (true, true), (false, true)] {
                 let dense = p.solve_partial(maximize).unwrap();
-                let sparse = p.solve_sparse(maximize).unwrap();
+                let sparse = if paths {
+                    p.solve_sparse_paths(maximize).unwrap()
+                } else {
+                    p.solve_sparse(maximize).unwrap()
+                };
                 assert!(
                     (dense.objective - sparse.objective).abs() < 1e-9,
-                    "seed {seed} max {maximize}: dense {} sparse {}",
+                    "seed {seed} max {maximize} paths {paths}: dense {} sparse {}",
                     dense.objective,
                     sparse.objective
                 );
@@ -350,13 +371,17 @@ mod tests {
             for e in &mut p.edges {
                 e.2 = e.2 / 7.0 + 0.25;
             }
-            for maximize in [true, false] {
+            for (maximize, paths) in [(true, false), (false, false), (true, true), (false, true)] {
                 let dense = p.solve_partial(maximize).unwrap();
-                let sparse = p.solve_sparse(maximize).unwrap();
+                let sparse = if paths {
+                    p.solve_sparse_paths(maximize).unwrap()
+                } else {
+                    p.solve_sparse(maximize).unwrap()
+                };
                 assert!(
                     (dense.objective - sparse.objective).abs()
                         < 1e-7 * dense.objective.abs().max(1.0),
-                    "seed {seed}: {} vs {}",
+                    "seed {seed} paths {paths}: {} vs {}",
                     dense.objective,
                     sparse.objective
                 );
