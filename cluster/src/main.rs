@@ -165,7 +165,7 @@ enum Command {
         /// unmatched at weight 0.
         #[arg(long)]
         complete: bool,
-        /// Use the sparse solver (successive shortest paths over the listed
+        /// Use the sparse solver (an exact ε-scaling auction over the listed
         /// pairs; partial semantics): much faster when rows have few edges.
         #[arg(long, conflicts_with = "complete")]
         sparse: bool,
