@@ -229,6 +229,23 @@ impl Money for i128 {
     }
 }
 
+/// The best value over `range`, where it is, and the second best value
+/// (`LOW` when the range has one element; `NONE` where when it has none).
+#[inline]
+fn best_two<T: Money>(range: std::ops::Range<usize>, value: impl Fn(usize) -> T) -> (T, usize, T) {
+    let (mut v1, mut a1, mut v2) = (T::LOW, NONE, T::LOW);
+    for k in range {
+        let v = value(k);
+        if v > v1 {
+            v2 = v1;
+            (v1, a1) = (v, k);
+        } else if v > v2 {
+            v2 = v;
+        }
+    }
+    (v1, a1, v2)
+}
+
 struct Auction<'g, T> {
     g: &'g Graph,
     price: Vec<T>,
@@ -270,16 +287,10 @@ impl<'g, T: Money> Auction<'g, T> {
         while let Some(i) = stack.pop() {
             let (first, last) = (g.start[i], g.start[i + 1]);
             self.bids += 1;
-            let (mut v1, mut a1, mut v2) = (T::LOW, NONE, T::LOW);
-            for e in first..last {
-                let v = T::benefit(g.weight[e], g.shift, g.scale) - self.price[g.object(e)];
-                if v > v1 {
-                    v2 = v1;
-                    (v1, a1) = (v, e);
-                } else if v > v2 {
-                    v2 = v;
-                }
-            }
+            let price = &self.price;
+            let (v1, a1, v2) = best_two(first..last, |e| {
+                T::benefit(g.weight[e], g.shift, g.scale) - price[g.object(e)]
+            });
             let object = g.object(a1);
             // A row with a single arc owns that object alone.
             let raise = if v2 == T::LOW { eps } else { v1 - v2 + eps };
@@ -309,17 +320,10 @@ impl<'g, T: Money> Auction<'g, T> {
             }
             let (first, last) = (g.in_start[o], g.in_start[o + 1]);
             self.bids += 1;
-            let (mut b1, mut a1, mut b2) = (T::LOW, NONE, T::LOW);
-            for k in first..last {
-                let b = T::benefit(g.in_weight[k], g.shift, g.scale)
-                    - self.profit[g.in_row[k] as usize];
-                if b > b1 {
-                    b2 = b1;
-                    (b1, a1) = (b, k);
-                } else if b > b2 {
-                    b2 = b;
-                }
-            }
+            let profit = &self.profit;
+            let (b1, a1, b2) = best_two(first..last, |k| {
+                T::benefit(g.in_weight[k], g.shift, g.scale) - profit[g.in_row[k] as usize]
+            });
             if a1 == NONE || b1 - eps <= T::ZERO {
                 self.price[o] = T::ZERO;
                 continue;
