@@ -44,6 +44,16 @@ pub struct Travel {
     pub detour: f64,
 }
 
+impl Default for Travel {
+    /// 25 km/h, 1.3 road km per straight-line km (the default city's).
+    fn default() -> Self {
+        Travel {
+            speed_kmh: 25.0,
+            detour: 1.3,
+        }
+    }
+}
+
 impl Travel {
     /// Road distance, km.
     pub fn road_km(&self, a: LatLng, b: LatLng) -> f64 {
@@ -213,6 +223,19 @@ pub struct PlanContext {
     pub travel: Travel,
     /// Discount and keys of the value function.
     pub value: ValueParams,
+}
+
+impl Default for PlanContext {
+    /// The value policy with default pricing, matching, travel and values.
+    fn default() -> Self {
+        PlanContext {
+            policy: Policy::Value,
+            pricing: Pricing::default(),
+            matching: Matching::default(),
+            travel: Travel::default(),
+            value: ValueParams::default(),
+        }
+    }
 }
 
 /// A dispatch decided by [`plan`].
@@ -388,17 +411,11 @@ mod tests {
         // sends the driver from the cell worth less; with a very valuable
         // origin cell and a worthless destination it refuses the trip.
         let ctx = PlanContext {
-            policy: Policy::Value,
-            pricing: Pricing::default(),
-            matching: Matching::default(),
-            travel: Travel {
-                speed_kmh: 25.0,
-                detour: 1.3,
-            },
             value: ValueParams {
                 resolution: 9,
                 ..ValueParams::default()
             },
+            ..PlanContext::default()
         };
         let pickup = at(37.7800, -122.4100);
         let request = OpenRequest {

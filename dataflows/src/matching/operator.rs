@@ -28,9 +28,8 @@ use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::vec::{Broadcast, Map, Partition};
 use timely::dataflow::operators::{Capability, Concat, ConnectLoop, Feedback};
 
-use super::batch::{DriverGrid, OpenRequest, PlanContext, Policy, Travel, plan};
-use super::scenario::{Matching, Pricing};
-use super::value::{TdSample, TdUpdate, ValueKey, ValueParams, ValueTable, cell_of};
+use super::batch::{DriverGrid, OpenRequest, PlanContext, Policy, plan};
+use super::value::{TdSample, TdUpdate, ValueKey, ValueTable, cell_of};
 use crate::events::{DriverState, Event, LatLng};
 use crate::placement::route;
 
@@ -167,16 +166,7 @@ pub struct MatchConfig {
 impl Default for MatchConfig {
     fn default() -> Self {
         Self {
-            plan: PlanContext {
-                policy: Policy::Value,
-                pricing: Pricing::default(),
-                matching: Matching::default(),
-                travel: Travel {
-                    speed_kmh: 25.0,
-                    detour: 1.3,
-                },
-                value: ValueParams::default(),
-            },
+            plan: PlanContext::default(),
             region_resolution: 5,
             lateness_ms: 4_000,
             max_wait_ms: 300_000,
@@ -1011,7 +1001,7 @@ mod tests {
         for (t, u) in updates {
             by_epoch.entry(t).or_default().push(u);
         }
-        let mut oracle = ValueTable::new(ValueParams::default().alpha);
+        let mut oracle = ValueTable::new(crate::matching::ValueParams::default().alpha);
         for (_, list) in by_epoch {
             apply_epoch(&mut oracle, list);
         }

@@ -333,6 +333,15 @@ mod tests {
         Problem { rows, cols, edges }
     }
 
+    /// The auction (through `solve_sparse`) or the shortest-path solver.
+    fn solve(p: &Problem, maximize: bool, paths: bool) -> Assignment {
+        if paths {
+            p.solve_sparse_paths(maximize).unwrap()
+        } else {
+            p.solve_sparse(maximize).unwrap()
+        }
+    }
+
     #[test]
     fn sparse_equals_dense_on_random_problems() {
         for seed in 1..400u64 {
@@ -341,11 +350,7 @@ mod tests {
             let p = random(seed, rows, cols, [100, 60, 25][(seed % 3) as usize], 10);
             for (maximize, paths) in [(true, false), (false, false), (true, true), (false, true)] {
                 let dense = p.solve_partial(maximize).unwrap();
-                let sparse = if paths {
-                    p.solve_sparse_paths(maximize).unwrap()
-                } else {
-                    p.solve_sparse(maximize).unwrap()
-                };
+                let sparse = solve(&p, maximize, paths);
                 assert!(
                     (dense.objective - sparse.objective).abs() < 1e-9,
                     "seed {seed} max {maximize} paths {paths}: dense {} sparse {}",
@@ -373,11 +378,7 @@ mod tests {
             }
             for (maximize, paths) in [(true, false), (false, false), (true, true), (false, true)] {
                 let dense = p.solve_partial(maximize).unwrap();
-                let sparse = if paths {
-                    p.solve_sparse_paths(maximize).unwrap()
-                } else {
-                    p.solve_sparse(maximize).unwrap()
-                };
+                let sparse = solve(&p, maximize, paths);
                 assert!(
                     (dense.objective - sparse.objective).abs()
                         < 1e-7 * dense.objective.abs().max(1.0),
