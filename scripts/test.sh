@@ -24,10 +24,12 @@ export DIMA_TANSU
 
 echo "== reference outputs CI regenerates from the real packages (cached venv in \${DIMA_CACHE_DIR:-~/.cache/dima}/venv-ref)"
 venv="${DIMA_CACHE_DIR:-$HOME/.cache/dima}/venv-ref"
-if ! "$venv/bin/python" -c 'import linkedin.learner, scipy' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import linkedin.learner, scipy, sklearn, vowpalwabbit' 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q 'lambda-learner==0.1.0' 'scipy<1.18' 'numpy<3' scikit-learn
+  "$venv/bin/python" -m pip install -q 'lambda-learner==0.1.0' 'scipy<1.18' 'numpy<3' scikit-learn 'vowpalwabbit==9.11.9'
 fi
+# The anchors of `dima bench learner` (tests/learner.rs runs it once, small).
+export DIMA_REF_PYTHON="$venv/bin/python"
 OPENBLAS_NUM_THREADS=1 "$venv/bin/python" scripts/reference/lambda_learner_reference.py
 "$venv/bin/python" scripts/reference/assignment_reference.py
 

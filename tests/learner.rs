@@ -79,9 +79,26 @@ fn evaluate_reports_every_method_and_incremental_beats_stale() {
     assert!(auc("incremental") > auc("stale") + 0.05, "{report}");
     assert!(auc("incremental") > auc("periodic"), "{report}");
 
-    let text = run_dima(&args[..args.len() - 2], LIMIT);
+    let png = dir.path().join("auc.png");
+    let mut plotted = args[..args.len() - 2].to_vec();
+    plotted.extend(["--plot", png.to_str().unwrap()]);
+    let text = run_dima(&plotted, LIMIT);
     text.assert_success();
     assert!(text.stdout.contains("incremental"), "{}", text.stdout);
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "--plot wrote a PNG");
+    assert!(bytes.len() > 10_000, "a chart, not an empty image");
+    let mut jpeg = plotted.clone();
+    let last = jpeg.len() - 1;
+    let jpg = dir.path().join("auc.jpg");
+    jpeg[last] = jpg.to_str().unwrap();
+    let done = run_dima(&jpeg, LIMIT);
+    assert_eq!(done.status.code(), Some(2), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("must end in .png or .svg"),
+        "{}",
+        done.stderr
+    );
 
     let mut bad = args.to_vec();
     bad[7] = "label";
@@ -190,4 +207,109 @@ fn generated_ads_events_become_a_labelled_dataset() {
         "the lambda method keeps its key"
     );
     assert!(report["incremental"]["auc"].is_f64());
+}
+
+/// `dima bench learner` on a small log: our rows (sequential loop, operator
+/// with 1 and 2 workers: the same progressive metrics, since the models do
+/// not depend on the worker count), both anchors and the ratios. Needs the
+/// reference Python (`DIMA_REF_PYTHON`, set by scripts/test.sh, with
+/// vowpalwabbit and lambda-learner); without it the test says so and passes.
+#[test]
+fn bench_learner_reports_ours_and_both_anchors() {
+    let Some(python) = std::env::var_os("DIMA_REF_PYTHON") else {
+        eprintln!(
+            "DIMA_REF_PYTHON is not set: skipping dima bench learner (scripts/test.sh sets it)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.csv");
+    std::fs::write(&path, drifting_log()).unwrap();
+    let done = run_dima(
+        &[
+            "bench",
+            "learner",
+            "--input",
+            path.to_str().unwrap(),
+            "--label-column",
+            "clicked",
+            "--features",
+            "age",
+            "--entity-features",
+            "slot",
+            "--batch-size",
+            "1000",
+            "--warmup-batches",
+            "5",
+            "--repeat",
+            "1",
+            "--lambda-learner-batches",
+            "1",
+            "--python",
+            python.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    done.assert_success();
+    let rows: Vec<Value> = done
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 6, "{}", done.stdout);
+    let ours: Vec<&Value> = rows.iter().filter(|r| r["side"] == "dima").collect();
+    assert_eq!(ours.len(), 3);
+    for r in &ours {
+        assert_eq!(r["examples"], 30_000);
+        assert_eq!(r["scored"], 25_000);
+        assert_eq!(r["failed_updates"], 0);
+        assert!(r["examples_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(
+            r["auc"], ours[0]["auc"],
+            "same models for every worker count"
+        );
+        let gap = r["logloss"].as_f64().unwrap() - ours[0]["logloss"].as_f64().unwrap();
+        assert!(gap.abs() < 1e-12, "{r}");
+    }
+    assert_eq!(
+        ours.iter()
+            .map(|r| r["workers"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 1, 2]
+    );
+    let vw = rows
+        .iter()
+        .find(|r| {
+            r["anchor"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("vowpalwabbit"))
+        })
+        .unwrap();
+    assert_eq!(vw["examples"], 30_000);
+    assert!(vw["logloss"].as_f64().is_some_and(f64::is_finite), "{vw}");
+    assert!(vw["options"].as_str().unwrap().contains("-q ce"), "{vw}");
+    let ll = rows
+        .iter()
+        .find(|r| {
+            r["anchor"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("lambda-learner"))
+        })
+        .unwrap();
+    assert_eq!(ll["examples"], 1000, "one window of 1000 rows");
+    let summary = rows.last().unwrap();
+    assert_eq!(summary["summary"], true);
+    for key in [
+        "sequential_over_vw",
+        "operator_1w_over_vw",
+        "operator_2w_over_vw",
+        "operator_1w_from_file_over_vw",
+        "operator_1w_over_lambda_learner",
+    ] {
+        assert!(
+            summary["ratios"][key].as_f64().unwrap() > 0.0,
+            "{key}: {summary}"
+        );
+    }
+    assert_eq!(summary["params"]["tuned"], true);
 }

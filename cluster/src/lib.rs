@@ -24,6 +24,7 @@ pub mod launcher;
 pub mod manifest;
 pub mod mesh;
 pub mod models;
+pub mod plot;
 pub mod process;
 pub mod summary;
 pub mod telemetry;

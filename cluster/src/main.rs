@@ -353,6 +353,10 @@ enum LearnerCommand {
         /// progressive AUC of `incremental` on the warm-up's second half).
         #[arg(long)]
         tune: bool,
+        /// Draw the progressive AUC per window of every method into this
+        /// file (.png or .svg).
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
 }
 
@@ -432,7 +436,7 @@ enum BenchCommand {
         /// Simulated hours per run.
         #[arg(long, default_value_t = 6.0)]
         hours: f64,
-        /// Write the learning curves (served rate per hour) to this SVG.
+        /// Write the learning curves (served rate per hour) to this file (.svg or .png).
         #[arg(long)]
         plot: Option<PathBuf>,
     },
@@ -471,6 +475,61 @@ enum BenchCommand {
         /// Runs per layout; the median is reported.
         #[arg(long, default_value_t = 1)]
         repeat: usize,
+    },
+    /// The incremental learner's throughput over a logged CSV (columns as
+    /// `dima learner evaluate` takes them): the sequential loop and the
+    /// timely operator per worker count, learn examples/s from memory and
+    /// counting the CSV parse, progressive logloss and AUC after the
+    /// warm-up; next to Vowpal Wabbit (logistic loss, `-q ce`, reading the
+    /// same data from a file) and `lambda-learner` in the same run. One JSON
+    /// line per row, then a summary with the ratios.
+    Learner {
+        /// The log.
+        #[arg(long)]
+        input: PathBuf,
+        /// The entity of the random effects.
+        #[arg(long, default_value = "campaign")]
+        entity_column: String,
+        /// The label: 0/1 or -1/+1.
+        #[arg(long, default_value = "clicked")]
+        label_column: String,
+        /// Fixed-effect features (an intercept is added).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "desktop,tablet,right_rail,search,position,evening"
+        )]
+        features: Vec<String>,
+        /// Random-effect features (an intercept is added).
+        #[arg(long, value_delimiter = ',', default_value = "search")]
+        entity_features: Vec<String>,
+        /// Rows per window.
+        #[arg(long, default_value_t = 2000)]
+        batch_size: usize,
+        /// Windows before the scored rows (fixed effect, tuning, VW's learning rate).
+        #[arg(long, default_value_t = 20)]
+        warmup_batches: usize,
+        /// Forgetting factor (with --lambda; both are tuned on the warm-up rows otherwise).
+        #[arg(long, requires = "lambda")]
+        delta: Option<f64>,
+        /// L2 penalty (with --delta).
+        #[arg(long, requires = "delta")]
+        lambda: Option<f64>,
+        /// Posterior precision kept per entity.
+        #[arg(long, value_enum, default_value = "full")]
+        hessian: Hessian,
+        /// Worker counts of the timely operator.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        workers: Vec<usize>,
+        /// Timed runs per row; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// A Python with vowpalwabbit, lambda-learner, scipy and scikit-learn.
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// Windows lambda-learner is timed on.
+        #[arg(long, default_value_t = 3)]
+        lambda_learner_batches: usize,
     },
     /// The ads pipeline (parse, validate, keyed exchange, count) through
     /// `dima up` from JSONL and, with `--kafka`, from a Kafka topic, per
@@ -1043,6 +1102,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     hessian,
                     format,
                     tune,
+                    plot,
                 },
         } => {
             use dataflows::learner::StepParams;
@@ -1094,6 +1154,37 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 };
             }
             let report = evaluate(&data, &config).map_err(|e| usage(e.to_string()))?;
+            if let Some(path) = plot {
+                let series: Vec<cluster::plot::Series> = [
+                    ("incremental", &report.incremental),
+                    ("stale", &report.stale),
+                    ("periodic", &report.periodic),
+                    ("lambda", &report.lambda),
+                ]
+                .into_iter()
+                .map(|(name, m)| cluster::plot::Series {
+                    name: name.to_owned(),
+                    points: m
+                        .batches
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, b)| b.auc.map(|a| ((warmup_batches + i) as f64, a)))
+                        .collect(),
+                })
+                .collect();
+                let title = format!(
+                    "{}: progressive AUC per window of {batch_size} rows (delta {}, lambda {})",
+                    input.file_name().map_or_else(
+                        || input.display().to_string(),
+                        |n| n.to_string_lossy().into_owned()
+                    ),
+                    config.params.delta,
+                    config.params.lambda
+                );
+                cluster::plot::line_chart(path, &title, "window", "AUC", &series)
+                    .map_err(|e| usage(e.to_string()))?;
+                eprintln!("wrote {}", path.display());
+            }
             match format {
                 OutputFormat::Json => {
                     let mut value = serde_json::to_value(&report)?;
@@ -1283,6 +1374,65 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
         } => {
             let exe = std::env::current_exe().context("locating the dima executable")?;
             cluster::bench::bench_events(&exe, *events, layouts, *repeat, kafka.as_deref())?;
+            Ok(())
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Learner {
+                    input,
+                    entity_column,
+                    label_column,
+                    features,
+                    entity_features,
+                    batch_size,
+                    warmup_batches,
+                    delta,
+                    lambda,
+                    hessian,
+                    workers,
+                    repeat,
+                    python,
+                    lambda_learner_batches,
+                },
+        } => {
+            let params = match (delta, lambda) {
+                (Some(delta), Some(lambda)) => {
+                    if !((0.0..=1.0).contains(delta) && lambda.is_finite() && *lambda >= 0.0) {
+                        return Err(Failure {
+                            code: 2,
+                            error: anyhow::anyhow!(
+                                "--delta {delta} must be in [0, 1] and --lambda {lambda} at least 0"
+                            ),
+                        });
+                    }
+                    Some(dataflows::learner::StepParams {
+                        delta: *delta,
+                        lambda: *lambda,
+                    })
+                }
+                _ => None,
+            };
+            let keep = |v: &[String]| -> Vec<String> {
+                v.iter().filter(|s| !s.is_empty()).cloned().collect()
+            };
+            let bench = cluster::bench::LearnerBench {
+                input: input.clone(),
+                entity_column: entity_column.clone(),
+                label_column: label_column.clone(),
+                features: keep(features),
+                entity_features: keep(entity_features),
+                batch_size: *batch_size,
+                warmup_batches: *warmup_batches,
+                params,
+                full: matches!(hessian, Hessian::Full),
+                workers: workers.clone(),
+                repeat: *repeat,
+                python: python.clone(),
+                lambda_learner_batches: *lambda_learner_batches,
+            };
+            for row in cluster::bench::bench_learner(&bench)? {
+                println!("{row}");
+            }
             Ok(())
         }
         Command::Bench {

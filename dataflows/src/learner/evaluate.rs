@@ -27,6 +27,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use super::ads::{auc, logloss};
+use super::operator::Example;
 use super::{Batch, Posterior, StepParams, sigmoid, step};
 
 /// A logged dataset, column-extracted.
@@ -57,6 +58,29 @@ impl Dataset {
     /// Whether there are no rows.
     pub fn is_empty(&self) -> bool {
         self.y.is_empty()
+    }
+
+    /// Every row as a learner example, in windows of `batch_size` rows (the
+    /// last may be shorter): the random-effect features, the label, weight
+    /// 1 and, as the offset, the score of the fixed effect `fixed` (intercept
+    /// first, `pf` values); the id is the row's index.
+    pub fn windows(&self, batch_size: usize, fixed: &[f64]) -> Vec<Vec<Example>> {
+        let batch_size = batch_size.max(1);
+        (0..self.len())
+            .step_by(batch_size)
+            .map(|start| {
+                (start..(start + batch_size).min(self.len()))
+                    .map(|i| Example {
+                        id: i as u64,
+                        entity: self.entity[i] as u64,
+                        x: self.random_row(i).to_vec(),
+                        y: self.y[i],
+                        w: 1.0,
+                        offset: dot(self.fixed_row(i), fixed),
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     fn fixed_row(&self, i: usize) -> &[f64] {
@@ -263,23 +287,37 @@ struct Model {
 
 impl Model {
     fn offset(&self, data: &Dataset, i: usize) -> f64 {
-        data.fixed_row(i)
-            .iter()
-            .zip(&self.fixed)
-            .map(|(a, b)| a * b)
-            .sum()
+        dot(data.fixed_row(i), &self.fixed)
     }
 
     fn score(&self, data: &Dataset, i: usize) -> f64 {
-        let random = self.random.get(&data.entity[i]).map_or(0.0, |p| {
-            data.random_row(i)
-                .iter()
-                .zip(&p.theta)
-                .map(|(a, b)| a * b)
-                .sum()
-        });
+        let random = self
+            .random
+            .get(&data.entity[i])
+            .map_or(0.0, |p| dot(data.random_row(i), &p.theta));
         sigmoid(self.offset(data, i) + random)
     }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The fixed effect alone: a ridge logistic regression (penalty `lambda`,
+/// at least 1e-6) on the fixed-effect features of `rows`; its coefficients,
+/// intercept first.
+pub fn fit_fixed_effect(
+    data: &Dataset,
+    rows: std::ops::Range<usize>,
+    lambda: f64,
+) -> Result<Vec<f64>, EvalError> {
+    Ok(ridge(
+        data.pf,
+        rows.map(|i| (data.fixed_row(i).to_vec(), data.y[i], 0.0)),
+        lambda.max(1e-6),
+        true,
+    )?
+    .theta)
 }
 
 /// Ridge logistic regression (no prior) on `rows` with `width` columns.
@@ -311,15 +349,7 @@ fn refit(
     random: bool,
     model: &mut Model,
 ) -> Result<(), EvalError> {
-    let lambda = config.params.lambda.max(1e-6);
-    model.fixed = ridge(
-        data.pf,
-        rows.clone()
-            .map(|i| (data.fixed_row(i).to_vec(), data.y[i], 0.0)),
-        lambda,
-        true,
-    )?
-    .theta;
+    model.fixed = fit_fixed_effect(data, rows.clone(), config.params.lambda)?;
     if random {
         let mut by_entity: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for i in rows {
@@ -597,6 +627,44 @@ mod tests {
             ..config()
         };
         assert!(tune(&data, &one).is_err(), "tuning needs 2 warm-up batches");
+    }
+
+    /// The rows as the operator's windows: in order, every row once, the
+    /// random-effect features, and the fixed effect's score as the offset.
+    #[test]
+    fn windows_carry_every_row_with_the_fixed_effects_offset() {
+        let text = drifting_csv(2_500);
+        let data = read_csv(
+            text.as_bytes(),
+            "campaign",
+            "clicked",
+            &["age".into()],
+            &["slot".into()],
+        )
+        .unwrap();
+        let fixed = fit_fixed_effect(&data, 0..1000, 1.0).unwrap();
+        assert_eq!(fixed.len(), 2);
+        let windows = data.windows(1000, &fixed);
+        assert_eq!(
+            windows.iter().map(Vec::len).collect::<Vec<_>>(),
+            [1000, 1000, 500]
+        );
+        for (i, e) in windows.iter().flatten().enumerate() {
+            assert_eq!(e.id, i as u64);
+            assert_eq!(e.entity, data.entity[i] as u64);
+            assert_eq!(e.x, data.random_row(i));
+            assert_eq!((e.y, e.w), (data.y[i], 1.0));
+            let expected = data.fixed[i * 2] * fixed[0] + data.fixed[i * 2 + 1] * fixed[1];
+            assert!((e.offset - expected).abs() < 1e-15);
+        }
+        // The fixed effect is the ridge fit evaluate's warm-up uses.
+        let mut model = Model {
+            fixed: Vec::new(),
+            random: FxHashMap::default(),
+        };
+        refit(&data, 0..1000, &config(), false, &mut model).unwrap();
+        let refit_lambda = fit_fixed_effect(&data, 0..1000, config().params.lambda).unwrap();
+        assert_eq!(model.fixed, refit_lambda);
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub mod operator;
 
 pub use operator::{
     EntityModel, Example, FixedEffectConfig, Learn, LearnerConfig, LearnerOutput, Reanchor,
-    learn_sequential, learn_window,
+    learn_in_process, learn_sequential, learn_window,
 };
 
 /// A Gaussian posterior over one coefficient vector: mean and precision.

@@ -426,14 +426,78 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
     }
 }
 
+/// Runs [`Learn`] in this process on `workers` timely worker threads over
+/// `windows` (window t at epoch t) and returns every output, each worker's
+/// in the order it emitted them. Each worker feeds a strided share of every
+/// window; the examples are moved, not copied. With the same windows the
+/// models equal [`learn_sequential`]'s for any number of workers.
+pub fn learn_in_process(
+    windows: Vec<Vec<Example>>,
+    config: LearnerConfig,
+    workers: usize,
+) -> Result<Vec<LearnerOutput>, String> {
+    use std::sync::{Arc, Mutex};
+    use timely::dataflow::InputHandleVec;
+    use timely::dataflow::channels::pact::Pipeline;
+    use timely::dataflow::operators::{Input, Probe};
+
+    let workers = workers.max(1);
+    let mut shares: Vec<Vec<Vec<Example>>> = vec![Vec::new(); workers];
+    for window in windows {
+        let mut split: Vec<Vec<Example>> = vec![Vec::new(); workers];
+        for (i, e) in window.into_iter().enumerate() {
+            split[i % workers].push(e);
+        }
+        for (share, part) in shares.iter_mut().zip(split) {
+            share.push(part);
+        }
+    }
+    let shares = Arc::new(Mutex::new(shares.into_iter().map(Some).collect::<Vec<_>>()));
+    let gathered = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&gathered);
+    timely::execute(timely::Config::process(workers), move |worker| {
+        let mine = shares
+            .lock()
+            .ok()
+            .and_then(|mut s| s.get_mut(worker.index()).and_then(Option::take))
+            .unwrap_or_default();
+        let mut input = InputHandleVec::<u64, Example>::new();
+        let local = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let collect = std::rc::Rc::clone(&local);
+        let probe = worker.dataflow::<u64, _, _>(|scope| {
+            let (probe, learned) = scope.input_from(&mut input).learn(config).probe();
+            learned.sink(Pipeline, "Collect", move |(input, _frontier)| {
+                input.for_each(|_cap, data| collect.borrow_mut().append(data));
+            });
+            probe
+        });
+        for (epoch, window) in mine.into_iter().enumerate() {
+            for e in window {
+                input.send(e);
+            }
+            input.advance_to(epoch as u64 + 1);
+        }
+        input.close();
+        while !probe.done() {
+            worker.step();
+        }
+        if let Ok(mut all) = sink.lock() {
+            all.append(&mut local.borrow_mut());
+        }
+    })
+    .map_err(|e| format!("the learner's timely workers failed: {e}"))?;
+    let outputs = std::mem::take(
+        &mut *gathered
+            .lock()
+            .map_err(|_| "a learner worker panicked".to_owned())?,
+    );
+    Ok(outputs)
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
-    use timely::dataflow::InputHandleVec;
-    use timely::dataflow::operators::{Input, Inspect, Probe};
 
     use super::*;
 
@@ -515,51 +579,26 @@ mod tests {
             .count();
         assert_eq!(refits, 3, "6 windows, a refit every 2");
         for workers in [1, 2, 4] {
-            let data = data.clone();
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            let sink = Arc::clone(&seen);
-            timely::execute(timely::Config::process(workers), move |worker| {
-                let mut input = InputHandleVec::<u64, Example>::new();
-                let sink = Arc::clone(&sink);
-                let probe = worker.dataflow::<u64, _, _>(|scope| {
-                    scope
-                        .input_from(&mut input)
-                        .learn(CONFIG)
-                        .inspect(move |o| {
-                            if let LearnerOutput::FixedEffect { version, .. } = o {
-                                // Fixed effects are reported once, as entity u64::MAX.
-                                sink.lock().unwrap().push((u64::MAX, *version, Vec::new()));
-                            }
-                            if let LearnerOutput::Snapshot {
-                                entity,
-                                version,
-                                theta,
-                            } = o
-                            {
-                                sink.lock().unwrap().push((
-                                    *entity,
-                                    *version,
-                                    theta.iter().map(|t| t.to_bits()).collect::<Vec<u64>>(),
-                                ));
-                            }
-                        })
-                        .probe()
-                        .0
-                });
-                // Each worker feeds a strided share of every window.
-                for (epoch, window) in data.iter().enumerate() {
-                    for e in window.iter().skip(worker.index()).step_by(worker.peers()) {
-                        input.send(e.clone());
+            let outputs = learn_in_process(data.clone(), CONFIG, workers).unwrap();
+            let mut got: Vec<(u64, u64, Vec<u64>)> = outputs
+                .iter()
+                .filter_map(|o| match o {
+                    // Fixed effects are reported once, as entity u64::MAX.
+                    LearnerOutput::FixedEffect { version, .. } => {
+                        Some((u64::MAX, *version, Vec::new()))
                     }
-                    input.advance_to(epoch as u64 + 1);
-                }
-                input.close();
-                while !probe.done() {
-                    worker.step();
-                }
-            })
-            .unwrap();
-            let mut got = seen.lock().unwrap().clone();
+                    LearnerOutput::Snapshot {
+                        entity,
+                        version,
+                        theta,
+                    } => Some((
+                        *entity,
+                        *version,
+                        theta.iter().map(|t| t.to_bits()).collect(),
+                    )),
+                    _ => None,
+                })
+                .collect();
             got.sort();
             let reported: Vec<u64> = got
                 .iter()
