@@ -207,6 +207,61 @@ fn generated_ads_events_become_a_labelled_dataset() {
         "the lambda method keeps its key"
     );
     assert!(report["incremental"]["auc"].is_f64());
+
+    // Hashed sparse features for the fixed effect: a column and a cross.
+    let hashed = |features: &str, bits: &str| {
+        run_dima(
+            &[
+                "learner",
+                "evaluate",
+                "--input",
+                csv.to_str().unwrap(),
+                "--entity-column",
+                "campaign",
+                "--label-column",
+                "clicked",
+                "--features",
+                "desktop,search,position",
+                "--entity-features",
+                "search",
+                "--hashed-features",
+                features,
+                "--hash-bits",
+                bits,
+                "--batch-size",
+                "2000",
+                "--warmup-batches",
+                "4",
+                "--format",
+                "json",
+            ],
+            LIMIT,
+        )
+    };
+    let done = hashed("member,campaign*search", "16");
+    done.assert_success();
+    let report: Value = serde_json::from_str(done.last_line()).unwrap();
+    for m in ["incremental", "stale", "periodic", "lambda"] {
+        assert!(report[m]["auc"].is_f64(), "{m}: {report}");
+        assert!(report[m]["logloss"].as_f64().is_some_and(f64::is_finite));
+    }
+    let done = hashed("member,campaign*weekday", "16");
+    assert_eq!(done.status.code(), Some(2));
+    assert!(
+        done.stderr
+            .contains("column \"weekday\" is not in the header"),
+        "{}",
+        done.stderr
+    );
+    let done = hashed("member", "0");
+    assert_eq!(done.status.code(), Some(2));
+    assert!(
+        done.stderr
+            .contains("--hash-bits 0 must be between 1 and 24"),
+        "{}",
+        done.stderr
+    );
+    done.assert_no_panic();
 }
 
 /// `dima bench learner` on a small log: our rows (sequential loop, operator

@@ -821,6 +821,11 @@ pub struct LearnerBench {
     pub features: Vec<String>,
     /// Random-effect features.
     pub entity_features: Vec<String>,
+    /// Hashed categorical features of the fixed effect (columns, or
+    /// columns crossed with `*`).
+    pub hashed: Vec<String>,
+    /// Hash bits of those features.
+    pub hash_bits: u32,
     /// Rows per window.
     pub batch_size: usize,
     /// Windows before the scored rows: the fixed effect is fitted on them,
@@ -874,16 +879,18 @@ fn scored_metrics(
 /// warm-up; then the anchors on the same file. Returns one JSON value per
 /// row and a closing summary with the ratios.
 pub fn bench_learner(b: &LearnerBench) -> anyhow::Result<Vec<serde_json::Value>> {
-    use dataflows::learner::evaluate::{EvalConfig, fit_fixed_effect, read_csv, tune};
+    use dataflows::learner::evaluate::{EvalConfig, fit_fixed_effect, read_csv_hashed, tune};
     use dataflows::learner::{LearnerConfig, StepParams, learn_in_process, learn_sequential};
 
     let read = || -> anyhow::Result<dataflows::learner::evaluate::Dataset> {
-        read_csv(
+        read_csv_hashed(
             open_log(&b.input)?,
             &b.entity_column,
             &b.label_column,
             &b.features,
             &b.entity_features,
+            &b.hashed,
+            b.hash_bits,
         )
         .map_err(|e| anyhow::anyhow!("{}: {e}", b.input.display()))
     };
@@ -979,6 +986,7 @@ pub fn bench_learner(b: &LearnerBench) -> anyhow::Result<Vec<serde_json::Value>>
     let mut vw_args = vec!["vw".to_owned()];
     vw_args.extend(columns.iter().cloned());
     vw_args.extend([
+        format!("--hashed-features={}", b.hashed.join(",")),
         format!("--warmup-rows={warm_rows}"),
         format!("--repeat={}", b.repeat.max(1)),
     ]);
@@ -986,13 +994,21 @@ pub fn bench_learner(b: &LearnerBench) -> anyhow::Result<Vec<serde_json::Value>>
     let mut vw = run_script(&b.python, "learner_anchors.py", &vw_args).context(hint)?;
     vw["bench"] = "learner".into();
     vw["side"] = "anchor".into();
+    // lambda-learner gets the fixed effect's scores as offsets, row by row.
+    let scratch = tempfile::tempdir().context("creating a scratch directory")?;
+    let offsets_path = scratch.path().join("offsets.txt");
+    let ll_rows = (b.lambda_learner_batches.max(1) * b.batch_size).min(n);
+    let offsets: String = (0..ll_rows)
+        .map(|i| format!("{:e}\n", data.fixed_score(i, &fixed)))
+        .collect();
+    std::fs::write(&offsets_path, offsets)
+        .with_context(|| format!("writing {}", offsets_path.display()))?;
     let mut ll_args = vec!["lambda-learner".to_owned()];
     ll_args.extend(columns.iter().cloned());
-    let theta: Vec<String> = fixed.iter().map(|t| format!("{t:e}")).collect();
     ll_args.extend([
         format!("--batch-size={}", b.batch_size),
         format!("--batches={}", b.lambda_learner_batches.max(1)),
-        format!("--fixed-theta={}", theta.join(",")),
+        format!("--offsets={}", offsets_path.display()),
         format!("--delta={}", params.delta),
         format!("--lambda={}", params.lambda),
         format!("--hessian={}", if b.full { "full" } else { "diagonal" }),
@@ -1030,6 +1046,8 @@ pub fn bench_learner(b: &LearnerBench) -> anyhow::Result<Vec<serde_json::Value>>
         "rows": n,
         "scored_from_row": warm_rows,
         "params": {"delta": params.delta, "lambda": params.lambda, "tuned": tuned, "hessian": if b.full { "full" } else { "diagonal" }},
+        "hashed_features": b.hashed,
+        "hash_bits": if b.hashed.is_empty() { 0 } else { b.hash_bits },
         "parse_s": parse_ms / 1000.0,
         "build_windows_s": build_ms / 1000.0,
         "ratios": ratios,

@@ -357,6 +357,13 @@ enum LearnerCommand {
         /// file (.png or .svg).
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Hashed categorical features of the fixed effect: columns, or
+        /// columns crossed with `*` (`member,placement*hour`).
+        #[arg(long, value_delimiter = ',', default_value = "")]
+        hashed_features: Vec<String>,
+        /// Slots of the hashed features: 2^bits.
+        #[arg(long, default_value_t = 18)]
+        hash_bits: u32,
     },
 }
 
@@ -503,6 +510,13 @@ enum BenchCommand {
         /// Random-effect features (an intercept is added).
         #[arg(long, value_delimiter = ',', default_value = "search")]
         entity_features: Vec<String>,
+        /// Hashed categorical features of the fixed effect (columns, or
+        /// columns crossed with `*`); VW gets them as a namespace of tokens.
+        #[arg(long, value_delimiter = ',', default_value = "")]
+        hashed_features: Vec<String>,
+        /// Slots of the hashed features: 2^bits.
+        #[arg(long, default_value_t = 18)]
+        hash_bits: u32,
         /// Rows per window.
         #[arg(long, default_value_t = 2000)]
         batch_size: usize,
@@ -1103,10 +1117,12 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     format,
                     tune,
                     plot,
+                    hashed_features,
+                    hash_bits,
                 },
         } => {
             use dataflows::learner::StepParams;
-            use dataflows::learner::evaluate::{EvalConfig, evaluate, read_csv};
+            use dataflows::learner::evaluate::{EvalConfig, evaluate, read_csv_hashed};
             let usage = |message: String| Failure {
                 code: 2,
                 error: anyhow::anyhow!(message),
@@ -1126,12 +1142,14 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             } else {
                 Box::new(file)
             };
-            let data = read_csv(
+            let data = read_csv_hashed(
                 std::io::BufReader::new(reader),
                 entity_column,
                 label_column,
                 &keep(features),
                 &keep(entity_features),
+                &keep(hashed_features),
+                *hash_bits,
             )
             .map_err(|e| usage(format!("{}: {e}", input.display())))?;
             let mut config = EvalConfig {
@@ -1384,6 +1402,8 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     label_column,
                     features,
                     entity_features,
+                    hashed_features,
+                    hash_bits,
                     batch_size,
                     warmup_batches,
                     delta,
@@ -1421,6 +1441,8 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 label_column: label_column.clone(),
                 features: keep(features),
                 entity_features: keep(entity_features),
+                hashed: keep(hashed_features),
+                hash_bits: *hash_bits,
                 batch_size: *batch_size,
                 warmup_batches: *warmup_batches,
                 params,

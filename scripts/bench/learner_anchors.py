@@ -16,15 +16,19 @@ predictions (made before each example is learned) over the rows after the
 warm-up. Prints one JSON line.
 
   lambda-learner FILE.csv --entity-column C --label-column C --features a,b
-     --entity-features c --batch-size B --batches K --fixed-theta t0,t1,..
+     --entity-features c --batch-size B --batches K --offsets OFFSETS.txt
      --delta D --lambda L [--hessian full|diagonal]
 
 LinkedIn's `lambda-learner` 0.1.0: one
 `TrainerSequentialBayesianLogisticLossWithL2` step per entity per batch of B
-rows, for the first K batches, offsets from the given fixed-effect
-coefficients (intercept first), each entity's previous posterior as its
-prior, exactly the loop Dima's learner runs. Prints one JSON line with the
-learn examples per second.
+rows, for the first K batches, with the fixed effect's scores as offsets
+(one per line, in row order, as Dima computed them), each entity's previous
+posterior as its prior, exactly the loop Dima's learner runs. Prints one
+JSON line with the learn examples per second.
+
+`--hashed-features member,placement*hour` adds hashed categorical features
+to the fixed effect: for VW a namespace `h` with one `name=value` token per
+feature (VW hashes them itself, 18 bits by default).
 """
 import argparse
 import csv
@@ -39,7 +43,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 
-def read(path, entity_column, label_column, features, entity_features):
+def clean(token):
+    """A VW feature name: no spaces, colons or bars."""
+    return token.replace(" ", "_").replace(":", "_").replace("|", "_")
+
+
+def read(path, entity_column, label_column, features, entity_features, hashed=()):
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader)
@@ -47,14 +56,22 @@ def read(path, entity_column, label_column, features, entity_features):
         for name in [entity_column, label_column, *features, *entity_features]:
             if name not in index:
                 sys.exit(f"{path}: no column {name!r} (header: {', '.join(header)})")
+        for name in hashed:
+            for part in name.split("*"):
+                if part not in index:
+                    sys.exit(f"{path}: no column {part!r} (header: {', '.join(header)})")
         rows = []
         for row in reader:
             label = float(row[index[label_column]])
+            tokens = [clean("{}={}".format(name.replace("*", "_x_"),
+                                           "_".join(row[index[p]] for p in name.split("*"))))
+                      for name in hashed]
             rows.append((
                 row[index[entity_column]],
                 1.0 if label > 0 else -1.0,
                 [float(row[index[n]]) for n in features],
                 [float(row[index[n]]) for n in entity_features],
+                tokens,
             ))
     return rows
 
@@ -72,16 +89,18 @@ def progressive_metrics(p, y):
 def vw(args):
     import vowpalwabbit
 
-    rows = read(args.csv, args.entity_column, args.label_column, args.features, args.entity_features)
+    rows = read(args.csv, args.entity_column, args.label_column, args.features,
+                args.entity_features, args.hashed_features)
     features, entity_features = args.features, args.entity_features
     tmp = tempfile.mkdtemp(prefix="dima-vw-")
     data = os.path.join(tmp, "data.vw")
     with open(data, "w") as out:
-        for entity, y, fx, ex in rows:
+        for entity, y, fx, ex, tokens in rows:
             fixed = " ".join(f"{n}:{v:g}" for n, v in zip(features, fx) if v != 0.0)
             slopes = " ".join(f"{n}:{v:g}" for n, v in zip(entity_features, ex) if v != 0.0)
-            out.write(f"{y:g} |f {fixed} |c e{entity} |e {slopes}\n")
-    labels = [y for _, y, _, _ in rows]
+            hashed = f" |h {' '.join(tokens)}" if tokens else ""
+            out.write(f"{y:g} |f {fixed} |c e{entity} |e {slopes}{hashed}\n")
+    labels = [row[1] for row in rows]
     warm = args.warmup_rows
 
     def run(rate, preds):
@@ -139,9 +158,10 @@ def lambda_learner(args):
 
     rows = read(args.csv, args.entity_column, args.label_column, args.features, args.entity_features)
     rows = rows[: args.batch_size * args.batches]
-    fixed = np.array(args.fixed_theta)
-    if len(fixed) != len(args.features) + 1:
-        sys.exit(f"--fixed-theta has {len(fixed)} values, expected {len(args.features) + 1}")
+    with open(args.offsets) as f:
+        offsets_by_row = [float(line) for line in f]
+    if len(offsets_by_row) < len(rows):
+        sys.exit(f"{args.offsets} has {len(offsets_by_row)} offsets for {len(rows)} rows")
     p = len(args.entity_features) + 1
     hessian_type = HessianType.FULL if args.hessian == "full" else HessianType.DIAGONAL
     models = {}
@@ -149,13 +169,14 @@ def lambda_learner(args):
     seconds = 0.0
     for start in range(0, len(rows), args.batch_size):
         groups = {}
-        for entity, y, fx, ex in rows[start:start + args.batch_size]:
-            groups.setdefault(entity, []).append((y, fx, ex))
+        for i in range(start, min(start + args.batch_size, len(rows))):
+            entity, y, _, ex, _ = rows[i]
+            groups.setdefault(entity, []).append((y, offsets_by_row[i], ex))
         for entity in sorted(groups):
             group = groups[entity]
             x = np.array([[1.0, *ex] for _, _, ex in group])
             y = np.array([y for y, _, _ in group])
-            offsets = np.array([[1.0, *fx] for _, fx, _ in group]) @ fixed
+            offsets = np.array([o for _, o, _ in group])
             theta0, h0 = models.get(entity, (np.zeros(p), sparse.identity(p, format="csc") * args.lam))
             began = time.perf_counter()
             data = IndexedDataset(sparse.csc_matrix(x), y, np.ones(len(y)), offsets)
@@ -192,7 +213,8 @@ def main():
                         default=[0.1, 0.25, 0.5, 1.0, 2.0])
     parser.add_argument("--batch-size", type=int, default=2000)
     parser.add_argument("--batches", type=int, default=5)
-    parser.add_argument("--fixed-theta", type=lambda s: [float(v) for v in split(s)], default=[])
+    parser.add_argument("--hashed-features", type=split, default=[])
+    parser.add_argument("--offsets")
     parser.add_argument("--delta", type=float, default=0.8)
     parser.add_argument("--lambda", dest="lam", type=float, default=1.0)
     parser.add_argument("--hessian", choices=["full", "diagonal"], default="full")

@@ -113,6 +113,8 @@ pub(super) struct RawLearner {
     pub fixed_effect_history: Option<u64>,
     pub fixed_effect_lambda: Option<f64>,
     pub reanchor: Option<String>,
+    pub hashed_features: Option<Vec<String>>,
+    pub hash_bits: Option<u32>,
 }
 
 /// Every source kind's fields in one table; validation rejects the ones

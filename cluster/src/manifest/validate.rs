@@ -653,13 +653,35 @@ fn pipeline(
                 format!("{fe_lambda} is not a non-negative number"),
             );
         }
-        let fixed = match l.fixed_effect_every.unwrap_or(0) {
+        let names = l.hashed_features.unwrap_or_default();
+        let hashing =
+            match dataflows::learner::ads::AdHashing::parse(&names, l.hash_bits.unwrap_or(18)) {
+                Ok(hashing) => hashing,
+                Err(e) => {
+                    let which = if e.starts_with("hash_bits") {
+                        "hash_bits"
+                    } else {
+                        "hashed_features"
+                    };
+                    problems.add(format!("{field}.learner.{which}"), e);
+                    dataflows::learner::ads::AdHashing::default()
+                }
+            };
+        let every = l.fixed_effect_every.unwrap_or(0);
+        if !names.is_empty() && every == 0 {
+            problems.add(
+                format!("{field}.learner.hashed_features"),
+                "hashed features feed the fixed effect: set fixed_effect_every too",
+            );
+        }
+        let fixed = match every {
             0 => None,
             every => Some(dataflows::learner::operator::FixedEffectConfig {
                 every,
                 history: l.fixed_effect_history.unwrap_or(0),
                 lambda: fe_lambda,
                 reanchor,
+                hash_bits: hashing.bits(),
             }),
         };
         Some(LearnerSpec {
@@ -668,6 +690,7 @@ fn pipeline(
             full,
             snapshots: l.snapshots.map(|s| resolve_path(base, &s)),
             fixed,
+            hashing,
         })
     });
     let matching = raw.matching.and_then(|m| {
@@ -1083,6 +1106,41 @@ mod tests {
             "pipelines.k.sink.brokers: is required for kind = \"kafka\"",
         ];
         assert_eq!(p, expected, "{p:#?}");
+    }
+
+    #[test]
+    fn hashed_features_are_checked_and_reach_the_fixed_effect() {
+        let p = problems(
+            r#"
+            [pipelines.ads.learner]
+            hashed_features = ["member", "placement*weekday"]
+            [pipelines.a2]
+            family = "ads"
+            [pipelines.a2.learner]
+            hashed_features = ["member"]
+            hash_bits = 40
+            fixed_effect_every = 2
+            "#,
+        );
+        let expected = [
+            "pipelines.a2.learner.hash_bits: hash_bits 40 must be between 1 and 24",
+            "pipelines.ads.learner.hashed_features: \"placement*weekday\": \"weekday\" is not one of member, item, campaign, device, placement, position, hour",
+            "pipelines.ads.learner.hashed_features: hashed features feed the fixed effect: set fixed_effect_every too",
+        ];
+        assert_eq!(p, expected, "{p:#?}");
+        let m = parse(
+            r#"
+            [pipelines.ads.learner]
+            hashed_features = ["member", "placement*hour"]
+            hash_bits = 16
+            fixed_effect_every = 3
+            "#,
+        )
+        .unwrap();
+        let learner = m.pipelines[0].learner.as_ref().unwrap();
+        assert_eq!(learner.hashing.bits(), 16);
+        assert!(!learner.hashing.is_empty());
+        assert_eq!(learner.fixed.unwrap().hash_bits, 16);
     }
 
     #[test]

@@ -42,18 +42,156 @@ pub fn ad_features(impression: &AdImpression) -> Vec<f64> {
     ]
 }
 
+/// A field of an impression that a hashed feature can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdField {
+    /// `member`: the member id.
+    Member,
+    /// `item`: the sponsored item's id.
+    Item,
+    /// `campaign`: the campaign id.
+    Campaign,
+    /// `device`.
+    Device,
+    /// `placement`.
+    Placement,
+    /// `position`: the slot position.
+    Position,
+    /// `hour`: the hour of day.
+    Hour,
+}
+
+impl AdField {
+    /// The names a manifest may use.
+    pub const NAMES: [&'static str; 7] = [
+        "member",
+        "item",
+        "campaign",
+        "device",
+        "placement",
+        "position",
+        "hour",
+    ];
+
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "member" => Self::Member,
+            "item" => Self::Item,
+            "campaign" => Self::Campaign,
+            "device" => Self::Device,
+            "placement" => Self::Placement,
+            "position" => Self::Position,
+            "hour" => Self::Hour,
+            _ => return None,
+        })
+    }
+
+    fn append(self, impression: &AdImpression, out: &mut String) {
+        use std::fmt::Write;
+        let c = &impression.context;
+        // Writing to a String cannot fail.
+        let _ = match self {
+            Self::Member => write!(out, "{}", impression.member_id),
+            Self::Item => write!(out, "{}", impression.item_id),
+            Self::Campaign => write!(out, "{}", impression.campaign_id),
+            Self::Device => write!(out, "{}", c.device),
+            Self::Placement => write!(out, "{}", c.placement),
+            Self::Position => write!(out, "{}", c.position),
+            Self::Hour => write!(out, "{}", c.hour),
+        };
+    }
+}
+
+/// The hashed sparse features of the fixed effect: fields of an impression,
+/// alone or crossed (`placement*hour`), each hashed into one of 2^bits slots
+/// by [`hashed::slot`](super::hashed::slot). The name is the feature's
+/// hash seed and a cross hashes its values joined by U+001F, exactly as
+/// `dima learner evaluate --hashed-features` hashes CSV columns of the same
+/// names: a `member` column of `dima learner dataset`'s CSV lands in the
+/// same slots as the pipeline's `member` feature.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AdHashing {
+    names: Vec<String>,
+    fields: Vec<Vec<AdField>>,
+    bits: u32,
+}
+
+impl AdHashing {
+    /// Parses feature names (fields from [`AdField::NAMES`], crossed with
+    /// `*`) with 2^`bits` slots; an error names the first bad one.
+    pub fn parse(names: &[String], bits: u32) -> Result<Self, String> {
+        if !names.is_empty() && !(1..=super::hashed::MAX_BITS).contains(&bits) {
+            return Err(format!(
+                "hash_bits {bits} must be between 1 and {}",
+                super::hashed::MAX_BITS
+            ));
+        }
+        let mut fields = Vec::new();
+        for name in names {
+            let parts = name
+                .split('*')
+                .map(|part| {
+                    AdField::parse(part.trim()).ok_or_else(|| {
+                        format!(
+                            "{name:?}: {:?} is not one of {}",
+                            part.trim(),
+                            AdField::NAMES.join(", ")
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            fields.push(parts);
+        }
+        Ok(Self {
+            names: names.to_vec(),
+            fields,
+            bits: if names.is_empty() { 0 } else { bits },
+        })
+    }
+
+    /// Hash bits (0 without hashed features).
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// Whether there are no hashed features.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// One slot per hashed feature.
+    pub fn slots(&self, impression: &AdImpression) -> Vec<u32> {
+        let mut value = String::new();
+        self.names
+            .iter()
+            .zip(&self.fields)
+            .map(|(name, fields)| {
+                value.clear();
+                for (j, field) in fields.iter().enumerate() {
+                    if j > 0 {
+                        value.push('\u{1f}');
+                    }
+                    field.append(impression, &mut value);
+                }
+                super::hashed::slot(name, &value, self.bits)
+            })
+            .collect()
+    }
+}
+
 /// Joins impressions with their clicks: an impression of window `t` is
 /// labelled +1 if its click arrives in window `t` or `t + 1`, else −1, and
 /// becomes an [`Example`] for its campaign's random effect once window `t + 1`
 /// is complete (a one-window attribution delay). Input must be exchanged by
 /// member (an impression and its click share the member).
 pub trait LabelClicks<'scope> {
-    /// The labelled examples, at the impression's window.
-    fn label_clicks(self) -> StreamVec<'scope, u64, Example>;
+    /// The labelled examples, at the impression's window, with the slots of
+    /// `hashing`'s features for the fixed effect.
+    fn label_clicks(self, hashing: AdHashing) -> StreamVec<'scope, u64, Example>;
 }
 
 impl<'scope> LabelClicks<'scope> for Stream<'scope, u64, Vec<WireEvent>> {
-    fn label_clicks(self) -> StreamVec<'scope, u64, Example> {
+    fn label_clicks(self, hashing: AdHashing) -> StreamVec<'scope, u64, Example> {
         let pact = Exchange::new(|e: &WireEvent| {
             crate::placement::route(match e {
                 WireEvent::AdImpression(i) => i.member_id,
@@ -104,6 +242,7 @@ impl<'scope> LabelClicks<'scope> for Stream<'scope, u64, Vec<WireEvent>> {
                                 id: i.impression_id,
                                 entity: i.campaign_id,
                                 x: ad_features(&i),
+                                hashed: hashing.slots(&i),
                                 y,
                                 w: 1.0,
                                 offset: 0.0,

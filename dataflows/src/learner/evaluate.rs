@@ -47,6 +47,12 @@ pub struct Dataset {
     pub random: Vec<f64>,
     /// Random-effect width (entity features + 1).
     pub pr: usize,
+    /// Hashed fixed-effect slots per row (n × `k`), below 2^`bits`.
+    pub slots: Vec<u32>,
+    /// Hashed features per row.
+    pub k: usize,
+    /// Hash bits (0 without hashed features).
+    pub bits: u32,
 }
 
 impl Dataset {
@@ -74,13 +80,24 @@ impl Dataset {
                         id: i as u64,
                         entity: self.entity[i] as u64,
                         x: self.random_row(i).to_vec(),
+                        hashed: Vec::new(),
                         y: self.y[i],
                         w: 1.0,
-                        offset: dot(self.fixed_row(i), fixed),
+                        offset: self.fixed_score(i, fixed),
                     })
                     .collect()
             })
             .collect()
+    }
+
+    /// The fixed effect `theta` (dense weights, intercept first, then the
+    /// hashed slots') scored on row `i`.
+    pub fn fixed_score(&self, i: usize, theta: &[f64]) -> f64 {
+        super::hashed::score(
+            self.fixed_row(i),
+            &self.slots[i * self.k..(i + 1) * self.k],
+            theta,
+        )
     }
 
     fn fixed_row(&self, i: usize) -> &[f64] {
@@ -138,6 +155,29 @@ pub fn read_csv(
     features: &[String],
     entity_features: &[String],
 ) -> Result<Dataset, EvalError> {
+    read_csv_hashed(input, entity, label, features, entity_features, &[], 0)
+}
+
+/// [`read_csv`] with hashed sparse features for the fixed effect: each name
+/// in `hashed` is a column, or columns crossed with `*` (`placement*hour`),
+/// whose text is hashed into one of 2^`bits` slots
+/// ([`hashed::slot`](super::hashed::slot); a cross hashes its values joined
+/// by U+001F).
+pub fn read_csv_hashed(
+    input: impl Read,
+    entity: &str,
+    label: &str,
+    features: &[String],
+    entity_features: &[String],
+    hashed: &[String],
+    bits: u32,
+) -> Result<Dataset, EvalError> {
+    if !hashed.is_empty() && !(1..=super::hashed::MAX_BITS).contains(&bits) {
+        return Err(EvalError::Settings(format!(
+            "--hash-bits {bits} must be between 1 and {}",
+            super::hashed::MAX_BITS
+        )));
+    }
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .from_reader(input);
@@ -164,11 +204,22 @@ pub fn read_csv(
         .iter()
         .map(|f| column(f))
         .collect::<Result<Vec<_>, _>>()?;
+    let hashed_cols = hashed
+        .iter()
+        .map(|name| {
+            name.split('*')
+                .map(|part| column(part.trim()))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut data = Dataset {
         pf: fixed_cols.len() + 1,
         pr: random_cols.len() + 1,
+        k: hashed.len(),
+        bits: if hashed.is_empty() { 0 } else { bits },
         ..Dataset::default()
     };
+    let mut joined = String::new();
     let mut index: FxHashMap<String, usize> = FxHashMap::default();
     for (row, record) in reader.records().enumerate() {
         let line = row as u64 + 2;
@@ -202,6 +253,17 @@ pub fn read_csv(
         data.random.push(1.0);
         for &c in &random_cols {
             data.random.push(number(c)?);
+        }
+        for (name, cols) in hashed.iter().zip(&hashed_cols) {
+            joined.clear();
+            for (j, &c) in cols.iter().enumerate() {
+                if j > 0 {
+                    joined.push('\u{1f}');
+                }
+                joined.push_str(field(c));
+            }
+            data.slots
+                .push(super::hashed::slot(name, &joined, data.bits));
         }
         let name = field(entity_col).to_owned();
         let next = index.len();
@@ -287,7 +349,7 @@ struct Model {
 
 impl Model {
     fn offset(&self, data: &Dataset, i: usize) -> f64 {
-        dot(data.fixed_row(i), &self.fixed)
+        data.fixed_score(i, &self.fixed)
     }
 
     fn score(&self, data: &Dataset, i: usize) -> f64 {
@@ -305,12 +367,26 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 
 /// The fixed effect alone: a ridge logistic regression (penalty `lambda`,
 /// at least 1e-6) on the fixed-effect features of `rows`; its coefficients,
-/// intercept first.
+/// intercept first, then (with hashed features) the 2^bits slot weights.
 pub fn fit_fixed_effect(
     data: &Dataset,
     rows: std::ops::Range<usize>,
     lambda: f64,
 ) -> Result<Vec<f64>, EvalError> {
+    if data.k > 0 {
+        let mut batch = super::hashed::HashedRows::new(data.pf, data.k);
+        for i in rows {
+            batch.push(
+                data.fixed_row(i),
+                &data.slots[i * data.k..(i + 1) * data.k],
+                data.y[i],
+                1.0,
+                0.0,
+            );
+        }
+        return super::hashed::fit(&batch, data.bits, lambda.max(1e-6))
+            .map_err(|e| EvalError::Settings(format!("batch fit failed: {e}")));
+    }
     Ok(ridge(
         data.pf,
         rows.map(|i| (data.fixed_row(i).to_vec(), data.y[i], 0.0)),
@@ -514,6 +590,9 @@ pub fn tune(data: &Dataset, config: &EvalConfig) -> Result<(f64, f64), EvalError
         pf: data.pf,
         random: data.random[..warmup_rows * data.pr].to_vec(),
         pr: data.pr,
+        slots: data.slots[..warmup_rows * data.k].to_vec(),
+        k: data.k,
+        bits: data.bits,
     };
     let mut best: Option<(f64, f64, f64)> = None;
     for &delta in &TUNE_DELTAS {

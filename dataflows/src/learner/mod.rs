@@ -30,6 +30,7 @@
 
 pub mod ads;
 pub mod evaluate;
+pub mod hashed;
 pub mod operator;
 
 pub use operator::{

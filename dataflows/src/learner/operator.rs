@@ -25,8 +25,13 @@ pub struct Example {
     pub id: u64,
     /// The entity whose random effect learns from it.
     pub entity: u64,
-    /// Features (an intercept first).
+    /// Features (an intercept first): the random effect's, and the fixed
+    /// effect's dense part.
     pub x: Vec<f64>,
+    /// The fixed effect's hashed slots (below 2^`hash_bits`; empty without
+    /// hashed features).
+    #[serde(default)]
+    pub hashed: Vec<u32>,
     /// −1 or +1.
     pub y: f64,
     /// Weight.
@@ -84,6 +89,9 @@ pub struct FixedEffectConfig {
     pub lambda: f64,
     /// What happens to the random effects when a new fixed effect arrives.
     pub reanchor: Reanchor,
+    /// Hash bits of the examples' hashed slots (0: none; the fixed effect
+    /// then has p coefficients, else p + 2^bits).
+    pub hash_bits: u32,
 }
 
 /// How random effects follow a new fixed effect.
@@ -158,24 +166,44 @@ impl FixedTrainer {
         if !(window + 1).is_multiple_of(config.every.max(1)) {
             return None;
         }
-        let mut batch = Batch::new(p);
-        for (_, examples) in &self.windows {
-            for e in examples.iter().filter(|e| e.x.len() == p) {
-                batch.push(&e.x, e.y, e.w, 0.0);
-            }
-        }
         let lambda = config.lambda.max(1e-6);
-        let fit = step(
-            &Posterior::unseen(p, lambda, true),
-            &batch,
-            StepParams { delta: 0.0, lambda },
-        )
-        .ok()?;
+        let theta = if config.hash_bits > 0 {
+            let k = self
+                .windows
+                .iter()
+                .find_map(|(_, examples)| examples.first())
+                .map_or(0, |e| e.hashed.len());
+            let mut rows = super::hashed::HashedRows::new(p, k);
+            for (_, examples) in &self.windows {
+                for e in examples
+                    .iter()
+                    .filter(|e| e.x.len() == p && e.hashed.len() == k)
+                {
+                    rows.push(&e.x, &e.hashed, e.y, e.w, 0.0);
+                }
+            }
+            super::hashed::fit(&rows, config.hash_bits, lambda).ok()?
+        } else {
+            let mut batch = Batch::new(p);
+            for (_, examples) in &self.windows {
+                for e in examples.iter().filter(|e| e.x.len() == p) {
+                    batch.push(&e.x, e.y, e.w, 0.0);
+                }
+            }
+            step(
+                &Posterior::unseen(p, lambda, true),
+                &batch,
+                StepParams { delta: 0.0, lambda },
+            )
+            .ok()?
+            .posterior
+            .theta
+        };
         self.version += 1;
         Some(FixedModel {
             window,
             version: self.version,
-            theta: fit.posterior.theta,
+            theta,
         })
     }
 }
@@ -184,7 +212,7 @@ impl FixedTrainer {
 fn apply_offsets(examples: &mut [Example], fixed: Option<&FixedModel>) {
     if let Some(model) = fixed {
         for e in examples {
-            e.offset = e.x.iter().zip(&model.theta).map(|(a, b)| a * b).sum();
+            e.offset = super::hashed::score(&e.x, &e.hashed, &model.theta);
         }
     }
 }
@@ -524,6 +552,7 @@ mod tests {
                         Example {
                             id,
                             entity,
+                            hashed: vec![(id % 7) as u32],
                             x,
                             y,
                             w: 1.0,
@@ -547,6 +576,7 @@ mod tests {
             history: 3,
             lambda: 1.0,
             reanchor: Reanchor::Shift,
+            hash_bits: 0,
         }),
     };
 
@@ -554,8 +584,32 @@ mod tests {
     /// models of the sequential loop.
     #[test]
     fn the_operator_matches_the_sequential_oracle_for_1_2_and_4_workers() {
+        matches_the_oracle(CONFIG);
+    }
+
+    /// The same with a fixed effect on hashed slots too (2^3 of them).
+    #[test]
+    fn with_hashed_features_the_operator_matches_the_oracle() {
+        let mut config = CONFIG;
+        if let Some(fe) = &mut config.fixed {
+            fe.hash_bits = 3;
+        }
+        let (_, out) = learn_sequential(&windows(7, 6, 400, 25), &config);
+        let fixed: Vec<&Vec<f64>> = out
+            .iter()
+            .filter_map(|o| match o {
+                LearnerOutput::FixedEffect { theta, .. } => Some(theta),
+                _ => None,
+            })
+            .collect();
+        assert!(fixed.iter().all(|t| t.len() == 3 + 8));
+        assert!(fixed.iter().all(|t| t[3..].iter().any(|w| *w != 0.0)));
+        matches_the_oracle(config);
+    }
+
+    fn matches_the_oracle(config: LearnerConfig) {
         let data = windows(7, 6, 400, 25);
-        let (_, expected) = learn_sequential(&data, &CONFIG);
+        let (_, expected) = learn_sequential(&data, &config);
         let mut expected_snapshots: Vec<(u64, u64, Vec<u64>)> = expected
             .iter()
             .filter_map(|o| match o {
@@ -579,7 +633,7 @@ mod tests {
             .count();
         assert_eq!(refits, 3, "6 windows, a refit every 2");
         for workers in [1, 2, 4] {
-            let outputs = learn_in_process(data.clone(), CONFIG, workers).unwrap();
+            let outputs = learn_in_process(data.clone(), config, workers).unwrap();
             let mut got: Vec<(u64, u64, Vec<u64>)> = outputs
                 .iter()
                 .filter_map(|o| match o {

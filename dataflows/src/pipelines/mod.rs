@@ -172,4 +172,6 @@ pub struct LearnerSpec {
     pub snapshots: Option<PathBuf>,
     /// The global fixed effect and its refit schedule, if any.
     pub fixed: Option<crate::learner::operator::FixedEffectConfig>,
+    /// Hashed sparse features of the fixed effect (none by default).
+    pub hashing: crate::learner::ads::AdHashing,
 }

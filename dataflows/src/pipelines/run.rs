@@ -452,7 +452,11 @@ fn build(
                     lambda: learner.lambda,
                 },
                 full: learner.full,
-                fixed: learner.fixed,
+                // The fixed effect's slots are the hashing's.
+                fixed: learner.fixed.map(|f| crate::learner::FixedEffectConfig {
+                    hash_bits: learner.hashing.bits(),
+                    ..f
+                }),
             };
             let tally = Rc::clone(&tally);
             let snapshots = Rc::clone(&snapshots);
@@ -465,7 +469,7 @@ fn build(
                     Parsed::Valid(_, e) => Some(e),
                     Parsed::Invalid(_) => None,
                 })
-                .label_clicks()
+                .label_clicks(learner.hashing.clone())
                 .learn(config)
                 .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
                     Exchange::new(|_: &LearnerOutput| 0),
@@ -925,7 +929,13 @@ mod tests {
                 history: 0,
                 lambda: 1.0,
                 reanchor: crate::learner::Reanchor::Shift,
+                hash_bits: 12,
             }),
+            hashing: crate::learner::ads::AdHashing::parse(
+                &["member".into(), "placement*hour".into()],
+                12,
+            )
+            .unwrap(),
         });
         let registry = prometheus::Registry::new();
         let metrics = DataflowMetrics::register(&registry).unwrap();
