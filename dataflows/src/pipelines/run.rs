@@ -463,6 +463,7 @@ fn build(
             let errors = Rc::clone(errors);
             let pipeline = name.clone();
             let gauges = metrics.learner(&dataflow);
+            let hash_bits = learner.hashing.bits();
             valid
                 .clone()
                 .flat_map(|p| match p {
@@ -489,6 +490,14 @@ fn build(
                                             "pipeline": pipeline, "window": window, "entity": entity,
                                             "version": version, "theta": theta,
                                         });
+                                        if let Err(e) = w.write_line(&line.to_string()) {
+                                            errors.borrow_mut().get_or_insert(e.to_string());
+                                        }
+                                    }
+                                    if let (Some(w), LearnerOutput::FixedEffect { version, theta }) =
+                                        (snapshots.as_mut(), &output)
+                                    {
+                                        let line = fixed_effect_line(&pipeline, window, *version, theta, hash_bits);
                                         if let Err(e) = w.write_line(&line.to_string()) {
                                             errors.borrow_mut().get_or_insert(e.to_string());
                                         }
@@ -732,6 +741,29 @@ pub fn run_pipelines(
     }
 }
 
+/// A fixed-effect version as a snapshots line: the dense coefficients
+/// (the ads features, intercept first) under `theta` and the non-zero
+/// hashed slots as `[slot, weight]` pairs under `hashed`.
+fn fixed_effect_line(
+    pipeline: &str,
+    window: u64,
+    version: u64,
+    theta: &[f64],
+    hash_bits: u32,
+) -> serde_json::Value {
+    let p = AD_FEATURES.len().min(theta.len());
+    let hashed: Vec<(usize, f64)> = theta[p..]
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| **w != 0.0)
+        .map(|(slot, w)| (slot, *w))
+        .collect();
+    serde_json::json!({
+        "pipeline": pipeline, "window": window, "fixed_effect": true, "version": version,
+        "theta": &theta[..p], "hash_bits": hash_bits, "hashed": hashed,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -954,7 +986,24 @@ mod tests {
         assert_eq!(learner.fixed_effect_refits, 1);
         assert_eq!(learner.failed, 0);
         let snapshots = lines(&dir.path().join("models.jsonl"));
-        assert_eq!(snapshots.len() as u64, learner.updates);
+        // One line per campaign update, and one per fixed-effect version.
+        assert_eq!(snapshots.len() as u64, learner.updates + 1);
+        let fixed: Vec<serde_json::Value> = snapshots
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["fixed_effect"] == true)
+            .collect();
+        assert_eq!(fixed.len(), 1);
+        assert_eq!(fixed[0]["version"], 1);
+        assert_eq!(
+            fixed[0]["theta"].as_array().unwrap().len(),
+            AD_FEATURES.len()
+        );
+        assert_eq!(fixed[0]["hash_bits"], 12);
+        // The member and placement*hour slots learned weights.
+        let hashed = fixed[0]["hashed"].as_array().unwrap();
+        assert!(hashed.len() > 100, "{} hashed weights", hashed.len());
+        assert!(hashed.iter().all(|pair| pair[0].as_u64().unwrap() < 4096));
         let value = |name: &str| {
             registry
                 .gather()
