@@ -170,8 +170,9 @@ fn generated_ads_events_become_a_labelled_dataset() {
     let campaigns: std::collections::BTreeSet<&str> =
         rows.iter().filter_map(|r| r.split(',').nth(1)).collect();
     assert!(campaigns.len() > 20, "{} campaigns", campaigns.len());
-    let evaluated = run_dima(
-        &[
+    // `learner evaluate` on that CSV, with more flags.
+    let evaluate = |extra: &[&str]| {
+        let mut args = vec![
             "learner",
             "evaluate",
             "--input",
@@ -188,12 +189,13 @@ fn generated_ads_events_become_a_labelled_dataset() {
             "2000",
             "--warmup-batches",
             "4",
-            "--tune",
             "--format",
             "json",
-        ],
-        LIMIT,
-    );
+        ];
+        args.extend_from_slice(extra);
+        run_dima(&args, LIMIT)
+    };
+    let evaluated = evaluate(&["--tune"]);
     evaluated.assert_success();
     let report: Value = serde_json::from_str(evaluated.last_line()).unwrap();
     let params = &report["params"];
@@ -210,33 +212,7 @@ fn generated_ads_events_become_a_labelled_dataset() {
 
     // Hashed sparse features for the fixed effect: a column and a cross.
     let hashed = |features: &str, bits: &str| {
-        run_dima(
-            &[
-                "learner",
-                "evaluate",
-                "--input",
-                csv.to_str().unwrap(),
-                "--entity-column",
-                "campaign",
-                "--label-column",
-                "clicked",
-                "--features",
-                "desktop,search,position",
-                "--entity-features",
-                "search",
-                "--hashed-features",
-                features,
-                "--hash-bits",
-                bits,
-                "--batch-size",
-                "2000",
-                "--warmup-batches",
-                "4",
-                "--format",
-                "json",
-            ],
-            LIMIT,
-        )
+        evaluate(&["--hashed-features", features, "--hash-bits", bits])
     };
     let done = hashed("member,campaign*search", "16");
     done.assert_success();

@@ -655,17 +655,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn incremental_beats_stale_on_a_drifting_stream() {
-        let text = drifting_csv(20_000);
-        let data = read_csv(
+    /// [`drifting_csv`] read with `age` for the fixed effect and `slot` for
+    /// the random effects.
+    fn drifting(rows: usize) -> Dataset {
+        let text = drifting_csv(rows);
+        read_csv(
             text.as_bytes(),
             "campaign",
             "clicked",
             &["age".into()],
             &["slot".into()],
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn incremental_beats_stale_on_a_drifting_stream() {
+        let data = drifting(20_000);
         assert_eq!(
             (data.len(), data.pf, data.pr, data.entities.len()),
             (20_000, 2, 2, 50)
@@ -712,15 +718,7 @@ mod tests {
     /// random-effect features, and the fixed effect's score as the offset.
     #[test]
     fn windows_carry_every_row_with_the_fixed_effects_offset() {
-        let text = drifting_csv(2_500);
-        let data = read_csv(
-            text.as_bytes(),
-            "campaign",
-            "clicked",
-            &["age".into()],
-            &["slot".into()],
-        )
-        .unwrap();
+        let data = drifting(2_500);
         let fixed = fit_fixed_effect(&data, 0..1000, 1.0).unwrap();
         assert_eq!(fixed.len(), 2);
         let windows = data.windows(1000, &fixed);

@@ -607,66 +607,45 @@ mod tests {
         matches_the_oracle(config);
     }
 
-    fn matches_the_oracle(config: LearnerConfig) {
-        let data = windows(7, 6, 400, 25);
-        let (_, expected) = learn_sequential(&data, &config);
-        let mut expected_snapshots: Vec<(u64, u64, Vec<u64>)> = expected
+    /// Every model an output list holds, bit for bit and sorted: campaign
+    /// snapshots as (entity, version, θ), fixed effects as (u64::MAX, version, θ).
+    fn models(outputs: &[LearnerOutput]) -> Vec<(u64, u64, Vec<u64>)> {
+        let bits = |theta: &[f64]| theta.iter().map(|t| t.to_bits()).collect();
+        let mut all: Vec<(u64, u64, Vec<u64>)> = outputs
             .iter()
             .filter_map(|o| match o {
+                LearnerOutput::FixedEffect { version, theta } => {
+                    Some((u64::MAX, *version, bits(theta)))
+                }
                 LearnerOutput::Snapshot {
                     entity,
                     version,
                     theta,
-                } => Some((
-                    *entity,
-                    *version,
-                    theta.iter().map(|t| t.to_bits()).collect(),
-                )),
+                } => Some((*entity, *version, bits(theta))),
                 _ => None,
             })
             .collect();
-        expected_snapshots.sort();
-        assert!(expected_snapshots.len() > 100);
-        let refits = expected
+        all.sort();
+        all
+    }
+
+    fn matches_the_oracle(config: LearnerConfig) {
+        let data = windows(7, 6, 400, 25);
+        let (_, expected) = learn_sequential(&data, &config);
+        let expected = models(&expected);
+        assert!(expected.len() > 100);
+        let refits: Vec<u64> = expected
             .iter()
-            .filter(|o| matches!(o, LearnerOutput::FixedEffect { .. }))
-            .count();
-        assert_eq!(refits, 3, "6 windows, a refit every 2");
+            .filter(|m| m.0 == u64::MAX)
+            .map(|m| m.1)
+            .collect();
+        assert_eq!(refits, [1, 2, 3], "6 windows, a refit every 2");
         for workers in [1, 2, 4] {
             let outputs = learn_in_process(data.clone(), config, workers).unwrap();
-            let mut got: Vec<(u64, u64, Vec<u64>)> = outputs
-                .iter()
-                .filter_map(|o| match o {
-                    // Fixed effects are reported once, as entity u64::MAX.
-                    LearnerOutput::FixedEffect { version, .. } => {
-                        Some((u64::MAX, *version, Vec::new()))
-                    }
-                    LearnerOutput::Snapshot {
-                        entity,
-                        version,
-                        theta,
-                    } => Some((
-                        *entity,
-                        *version,
-                        theta.iter().map(|t| t.to_bits()).collect(),
-                    )),
-                    _ => None,
-                })
-                .collect();
-            got.sort();
-            let reported: Vec<u64> = got
-                .iter()
-                .filter(|g| g.0 == u64::MAX)
-                .map(|g| g.1)
-                .collect();
-            assert_eq!(
-                reported,
-                vec![1, 2, 3],
-                "{workers} workers: each refit reported once"
-            );
-            got.retain(|g| g.0 != u64::MAX);
+            // Each refit is reported once (by worker 0), and every model,
+            // fixed effects included, equals the oracle's bit for bit.
             assert!(
-                got == expected_snapshots,
+                models(&outputs) == expected,
                 "{workers} workers differ from the oracle"
             );
         }
