@@ -178,3 +178,36 @@ fn matmul_equals_matvec_per_row() {
         }
     }
 }
+
+/// A token's result does not depend on how many tokens share the batch or
+/// on its place in a tile: bit for bit, for every block format.
+#[test]
+fn batched_rows_are_bit_identical_whatever_the_batch() {
+    for (name, t) in [
+        ("q8_0", GgmlType::Q8_0),
+        ("q5_0", GgmlType::Q5_0),
+        ("q4_K", GgmlType::Q4K),
+        ("q6_K", GgmlType::Q6K),
+    ] {
+        let (bytes, values) = case(name);
+        let cols = if t.block_elements() == 256 { 256 } else { 64 };
+        let rows = values.len() / cols;
+        let m = QMatrix::new(t, rows, cols, &bytes).unwrap();
+        let n = 31;
+        let xs: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 29 % 101) as f32 - 50.0) / 37.0)
+            .collect();
+        let mut all = vec![0f32; n * rows];
+        m.matmul(&xs, n, &mut all);
+        // The last 2 and the last 7 tokens alone (tiles of 2, and 4 + 2 + 1).
+        for k in [2, 7] {
+            let mut part = vec![0f32; k * rows];
+            m.matmul(&xs[(n - k) * cols..], k, &mut part);
+            let tail = &all[(n - k) * rows..];
+            assert!(
+                part.iter().zip(tail).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name}: {k} tokens alone differ from the same tokens in a batch of {n}"
+            );
+        }
+    }
+}
