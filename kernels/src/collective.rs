@@ -4,9 +4,12 @@
 //! (attention output, MLP down) and around the vocabulary-parallel embedding
 //! and LM head, whatever the world size. With one rank ([`SingleRank`])
 //! every operation is the identity, so the single-rank forward pass and the
-//! sharded one are the same code. The in-process, TCP and NCCL
-//! implementations come with tensor-parallel serving; the trait is shaped
-//! like NCCL's (one communicator per group, ops over whole buffers).
+//! sharded one are the same code. [`local_group`] makes ranks that are
+//! threads of one process ([`LocalRank`], shared memory, a timeout instead
+//! of a hang when a rank goes away). The TCP and NCCL implementations come
+//! with the rest of tensor-parallel serving; the trait is shaped like
+//! NCCL's (one communicator per group, ops over whole buffers). bf16 buffers
+//! go through f32 (summed in f32, rounded once).
 
 /// Why a collective operation failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -37,6 +40,33 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CollectiveError>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), CollectiveError>;
+
+    /// [`all_reduce_sum`](Self::all_reduce_sum) of bf16 values, summed in f32
+    /// and rounded once.
+    fn all_reduce_sum_bf16(&self, data: &mut [half::bf16]) -> Result<(), CollectiveError> {
+        let mut wide: Vec<f32> = data.iter().map(|v| v.to_f32()).collect();
+        self.all_reduce_sum(&mut wide)?;
+        for (d, w) in data.iter_mut().zip(&wide) {
+            *d = half::bf16::from_f32(*w);
+        }
+        Ok(())
+    }
+
+    /// [`all_gather`](Self::all_gather) of bf16 values.
+    fn all_gather_bf16(
+        &self,
+        local: &[half::bf16],
+        out: &mut [half::bf16],
+    ) -> Result<(), CollectiveError> {
+        let wide: Vec<f32> = local.iter().map(|v| v.to_f32()).collect();
+        let mut gathered = vec![0f32; out.len()];
+        self.all_gather(&wide, &mut gathered)?;
+        for (o, g) in out.iter_mut().zip(&gathered) {
+            // Exact: every value was a bf16.
+            *o = half::bf16::from_f32(*g);
+        }
+        Ok(())
+    }
 }
 
 /// The group of one: every operation is the identity.
@@ -70,6 +100,188 @@ impl Collective for SingleRank {
     }
 }
 
+/// Ranks of one process (threads) sharing memory: every operation is one
+/// exchange round in which each rank deposits its buffer and, once all have,
+/// reads all of them. Sums are taken in rank order on every rank, so all
+/// ranks get bit-identical results. A rank that does not arrive within the
+/// group's timeout breaks the group: the waiting ranks, and every later
+/// call on any rank, get an error naming the missing ranks.
+#[derive(Debug)]
+pub struct LocalRank {
+    rank: usize,
+    shared: std::sync::Arc<LocalShared>,
+}
+
+#[derive(Debug)]
+struct LocalShared {
+    world: usize,
+    timeout: std::time::Duration,
+    state: std::sync::Mutex<LocalState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct LocalState {
+    /// Rounds completed.
+    round: u64,
+    /// This round's deposits, by rank.
+    slots: Vec<Option<Vec<f32>>>,
+    /// The last completed round's deposits.
+    result: std::sync::Arc<Vec<Vec<f32>>>,
+    /// Why the group is unusable, once it is.
+    broken: Option<String>,
+}
+
+/// Makes an in-process group of `world` ranks (hand one to each thread).
+/// `timeout` bounds how long a rank waits for the others in one operation.
+pub fn local_group(world: usize, timeout: std::time::Duration) -> Vec<LocalRank> {
+    let world = world.max(1);
+    let shared = std::sync::Arc::new(LocalShared {
+        world,
+        timeout,
+        state: std::sync::Mutex::new(LocalState {
+            slots: vec![None; world],
+            ..LocalState::default()
+        }),
+        changed: std::sync::Condvar::new(),
+    });
+    (0..world)
+        .map(|rank| LocalRank {
+            rank,
+            shared: std::sync::Arc::clone(&shared),
+        })
+        .collect()
+}
+
+impl LocalRank {
+    fn error(&self, reason: String) -> CollectiveError {
+        CollectiveError::Peer {
+            rank: self.rank,
+            world: self.shared.world,
+            reason,
+        }
+    }
+
+    /// One round: deposits `mine`, returns every rank's deposit.
+    fn exchange(&self, mine: Vec<f32>) -> Result<std::sync::Arc<Vec<Vec<f32>>>, CollectiveError> {
+        let shared = &self.shared;
+        let mut state = shared
+            .state
+            .lock()
+            .map_err(|_| self.error("a rank panicked during a collective".into()))?;
+        if let Some(reason) = &state.broken {
+            return Err(self.error(reason.clone()));
+        }
+        let round = state.round;
+        state.slots[self.rank] = Some(mine);
+        if state.slots.iter().all(Option::is_some) {
+            let deposits = state.slots.iter_mut().filter_map(Option::take).collect();
+            state.result = std::sync::Arc::new(deposits);
+            state.round += 1;
+            shared.changed.notify_all();
+            return Ok(std::sync::Arc::clone(&state.result));
+        }
+        let started = std::time::Instant::now();
+        loop {
+            let left = shared.timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                let missing: Vec<usize> = (0..shared.world)
+                    .filter(|&r| state.slots[r].is_none())
+                    .collect();
+                let reason = format!(
+                    "ranks {missing:?} did not reach collective round {round} within {:?}",
+                    shared.timeout
+                );
+                state.broken = Some(reason.clone());
+                shared.changed.notify_all();
+                return Err(self.error(reason));
+            }
+            state = shared
+                .changed
+                .wait_timeout(state, left)
+                .map_err(|_| self.error("a rank panicked during a collective".into()))?
+                .0;
+            if state.round > round {
+                // A later round cannot complete without this rank, so the
+                // result is still this round's.
+                return Ok(std::sync::Arc::clone(&state.result));
+            }
+            if let Some(reason) = &state.broken {
+                return Err(self.error(reason.clone()));
+            }
+        }
+    }
+}
+
+impl Collective for LocalRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.shared.world
+    }
+
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        let all = self.exchange(data.to_vec())?;
+        if let Some(bad) = all.iter().position(|d| d.len() != data.len()) {
+            return Err(self.error(format!(
+                "all_reduce_sum: rank {bad} sent {} values, this rank {}",
+                all[bad].len(),
+                data.len()
+            )));
+        }
+        data.fill(0.0);
+        for contribution in all.iter() {
+            for (d, c) in data.iter_mut().zip(contribution) {
+                *d += c;
+            }
+        }
+        Ok(())
+    }
+
+    fn all_gather(&self, local: &[f32], out: &mut [f32]) -> Result<(), CollectiveError> {
+        let all = self.exchange(local.to_vec())?;
+        let total: usize = all.iter().map(Vec::len).sum();
+        if total != out.len() || all.iter().any(|d| d.len() != local.len()) {
+            return Err(self.error(format!(
+                "all_gather: ranks sent {:?} values for an output of {}",
+                all.iter().map(Vec::len).collect::<Vec<_>>(),
+                out.len()
+            )));
+        }
+        for (chunk, part) in out.chunks_mut(local.len().max(1)).zip(all.iter()) {
+            chunk.copy_from_slice(part);
+        }
+        Ok(())
+    }
+
+    fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        if root >= self.shared.world {
+            return Err(self.error(format!("broadcast from rank {root}: no such rank")));
+        }
+        let mine = if self.rank == root {
+            data.to_vec()
+        } else {
+            Vec::new()
+        };
+        let all = self.exchange(mine)?;
+        if all[root].len() != data.len() {
+            return Err(self.error(format!(
+                "broadcast: rank {root} sent {} values, this rank expects {}",
+                all[root].len(),
+                data.len()
+            )));
+        }
+        data.copy_from_slice(&all[root]);
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        self.exchange(Vec::new()).map(|_| ())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +298,123 @@ mod tests {
         c.all_gather(&data, &mut out).unwrap();
         assert_eq!(out, data);
         c.barrier().unwrap();
+    }
+
+    fn run_ranks<T: Send + 'static>(
+        world: usize,
+        timeout_ms: u64,
+        body: impl Fn(LocalRank) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
+        let body = std::sync::Arc::new(body);
+        let handles: Vec<_> = local_group(world, std::time::Duration::from_millis(timeout_ms))
+            .into_iter()
+            .map(|rank| {
+                let body = std::sync::Arc::clone(&body);
+                std::thread::spawn(move || body(rank))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn in_process_ranks_reduce_gather_and_broadcast() {
+        for world in [1, 2, 4] {
+            let results = run_ranks(world, 5_000, |c| {
+                let r = c.rank() as f32;
+                let mut outs = Vec::new();
+                for step in 0..50 {
+                    // Sum: every rank adds (rank + 1) · (step + i).
+                    let mut data: Vec<f32> =
+                        (0..7).map(|i| (r + 1.0) * (step + i) as f32).collect();
+                    c.all_reduce_sum(&mut data).unwrap();
+                    let mut gathered = vec![0f32; 3 * c.world()];
+                    c.all_gather(&[r, r * 10.0, step as f32], &mut gathered)
+                        .unwrap();
+                    let mut b = if c.rank() == c.world() - 1 {
+                        vec![step as f32, -1.0]
+                    } else {
+                        vec![0.0; 2]
+                    };
+                    c.broadcast(&mut b, c.world() - 1).unwrap();
+                    c.barrier().unwrap();
+                    outs.push((data, gathered, b));
+                }
+                outs
+            });
+            let scale: f32 = (1..=world).map(|r| r as f32).sum();
+            for outs in &results {
+                assert_eq!(outs, &results[0], "every rank sees the same results");
+                for (step, (data, gathered, b)) in outs.iter().enumerate() {
+                    let want: Vec<f32> = (0..7).map(|i| scale * (step + i) as f32).collect();
+                    assert_eq!(data, &want);
+                    let g: Vec<f32> = (0..world)
+                        .flat_map(|r| [r as f32, r as f32 * 10.0, step as f32])
+                        .collect();
+                    assert_eq!(gathered, &g);
+                    assert_eq!(b, &vec![step as f32, -1.0]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_reduce_and_gather() {
+        let results = run_ranks(2, 5_000, |c| {
+            let mut data = vec![half::bf16::from_f32(1.5), half::bf16::from_f32(-2.0)];
+            c.all_reduce_sum_bf16(&mut data).unwrap();
+            let mut out = vec![half::bf16::ZERO; 2];
+            c.all_gather_bf16(&[half::bf16::from_f32(c.rank() as f32 + 0.5)], &mut out)
+                .unwrap();
+            (data, out)
+        });
+        for (data, out) in results {
+            assert_eq!(
+                data,
+                [half::bf16::from_f32(3.0), half::bf16::from_f32(-4.0)]
+            );
+            assert_eq!(out, [half::bf16::from_f32(0.5), half::bf16::from_f32(1.5)]);
+        }
+    }
+
+    /// A rank that stops taking part: the others get an error naming it
+    /// within the timeout, and so does every later call. Nothing hangs.
+    #[test]
+    fn a_missing_rank_is_an_error_within_the_timeout_not_a_hang() {
+        let started = std::time::Instant::now();
+        let results = run_ranks(3, 1_000, |c| {
+            let mut data = [1.0f32];
+            c.all_reduce_sum(&mut data).unwrap();
+            if c.rank() == 1 {
+                return None; // rank 1 goes away after the first round
+            }
+            let err = c.all_reduce_sum(&mut data).unwrap_err();
+            let again = c.barrier().unwrap_err();
+            Some((err.to_string(), again.to_string()))
+        });
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        for (rank, result) in results.iter().enumerate() {
+            if rank == 1 {
+                assert!(result.is_none());
+                continue;
+            }
+            let (err, again) = result.as_ref().unwrap();
+            assert!(
+                err.contains(&format!("rank {rank} of 3"))
+                    && err.contains("ranks [1] did not reach collective round 1"),
+                "{err}"
+            );
+            assert!(again.contains("ranks [1] did not reach"), "{again}");
+        }
+        // Mismatched lengths are an error, not a panic.
+        let results = run_ranks(2, 1_000, |c| {
+            let mut data = vec![0f32; 2 + c.rank()];
+            c.all_reduce_sum(&mut data).map_err(|e| e.to_string())
+        });
+        assert!(
+            results
+                .iter()
+                .all(|r| r.as_ref().is_err_and(|e| e.contains("sent"))),
+            "{results:?}"
+        );
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 mod generate;
 mod model;
 mod sampling;
+pub mod shard;
 
 pub use checkpoint::{Checkpoint, CheckpointError, hf_name};
 pub use config::{ConfigError, GemmaConfig, LayerKind};

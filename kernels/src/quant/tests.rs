@@ -205,7 +205,9 @@ fn batched_rows_are_bit_identical_whatever_the_batch() {
             m.matmul(&xs[(n - k) * cols..], k, &mut part);
             let tail = &all[(n - k) * rows..];
             assert!(
-                part.iter().zip(tail).all(|(a, b)| a.to_bits() == b.to_bits()),
+                part.iter()
+                    .zip(tail)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{name}: {k} tokens alone differ from the same tokens in a batch of {n}"
             );
         }
