@@ -13,3 +13,4 @@ mod manifest;
 mod matching;
 mod models;
 mod telemetry;
+mod tensor_parallel;

@@ -33,6 +33,7 @@ use kernels::safetensors::SafetensorsFile;
 
 use super::checkpoint::{Checkpoint, CheckpointError, hf_name};
 use super::config::{ConfigError, GemmaConfig, LayerKind};
+use super::shard::{RankShard, ShardError, ShardPlan, plan};
 use crate::tokenizer::{Tokenizer, VocabError};
 
 /// Why a model could not be loaded.
@@ -84,6 +85,21 @@ pub enum LoadError {
         /// Why.
         source: QuantError,
     },
+    /// The tensor-parallel layout is impossible for this model.
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    /// The collective's group does not match the layout asked for.
+    #[error(
+        "tp={tp} needs a {tp}-rank collective, but this one has {world} ranks (this is rank {rank})"
+    )]
+    Group {
+        /// The collective's rank.
+        rank: usize,
+        /// Its world size.
+        world: usize,
+        /// The tp asked for.
+        tp: usize,
+    },
 }
 
 /// `x[t] += rmsnorm(o[t]) · weight` for every token row: the sandwich
@@ -111,15 +127,30 @@ impl Store {
     }
 }
 
-/// Where a matrix lives: which file of the store, and where in it.
+/// Where a matrix lives: which file of the store, and where in it, or
+/// which of the rank's own copies (a column slice of a row-parallel weight).
 #[derive(Clone, Copy, Debug)]
 struct MatrixRef {
     file: usize,
+    owned: Option<usize>,
     ggml_type: GgmlType,
     rows: usize,
     cols: usize,
     start: usize,
     bytes: usize,
+}
+
+impl MatrixRef {
+    /// Rows `range` only: a sub-range of the same bytes.
+    fn rows(self, range: std::ops::Range<usize>) -> Self {
+        let row_bytes = self.bytes / self.rows.max(1);
+        Self {
+            start: self.start + range.start * row_bytes,
+            rows: range.len(),
+            bytes: range.len() * row_bytes,
+            ..self
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -156,9 +187,18 @@ pub struct Gemma {
     embed_scale: f32,
     output_norm: Vec<f32>,
     layers: Vec<Layer>,
-    /// How this rank combines row-parallel partial sums with its peers
-    /// (Megatron recipe: after `attn_output` and `ffn_down`). One rank here.
+    /// How this rank combines partial results with its peers (Megatron
+    /// recipe: after `attn_output` and `ffn_down`, after the
+    /// vocabulary-parallel embedding lookup, around the LM head).
     collective: Box<dyn Collective>,
+    /// This rank's slices (everything with one rank).
+    shard: RankShard,
+    /// Ranks.
+    tp: usize,
+    /// Vocabulary rows per rank before trimming (the all-gather's unit).
+    vocab_per_rank: usize,
+    /// This rank's copies of column slices (row-parallel weights, tp > 1).
+    owned: Vec<Vec<u8>>,
 }
 
 /// One tensor found by [`Loader::find`].
@@ -265,11 +305,60 @@ impl Loader<'_> {
         })?;
         Ok(MatrixRef {
             file: found.file,
+            owned: None,
             ggml_type,
             rows,
             cols,
             start: found.start,
             bytes: found.bytes,
+        })
+    }
+
+    /// Columns `range` of `m` as a copy (each row's blocks in the range),
+    /// pushed to `owned`; `m` itself when the range is every column.
+    fn columns(
+        &self,
+        name: &str,
+        m: MatrixRef,
+        range: std::ops::Range<usize>,
+        owned: &mut Vec<Vec<u8>>,
+    ) -> Result<MatrixRef, LoadError> {
+        if range == (0..m.cols) {
+            return Ok(m);
+        }
+        let block = m.ggml_type.block_elements();
+        let block_bytes = m
+            .ggml_type
+            .bytes_for(block as u64)
+            .map_or(0, |b| b as usize);
+        if !(range.start.is_multiple_of(block) && range.len().is_multiple_of(block)) {
+            return Err(LoadError::Shape {
+                name: format!("{name} columns {range:?} (blocks of {block})"),
+                dims: vec![m.cols as u64, m.rows as u64],
+                expected: vec![],
+            });
+        }
+        let bytes = match self {
+            Loader::Gguf(file) => file.bytes(),
+            Loader::Checkpoint(c) => c.files()[m.file].bytes(),
+        };
+        let data = &bytes[m.start..m.start + m.bytes];
+        let row_bytes = m.bytes / m.rows.max(1);
+        let (from, len) = (
+            range.start / block * block_bytes,
+            range.len() / block * block_bytes,
+        );
+        let mut copy = Vec::with_capacity(m.rows * len);
+        for row in data.chunks_exact(row_bytes) {
+            copy.extend_from_slice(&row[from..from + len]);
+        }
+        owned.push(copy);
+        Ok(MatrixRef {
+            owned: Some(owned.len() - 1),
+            start: 0,
+            cols: range.len(),
+            bytes: m.rows * len,
+            ..m
         })
     }
 
@@ -368,12 +457,42 @@ impl Gemma {
         path: &Path,
         progress: impl FnMut(usize, usize),
     ) -> Result<Self, LoadError> {
+        Self::load_rank(path, 1, Box::new(SingleRank), progress)
+    }
+
+    /// Loads rank `collective.rank()` of a `tp`-way tensor-parallel model:
+    /// only this rank's slices of the weights (see [`super::shard`]) are
+    /// read. Row slices stay in the memory-mapped file; the column slices of
+    /// the row-parallel weights (`attn_output`, `ffn_down`) are copied.
+    /// Every rank of the group must load and then run the same steps.
+    pub fn load_rank(
+        path: &Path,
+        tp: usize,
+        collective: Box<dyn Collective>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self, LoadError> {
+        if collective.world() != tp || collective.rank() >= tp {
+            return Err(LoadError::Group {
+                rank: collective.rank(),
+                world: collective.world(),
+                tp,
+            });
+        }
+        let rank = collective.rank();
         if path.is_dir() {
             let checkpoint = Checkpoint::open(path)?;
             let tokenizer = checkpoint.tokenizer()?;
             let config = checkpoint.config().clone();
-            let (layers, parts) =
-                Self::load_layers(&Loader::Checkpoint(&checkpoint), &config, progress)?;
+            let layout = plan(&config, tp)?;
+            let mut owned = Vec::new();
+            let (layers, parts) = Self::load_layers(
+                &Loader::Checkpoint(&checkpoint),
+                &config,
+                &layout,
+                rank,
+                &mut owned,
+                progress,
+            )?;
             // HF rounds sqrt(hidden) to the weights' dtype before multiplying
             // (bf16: sqrt(3072) = 55.4 becomes 55.5).
             let root = (config.hidden as f32).sqrt();
@@ -386,24 +505,33 @@ impl Gemma {
                 Store::Safetensors(checkpoint.into_files()),
                 config,
                 tokenizer,
-                layers,
-                parts,
+                (layers, parts, owned),
                 embed_scale,
+                (&layout, collective),
             )
         } else {
             let file = GgufFile::open(path)?;
             let config = GemmaConfig::from_gguf(file.header())?;
             let tokenizer = Tokenizer::from_gguf(file.header())?;
-            let (layers, parts) = Self::load_layers(&Loader::Gguf(&file), &config, progress)?;
+            let layout = plan(&config, tp)?;
+            let mut owned = Vec::new();
+            let (layers, parts) = Self::load_layers(
+                &Loader::Gguf(&file),
+                &config,
+                &layout,
+                rank,
+                &mut owned,
+                progress,
+            )?;
             // llama.cpp scales GGUF embeddings by sqrtf(n_embd) in f32.
             let embed_scale = (config.hidden as f32).sqrt();
             Self::assemble(
                 Store::Gguf(file),
                 config,
                 tokenizer,
-                layers,
-                parts,
+                (layers, parts, owned),
                 embed_scale,
+                (&layout, collective),
             )
         }
     }
@@ -411,32 +539,69 @@ impl Gemma {
     fn load_layers(
         l: &Loader<'_>,
         c: &GemmaConfig,
+        layout: &ShardPlan,
+        rank: usize,
+        owned: &mut Vec<Vec<u8>>,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<(Vec<Layer>, Shared), LoadError> {
         let (q_dim, kv_dim) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let me = &layout.ranks[rank];
+        let hd = c.head_dim;
+        let q_rows = me.q_heads.start * hd..me.q_heads.end * hd;
+        let kv_rows = me.kv_heads.start * hd..me.kv_heads.end * hd;
         let mut layers = Vec::with_capacity(c.layers);
         for (i, kind) in c.layer_kinds.iter().enumerate() {
             progress(i, c.layers + 1);
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            // In the file's order, so that the first missing tensor is named.
+            let attn_norm = l.norm(&n("attn_norm"), c.hidden)?;
+            let attn_q = l
+                .matrix(&n("attn_q"), q_dim, c.hidden)?
+                .rows(q_rows.clone());
+            let attn_k = l
+                .matrix(&n("attn_k"), kv_dim, c.hidden)?
+                .rows(kv_rows.clone());
+            let attn_v = l
+                .matrix(&n("attn_v"), kv_dim, c.hidden)?
+                .rows(kv_rows.clone());
+            let attn_q_norm = l.norm(&n("attn_q_norm"), c.head_dim)?;
+            let attn_k_norm = l.norm(&n("attn_k_norm"), c.head_dim)?;
+            let attn_output = l.matrix(&n("attn_output"), c.hidden, q_dim)?;
+            let post_attention_norm = l.norm(&n("post_attention_norm"), c.hidden)?;
+            let ffn_norm = l.norm(&n("ffn_norm"), c.hidden)?;
+            let ffn_gate = l
+                .matrix(&n("ffn_gate"), c.ffn, c.hidden)?
+                .rows(me.ffn.clone());
+            let ffn_up = l
+                .matrix(&n("ffn_up"), c.ffn, c.hidden)?
+                .rows(me.ffn.clone());
+            let ffn_down = l.matrix(&n("ffn_down"), c.hidden, c.ffn)?;
+            let post_ffw_norm = l.norm(&n("post_ffw_norm"), c.hidden)?;
+            if layout.tp > 1 {
+                layout.check_blocks(attn_output.ggml_type.block_elements())?;
+                layout.check_blocks(ffn_down.ggml_type.block_elements())?;
+            }
             layers.push(Layer {
                 kind: *kind,
-                attn_norm: l.norm(&n("attn_norm"), c.hidden)?,
-                attn_q: l.matrix(&n("attn_q"), q_dim, c.hidden)?,
-                attn_k: l.matrix(&n("attn_k"), kv_dim, c.hidden)?,
-                attn_v: l.matrix(&n("attn_v"), kv_dim, c.hidden)?,
-                attn_q_norm: l.norm(&n("attn_q_norm"), c.head_dim)?,
-                attn_k_norm: l.norm(&n("attn_k_norm"), c.head_dim)?,
-                attn_output: l.matrix(&n("attn_output"), c.hidden, q_dim)?,
-                post_attention_norm: l.norm(&n("post_attention_norm"), c.hidden)?,
-                ffn_norm: l.norm(&n("ffn_norm"), c.hidden)?,
-                ffn_gate: l.matrix(&n("ffn_gate"), c.ffn, c.hidden)?,
-                ffn_up: l.matrix(&n("ffn_up"), c.ffn, c.hidden)?,
-                ffn_down: l.matrix(&n("ffn_down"), c.hidden, c.ffn)?,
-                post_ffw_norm: l.norm(&n("post_ffw_norm"), c.hidden)?,
+                attn_norm,
+                attn_q,
+                attn_k,
+                attn_v,
+                attn_q_norm,
+                attn_k_norm,
+                attn_output: l.columns(&n("attn_output"), attn_output, q_rows.clone(), owned)?,
+                post_attention_norm,
+                ffn_norm,
+                ffn_gate,
+                ffn_up,
+                ffn_down: l.columns(&n("ffn_down"), ffn_down, me.ffn.clone(), owned)?,
+                post_ffw_norm,
             });
         }
         let shared = Shared {
-            token_embd: l.matrix("token_embd.weight", c.vocab, c.hidden)?,
+            token_embd: l
+                .matrix("token_embd.weight", c.vocab, c.hidden)?
+                .rows(me.vocab.clone()),
             output_norm: l.norm("output_norm.weight", c.hidden)?,
         };
         progress(c.layers + 1, c.layers + 1);
@@ -447,9 +612,9 @@ impl Gemma {
         store: Store,
         config: GemmaConfig,
         tokenizer: Tokenizer,
-        layers: Vec<Layer>,
-        shared: Shared,
+        (layers, shared, owned): (Vec<Layer>, Shared, Vec<Vec<u8>>),
         embed_scale: f32,
+        (layout, collective): (&ShardPlan, Box<dyn Collective>),
     ) -> Result<Self, LoadError> {
         if tokenizer.len() > config.vocab {
             return Err(LoadError::VocabTooLarge {
@@ -465,8 +630,55 @@ impl Gemma {
             embed_scale,
             output_norm: shared.output_norm,
             layers,
-            collective: Box::new(SingleRank),
+            shard: layout.ranks[collective.rank()].clone(),
+            tp: layout.tp,
+            vocab_per_rank: layout
+                .ranks
+                .iter()
+                .map(|r| r.vocab.len())
+                .max()
+                .unwrap_or(0),
+            collective,
+            owned,
         })
+    }
+
+    /// This rank's slices.
+    pub fn shard(&self) -> &RankShard {
+        &self.shard
+    }
+
+    /// Bytes of weights this rank computes with: its slices of every
+    /// matrix (in the mapped file or copied) and the norm vectors.
+    pub fn weight_bytes(&self) -> usize {
+        let norms = |l: &Layer| {
+            4 * (l.attn_norm.len()
+                + l.attn_q_norm.len()
+                + l.attn_k_norm.len()
+                + l.post_attention_norm.len()
+                + l.ffn_norm.len()
+                + l.post_ffw_norm.len())
+        };
+        self.layers
+            .iter()
+            .map(|l| {
+                [
+                    l.attn_q,
+                    l.attn_k,
+                    l.attn_v,
+                    l.attn_output,
+                    l.ffn_gate,
+                    l.ffn_up,
+                    l.ffn_down,
+                ]
+                .iter()
+                .map(|m| m.bytes)
+                .sum::<usize>()
+                    + norms(l)
+            })
+            .sum::<usize>()
+            + self.token_embd.bytes
+            + 4 * self.output_norm.len()
     }
 
     /// The model's configuration.
@@ -480,11 +692,15 @@ impl Gemma {
     }
 
     fn matrix(&self, m: &MatrixRef) -> QMatrix<'_> {
+        let bytes = match m.owned {
+            Some(i) => &self.owned[i],
+            None => self.store.bytes(m.file),
+        };
         QMatrix {
             ggml_type: m.ggml_type,
             rows: m.rows,
             cols: m.cols,
-            data: &self.store.bytes(m.file)[m.start..m.start + m.bytes],
+            data: &bytes[m.start..m.start + m.bytes],
         }
     }
 
@@ -499,7 +715,7 @@ impl Gemma {
                 .iter()
                 .map(|k| (*k == LayerKind::Local).then_some(c.window))
                 .collect(),
-            kv_dim: c.kv_heads * c.head_dim,
+            kv_dim: self.shard.kv_heads.len() * c.head_dim,
             len: 0,
         }
     }
@@ -538,16 +754,29 @@ impl Gemma {
         if n == 0 {
             return Ok(());
         }
-        let (hd, q_dim, kv_dim) = (c.head_dim, c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        // This rank's share: its query and KV heads, its intermediate
+        // features (everything with one rank).
+        let me = &self.shard;
+        let hd = c.head_dim;
+        let (q_dim, kv_dim) = (me.q_heads.len() * hd, me.kv_heads.len() * hd);
+        let ffn = me.ffn.len();
         let group = c.heads / c.kv_heads;
         let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
         let start = cache.len;
 
+        // Vocabulary-parallel lookup: the rank holding a token's row fills
+        // it, the others leave zeros, and the sum gives every rank the row.
         let mut x = vec![0f32; n * c.hidden];
         for (row, &token) in x.chunks_exact_mut(c.hidden).zip(tokens) {
-            self.matrix(&self.token_embd)
-                .dequantize_row(token as usize, row);
-            row.iter_mut().for_each(|v| *v *= self.embed_scale);
+            let token = token as usize;
+            if me.vocab.contains(&token) {
+                self.matrix(&self.token_embd)
+                    .dequantize_row(token - me.vocab.start, row);
+                row.iter_mut().for_each(|v| *v *= self.embed_scale);
+            }
+        }
+        if self.tp > 1 {
+            self.collective.all_reduce_sum(&mut x)?;
         }
         let mut h = vec![0f32; n * c.hidden];
         let mut q = vec![0f32; n * q_dim];
@@ -555,8 +784,8 @@ impl Gemma {
         let mut v = vec![0f32; n * kv_dim];
         let mut attn = vec![0f32; n * q_dim];
         let mut o = vec![0f32; n * c.hidden];
-        let mut gate = vec![0f32; n * c.ffn];
-        let mut up = vec![0f32; n * c.ffn];
+        let mut gate = vec![0f32; n * ffn];
+        let mut up = vec![0f32; n * ffn];
         let mut scores = Vec::new();
 
         for (li, layer) in self.layers.iter().enumerate() {
@@ -601,7 +830,8 @@ impl Gemma {
                     .enumerate()
                 {
                     let qh = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
-                    let kv_off = (head / group) * hd;
+                    // The KV head of this query head, among this rank's.
+                    let kv_off = ((me.q_heads.start + head) / group - me.kv_heads.start) * hd;
                     scores.clear();
                     for p in first..=position {
                         let at = cache.slot(li, p) * kv_dim + kv_off;
@@ -640,7 +870,24 @@ impl Gemma {
         if let Some(logits) = logits {
             let last = &mut x[(n - 1) * c.hidden..];
             rms_norm_in_place(last, &self.output_norm, c.rms_eps);
-            self.matrix(&self.token_embd).matvec(last, logits);
+            if self.tp == 1 {
+                self.matrix(&self.token_embd).matvec(last, logits);
+            } else {
+                // Each rank scores its vocabulary slice; the slices are
+                // gathered in rank order (padded to equal lengths) and trimmed.
+                let mut mine = vec![0f32; self.vocab_per_rank];
+                self.matrix(&self.token_embd)
+                    .matvec(last, &mut mine[..me.vocab.len()]);
+                let mut all = vec![0f32; self.vocab_per_rank * self.tp];
+                self.collective.all_gather(&mine, &mut all)?;
+                for (r, part) in all.chunks_exact(self.vocab_per_rank).enumerate() {
+                    let from = r * self.vocab_per_rank;
+                    let to = (from + self.vocab_per_rank).min(logits.len());
+                    if from < to {
+                        logits[from..to].copy_from_slice(&part[..to - from]);
+                    }
+                }
+            }
         }
         Ok(())
     }
