@@ -26,6 +26,9 @@ pub enum CollectiveError {
     },
 }
 
+mod tcp;
+pub use tcp::TcpRank;
+
 /// The operations tensor-parallel ranks need.
 pub trait Collective: Send + Sync + std::fmt::Debug {
     /// This rank's index in the group.
@@ -154,14 +157,6 @@ pub fn local_group(world: usize, timeout: std::time::Duration) -> Vec<LocalRank>
 }
 
 impl LocalRank {
-    fn error(&self, reason: String) -> CollectiveError {
-        CollectiveError::Peer {
-            rank: self.rank,
-            world: self.shared.world,
-            reason,
-        }
-    }
-
     /// One round: deposits `mine`, returns every rank's deposit.
     fn exchange(&self, mine: Vec<f32>) -> Result<std::sync::Arc<Vec<Vec<f32>>>, CollectiveError> {
         let shared = &self.shared;
@@ -213,6 +208,12 @@ impl LocalRank {
     }
 }
 
+impl Exchange for LocalRank {
+    fn exchange(&self, mine: Vec<f32>) -> Result<std::sync::Arc<Vec<Vec<f32>>>, CollectiveError> {
+        LocalRank::exchange(self, mine)
+    }
+}
+
 impl Collective for LocalRank {
     fn rank(&self) -> usize {
         self.rank
@@ -223,63 +224,101 @@ impl Collective for LocalRank {
     }
 
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CollectiveError> {
-        let all = self.exchange(data.to_vec())?;
-        if let Some(bad) = all.iter().position(|d| d.len() != data.len()) {
-            return Err(self.error(format!(
-                "all_reduce_sum: rank {bad} sent {} values, this rank {}",
-                all[bad].len(),
-                data.len()
-            )));
-        }
-        data.fill(0.0);
-        for contribution in all.iter() {
-            for (d, c) in data.iter_mut().zip(contribution) {
-                *d += c;
-            }
-        }
-        Ok(())
+        all_reduce_sum_by(self, data)
     }
 
     fn all_gather(&self, local: &[f32], out: &mut [f32]) -> Result<(), CollectiveError> {
-        let all = self.exchange(local.to_vec())?;
-        let total: usize = all.iter().map(Vec::len).sum();
-        if total != out.len() || all.iter().any(|d| d.len() != local.len()) {
-            return Err(self.error(format!(
-                "all_gather: ranks sent {:?} values for an output of {}",
-                all.iter().map(Vec::len).collect::<Vec<_>>(),
-                out.len()
-            )));
-        }
-        for (chunk, part) in out.chunks_mut(local.len().max(1)).zip(all.iter()) {
-            chunk.copy_from_slice(part);
-        }
-        Ok(())
+        all_gather_by(self, local, out)
     }
 
     fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
-        if root >= self.shared.world {
-            return Err(self.error(format!("broadcast from rank {root}: no such rank")));
-        }
-        let mine = if self.rank == root {
-            data.to_vec()
-        } else {
-            Vec::new()
-        };
-        let all = self.exchange(mine)?;
-        if all[root].len() != data.len() {
-            return Err(self.error(format!(
-                "broadcast: rank {root} sent {} values, this rank expects {}",
-                all[root].len(),
-                data.len()
-            )));
-        }
-        data.copy_from_slice(&all[root]);
-        Ok(())
+        broadcast_by(self, data, root)
     }
 
     fn barrier(&self) -> Result<(), CollectiveError> {
         self.exchange(Vec::new()).map(|_| ())
     }
+}
+
+/// A transport for one exchange round: every rank deposits a buffer and
+/// gets every rank's, in rank order. The operations are built on it, so
+/// every transport combines in the same order and all ranks get
+/// bit-identical results.
+pub(crate) trait Exchange: Collective {
+    fn exchange(&self, mine: Vec<f32>) -> Result<std::sync::Arc<Vec<Vec<f32>>>, CollectiveError>;
+    fn error(&self, reason: String) -> CollectiveError {
+        CollectiveError::Peer {
+            rank: self.rank(),
+            world: self.world(),
+            reason,
+        }
+    }
+}
+
+pub(crate) fn all_reduce_sum_by(
+    x: &impl Exchange,
+    data: &mut [f32],
+) -> Result<(), CollectiveError> {
+    let all = x.exchange(data.to_vec())?;
+    if let Some(bad) = all.iter().position(|d| d.len() != data.len()) {
+        return Err(x.error(format!(
+            "all_reduce_sum: rank {bad} sent {} values, this rank {}",
+            all[bad].len(),
+            data.len()
+        )));
+    }
+    data.fill(0.0);
+    for contribution in all.iter() {
+        for (d, c) in data.iter_mut().zip(contribution) {
+            *d += c;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn all_gather_by(
+    x: &impl Exchange,
+    local: &[f32],
+    out: &mut [f32],
+) -> Result<(), CollectiveError> {
+    let all = x.exchange(local.to_vec())?;
+    let total: usize = all.iter().map(Vec::len).sum();
+    if total != out.len() || all.iter().any(|d| d.len() != local.len()) {
+        return Err(x.error(format!(
+            "all_gather: ranks sent {:?} values for an output of {}",
+            all.iter().map(Vec::len).collect::<Vec<_>>(),
+            out.len()
+        )));
+    }
+    for (chunk, part) in out.chunks_mut(local.len().max(1)).zip(all.iter()) {
+        chunk.copy_from_slice(part);
+    }
+    Ok(())
+}
+
+pub(crate) fn broadcast_by(
+    x: &impl Exchange,
+    data: &mut [f32],
+    root: usize,
+) -> Result<(), CollectiveError> {
+    if root >= x.world() {
+        return Err(x.error(format!("broadcast from rank {root}: no such rank")));
+    }
+    let mine = if x.rank() == root {
+        data.to_vec()
+    } else {
+        Vec::new()
+    };
+    let all = x.exchange(mine)?;
+    if all[root].len() != data.len() {
+        return Err(x.error(format!(
+            "broadcast: rank {root} sent {} values, this rank expects {}",
+            all[root].len(),
+            data.len()
+        )));
+    }
+    data.copy_from_slice(&all[root]);
+    Ok(())
 }
 
 #[cfg(test)]
