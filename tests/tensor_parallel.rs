@@ -102,3 +102,101 @@ fn impossible_layouts_and_mismatched_groups_are_load_errors() {
         "tp=4 needs a 4-rank collective, but this one has 2 ranks (this is rank 1)"
     );
 }
+
+fn generate_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "generate",
+        "--model",
+        "gemma3-270m",
+        "--prompt",
+        "The capital of France is",
+        "--format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// `dima generate --tp 2` as threads of one process, and as two processes
+/// (`--rank 0` and `--rank 1` over TCP on loopback), print exactly what
+/// one rank prints.
+#[test]
+fn generate_with_tp_2_in_one_process_and_across_two_matches_one_rank() {
+    let limit = Duration::from_secs(300);
+    let one = dima_tests::run_dima(&generate_args(&["--max-tokens", "12"]), limit);
+    one.assert_success();
+    let threads = dima_tests::run_dima(&generate_args(&["--max-tokens", "12", "--tp", "2"]), limit);
+    threads.assert_success();
+    assert_eq!(threads.last_line(), one.last_line());
+
+    let root = format!("127.0.0.1:{}", dima_tests::free_port());
+    let peer = dima_tests::spawn_dima(&generate_args(&[
+        "--max-tokens",
+        "12",
+        "--tp",
+        "2",
+        "--rank",
+        "1",
+        "--root",
+        &root,
+    ]));
+    let lead = dima_tests::run_dima(
+        &generate_args(&[
+            "--max-tokens",
+            "12",
+            "--tp",
+            "2",
+            "--rank",
+            "0",
+            "--root",
+            &root,
+        ]),
+        limit,
+    );
+    lead.assert_success();
+    assert_eq!(lead.last_line(), one.last_line());
+    let peer = dima_tests::wait(peer, limit);
+    peer.assert_success();
+    assert!(
+        peer.stdout.trim().is_empty(),
+        "rank 1 prints nothing: {}",
+        peer.stdout
+    );
+}
+
+/// Killing one rank's process mid-generation: the other rank stops with an
+/// error naming it, within the collective timeout, instead of hanging.
+#[test]
+fn a_killed_rank_stops_the_other_with_a_clear_error() {
+    let root = format!("127.0.0.1:{}", dima_tests::free_port());
+    let common = [
+        "--max-tokens",
+        "2000",
+        "--tp",
+        "2",
+        "--root",
+        &root,
+        "--collective-timeout",
+        "5",
+    ];
+    let mut lead_args = common.to_vec();
+    lead_args.extend(["--rank", "0"]);
+    let mut peer_args = common.to_vec();
+    peer_args.extend(["--rank", "1"]);
+    let lead = dima_tests::spawn_dima(&generate_args(&lead_args));
+    let mut peer = dima_tests::spawn_dima(&generate_args(&peer_args));
+    // Let both load and start decoding, then kill rank 1.
+    std::thread::sleep(Duration::from_secs(4));
+    peer.kill().unwrap();
+    let _ = peer.wait();
+    let started = std::time::Instant::now();
+    let done = dima_tests::wait(lead, Duration::from_secs(60));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "rank 0 took {:?}",
+        started.elapsed()
+    );
+    assert!(!done.status.success(), "{}", done.stderr);
+    assert!(done.stderr.contains("rank 1 went away"), "{}", done.stderr);
+    done.assert_no_panic();
+}

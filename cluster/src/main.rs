@@ -112,6 +112,20 @@ enum Command {
         /// `text` streams the text; `json` prints {"prompt_ids","ids","text"}.
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
+        /// Tensor-parallel ranks. Without --rank, all of them run in this
+        /// process (threads); with --rank, this process runs that one rank.
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// Run only this rank of the --tp group, joining the others over TCP
+        /// through rank 0 at --root. Rank 0 prints the output.
+        #[arg(long, requires = "root")]
+        rank: Option<usize>,
+        /// Rank 0's address (it listens there; the others connect).
+        #[arg(long, value_name = "HOST:PORT")]
+        root: Option<std::net::SocketAddr>,
+        /// How long a rank waits for its peers (connecting, and in each step).
+        #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+        collective_timeout: f64,
     },
     /// Print the token ids of a text as a JSON array (no BOS; special-token
     /// strings such as `<start_of_turn>` become their tokens).
@@ -246,6 +260,20 @@ fn load_gemma(model: &str) -> anyhow::Result<actors::gemma::Gemma> {
     });
     bar.finish_and_clear();
     Ok(gemma?)
+}
+
+/// A tensor-parallel rank other than 0: runs the same generation as rank
+/// 0 (its collectives need every rank), printing nothing.
+fn follow(
+    gemma: &actors::gemma::Gemma,
+    text: &str,
+    max_tokens: usize,
+    sampling: actors::gemma::Sampling,
+) -> anyhow::Result<()> {
+    let ids = gemma.tokenizer().encode(text, true, true);
+    let mut sampler = actors::gemma::Sampler::new(sampling);
+    actors::gemma::generate(gemma, &ids, max_tokens, &mut sampler, |_| {})?;
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -811,6 +839,10 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             chat,
             stats,
             format,
+            tp,
+            rank,
+            root,
+            collective_timeout,
         } => {
             use std::io::Write;
             let sampling = actors::gemma::Sampling {
@@ -823,14 +855,65 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 code: 2,
                 error: e.into(),
             })?;
-            let gemma = load_gemma(model)?;
-            let tokenizer = gemma.tokenizer();
+            let usage = |message: String| Failure {
+                code: 2,
+                error: anyhow::anyhow!(message),
+            };
+            if *tp == 0 || rank.is_some_and(|r| r >= *tp) {
+                return Err(usage(format!(
+                    "--tp {tp} must be at least 1 and --rank below it"
+                )));
+            }
+            if !(collective_timeout.is_finite() && *collective_timeout > 0.0) {
+                return Err(usage("--collective-timeout must be positive".into()));
+            }
+            let timeout = std::time::Duration::from_secs_f64(*collective_timeout);
             let text = if *chat {
                 // Gemma's chat template: one user turn, then the model's turn.
                 format!("<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n")
             } else {
                 prompt.clone()
             };
+            // Every rank runs the same generation (same ids, same sampler
+            // seed, bit-identical logits); rank 0 prints.
+            let path = cluster::models::model_path(model)?;
+            let mut followers: Vec<std::thread::JoinHandle<anyhow::Result<()>>> = Vec::new();
+            let gemma = match (*tp, rank) {
+                (1, None) => load_gemma(model)?,
+                (_, Some(r)) => {
+                    let Some(root) = root else {
+                        return Err(usage("--rank needs --root".into()));
+                    };
+                    let link = kernels::collective::TcpRank::connect(*r, *tp, *root, timeout)?;
+                    let gemma =
+                        actors::gemma::Gemma::load_rank(&path, *tp, Box::new(link), |_, _| {})?;
+                    if *r != 0 {
+                        return Ok(follow(&gemma, &text, *max_tokens, sampling)?);
+                    }
+                    gemma
+                }
+                (_, None) => {
+                    let mut links = kernels::collective::local_group(*tp, timeout).into_iter();
+                    let Some(first) = links.next() else {
+                        return Err(usage("--tp must be at least 1".into()));
+                    };
+                    for link in links {
+                        let (path, text, max_tokens, tp) =
+                            (path.clone(), text.clone(), *max_tokens, *tp);
+                        followers.push(std::thread::spawn(move || {
+                            let gemma = actors::gemma::Gemma::load_rank(
+                                &path,
+                                tp,
+                                Box::new(link),
+                                |_, _| {},
+                            )?;
+                            follow(&gemma, &text, max_tokens, sampling)
+                        }));
+                    }
+                    actors::gemma::Gemma::load_rank(&path, *tp, Box::new(first), |_, _| {})?
+                }
+            };
+            let tokenizer = gemma.tokenizer();
             let prompt_ids = tokenizer.encode(&text, true, true);
             let mut sampler = actors::gemma::Sampler::new(sampling);
             let mut stdout = std::io::stdout();
@@ -859,6 +942,11 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     "{}",
                     serde_json::json!({"prompt_ids": prompt_ids, "ids": ids, "text": tokenizer.decode(&ids)})
                 ),
+            }
+            for follower in followers {
+                follower
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a tensor-parallel rank panicked"))??;
             }
             if *stats {
                 let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
