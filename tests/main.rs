@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod batching;
 mod cli;
 mod cluster;
 mod events;

@@ -102,6 +102,14 @@ pub enum LoadError {
     },
 }
 
+/// One row of a forward pass: a token of sequence `seq` at `position`.
+#[derive(Clone, Copy, Debug)]
+struct Row {
+    token: u32,
+    seq: usize,
+    position: usize,
+}
+
 /// `x[t] += rmsnorm(o[t]) · weight` for every token row: the sandwich
 /// norm after attention and after the MLP (Gemma 2/3 residual wiring).
 fn add_normed(x: &mut [f32], o: &mut [f32], weight: &[f32], hidden: usize, eps: f32) {
@@ -749,8 +757,64 @@ impl Gemma {
         cache: &mut KvCache,
         logits: Option<&mut [f32]>,
     ) -> Result<(), CollectiveError> {
+        let start = cache.len;
+        let rows: Vec<Row> = tokens
+            .iter()
+            .enumerate()
+            .map(|(t, &token)| Row {
+                token,
+                seq: 0,
+                position: start + t,
+            })
+            .collect();
+        let last = tokens.len().saturating_sub(1);
+        match logits {
+            Some(out) => self.run_rows(&rows, &mut [cache], &[last], out),
+            None => self.run_rows(&rows, &mut [cache], &[], &mut []),
+        }
+    }
+
+    /// One decode step for several sequences at once (continuous batching):
+    /// `steps[i]` is the next token of the sequence cached in `caches[i]`.
+    /// The weight matrices run once over all rows (each block decoded once
+    /// for up to [`MAX_BATCH`](kernels::quant::MAX_BATCH) rows); attention
+    /// runs per sequence on its own cache. `logits` receives one row of
+    /// `vocab` logits per sequence, in order. Each sequence's logits equal
+    /// what [`forward`](Self::forward) gives it alone (to rounding).
+    pub fn decode(
+        &self,
+        steps: &[u32],
+        caches: &mut [&mut KvCache],
+        logits: &mut [f32],
+    ) -> Result<(), CollectiveError> {
+        assert_eq!(steps.len(), caches.len(), "one token per cache");
+        let rows: Vec<Row> = steps
+            .iter()
+            .zip(caches.iter())
+            .enumerate()
+            .map(|(seq, (&token, cache))| Row {
+                token,
+                seq,
+                position: cache.len,
+            })
+            .collect();
+        let all: Vec<usize> = (0..rows.len()).collect();
+        self.run_rows(&rows, caches, &all, logits)
+    }
+
+    /// Runs `rows` (tokens of one or more sequences, each at its position,
+    /// in order within a sequence) through the model; writes the logits of
+    /// the rows listed in `logits_for` into consecutive `vocab`-long rows of
+    /// `logits`.
+    fn run_rows(
+        &self,
+        rows: &[Row],
+        caches: &mut [&mut KvCache],
+        logits_for: &[usize],
+        logits: &mut [f32],
+    ) -> Result<(), CollectiveError> {
         let c = &self.config;
-        let n = tokens.len();
+        let n = rows.len();
         if n == 0 {
             return Ok(());
         }
@@ -762,13 +826,12 @@ impl Gemma {
         let ffn = me.ffn.len();
         let group = c.heads / c.kv_heads;
         let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
-        let start = cache.len;
 
         // Vocabulary-parallel lookup: the rank holding a token's row fills
         // it, the others leave zeros, and the sum gives every rank the row.
         let mut x = vec![0f32; n * c.hidden];
-        for (row, &token) in x.chunks_exact_mut(c.hidden).zip(tokens) {
-            let token = token as usize;
+        for (row, r) in x.chunks_exact_mut(c.hidden).zip(rows) {
+            let token = r.token as usize;
             if me.vocab.contains(&token) {
                 self.matrix(&self.token_embd)
                     .dequantize_row(token - me.vocab.start, row);
@@ -796,7 +859,8 @@ impl Gemma {
             self.matrix(&layer.attn_k).matmul(&h, n, &mut k);
             self.matrix(&layer.attn_v).matmul(&h, n, &mut v);
             for t in 0..n {
-                let position = start + t;
+                let position = rows[t].position;
+                let cache = &mut *caches[rows[t].seq];
                 let (base, rope_position) = match layer.kind {
                     LayerKind::Local => (c.rope_local_base, position as f32),
                     LayerKind::Global => {
@@ -866,25 +930,47 @@ impl Gemma {
             self.collective.all_reduce_sum(&mut o)?;
             add_normed(&mut x, &mut o, &layer.post_ffw_norm, c.hidden, c.rms_eps);
         }
-        cache.len += n;
-        if let Some(logits) = logits {
-            let last = &mut x[(n - 1) * c.hidden..];
-            rms_norm_in_place(last, &self.output_norm, c.rms_eps);
-            if self.tp == 1 {
-                self.matrix(&self.token_embd).matvec(last, logits);
-            } else {
-                // Each rank scores its vocabulary slice; the slices are
-                // gathered in rank order (padded to equal lengths) and trimmed.
-                let mut mine = vec![0f32; self.vocab_per_rank];
-                self.matrix(&self.token_embd)
-                    .matvec(last, &mut mine[..me.vocab.len()]);
-                let mut all = vec![0f32; self.vocab_per_rank * self.tp];
-                self.collective.all_gather(&mine, &mut all)?;
-                for (r, part) in all.chunks_exact(self.vocab_per_rank).enumerate() {
-                    let from = r * self.vocab_per_rank;
-                    let to = (from + self.vocab_per_rank).min(logits.len());
+        for r in rows {
+            let cache = &mut *caches[r.seq];
+            cache.len = cache.len.max(r.position + 1);
+        }
+        if logits_for.is_empty() {
+            return Ok(());
+        }
+        let m = logits_for.len();
+        let mut last = Vec::with_capacity(m * c.hidden);
+        for &i in logits_for {
+            let row = &mut x[i * c.hidden..(i + 1) * c.hidden];
+            rms_norm_in_place(row, &self.output_norm, c.rms_eps);
+            last.extend_from_slice(row);
+        }
+        let vocab = c.vocab;
+        let head = self.matrix(&self.token_embd);
+        if self.tp == 1 {
+            head.matmul(&last, m, &mut logits[..m * vocab]);
+        } else {
+            // Each rank scores its vocabulary slice; the slices are gathered
+            // in rank order (padded to equal lengths) and trimmed.
+            let per = self.vocab_per_rank;
+            let mine_rows = me.vocab.len();
+            let mut scored = vec![0f32; m * mine_rows];
+            head.matmul(&last, m, &mut scored);
+            let mut mine = vec![0f32; m * per];
+            for (dst, src) in mine
+                .chunks_exact_mut(per)
+                .zip(scored.chunks_exact(mine_rows.max(1)))
+            {
+                dst[..mine_rows].copy_from_slice(src);
+            }
+            let mut all = vec![0f32; m * per * self.tp];
+            self.collective.all_gather(&mine, &mut all)?;
+            for (rank, part) in all.chunks_exact(m * per).enumerate() {
+                for (t, slice) in part.chunks_exact(per).enumerate() {
+                    let from = rank * per;
+                    let to = (from + per).min(vocab);
                     if from < to {
-                        logits[from..to].copy_from_slice(&part[..to - from]);
+                        logits[t * vocab + from..t * vocab + to]
+                            .copy_from_slice(&slice[..to - from]);
                     }
                 }
             }
