@@ -1059,3 +1059,77 @@ pub fn bench_learner(b: &LearnerBench) -> anyhow::Result<Vec<serde_json::Value>>
     rows.push(summary);
     Ok(rows)
 }
+
+/// `dima bench decode`: aggregate decode tokens per second when `batch`
+/// sequences take each step together ([`actors::gemma::Gemma::decode`]),
+/// for each batch size, next to one sequence alone in the same run (the
+/// anchor, batch 1). Each sequence has its own prompt of `prompt_tokens`
+/// tokens, prefilled first (not timed); then `steps` greedy steps are
+/// timed. One JSON value per batch size.
+pub fn bench_decode(
+    model_path: &Path,
+    batches: &[usize],
+    prompt_tokens: usize,
+    steps: usize,
+    threads: usize,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    use actors::gemma::{Gemma, KvCache, argmax};
+    let gemma = Gemma::load(model_path)?;
+    let vocab = gemma.config().vocab;
+    let text = "The river carried the boat past quiet villages, old mills and green fields, \
+                while the travellers counted bridges and told stories about the towns they had left behind. ";
+    let unit = gemma.tokenizer().encode(text, false, false);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()?;
+    let mut sizes: Vec<usize> = std::iter::once(1).chain(batches.iter().copied()).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut rows = Vec::new();
+    let mut single = None;
+    for &b in sizes.iter().filter(|b| **b > 0) {
+        let (seconds, generated) = pool.install(|| -> anyhow::Result<(f64, usize)> {
+            let mut caches: Vec<KvCache> = Vec::with_capacity(b);
+            let mut next = Vec::with_capacity(b);
+            let mut logits = vec![0f32; vocab];
+            for s in 0..b {
+                // Different prompts: each starts at its own offset of the text.
+                let mut ids = vec![gemma.tokenizer().bos()];
+                ids.extend(
+                    unit.iter()
+                        .cycle()
+                        .skip(s * 7)
+                        .take(prompt_tokens.saturating_sub(1)),
+                );
+                let mut cache = gemma.new_cache();
+                gemma.prefill(&ids, &mut cache, Some(&mut logits))?;
+                next.push(argmax(&logits));
+                caches.push(cache);
+            }
+            let mut step_logits = vec![0f32; b * vocab];
+            let started = Instant::now();
+            for _ in 0..steps {
+                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                gemma.decode(&next, &mut refs, &mut step_logits)?;
+                for (t, row) in next.iter_mut().zip(step_logits.chunks_exact(vocab)) {
+                    *t = argmax(row);
+                }
+            }
+            Ok((started.elapsed().as_secs_f64(), b * steps))
+        })?;
+        let rate = generated as f64 / seconds;
+        let base = *single.get_or_insert(rate);
+        rows.push(serde_json::json!({
+            "bench": "decode",
+            "batch": b,
+            "prompt_tokens": prompt_tokens,
+            "steps": steps,
+            "threads": threads,
+            "seconds": seconds,
+            "tokens_per_s": rate,
+            "per_sequence_tokens_per_s": rate / b as f64,
+            "over_batch_1": rate / base,
+        }));
+    }
+    Ok(rows)
+}

@@ -441,6 +441,26 @@ enum BenchCommand {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+    /// Aggregate decode tokens/s when several sequences take each step
+    /// together (the core of continuous batching), per batch size, next to
+    /// one sequence alone in the same run. One JSON line per batch size.
+    Decode {
+        /// A catalog name (`gemma3-270m`) or a .gguf file.
+        #[arg(long, default_value = "gemma3-270m")]
+        model: String,
+        /// Batch sizes (1 is always run: the anchor).
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        batch: Vec<usize>,
+        /// Prompt length of each sequence.
+        #[arg(long, default_value_t = 64)]
+        prompt_tokens: usize,
+        /// Timed decode steps.
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        /// Threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// The count job through `dima up` for each layout, against a
     /// single-threaded loop over the same events. Prints one JSON line per layout.
     Count {
@@ -1382,6 +1402,28 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 python,
             )?;
             println!("{result}");
+            Ok(())
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Decode {
+                    model,
+                    batch,
+                    prompt_tokens,
+                    steps,
+                    threads,
+                },
+        } => {
+            let rows = cluster::bench::bench_decode(
+                &cluster::models::gguf_path(model)?,
+                batch,
+                *prompt_tokens,
+                *steps,
+                *threads,
+            )?;
+            for row in rows {
+                println!("{row}");
+            }
             Ok(())
         }
         Command::Bench {
