@@ -102,6 +102,10 @@ pub enum LoadError {
     },
 }
 
+/// What a rank loads: its layout, layers, shared tensors and the column
+/// slices it copied.
+type Parts = (ShardPlan, Vec<Layer>, Shared, Vec<Vec<u8>>);
+
 /// One row of a forward pass: a token of sequence `seq` at `position`.
 #[derive(Clone, Copy, Debug)]
 struct Row {
@@ -491,14 +495,11 @@ impl Gemma {
             let checkpoint = Checkpoint::open(path)?;
             let tokenizer = checkpoint.tokenizer()?;
             let config = checkpoint.config().clone();
-            let layout = plan(&config, tp)?;
-            let mut owned = Vec::new();
-            let (layers, parts) = Self::load_layers(
+            let (layout, layers, parts, owned) = Self::load_parts(
                 &Loader::Checkpoint(&checkpoint),
                 &config,
-                &layout,
+                tp,
                 rank,
-                &mut owned,
                 progress,
             )?;
             // HF rounds sqrt(hidden) to the weights' dtype before multiplying
@@ -521,16 +522,8 @@ impl Gemma {
             let file = GgufFile::open(path)?;
             let config = GemmaConfig::from_gguf(file.header())?;
             let tokenizer = Tokenizer::from_gguf(file.header())?;
-            let layout = plan(&config, tp)?;
-            let mut owned = Vec::new();
-            let (layers, parts) = Self::load_layers(
-                &Loader::Gguf(&file),
-                &config,
-                &layout,
-                rank,
-                &mut owned,
-                progress,
-            )?;
+            let (layout, layers, parts, owned) =
+                Self::load_parts(&Loader::Gguf(&file), &config, tp, rank, progress)?;
             // llama.cpp scales GGUF embeddings by sqrtf(n_embd) in f32.
             let embed_scale = (config.hidden as f32).sqrt();
             Self::assemble(
@@ -542,6 +535,21 @@ impl Gemma {
                 (&layout, collective),
             )
         }
+    }
+
+    /// The layout for `tp` ranks and rank `rank`'s layers, shared tensors
+    /// and copied column slices.
+    fn load_parts(
+        l: &Loader<'_>,
+        config: &GemmaConfig,
+        tp: usize,
+        rank: usize,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Parts, LoadError> {
+        let layout = plan(config, tp)?;
+        let mut owned = Vec::new();
+        let (layers, shared) = Self::load_layers(l, config, &layout, rank, &mut owned, progress)?;
+        Ok((layout, layers, shared, owned))
     }
 
     fn load_layers(

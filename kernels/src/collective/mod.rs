@@ -209,47 +209,73 @@ impl LocalRank {
 }
 
 impl Exchange for LocalRank {
+    fn ids(&self) -> (usize, usize) {
+        (self.rank, self.shared.world)
+    }
+
     fn exchange(&self, mine: Vec<f32>) -> Result<std::sync::Arc<Vec<Vec<f32>>>, CollectiveError> {
         LocalRank::exchange(self, mine)
     }
 }
 
-impl Collective for LocalRank {
-    fn rank(&self) -> usize {
-        self.rank
-    }
+/// Implements [`Collective`] for a type through its [`Exchange`] round.
+macro_rules! collective_by_exchange {
+    ($t:ty) => {
+        impl $crate::collective::Collective for $t {
+            fn rank(&self) -> usize {
+                $crate::collective::Exchange::ids(self).0
+            }
 
-    fn world(&self) -> usize {
-        self.shared.world
-    }
+            fn world(&self) -> usize {
+                $crate::collective::Exchange::ids(self).1
+            }
 
-    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CollectiveError> {
-        all_reduce_sum_by(self, data)
-    }
+            fn all_reduce_sum(
+                &self,
+                data: &mut [f32],
+            ) -> Result<(), $crate::collective::CollectiveError> {
+                $crate::collective::all_reduce_sum_by(self, data)
+            }
 
-    fn all_gather(&self, local: &[f32], out: &mut [f32]) -> Result<(), CollectiveError> {
-        all_gather_by(self, local, out)
-    }
+            fn all_gather(
+                &self,
+                local: &[f32],
+                out: &mut [f32],
+            ) -> Result<(), $crate::collective::CollectiveError> {
+                $crate::collective::all_gather_by(self, local, out)
+            }
 
-    fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
-        broadcast_by(self, data, root)
-    }
+            fn broadcast(
+                &self,
+                data: &mut [f32],
+                root: usize,
+            ) -> Result<(), $crate::collective::CollectiveError> {
+                $crate::collective::broadcast_by(self, data, root)
+            }
 
-    fn barrier(&self) -> Result<(), CollectiveError> {
-        self.exchange(Vec::new()).map(|_| ())
-    }
+            fn barrier(&self) -> Result<(), $crate::collective::CollectiveError> {
+                $crate::collective::Exchange::exchange(self, Vec::new()).map(|_| ())
+            }
+        }
+    };
 }
+pub(crate) use collective_by_exchange;
+
+collective_by_exchange!(LocalRank);
 
 /// A transport for one exchange round: every rank deposits a buffer and
 /// gets every rank's, in rank order. The operations are built on it, so
 /// every transport combines in the same order and all ranks get
 /// bit-identical results.
-pub(crate) trait Exchange: Collective {
+pub(crate) trait Exchange {
+    /// (rank, world).
+    fn ids(&self) -> (usize, usize);
     fn exchange(&self, mine: Vec<f32>) -> Result<std::sync::Arc<Vec<Vec<f32>>>, CollectiveError>;
     fn error(&self, reason: String) -> CollectiveError {
+        let (rank, world) = self.ids();
         CollectiveError::Peer {
-            rank: self.rank(),
-            world: self.world(),
+            rank,
+            world,
             reason,
         }
     }
@@ -301,10 +327,11 @@ pub(crate) fn broadcast_by(
     data: &mut [f32],
     root: usize,
 ) -> Result<(), CollectiveError> {
-    if root >= x.world() {
+    let (rank, world) = x.ids();
+    if root >= world {
         return Err(x.error(format!("broadcast from rank {root}: no such rank")));
     }
-    let mine = if x.rank() == root {
+    let mine = if rank == root {
         data.to_vec()
     } else {
         Vec::new()

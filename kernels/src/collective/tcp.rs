@@ -23,9 +23,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{
-    Collective, CollectiveError, Exchange, all_gather_by, all_reduce_sum_by, broadcast_by,
-};
+use super::{CollectiveError, Exchange};
 
 const DATA: u8 = 0;
 const ABORT: u8 = 1;
@@ -346,6 +344,10 @@ impl TcpRank {
 }
 
 impl Exchange for TcpRank {
+    fn ids(&self) -> (usize, usize) {
+        (self.rank, self.world)
+    }
+
     fn exchange(&self, mine: Vec<f32>) -> Result<Arc<Vec<Vec<f32>>>, CollectiveError> {
         if self.world == 1 {
             return Ok(Arc::new(vec![mine]));
@@ -369,35 +371,12 @@ impl Exchange for TcpRank {
     }
 }
 
-impl Collective for TcpRank {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world(&self) -> usize {
-        self.world
-    }
-
-    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CollectiveError> {
-        all_reduce_sum_by(self, data)
-    }
-
-    fn all_gather(&self, local: &[f32], out: &mut [f32]) -> Result<(), CollectiveError> {
-        all_gather_by(self, local, out)
-    }
-
-    fn broadcast(&self, data: &mut [f32], root: usize) -> Result<(), CollectiveError> {
-        broadcast_by(self, data, root)
-    }
-
-    fn barrier(&self) -> Result<(), CollectiveError> {
-        self.exchange(Vec::new()).map(|_| ())
-    }
-}
+super::collective_by_exchange!(TcpRank);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collective::Collective;
 
     /// A group of `world` TCP ranks on loopback, each on its own thread.
     fn run_tcp<T: Send + 'static>(
