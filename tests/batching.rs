@@ -79,3 +79,186 @@ fn a_batched_decode_step_equals_decoding_each_sequence_alone() {
         assert_eq!(cache.len(), prompt + steps - 1);
     }
 }
+
+mod engine {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, mpsc};
+    use std::time::Duration;
+
+    use actors::gemma::engine::{Engine, EngineConfig, Event, FinishReason, Rejected, Request};
+    use actors::gemma::{Sampler, Sampling, generate};
+
+    fn request(
+        gemma: &actors::gemma::Gemma,
+        prompt: &str,
+        max_tokens: usize,
+        seed: u64,
+    ) -> Request {
+        Request {
+            prompt: gemma.tokenizer().encode(prompt, true, false),
+            max_tokens,
+            sampling: Sampling {
+                temperature: if seed == 0 { 0.0 } else { 0.8 },
+                top_k: 40,
+                top_p: 0.95,
+                seed,
+            },
+        }
+    }
+
+    /// A sink that forwards events to a channel.
+    fn channel() -> (actors::gemma::engine::Sink, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel();
+        (Box::new(move |e| tx.send(e).is_ok()), rx)
+    }
+
+    fn collect(rx: &mpsc::Receiver<Event>) -> (Vec<u32>, Event) {
+        let mut tokens = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(120)).unwrap() {
+                Event::Token(t) => tokens.push(t),
+                other => return (tokens, other),
+            }
+        }
+    }
+
+    /// Five requests (greedy and sampled, different lengths) through an
+    /// engine that decodes at most three at a time, two of them submitted
+    /// while the others are running: each gets exactly the tokens it gets
+    /// alone.
+    #[test]
+    fn requests_joining_and_leaving_get_what_they_get_alone() {
+        let gemma = super::model();
+        let specs = [
+            ("The capital of France is", 6, 0),
+            ("Write a haiku about the sea:", 9, 7),
+            ("1, 2, 3, 4,", 4, 0),
+            ("Once upon a time", 8, 11),
+            ("The best way to learn Rust is", 5, 3),
+        ];
+        let requests: Vec<Request> = specs
+            .iter()
+            .map(|(p, n, seed)| request(&gemma, p, *n, *seed))
+            .collect();
+        let alone: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|r| {
+                let mut sampler = Sampler::new(r.sampling);
+                generate(&gemma, &r.prompt, r.max_tokens, &mut sampler, |_| {})
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        let engine = Engine::start(
+            gemma,
+            EngineConfig {
+                max_batch: 3,
+                max_waiting: 8,
+            },
+        );
+        let mut receivers = Vec::new();
+        for r in &requests[..3] {
+            let (sink, rx) = channel();
+            engine.submit(r.clone(), sink).unwrap();
+            receivers.push(rx);
+        }
+        // Join while the first three are decoding.
+        let first = receivers[0].recv_timeout(Duration::from_secs(120)).unwrap();
+        assert!(matches!(first, Event::Token(_)));
+        for r in &requests[3..] {
+            let (sink, rx) = channel();
+            engine.submit(r.clone(), sink).unwrap();
+            receivers.push(rx);
+        }
+        for (i, rx) in receivers.iter().enumerate() {
+            let (mut tokens, end) = collect(rx);
+            if i == 0
+                && let Event::Token(t) = first
+            {
+                tokens.insert(0, t);
+            }
+            assert_eq!(tokens, alone[i], "request {i}");
+            let Event::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } = end
+            else {
+                panic!("request {i}: {end:?}");
+            };
+            assert_eq!(prompt_tokens, requests[i].prompt.len());
+            assert_eq!(completion_tokens, tokens.len());
+            let stopped = tokens
+                .last()
+                .is_some_and(|t| actors::gemma::END_OF_GENERATION.contains(t));
+            let want = if stopped {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            };
+            assert_eq!(reason, want, "request {i}");
+        }
+    }
+
+    /// Over the waiting limit: refused at once. A client that goes away
+    /// ends its request, and the engine goes on serving the others.
+    #[test]
+    fn a_full_queue_refuses_and_a_gone_client_frees_its_place() {
+        let gemma = super::model();
+        let long = request(&gemma, "Tell me a long story:", 400, 5);
+        let short = request(&gemma, "The capital of France is", 3, 0);
+        let engine = Engine::start(
+            gemma,
+            EngineConfig {
+                max_batch: 1,
+                max_waiting: 1,
+            },
+        );
+        // The long request runs until its client goes away.
+        let gone = Arc::new(AtomicBool::new(false));
+        let (tx, first_tokens) = mpsc::channel();
+        let flag = Arc::clone(&gone);
+        engine
+            .submit(
+                long,
+                Box::new(move |e| {
+                    let _ = tx.send(e);
+                    !flag.load(Ordering::SeqCst)
+                }),
+            )
+            .unwrap();
+        first_tokens.recv_timeout(Duration::from_secs(120)).unwrap();
+        // One waits (the batch is full), the next is refused.
+        let (sink, waiting_rx) = channel();
+        engine.submit(short.clone(), sink).unwrap();
+        assert_eq!(engine.waiting(), 1);
+        let (sink, _) = channel();
+        assert_eq!(
+            engine.submit(short, sink).unwrap_err(),
+            Rejected::Busy {
+                waiting: 1,
+                limit: 1
+            }
+        );
+        // The long request's client goes away: the waiting one runs.
+        gone.store(true, Ordering::SeqCst);
+        let (tokens, end) = collect(&waiting_rx);
+        assert_eq!(tokens.len(), 3);
+        assert!(
+            matches!(
+                end,
+                Event::Finished {
+                    reason: FinishReason::Length,
+                    ..
+                }
+            ),
+            "{end:?}"
+        );
+        // The long request never finished: its client left first.
+        let rest: Vec<Event> = first_tokens.try_iter().collect();
+        assert!(
+            !rest.iter().any(|e| matches!(e, Event::Finished { .. })),
+            "{rest:?}"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 
 mod checkpoint;
 pub mod config;
+pub mod engine;
 mod generate;
 mod model;
 mod sampling;
