@@ -13,5 +13,6 @@ mod learner;
 mod manifest;
 mod matching;
 mod models;
+mod serve;
 mod telemetry;
 mod tensor_parallel;

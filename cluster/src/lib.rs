@@ -26,6 +26,7 @@ pub mod mesh;
 pub mod models;
 pub mod plot;
 pub mod process;
+pub mod serve;
 pub mod summary;
 pub mod telemetry;
 

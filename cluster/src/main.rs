@@ -127,6 +127,29 @@ enum Command {
         #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
         collective_timeout: f64,
     },
+    /// Serve a model over an OpenAI-compatible HTTP API (`/v1/completions`,
+    /// `/v1/chat/completions`, `/v1/models`, `/health`) with continuous
+    /// batching, until stopped.
+    Serve {
+        /// A catalog name (`gemma3-270m`), a .gguf file or a checkpoint directory.
+        #[arg(long)]
+        model: String,
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: std::net::SocketAddr,
+        /// The name clients send as `"model"` (default: --model).
+        #[arg(long)]
+        served_model_name: Option<String>,
+        /// Requests decoding together.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Requests waiting for a place; more are refused with 429.
+        #[arg(long, default_value_t = 64)]
+        max_waiting: usize,
+        /// Require `Authorization: Bearer KEY` (default: the DIMA_API_KEY variable, if set).
+        #[arg(long, env = "DIMA_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
     /// Print the token ids of a text as a JSON array (no BOS; special-token
     /// strings such as `<start_of_turn>` become their tokens).
     Tokenize {
@@ -1196,6 +1219,33 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 OutputFormat::Json => println!("{}", serde_json::to_string(&report)?),
                 OutputFormat::Text => print!("{}", cluster::summary::simulation(&report)),
             }
+            Ok(())
+        }
+        Command::Serve {
+            model,
+            listen,
+            served_model_name,
+            max_batch,
+            max_waiting,
+            api_key,
+        } => {
+            if *max_batch == 0 || *max_waiting == 0 {
+                return Err(Failure {
+                    code: 2,
+                    error: anyhow::anyhow!("--max-batch and --max-waiting must be at least 1"),
+                });
+            }
+            let gemma = load_gemma(model)?;
+            let config = cluster::serve::ServeConfig {
+                model_name: served_model_name.clone().unwrap_or_else(|| model.clone()),
+                listen: *listen,
+                api_key: api_key.clone(),
+                engine: actors::gemma::engine::EngineConfig {
+                    max_batch: *max_batch,
+                    max_waiting: *max_waiting,
+                },
+            };
+            cluster::serve::serve(gemma, &config)?;
             Ok(())
         }
         Command::Learner {

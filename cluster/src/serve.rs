@@ -1,0 +1,562 @@
+//! `dima serve`: an OpenAI-compatible HTTP server (actix-web) in front of
+//! the continuous-batching engine ([`actors::gemma::engine`]).
+//!
+//! - `POST /v1/completions` and `POST /v1/chat/completions`, both with
+//!   `"stream": true` as server-sent events (`data: {…}` chunks, the last
+//!   one with `usage`, then `data: [DONE]`);
+//! - `GET /v1/models`, `GET /health`;
+//! - an optional bearer token;
+//! - errors in OpenAI's shape (`{"error":{"message","type","param","code"}}`):
+//!   bad JSON or parameters 400, wrong token 401, unknown model 404, queue
+//!   full 429, engine gone 503. A client that disconnects ends its request
+//!   and frees its KV cache.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use actix_web::http::StatusCode;
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use actors::gemma::engine::{Engine, EngineConfig, Event, FinishReason, Rejected, Request};
+use actors::gemma::{Gemma, Sampling};
+use actors::tokenizer::Tokenizer;
+use serde_json::{Value, json};
+
+/// What `dima serve` runs.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// The name clients use in `"model"` (and `/v1/models` lists).
+    pub model_name: String,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Bearer token required on every `/v1` request, if set.
+    pub api_key: Option<String>,
+    /// Engine limits.
+    pub engine: EngineConfig,
+}
+
+struct State {
+    engine: Engine,
+    tokenizer: Tokenizer,
+    name: String,
+    api_key: Option<String>,
+    next_id: AtomicU64,
+}
+
+/// An error for the client, answered in OpenAI's shape.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).json(json!({
+            "error": {"message": self.message, "type": self.kind, "param": null, "code": null}
+        }))
+    }
+}
+
+fn error(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        status,
+        kind,
+        message: message.into(),
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Checks the bearer token; `Some(response)` when it is wrong.
+fn unauthorized(state: &State, req: &HttpRequest) -> Option<ApiError> {
+    let key = state.api_key.as_ref()?;
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    (given != Some(key.as_str())).then(|| {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing or wrong bearer token (Authorization: Bearer …)",
+        )
+    })
+}
+
+/// The request parameters both endpoints share.
+struct Params {
+    max_tokens: usize,
+    sampling: Sampling,
+    stream: bool,
+}
+
+fn params(body: &Value, default_max: usize) -> Result<Params, ApiError> {
+    let number = |key: &str| -> Result<Option<f64>, ApiError> {
+        match body.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| bad_request(format!("`{key}` must be a number, not {v}"))),
+        }
+    };
+    let whole = |key: &str, default: u64| -> Result<u64, ApiError> {
+        match body.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_u64().ok_or_else(|| {
+                bad_request(format!("`{key}` must be a non-negative integer, not {v}"))
+            }),
+        }
+    };
+    if whole("n", 1)? != 1 {
+        return Err(bad_request("only `n` = 1 is supported"));
+    }
+    let sampling = Sampling {
+        temperature: number("temperature")?.unwrap_or(1.0) as f32,
+        top_k: whole("top_k", 0)? as usize,
+        top_p: number("top_p")?.unwrap_or(1.0) as f32,
+        seed: whole("seed", 0)?,
+    };
+    sampling.check().map_err(|e| bad_request(e.to_string()))?;
+    let max_tokens = whole("max_tokens", default_max as u64)? as usize;
+    if max_tokens == 0 {
+        return Err(bad_request("`max_tokens` must be at least 1"));
+    }
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(bad_request(format!(
+                "`stream` must be true or false, not {v}"
+            )));
+        }
+    };
+    Ok(Params {
+        max_tokens,
+        sampling,
+        stream,
+    })
+}
+
+/// Parses the body and checks the model name and token.
+fn body_of(state: &State, req: &HttpRequest, bytes: &[u8]) -> Result<Value, ApiError> {
+    if let Some(denied) = unauthorized(state, req) {
+        return Err(denied);
+    }
+    let body: Value = serde_json::from_slice(bytes)
+        .map_err(|e| bad_request(format!("the body is not valid JSON: {e}")))?;
+    if !body.is_object() {
+        return Err(bad_request("the body must be a JSON object"));
+    }
+    match body.get("model").and_then(Value::as_str) {
+        Some(m) if m == state.name => Ok(body),
+        Some(m) => Err(error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "the model `{m}` does not exist; this server serves `{}`",
+                state.name
+            ),
+        )),
+        None => Err(bad_request("`model` is required")),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// Gemma's chat template over OpenAI messages (a system message is put in
+/// front of the first user turn: Gemma has no system role).
+fn chat_prompt(messages: &Value) -> Result<String, ApiError> {
+    let list = messages
+        .as_array()
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| bad_request("`messages` must be a non-empty array"))?;
+    let mut text = String::new();
+    let mut system = String::new();
+    for (i, m) in list.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        let content = m
+            .get("content")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad_request(format!("messages[{i}].content must be a string")))?;
+        match role {
+            "system" | "developer" => {
+                system.push_str(content);
+                system.push_str("\n\n");
+            }
+            "user" => {
+                text.push_str("<start_of_turn>user\n");
+                text.push_str(&std::mem::take(&mut system));
+                text.push_str(content);
+                text.push_str("<end_of_turn>\n");
+            }
+            "assistant" => {
+                text.push_str("<start_of_turn>model\n");
+                text.push_str(content);
+                text.push_str("<end_of_turn>\n");
+            }
+            other => {
+                return Err(bad_request(format!(
+                    "messages[{i}].role {other:?} is not system, user or assistant"
+                )));
+            }
+        }
+    }
+    text.push_str("<start_of_turn>model\n");
+    Ok(text)
+}
+
+async fn completions(state: web::Data<State>, req: HttpRequest, bytes: web::Bytes) -> HttpResponse {
+    respond(&state, &req, &bytes, Kind::Completion).await
+}
+
+async fn chat_completions(
+    state: web::Data<State>,
+    req: HttpRequest,
+    bytes: web::Bytes,
+) -> HttpResponse {
+    respond(&state, &req, &bytes, Kind::Chat).await
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+async fn respond(
+    state: &web::Data<State>,
+    req: &HttpRequest,
+    bytes: &[u8],
+    kind: Kind,
+) -> HttpResponse {
+    match answer(state, req, bytes, kind).await {
+        Ok(response) => response,
+        Err(e) => e.response(),
+    }
+}
+
+async fn answer(
+    state: &web::Data<State>,
+    req: &HttpRequest,
+    bytes: &[u8],
+    kind: Kind,
+) -> Result<HttpResponse, ApiError> {
+    let body = body_of(state, req, bytes)?;
+    let p = params(&body, 16)?;
+    let (text, special) = match kind {
+        Kind::Completion => match body.get("prompt") {
+            Some(Value::String(s)) => (s.clone(), false),
+            _ => return Err(bad_request("`prompt` must be a string")),
+        },
+        Kind::Chat => (
+            chat_prompt(body.get("messages").unwrap_or(&Value::Null))?,
+            true,
+        ),
+    };
+    let prompt = state.tokenizer.encode(&text, true, special);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let request = Request {
+        prompt,
+        max_tokens: p.max_tokens,
+        sampling: p.sampling,
+    };
+    state
+        .engine
+        .submit(request, Box::new(move |e| tx.send(e).is_ok()))
+        .map_err(|e| match e {
+            Rejected::Busy { .. } => error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                e.to_string(),
+            ),
+            Rejected::Invalid(_) => bad_request(e.to_string()),
+            Rejected::Stopped => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                e.to_string(),
+            ),
+        })?;
+    let id = format!(
+        "{}-{}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        state.next_id.fetch_add(1, Ordering::Relaxed)
+    );
+    let meta = Meta {
+        id,
+        created: now(),
+        model: state.name.clone(),
+        kind,
+    };
+    if p.stream {
+        Ok(stream(meta, rx, state.tokenizer.clone()))
+    } else {
+        match whole(&meta, rx, &state.tokenizer).await {
+            Ok(body) => Ok(HttpResponse::Ok().json(body)),
+            Err(reason) => Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                reason,
+            )),
+        }
+    }
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Meta {
+    fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+        json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        })
+    }
+
+    fn whole(&self, text: &str, reason: Option<&str>, usage: Value) -> Value {
+        let choice = match self.kind {
+            Kind::Completion => {
+                json!({"index": 0, "text": text, "finish_reason": reason, "logprobs": null})
+            }
+            Kind::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": reason,
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": if self.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage,
+        })
+    }
+
+    fn chunk(&self, text: &str, reason: Option<&str>, usage: Option<Value>) -> Value {
+        let choice = match self.kind {
+            Kind::Completion => {
+                json!({"index": 0, "text": text, "finish_reason": reason, "logprobs": null})
+            }
+            Kind::Chat => json!({
+                "index": 0,
+                "delta": {"content": text},
+                "finish_reason": reason,
+            }),
+        };
+        let mut chunk = json!({
+            "id": self.id,
+            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        });
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        chunk
+    }
+}
+
+/// The text of generated ids: end-of-generation tokens print nothing.
+fn visible(tokenizer: &Tokenizer, ids: &[u32]) -> String {
+    let kept: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|id| !actors::gemma::END_OF_GENERATION.contains(id))
+        .collect();
+    tokenizer.decode(&kept)
+}
+
+/// Waits for the whole completion and answers with one JSON object.
+async fn whole(
+    meta: &Meta,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    tokenizer: &Tokenizer,
+) -> Result<Value, String> {
+    let mut ids = Vec::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Token(id) => ids.push(id),
+            Event::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                return Ok(meta.whole(
+                    &visible(tokenizer, &ids),
+                    Some(finish_reason(reason)),
+                    Meta::usage(prompt_tokens, completion_tokens),
+                ));
+            }
+            Event::Failed(reason) => return Err(reason),
+        }
+    }
+    Err("the engine stopped before the request finished".into())
+}
+
+/// Streams the completion as server-sent events.
+fn stream(
+    meta: Meta,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    tokenizer: Tokenizer,
+) -> HttpResponse {
+    struct Progress {
+        rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+        meta: Meta,
+        tokenizer: Tokenizer,
+        pending: Vec<u8>,
+        done: bool,
+    }
+    let sse = |value: &Value| web::Bytes::from(format!("data: {value}\n\n"));
+    let start = Progress {
+        rx,
+        meta,
+        tokenizer,
+        pending: Vec::new(),
+        done: false,
+    };
+    let events = futures_util::stream::unfold(start, move |mut p| async move {
+        if p.done {
+            return None;
+        }
+        loop {
+            match p.rx.recv().await {
+                Some(Event::Token(id)) => {
+                    if actors::gemma::END_OF_GENERATION.contains(&id) {
+                        continue;
+                    }
+                    p.pending.extend(p.tokenizer.piece_bytes(id, false));
+                    // Whole UTF-8 characters only.
+                    let valid = match std::str::from_utf8(&p.pending) {
+                        Ok(s) => s.len(),
+                        Err(e) => e.valid_up_to(),
+                    };
+                    if valid == 0 {
+                        continue;
+                    }
+                    let text = String::from_utf8_lossy(&p.pending[..valid]).into_owned();
+                    p.pending.drain(..valid);
+                    let chunk = sse(&p.meta.chunk(&text, None, None));
+                    return Some((Ok::<_, actix_web::Error>(chunk), p));
+                }
+                Some(Event::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    p.done = true;
+                    let rest = String::from_utf8_lossy(&p.pending).into_owned();
+                    let last = p.meta.chunk(
+                        &rest,
+                        Some(finish_reason(reason)),
+                        Some(Meta::usage(prompt_tokens, completion_tokens)),
+                    );
+                    let bytes = web::Bytes::from(format!("data: {last}\n\ndata: [DONE]\n\n"));
+                    return Some((Ok(bytes), p));
+                }
+                Some(Event::Failed(reason)) => {
+                    p.done = true;
+                    let err = json!({"error": {"message": reason, "type": "server_error", "param": null, "code": null}});
+                    return Some((Ok(sse(&err)), p));
+                }
+                None => return None,
+            }
+        }
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("cache-control", "no-cache"))
+        .streaming(events)
+}
+
+async fn models(state: web::Data<State>, req: HttpRequest) -> HttpResponse {
+    if let Some(denied) = unauthorized(&state, &req) {
+        return denied.response();
+    }
+    HttpResponse::Ok().json(json!({
+        "object": "list",
+        "data": [{"id": state.name, "object": "model", "created": 0, "owned_by": "dima"}],
+    }))
+}
+
+async fn health(state: web::Data<State>) -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "status": "ok",
+        "model": state.name,
+        "running": state.engine.running(),
+        "waiting": state.engine.waiting(),
+    }))
+}
+
+async fn not_found() -> HttpResponse {
+    error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "no such endpoint (try /v1/completions, /v1/chat/completions, /v1/models, /health)",
+    )
+    .response()
+}
+
+/// Loads nothing itself: serves `gemma` until the process is stopped.
+pub fn serve(gemma: Gemma, config: &ServeConfig) -> anyhow::Result<()> {
+    let tokenizer = gemma.tokenizer().clone();
+    let listener = std::net::TcpListener::bind(config.listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let state = web::Data::new(State {
+        engine: Engine::start(gemma, config.engine),
+        tokenizer,
+        name: config.model_name.clone(),
+        api_key: config.api_key.clone(),
+        next_id: AtomicU64::new(1),
+    });
+    eprintln!(
+        "serving {} on http://{} (max batch {}, max waiting {})",
+        config.model_name,
+        listener.local_addr()?,
+        config.engine.max_batch,
+        config.engine.max_waiting
+    );
+    actix_web::rt::System::new().block_on(async move {
+        HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(web::PayloadConfig::new(1 << 22))
+                .route("/v1/completions", web::post().to(completions))
+                .route("/v1/chat/completions", web::post().to(chat_completions))
+                .route("/v1/models", web::get().to(models))
+                .route("/health", web::get().to(health))
+                .default_service(web::to(not_found))
+        })
+        .workers(2)
+        .listen(listener)?
+        .run()
+        .await
+    })?;
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! `dima serve`: the OpenAI-compatible server on the real Gemma 3 270M
+//! model, through real HTTP.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use dima_tests::{free_port, http_get, run_dima, spawn_dima};
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// A running server, stopped on drop.
+struct Server {
+    child: std::process::Child,
+    address: String,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Self {
+        let address = format!("127.0.0.1:{}", free_port());
+        let mut args = vec!["serve", "--model", "gemma3-270m", "--listen", &address];
+        args.extend_from_slice(extra);
+        let child = spawn_dima(&args);
+        let ready =
+            dima_tests::eventually(Duration::from_secs(120), || http_get(&address, "/health"));
+        assert!(ready.is_some(), "the server did not come up on {address}");
+        Self { child, address }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Decodes a chunked HTTP/1.1 body.
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = body.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&body[..end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[end + 2..end + 2 + size]);
+        body = &body[end + 2 + size + 2..];
+    }
+}
+
+/// `POST path` with a JSON body (optionally a bearer token): status and body.
+fn post(address: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let raw = &response[split + 4..];
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(raw)
+    } else {
+        raw.to_vec()
+    };
+    let status = head[9..12].parse().unwrap();
+    (status, String::from_utf8(body).unwrap())
+}
+
+fn completion(prompt: &str, max_tokens: usize, stream: bool) -> String {
+    json!({"model": "gemma3-270m", "prompt": prompt, "max_tokens": max_tokens,
+           "temperature": 0, "stream": stream})
+    .to_string()
+}
+
+/// The text of a stream of server-sent events, checking the framing: every
+/// event is one `data: …` line and a blank line, the last data chunk has
+/// `finish_reason` and `usage`, and `data: [DONE]` ends it.
+fn sse_text(body: &str) -> (String, Value) {
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+    let mut text = String::new();
+    let mut last = Value::Null;
+    for event in &events[..events.len() - 1] {
+        let data = event
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("{event:?}"));
+        assert!(!data.contains('\n'), "one line per event: {data:?}");
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        text.push_str(chunk["choices"][0]["text"].as_str().unwrap());
+        last = chunk;
+    }
+    assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
+    (text, last["usage"].clone())
+}
+
+#[test]
+fn completions_stream_and_not_equal_dima_generate_under_concurrency() {
+    let server = Server::start(&["--max-batch", "4"]);
+    let prompts = [
+        "The capital of France is",
+        "Write a haiku about the sea:",
+        "1, 2, 3, 4,",
+        "The best way to learn Rust is",
+    ];
+    // What one request alone gives (the CLI, greedy).
+    let expected: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let done = run_dima(
+                &[
+                    "generate",
+                    "--model",
+                    "gemma3-270m",
+                    "--prompt",
+                    p,
+                    "--max-tokens",
+                    "10",
+                    "--format",
+                    "json",
+                ],
+                LIMIT,
+            );
+            done.assert_success();
+            let v: Value = serde_json::from_str(done.last_line()).unwrap();
+            v["text"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    // All at once, half streaming.
+    let handles: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (address, body) = (server.address.clone(), completion(p, 10, i % 2 == 1));
+            std::thread::spawn(move || post(&address, "/v1/completions", &body, None))
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (status, body) = h.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        if i % 2 == 1 {
+            let (text, usage) = sse_text(&body);
+            assert_eq!(text, expected[i], "stream {i}");
+            assert_eq!(usage["completion_tokens"], 10);
+        } else {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["object"], "text_completion");
+            assert_eq!(v["choices"][0]["text"], expected[i].as_str(), "request {i}");
+            assert_eq!(v["choices"][0]["finish_reason"], "length");
+            let usage = &v["usage"];
+            assert_eq!(usage["completion_tokens"], 10);
+            assert_eq!(
+                usage["total_tokens"].as_u64(),
+                Some(usage["prompt_tokens"].as_u64().unwrap() + 10)
+            );
+        }
+    }
+    // Chat: the same text as `dima generate --chat`.
+    let chat = run_dima(
+        &[
+            "generate",
+            "--model",
+            "gemma3-270m",
+            "--prompt",
+            "Name a color.",
+            "--chat",
+            "--max-tokens",
+            "8",
+            "--format",
+            "json",
+        ],
+        LIMIT,
+    );
+    chat.assert_success();
+    let want: Value = serde_json::from_str(chat.last_line()).unwrap();
+    let body = json!({"model": "gemma3-270m", "temperature": 0, "max_tokens": 8,
+                      "messages": [{"role": "user", "content": "Name a color."}]});
+    let (status, got) = post(
+        &server.address,
+        "/v1/chat/completions",
+        &body.to_string(),
+        None,
+    );
+    assert_eq!(status, 200, "{got}");
+    let got: Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(got["object"], "chat.completion");
+    assert_eq!(got["choices"][0]["message"]["role"], "assistant");
+    let visible = want["text"].as_str().unwrap().replace("<end_of_turn>", "");
+    assert_eq!(
+        got["choices"][0]["message"]["content"].as_str().unwrap(),
+        visible
+    );
+
+    let models: Value =
+        serde_json::from_str(&http_get(&server.address, "/v1/models").unwrap()).unwrap();
+    assert_eq!(models["data"][0]["id"], "gemma3-270m");
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_nothing_breaks_the_server() {
+    let server = Server::start(&["--api-key", "s3cret"]);
+    let a = &server.address;
+    let ok = Some("s3cret");
+    let cases: [(&str, Option<&str>, u16, &str); 8] = [
+        ("{bad json", ok, 400, "not valid JSON"),
+        ("[1, 2]", ok, 400, "must be a JSON object"),
+        (
+            r#"{"model":"nope","prompt":"x"}"#,
+            ok,
+            404,
+            "does not exist",
+        ),
+        (r#"{"prompt":"x"}"#, ok, 400, "`model` is required"),
+        (
+            r#"{"model":"gemma3-270m","prompt":7}"#,
+            ok,
+            400,
+            "`prompt` must be a string",
+        ),
+        (
+            r#"{"model":"gemma3-270m","prompt":"x","temperature":-1}"#,
+            ok,
+            400,
+            "temperature",
+        ),
+        (
+            r#"{"model":"gemma3-270m","prompt":"x","max_tokens":0}"#,
+            ok,
+            400,
+            "max_tokens",
+        ),
+        (
+            r#"{"model":"gemma3-270m","prompt":"x"}"#,
+            Some("wrong"),
+            401,
+            "bearer token",
+        ),
+    ];
+    for (body, token, status, needle) in cases {
+        let (got, text) = post(a, "/v1/completions", body, token);
+        assert_eq!(got, status, "{body}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{text}"));
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{body}: {message}");
+        assert!(v["error"]["type"].is_string());
+    }
+    // Still serving.
+    let (status, text) = post(a, "/v1/completions", &completion("Hi", 2, false), ok);
+    assert_eq!(status, 200, "{text}");
+}
+
+/// One request decodes at a time and one may wait: the next is refused
+/// with 429 at once. When the running request's client goes away, its place
+/// is freed and the waiting one is served.
+#[test]
+fn a_full_queue_answers_429() {
+    let server = Server::start(&["--max-batch", "1", "--max-waiting", "1"]);
+    let a = server.address.clone();
+    // A long streaming request; read its first event, keep the socket open.
+    let mut long = TcpStream::connect(&a).unwrap();
+    let body = completion("Tell me a long story:", 400, true);
+    write!(
+        long,
+        "POST /v1/completions HTTP/1.1\r\nHost: {a}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 256];
+    let n = long.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).contains("200"));
+    let waiting = {
+        let a = a.clone();
+        std::thread::spawn(move || post(&a, "/v1/completions", &completion("Hi", 3, false), None))
+    };
+    // Once one runs and one waits, the next is refused.
+    let full = dima_tests::eventually(Duration::from_secs(60), || {
+        let health: Value = serde_json::from_str(&http_get(&a, "/health")?).ok()?;
+        (health["running"] == 1 && health["waiting"] == 1).then_some(())
+    });
+    assert!(full.is_some(), "one running and one waiting");
+    let (status, busy) = post(&a, "/v1/completions", &completion("Hi", 3, false), None);
+    assert_eq!(status, 429, "{busy}");
+    assert!(
+        busy.contains("rate_limit_error") && busy.contains("waiting"),
+        "{busy}"
+    );
+    drop(long); // the client goes away
+    let (status, text) = waiting.join().unwrap();
+    assert_eq!(status, 200, "{text}");
+}
