@@ -208,6 +208,32 @@ fn completions_stream_and_not_equal_dima_generate_under_concurrency() {
     let models: Value =
         serde_json::from_str(&http_get(&server.address, "/v1/models").unwrap()).unwrap();
     assert_eq!(models["data"][0]["id"], "gemma3-270m");
+
+    // Prometheus: 5 answered requests, 48 tokens, a first-token time each.
+    let text = http_get(&server.address, "/metrics").unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    assert_eq!(value("dima_serve_requests_total{status=\"200\"}"), 5.0);
+    assert_eq!(value("dima_serve_generated_tokens_total"), 48.0);
+    assert_eq!(value("dima_serve_time_to_first_token_seconds_count"), 5.0);
+    assert_eq!(value("dima_serve_inter_token_latency_seconds_count"), 43.0);
+    // The gauges follow the engine, which frees the last cache a moment
+    // after it sends the last token.
+    let idle = dima_tests::eventually(Duration::from_secs(10), || {
+        let text = http_get(&server.address, "/metrics")?;
+        [
+            "dima_serve_requests_running 0",
+            "dima_serve_requests_waiting 0",
+            "dima_serve_kv_cache_bytes 0",
+        ]
+        .iter()
+        .all(|line| text.lines().any(|l| l == *line))
+        .then_some(())
+    });
+    assert!(idle.is_some(), "the gauges return to 0:\n{text}");
 }
 
 #[test]
@@ -261,6 +287,15 @@ fn bad_requests_get_openai_errors_and_nothing_breaks_the_server() {
     // Still serving.
     let (status, text) = post(a, "/v1/completions", &completion("Hi", 2, false), ok);
     assert_eq!(status, 200, "{text}");
+    let metrics = http_get(a, "/metrics").unwrap();
+    for line in [
+        "dima_serve_requests_total{status=\"400\"} 6",
+        "dima_serve_requests_total{status=\"401\"} 1",
+        "dima_serve_requests_total{status=\"404\"} 1",
+        "dima_serve_requests_total{status=\"200\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 }
 
 /// One request decodes at a time and one may wait: the next is refused

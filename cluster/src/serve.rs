@@ -4,7 +4,9 @@
 //! - `POST /v1/completions` and `POST /v1/chat/completions`, both with
 //!   `"stream": true` as server-sent events (`data: {…}` chunks, the last
 //!   one with `usage`, then `data: [DONE]`);
-//! - `GET /v1/models`, `GET /health`;
+//! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus: requests
+//!   by status, running and waiting requests, KV cache bytes,
+//!   time-to-first-token and inter-token latency, generated tokens);
 //! - an optional bearer token;
 //! - errors in OpenAI's shape (`{"error":{"message","type","param","code"}}`):
 //!   bad JSON or parameters 400, wrong token 401, unknown model 404, queue
@@ -40,6 +42,89 @@ struct State {
     name: String,
     api_key: Option<String>,
     next_id: AtomicU64,
+    metrics: Metrics,
+}
+
+/// The server's Prometheus metrics (`GET /metrics`).
+#[derive(Clone)]
+struct Metrics {
+    registry: prometheus::Registry,
+    requests: prometheus::IntCounterVec,
+    running: prometheus::IntGauge,
+    waiting: prometheus::IntGauge,
+    kv_bytes: prometheus::IntGauge,
+    first_token: prometheus::Histogram,
+    inter_token: prometheus::Histogram,
+    tokens: prometheus::IntCounter,
+}
+
+impl Metrics {
+    fn new() -> prometheus::Result<Self> {
+        use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
+        let registry = prometheus::Registry::new();
+        let buckets = |from: f64| prometheus::exponential_buckets(from, 2.0, 14);
+        let m = Self {
+            requests: IntCounterVec::new(
+                Opts::new("dima_serve_requests_total", "HTTP requests by status code"),
+                &["status"],
+            )?,
+            running: IntGauge::new("dima_serve_requests_running", "Requests decoding now")?,
+            waiting: IntGauge::new(
+                "dima_serve_requests_waiting",
+                "Requests waiting for a place",
+            )?,
+            kv_bytes: IntGauge::new(
+                "dima_serve_kv_cache_bytes",
+                "KV cache bytes held by the running requests",
+            )?,
+            first_token: Histogram::with_opts(
+                HistogramOpts::new(
+                    "dima_serve_time_to_first_token_seconds",
+                    "From a request's arrival to its first token",
+                )
+                .buckets(buckets(0.005)?),
+            )?,
+            inter_token: Histogram::with_opts(
+                HistogramOpts::new(
+                    "dima_serve_inter_token_latency_seconds",
+                    "Between consecutive tokens of a request",
+                )
+                .buckets(buckets(0.001)?),
+            )?,
+            tokens: IntCounter::new("dima_serve_generated_tokens_total", "Tokens generated")?,
+            registry,
+        };
+        m.registry.register(Box::new(m.requests.clone()))?;
+        m.registry.register(Box::new(m.running.clone()))?;
+        m.registry.register(Box::new(m.waiting.clone()))?;
+        m.registry.register(Box::new(m.kv_bytes.clone()))?;
+        m.registry.register(Box::new(m.first_token.clone()))?;
+        m.registry.register(Box::new(m.inter_token.clone()))?;
+        m.registry.register(Box::new(m.tokens.clone()))?;
+        Ok(m)
+    }
+}
+
+/// Times a request's tokens into the histograms.
+struct Clock {
+    metrics: Metrics,
+    arrived: std::time::Instant,
+    last: Option<std::time::Instant>,
+}
+
+impl Clock {
+    fn token(&mut self) {
+        let now = std::time::Instant::now();
+        match self.last {
+            None => self
+                .metrics
+                .first_token
+                .observe((now - self.arrived).as_secs_f64()),
+            Some(last) => self.metrics.inter_token.observe((now - last).as_secs_f64()),
+        }
+        self.metrics.tokens.inc();
+        self.last = Some(now);
+    }
 }
 
 /// An error for the client, answered in OpenAI's shape.
@@ -245,10 +330,16 @@ async fn respond(
     bytes: &[u8],
     kind: Kind,
 ) -> HttpResponse {
-    match answer(state, req, bytes, kind).await {
+    let response = match answer(state, req, bytes, kind).await {
         Ok(response) => response,
         Err(e) => e.response(),
-    }
+    };
+    state
+        .metrics
+        .requests
+        .with_label_values(&[response.status().as_str()])
+        .inc();
+    response
 }
 
 async fn answer(
@@ -270,6 +361,11 @@ async fn answer(
         ),
     };
     let prompt = state.tokenizer.encode(&text, true, special);
+    let clock = Clock {
+        metrics: state.metrics.clone(),
+        arrived: std::time::Instant::now(),
+        last: None,
+    };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let request = Request {
         prompt,
@@ -308,9 +404,9 @@ async fn answer(
         kind,
     };
     if p.stream {
-        Ok(stream(meta, rx, state.tokenizer.clone()))
+        Ok(stream(meta, rx, state.tokenizer.clone(), clock))
     } else {
-        match whole(&meta, rx, &state.tokenizer).await {
+        match whole(&meta, rx, &state.tokenizer, clock).await {
             Ok(body) => Ok(HttpResponse::Ok().json(body)),
             Err(reason) => Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -398,11 +494,15 @@ async fn whole(
     meta: &Meta,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
     tokenizer: &Tokenizer,
+    mut clock: Clock,
 ) -> Result<Value, String> {
     let mut ids = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Token(id) => ids.push(id),
+            Event::Token(id) => {
+                clock.token();
+                ids.push(id);
+            }
             Event::Finished {
                 reason,
                 prompt_tokens,
@@ -425,6 +525,7 @@ fn stream(
     meta: Meta,
     rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
     tokenizer: Tokenizer,
+    clock: Clock,
 ) -> HttpResponse {
     struct Progress {
         rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
@@ -432,6 +533,7 @@ fn stream(
         tokenizer: Tokenizer,
         pending: Vec<u8>,
         done: bool,
+        clock: Clock,
     }
     let sse = |value: &Value| web::Bytes::from(format!("data: {value}\n\n"));
     let start = Progress {
@@ -440,6 +542,7 @@ fn stream(
         tokenizer,
         pending: Vec::new(),
         done: false,
+        clock,
     };
     let events = futures_util::stream::unfold(start, move |mut p| async move {
         if p.done {
@@ -448,6 +551,7 @@ fn stream(
         loop {
             match p.rx.recv().await {
                 Some(Event::Token(id)) => {
+                    p.clock.token();
                     if actors::gemma::END_OF_GENERATION.contains(&id) {
                         continue;
                     }
@@ -514,6 +618,22 @@ async fn health(state: web::Data<State>) -> HttpResponse {
     }))
 }
 
+async fn metrics(state: web::Data<State>) -> HttpResponse {
+    use prometheus::Encoder;
+    let m = &state.metrics;
+    m.running.set(state.engine.running() as i64);
+    m.waiting.set(state.engine.waiting() as i64);
+    m.kv_bytes.set(state.engine.kv_bytes() as i64);
+    let encoder = prometheus::TextEncoder::new();
+    let mut body = Vec::new();
+    match encoder.encode(&m.registry.gather(), &mut body) {
+        Ok(()) => HttpResponse::Ok()
+            .content_type(encoder.format_type())
+            .body(body),
+        Err(e) => HttpResponse::InternalServerError().body(format!("cannot encode metrics: {e}\n")),
+    }
+}
+
 async fn not_found() -> HttpResponse {
     error(
         StatusCode::NOT_FOUND,
@@ -534,6 +654,7 @@ pub fn serve(gemma: Gemma, config: &ServeConfig) -> anyhow::Result<()> {
         name: config.model_name.clone(),
         api_key: config.api_key.clone(),
         next_id: AtomicU64::new(1),
+        metrics: Metrics::new()?,
     });
     eprintln!(
         "serving {} on http://{} (max batch {}, max waiting {})",
@@ -551,6 +672,7 @@ pub fn serve(gemma: Gemma, config: &ServeConfig) -> anyhow::Result<()> {
                 .route("/v1/chat/completions", web::post().to(chat_completions))
                 .route("/v1/models", web::get().to(models))
                 .route("/health", web::get().to(health))
+                .route("/metrics", web::get().to(metrics))
                 .default_service(web::to(not_found))
         })
         .workers(2)

@@ -107,6 +107,7 @@ pub struct Engine {
     jobs: Option<mpsc::Sender<Job>>,
     waiting: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
+    kv_bytes: Arc<AtomicUsize>,
     config: EngineConfig,
     context: usize,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -139,16 +140,22 @@ impl Engine {
         let (jobs, inbox) = mpsc::channel::<Job>();
         let waiting = Arc::new(AtomicUsize::new(0));
         let running = Arc::new(AtomicUsize::new(0));
+        let kv_bytes = Arc::new(AtomicUsize::new(0));
         let context = gemma.config().context;
-        let (w, r) = (Arc::clone(&waiting), Arc::clone(&running));
+        let counters = Counters {
+            waiting: Arc::clone(&waiting),
+            running: Arc::clone(&running),
+            kv_bytes: Arc::clone(&kv_bytes),
+        };
         let thread = std::thread::Builder::new()
             .name("dima-engine".into())
-            .spawn(move || run(&gemma, &inbox, config, &w, &r))
+            .spawn(move || run(&gemma, &inbox, config, &counters))
             .ok();
         Self {
             jobs: Some(jobs),
             waiting,
             running,
+            kv_bytes,
             config,
             context,
             thread,
@@ -163,6 +170,11 @@ impl Engine {
     /// Requests decoding now.
     pub fn running(&self) -> usize {
         self.running.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of KV cache held by the running requests (after the last step).
+    pub fn kv_bytes(&self) -> usize {
+        self.kv_bytes.load(Ordering::SeqCst)
     }
 
     /// Queues `request`; its events go to `sink` from the engine thread.
@@ -207,14 +219,20 @@ impl Drop for Engine {
     }
 }
 
+/// What the engine thread reports to the outside.
+struct Counters {
+    waiting: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    kv_bytes: Arc<AtomicUsize>,
+}
+
 /// The engine loop.
-fn run(
-    gemma: &Gemma,
-    inbox: &mpsc::Receiver<Job>,
-    config: EngineConfig,
-    waiting: &AtomicUsize,
-    running: &AtomicUsize,
-) {
+fn run(gemma: &Gemma, inbox: &mpsc::Receiver<Job>, config: EngineConfig, counters: &Counters) {
+    let Counters {
+        waiting,
+        running,
+        kv_bytes,
+    } = counters;
     let vocab = gemma.config().vocab;
     let context = gemma.config().context;
     let mut active: Vec<Active> = Vec::new();
@@ -242,6 +260,10 @@ fn run(
             }
         }
         running.store(active.len(), Ordering::SeqCst);
+        kv_bytes.store(
+            active.iter().map(|a| a.cache.bytes()).sum(),
+            Ordering::SeqCst,
+        );
         if active.is_empty() {
             if open {
                 continue;
@@ -265,6 +287,12 @@ fn run(
             i += 1;
             emit(a, row)
         });
+        // Before waiting for new work, say what is left.
+        running.store(active.len(), Ordering::SeqCst);
+        kv_bytes.store(
+            active.iter().map(|a| a.cache.bytes()).sum(),
+            Ordering::SeqCst,
+        );
     }
 }
 
