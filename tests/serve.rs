@@ -337,3 +337,42 @@ fn a_full_queue_answers_429() {
     let (status, text) = waiting.join().unwrap();
     assert_eq!(status, 200, "{text}");
 }
+
+/// `dima bench serve` runs its bounded load and reports every level.
+#[test]
+fn bench_serve_reports_each_level() {
+    let done = run_dima(
+        &[
+            "bench",
+            "serve",
+            "--streams",
+            "2",
+            "--requests",
+            "1",
+            "--max-tokens",
+            "4",
+        ],
+        LIMIT,
+    );
+    done.assert_success();
+    let rows: Vec<Value> = done
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{}", done.stdout);
+    for (row, streams) in rows.iter().zip([1, 2]) {
+        assert_eq!(row["streams"], streams);
+        assert_eq!(row["completion_tokens"], 4 * streams);
+        for key in [
+            "tokens_per_s",
+            "ttft_p50_s",
+            "ttft_p99_s",
+            "itl_p50_s",
+            "itl_p99_s",
+        ] {
+            assert!(row[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {row}");
+        }
+    }
+    assert_eq!(rows[0]["over_single_stream"], 1.0);
+}

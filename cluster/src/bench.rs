@@ -1133,3 +1133,169 @@ pub fn bench_decode(
     }
     Ok(rows)
 }
+
+/// One streaming completion against `address`: (time to the first event,
+/// gaps between later events, completion tokens). Reads the server-sent
+/// events as they arrive.
+fn stream_once(
+    address: &str,
+    model: &str,
+    prompt: &str,
+    max_tokens: usize,
+) -> anyhow::Result<(f64, Vec<f64>, u64)> {
+    use std::io::{BufRead, Write};
+    let body = serde_json::json!({
+        "model": model, "prompt": prompt, "max_tokens": max_tokens,
+        "temperature": 0, "stream": true,
+    })
+    .to_string();
+    let started = Instant::now();
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(600)))?;
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let reader = std::io::BufReader::new(stream);
+    let (mut first, mut last, mut gaps, mut tokens) = (None, None, Vec::new(), 0u64);
+    for line in reader.lines() {
+        let line = line?;
+        if line.starts_with("HTTP/1.1 ") && !line.starts_with("HTTP/1.1 200") {
+            bail!("{line}");
+        }
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let now = started.elapsed().as_secs_f64();
+        match last {
+            None => first = Some(now),
+            Some(t) => gaps.push(now - t),
+        }
+        last = Some(now);
+        let chunk: serde_json::Value = serde_json::from_str(data)?;
+        if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
+            tokens = n;
+        }
+    }
+    let first = first.context("no events in the stream")?;
+    Ok((first, gaps, tokens))
+}
+
+fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let at = ((values.len() - 1) as f64 * q).round() as usize;
+    values[at]
+}
+
+/// `dima bench serve`: starts `dima serve` (this executable) on a free
+/// loopback port and, for each number of concurrent streams, has every
+/// stream send `requests` streaming completions one after another (each
+/// its own prompt, greedy, `max_tokens` tokens). Reports aggregate
+/// completion tokens per second over the wall time, time to first token
+/// and inter-token latency (p50, p99), and the ratio of aggregate tokens/s
+/// to the single-stream figure of the same run. Bounded: streams ×
+/// requests completions per level.
+pub fn bench_serve(
+    exe: &Path,
+    model: &str,
+    streams: &[usize],
+    requests: usize,
+    max_tokens: usize,
+    max_batch: usize,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let address = format!("127.0.0.1:{}", free_port()?);
+    let mut child = Command::new(exe)
+        .args(["serve", "--model", model, "--listen", &address])
+        .args([
+            "--max-batch",
+            &max_batch.to_string(),
+            "--max-waiting",
+            "1024",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting dima serve")?;
+    let result = (|| -> anyhow::Result<Vec<serde_json::Value>> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(300);
+        while std::net::TcpStream::connect(&address).is_err() {
+            if Instant::now() > deadline {
+                bail!("dima serve did not listen on {address}");
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("dima serve exited: {status}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let texts = [
+            "The river carried the boat past quiet villages and",
+            "Write a short story about a lighthouse keeper who",
+            "The three most important ideas in economics are",
+            "Once upon a time in a city of glass,",
+        ];
+        let mut levels: Vec<usize> = std::iter::once(1).chain(streams.iter().copied()).collect();
+        levels.sort_unstable();
+        levels.dedup();
+        let mut rows = Vec::new();
+        let mut single = None;
+        for &c in levels.iter().filter(|c| **c > 0) {
+            let started = Instant::now();
+            let handles: Vec<_> = (0..c)
+                .map(|s| {
+                    let (address, model) = (address.clone(), model.to_owned());
+                    let prompts: Vec<String> = (0..requests)
+                        .map(|r| format!("{} (request {s}.{r})", texts[(s + r) % texts.len()]))
+                        .collect();
+                    std::thread::spawn(move || {
+                        prompts
+                            .iter()
+                            .map(|p| stream_once(&address, &model, p, max_tokens))
+                            .collect::<anyhow::Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            let mut first = Vec::new();
+            let mut gaps = Vec::new();
+            let mut tokens = 0;
+            for h in handles {
+                let runs = h
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+                for (f, g, t) in runs {
+                    first.push(f);
+                    gaps.extend(g);
+                    tokens += t;
+                }
+            }
+            let wall = started.elapsed().as_secs_f64();
+            let rate = tokens as f64 / wall;
+            let base = *single.get_or_insert(rate);
+            rows.push(serde_json::json!({
+                "bench": "serve",
+                "streams": c,
+                "requests": c * requests,
+                "max_tokens": max_tokens,
+                "completion_tokens": tokens,
+                "wall_s": wall,
+                "tokens_per_s": rate,
+                "over_single_stream": rate / base,
+                "ttft_p50_s": percentile(&mut first, 0.5),
+                "ttft_p99_s": percentile(&mut first, 0.99),
+                "itl_p50_s": percentile(&mut gaps, 0.5),
+                "itl_p99_s": percentile(&mut gaps, 0.99),
+            }));
+        }
+        Ok(rows)
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}

@@ -464,6 +464,28 @@ enum BenchCommand {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+    /// A bounded load test of `dima serve`: for 1 and each --streams
+    /// concurrent streams, every stream sends --requests streaming
+    /// completions in turn. One JSON line per level: aggregate tokens/s
+    /// (and its ratio to one stream), time to first token and inter-token
+    /// latency p50/p99.
+    Serve {
+        /// A catalog name (`gemma3-270m`) or a .gguf file.
+        #[arg(long, default_value = "gemma3-270m")]
+        model: String,
+        /// Concurrent streams per level (1 is always run: the anchor).
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        streams: Vec<usize>,
+        /// Completions per stream and level.
+        #[arg(long, default_value_t = 2)]
+        requests: usize,
+        /// Tokens per completion.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// The server's --max-batch.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+    },
     /// Aggregate decode tokens/s when several sequences take each step
     /// together (the core of continuous batching), per batch size, next to
     /// one sequence alone in the same run. One JSON line per batch size.
@@ -1452,6 +1474,30 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 python,
             )?;
             println!("{result}");
+            Ok(())
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Serve {
+                    model,
+                    streams,
+                    requests,
+                    max_tokens,
+                    max_batch,
+                },
+        } => {
+            let exe = std::env::current_exe().context("locating the dima executable")?;
+            let rows = cluster::bench::bench_serve(
+                &exe,
+                model,
+                streams,
+                (*requests).max(1),
+                (*max_tokens).max(1),
+                (*max_batch).max(1),
+            )?;
+            for row in rows {
+                println!("{row}");
+            }
             Ok(())
         }
         Command::Bench {
