@@ -282,11 +282,7 @@ fn bench_learner_reports_ours_and_both_anchors() {
         LIMIT,
     );
     done.assert_success();
-    let rows: Vec<Value> = done
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = done.json_lines();
     assert_eq!(rows.len(), 6, "{}", done.stdout);
     let ours: Vec<&Value> = rows.iter().filter(|r| r["side"] == "dima").collect();
     assert_eq!(ours.len(), 3);

@@ -80,6 +80,14 @@ pub struct Finished {
 }
 
 impl Finished {
+    /// Every stdout line parsed as JSON (panics on a line that is not).
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect()
+    }
+
     /// The last line of stdout.
     pub fn last_line(&self) -> &str {
         self.stdout.lines().last().unwrap_or_default()

@@ -355,11 +355,7 @@ fn bench_serve_reports_each_level() {
         LIMIT,
     );
     done.assert_success();
-    let rows: Vec<Value> = done
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = done.json_lines();
     assert_eq!(rows.len(), 2, "{}", done.stdout);
     for (row, streams) in rows.iter().zip([1, 2]) {
         assert_eq!(row["streams"], streams);
