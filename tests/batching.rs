@@ -5,10 +5,7 @@
 use actors::gemma::{Gemma, KvCache, argmax};
 
 fn model() -> Gemma {
-    match actors::models::resolve("gemma3-270m").unwrap() {
-        actors::models::ModelSource::Gguf(path) => Gemma::load(&path).unwrap(),
-        other => panic!("{other:?}"),
-    }
+    Gemma::load(&cluster::models::gguf_path("gemma3-270m").unwrap()).unwrap()
 }
 
 const PROMPTS: [&str; 3] = [

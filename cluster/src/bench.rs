@@ -172,6 +172,28 @@ const LLAMA_CPP_BENCH: &str = include_str!("../../scripts/reference/llama_cpp_be
 ///
 /// The prompt is `prompt_tokens` ids (BOS, then a fixed English text,
 /// repeated as needed); decoding is greedy for `new_tokens` steps and does
+/// A benchmark prompt of `len` tokens: BOS, then a fixed English text
+/// repeated, starting `offset` tokens into it.
+fn bench_prompt(tokenizer: &actors::Tokenizer, len: usize, offset: usize) -> Vec<u32> {
+    let text = "The river carried the boat past quiet villages, old mills and green fields, \
+                while the travellers counted bridges and told stories about the towns they had left behind. ";
+    let unit = tokenizer.encode(text, false, false);
+    let mut ids = vec![tokenizer.bos()];
+    ids.extend(unit.iter().cycle().skip(offset).take(len.saturating_sub(1)));
+    ids
+}
+
+/// The levels of a scaling benchmark: 1 (the anchor) and every positive
+/// level asked for, ascending, once each.
+fn levels_with_one(asked: &[usize]) -> Vec<usize> {
+    let mut levels: Vec<usize> = std::iter::once(1)
+        .chain(asked.iter().copied().filter(|l| *l > 0))
+        .collect();
+    levels.sort_unstable();
+    levels.dedup();
+    levels
+}
+
 /// not stop at end-of-generation tokens, so both sides do the same work.
 pub fn bench_generate(
     model_path: &Path,
@@ -182,13 +204,7 @@ pub fn bench_generate(
 ) -> anyhow::Result<serde_json::Value> {
     use actors::gemma::{Gemma, argmax};
     let gemma = Gemma::load(model_path)?;
-    let text = "The river carried the boat past quiet villages, old mills and green fields, \
-                while the travellers counted bridges and told stories about the towns they had left behind. ";
-    let unit = gemma.tokenizer().encode(text, false, false);
-    let mut ids = vec![gemma.tokenizer().bos()];
-    while ids.len() < prompt_tokens {
-        ids.extend(unit.iter().take(prompt_tokens - ids.len()));
-    }
+    let ids = bench_prompt(gemma.tokenizer(), prompt_tokens, 0);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build()?;
@@ -1076,31 +1092,20 @@ pub fn bench_decode(
     use actors::gemma::{Gemma, KvCache, argmax};
     let gemma = Gemma::load(model_path)?;
     let vocab = gemma.config().vocab;
-    let text = "The river carried the boat past quiet villages, old mills and green fields, \
-                while the travellers counted bridges and told stories about the towns they had left behind. ";
-    let unit = gemma.tokenizer().encode(text, false, false);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build()?;
-    let mut sizes: Vec<usize> = std::iter::once(1).chain(batches.iter().copied()).collect();
-    sizes.sort_unstable();
-    sizes.dedup();
+    let sizes = levels_with_one(batches);
     let mut rows = Vec::new();
     let mut single = None;
-    for &b in sizes.iter().filter(|b| **b > 0) {
+    for &b in &sizes {
         let (seconds, generated) = pool.install(|| -> anyhow::Result<(f64, usize)> {
             let mut caches: Vec<KvCache> = Vec::with_capacity(b);
             let mut next = Vec::with_capacity(b);
             let mut logits = vec![0f32; vocab];
             for s in 0..b {
                 // Different prompts: each starts at its own offset of the text.
-                let mut ids = vec![gemma.tokenizer().bos()];
-                ids.extend(
-                    unit.iter()
-                        .cycle()
-                        .skip(s * 7)
-                        .take(prompt_tokens.saturating_sub(1)),
-                );
+                let ids = bench_prompt(gemma.tokenizer(), prompt_tokens, s * 7);
                 let mut cache = gemma.new_cache();
                 gemma.prefill(&ids, &mut cache, Some(&mut logits))?;
                 next.push(argmax(&logits));
@@ -1241,12 +1246,10 @@ pub fn bench_serve(
             "The three most important ideas in economics are",
             "Once upon a time in a city of glass,",
         ];
-        let mut levels: Vec<usize> = std::iter::once(1).chain(streams.iter().copied()).collect();
-        levels.sort_unstable();
-        levels.dedup();
+        let levels = levels_with_one(streams);
         let mut rows = Vec::new();
         let mut single = None;
-        for &c in levels.iter().filter(|c| **c > 0) {
+        for &c in &levels {
             let started = Instant::now();
             let handles: Vec<_> = (0..c)
                 .map(|s| {

@@ -14,6 +14,7 @@
 //!   and frees its KV cache.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix_web::http::StatusCode;
@@ -38,7 +39,8 @@ pub struct ServeConfig {
 
 struct State {
     engine: Engine,
-    tokenizer: Tokenizer,
+    /// Shared with every streaming response (a vocabulary is large to copy).
+    tokenizer: Arc<Tokenizer>,
     name: String,
     api_key: Option<String>,
     next_id: AtomicU64,
@@ -404,7 +406,7 @@ async fn answer(
         kind,
     };
     if p.stream {
-        Ok(stream(meta, rx, state.tokenizer.clone(), clock))
+        Ok(stream(meta, rx, Arc::clone(&state.tokenizer), clock))
     } else {
         match whole(&meta, rx, &state.tokenizer, clock).await {
             Ok(body) => Ok(HttpResponse::Ok().json(body)),
@@ -433,49 +435,46 @@ impl Meta {
         })
     }
 
-    fn whole(&self, text: &str, reason: Option<&str>, usage: Value) -> Value {
-        let choice = match self.kind {
-            Kind::Completion => {
+    /// The response object (`streamed`: one chunk of a stream), with
+    /// `usage` when given.
+    fn object(
+        &self,
+        text: &str,
+        reason: Option<&str>,
+        usage: Option<Value>,
+        streamed: bool,
+    ) -> Value {
+        let choice = match (self.kind, streamed) {
+            (Kind::Completion, _) => {
                 json!({"index": 0, "text": text, "finish_reason": reason, "logprobs": null})
             }
-            Kind::Chat => json!({
+            (Kind::Chat, false) => json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": reason,
             }),
-        };
-        json!({
-            "id": self.id,
-            "object": if self.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": usage,
-        })
-    }
-
-    fn chunk(&self, text: &str, reason: Option<&str>, usage: Option<Value>) -> Value {
-        let choice = match self.kind {
-            Kind::Completion => {
-                json!({"index": 0, "text": text, "finish_reason": reason, "logprobs": null})
-            }
-            Kind::Chat => json!({
+            (Kind::Chat, true) => json!({
                 "index": 0,
                 "delta": {"content": text},
                 "finish_reason": reason,
             }),
         };
-        let mut chunk = json!({
+        let object = match (self.kind, streamed) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        };
+        let mut value = json!({
             "id": self.id,
-            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "object": object,
             "created": self.created,
             "model": self.model,
             "choices": [choice],
         });
         if let Some(usage) = usage {
-            chunk["usage"] = usage;
+            value["usage"] = usage;
         }
-        chunk
+        value
     }
 }
 
@@ -508,10 +507,11 @@ async fn whole(
                 prompt_tokens,
                 completion_tokens,
             } => {
-                return Ok(meta.whole(
+                return Ok(meta.object(
                     &visible(tokenizer, &ids),
                     Some(finish_reason(reason)),
-                    Meta::usage(prompt_tokens, completion_tokens),
+                    Some(Meta::usage(prompt_tokens, completion_tokens)),
+                    false,
                 ));
             }
             Event::Failed(reason) => return Err(reason),
@@ -524,13 +524,13 @@ async fn whole(
 fn stream(
     meta: Meta,
     rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     clock: Clock,
 ) -> HttpResponse {
     struct Progress {
         rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
         meta: Meta,
-        tokenizer: Tokenizer,
+        tokenizer: Arc<Tokenizer>,
         pending: Vec<u8>,
         done: bool,
         clock: Clock,
@@ -566,7 +566,7 @@ fn stream(
                     }
                     let text = String::from_utf8_lossy(&p.pending[..valid]).into_owned();
                     p.pending.drain(..valid);
-                    let chunk = sse(&p.meta.chunk(&text, None, None));
+                    let chunk = sse(&p.meta.object(&text, None, None, true));
                     return Some((Ok::<_, actix_web::Error>(chunk), p));
                 }
                 Some(Event::Finished {
@@ -576,10 +576,11 @@ fn stream(
                 }) => {
                     p.done = true;
                     let rest = String::from_utf8_lossy(&p.pending).into_owned();
-                    let last = p.meta.chunk(
+                    let last = p.meta.object(
                         &rest,
                         Some(finish_reason(reason)),
                         Some(Meta::usage(prompt_tokens, completion_tokens)),
+                        true,
                     );
                     let bytes = web::Bytes::from(format!("data: {last}\n\ndata: [DONE]\n\n"));
                     return Some((Ok(bytes), p));
@@ -645,7 +646,7 @@ async fn not_found() -> HttpResponse {
 
 /// Loads nothing itself: serves `gemma` until the process is stopped.
 pub fn serve(gemma: Gemma, config: &ServeConfig) -> anyhow::Result<()> {
-    let tokenizer = gemma.tokenizer().clone();
+    let tokenizer = Arc::new(gemma.tokenizer().clone());
     let listener = std::net::TcpListener::bind(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let state = web::Data::new(State {

@@ -226,13 +226,19 @@ struct Counters {
     kv_bytes: Arc<AtomicUsize>,
 }
 
+impl Counters {
+    /// Publishes how many requests run and the KV bytes they hold.
+    fn publish(&self, active: &[Active]) {
+        self.running.store(active.len(), Ordering::SeqCst);
+        self.kv_bytes.store(
+            active.iter().map(|a| a.cache.bytes()).sum(),
+            Ordering::SeqCst,
+        );
+    }
+}
+
 /// The engine loop.
 fn run(gemma: &Gemma, inbox: &mpsc::Receiver<Job>, config: EngineConfig, counters: &Counters) {
-    let Counters {
-        waiting,
-        running,
-        kv_bytes,
-    } = counters;
     let vocab = gemma.config().vocab;
     let context = gemma.config().context;
     let mut active: Vec<Active> = Vec::new();
@@ -254,16 +260,12 @@ fn run(gemma: &Gemma, inbox: &mpsc::Receiver<Job>, config: EngineConfig, counter
                 open = false;
                 break;
             };
-            waiting.fetch_sub(1, Ordering::SeqCst);
+            counters.waiting.fetch_sub(1, Ordering::SeqCst);
             if let Some(a) = admit(gemma, job, context) {
                 active.push(a);
             }
         }
-        running.store(active.len(), Ordering::SeqCst);
-        kv_bytes.store(
-            active.iter().map(|a| a.cache.bytes()).sum(),
-            Ordering::SeqCst,
-        );
+        counters.publish(&active);
         if active.is_empty() {
             if open {
                 continue;
@@ -278,7 +280,7 @@ fn run(gemma: &Gemma, inbox: &mpsc::Receiver<Job>, config: EngineConfig, counter
             for mut a in active.drain(..) {
                 (a.sink)(Event::Failed(e.to_string()));
             }
-            running.store(0, Ordering::SeqCst);
+            counters.publish(&active);
             continue;
         }
         let mut i = 0;
@@ -288,11 +290,7 @@ fn run(gemma: &Gemma, inbox: &mpsc::Receiver<Job>, config: EngineConfig, counter
             emit(a, row)
         });
         // Before waiting for new work, say what is left.
-        running.store(active.len(), Ordering::SeqCst);
-        kv_bytes.store(
-            active.iter().map(|a| a.cache.bytes()).sum(),
-            Ordering::SeqCst,
-        );
+        counters.publish(&active);
     }
 }
 

@@ -648,12 +648,7 @@ impl Gemma {
             layers,
             shard: layout.ranks[collective.rank()].clone(),
             tp: layout.tp,
-            vocab_per_rank: layout
-                .ranks
-                .iter()
-                .map(|r| r.vocab.len())
-                .max()
-                .unwrap_or(0),
+            vocab_per_rank: layout.vocab_chunk,
             collective,
             owned,
         })

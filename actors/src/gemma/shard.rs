@@ -94,6 +94,9 @@ pub struct ShardPlan {
     pub tp: usize,
     /// Ranks sharing each KV head (1: KV heads are partitioned).
     pub kv_replicas: usize,
+    /// Vocabulary rows per rank before the last rank's slice is trimmed:
+    /// rank r's slice starts at r · `vocab_chunk`.
+    pub vocab_chunk: usize,
     /// Each rank's slices, by rank.
     pub ranks: Vec<RankShard>,
     config: GemmaConfig,
@@ -145,6 +148,7 @@ pub fn plan(config: &GemmaConfig, tp: usize) -> Result<ShardPlan, ShardError> {
     Ok(ShardPlan {
         tp,
         kv_replicas,
+        vocab_chunk: per_vocab,
         ranks,
         config: config.clone(),
     })
