@@ -147,12 +147,14 @@ mod engine {
             })
             .collect();
         let engine = Engine::start(
-            gemma,
+            vec![gemma],
             EngineConfig {
                 max_batch: 3,
                 max_waiting: 8,
+                ..EngineConfig::default()
             },
-        );
+        )
+        .unwrap();
         let mut receivers = Vec::new();
         for r in &requests[..3] {
             let (sink, rx) = channel();
@@ -205,12 +207,14 @@ mod engine {
         let long = request(&gemma, "Tell me a long story:", 400, 5);
         let short = request(&gemma, "The capital of France is", 3, 0);
         let engine = Engine::start(
-            gemma,
+            vec![gemma],
             EngineConfig {
                 max_batch: 1,
                 max_waiting: 1,
+                ..EngineConfig::default()
             },
-        );
+        )
+        .unwrap();
         // The long request runs until its client goes away.
         let gone = Arc::new(AtomicBool::new(false));
         let (tx, first_tokens) = mpsc::channel();
@@ -257,5 +261,152 @@ mod engine {
             !rest.iter().any(|e| matches!(e, Event::Finished { .. })),
             "{rest:?}"
         );
+        // Once nothing runs, the shards free every cache.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while (engine.running(), engine.kv_bytes()) != (0, 0) {
+            assert!(std::time::Instant::now() < deadline, "{engine:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The tokens-in-flight limit: a request that cannot fit alone is
+    /// refused with the numbers; two that cannot run together run one after
+    /// the other, each with its own tokens.
+    #[test]
+    fn the_tokens_in_flight_limit_queues_or_refuses() {
+        let gemma = super::model();
+        let a = request(&gemma, "The capital of France is", 4, 0);
+        let b = request(&gemma, "Water boils at", 4, 0);
+        let alone: Vec<Vec<u32>> = [&a, &b]
+            .iter()
+            .map(|r| {
+                let mut sampler = Sampler::new(r.sampling);
+                generate(&gemma, &r.prompt, r.max_tokens, &mut sampler, |_| {})
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        let budget = a.prompt.len() + 4;
+        assert!(b.prompt.len() + 4 <= budget);
+        let engine = Engine::start(
+            vec![gemma],
+            EngineConfig {
+                max_tokens_in_flight: budget,
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap();
+        let mut too_big = a.clone();
+        too_big.max_tokens = 5;
+        let (sink, _) = channel();
+        let Rejected::Invalid(message) = engine.submit(too_big, sink).unwrap_err() else {
+            panic!("not Invalid");
+        };
+        assert!(
+            message.contains(&format!("at most {budget} tokens in flight")),
+            "{message}"
+        );
+        // One log for both requests: b starts only after a has finished.
+        let (tx, rx) = mpsc::channel();
+        for (name, r) in [("a", a), ("b", b)] {
+            let tx = tx.clone();
+            engine
+                .submit(r, Box::new(move |e| tx.send((name, e)).is_ok()))
+                .unwrap();
+        }
+        drop(tx);
+        let log: Vec<(&str, Event)> = rx.iter().collect();
+        let finished_a = log
+            .iter()
+            .position(|(n, e)| *n == "a" && matches!(e, Event::Finished { .. }))
+            .unwrap();
+        let first_b = log.iter().position(|(n, _)| *n == "b").unwrap();
+        assert!(finished_a < first_b, "{log:?}");
+        for (i, name) in ["a", "b"].iter().enumerate() {
+            let tokens: Vec<u32> = log
+                .iter()
+                .filter_map(|(n, e)| match e {
+                    Event::Token(t) if n == name => Some(*t),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(tokens, alone[i], "request {name}");
+        }
+    }
+
+    /// Shard actors for two in-process ranks: the engine's tokens equal
+    /// one rank's, for greedy and sampled requests decoding together.
+    #[test]
+    fn an_engine_over_two_shard_actors_matches_one_rank() {
+        let gemma = super::model();
+        let requests = [
+            request(&gemma, "The capital of France is", 6, 0),
+            request(&gemma, "Once upon a time", 8, 3),
+            request(&gemma, "def fibonacci(n):", 5, 0),
+        ];
+        let alone: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|r| {
+                let mut sampler = Sampler::new(r.sampling);
+                generate(&gemma, &r.prompt, r.max_tokens, &mut sampler, |_| {})
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        drop(gemma);
+        let path = cluster::models::gguf_path("gemma3-270m").unwrap();
+        let loads: Vec<_> = kernels::collective::local_group(2, Duration::from_secs(60))
+            .into_iter()
+            .map(|link| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    actors::gemma::Gemma::load_rank(&path, 2, Box::new(link), |_, _| {}).unwrap()
+                })
+            })
+            .collect();
+        let ranks: Vec<_> = loads.into_iter().map(|h| h.join().unwrap()).collect();
+        let engine = Engine::start(ranks, EngineConfig::default()).unwrap();
+        assert_eq!(engine.world(), 2);
+        let receivers: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                let (sink, rx) = channel();
+                engine.submit(r.clone(), sink).unwrap();
+                rx
+            })
+            .collect();
+        for (i, rx) in receivers.iter().enumerate() {
+            let (tokens, end) = collect(rx);
+            assert_eq!(tokens, alone[i], "request {i}");
+            assert!(matches!(end, Event::Finished { .. }), "{end:?}");
+        }
+    }
+
+    #[test]
+    fn an_engine_needs_all_ranks_or_rank_0() {
+        let path = cluster::models::gguf_path("gemma3-270m").unwrap();
+        let loads: Vec<_> = kernels::collective::local_group(2, Duration::from_secs(60))
+            .into_iter()
+            .map(|link| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    actors::gemma::Gemma::load_rank(&path, 2, Box::new(link), |_, _| {}).unwrap()
+                })
+            })
+            .collect();
+        let mut ranks: Vec<_> = loads.into_iter().map(|h| h.join().unwrap()).collect();
+        let rank1 = ranks.pop().unwrap();
+        let e = Engine::start(vec![rank1], EngineConfig::default()).unwrap_err();
+        assert!(e.contains("given ranks [1]"), "{e}");
+        assert!(Engine::start(Vec::new(), EngineConfig::default()).is_err());
+        let e = Engine::start(
+            ranks,
+            EngineConfig {
+                max_batch: 0,
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.contains("max_batch (0)"), "{e}");
     }
 }

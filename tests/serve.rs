@@ -372,3 +372,96 @@ fn bench_serve_reports_each_level() {
     }
     assert_eq!(rows[0]["over_single_stream"], 1.0);
 }
+
+/// Tensor parallelism across two processes: rank 1 follows rank 0's
+/// engine over TCP, and the server answers exactly what `dima generate`
+/// gives alone. Killing rank 1 turns the next request, and `/health`,
+/// into a 503 naming the lost rank within the collective timeout; nothing
+/// hangs.
+#[test]
+fn two_processes_serve_and_a_killed_rank_gives_503() {
+    let root = format!("127.0.0.1:{}", free_port());
+    let common = [
+        "--tp",
+        "2",
+        "--root",
+        root.as_str(),
+        "--collective-timeout",
+        "4",
+    ];
+    let mut follower_args = vec!["serve", "--model", "gemma3-270m", "--rank", "1"];
+    follower_args.extend_from_slice(&common);
+    let mut follower = spawn_dima(&follower_args);
+    let mut leader_args = vec!["--rank", "0"];
+    leader_args.extend_from_slice(&common);
+    let server = Server::start(&leader_args);
+    let health: Value =
+        serde_json::from_str(&http_get(&server.address, "/health").unwrap()).unwrap();
+    assert_eq!(health["tensor_parallel"], 2, "{health}");
+
+    let prompt = "The capital of France is";
+    let alone = run_dima(
+        &[
+            "generate",
+            "--model",
+            "gemma3-270m",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "8",
+            "--format",
+            "json",
+        ],
+        LIMIT,
+    );
+    alone.assert_success();
+    let want: Value = serde_json::from_str(alone.last_line()).unwrap();
+    let handles: Vec<_> = [false, true]
+        .into_iter()
+        .map(|stream| {
+            let (address, body) = (server.address.clone(), completion(prompt, 8, stream));
+            std::thread::spawn(move || post(&address, "/v1/completions", &body, None))
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (status, body) = h.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        let text = if i == 1 {
+            sse_text(&body).0
+        } else {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            v["choices"][0]["text"].as_str().unwrap().to_owned()
+        };
+        assert_eq!(text, want["text"].as_str().unwrap(), "request {i}");
+    }
+
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    let started = std::time::Instant::now();
+    let (status, body) = post(
+        &server.address,
+        "/v1/completions",
+        &completion(prompt, 8, false),
+        None,
+    );
+    assert_eq!(status, 503, "{body}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("rank 1"), "{message}");
+    assert_eq!(error["error"]["type"], "server_error");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    // From now on: 503 at once, and /health says why.
+    let (status, body) = post(
+        &server.address,
+        "/v1/completions",
+        &completion(prompt, 2, true),
+        None,
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("the model is unavailable"), "{body}");
+    assert!(http_get(&server.address, "/health").is_none());
+}

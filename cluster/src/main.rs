@@ -146,9 +146,30 @@ enum Command {
         /// Requests waiting for a place; more are refused with 429.
         #[arg(long, default_value_t = 64)]
         max_waiting: usize,
+        /// Prompt tokens plus generation budgets of the running requests,
+        /// at most (what their KV caches can grow to); a request that cannot
+        /// fit alone gets a 400.
+        #[arg(long, default_value_t = 65_536)]
+        max_tokens_in_flight: usize,
         /// Require `Authorization: Bearer KEY` (default: the DIMA_API_KEY variable, if set).
         #[arg(long, env = "DIMA_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// Tensor-parallel ranks. Without --rank, all of them run in this
+        /// process (threads); with --rank, this process runs that one rank:
+        /// rank 0 serves HTTP and drives the others, which follow it over
+        /// TCP through --root.
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// Run only this rank of the --tp group.
+        #[arg(long, requires = "root")]
+        rank: Option<usize>,
+        /// Rank 0's address for the ranks (it listens there; the others connect).
+        #[arg(long, value_name = "HOST:PORT")]
+        root: Option<std::net::SocketAddr>,
+        /// How long a rank waits for its peers; a rank gone for longer makes
+        /// the server answer 503 with the reason.
+        #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+        collective_timeout: f64,
     },
     /// Print the token ids of a text as a JSON array (no BOS; special-token
     /// strings such as `<start_of_turn>` become their tokens).
@@ -1249,15 +1270,61 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             served_model_name,
             max_batch,
             max_waiting,
+            max_tokens_in_flight,
             api_key,
+            tp,
+            rank,
+            root,
+            collective_timeout,
         } => {
-            if *max_batch == 0 || *max_waiting == 0 {
-                return Err(Failure {
-                    code: 2,
-                    error: anyhow::anyhow!("--max-batch and --max-waiting must be at least 1"),
+            let usage = |message: &str| Failure {
+                code: 2,
+                error: anyhow::anyhow!("{message}"),
+            };
+            if *max_batch == 0 || *max_waiting == 0 || *max_tokens_in_flight == 0 {
+                return Err(usage(
+                    "--max-batch, --max-waiting and --max-tokens-in-flight must be at least 1",
+                ));
+            }
+            if *tp == 0 || rank.is_some_and(|r| r >= *tp) {
+                return Err(usage(&format!(
+                    "--tp {tp} must be at least 1 and --rank below it"
+                )));
+            }
+            if !(collective_timeout.is_finite() && *collective_timeout > 0.0) {
+                return Err(usage("--collective-timeout must be positive"));
+            }
+            let timeout = std::time::Duration::from_secs_f64(*collective_timeout);
+            let ranks = match (rank, root) {
+                (None, _) if *tp == 1 => vec![load_gemma(model)?],
+                (None, _) => cluster::serve::load_ranks(
+                    &cluster::models::model_path(model)?,
+                    *tp,
+                    cluster::serve::Placement::InProcess,
+                    timeout,
+                )?,
+                (Some(r), Some(root)) => cluster::serve::load_ranks(
+                    &cluster::models::model_path(model)?,
+                    *tp,
+                    cluster::serve::Placement::Tcp {
+                        rank: *r,
+                        root: *root,
+                    },
+                    timeout,
+                )?,
+                (Some(_), None) => return Err(usage("--rank needs --root")),
+            };
+            eprintln!("{}", cluster::serve::describe_ranks(&ranks));
+            if let Some(r) = rank.filter(|r| *r != 0) {
+                let Some(gemma) = ranks.into_iter().next() else {
+                    return Err(usage("no rank was loaded"));
+                };
+                eprintln!("rank {r} of {tp} follows rank 0's engine");
+                return actors::gemma::engine::follow(gemma).map_err(|e| Failure {
+                    code: 1,
+                    error: anyhow::anyhow!("rank {r} stopped: {e}"),
                 });
             }
-            let gemma = load_gemma(model)?;
             let config = cluster::serve::ServeConfig {
                 model_name: served_model_name.clone().unwrap_or_else(|| model.clone()),
                 listen: *listen,
@@ -1265,9 +1332,14 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 engine: actors::gemma::engine::EngineConfig {
                     max_batch: *max_batch,
                     max_waiting: *max_waiting,
+                    max_tokens_in_flight: *max_tokens_in_flight,
+                    // Well inside the ranks' timeout: a lost rank is found
+                    // while idle, before the next request.
+                    heartbeat: timeout.mul_f64(0.25),
                 },
+                handle_signals: true,
             };
-            cluster::serve::serve(gemma, &config)?;
+            cluster::serve::serve(ranks, &config)?;
             Ok(())
         }
         Command::Learner {

@@ -35,6 +35,9 @@ pub struct ServeConfig {
     pub api_key: Option<String>,
     /// Engine limits.
     pub engine: EngineConfig,
+    /// Stop gracefully on SIGINT/SIGTERM (`dima serve`); off where the
+    /// process handles signals itself (`dima up`).
+    pub handle_signals: bool,
 }
 
 struct State {
@@ -384,7 +387,7 @@ async fn answer(
                 e.to_string(),
             ),
             Rejected::Invalid(_) => bad_request(e.to_string()),
-            Rejected::Stopped => error(
+            Rejected::Stopped | Rejected::Unavailable(_) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 e.to_string(),
@@ -611,9 +614,17 @@ async fn models(state: web::Data<State>, req: HttpRequest) -> HttpResponse {
 }
 
 async fn health(state: web::Data<State>) -> HttpResponse {
+    if let Some(reason) = state.engine.unavailable() {
+        return HttpResponse::ServiceUnavailable().json(json!({
+            "status": "unavailable",
+            "model": state.name,
+            "reason": reason,
+        }));
+    }
     HttpResponse::Ok().json(json!({
         "status": "ok",
         "model": state.name,
+        "tensor_parallel": state.engine.world(),
         "running": state.engine.running(),
         "waiting": state.engine.waiting(),
     }))
@@ -644,13 +655,54 @@ async fn not_found() -> HttpResponse {
     .response()
 }
 
-/// Loads nothing itself: serves `gemma` until the process is stopped.
-pub fn serve(gemma: Gemma, config: &ServeConfig) -> anyhow::Result<()> {
-    let tokenizer = Arc::new(gemma.tokenizer().clone());
+/// A server running on its own thread.
+pub struct Running {
+    /// Where it listens.
+    pub address: SocketAddr,
+    handle: actix_web::dev::ServerHandle,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl Running {
+    /// Serves until the process is stopped (or the server fails).
+    pub fn wait(self) -> anyhow::Result<()> {
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the HTTP server panicked"))??;
+        Ok(())
+    }
+
+    /// Stops taking connections, lets open requests finish, then stops
+    /// the engine (which finishes its requests and stops any ranks in
+    /// other processes).
+    pub fn stop(self) -> anyhow::Result<()> {
+        futures_executor::block_on(self.handle.stop(true));
+        self.wait()
+    }
+}
+
+/// Starts serving `ranks` (every rank of the group, or rank 0 alone when
+/// the others run in other processes) on a thread of its own; returns once
+/// the server listens.
+pub fn start(ranks: Vec<Gemma>, config: &ServeConfig) -> anyhow::Result<Running> {
+    let Some(first) = ranks.first() else {
+        anyhow::bail!("no rank to serve");
+    };
+    let tokenizer = Arc::new(first.tokenizer().clone());
     let listener = std::net::TcpListener::bind(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let address = listener.local_addr()?;
+    let engine = Engine::start(ranks, config.engine).map_err(|e| anyhow::anyhow!("{e}"))?;
     let state = web::Data::new(State {
-        engine: Engine::start(gemma, config.engine),
+        engine,
         tokenizer,
         name: config.model_name.clone(),
         api_key: config.api_key.clone(),
@@ -658,28 +710,132 @@ pub fn serve(gemma: Gemma, config: &ServeConfig) -> anyhow::Result<()> {
         metrics: Metrics::new()?,
     });
     eprintln!(
-        "serving {} on http://{} (max batch {}, max waiting {})",
+        "serving {} on http://{address} (tensor-parallel {}, max batch {}, max waiting {}, \
+         max tokens in flight {})",
         config.model_name,
-        listener.local_addr()?,
+        state.engine.world(),
         config.engine.max_batch,
-        config.engine.max_waiting
+        config.engine.max_waiting,
+        config.engine.max_tokens_in_flight,
     );
-    actix_web::rt::System::new().block_on(async move {
-        HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .app_data(web::PayloadConfig::new(1 << 22))
-                .route("/v1/completions", web::post().to(completions))
-                .route("/v1/chat/completions", web::post().to(chat_completions))
-                .route("/v1/models", web::get().to(models))
-                .route("/health", web::get().to(health))
-                .route("/metrics", web::get().to(metrics))
-                .default_service(web::to(not_found))
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle_signals = config.handle_signals;
+    let thread = std::thread::Builder::new()
+        .name("dima-http".into())
+        .spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let server = HttpServer::new(move || {
+                    App::new()
+                        .app_data(state.clone())
+                        .app_data(web::PayloadConfig::new(1 << 22))
+                        .route("/v1/completions", web::post().to(completions))
+                        .route("/v1/chat/completions", web::post().to(chat_completions))
+                        .route("/v1/models", web::get().to(models))
+                        .route("/health", web::get().to(health))
+                        .route("/metrics", web::get().to(metrics))
+                        .default_service(web::to(not_found))
+                })
+                .workers(2);
+                let server = if handle_signals {
+                    server
+                } else {
+                    server.disable_signals()
+                };
+                let server = server.listen(listener)?.run();
+                let _ = tx.send(server.handle());
+                server.await
+            })
+        })?;
+    let Ok(handle) = rx.recv() else {
+        // The thread ended before the server ran: its error says why.
+        return match thread.join() {
+            Ok(Err(e)) => Err(anyhow::anyhow!("cannot start the HTTP server: {e}")),
+            _ => Err(anyhow::anyhow!("the HTTP server stopped while starting")),
+        };
+    };
+    Ok(Running {
+        address,
+        handle,
+        thread,
+    })
+}
+
+/// Serves `ranks` until the process is stopped.
+pub fn serve(ranks: Vec<Gemma>, config: &ServeConfig) -> anyhow::Result<()> {
+    start(ranks, config)?.wait()
+}
+
+/// Where the ranks of a tensor-parallel group run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Every rank in this process, as threads sharing memory.
+    InProcess,
+    /// This process runs `rank` only; the group meets over TCP at rank 0's
+    /// `root` address.
+    Tcp {
+        /// This process's rank.
+        rank: usize,
+        /// Rank 0's address.
+        root: SocketAddr,
+    },
+}
+
+/// Loads the ranks of a `tp`-way group that this process runs: every rank
+/// ([`Placement::InProcess`], in rank order, loaded in parallel) or one.
+/// Each rank reads only its own slices; a peer that does not answer within
+/// `timeout` is an error, never a hang.
+pub fn load_ranks(
+    path: &std::path::Path,
+    tp: usize,
+    placement: Placement,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Vec<Gemma>> {
+    if tp == 0 {
+        anyhow::bail!("the tensor-parallel size must be at least 1");
+    }
+    match placement {
+        Placement::InProcess if tp == 1 => Ok(vec![Gemma::load(path)?]),
+        Placement::InProcess => {
+            let loads: Vec<_> = kernels::collective::local_group(tp, timeout)
+                .into_iter()
+                .map(|link| {
+                    let path = path.to_path_buf();
+                    std::thread::spawn(move || {
+                        Gemma::load_rank(&path, tp, Box::new(link), |_, _| {})
+                    })
+                })
+                .collect();
+            let mut ranks = Vec::with_capacity(tp);
+            for (rank, load) in loads.into_iter().enumerate() {
+                let gemma = load
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("loading rank {rank} panicked"))??;
+                ranks.push(gemma);
+            }
+            Ok(ranks)
+        }
+        Placement::Tcp { rank, root } => {
+            if rank >= tp {
+                anyhow::bail!("rank {rank} is not below the tensor-parallel size {tp}");
+            }
+            let link = kernels::collective::TcpRank::connect(rank, tp, root, timeout)?;
+            Ok(vec![Gemma::load_rank(path, tp, Box::new(link), |_, _| {})?])
+        }
+    }
+}
+
+/// One line per rank: its slices' weight bytes.
+pub fn describe_ranks(ranks: &[Gemma]) -> String {
+    ranks
+        .iter()
+        .map(|g| {
+            format!(
+                "rank {} of {}: {:.1} MiB of weights",
+                g.shard().rank,
+                g.collective().world(),
+                g.weight_bytes() as f64 / (1 << 20) as f64
+            )
         })
-        .workers(2)
-        .listen(listener)?
-        .run()
-        .await
-    })?;
-    Ok(())
+        .collect::<Vec<_>>()
+        .join("\n")
 }

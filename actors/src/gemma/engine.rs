@@ -1,17 +1,45 @@
-//! Continuous batching: one thread owns the model and runs decode steps for
-//! every active request together ([`Gemma::decode`]); requests join between
-//! steps (their prompt is prefilled, their first token sampled) and leave
-//! as soon as they finish or their client goes away (their KV cache is
-//! freed then). Each request samples with its own parameters and seed, so
-//! its tokens are exactly those of [`generate`](super::generate) run alone.
+//! Continuous batching over tensor-parallel shard actors.
 //!
-//! Limits: at most `max_batch` requests decode together; at most
-//! `max_waiting` wait for a place; a request over that is refused at
-//! once ([`Rejected::Busy`], an HTTP 429), never queued without bound.
+//! Two kinds of actix actors do the work:
+//! - one [`ShardActor`] per rank owns that rank's weights ([`Gemma`]) and
+//!   the KV cache of every running request. It runs whatever [`Schedule`]
+//!   it is sent: free the caches of requests that left, prefill the
+//!   prompts of requests that join, then one batched decode step for every
+//!   running request ([`Gemma::decode`]). Every rank runs the same
+//!   schedule; the collectives inside the forward pass join them.
+//! - one engine actor (private; [`Engine`] is its handle) keeps the queue
+//!   and the running requests. Between steps it admits waiting requests
+//!   within the limits, sends the step's schedule to every local shard,
+//!   samples each request's next token from rank 0's logits with the
+//!   request's own parameters and seed, and streams it to the client.
+//!   Requests leave as soon as they finish or their client goes away; the
+//!   next schedule frees their caches.
+//!
+//! Ranks in other processes ([`Engine::start`] with rank 0 only) get each
+//! schedule from rank 0's shard through the collective
+//! ([`Collective::broadcast_bytes`](kernels::collective::Collective::broadcast_bytes))
+//! and run it in their own shard actor ([`follow`]). While idle, the engine
+//! sends an empty schedule every `heartbeat`, so a rank that went away is
+//! found (and reported by [`Engine::unavailable`]) before the next request.
+//!
+//! Each request's tokens are exactly those of [`generate`](super::generate)
+//! run alone: the batched step is bit-identical to decoding each sequence
+//! by itself. A failed step (a rank went away, a collective timed out)
+//! fails every running request and makes the engine refuse new ones with
+//! the reason ([`Rejected::Unavailable`], an HTTP 503): the ranks' caches
+//! can no longer be trusted to agree.
+//!
+//! Limits: at most `max_batch` requests decode together, and their prompt
+//! plus generation budget stays within `max_tokens_in_flight`; at most
+//! `max_waiting` wait for a place; a request over that is refused at once
+//! ([`Rejected::Busy`], an HTTP 429), never queued without bound.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
 
 use super::generate::END_OF_GENERATION;
 use super::model::{Gemma, KvCache};
@@ -70,9 +98,12 @@ pub enum Rejected {
         /// The limit.
         limit: usize,
     },
-    /// The prompt is empty or does not fit the context with room to generate.
+    /// The prompt is empty or does not fit the context or the limits.
     #[error("{0}")]
     Invalid(String),
+    /// A step failed (a rank went away): the engine takes no more requests.
+    #[error("the model is unavailable: {0}")]
+    Unavailable(String),
     /// The engine has stopped.
     #[error("the engine has stopped")]
     Stopped,
@@ -85,6 +116,13 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Requests waiting for a place.
     pub max_waiting: usize,
+    /// Prompt tokens plus generation budget (`max_tokens`, within the
+    /// context) summed over the running requests: what their KV caches can
+    /// grow to.
+    pub max_tokens_in_flight: usize,
+    /// With ranks in other processes: how often an idle engine checks on
+    /// them (keep it well under their collective timeout).
+    pub heartbeat: Duration,
 }
 
 impl Default for EngineConfig {
@@ -92,230 +130,605 @@ impl Default for EngineConfig {
         Self {
             max_batch: 16,
             max_waiting: 64,
+            max_tokens_in_flight: 65_536,
+            heartbeat: Duration::from_secs(5),
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The schedule and the shard actor.
+
+/// One step, the same for every rank: free the caches of `free`, prefill
+/// each of `admit` into a new cache, then decode one token for each of
+/// `decode` (in this order, as one batch). `stop` ends ranks that follow
+/// rank 0 from another process.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Schedule {
+    /// Requests whose caches are dropped.
+    pub free: Vec<u64>,
+    /// New requests and their prompts.
+    pub admit: Vec<(u64, Vec<u32>)>,
+    /// Running requests and the token each feeds.
+    pub decode: Vec<(u64, u32)>,
+    /// The engine is stopping.
+    pub stop: bool,
+}
+
+impl Schedule {
+    /// Whether the step does nothing.
+    pub fn is_empty(&self) -> bool {
+        self.free.is_empty() && self.admit.is_empty() && self.decode.is_empty() && !self.stop
+    }
+
+    /// Little-endian bytes: stop (u8); free: count (u32), ids (u64);
+    /// admit: count (u32), per request id (u64), length (u32), tokens
+    /// (u32); decode: count (u32), per request id (u64), token (u32).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![u8::from(self.stop)];
+        let count = |out: &mut Vec<u8>, n: usize| out.extend((n as u32).to_le_bytes());
+        count(&mut out, self.free.len());
+        for id in &self.free {
+            out.extend(id.to_le_bytes());
+        }
+        count(&mut out, self.admit.len());
+        for (id, prompt) in &self.admit {
+            out.extend(id.to_le_bytes());
+            count(&mut out, prompt.len());
+            for t in prompt {
+                out.extend(t.to_le_bytes());
+            }
+        }
+        count(&mut out, self.decode.len());
+        for (id, t) in &self.decode {
+            out.extend(id.to_le_bytes());
+            out.extend(t.to_le_bytes());
+        }
+        out
+    }
+
+    /// Reads [`encode`](Self::encode)'s bytes; an error names the byte
+    /// offset where they stop making sense.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        struct Reader<'a> {
+            bytes: &'a [u8],
+            at: usize,
+        }
+        impl Reader<'_> {
+            fn take<const N: usize>(&mut self, what: &str) -> Result<[u8; N], String> {
+                let end = self.at + N;
+                let chunk = self.bytes.get(self.at..end).ok_or_else(|| {
+                    format!(
+                        "schedule: {what} at byte {} runs past the end ({} bytes)",
+                        self.at,
+                        self.bytes.len()
+                    )
+                })?;
+                self.at = end;
+                let mut out = [0u8; N];
+                out.copy_from_slice(chunk);
+                Ok(out)
+            }
+            fn u32(&mut self, what: &str) -> Result<u32, String> {
+                self.take::<4>(what).map(u32::from_le_bytes)
+            }
+            fn u64(&mut self, what: &str) -> Result<u64, String> {
+                self.take::<8>(what).map(u64::from_le_bytes)
+            }
+            /// A count of items of at least `unit` bytes each, checked
+            /// against what is left.
+            fn count(&mut self, what: &str, unit: usize) -> Result<usize, String> {
+                let at = self.at;
+                let n = self.u32(what)? as usize;
+                if n * unit > self.bytes.len() - self.at {
+                    return Err(format!(
+                        "schedule: {what} at byte {at} says {n}, more than the {} bytes left hold",
+                        self.bytes.len() - self.at
+                    ));
+                }
+                Ok(n)
+            }
+        }
+        let mut r = Reader { bytes, at: 0 };
+        let stop = match r.take::<1>("stop flag")?[0] {
+            0 => false,
+            1 => true,
+            other => return Err(format!("schedule: stop flag at byte 0 is {other}")),
+        };
+        let mut s = Schedule {
+            stop,
+            ..Schedule::default()
+        };
+        for _ in 0..r.count("free count", 8)? {
+            s.free.push(r.u64("freed id")?);
+        }
+        for _ in 0..r.count("admit count", 12)? {
+            let id = r.u64("admitted id")?;
+            let n = r.count("prompt length", 4)?;
+            let prompt = (0..n)
+                .map(|_| r.u32("prompt token"))
+                .collect::<Result<_, _>>()?;
+            s.admit.push((id, prompt));
+        }
+        for _ in 0..r.count("decode count", 12)? {
+            let id = r.u64("decoded id")?;
+            s.decode.push((id, r.u32("decoded token")?));
+        }
+        if r.at != bytes.len() {
+            return Err(format!(
+                "schedule: {} bytes left over after byte {}",
+                bytes.len() - r.at,
+                r.at
+            ));
+        }
+        Ok(s)
+    }
+}
+
+/// What a shard reports after a step.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// Rank 0: one row of logits per admitted request, then one per decoded
+    /// request, in schedule order. Other ranks: empty.
+    pub logits: Vec<f32>,
+    /// Bytes of KV cache this rank holds after the step.
+    pub kv_bytes: usize,
+}
+
+/// Run this step.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<StepOutput, String>")]
+pub struct Step(pub Schedule);
+
+/// Keep receiving schedules from rank 0 (a rank in another process).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct Follow;
+
+/// How a follower ended.
+type Outcome = Arc<Mutex<Option<Result<(), String>>>>;
+
+/// One tensor-parallel rank: its weights and the KV cache of every running
+/// request. Runs on its own arbiter (thread): a step blocks it.
+pub struct ShardActor {
+    gemma: Gemma,
+    caches: HashMap<u64, KvCache>,
+    /// Rank 0 of a group spread over processes: send every schedule on.
+    relay: bool,
+    /// A rank in another process: where its end is reported.
+    outcome: Option<Outcome>,
+}
+
+impl std::fmt::Debug for ShardActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardActor")
+            .field("rank", &self.gemma.shard().rank)
+            .field("requests", &self.caches.len())
+            .field("relay", &self.relay)
+            .finish()
+    }
+}
+
+impl Actor for ShardActor {
+    type Context = Context<Self>;
+}
+
+impl ShardActor {
+    fn new(gemma: Gemma, relay: bool) -> Self {
+        Self {
+            gemma,
+            caches: HashMap::new(),
+            relay,
+            outcome: None,
+        }
+    }
+
+    /// Runs `s` on this rank.
+    fn run(&mut self, s: &Schedule) -> Result<StepOutput, String> {
+        if self.relay {
+            let mut bytes = s.encode();
+            self.gemma
+                .collective()
+                .broadcast_bytes(&mut bytes, 0)
+                .map_err(|e| e.to_string())?;
+        }
+        for id in &s.free {
+            self.caches.remove(id);
+        }
+        let vocab = self.gemma.config().vocab;
+        let keep = self.gemma.shard().rank == 0;
+        let rows = s.admit.len() + s.decode.len();
+        let mut logits = if keep {
+            vec![0f32; rows * vocab]
+        } else {
+            Vec::new()
+        };
+        let mut scratch = vec![0f32; vocab];
+        for (i, (id, prompt)) in s.admit.iter().enumerate() {
+            let mut cache = self.gemma.new_cache();
+            self.gemma
+                .prefill(prompt, &mut cache, Some(&mut scratch))
+                .map_err(|e| e.to_string())?;
+            if keep {
+                logits[i * vocab..(i + 1) * vocab].copy_from_slice(&scratch);
+            }
+            self.caches.insert(*id, cache);
+        }
+        if !s.decode.is_empty() {
+            let mut taken = Vec::with_capacity(s.decode.len());
+            for (id, _) in &s.decode {
+                match self.caches.remove(id) {
+                    Some(cache) => taken.push((*id, cache)),
+                    None => {
+                        // Put back what was taken before failing.
+                        self.caches.extend(taken);
+                        return Err(format!(
+                            "rank {}: no cache for request {id}",
+                            self.gemma.shard().rank
+                        ));
+                    }
+                }
+            }
+            let tokens: Vec<u32> = s.decode.iter().map(|(_, t)| *t).collect();
+            let mut out = vec![0f32; s.decode.len() * vocab];
+            let result = {
+                let mut caches: Vec<&mut KvCache> = taken.iter_mut().map(|(_, c)| c).collect();
+                self.gemma.decode(&tokens, &mut caches, &mut out)
+            };
+            self.caches.extend(taken);
+            result.map_err(|e| e.to_string())?;
+            if keep {
+                logits[s.admit.len() * vocab..].copy_from_slice(&out);
+            }
+        }
+        Ok(StepOutput {
+            logits,
+            kv_bytes: self.caches.values().map(KvCache::bytes).sum(),
+        })
+    }
+
+    fn end(&mut self, result: Result<(), String>) {
+        if let Some(outcome) = &self.outcome
+            && let Ok(mut slot) = outcome.lock()
+        {
+            *slot = Some(result);
+        }
+        System::current().stop();
+    }
+}
+
+impl Handler<Step> for ShardActor {
+    type Result = Result<StepOutput, String>;
+
+    fn handle(&mut self, msg: Step, _ctx: &mut Self::Context) -> Self::Result {
+        self.run(&msg.0)
+    }
+}
+
+impl Handler<Follow> for ShardActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Follow, ctx: &mut Self::Context) {
+        let mut bytes = Vec::new();
+        let schedule = self
+            .gemma
+            .collective()
+            .broadcast_bytes(&mut bytes, 0)
+            .map_err(|e| e.to_string())
+            .and_then(|()| Schedule::decode(&bytes));
+        match schedule {
+            Ok(s) if s.stop => self.end(Ok(())),
+            Ok(s) => match self.run(&s) {
+                Ok(_) => ctx.notify(Follow),
+                Err(e) => self.end(Err(e)),
+            },
+            Err(e) => self.end(Err(e)),
+        }
+    }
+}
+
+/// Runs `gemma`, a rank other than 0 of a group spread over processes:
+/// every schedule comes from rank 0's engine. Returns when rank 0 stops
+/// (`Ok`) or when a collective fails, e.g. rank 0 went away (`Err`, the
+/// reason).
+pub fn follow(gemma: Gemma) -> Result<(), String> {
+    if gemma.shard().rank == 0 {
+        return Err("rank 0 runs the engine; it does not follow".into());
+    }
+    let outcome: Outcome = Arc::new(Mutex::new(None));
+    let system = System::new();
+    let slot = Arc::clone(&outcome);
+    system.block_on(async move {
+        let mut shard = ShardActor::new(gemma, false);
+        shard.outcome = Some(slot);
+        let addr = shard.start();
+        addr.do_send(Follow);
+    });
+    system
+        .run()
+        .map_err(|e| format!("the shard's actor system failed: {e}"))?;
+    let result = outcome
+        .lock()
+        .map_err(|_| "the shard actor panicked".to_string())?
+        .take();
+    result.unwrap_or_else(|| Err("the shard stopped without a reason".into()))
+}
+
+// ---------------------------------------------------------------------------
+// The engine actor and its handle.
 
 struct Job {
     request: Request,
     sink: Sink,
 }
 
-/// A running engine; dropping it lets the thread finish the active
-/// requests and stop.
-pub struct Engine {
-    jobs: Option<mpsc::Sender<Job>>,
-    waiting: Arc<AtomicUsize>,
-    running: Arc<AtomicUsize>,
-    kv_bytes: Arc<AtomicUsize>,
-    config: EngineConfig,
-    context: usize,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for Engine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("config", &self.config)
-            .field("waiting", &self.waiting())
-            .field("running", &self.running())
-            .finish()
-    }
-}
-
 /// A request being decoded.
 struct Active {
+    id: u64,
     sink: Sink,
     sampler: Sampler,
-    cache: KvCache,
     prompt_tokens: usize,
     generated: usize,
     limit: usize,
+    /// Prompt plus generation budget, held against `max_tokens_in_flight`.
+    reserved: usize,
     next: u32,
 }
 
-impl Engine {
-    /// Starts the engine thread, which owns `gemma`.
-    pub fn start(gemma: Gemma, config: EngineConfig) -> Self {
-        let (jobs, inbox) = mpsc::channel::<Job>();
-        let waiting = Arc::new(AtomicUsize::new(0));
-        let running = Arc::new(AtomicUsize::new(0));
-        let kv_bytes = Arc::new(AtomicUsize::new(0));
-        let context = gemma.config().context;
-        let counters = Counters {
-            waiting: Arc::clone(&waiting),
-            running: Arc::clone(&running),
-            kv_bytes: Arc::clone(&kv_bytes),
-        };
-        let thread = std::thread::Builder::new()
-            .name("dima-engine".into())
-            .spawn(move || run(&gemma, &inbox, config, &counters))
-            .ok();
-        Self {
-            jobs: Some(jobs),
-            waiting,
-            running,
-            kv_bytes,
-            config,
-            context,
-            thread,
-        }
-    }
+/// What the engine publishes for the handle (and the server's metrics).
+#[derive(Debug, Default)]
+struct Counters {
+    waiting: AtomicUsize,
+    running: AtomicUsize,
+    kv_bytes: AtomicUsize,
+    unavailable: Mutex<Option<String>>,
+}
 
-    /// Requests waiting for a place.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
-    }
+/// Queue a request.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Submit(Job);
 
-    /// Requests decoding now.
-    pub fn running(&self) -> usize {
-        self.running.load(Ordering::SeqCst)
-    }
+/// Finish the queued and running requests, then stop.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct Shutdown;
 
-    /// Bytes of KV cache held by the running requests (after the last step).
-    pub fn kv_bytes(&self) -> usize {
-        self.kv_bytes.load(Ordering::SeqCst)
-    }
+struct EngineActor {
+    shards: Vec<Addr<ShardActor>>,
+    config: EngineConfig,
+    vocab: usize,
+    context: usize,
+    relay: bool,
+    queue: VecDeque<Job>,
+    active: Vec<Active>,
+    to_free: Vec<u64>,
+    stepping: bool,
+    closing: bool,
+    broken: Option<String>,
+    next_id: u64,
+    counters: Arc<Counters>,
+}
 
-    /// Queues `request`; its events go to `sink` from the engine thread.
-    pub fn submit(&self, request: Request, sink: Sink) -> Result<(), Rejected> {
-        if request.prompt.is_empty() {
-            return Err(Rejected::Invalid("the prompt is empty".into()));
-        }
-        if request.prompt.len() >= self.context {
-            return Err(Rejected::Invalid(format!(
-                "the prompt has {} tokens; the model's context is {}",
-                request.prompt.len(),
-                self.context
-            )));
-        }
-        let limit = self.config.max_waiting;
-        let before = self.waiting.fetch_add(1, Ordering::SeqCst);
-        if before >= limit {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(Rejected::Busy {
-                waiting: before,
-                limit,
+impl Actor for EngineActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if self.relay {
+            ctx.run_interval(self.config.heartbeat, |act, ctx| {
+                let idle = act.active.is_empty() && act.queue.is_empty();
+                if idle && !act.stepping && act.broken.is_none() && !act.closing {
+                    act.step(Schedule::default(), Vec::new(), ctx);
+                }
             });
         }
-        let sent = self
-            .jobs
-            .as_ref()
-            .map(|jobs| jobs.send(Job { request, sink }).is_ok());
-        if sent != Some(true) {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(Rejected::Stopped);
-        }
-        Ok(())
     }
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+impl Handler<Submit> for EngineActor {
+    type Result = ();
+
+    fn handle(&mut self, Submit(mut job): Submit, ctx: &mut Self::Context) {
+        if let Some(reason) = &self.broken {
+            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
+            (job.sink)(Event::Failed(format!("the model is unavailable: {reason}")));
+            return;
         }
+        self.queue.push_back(job);
+        self.kick(ctx);
     }
 }
 
-/// What the engine thread reports to the outside.
-struct Counters {
-    waiting: Arc<AtomicUsize>,
-    running: Arc<AtomicUsize>,
-    kv_bytes: Arc<AtomicUsize>,
-}
+impl Handler<Shutdown> for EngineActor {
+    type Result = ();
 
-impl Counters {
-    /// Publishes how many requests run and the KV bytes they hold.
-    fn publish(&self, active: &[Active]) {
-        self.running.store(active.len(), Ordering::SeqCst);
-        self.kv_bytes.store(
-            active.iter().map(|a| a.cache.bytes()).sum(),
-            Ordering::SeqCst,
-        );
+    fn handle(&mut self, _msg: Shutdown, ctx: &mut Self::Context) {
+        self.closing = true;
+        self.kick(ctx);
     }
 }
 
-/// The engine loop.
-fn run(gemma: &Gemma, inbox: &mpsc::Receiver<Job>, config: EngineConfig, counters: &Counters) {
-    let vocab = gemma.config().vocab;
-    let context = gemma.config().context;
-    let mut active: Vec<Active> = Vec::new();
-    let mut open = true;
-    let mut logits = Vec::new();
-    loop {
-        // Admit waiting requests between steps; block only when idle.
-        while open && active.len() < config.max_batch.max(1) {
-            let job = if active.is_empty() {
-                inbox.recv().ok()
-            } else {
-                match inbox.try_recv() {
-                    Ok(job) => Some(job),
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => None,
-                }
-            };
-            let Some(job) = job else {
-                open = false;
-                break;
-            };
-            counters.waiting.fetch_sub(1, Ordering::SeqCst);
-            if let Some(a) = admit(gemma, job, context) {
-                active.push(a);
-            }
+impl EngineActor {
+    fn reserved(&self) -> usize {
+        self.active.iter().map(|a| a.reserved).sum()
+    }
+
+    /// Starts the next step if there is work and none is running.
+    fn kick(&mut self, ctx: &mut Context<Self>) {
+        if self.stepping {
+            return;
         }
-        counters.publish(&active);
-        if active.is_empty() {
-            if open {
-                continue;
+        if self.broken.is_some() {
+            self.fail_queue();
+            if self.closing {
+                System::current().stop();
             }
             return;
         }
-        // One step for everyone.
-        let steps: Vec<u32> = active.iter().map(|a| a.next).collect();
-        logits.resize(active.len() * vocab, 0.0);
-        let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|a| &mut a.cache).collect();
-        if let Err(e) = gemma.decode(&steps, &mut caches, &mut logits) {
-            for mut a in active.drain(..) {
-                (a.sink)(Event::Failed(e.to_string()));
+        let mut schedule = Schedule {
+            free: std::mem::take(&mut self.to_free),
+            decode: self.active.iter().map(|a| (a.id, a.next)).collect(),
+            ..Schedule::default()
+        };
+        let mut joining = Vec::new();
+        let mut reserved = self.reserved();
+        while self.active.len() + joining.len() < self.config.max_batch.max(1) {
+            let Some(job) = self.queue.front() else { break };
+            let need = budget(&job.request, self.context);
+            // First come, first served: a big request is not overtaken.
+            if reserved + need > self.config.max_tokens_in_flight && reserved > 0 {
+                break;
             }
-            counters.publish(&active);
-            continue;
+            let Some(job) = self.queue.pop_front() else {
+                break;
+            };
+            reserved += need;
+            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
+            let id = self.next_id;
+            self.next_id += 1;
+            schedule.admit.push((id, job.request.prompt.clone()));
+            joining.push((id, job));
         }
-        let mut i = 0;
-        active.retain_mut(|a| {
-            let row = &logits[i * vocab..(i + 1) * vocab];
+        if schedule.is_empty() {
+            if self.closing && self.queue.is_empty() {
+                self.stepping = true;
+                let stop = Schedule {
+                    stop: true,
+                    ..Schedule::default()
+                };
+                let sent = self.shards.first().map(|s| s.send(Step(stop)));
+                ctx.spawn(
+                    async move {
+                        if let Some(sent) = sent {
+                            let _ = sent.await;
+                        }
+                    }
+                    .into_actor(self)
+                    .map(|(), _act, _ctx| System::current().stop()),
+                );
+            }
+            return;
+        }
+        self.step(schedule, joining, ctx);
+    }
+
+    /// Sends `schedule` to every local shard and handles the outcome.
+    fn step(&mut self, schedule: Schedule, joining: Vec<(u64, Job)>, ctx: &mut Context<Self>) {
+        self.stepping = true;
+        let sends: Vec<_> = self
+            .shards
+            .iter()
+            .map(|s| s.send(Step(schedule.clone())))
+            .collect();
+        ctx.spawn(futures_util::future::join_all(sends).into_actor(self).map(
+            move |results, act, ctx| {
+                act.stepping = false;
+                act.finish_step(results, joining);
+                act.kick(ctx);
+            },
+        ));
+    }
+
+    fn finish_step(
+        &mut self,
+        results: Vec<Result<Result<StepOutput, String>, MailboxError>>,
+        joining: Vec<(u64, Job)>,
+    ) {
+        let mut outputs = Vec::with_capacity(results.len());
+        let mut failure = None;
+        for (rank, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(Ok(out)) => outputs.push(out),
+                Ok(Err(e)) => {
+                    failure.get_or_insert(e);
+                }
+                Err(e) => {
+                    failure.get_or_insert(format!("rank {rank}'s shard actor is gone: {e}"));
+                }
+            }
+        }
+        if let Some(reason) = failure {
+            tracing::error!(%reason, "a step failed; the engine takes no more requests");
+            for mut a in self.active.drain(..) {
+                (a.sink)(Event::Failed(reason.clone()));
+            }
+            for (_, mut job) in joining {
+                (job.sink)(Event::Failed(reason.clone()));
+            }
+            if let Ok(mut slot) = self.counters.unavailable.lock() {
+                *slot = Some(reason.clone());
+            }
+            self.broken = Some(reason);
+            self.publish(0);
+            return;
+        }
+        let kv_bytes = outputs.iter().map(|o| o.kv_bytes).sum();
+        let logits = outputs
+            .into_iter()
+            .next()
+            .map(|o| o.logits)
+            .unwrap_or_default();
+        let vocab = self.vocab;
+        let row = |i: usize| &logits[i * vocab..(i + 1) * vocab];
+        let admitted = joining.len();
+        // Running requests first (their rows follow the admitted ones).
+        let mut i = admitted;
+        let mut to_free = Vec::new();
+        self.active.retain_mut(|a| {
+            let keep = emit(a, row(i));
             i += 1;
-            emit(a, row)
+            if !keep {
+                to_free.push(a.id);
+            }
+            keep
         });
-        // Before waiting for new work, say what is left.
-        counters.publish(&active);
+        for (k, (id, job)) in joining.into_iter().enumerate() {
+            let mut a = Active {
+                id,
+                sink: job.sink,
+                sampler: Sampler::new(job.request.sampling),
+                prompt_tokens: job.request.prompt.len(),
+                generated: 0,
+                limit: limit(&job.request, self.context),
+                reserved: budget(&job.request, self.context),
+                next: 0,
+            };
+            if emit(&mut a, row(k)) {
+                self.active.push(a);
+            } else {
+                to_free.push(id);
+            }
+        }
+        self.to_free.extend(to_free);
+        self.publish(kv_bytes);
+    }
+
+    fn fail_queue(&mut self) {
+        let reason = self.broken.clone().unwrap_or_default();
+        for mut job in self.queue.drain(..) {
+            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
+            (job.sink)(Event::Failed(format!("the model is unavailable: {reason}")));
+        }
+    }
+
+    fn publish(&self, kv_bytes: usize) {
+        self.counters
+            .running
+            .store(self.active.len(), Ordering::SeqCst);
+        self.counters.kv_bytes.store(kv_bytes, Ordering::SeqCst);
     }
 }
 
-/// Prefills a new request and emits its first token; `None` when it is
-/// already done.
-fn admit(gemma: &Gemma, job: Job, context: usize) -> Option<Active> {
-    let Job { request, mut sink } = job;
-    let mut cache = gemma.new_cache();
-    let mut logits = vec![0f32; gemma.config().vocab];
-    if let Err(e) = gemma.prefill(&request.prompt, &mut cache, Some(&mut logits)) {
-        sink(Event::Failed(e.to_string()));
-        return None;
-    }
-    let mut active = Active {
-        sink,
-        sampler: Sampler::new(request.sampling),
-        cache,
-        prompt_tokens: request.prompt.len(),
-        generated: 0,
-        limit: request
-            .max_tokens
-            .min(context.saturating_sub(request.prompt.len())),
-        next: 0,
-    };
-    emit(&mut active, &logits).then_some(active)
+/// Tokens a request may generate: `max_tokens`, within the context.
+fn limit(request: &Request, context: usize) -> usize {
+    request
+        .max_tokens
+        .min(context.saturating_sub(request.prompt.len()))
+}
+
+/// Tokens a request's cache may grow to.
+fn budget(request: &Request, context: usize) -> usize {
+    request.prompt.len() + limit(request, context)
 }
 
 /// Samples the next token from `logits` and reports it; `false` when the
@@ -346,4 +759,236 @@ fn finish(a: &mut Active, reason: FinishReason) -> bool {
         completion_tokens: a.generated,
     });
     false
+}
+
+/// A running engine: its actor system runs on its own thread, each shard on
+/// its own arbiter. Dropping the handle lets the engine finish the queued
+/// and running requests, tells ranks in other processes to stop, and waits.
+pub struct Engine {
+    addr: Addr<EngineActor>,
+    counters: Arc<Counters>,
+    config: EngineConfig,
+    context: usize,
+    world: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .field("world", &self.world)
+            .field("waiting", &self.waiting())
+            .field("running", &self.running())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Starts the engine over `ranks`: either every rank of the group
+    /// (threads of this process), or rank 0 alone when the other ranks run
+    /// in other processes ([`follow`]) and are reached through rank 0's
+    /// collective.
+    pub fn start(ranks: Vec<Gemma>, config: EngineConfig) -> Result<Self, String> {
+        let Some(first) = ranks.first() else {
+            return Err("the engine needs at least rank 0".into());
+        };
+        let world = first.collective().world();
+        let vocab = first.config().vocab;
+        let context = first.config().context;
+        let mut seen: Vec<usize> = ranks.iter().map(|g| g.shard().rank).collect();
+        seen.sort_unstable();
+        let relay = if ranks.len() == world && seen.iter().copied().eq(0..world) {
+            false
+        } else if ranks.len() == 1 && seen == [0] {
+            true
+        } else {
+            return Err(format!(
+                "the engine runs either every rank of the group ({world}) or rank 0 alone; \
+                 it was given ranks {seen:?}"
+            ));
+        };
+        if config.max_batch == 0 || config.max_waiting == 0 || config.max_tokens_in_flight == 0 {
+            return Err(format!(
+                "max_batch ({}), max_waiting ({}) and max_tokens_in_flight ({}) must be at least 1",
+                config.max_batch, config.max_waiting, config.max_tokens_in_flight
+            ));
+        }
+        let mut ranks = ranks;
+        ranks.sort_by_key(|g| g.shard().rank);
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::clone(&counters);
+        let thread = std::thread::Builder::new()
+            .name("dima-engine".into())
+            .spawn(move || {
+                let system = System::new();
+                system.block_on(async move {
+                    let shards: Vec<Addr<ShardActor>> = ranks
+                        .into_iter()
+                        .map(|gemma| {
+                            let arbiter = Arbiter::new();
+                            ShardActor::start_in_arbiter(&arbiter.handle(), move |_| {
+                                ShardActor::new(gemma, relay)
+                            })
+                        })
+                        .collect();
+                    let engine = EngineActor {
+                        shards,
+                        config,
+                        vocab,
+                        context,
+                        relay,
+                        queue: VecDeque::new(),
+                        active: Vec::new(),
+                        to_free: Vec::new(),
+                        stepping: false,
+                        closing: false,
+                        broken: None,
+                        next_id: 1,
+                        counters: shared,
+                    }
+                    .start();
+                    let _ = tx.send(engine);
+                });
+                if let Err(e) = system.run() {
+                    tracing::error!(error = %e, "the engine's actor system failed");
+                }
+            })
+            .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        let addr = rx
+            .recv()
+            .map_err(|_| "the engine thread stopped while starting".to_string())?;
+        Ok(Self {
+            addr,
+            counters,
+            config,
+            context,
+            world,
+            thread: Some(thread),
+        })
+    }
+
+    /// Requests waiting for a place.
+    pub fn waiting(&self) -> usize {
+        self.counters.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Requests decoding now.
+    pub fn running(&self) -> usize {
+        self.counters.running.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of KV cache held by the running requests on this process's
+    /// ranks (after the last step).
+    pub fn kv_bytes(&self) -> usize {
+        self.counters.kv_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Tensor-parallel ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The engine's limits.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Why the engine takes no more requests, once a step has failed.
+    pub fn unavailable(&self) -> Option<String> {
+        self.counters
+            .unavailable
+            .lock()
+            .map_or_else(|_| Some("the engine panicked".into()), |s| s.clone())
+    }
+
+    /// Queues `request`; its events go to `sink` from the engine's thread.
+    pub fn submit(&self, request: Request, sink: Sink) -> Result<(), Rejected> {
+        if let Some(reason) = self.unavailable() {
+            return Err(Rejected::Unavailable(reason));
+        }
+        if request.prompt.is_empty() {
+            return Err(Rejected::Invalid("the prompt is empty".into()));
+        }
+        if request.prompt.len() >= self.context {
+            return Err(Rejected::Invalid(format!(
+                "the prompt has {} tokens; the model's context is {}",
+                request.prompt.len(),
+                self.context
+            )));
+        }
+        let need = budget(&request, self.context);
+        if need > self.config.max_tokens_in_flight {
+            return Err(Rejected::Invalid(format!(
+                "the prompt ({} tokens) plus max_tokens ({}) is {need} tokens; \
+                 the server holds at most {} tokens in flight",
+                request.prompt.len(),
+                limit(&request, self.context),
+                self.config.max_tokens_in_flight
+            )));
+        }
+        let cap = self.config.max_waiting;
+        let before = self.counters.waiting.fetch_add(1, Ordering::SeqCst);
+        if before >= cap {
+            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Rejected::Busy {
+                waiting: before,
+                limit: cap,
+            });
+        }
+        // The mailbox holds at most `max_waiting` submissions (counted
+        // above), so `do_send`'s unbounded mailbox stays bounded.
+        if !self.addr.connected() {
+            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Rejected::Stopped);
+        }
+        self.addr.do_send(Submit(Job { request, sink }));
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if self.addr.connected() {
+            self.addr.do_send(Shutdown);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_round_trip_and_bad_bytes_are_named() {
+        let s = Schedule {
+            free: vec![3, u64::MAX],
+            admit: vec![(7, vec![2, 818, 262_143]), (8, vec![])],
+            decode: vec![(1, 5), (2, 106)],
+            stop: false,
+        };
+        let bytes = s.encode();
+        assert_eq!(Schedule::decode(&bytes).unwrap(), s);
+        let empty = Schedule::default();
+        assert!(empty.is_empty());
+        assert_eq!(Schedule::decode(&empty.encode()).unwrap(), empty);
+        let e = Schedule::decode(&bytes[..bytes.len() - 2]).unwrap_err();
+        assert!(e.contains("decode count at byte 61 says 2"), "{e}");
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert!(
+            Schedule::decode(&extra)
+                .unwrap_err()
+                .contains("1 bytes left over")
+        );
+        let mut huge = empty.encode();
+        huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = Schedule::decode(&huge).unwrap_err();
+        assert!(e.contains("free count at byte 1"), "{e}");
+        assert!(Schedule::decode(&[2]).unwrap_err().contains("stop flag"));
+    }
 }

@@ -654,6 +654,11 @@ impl Gemma {
         })
     }
 
+    /// How this rank reaches its peers.
+    pub fn collective(&self) -> &dyn Collective {
+        self.collective.as_ref()
+    }
+
     /// This rank's slices.
     pub fn shard(&self) -> &RankShard {
         &self.shard

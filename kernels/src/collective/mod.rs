@@ -44,6 +44,45 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), CollectiveError>;
 
+    /// Copies `root`'s bytes to every rank; the other ranks' `data` is
+    /// replaced whatever its length (a control message, such as the
+    /// engine's step schedule). The default sends the length, then the
+    /// bytes packed four to a value, through [`broadcast`](Self::broadcast),
+    /// which copies values bit for bit.
+    fn broadcast_bytes(&self, data: &mut Vec<u8>, root: usize) -> Result<(), CollectiveError> {
+        let is_root = self.rank() == root;
+        let len = data.len() as u64;
+        let mut head = [
+            f32::from_bits(len as u32),
+            f32::from_bits((len >> 32) as u32),
+        ];
+        self.broadcast(&mut head, root)?;
+        let len = u64::from(head[0].to_bits()) | (u64::from(head[1].to_bits()) << 32);
+        let len = usize::try_from(len).map_err(|_| CollectiveError::Peer {
+            rank: self.rank(),
+            world: self.world(),
+            reason: format!("broadcast_bytes: rank {root} announced {len} bytes"),
+        })?;
+        let mut body: Vec<f32> = if is_root {
+            data.chunks(4)
+                .map(|c| {
+                    let mut word = [0u8; 4];
+                    word[..c.len()].copy_from_slice(c);
+                    f32::from_bits(u32::from_le_bytes(word))
+                })
+                .collect()
+        } else {
+            vec![0.0; len.div_ceil(4)]
+        };
+        self.broadcast(&mut body, root)?;
+        if !is_root {
+            data.clear();
+            data.extend(body.iter().flat_map(|w| w.to_bits().to_le_bytes()));
+            data.truncate(len);
+        }
+        Ok(())
+    }
+
     /// [`all_reduce_sum`](Self::all_reduce_sum) of bf16 values, summed in f32
     /// and rounded once.
     fn all_reduce_sum_bf16(&self, data: &mut [half::bf16]) -> Result<(), CollectiveError> {
@@ -421,6 +460,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bytes_broadcast_bit_for_bit_in_process() {
+        let results = run_ranks(2, 5_000, |c| {
+            let mut data: Vec<u8> = if c.rank() == 0 {
+                // 0xff 0xff 0xff 0x7f and friends are NaN patterns as f32.
+                (0..=255u8).rev().chain([0x7f, 0xff, 0xc0]).collect()
+            } else {
+                Vec::new()
+            };
+            c.broadcast_bytes(&mut data, 0).unwrap();
+            data
+        });
+        let want: Vec<u8> = (0..=255u8).rev().chain([0x7f, 0xff, 0xc0]).collect();
+        assert_eq!(results, vec![want.clone(), want]);
+        let mut one = vec![1u8, 2, 3];
+        SingleRank.broadcast_bytes(&mut one, 0).unwrap();
+        assert_eq!(one, [1, 2, 3]);
     }
 
     #[test]

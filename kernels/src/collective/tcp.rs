@@ -466,6 +466,33 @@ mod tests {
         }
     }
 
+    /// Byte messages of every length, with every byte value (including the
+    /// patterns of NaNs), arrive unchanged on every rank.
+    #[test]
+    fn bytes_broadcast_bit_for_bit_over_tcp() {
+        let results = run_tcp(3, Duration::from_secs(10), |c| {
+            (0..10usize)
+                .chain([255, 256, 1001])
+                .map(|len| {
+                    let mut data: Vec<u8> = if c.rank() == 1 {
+                        (0..len).map(|i| (i * 37 + 255) as u8).collect()
+                    } else {
+                        vec![7; 3]
+                    };
+                    c.broadcast_bytes(&mut data, 1).unwrap();
+                    data
+                })
+                .collect::<Vec<_>>()
+        });
+        for r in results {
+            let got = r.unwrap();
+            for (data, len) in got.iter().zip((0..10usize).chain([255, 256, 1001])) {
+                let want: Vec<u8> = (0..len).map(|i| (i * 37 + 255) as u8).collect();
+                assert_eq!(data, &want);
+            }
+        }
+    }
+
     /// A rank that goes away: the others get an error naming it, quickly,
     /// and every later call fails too.
     #[test]
