@@ -67,10 +67,19 @@ fn examples_local_toml_runs_the_count_job() {
     let local = local.to_str().unwrap();
     run_dima(&["validate", local], Duration::from_secs(10)).assert_success();
     let done = run_dima(
-        &["up", local, "--job", "count", "--events", "50000"],
+        &[
+            "up",
+            local,
+            "--job",
+            "count",
+            "--events",
+            "50000",
+            "--no-inference",
+        ],
         Duration::from_secs(60),
     );
     done.assert_success().assert_no_panic();
+    assert_eq!(done.json_lines().len(), 1, "no inference line");
     let line: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
     assert_eq!(line["job"], "count");
     assert_eq!(line["events"], 50000);
@@ -79,10 +88,35 @@ fn examples_local_toml_runs_the_count_job() {
     // The dispatch sink appends, as every JSONL sink does.
     let dispatches = repo_root().join("examples/out/dispatches.jsonl");
     let before = std::fs::read_to_string(&dispatches).map_or(0, |t| t.lines().count());
-    let done = run_dima(&["up", local, "--events", "60000"], Duration::from_secs(60));
+    // With them, [inference]: two ranks in the two processes over TCP,
+    // serving the API while the pipelines run.
+    let done = run_dima(
+        &["up", local, "--events", "60000"],
+        Duration::from_secs(180),
+    );
     done.assert_success().assert_no_panic();
-    let line: serde_json::Value = serde_json::from_str(done.last_line()).unwrap();
-    assert_eq!(line["job"], "pipelines");
+    let lines = done.json_lines();
+    let by_job = |job: &str| {
+        lines
+            .iter()
+            .find(|l| l["job"] == job)
+            .unwrap_or_else(|| panic!("no {job} line in {lines:?}"))
+            .clone()
+    };
+    let served = by_job("inference");
+    assert_eq!(served["tp"], 2, "{served}");
+    assert_eq!(served["placement"], "tcp", "{served}");
+    assert_eq!(served["requests"], 8, "{served}");
+    assert_eq!(served["ok"], 8, "{served}");
+    assert_eq!(served["completion_tokens"], 8 * 16, "{served}");
+    assert!(served["tokens_per_s"].as_f64().unwrap() > 0.0, "{served}");
+    assert!(
+        done.stderr
+            .contains("inference: gemma3-270m on 2 rank(s) (tcp)"),
+        "{}",
+        done.stderr
+    );
+    let line = by_job("pipelines");
     let pipelines = line["pipelines"].as_array().unwrap();
     let names: Vec<&str> = pipelines
         .iter()

@@ -1142,11 +1142,12 @@ pub fn bench_decode(
 /// One streaming completion against `address`: (time to the first event,
 /// gaps between later events, completion tokens). Reads the server-sent
 /// events as they arrive.
-fn stream_once(
+pub(crate) fn stream_once(
     address: &str,
     model: &str,
     prompt: &str,
     max_tokens: usize,
+    api_key: Option<&str>,
 ) -> anyhow::Result<(f64, Vec<f64>, u64)> {
     use std::io::{BufRead, Write};
     let body = serde_json::json!({
@@ -1157,9 +1158,10 @@ fn stream_once(
     let started = Instant::now();
     let mut stream = std::net::TcpStream::connect(address)?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(600)))?;
+    let auth = api_key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
     write!(
         stream,
-        "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let reader = std::io::BufReader::new(stream);
@@ -1190,7 +1192,7 @@ fn stream_once(
     Ok((first, gaps, tokens))
 }
 
-fn percentile(values: &mut [f64], q: f64) -> f64 {
+pub(crate) fn percentile(values: &mut [f64], q: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }
@@ -1260,7 +1262,7 @@ pub fn bench_serve(
                     std::thread::spawn(move || {
                         prompts
                             .iter()
-                            .map(|p| stream_once(&address, &model, p, max_tokens))
+                            .map(|p| stream_once(&address, &model, p, max_tokens, None))
                             .collect::<anyhow::Result<Vec<_>>>()
                     })
                 })

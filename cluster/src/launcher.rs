@@ -38,6 +38,8 @@ pub struct UpOptions {
     pub log_format: Option<LogFormat>,
     /// Overrides `telemetry.log_level` in the children.
     pub log_level: Option<String>,
+    /// Leave out `[inference]`.
+    pub no_inference: bool,
 }
 
 /// Why `dima up` did not finish cleanly.
@@ -159,6 +161,20 @@ pub fn up(
         }
     }
 
+    if let Some(inference) = manifest
+        .inference
+        .as_ref()
+        .filter(|_| !options.no_inference)
+    {
+        let here = |process: usize| local.iter().any(|p| p.index == process);
+        if inference.ranks.first().is_some_and(|p| here(*p)) {
+            check_listen(inference.listen, "inference.listen")?;
+            if let (false, Some(root)) = (inference.in_one_process(), inference.root) {
+                check_listen(root, "inference.root")?;
+            }
+        }
+    }
+
     let interrupt = Arc::new(AtomicBool::new(false));
     let terminate = Arc::new(AtomicBool::new(false));
     // Registration only fails for forbidden signals; SIGINT/SIGTERM are not.
@@ -200,6 +216,9 @@ pub fn up(
         }
         if let Some(level) = &options.log_level {
             command.args(["--log-level", level]);
+        }
+        if options.no_inference {
+            command.arg("--no-inference");
         }
         // SAFETY: prctl is async-signal-safe and touches no memory of ours.
         // It makes the kernel SIGTERM the child if the launcher dies.

@@ -20,6 +20,7 @@
 pub mod assign;
 pub mod bench;
 pub mod events;
+pub mod inference;
 pub mod launcher;
 pub mod manifest;
 pub mod mesh;

@@ -65,6 +65,9 @@ enum Command {
         /// generator source's `events`.
         #[arg(long, value_name = "N")]
         events: Option<u64>,
+        /// Run the jobs only, without the manifest's `[inference]`.
+        #[arg(long)]
+        no_inference: bool,
     },
     /// Run one process of the manifest's cluster (what `dima up` starts).
     Run {
@@ -79,6 +82,9 @@ enum Command {
         /// Number of events; overrides the job's `events` in the manifest.
         #[arg(long, value_name = "N")]
         events: Option<u64>,
+        /// Run the job only, without the manifest's `[inference]` ranks.
+        #[arg(long)]
+        no_inference: bool,
     },
     /// Generate text with a Gemma 3 model (greedy decoding).
     Generate {
@@ -282,6 +288,21 @@ enum OutputFormat {
 }
 
 /// Loads a Gemma model, with a progress bar when stderr is a terminal.
+/// Fetches a catalog model that is not in the cache yet (`dima up` does
+/// this before starting processes, so they do not race to fetch it).
+fn ensure_model(model: &str) -> anyhow::Result<()> {
+    let Some(entry) = actors::models::catalog_entry(model) else {
+        return Ok(());
+    };
+    if cluster::models::model_path(model).is_ok() {
+        return Ok(());
+    }
+    eprintln!("fetching {model} for [inference] (once; it is cached)");
+    let fetched = actors::models::fetch(entry, "python3")?;
+    eprintln!("fetched {}", fetched.path.display());
+    Ok(())
+}
+
 fn load_gemma(model: &str) -> anyhow::Result<actors::gemma::Gemma> {
     use std::io::IsTerminal;
     let path = cluster::models::model_path(model)?;
@@ -837,10 +858,43 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     p.dead_letter.display()
                 );
             }
+            if let Some(i) = &manifest.inference {
+                let placement = if i.in_one_process() {
+                    format!("all in process {} (threads)", i.ranks[0])
+                } else {
+                    format!(
+                        "processes {:?} over TCP through {}",
+                        i.ranks,
+                        i.root.map_or("?".to_owned(), |r| r.to_string())
+                    )
+                };
+                println!(
+                    "  inference: {} as {:?}, tp {} ({placement}), http://{}; max batch {}, \
+                     max waiting {}, max tokens in flight {}; load {} request(s) x {} token(s), {} at a time",
+                    i.model,
+                    i.served_model_name,
+                    i.tp,
+                    i.listen,
+                    i.max_batch,
+                    i.max_waiting,
+                    i.max_tokens_in_flight,
+                    i.load.requests,
+                    i.load.max_tokens,
+                    i.load.concurrency
+                );
+            }
             Ok(())
         }
-        Command::Up { file, job, events } => {
+        Command::Up {
+            file,
+            job,
+            events,
+            no_inference,
+        } => {
             let manifest = load(file)?;
+            if let Some(inference) = manifest.inference.as_ref().filter(|_| !*no_inference) {
+                ensure_model(&inference.model)?;
+            }
             let mut spec = telemetry_spec(cli, &manifest);
             // The launcher only logs; its children export telemetry.
             spec.otlp = None;
@@ -856,6 +910,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 events: *events,
                 log_format: cli.log_format.map(Into::into),
                 log_level: cli.log_level.clone(),
+                no_inference: *no_inference,
             };
             let outcome = cluster::up(&manifest, &options, &exe);
             telemetry.shutdown();
@@ -882,6 +937,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             process,
             job,
             events,
+            no_inference,
         } => {
             exit_on_panic(*process);
             let manifest = load(file)?;
@@ -896,14 +952,31 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 job: job.unwrap_or_else(|| Job::default_for(&manifest)),
                 events: *events,
             };
-            let outcome = cluster::run_process(&manifest, &options, &mut telemetry, stop_flag());
+            let stop = stop_flag();
+            let inference = if *no_inference {
+                None
+            } else {
+                cluster::inference::start(&manifest, *process, Arc::clone(&stop))
+            };
+            let outcome = cluster::run_process(&manifest, &options, &mut telemetry, stop);
+            // The jobs are done (or failed): rank 0 stops serving.
+            let served = inference.map(cluster::inference::Inference::finish);
             telemetry.shutdown();
-            match outcome {
-                Ok(Some(result)) => {
-                    println!("{result}");
-                    Ok(())
+            if let Ok(Some(result)) = &outcome {
+                println!("{result}");
+            }
+            match served {
+                Some(Ok(Some(report))) => println!("{report}"),
+                Some(Err(e)) if outcome.is_ok() => {
+                    return Err(Failure {
+                        code: 1,
+                        error: e.context("inference"),
+                    });
                 }
-                Ok(None) => Ok(()),
+                _ => {}
+            }
+            match outcome {
+                Ok(_) => Ok(()),
                 Err(
                     e @ (cluster::RunError::Interrupted
                     | cluster::RunError::Mesh(cluster::mesh::MeshError::Interrupted)),

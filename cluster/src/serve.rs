@@ -659,6 +659,7 @@ async fn not_found() -> HttpResponse {
 pub struct Running {
     /// Where it listens.
     pub address: SocketAddr,
+    state: web::Data<State>,
     handle: actix_web::dev::ServerHandle,
     thread: std::thread::JoinHandle<std::io::Result<()>>,
 }
@@ -685,7 +686,10 @@ impl Running {
     /// other processes).
     pub fn stop(self) -> anyhow::Result<()> {
         futures_executor::block_on(self.handle.stop(true));
-        self.wait()
+        let state = self.state.clone();
+        let served = self.wait();
+        state.engine.shutdown();
+        served
     }
 }
 
@@ -720,6 +724,7 @@ pub fn start(ranks: Vec<Gemma>, config: &ServeConfig) -> anyhow::Result<Running>
     );
     let (tx, rx) = std::sync::mpsc::channel();
     let handle_signals = config.handle_signals;
+    let kept = state.clone();
     let thread = std::thread::Builder::new()
         .name("dima-http".into())
         .spawn(move || {
@@ -755,6 +760,7 @@ pub fn start(ranks: Vec<Gemma>, config: &ServeConfig) -> anyhow::Result<Running>
     };
     Ok(Running {
         address,
+        state: kept,
         handle,
         thread,
     })

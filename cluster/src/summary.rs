@@ -74,6 +74,28 @@ pub fn human(result: &Value) -> Vec<String> {
                     .collect()
             })
             .unwrap_or_default(),
+        Some("inference") => {
+            let seconds = |v: &Value| v.as_f64().map_or("n/a".to_owned(), |x| format!("{x:.2} s"));
+            let mut lines = vec![format!(
+                "inference: {} on {} rank(s) ({}), served at http://{}: {} of {} requests ok, {} tokens at {:.1} tokens/s; time to first token p50 {}, inter-token p50 {}",
+                result["model"].as_str().unwrap_or("?"),
+                number(&result["tp"]),
+                result["placement"].as_str().unwrap_or("?"),
+                result["listen"].as_str().unwrap_or("?"),
+                number(&result["ok"]),
+                number(&result["requests"]),
+                number(&result["completion_tokens"]),
+                result["tokens_per_s"].as_f64().unwrap_or(0.0),
+                seconds(&result["ttft_p50_s"]),
+                seconds(&result["itl_p50_s"]),
+            )];
+            if let Some(errors) = result["errors"].as_array().filter(|e| !e.is_empty()) {
+                for e in errors {
+                    lines.push(format!("inference: failed: {}", e.as_str().unwrap_or("?")));
+                }
+            }
+            lines
+        }
         _ => Vec::new(),
     }
 }

@@ -770,7 +770,7 @@ pub struct Engine {
     config: EngineConfig,
     context: usize,
     world: usize,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -865,7 +865,7 @@ impl Engine {
             config,
             context,
             world,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -948,14 +948,24 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
+impl Engine {
+    /// Finishes the queued and running requests, tells ranks in other
+    /// processes to stop, and waits for the engine to end; later requests
+    /// are refused. Dropping the handle does the same.
+    pub fn shutdown(&self) {
         if self.addr.connected() {
             self.addr.do_send(Shutdown);
         }
-        if let Some(thread) = self.thread.take() {
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
             let _ = thread.join();
         }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

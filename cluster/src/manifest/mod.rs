@@ -31,6 +31,68 @@ pub struct Manifest {
     pub jobs: JobsSpec,
     /// `[pipelines.*]`, in name order.
     pub pipelines: Vec<dataflows::pipelines::PipelineSpec>,
+    /// `[inference]`, when the cluster serves a model.
+    pub inference: Option<InferenceSpec>,
+}
+
+/// `[inference]`: a Gemma 3 model served over the OpenAI-compatible API by
+/// tensor-parallel ranks placed on the cluster's processes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InferenceSpec {
+    /// A catalog name (`gemma3-270m`), or a `.gguf` file or checkpoint
+    /// directory (resolved next to the manifest).
+    pub model: String,
+    /// Tensor-parallel ranks.
+    pub tp: usize,
+    /// The process (index into `dataflow.processes`) running each rank.
+    pub ranks: Vec<usize>,
+    /// Where rank 0 meets the other ranks, when they run in other processes.
+    pub root: Option<SocketAddr>,
+    /// Where rank 0's process serves HTTP.
+    pub listen: SocketAddr,
+    /// The name clients send as `"model"`.
+    pub served_model_name: String,
+    /// The bearer token, or the environment variable holding it.
+    pub api_key: Option<ApiKey>,
+    /// Requests decoding together.
+    pub max_batch: usize,
+    /// Requests waiting for a place (beyond: 429).
+    pub max_waiting: usize,
+    /// Prompt plus generation budget over the running requests.
+    pub max_tokens_in_flight: usize,
+    /// How long a rank waits for its peers.
+    pub collective_timeout: Duration,
+    /// Keep serving after the jobs finish, until `dima up` is stopped.
+    pub keep_serving: bool,
+    /// The completions `dima up` sends through the API while the jobs run.
+    pub load: InferenceLoad,
+}
+
+impl InferenceSpec {
+    /// Whether every rank runs in one process (threads).
+    pub fn in_one_process(&self) -> bool {
+        self.ranks.iter().all(|p| Some(p) == self.ranks.first())
+    }
+}
+
+/// Where the bearer token comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiKey {
+    /// Written in the manifest.
+    Literal(String),
+    /// Read from this environment variable when the server starts.
+    Env(String),
+}
+
+/// `[inference.load]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InferenceLoad {
+    /// Streaming completions in all.
+    pub requests: usize,
+    /// Sent at once.
+    pub concurrency: usize,
+    /// Tokens each.
+    pub max_tokens: usize,
 }
 
 /// `[cluster]`.

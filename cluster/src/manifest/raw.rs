@@ -12,12 +12,40 @@ pub(super) struct RawManifest {
     pub dataflow: Option<RawDataflow>,
     pub telemetry: Option<RawTelemetry>,
     pub jobs: Option<RawJobs>,
-    // `inference` and `checkpoints` are filled in by later work. They are
-    // accepted by the parser only so that validation can say "not supported
-    // yet" instead of "unknown field".
     pub pipelines: Option<std::collections::BTreeMap<String, RawPipeline>>,
-    pub inference: Option<toml::Value>,
+    pub inference: Option<RawInference>,
+    // `checkpoints` is filled in by later work. It is accepted by the parser
+    // only so that validation can say "not supported yet" instead of
+    // "unknown field".
     pub checkpoints: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawInference {
+    pub model: Option<String>,
+    pub backend: Option<String>,
+    pub tp: Option<u64>,
+    pub ranks: Option<Vec<u64>>,
+    pub root: Option<String>,
+    pub listen: Option<String>,
+    pub served_model_name: Option<String>,
+    pub api_key: Option<String>,
+    pub api_key_env: Option<String>,
+    pub max_batch: Option<u64>,
+    pub max_waiting: Option<u64>,
+    pub max_tokens_in_flight: Option<u64>,
+    pub collective_timeout_s: Option<f64>,
+    pub keep_serving: Option<bool>,
+    pub load: Option<RawInferenceLoad>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawInferenceLoad {
+    pub requests: Option<u64>,
+    pub concurrency: Option<u64>,
+    pub max_tokens: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

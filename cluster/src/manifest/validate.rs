@@ -14,12 +14,12 @@ use dataflows::pipelines::{
 };
 
 use super::raw::{
-    RawCountJob, RawManifest, RawMatching, RawPipeline, RawProcess, RawSink, RawSource,
-    RawTelemetry,
+    RawCountJob, RawInference, RawManifest, RawMatching, RawPipeline, RawProcess, RawSink,
+    RawSource, RawTelemetry,
 };
 use super::{
-    ClusterSpec, DataflowSpec, JobsSpec, LogFormat, Manifest, OtlpSpec, Problem, ProcessSpec,
-    TelemetrySpec,
+    ApiKey, ClusterSpec, DataflowSpec, InferenceLoad, InferenceSpec, JobsSpec, LogFormat, Manifest,
+    OtlpSpec, Problem, ProcessSpec, TelemetrySpec,
 };
 
 /// The process list when the manifest has none: one local process, one worker.
@@ -42,12 +42,6 @@ impl Problems {
 pub(super) fn validate(raw: RawManifest, base: &Path) -> Result<Manifest, Vec<Problem>> {
     let mut problems = Problems::default();
 
-    if raw.inference.is_some() {
-        problems.add(
-            "inference",
-            "not supported yet: it arrives with the sharded Gemma 3 inference work",
-        );
-    }
     if raw.checkpoints.is_some() {
         problems.add(
             "checkpoints",
@@ -83,6 +77,10 @@ pub(super) fn validate(raw: RawManifest, base: &Path) -> Result<Manifest, Vec<Pr
         .filter_map(|(name, raw)| pipeline(name, raw, base, &mut problems))
         .collect();
 
+    let inference = raw
+        .inference
+        .map(|raw| inference(raw, &dataflow, base, &mut problems));
+
     if problems.0.is_empty() {
         Ok(Manifest {
             cluster,
@@ -90,9 +88,206 @@ pub(super) fn validate(raw: RawManifest, base: &Path) -> Result<Manifest, Vec<Pr
             telemetry,
             jobs: JobsSpec { count },
             pipelines,
+            inference,
         })
     } else {
         Err(problems.0)
+    }
+}
+
+/// Resolves `[inference]`.
+fn inference(
+    raw: RawInference,
+    dataflow: &DataflowSpec,
+    base: &Path,
+    problems: &mut Problems,
+) -> InferenceSpec {
+    let field = |name: &str| format!("inference.{name}");
+    let model = match raw.model {
+        Some(m) if actors::models::catalog_entry(&m).is_some() => m,
+        Some(m) if m.trim().is_empty() => {
+            problems.add(field("model"), "is empty");
+            m
+        }
+        Some(m) => resolve_path(base, &m).display().to_string(),
+        None => {
+            problems.add(
+                field("model"),
+                "is required: a catalog name (gemma3-270m), a .gguf file or a checkpoint directory",
+            );
+            String::new()
+        }
+    };
+    match raw.backend.as_deref().unwrap_or("cpu") {
+        "cpu" => {}
+        "cuda" => problems.add(
+            field("backend"),
+            "\"cuda\" is not supported yet: it arrives with the CUDA backend; use \"cpu\"",
+        ),
+        other => problems.add(
+            field("backend"),
+            format!("{other:?} is not a backend (expected \"cpu\" or \"cuda\")"),
+        ),
+    }
+    let positive = |value: Option<u64>, default: u64, name: &str, problems: &mut Problems| {
+        let v = value.unwrap_or(default);
+        if v == 0 {
+            problems.add(field(name), "must be at least 1");
+        }
+        usize::try_from(v).unwrap_or(usize::MAX)
+    };
+    let tp = positive(raw.tp, 1, "tp", problems);
+    if tp > 64 {
+        problems.add(
+            field("tp"),
+            format!("{tp} ranks is more than the 64 supported"),
+        );
+    }
+    let processes = dataflow.processes.len();
+    let ranks: Vec<usize> = match raw.ranks {
+        None => vec![0; tp.min(64)],
+        Some(ranks) => {
+            if ranks.len() != tp {
+                problems.add(
+                    field("ranks"),
+                    format!(
+                        "lists {} process(es) for tp = {tp} ranks (one process index per rank)",
+                        ranks.len()
+                    ),
+                );
+            }
+            ranks
+                .iter()
+                .enumerate()
+                .map(|(r, &p)| {
+                    let p = usize::try_from(p).unwrap_or(usize::MAX);
+                    if p >= processes {
+                        problems.add(
+                            format!("inference.ranks[{r}]"),
+                            format!(
+                                "process {p} does not exist (dataflow.processes has {processes})"
+                            ),
+                        );
+                    }
+                    p
+                })
+                .collect()
+        }
+    };
+    let one_process = ranks.iter().all(|p| Some(p) == ranks.first());
+    let mut distinct = ranks.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if !one_process && distinct.len() != ranks.len() {
+        problems.add(
+            field("ranks"),
+            format!(
+                "{ranks:?} puts some ranks together and others apart: a group runs either \
+                 in one process (threads) or one rank per process (over TCP)"
+            ),
+        );
+    }
+    let root = raw
+        .root
+        .as_deref()
+        .and_then(|t| socket_address(t, &field("root"), problems));
+    if !one_process && root.is_none() && raw.root.is_none() {
+        problems.add(
+            field("root"),
+            "is required when ranks run in different processes: the address where rank 0 \
+             meets the others, e.g. 127.0.0.1:2201",
+        );
+    }
+    let listen = match raw.listen.as_deref() {
+        Some(t) => socket_address(t, &field("listen"), problems),
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 8000))),
+    };
+    let mut taken: Vec<(String, SocketAddr)> = Vec::new();
+    for p in &dataflow.processes {
+        taken.push((
+            format!("dataflow.processes[{}].address", p.index),
+            p.address,
+        ));
+        if let Some(m) = p.metrics_address {
+            taken.push((
+                format!("dataflow.processes[{}].metrics_address", p.index),
+                m,
+            ));
+        }
+    }
+    for (name, address) in [("listen", listen), ("root", root)] {
+        let Some(address) = address else { continue };
+        if let Some((other, _)) = taken.iter().find(|(_, a)| *a == address) {
+            problems.add(field(name), format!("{address} is already {other}"));
+        }
+        taken.push((field(name), address));
+    }
+    let api_key = match (raw.api_key, raw.api_key_env) {
+        (Some(_), Some(_)) => {
+            problems.add(field("api_key"), "set api_key or api_key_env, not both");
+            None
+        }
+        (Some(k), None) if k.is_empty() => {
+            problems.add(field("api_key"), "is empty");
+            None
+        }
+        (Some(k), None) => Some(ApiKey::Literal(k)),
+        (None, Some(v)) if v.is_empty() || v.contains('=') => {
+            problems.add(
+                field("api_key_env"),
+                format!("{v:?} is not an environment variable name"),
+            );
+            None
+        }
+        (None, Some(v)) => Some(ApiKey::Env(v)),
+        (None, None) => None,
+    };
+    let timeout = raw.collective_timeout_s.unwrap_or(30.0);
+    if !(timeout.is_finite() && (0.1..=3600.0).contains(&timeout)) {
+        problems.add(
+            field("collective_timeout_s"),
+            format!("{timeout} is not between 0.1 and 3600 seconds"),
+        );
+    }
+    let raw_load = raw.load.unwrap_or_default();
+    let load = InferenceLoad {
+        requests: usize::try_from(raw_load.requests.unwrap_or(8)).unwrap_or(usize::MAX),
+        concurrency: positive(raw_load.concurrency, 4, "load.concurrency", problems),
+        max_tokens: positive(raw_load.max_tokens, 16, "load.max_tokens", problems),
+    };
+    if load.requests > 100_000 {
+        problems.add(
+            field("load.requests"),
+            format!("{} is more than the 100000 allowed", load.requests),
+        );
+    }
+    InferenceSpec {
+        served_model_name: raw.served_model_name.unwrap_or_else(|| {
+            std::path::Path::new(&model)
+                .file_name()
+                .map_or_else(|| model.clone(), |n| n.to_string_lossy().into_owned())
+        }),
+        model,
+        tp,
+        ranks,
+        root,
+        listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000))),
+        api_key,
+        max_batch: positive(raw.max_batch, 16, "max_batch", problems),
+        max_waiting: positive(raw.max_waiting, 64, "max_waiting", problems),
+        max_tokens_in_flight: positive(
+            raw.max_tokens_in_flight,
+            65_536,
+            "max_tokens_in_flight",
+            problems,
+        ),
+        collective_timeout: Duration::from_secs_f64(if timeout.is_finite() && timeout > 0.0 {
+            timeout
+        } else {
+            30.0
+        }),
+        keep_serving: raw.keep_serving.unwrap_or(false),
+        load,
     }
 }
 
@@ -865,8 +1060,9 @@ fn count_job(raw: RawCountJob, problems: &mut Problems) -> CountJob {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::time::Duration;
 
-    use super::super::{Manifest, ManifestError};
+    use super::super::{ApiKey, InferenceLoad, Manifest, ManifestError};
 
     fn parse(text: &str) -> Result<Manifest, ManifestError> {
         Manifest::parse(text, Path::new("m.toml"))
@@ -1002,16 +1198,120 @@ mod tests {
     fn unimplemented_sections_say_not_supported_yet() {
         let p = problems(
             r#"
-            [inference]
-            model = "gemma3-270m"
             [checkpoints]
             dir = "/tmp"
             "#,
         );
-        assert_eq!(p.len(), 2, "{p:?}");
-        assert!(p.iter().all(|m| m.contains("not supported yet")), "{p:?}");
-        assert!(p.iter().any(|m| m.starts_with("inference:")));
-        assert!(p.iter().any(|m| m.starts_with("checkpoints:")));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("checkpoints:") && p[0].contains("not supported yet"));
+    }
+
+    #[test]
+    fn inference_resolves_with_defaults() {
+        let m = parse(
+            r#"
+            [inference]
+            model = "gemma3-270m"
+            "#,
+        )
+        .unwrap();
+        let i = m.inference.unwrap();
+        assert_eq!((i.tp, i.ranks.clone(), i.root), (1, vec![0], None));
+        assert_eq!(i.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(i.served_model_name, "gemma3-270m");
+        assert_eq!(
+            (i.max_batch, i.max_waiting, i.max_tokens_in_flight),
+            (16, 64, 65_536)
+        );
+        assert_eq!(i.collective_timeout, Duration::from_secs(30));
+        assert_eq!(
+            i.load,
+            InferenceLoad {
+                requests: 8,
+                concurrency: 4,
+                max_tokens: 16
+            }
+        );
+        assert!(i.in_one_process() && !i.keep_serving && i.api_key.is_none());
+
+        let m = parse(
+            r#"
+            [[dataflow.processes]]
+            address = "127.0.0.1:2101"
+            [[dataflow.processes]]
+            address = "127.0.0.1:2102"
+            [inference]
+            model = "models/my.gguf"
+            tp = 2
+            ranks = [0, 1]
+            root = "127.0.0.1:2201"
+            api_key_env = "MY_KEY"
+            load = { requests = 0 }
+            "#,
+        )
+        .unwrap();
+        let i = m.inference.unwrap();
+        assert!(!i.in_one_process());
+        assert_eq!(i.root.unwrap().to_string(), "127.0.0.1:2201");
+        assert_eq!(i.api_key, Some(ApiKey::Env("MY_KEY".into())));
+        assert!(i.model.ends_with("models/my.gguf"), "{}", i.model);
+        assert_eq!(i.served_model_name, "my.gguf");
+        assert_eq!(i.load.requests, 0);
+    }
+
+    #[test]
+    fn inference_problems_name_their_fields() {
+        let p = problems(
+            r#"
+            [[dataflow.processes]]
+            address = "127.0.0.1:2101"
+            [[dataflow.processes]]
+            address = "127.0.0.1:2102"
+            [[dataflow.processes]]
+            address = "127.0.0.1:2103"
+            [inference]
+            backend = "tpu"
+            tp = 3
+            ranks = [0, 0, 5]
+            listen = "127.0.0.1:2102"
+            api_key = "a"
+            api_key_env = "B"
+            collective_timeout_s = 0
+            max_batch = 0
+            load = { concurrency = 0 }
+            "#,
+        );
+        let want = [
+            "inference.model: is required",
+            "inference.backend: \"tpu\" is not a backend",
+            "inference.ranks[2]: process 5 does not exist (dataflow.processes has 3)",
+            "inference.ranks: [0, 0, 5] puts some ranks together and others apart",
+            "inference.root: is required when ranks run in different processes",
+            "inference.listen: 127.0.0.1:2102 is already dataflow.processes[1].address",
+            "inference.api_key: set api_key or api_key_env, not both",
+            "inference.collective_timeout_s: 0 is not between 0.1 and 3600 seconds",
+            "inference.load.concurrency: must be at least 1",
+            "inference.max_batch: must be at least 1",
+        ];
+        for w in want {
+            assert!(
+                p.iter().any(|m| m.starts_with(w)),
+                "missing {w:?} in {p:#?}"
+            );
+        }
+        let p = problems(
+            "[inference]\nmodel = \"gemma3-270m\"\nbackend = \"cuda\"\ntp = 2\nranks = [0]\n",
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.contains("\"cuda\" is not supported yet")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("inference.ranks: lists 1 process(es) for tp = 2")),
+            "{p:?}"
+        );
     }
 
     #[test]
