@@ -194,3 +194,139 @@ fn a_killed_rank_stops_the_other_with_a_clear_error() {
     assert!(done.stderr.contains("rank 1 went away"), "{}", done.stderr);
     done.assert_no_panic();
 }
+
+/// Random weights in the real shapes: each rank holds exactly the bytes
+/// `random_weight_bytes` announced before allocating, the ranks of a
+/// group run in lockstep to finite logits, and the same seed gives the
+/// same model. A type whose blocks do not fit the rows is named.
+#[test]
+fn random_weights_have_the_announced_shapes_and_run_sharded() {
+    use actors::gemma::GemmaConfig;
+    use kernels::gguf::GgmlType;
+    let config = GemmaConfig::preset("270m").unwrap();
+    let tokenizer = || actors::Tokenizer::synthetic(config.vocab).unwrap();
+    let one = |seed| {
+        Gemma::random(
+            config.clone(),
+            tokenizer(),
+            GgmlType::Q8_0,
+            seed,
+            Box::new(kernels::collective::SingleRank),
+        )
+        .unwrap()
+    };
+    let last_logits = |g: &Gemma| {
+        let mut cache = g.new_cache();
+        let mut logits = vec![0f32; g.config().vocab];
+        g.prefill(&[2, 300, 301, 302], &mut cache, Some(&mut logits))
+            .unwrap();
+        logits
+    };
+    let a = one(5);
+    assert_eq!(
+        a.weight_bytes(),
+        Gemma::random_weight_bytes(&config, 1, 0, GgmlType::Q8_0).unwrap()
+    );
+    let la = last_logits(&a);
+    assert!(la.iter().all(|v| v.is_finite()));
+    assert_eq!(la, last_logits(&one(5)), "same seed, same model");
+    assert_ne!(la, last_logits(&one(6)));
+
+    let handles: Vec<_> = local_group(2, Duration::from_secs(60))
+        .into_iter()
+        .map(|link| {
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let g = Gemma::random(
+                    config.clone(),
+                    actors::Tokenizer::synthetic(config.vocab).unwrap(),
+                    GgmlType::BF16,
+                    9,
+                    Box::new(link),
+                )
+                .unwrap();
+                let rank = g.shard().rank;
+                let announced =
+                    Gemma::random_weight_bytes(&config, 2, rank, GgmlType::BF16).unwrap();
+                let mut cache = g.new_cache();
+                let mut logits = vec![0f32; config.vocab];
+                g.prefill(&[2, 300, 301], &mut cache, Some(&mut logits))
+                    .unwrap();
+                (g.weight_bytes(), announced, logits)
+            })
+        })
+        .collect();
+    let ranks: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (held, announced, logits) in &ranks {
+        assert_eq!(held, announced);
+        assert!(logits.iter().all(|v| v.is_finite()));
+        assert_eq!(logits, &ranks[0].2, "every rank ends with the same logits");
+    }
+
+    let e = Gemma::random(
+        config.clone(),
+        tokenizer(),
+        GgmlType::Q4K,
+        1,
+        Box::new(kernels::collective::SingleRank),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("rows of 640 values are not whole 256-value blocks of q4_K"),
+        "{e}"
+    );
+}
+
+/// `--random-weights` announces the memory it needs and refuses, before
+/// allocating, what the machine (here capped by DIMA_MEMORY_LIMIT) cannot
+/// hold.
+#[test]
+fn random_weights_refuse_what_does_not_fit() {
+    let run = |model: &str| {
+        std::process::Command::new(dima_tests::dima_bin())
+            .args([
+                "bench",
+                "decode",
+                "--model",
+                model,
+                "--random-weights",
+                "--batch",
+                "2",
+                "--prompt-tokens",
+                "4",
+                "--steps",
+                "2",
+            ])
+            .env("DIMA_MEMORY_LIMIT", (1u64 << 30).to_string())
+            .output()
+            .unwrap()
+    };
+    let big = run("gemma3-27b");
+    let err = String::from_utf8_lossy(&big.stderr);
+    assert_eq!(big.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("gemma3-27b with random bf16 weights: 50.31 GiB of weights"),
+        "{err}"
+    );
+    assert!(
+        err.contains("needs 50.")
+            && err.contains("has 1.00 GiB available")
+            && err.contains("refusing"),
+        "{err}"
+    );
+    let small = run("gemma3-270m");
+    let err = String::from_utf8_lossy(&small.stderr);
+    assert!(small.status.success(), "{err}");
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&small.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert!(
+        rows.iter()
+            .all(|r| r["tokens_per_s"].as_f64().unwrap() > 0.0)
+    );
+    let bad = run("gemma3-3b");
+    assert_eq!(bad.status.code(), Some(2));
+}

@@ -302,6 +302,26 @@ impl Tokenizer {
         })
     }
 
+    /// A stand-in vocabulary of `size` tokens for models with random
+    /// weights: `<pad>`, `<eos>`, `<bos>` (id 2), `<unk>`, the 256 byte
+    /// tokens, then `<unused_N>` placeholders. Text encodes byte by byte.
+    pub fn synthetic(size: usize) -> Result<Self, VocabError> {
+        let mut pieces: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>"]
+            .map(String::from)
+            .to_vec();
+        let mut kinds = vec![3, 3, 3, 2];
+        for b in 0..=255u8 {
+            pieces.push(format!("<0x{b:02X}>"));
+            kinds.push(6);
+        }
+        while pieces.len() < size {
+            pieces.push(format!("<unused_{}>", pieces.len()));
+            kinds.push(5);
+        }
+        let scores = vec![0f32; pieces.len()];
+        Self::new(pieces, scores, kinds, 2, true)
+    }
+
     /// Vocabulary size.
     pub fn len(&self) -> usize {
         self.pieces.len()

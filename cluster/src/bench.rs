@@ -1083,14 +1083,13 @@ pub fn bench_learner(b: &LearnerBench) -> anyhow::Result<Vec<serde_json::Value>>
 /// tokens, prefilled first (not timed); then `steps` greedy steps are
 /// timed. One JSON value per batch size.
 pub fn bench_decode(
-    model_path: &Path,
+    gemma: &actors::gemma::Gemma,
     batches: &[usize],
     prompt_tokens: usize,
     steps: usize,
     threads: usize,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
-    use actors::gemma::{Gemma, KvCache, argmax};
-    let gemma = Gemma::load(model_path)?;
+    use actors::gemma::{KvCache, argmax};
     let vocab = gemma.config().vocab;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
@@ -1134,6 +1133,8 @@ pub fn bench_decode(
             "tokens_per_s": rate,
             "per_sequence_tokens_per_s": rate / b as f64,
             "over_batch_1": rate / base,
+            "weight_bytes": gemma.weight_bytes(),
+            "weight_bytes_per_s": gemma.weight_bytes() as f64 * steps as f64 / seconds,
         }));
     }
     Ok(rows)

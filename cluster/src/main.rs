@@ -547,6 +547,15 @@ enum BenchCommand {
         /// Threads.
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Build --model's size preset (gemma3-270m … gemma3-27b) with
+        /// random weights instead of loading a file: the real shapes, for
+        /// speed. Prints the memory it needs first, and refuses when the
+        /// machine cannot hold it.
+        #[arg(long)]
+        random_weights: bool,
+        /// Weight type of --random-weights: bf16, q8_0 or q4_k.
+        #[arg(long, default_value = "bf16", requires = "random_weights")]
+        weight_type: String,
     },
     /// The count job through `dima up` for each layout, against a
     /// single-threaded loop over the same events. Prints one JSON line per layout.
@@ -1653,15 +1662,39 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     prompt_tokens,
                     steps,
                     threads,
+                    random_weights,
+                    weight_type,
                 },
         } => {
-            let rows = cluster::bench::bench_decode(
-                &cluster::models::gguf_path(model)?,
-                batch,
-                *prompt_tokens,
-                *steps,
-                *threads,
-            )?;
+            let gemma = if *random_weights {
+                let config =
+                    cluster::models::preset(model).map_err(|e| Failure { code: 2, error: e })?;
+                let ty = cluster::models::random_weight_type(weight_type)
+                    .map_err(|e| Failure { code: 2, error: e })?;
+                // KV (f32 keys and values, local layers within their window)
+                // for the largest batch, plus the logits.
+                let most = batch.iter().copied().max().unwrap_or(1).max(1) as u64;
+                let tokens = (*prompt_tokens + *steps) as u64;
+                let kv: u64 = config
+                    .layer_kinds
+                    .iter()
+                    .map(|k| {
+                        let kept = if *k == actors::gemma::LayerKind::Local {
+                            tokens.min(config.window as u64)
+                        } else {
+                            tokens
+                        };
+                        kept * 2 * (config.kv_heads * config.head_dim) as u64 * 4
+                    })
+                    .sum();
+                let working = most * (kv + 2 * config.vocab as u64 * 4) + (256 << 20);
+                cluster::models::random_gemma(model, ty, working, 7)
+                    .map_err(|e| Failure { code: 1, error: e })?
+            } else {
+                actors::gemma::Gemma::load(&cluster::models::model_path(model)?)?
+            };
+            let rows =
+                cluster::bench::bench_decode(&gemma, batch, *prompt_tokens, *steps, *threads)?;
             for row in rows {
                 println!("{row}");
             }

@@ -138,3 +138,99 @@ pub fn inspect(model: &str) -> anyhow::Result<Value> {
         "tensors": tensors,
     }))
 }
+
+/// The size preset a `--model` name names, for `--random-weights`:
+/// `gemma3-27b` or `27b` (also 270m, 1b, 4b, 12b).
+pub fn preset(model: &str) -> anyhow::Result<actors::gemma::GemmaConfig> {
+    let size = model.strip_prefix("gemma3-").unwrap_or(model);
+    actors::gemma::GemmaConfig::preset(size).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--random-weights needs a size preset as --model: gemma3-270m, gemma3-1b, gemma3-4b, \
+             gemma3-12b or gemma3-27b (got {model:?})"
+        )
+    })
+}
+
+/// A `--weight-type` for random weights.
+pub fn random_weight_type(name: &str) -> anyhow::Result<kernels::gguf::GgmlType> {
+    actors::gemma::Gemma::RANDOM_TYPES
+        .into_iter()
+        .find(|t| t.name().eq_ignore_ascii_case(name))
+        .ok_or_else(|| {
+            anyhow::anyhow!("--weight-type {name:?}: random weights come in bf16, q8_0 or q4_k")
+        })
+}
+
+/// The memory dima may allocate: `MemAvailable` from `/proc/meminfo`, or
+/// `DIMA_MEMORY_LIMIT` (bytes) when that is set and smaller.
+pub fn available_memory() -> Option<u64> {
+    let limit = std::env::var("DIMA_MEMORY_LIMIT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        });
+    match (meminfo, limit) {
+        (Some(m), Some(l)) => Some(m.min(l)),
+        (m, l) => m.or(l),
+    }
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 30)
+}
+
+/// A single-rank model of `model`'s preset with random `weight_type`
+/// weights. Before allocating, prints what it needs (the weights plus
+/// `working_bytes` for caches and activations) against the memory
+/// available, and refuses, naming the numbers, when it does not fit.
+pub fn random_gemma(
+    model: &str,
+    weight_type: kernels::gguf::GgmlType,
+    working_bytes: u64,
+    seed: u64,
+) -> anyhow::Result<actors::gemma::Gemma> {
+    use actors::gemma::Gemma;
+    let config = preset(model)?;
+    let weights = Gemma::random_weight_bytes(&config, 1, 0, weight_type)? as u64;
+    let need = weights + working_bytes;
+    let available = available_memory();
+    eprintln!(
+        "{model} with random {} weights: {:.2} GiB of weights + {:.2} GiB of KV cache and activations = {:.2} GiB; {} available",
+        weight_type.name(),
+        gib(weights),
+        gib(working_bytes),
+        gib(need),
+        available.map_or("unknown".to_owned(), |a| format!("{:.2} GiB", gib(a)))
+    );
+    if let Some(available) = available
+        && need > available
+    {
+        anyhow::bail!(
+            "{model} with random {} weights needs {:.2} GiB but this machine has {:.2} GiB available \
+             (MemAvailable in /proc/meminfo, or DIMA_MEMORY_LIMIT): refusing to allocate. A smaller --weight-type \
+             (q4_k holds 4.5 bits per weight), a smaller preset, or more memory would fit",
+            weight_type.name(),
+            gib(need),
+            gib(available)
+        );
+    }
+    let started = std::time::Instant::now();
+    let tokenizer = actors::Tokenizer::synthetic(config.vocab)?;
+    let gemma = Gemma::random(
+        config,
+        tokenizer,
+        weight_type,
+        seed,
+        Box::new(kernels::collective::SingleRank),
+    )?;
+    eprintln!(
+        "built {model} with random weights in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(gemma)
+}
