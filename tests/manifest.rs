@@ -96,8 +96,29 @@ fn duplicate_addresses_and_zero_workers_are_reported_together() {
 
 #[test]
 fn unimplemented_section_is_not_supported_yet() {
-    let done = validate("[inference]\nmodel = \"gemma3-270m\"\n");
-    assert_rejected(&done, 2, &["inference: not supported yet"]);
+    let done = validate("[checkpoints]\ndir = \"/tmp\"\n");
+    assert_rejected(&done, 2, &["checkpoints: not supported yet"]);
+}
+
+#[test]
+fn inference_section_validates_and_names_its_problems() {
+    let done = validate("[inference]\nmodel = \"gemma3-270m\"\ntp = 2\n");
+    done.assert_success();
+    assert!(
+        done.stdout
+            .contains("inference: gemma3-270m as \"gemma3-270m\", tp 2 (all in process 0 (threads))"),
+        "{}",
+        done.stdout
+    );
+    let done = validate("[inference]\nmodel = \"gemma3-270m\"\nbackend = \"cuda\"\nranks = [3]\n");
+    assert_rejected(
+        &done,
+        2,
+        &[
+            "inference.backend: \"cuda\" is not supported yet",
+            "inference.ranks[0]: process 3 does not exist",
+        ],
+    );
 }
 
 #[test]
