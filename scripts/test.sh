@@ -12,6 +12,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== the CUDA backend compiles (feature cuda; cudarc loads CUDA at run time, none needed here)"
+cargo clippy --workspace --all-targets --locked --features cluster/cuda -- -D warnings
+
 echo "== build the dima binary the end-to-end tests run"
 cargo build --locked -p cluster --bin dima
 
@@ -38,6 +41,8 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+# The CUDA backend's CPU-side tests (kernel sources, no-GPU errors).
+cargo test --locked -p kernels --features cuda --lib cuda 2>&1 | tee -a "$log" || status=$?
 # One closing line over every test binary and the doc tests.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

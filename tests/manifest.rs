@@ -105,8 +105,9 @@ fn inference_section_validates_and_names_its_problems() {
     let done = validate("[inference]\nmodel = \"gemma3-270m\"\ntp = 2\n");
     done.assert_success();
     assert!(
-        done.stdout
-            .contains("inference: gemma3-270m as \"gemma3-270m\", tp 2 (all in process 0 (threads))"),
+        done.stdout.contains(
+            "inference: gemma3-270m as \"gemma3-270m\", tp 2 (all in process 0 (threads))"
+        ),
         "{}",
         done.stdout
     );

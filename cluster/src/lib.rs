@@ -20,6 +20,8 @@
 pub mod assign;
 pub mod bench;
 pub mod events;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod inference;
 pub mod launcher;
 pub mod manifest;

@@ -274,6 +274,12 @@ enum Command {
         #[command(subcommand)]
         models: ModelsCommand,
     },
+    /// The GPU (CUDA builds, `--features cuda`): describe it, or check every
+    /// CUDA kernel against the CPU op it mirrors.
+    Gpu {
+        #[command(subcommand)]
+        gpu: GpuCommand,
+    },
     /// End-to-end benchmarks, each against an anchor measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -288,6 +294,54 @@ enum OutputFormat {
 }
 
 /// Loads a Gemma model, with a progress bar when stderr is a terminal.
+#[cfg(feature = "cuda")]
+fn run_gpu(command: &GpuCommand) -> Result<(), Failure> {
+    let no_gpu = |e: kernels::cuda::GpuError| Failure {
+        code: 1,
+        error: e.into(),
+    };
+    match command {
+        GpuCommand::Info { device } => {
+            println!("{}", cluster::gpu::info(*device).map_err(no_gpu)?);
+            Ok(())
+        }
+        GpuCommand::Check { device, seed } => {
+            let rows = cluster::gpu::check(*device, *seed).map_err(no_gpu)?;
+            let failed: Vec<String> = rows
+                .iter()
+                .filter(|r| r["ok"] != true)
+                .map(|r| r["kernel"].as_str().unwrap_or("?").to_owned())
+                .collect();
+            for row in &rows {
+                println!("{row}");
+            }
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: 1,
+                    error: anyhow::anyhow!(
+                        "{} of {} kernel checks failed: {}",
+                        failed.len(),
+                        rows.len(),
+                        failed.join(", ")
+                    ),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_gpu(_command: &GpuCommand) -> Result<(), Failure> {
+    Err(Failure {
+        code: 2,
+        error: anyhow::anyhow!(
+            "this dima was built without CUDA: build it with `cargo build --release -p cluster --features cuda`"
+        ),
+    })
+}
+
 /// Fetches a catalog model that is not in the cache yet (`dima up` does
 /// this before starting processes, so they do not race to fetch it).
 fn ensure_model(model: &str) -> anyhow::Result<()> {
@@ -482,6 +536,27 @@ enum ModelsCommand {
     Inspect {
         /// A catalog name, a .gguf file, or a checkpoint directory.
         model: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GpuCommand {
+    /// Print the GPU's name, compute capability and memory as JSON.
+    Info {
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
+    /// Run every CUDA kernel on random inputs against its CPU reference; one
+    /// JSON line each (`kernel`, `max_abs_err`, `tolerance`, `ok`). Exit 1
+    /// when one is off.
+    Check {
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Seed of the random inputs.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -1604,6 +1679,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             println!("{}", fetched.path.display());
             Ok(())
         }
+        Command::Gpu { gpu } => run_gpu(gpu),
         Command::Models {
             models: ModelsCommand::Inspect { model },
         } => {

@@ -18,6 +18,8 @@
 //! ```
 
 pub mod collective;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gguf;
 pub mod ops;
 pub mod quant;

@@ -1,0 +1,512 @@
+//! The CUDA backend's device side (feature `cuda`): a context and stream on
+//! one GPU, cuBLAS for the bf16 matrix products (f32 accumulation), and our
+//! own kernels (`kernels/cuda/gemma3.cu`) compiled at run time with NVRTC.
+//!
+//! Everything is loaded dynamically (cudarc's `dynamic-loading`), so the
+//! crate builds and links on machines without CUDA; [`Gpu::new`] then
+//! fails with [`GpuError::NoDriver`] instead of panicking. Each kernel
+//! mirrors a CPU op (`crate::ops`) or the model's attention loop; `dima gpu
+//! check` compares them on random inputs.
+
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
+};
+
+/// The kernels' CUDA source.
+pub const SOURCE: &str = include_str!("../cuda/gemma3.cu");
+
+/// The kernels [`SOURCE`] defines, by name.
+pub const KERNELS: [&str; 8] = [
+    "f32_to_bf16",
+    "rms_norm",
+    "rope_neox",
+    "geglu",
+    "embed_bf16",
+    "add_in_place",
+    "attention",
+    "argmax_rows",
+];
+
+/// Why a GPU operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// The CUDA driver or NVRTC library is not installed.
+    #[error("no CUDA here: {0}")]
+    NoDriver(String),
+    /// A driver call failed.
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+    /// NVRTC could not compile the kernels.
+    #[error("compiling kernels/cuda/gemma3.cu with NVRTC: {0}")]
+    Compile(String),
+    /// A cuBLAS call failed.
+    #[error("cuBLAS: {0}")]
+    Blas(String),
+    /// Buffers that do not fit the operation.
+    #[error("{0}")]
+    Shape(String),
+}
+
+impl From<cudarc::driver::DriverError> for GpuError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Self::Driver(e.to_string())
+    }
+}
+
+/// One GPU: its context, a stream, cuBLAS and the compiled kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    functions: Vec<CudaFunction>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("ordinal", &self.ctx.ordinal())
+            .finish()
+    }
+}
+
+/// What [`Gpu::describe`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The device's name.
+    pub name: String,
+    /// Its ordinal.
+    pub ordinal: usize,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Memory (free, total) in bytes.
+    pub memory: (usize, usize),
+}
+
+/// Threads per block for element-wise kernels.
+const THREADS: u32 = 256;
+
+fn grid(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(THREADS).max(1), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn int(v: usize, what: &str) -> Result<i32, GpuError> {
+    i32::try_from(v).map_err(|_| GpuError::Shape(format!("{what} = {v} does not fit an i32")))
+}
+
+fn check(what: &str, len: usize, need: usize) -> Result<(), GpuError> {
+    if len < need {
+        return Err(GpuError::Shape(format!(
+            "{what}: {len} values, the operation needs {need}"
+        )));
+    }
+    Ok(())
+}
+
+/// Host f32 values as bf16 bit patterns (round to nearest even), for
+/// uploads.
+pub fn bf16_bits(values: &[f32]) -> Vec<u16> {
+    values
+        .iter()
+        .map(|v| half::bf16::from_f32(*v).to_bits())
+        .collect()
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`: loads the driver, NVRTC and cuBLAS, compiles the
+    /// kernels. Without CUDA this is [`GpuError::NoDriver`], not a panic.
+    pub fn new(ordinal: usize) -> Result<Self, GpuError> {
+        // SAFETY: only tries to open the shared libraries.
+        let (driver, nvrtc) = unsafe {
+            (
+                cudarc::driver::sys::is_culib_present(),
+                cudarc::nvrtc::sys::is_culib_present(),
+            )
+        };
+        if !driver {
+            return Err(GpuError::NoDriver(
+                "the CUDA driver library (libcuda.so) is not installed or not on LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        if !nvrtc {
+            return Err(GpuError::NoDriver(
+                "the NVRTC library (libnvrtc.so) is not installed or not on LD_LIBRARY_PATH".into(),
+            ));
+        }
+        let count = CudaContext::device_count()?;
+        if ordinal >= usize::try_from(count).unwrap_or(0) {
+            return Err(GpuError::NoDriver(format!(
+                "GPU {ordinal} does not exist ({count} visible)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(Arc::clone(&stream)).map_err(|e| GpuError::Blas(e.to_string()))?;
+        let ptx =
+            cudarc::nvrtc::compile_ptx(SOURCE).map_err(|e| GpuError::Compile(e.to_string()))?;
+        let module = ctx.load_module(ptx)?;
+        let functions = KERNELS
+            .iter()
+            .map(|name| module.load_function(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            functions,
+        })
+    }
+
+    /// The device's name, compute capability and memory.
+    pub fn describe(&self) -> Result<DeviceInfo, GpuError> {
+        Ok(DeviceInfo {
+            name: self.ctx.name()?,
+            ordinal: self.ctx.ordinal(),
+            compute_capability: self.ctx.compute_capability()?,
+            memory: self.ctx.mem_get_info()?,
+        })
+    }
+
+    fn function(&self, name: &str) -> Result<&CudaFunction, GpuError> {
+        KERNELS
+            .iter()
+            .position(|k| *k == name)
+            .and_then(|i| self.functions.get(i))
+            .ok_or_else(|| GpuError::Compile(format!("kernel {name} is missing")))
+    }
+
+    /// Copies `values` to the device.
+    pub fn upload<T: cudarc::driver::DeviceRepr>(
+        &self,
+        values: &[T],
+    ) -> Result<CudaSlice<T>, GpuError> {
+        Ok(self.stream.clone_htod(values)?)
+    }
+
+    /// A zeroed device buffer.
+    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>, GpuError> {
+        Ok(self.stream.alloc_zeros::<T>(n)?)
+    }
+
+    /// Copies a device buffer back (waits for the stream).
+    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        buffer: &CudaSlice<T>,
+    ) -> Result<Vec<T>, GpuError> {
+        Ok(self.stream.clone_dtoh(buffer)?)
+    }
+
+    /// Waits for every queued operation.
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// `y = bf16(x)` for `n` values.
+    pub fn to_bf16(
+        &self,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<u16>,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        check("to_bf16 x", x.len(), n)?;
+        check("to_bf16 y", y.len(), n)?;
+        let n32 = int(n, "n")?;
+        let mut b = self.stream.launch_builder(self.function("f32_to_bf16")?);
+        b.arg(x).arg(y).arg(&n32);
+        // SAFETY: the kernel reads n values of x and writes n of y (checked).
+        unsafe { b.launch(grid(n)) }?;
+        Ok(())
+    }
+
+    /// `rows` rows of `dim`: `y = x / sqrt(mean(x²) + eps) · w`
+    /// ([`crate::ops::rms_norm`]).
+    pub fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        (rows, dim): (usize, usize),
+        eps: f32,
+    ) -> Result<(), GpuError> {
+        check("rms_norm x", x.len(), rows * dim)?;
+        check("rms_norm w", w.len(), dim)?;
+        check("rms_norm y", y.len(), rows * dim)?;
+        let dim32 = int(dim, "dim")?;
+        let mut b = self.stream.launch_builder(self.function("rms_norm")?);
+        b.arg(x).arg(w).arg(y).arg(&dim32).arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (int(rows, "rows")? as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: THREADS * 4,
+        };
+        // SAFETY: one block per row of `dim` (checked sizes); shared memory
+        // holds one float per thread.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// RoPE (NeoX layout) in place on `tokens` × `heads` heads of
+    /// `head_dim`; `positions[t]` already divided by any linear scaling
+    /// ([`crate::ops::rope_neox`]).
+    pub fn rope_neox(
+        &self,
+        x: &mut CudaSlice<f32>,
+        positions: &CudaSlice<f32>,
+        (tokens, heads, head_dim): (usize, usize, usize),
+        base: f32,
+    ) -> Result<(), GpuError> {
+        check("rope x", x.len(), tokens * heads * head_dim)?;
+        check("rope positions", positions.len(), tokens)?;
+        let (h32, d32) = (int(heads, "heads")?, int(head_dim, "head_dim")?);
+        let mut b = self.stream.launch_builder(self.function("rope_neox")?);
+        b.arg(x).arg(positions).arg(&h32).arg(&d32).arg(&base);
+        let cfg = LaunchConfig {
+            grid_dim: (h32 as u32, int(tokens, "tokens")? as u32, 1),
+            block_dim: (((head_dim / 2) as u32).clamp(1, 1024), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: grid (heads, tokens) over checked sizes.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `out = gelu_tanh(gate) · up` for `n` values.
+    pub fn geglu(
+        &self,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        check("geglu gate", gate.len(), n)?;
+        check("geglu up", up.len(), n)?;
+        check("geglu out", out.len(), n)?;
+        let n32 = int(n, "n")?;
+        let mut b = self.stream.launch_builder(self.function("geglu")?);
+        b.arg(gate).arg(up).arg(out).arg(&n32);
+        // SAFETY: n values each (checked).
+        unsafe { b.launch(grid(n)) }?;
+        Ok(())
+    }
+
+    /// `out[t] = table[ids[t]] · scale` (a bf16 table of `dim` columns).
+    pub fn embed_bf16(
+        &self,
+        table: &CudaSlice<u16>,
+        ids: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        (tokens, dim): (usize, usize),
+        scale: f32,
+    ) -> Result<(), GpuError> {
+        check("embed ids", ids.len(), tokens)?;
+        check("embed out", out.len(), tokens * dim)?;
+        let d32 = int(dim, "dim")?;
+        let mut b = self.stream.launch_builder(self.function("embed_bf16")?);
+        b.arg(table).arg(ids).arg(out).arg(&d32).arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (int(tokens, "tokens")? as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: ids index rows of `table`; the caller's ids are below its
+        // rows (the model checks token ids against the vocabulary).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `x += y` for `n` values.
+    pub fn add_in_place(
+        &self,
+        x: &mut CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        check("add x", x.len(), n)?;
+        check("add y", y.len(), n)?;
+        let n32 = int(n, "n")?;
+        let mut b = self.stream.launch_builder(self.function("add_in_place")?);
+        b.arg(x).arg(y).arg(&n32);
+        // SAFETY: n values each (checked).
+        unsafe { b.launch(grid(n)) }?;
+        Ok(())
+    }
+
+    /// Attention for `tokens` queries of `heads` heads (already scaled) over
+    /// the cached keys and values (`kv_dim` per slot): token `t` sees
+    /// positions up to `positions[t]`, the last `window` only when
+    /// `window > 0`; slot = position % `slots` when `slots > 0`. Query head
+    /// h reads KV head h / `group`. Online softmax over tiles of positions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: &CudaSlice<f32>,
+        (k, v): (&CudaSlice<f32>, &CudaSlice<f32>),
+        out: &mut CudaSlice<f32>,
+        positions: &CudaSlice<i32>,
+        (tokens, heads, head_dim, kv_dim): (usize, usize, usize, usize),
+        group: usize,
+        (window, slots): (usize, usize),
+    ) -> Result<(), GpuError> {
+        if head_dim as u32 > THREADS || group == 0 || (heads / group) * head_dim > kv_dim {
+            return Err(GpuError::Shape(format!(
+                "attention: head_dim {head_dim} (at most {THREADS}), group {group}, \
+                 {heads} heads and kv_dim {kv_dim} do not fit"
+            )));
+        }
+        check("attention q", q.len(), tokens * heads * head_dim)?;
+        check("attention out", out.len(), tokens * heads * head_dim)?;
+        check("attention positions", positions.len(), tokens)?;
+        let args = [
+            int(heads, "heads")?,
+            int(head_dim, "head_dim")?,
+            int(kv_dim, "kv_dim")?,
+            int(group, "group")?,
+            int(window, "window")?,
+            int(slots, "slots")?,
+        ];
+        let mut b = self.stream.launch_builder(self.function("attention")?);
+        b.arg(q).arg(k).arg(v).arg(out).arg(positions);
+        for a in &args {
+            b.arg(a);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (args[0] as u32, int(tokens, "tokens")? as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: THREADS * 4,
+        };
+        // SAFETY: sizes checked above; the cache holds every slot the
+        // positions name (the caller's invariant, as on the CPU).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `out[r]` = the index of the largest value of row `r` (`n` each).
+    pub fn argmax_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        (rows, n): (usize, usize),
+        out: &mut CudaSlice<i32>,
+    ) -> Result<(), GpuError> {
+        check("argmax x", x.len(), rows * n)?;
+        check("argmax out", out.len(), rows)?;
+        let n32 = int(n, "n")?;
+        let mut b = self.stream.launch_builder(self.function("argmax_rows")?);
+        b.arg(x).arg(&n32).arg(out);
+        let cfg = LaunchConfig {
+            grid_dim: (int(rows, "rows")? as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: THREADS * 8,
+        };
+        // SAFETY: one block per row (checked); shared memory holds a float
+        // and an int per thread.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `out (tokens × rows, f32) = xs (tokens × cols, bf16) · Wᵀ` for a bf16
+    /// weight `w` of `rows` × `cols` (row-major, as in the files), with f32
+    /// accumulation (cuBLAS GEMM-ex, compute type 32F).
+    pub fn gemm_bf16(
+        &self,
+        w: &CudaSlice<u16>,
+        (rows, cols): (usize, usize),
+        xs: &CudaSlice<u16>,
+        tokens: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        use cudarc::cublas::sys::{
+            cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+        };
+        check("gemm w", w.len(), rows * cols)?;
+        check("gemm xs", xs.len(), tokens * cols)?;
+        check("gemm out", out.len(), tokens * rows)?;
+        let (m, n, k) = (
+            int(rows, "rows")?,
+            int(tokens, "tokens")?,
+            int(cols, "cols")?,
+        );
+        let (alpha, beta) = (1f32, 0f32);
+        let (wp, _w_sync) = w.device_ptr(&self.stream);
+        let (xp, _x_sync) = xs.device_ptr(&self.stream);
+        let (op, _o_sync) = out.device_ptr_mut(&self.stream);
+        // Column-major view: out is (rows × tokens) with ldc = rows; W is
+        // (cols × rows) with lda = cols, transposed; xs is (cols × tokens).
+        // SAFETY: the pointers are live device buffers of the checked sizes
+        // on this handle's stream; alpha and beta outlive the call.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                (&raw const alpha).cast(),
+                wp as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                k,
+                xp as *const _,
+                cudaDataType_t::CUDA_R_16BF,
+                k,
+                (&raw const beta).cast(),
+                op as *mut _,
+                cudaDataType_t::CUDA_R_32F,
+                m,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| GpuError::Blas(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel the Rust side launches is defined in the source, as
+    /// `extern "C"` (so NVRTC keeps its name).
+    #[test]
+    fn every_kernel_is_defined_in_the_source() {
+        let body = SOURCE
+            .split_once("extern \"C\" {")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        for k in KERNELS {
+            assert!(
+                body.contains(&format!("__global__ void {k}(")),
+                "{k} is not a kernel of gemma3.cu"
+            );
+        }
+        assert!(!SOURCE.contains("#include"), "NVRTC compiles it alone");
+    }
+
+    /// Without CUDA, opening a GPU is an error that says so, not a panic.
+    #[test]
+    fn no_gpu_is_an_error_not_a_panic() {
+        // SAFETY: only tries to open the shared library.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            return;
+        }
+        let e = Gpu::new(0).unwrap_err().to_string();
+        assert!(e.contains("no CUDA here") && e.contains("libcuda"), "{e}");
+    }
+
+    #[test]
+    fn bf16_bits_round_to_nearest_even() {
+        assert_eq!(bf16_bits(&[1.0, -2.0, 0.0]), vec![0x3f80, 0xc000, 0]);
+        // 1 + 2^-8 is halfway between two bf16 values: ties to even (1.0).
+        assert_eq!(bf16_bits(&[1.0 + 1.0 / 256.0]), vec![0x3f80]);
+    }
+}
