@@ -113,3 +113,42 @@ fn assign_solves_json_and_csv_problems() {
     );
     done.assert_no_panic();
 }
+
+/// The GPU commands in a build without the `cuda` feature (what CI runs):
+/// a usage error that says how to build with CUDA, exit 2, no panic.
+#[test]
+fn gpu_commands_without_cuda_say_how_to_build_it() {
+    for args in [
+        &["gpu", "check"][..],
+        &["gpu", "info"],
+        &["gpu", "parity", "--random-weights"],
+        &[
+            "generate",
+            "--model",
+            "gemma3-270m",
+            "--prompt",
+            "hi",
+            "--backend",
+            "cuda",
+        ],
+        &[
+            "bench",
+            "decode",
+            "--model",
+            "gemma3-270m",
+            "--random-weights",
+            "--backend",
+            "cuda",
+            "--batch",
+            "1",
+            "--steps",
+            "1",
+            "--prompt-tokens",
+            "2",
+        ],
+    ] {
+        let done = run_dima(args, Duration::from_secs(60));
+        done.assert_rejected(2, &["built without CUDA", "--features cuda"]);
+        done.assert_no_panic();
+    }
+}

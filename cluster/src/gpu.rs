@@ -164,6 +164,37 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
         0.0,
     ));
 
+    // scale_in_place: exact (one multiply each).
+    let a = random(777, 3.0);
+    let want: Vec<f32> = a.iter().map(|v| v * 0.0625).collect();
+    let mut da = gpu.upload(&a)?;
+    gpu.scale_in_place(&mut da, 0.0625, a.len())?;
+    rows.push(row(
+        "scale_in_place",
+        max_err(&gpu.download(&da)?, &want),
+        0.0,
+    ));
+
+    // store_kv: rows land in their slots, the rest stays zero.
+    let (kv_dim, slots) = (512, 10);
+    let (kr, vr) = (random(3 * kv_dim, 1.0), random(3 * kv_dim, 1.0));
+    let dest = [7i32, 0, 4];
+    let mut want_k = vec![0f32; slots * kv_dim];
+    let mut want_v = vec![0f32; slots * kv_dim];
+    for (r, &d) in dest.iter().enumerate() {
+        let d = d as usize;
+        want_k[d * kv_dim..(d + 1) * kv_dim].copy_from_slice(&kr[r * kv_dim..(r + 1) * kv_dim]);
+        want_v[d * kv_dim..(d + 1) * kv_dim].copy_from_slice(&vr[r * kv_dim..(r + 1) * kv_dim]);
+    }
+    let (dk, dv, dd) = (gpu.upload(&kr)?, gpu.upload(&vr)?, gpu.upload(&dest)?);
+    let (mut ck, mut cv) = (
+        gpu.zeros::<f32>(slots * kv_dim)?,
+        gpu.zeros::<f32>(slots * kv_dim)?,
+    );
+    gpu.store_kv((&dk, &dv), (&mut ck, &mut cv), &dd, (3, kv_dim), slots)?;
+    let err = max_err(&gpu.download(&ck)?, &want_k).max(max_err(&gpu.download(&cv)?, &want_v));
+    rows.push(row("store_kv", err, 0.0));
+
     // add_in_place: exact.
     let (a, b) = (random(1000, 1.0), random(1000, 1.0));
     let want: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a + b).collect();
@@ -213,12 +244,13 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
         }
         let (dq, dk, dv) = (gpu.upload(&q)?, gpu.upload(&k)?, gpu.upload(&v)?);
         let dp = gpu.upload(&positions)?;
+        let db = gpu.upload(&vec![0i32; tokens])?;
         let mut dout = gpu.zeros::<f32>(want.len())?;
         gpu.attention(
             &dq,
             (&dk, &dv),
             &mut dout,
-            &dp,
+            (&dp, &db),
             (tokens, heads, hd, kv_dim),
             group,
             (window, slots),
@@ -261,5 +293,130 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
         max_err(&gpu.download(&dout)?, &want),
         1e-3,
     ));
+    Ok(rows)
+}
+
+/// `dima bench decode --backend cuda`: aggregate decode tokens/s per batch
+/// size on the GPU (greedy, each sequence its own prompt), next to the
+/// memory-bandwidth roofline: every step reads every weight once and each
+/// sequence's KV cache, so at most `batch × bandwidth / bytes_per_step`
+/// tokens/s, with the bandwidth measured by device-to-device copies in the
+/// same run.
+pub fn bench_decode(
+    model: &actors::gemma::gpu::GpuGemma,
+    batches: &[usize],
+    prompt_tokens: usize,
+    steps: usize,
+) -> anyhow::Result<Vec<Value>> {
+    let c = model.config().clone();
+    let bandwidth = model.gpu().copy_bandwidth(1 << 30, 20)?;
+    let mut sizes: Vec<usize> = std::iter::once(1)
+        .chain(batches.iter().copied().filter(|b| *b > 0))
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let most = sizes.last().copied().unwrap_or(1);
+    let mut pool = model.new_pool(most, prompt_tokens + steps + 2)?;
+    let kv_row = 2 * c.kv_heads * c.head_dim * 4;
+    let mut rows = Vec::new();
+    let mut single = None;
+    for &b in &sizes {
+        let mut next = Vec::with_capacity(b);
+        for s in 0..b {
+            pool.clear(s);
+            let prompt: Vec<u32> = std::iter::once(2)
+                .chain(
+                    (0..prompt_tokens.saturating_sub(1))
+                        .map(|i| (1000 + 37 * (i + 11 * s)) as u32 % 200_000 + 300),
+                )
+                .collect();
+            let logits = model.prefill(&prompt, s, &mut pool)?;
+            next.push(actors::gemma::argmax(&logits));
+        }
+        let seqs: Vec<usize> = (0..b).collect();
+        let started = std::time::Instant::now();
+        for _ in 0..steps {
+            let logits = model.decode(&next, &seqs, &mut pool)?;
+            for (t, row) in next.iter_mut().zip(logits.chunks_exact(c.vocab)) {
+                *t = actors::gemma::argmax(row);
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let rate = (b * steps) as f64 / seconds;
+        let base = *single.get_or_insert(rate);
+        // KV read per step: each sequence's positions on every layer
+        // (local layers within the window), at the run's middle step.
+        let mid = prompt_tokens + steps / 2;
+        let kv: usize = c
+            .layer_kinds
+            .iter()
+            .map(|k| match k {
+                actors::gemma::LayerKind::Local => mid.min(c.window),
+                actors::gemma::LayerKind::Global => mid,
+            } * kv_row)
+            .sum::<usize>()
+            * b;
+        let bytes_per_step = model.weight_bytes() + kv;
+        let roofline = b as f64 * bandwidth / bytes_per_step as f64;
+        rows.push(json!({
+            "bench": "decode",
+            "backend": "cuda",
+            "batch": b,
+            "prompt_tokens": prompt_tokens,
+            "steps": steps,
+            "seconds": seconds,
+            "tokens_per_s": rate,
+            "over_batch_1": rate / base,
+            "weight_bytes": model.weight_bytes(),
+            "bytes_per_step": bytes_per_step,
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "roofline_tokens_per_s": roofline,
+            "of_roofline": rate / roofline,
+        }));
+    }
+    Ok(rows)
+}
+
+/// `dima gpu parity`: the same model on the CPU and on the GPU, prompt by
+/// prompt: the last prompt position's logits (largest difference, top-1),
+/// then `steps` teacher-forced steps on the CPU's greedy tokens (how often
+/// the GPU's argmax agrees, the largest logit difference).
+pub fn parity(
+    gemma: &actors::gemma::Gemma,
+    model: &actors::gemma::gpu::GpuGemma,
+    prompts: &[Vec<u32>],
+    steps: usize,
+) -> anyhow::Result<Vec<Value>> {
+    let vocab = gemma.config().vocab;
+    let mut rows = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let mut cache = gemma.new_cache();
+        let mut cpu = vec![0f32; vocab];
+        gemma.prefill(prompt, &mut cache, Some(&mut cpu))?;
+        let mut pool = model.new_pool(1, prompt.len() + steps + 2)?;
+        let gpu = model.prefill(prompt, 0, &mut pool)?;
+        let first_err = max_err(&cpu, &gpu);
+        let top1 = actors::gemma::argmax(&cpu) == actors::gemma::argmax(&gpu);
+        let (mut agree, mut worst) = (0usize, first_err);
+        let mut cpu_step = cpu;
+        for _ in 0..steps {
+            let next = actors::gemma::argmax(&cpu_step);
+            gemma.forward(next, &mut cache, Some(&mut cpu_step))?;
+            let g = model.decode(&[next], &[0], &mut pool)?;
+            if actors::gemma::argmax(&g) == actors::gemma::argmax(&cpu_step) {
+                agree += 1;
+            }
+            worst = worst.max(max_err(&cpu_step, &g));
+        }
+        rows.push(json!({
+            "prompt": i,
+            "prompt_tokens": prompt.len(),
+            "last_position_max_abs_diff": first_err,
+            "top1_equal": top1,
+            "teacher_forced_steps": steps,
+            "argmax_agreement": agree as f64 / steps.max(1) as f64,
+            "max_abs_diff": worst,
+        }));
+    }
     Ok(rows)
 }

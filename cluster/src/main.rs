@@ -132,6 +132,12 @@ enum Command {
         /// How long a rank waits for its peers (connecting, and in each step).
         #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
         collective_timeout: f64,
+        /// Where the model runs: `cpu`, or `cuda` (one GPU, tp 1).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: Backend,
+        /// The CUDA device with `--backend cuda`.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
     },
     /// Serve a model over an OpenAI-compatible HTTP API (`/v1/completions`,
     /// `/v1/chat/completions`, `/v1/models`, `/health`) with continuous
@@ -287,6 +293,15 @@ enum Command {
     },
 }
 
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// This machine's CPU cores.
+    Cpu,
+    /// One NVIDIA GPU (builds with `--features cuda`).
+    Cuda,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum OutputFormat {
     Text,
@@ -294,6 +309,105 @@ enum OutputFormat {
 }
 
 /// Loads a Gemma model, with a progress bar when stderr is a terminal.
+/// Uploads `gemma` to GPU `device`, printing what it holds.
+#[cfg(feature = "cuda")]
+fn upload_to_gpu(
+    gemma: &actors::gemma::Gemma,
+    device: usize,
+) -> anyhow::Result<actors::gemma::gpu::GpuGemma> {
+    let gpu = kernels::cuda::Gpu::new(device)?;
+    let info = gpu.describe()?;
+    let need = actors::gemma::Gemma::random_weight_bytes(
+        gemma.config(),
+        1,
+        0,
+        kernels::gguf::GgmlType::BF16,
+    )?;
+    if need > info.memory.0 {
+        anyhow::bail!(
+            "the model needs {:.2} GiB of bf16 weights on {} but only {:.2} GiB are free: refusing",
+            need as f64 / f64::from(1u32 << 30),
+            info.name,
+            info.memory.0 as f64 / f64::from(1u32 << 30)
+        );
+    }
+    let started = std::time::Instant::now();
+    let model = actors::gemma::gpu::GpuGemma::upload(gemma, gpu, |_, _| {})?;
+    let gib = |b: usize| b as f64 / f64::from(1u32 << 30);
+    eprintln!(
+        "uploaded to {} (GPU {device}): {:.2} GiB of bf16 weights in {:.1} s; {:.1} of {:.1} GiB were free",
+        info.name,
+        gib(model.weight_bytes()),
+        started.elapsed().as_secs_f64(),
+        gib(info.memory.0),
+        gib(info.memory.1),
+    );
+    Ok(model)
+}
+
+#[cfg(feature = "cuda")]
+fn generate_on_gpu(
+    gemma: &actors::gemma::Gemma,
+    device: usize,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: actors::gemma::Sampling,
+) -> Result<Vec<u32>, Failure> {
+    let model = upload_to_gpu(gemma, device).map_err(|e| Failure { code: 1, error: e })?;
+    let mut sampler = actors::gemma::Sampler::new(sampling);
+    actors::gemma::gpu::generate(&model, prompt, max_tokens, &mut sampler, |_| {}).map_err(|e| {
+        Failure {
+            code: 1,
+            error: e.into(),
+        }
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn generate_on_gpu(
+    _gemma: &actors::gemma::Gemma,
+    _device: usize,
+    _prompt: &[u32],
+    _max_tokens: usize,
+    _sampling: actors::gemma::Sampling,
+) -> Result<Vec<u32>, Failure> {
+    Err(no_cuda())
+}
+
+#[cfg(feature = "cuda")]
+fn bench_decode_on_gpu(
+    gemma: &actors::gemma::Gemma,
+    device: usize,
+    batch: &[usize],
+    prompt_tokens: usize,
+    steps: usize,
+) -> Result<Vec<serde_json::Value>, Failure> {
+    let fail = |e: anyhow::Error| Failure { code: 1, error: e };
+    let model = upload_to_gpu(gemma, device).map_err(fail)?;
+    cluster::gpu::bench_decode(&model, batch, prompt_tokens, steps).map_err(fail)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_decode_on_gpu(
+    _gemma: &actors::gemma::Gemma,
+    _device: usize,
+    _batch: &[usize],
+    _prompt_tokens: usize,
+    _steps: usize,
+) -> Result<Vec<serde_json::Value>, Failure> {
+    Err(no_cuda())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> Failure {
+    Failure {
+        code: 2,
+        error: anyhow::anyhow!(
+            "this dima was built without CUDA: build it with `cargo build --release -p cluster --features cuda`"
+        ),
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn run_gpu(command: &GpuCommand) -> Result<(), Failure> {
     let no_gpu = |e: kernels::cuda::GpuError| Failure {
@@ -303,6 +417,37 @@ fn run_gpu(command: &GpuCommand) -> Result<(), Failure> {
     match command {
         GpuCommand::Info { device } => {
             println!("{}", cluster::gpu::info(*device).map_err(no_gpu)?);
+            Ok(())
+        }
+        GpuCommand::Parity {
+            model,
+            random_weights,
+            device,
+            steps,
+        } => {
+            let fail = |e: anyhow::Error| Failure { code: 1, error: e };
+            let gemma = if *random_weights {
+                cluster::models::random_gemma(model, kernels::gguf::GgmlType::BF16, 1 << 30, 7)
+                    .map_err(fail)?
+            } else {
+                load_gemma(model).map_err(fail)?
+            };
+            let gpu_model = upload_to_gpu(&gemma, *device).map_err(fail)?;
+            let texts = [
+                "The capital of France is",
+                "Write a haiku about the sea:",
+                "def fibonacci(n):",
+                "Les enfants jouent dans le jardin et",
+                "1, 2, 3, 4,",
+                "Explain why the sky is blue.",
+            ];
+            let prompts: Vec<Vec<u32>> = texts
+                .iter()
+                .map(|t| gemma.tokenizer().encode(t, true, false))
+                .collect();
+            for row in cluster::gpu::parity(&gemma, &gpu_model, &prompts, *steps).map_err(fail)? {
+                println!("{row}");
+            }
             Ok(())
         }
         GpuCommand::Check { device, seed } => {
@@ -334,12 +479,7 @@ fn run_gpu(command: &GpuCommand) -> Result<(), Failure> {
 
 #[cfg(not(feature = "cuda"))]
 fn run_gpu(_command: &GpuCommand) -> Result<(), Failure> {
-    Err(Failure {
-        code: 2,
-        error: anyhow::anyhow!(
-            "this dima was built without CUDA: build it with `cargo build --release -p cluster --features cuda`"
-        ),
-    })
+    Err(no_cuda())
 }
 
 /// Fetches a catalog model that is not in the cache yet (`dima up` does
@@ -547,6 +687,22 @@ enum GpuCommand {
         #[arg(long, default_value_t = 0)]
         device: usize,
     },
+    /// The same model on the CPU and on GPU `device`: per prompt, the last
+    /// position's logits and teacher-forced greedy steps; one JSON line each.
+    Parity {
+        /// A catalog name or model file; with --random-weights, a size preset.
+        #[arg(long, default_value = "gemma3-270m")]
+        model: String,
+        /// Build the preset with random bf16 weights (seeded) instead.
+        #[arg(long)]
+        random_weights: bool,
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Teacher-forced steps per prompt.
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+    },
     /// Run every CUDA kernel on random inputs against its CPU reference; one
     /// JSON line each (`kernel`, `max_abs_err`, `tolerance`, `ok`). Exit 1
     /// when one is off.
@@ -631,6 +787,13 @@ enum BenchCommand {
         /// Weight type of --random-weights: bf16, q8_0 or q4_k.
         #[arg(long, default_value = "bf16", requires = "random_weights")]
         weight_type: String,
+        /// Where the model runs: `cpu`, or `cuda` (one GPU; reports the
+        /// fraction of the measured memory-bandwidth roofline).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: Backend,
+        /// The CUDA device with `--backend cuda`.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
     },
     /// The count job through `dima up` for each layout, against a
     /// single-threaded loop over the same events. Prints one JSON line per layout.
@@ -1086,6 +1249,8 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             rank,
             root,
             collective_timeout,
+            backend,
+            device,
         } => {
             use std::io::Write;
             let sampling = actors::gemma::Sampling {
@@ -1117,6 +1282,30 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             } else {
                 prompt.clone()
             };
+            if *backend == Backend::Cuda {
+                if *tp != 1 || rank.is_some() {
+                    return Err(usage(
+                        "--backend cuda runs one rank: tensor parallelism on GPUs comes with NCCL"
+                            .into(),
+                    ));
+                }
+                let gemma = load_gemma(model)?;
+                let prompt_ids = gemma.tokenizer().encode(&text, true, true);
+                let ids = generate_on_gpu(&gemma, *device, &prompt_ids, *max_tokens, sampling)?;
+                let shown: Vec<u32> = ids
+                    .iter()
+                    .copied()
+                    .filter(|t| !actors::gemma::END_OF_GENERATION.contains(t))
+                    .collect();
+                match format {
+                    OutputFormat::Text => println!("{}", gemma.tokenizer().decode(&shown)),
+                    OutputFormat::Json => println!(
+                        "{}",
+                        serde_json::json!({"prompt_ids": prompt_ids, "ids": ids, "text": gemma.tokenizer().decode(&ids)})
+                    ),
+                }
+                return Ok(());
+            }
             // Every rank runs the same generation (same ids, same sampler
             // seed, bit-identical logits); rank 0 prints.
             let path = cluster::models::model_path(model)?;
@@ -1740,6 +1929,8 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     threads,
                     random_weights,
                     weight_type,
+                    backend,
+                    device,
                 },
         } => {
             let gemma = if *random_weights {
@@ -1769,6 +1960,12 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             } else {
                 actors::gemma::Gemma::load(&cluster::models::model_path(model)?)?
             };
+            if *backend == Backend::Cuda {
+                for row in bench_decode_on_gpu(&gemma, *device, batch, *prompt_tokens, *steps)? {
+                    println!("{row}");
+                }
+                return Ok(());
+            }
             let rows =
                 cluster::bench::bench_decode(&gemma, batch, *prompt_tokens, *steps, *threads)?;
             for row in rows {

@@ -79,6 +79,23 @@ __global__ void embed_bf16(const unsigned short* table, const int* ids, float* o
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = bf16_value(row[i]) * scale;
 }
 
+// x[i] *= s.
+__global__ void scale_in_place(float* x, float s, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= s;
+}
+
+// One block per row: copies row r of k_rows and v_rows (kv_dim each) into
+// slot dest[r] of the caches.
+__global__ void store_kv(const float* k_rows, const float* v_rows, float* k_cache, float* v_cache,
+                         const int* dest, int kv_dim) {
+    size_t from = (size_t)blockIdx.x * kv_dim, to = (size_t)dest[blockIdx.x] * kv_dim;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        k_cache[to + i] = k_rows[from + i];
+        v_cache[to + i] = v_rows[from + i];
+    }
+}
+
 // x[i] += y[i].
 __global__ void add_in_place(float* x, const float* y, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -90,15 +107,19 @@ __global__ void add_in_place(float* x, const float* y, int n) {
 // blockDim positions with a running max and sum (online softmax), so the
 // full score row never exists. `q` is already scaled. Query head `head`
 // reads KV head head / group. `window` > 0 limits local layers to the last
-// `window` positions; `slots` > 0 makes the cache a ring of that many
-// slots (position p lives in slot p % slots), else slot = position.
-// Needs blockDim.x >= head_dim and shared memory for blockDim.x floats.
+// `window` positions; `slots` > 0 makes each sequence's cache a ring of
+// that many slots (position p lives in slot p % slots), else slot =
+// position; token t's sequence starts at slot base[t] of the cache (many
+// sequences share one cache buffer per layer). Needs blockDim.x >=
+// head_dim and shared memory for blockDim.x floats.
 __global__ void attention(const float* q, const float* k, const float* v, float* out,
-                          const int* position, int heads, int head_dim, int kv_dim,
-                          int group, int window, int slots) {
+                          const int* position, const int* base, int heads, int head_dim,
+                          int kv_dim, int group, int window, int slots) {
     extern __shared__ float tile[];
     int head = blockIdx.x, t = blockIdx.y, tid = threadIdx.x;
     int pos = position[t];
+    k += (size_t)base[t] * kv_dim;
+    v += (size_t)base[t] * kv_dim;
     int first = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0;
     const float* qh = q + ((size_t)t * heads + head) * head_dim;
     int kv_off = (head / group) * head_dim;

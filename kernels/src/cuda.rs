@@ -12,16 +12,19 @@ use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
+
+pub use cudarc::driver::CudaSlice;
 
 /// The kernels' CUDA source.
 pub const SOURCE: &str = include_str!("../cuda/gemma3.cu");
 
 /// The kernels [`SOURCE`] defines, by name.
-pub const KERNELS: [&str; 8] = [
+pub const KERNELS: [&str; 10] = [
     "f32_to_bf16",
+    "scale_in_place",
+    "store_kv",
     "rms_norm",
     "rope_neox",
     "geglu",
@@ -212,6 +215,24 @@ impl Gpu {
         Ok(self.stream.synchronize()?)
     }
 
+    /// Device memory bandwidth, bytes per second (read plus write), from
+    /// `reps` device-to-device copies of `bytes`: the roofline decode is
+    /// measured against.
+    pub fn copy_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64, GpuError> {
+        let n = bytes / 4;
+        let src = self.zeros::<f32>(n)?;
+        let mut dst = self.zeros::<f32>(n)?;
+        self.stream.memcpy_dtod(&src, &mut dst)?;
+        self.synchronize()?;
+        let started = std::time::Instant::now();
+        for _ in 0..reps {
+            self.stream.memcpy_dtod(&src, &mut dst)?;
+        }
+        self.synchronize()?;
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(2.0 * (n * 4) as f64 * reps as f64 / seconds)
+    }
+
     /// `y = bf16(x)` for `n` values.
     pub fn to_bf16(
         &self,
@@ -342,22 +363,70 @@ impl Gpu {
         Ok(())
     }
 
+    /// `x *= s` for `n` values.
+    pub fn scale_in_place(&self, x: &mut CudaSlice<f32>, s: f32, n: usize) -> Result<(), GpuError> {
+        check("scale x", x.len(), n)?;
+        let n32 = int(n, "n")?;
+        let mut b = self.stream.launch_builder(self.function("scale_in_place")?);
+        b.arg(x).arg(&s).arg(&n32);
+        // SAFETY: n values (checked).
+        unsafe { b.launch(grid(n)) }?;
+        Ok(())
+    }
+
+    /// Copies row `r` of `k_rows`/`v_rows` (`kv_dim` each) into slot
+    /// `dest[r]` of the caches, for `rows` rows.
+    pub fn store_kv(
+        &self,
+        (k_rows, v_rows): (&CudaSlice<f32>, &CudaSlice<f32>),
+        (k_cache, v_cache): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        dest: &CudaSlice<i32>,
+        (rows, kv_dim): (usize, usize),
+        cache_slots: usize,
+    ) -> Result<(), GpuError> {
+        check("store_kv k", k_rows.len(), rows * kv_dim)?;
+        check("store_kv v", v_rows.len(), rows * kv_dim)?;
+        check("store_kv dest", dest.len(), rows)?;
+        check("store_kv k cache", k_cache.len(), cache_slots * kv_dim)?;
+        check("store_kv v cache", v_cache.len(), cache_slots * kv_dim)?;
+        let d32 = int(kv_dim, "kv_dim")?;
+        let mut b = self.stream.launch_builder(self.function("store_kv")?);
+        b.arg(k_rows)
+            .arg(v_rows)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(dest)
+            .arg(&d32);
+        let cfg = LaunchConfig {
+            grid_dim: (int(rows, "rows")? as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: sizes checked; the caller's destinations are below
+        // `cache_slots` (the model computes them from its own layout).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
     /// Attention for `tokens` queries of `heads` heads (already scaled) over
     /// the cached keys and values (`kv_dim` per slot): token `t` sees
-    /// positions up to `positions[t]`, the last `window` only when
-    /// `window > 0`; slot = position % `slots` when `slots > 0`. Query head
-    /// h reads KV head h / `group`. Online softmax over tiles of positions.
+    /// positions up to `positions[t]` of the sequence starting at slot
+    /// `bases[t]`, the last `window` only when `window > 0`; slot = base +
+    /// position % `slots` when `slots > 0`, else base + position. Query
+    /// head h reads KV head h / `group`. Online softmax over tiles of
+    /// positions.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
         q: &CudaSlice<f32>,
         (k, v): (&CudaSlice<f32>, &CudaSlice<f32>),
         out: &mut CudaSlice<f32>,
-        positions: &CudaSlice<i32>,
+        (positions, bases): (&CudaSlice<i32>, &CudaSlice<i32>),
         (tokens, heads, head_dim, kv_dim): (usize, usize, usize, usize),
         group: usize,
         (window, slots): (usize, usize),
     ) -> Result<(), GpuError> {
+        check("attention bases", bases.len(), tokens)?;
         if head_dim as u32 > THREADS || group == 0 || (heads / group) * head_dim > kv_dim {
             return Err(GpuError::Shape(format!(
                 "attention: head_dim {head_dim} (at most {THREADS}), group {group}, \
@@ -376,7 +445,7 @@ impl Gpu {
             int(slots, "slots")?,
         ];
         let mut b = self.stream.launch_builder(self.function("attention")?);
-        b.arg(q).arg(k).arg(v).arg(out).arg(positions);
+        b.arg(q).arg(k).arg(v).arg(out).arg(positions).arg(bases);
         for a in &args {
             b.arg(a);
         }

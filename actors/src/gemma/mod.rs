@@ -4,6 +4,8 @@ mod checkpoint;
 pub mod config;
 pub mod engine;
 mod generate;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 mod model;
 mod sampling;
 pub mod shard;
@@ -13,5 +15,5 @@ pub use config::{ConfigError, GemmaConfig, LayerKind};
 pub use generate::{
     END_OF_GENERATION, GenerateError, GenerationStats, Scored, argmax, generate, score,
 };
-pub use model::{Gemma, KvCache, LoadError, load_tokenizer};
+pub use model::{Gemma, KvCache, LayerWeight, LoadError, Weight, load_tokenizer};
 pub use sampling::{Sampler, Sampling, SamplingError};

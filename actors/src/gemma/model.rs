@@ -502,6 +502,34 @@ fn random_bytes(ty: GgmlType, len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// A weight matrix, for [`Gemma::dequantized`] and [`Gemma::bf16_bits`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weight {
+    /// The tied embedding / LM head (this rank's vocabulary rows).
+    TokenEmbd,
+    /// A matrix of layer `i`.
+    Layer(usize, LayerWeight),
+}
+
+/// The matrices of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerWeight {
+    /// `attn_q`.
+    Q,
+    /// `attn_k`.
+    K,
+    /// `attn_v`.
+    V,
+    /// `attn_output`.
+    O,
+    /// `ffn_gate`.
+    Gate,
+    /// `ffn_up`.
+    Up,
+    /// `ffn_down`.
+    Down,
+}
+
 /// Only the tokenizer of a model (GGUF file or checkpoint directory), without
 /// mapping the weights.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, LoadError> {
@@ -870,6 +898,74 @@ impl Gemma {
             embed_scale,
             (&layout, collective),
         )
+    }
+
+    /// A weight matrix of this rank as f32 rows (`rows × cols`), decoded
+    /// from its stored type: what another backend uploads.
+    pub fn dequantized(&self, which: Weight) -> (usize, usize, Vec<f32>) {
+        let m = self.matrix(self.weight_ref(which));
+        let mut out = vec![0f32; m.rows * m.cols];
+        for (r, row) in out.chunks_mut(m.cols.max(1)).enumerate() {
+            m.dequantize_row(r, row);
+        }
+        (m.rows, m.cols, out)
+    }
+
+    /// A weight matrix's raw bf16 bits when it is stored as bf16 (a
+    /// checkpoint's or random weights), so it can go up as it is.
+    pub fn bf16_bits(&self, which: Weight) -> Option<(usize, usize, Vec<u16>)> {
+        let m = self.matrix(self.weight_ref(which));
+        (m.ggml_type == GgmlType::BF16).then(|| {
+            let bits = m
+                .data
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            (m.rows, m.cols, bits)
+        })
+    }
+
+    fn weight_ref(&self, which: Weight) -> &MatrixRef {
+        match which {
+            Weight::TokenEmbd => &self.token_embd,
+            Weight::Layer(i, w) => {
+                let l = &self.layers[i];
+                match w {
+                    LayerWeight::Q => &l.attn_q,
+                    LayerWeight::K => &l.attn_k,
+                    LayerWeight::V => &l.attn_v,
+                    LayerWeight::O => &l.attn_output,
+                    LayerWeight::Gate => &l.ffn_gate,
+                    LayerWeight::Up => &l.ffn_up,
+                    LayerWeight::Down => &l.ffn_down,
+                }
+            }
+        }
+    }
+
+    /// Layer `i`'s norm multipliers: attention input, q, k, after attention,
+    /// MLP input, after the MLP.
+    pub fn layer_norms(&self, i: usize) -> [&[f32]; 6] {
+        let l = &self.layers[i];
+        [
+            &l.attn_norm,
+            &l.attn_q_norm,
+            &l.attn_k_norm,
+            &l.post_attention_norm,
+            &l.ffn_norm,
+            &l.post_ffw_norm,
+        ]
+    }
+
+    /// The final norm's multiplier.
+    pub fn output_norm(&self) -> &[f32] {
+        &self.output_norm
+    }
+
+    /// What embeddings are multiplied by (sqrt(hidden), rounded as the
+    /// reference does for the weights' type).
+    pub fn embed_scale(&self) -> f32 {
+        self.embed_scale
     }
 
     /// How this rank reaches its peers.

@@ -1,0 +1,505 @@
+//! Gemma 3 on one GPU (feature `cuda`): the forward pass of
+//! [`super::model`] over [`kernels::cuda::Gpu`], one rank.
+//!
+//! Weights go up as bf16: GGUF blocks are dequantised row by row on upload,
+//! bf16 weights (checkpoints, random weights) go up as they are; norm
+//! multipliers stay f32. Projections are cuBLAS bf16 GEMMs with f32
+//! accumulation over activations rounded to bf16; everything else (norms,
+//! RoPE, attention, the residual stream) is f32, as on the CPU.
+//!
+//! The KV cache is one pool per layer shared by up to `sequences`
+//! sequences: a global layer gives each sequence `context` slots, a local
+//! layer a ring of `window + CHUNK` slots (a prompt goes through in chunks
+//! of at most [`CHUNK`] tokens, and a chunk's later tokens then never
+//! overwrite a slot an earlier token of the chunk still attends to).
+
+use kernels::cuda::CudaSlice;
+use kernels::cuda::{Gpu, GpuError, bf16_bits};
+
+use super::config::{GemmaConfig, LayerKind};
+use super::generate::END_OF_GENERATION;
+use super::model::{Gemma, LayerWeight, Weight};
+use super::sampling::Sampler;
+use crate::tokenizer::Tokenizer;
+
+/// Most prompt tokens run through the layers at once.
+pub const CHUNK: usize = 512;
+
+/// Why the GPU model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuModelError {
+    /// The device failed.
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    /// Something the GPU model does not do.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+struct GpuLayer {
+    kind: LayerKind,
+    /// q, k, v, o, gate, up, down: bf16, rows × cols as in the files.
+    matrices: Vec<(CudaSlice<u16>, usize, usize)>,
+    /// attn, q, k, post-attention, ffn, post-ffw.
+    norms: Vec<CudaSlice<f32>>,
+}
+
+/// A Gemma 3 model on one GPU.
+pub struct GpuGemma {
+    gpu: Gpu,
+    config: GemmaConfig,
+    tokenizer: Tokenizer,
+    embd: CudaSlice<u16>,
+    embed_scale: f32,
+    output_norm: CudaSlice<f32>,
+    layers: Vec<GpuLayer>,
+    weight_bytes: usize,
+}
+
+impl std::fmt::Debug for GpuGemma {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuGemma")
+            .field("layers", &self.layers.len())
+            .field("weight_bytes", &self.weight_bytes)
+            .finish()
+    }
+}
+
+/// The KV caches of up to `sequences` sequences.
+pub struct KvPool {
+    keys: Vec<CudaSlice<f32>>,
+    values: Vec<CudaSlice<f32>>,
+    /// Slots per sequence, per layer.
+    per_sequence: Vec<usize>,
+    /// Whether the layer's slots are a ring.
+    ring: Vec<bool>,
+    /// Positions filled, per sequence.
+    lengths: Vec<usize>,
+    context: usize,
+}
+
+impl std::fmt::Debug for KvPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvPool")
+            .field("sequences", &self.lengths.len())
+            .field("lengths", &self.lengths)
+            .finish()
+    }
+}
+
+impl KvPool {
+    /// Positions filled in sequence `s`.
+    pub fn len(&self, s: usize) -> usize {
+        self.lengths.get(s).copied().unwrap_or(0)
+    }
+
+    /// Forgets sequence `s` (its slots are reused).
+    pub fn clear(&mut self, s: usize) {
+        if let Some(l) = self.lengths.get_mut(s) {
+            *l = 0;
+        }
+    }
+
+    /// Device bytes the pool holds.
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|b| b.len() * 4)
+            .sum()
+    }
+}
+
+fn upload_matrix(
+    gpu: &Gpu,
+    gemma: &Gemma,
+    which: Weight,
+) -> Result<(CudaSlice<u16>, usize, usize), GpuError> {
+    let (rows, cols, bits) = match gemma.bf16_bits(which) {
+        Some(raw) => raw,
+        None => {
+            let (rows, cols, values) = gemma.dequantized(which);
+            (rows, cols, bf16_bits(&values))
+        }
+    };
+    Ok((gpu.upload(&bits)?, rows, cols))
+}
+
+impl GpuGemma {
+    /// Uploads `gemma` (one rank: tp 1) to `gpu`. `progress(done, total)`
+    /// is called per layer.
+    pub fn upload(
+        gemma: &Gemma,
+        gpu: Gpu,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self, GpuModelError> {
+        if gemma.collective().world() != 1 {
+            return Err(GpuModelError::Unsupported(format!(
+                "the GPU model runs one rank (tp 1); this model is rank {} of {}",
+                gemma.shard().rank,
+                gemma.collective().world()
+            )));
+        }
+        let c = gemma.config().clone();
+        if c.head_dim > 256 {
+            return Err(GpuModelError::Unsupported(format!(
+                "head_dim {} is above the attention kernel's 256",
+                c.head_dim
+            )));
+        }
+        let mut weight_bytes = 0;
+        let mut layers = Vec::with_capacity(c.layers);
+        for (i, kind) in c.layer_kinds.iter().enumerate() {
+            progress(i, c.layers + 1);
+            let mut matrices = Vec::with_capacity(7);
+            for w in [
+                LayerWeight::Q,
+                LayerWeight::K,
+                LayerWeight::V,
+                LayerWeight::O,
+                LayerWeight::Gate,
+                LayerWeight::Up,
+                LayerWeight::Down,
+            ] {
+                let m = upload_matrix(&gpu, gemma, Weight::Layer(i, w))?;
+                weight_bytes += m.1 * m.2 * 2;
+                matrices.push(m);
+            }
+            let norms = gemma
+                .layer_norms(i)
+                .iter()
+                .map(|n| {
+                    weight_bytes += n.len() * 4;
+                    gpu.upload(n)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            layers.push(GpuLayer {
+                kind: *kind,
+                matrices,
+                norms,
+            });
+        }
+        let (embd, rows, cols) = upload_matrix(&gpu, gemma, Weight::TokenEmbd)?;
+        weight_bytes += rows * cols * 2 + c.hidden * 4;
+        let output_norm = gpu.upload(gemma.output_norm())?;
+        progress(c.layers + 1, c.layers + 1);
+        gpu.synchronize()?;
+        Ok(Self {
+            gpu,
+            tokenizer: gemma.tokenizer().clone(),
+            embed_scale: gemma.embed_scale(),
+            config: c,
+            embd,
+            output_norm,
+            layers,
+            weight_bytes,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &GemmaConfig {
+        &self.config
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Bytes of weights on the device (every decode step reads them all).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// KV caches for `sequences` sequences of up to `context` positions.
+    pub fn new_pool(&self, sequences: usize, context: usize) -> Result<KvPool, GpuModelError> {
+        let c = &self.config;
+        let kv_dim = c.kv_heads * c.head_dim;
+        let mut pool = KvPool {
+            keys: Vec::new(),
+            values: Vec::new(),
+            per_sequence: Vec::new(),
+            ring: Vec::new(),
+            lengths: vec![0; sequences],
+            context: context.min(c.context),
+        };
+        for kind in &c.layer_kinds {
+            let (slots, ring) = match kind {
+                LayerKind::Local if c.window + CHUNK < pool.context => (c.window + CHUNK, true),
+                _ => (pool.context, false),
+            };
+            pool.keys.push(self.gpu.zeros(sequences * slots * kv_dim)?);
+            pool.values
+                .push(self.gpu.zeros(sequences * slots * kv_dim)?);
+            pool.per_sequence.push(slots);
+            pool.ring.push(ring);
+        }
+        Ok(pool)
+    }
+
+    /// Runs `tokens[i]` of sequence `seqs[i]` at each sequence's next
+    /// position (a sequence may appear several times, in order: a prompt
+    /// chunk), and returns the logits of the rows in `want` (indices into
+    /// `tokens`), `want.len() × vocab`.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        seqs: &[usize],
+        pool: &mut KvPool,
+        want: &[usize],
+    ) -> Result<Vec<f32>, GpuModelError> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 || n != seqs.len() || n > CHUNK * 4 {
+            return Err(GpuModelError::Unsupported(format!(
+                "forward: {n} tokens for {} sequence entries (1 to {} at once)",
+                seqs.len(),
+                CHUNK * 4
+            )));
+        }
+        let (hd, hidden) = (c.head_dim, c.hidden);
+        let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
+        let group = c.heads / c.kv_heads.max(1);
+        // Positions, and the per-layer-kind cache slots of each row.
+        let mut positions = Vec::with_capacity(n);
+        let mut next = pool.lengths.clone();
+        for (&t, &s) in tokens.iter().zip(seqs) {
+            if s >= next.len() || t as usize >= c.vocab {
+                return Err(GpuModelError::Unsupported(format!(
+                    "token {t} of sequence {s}: no such sequence or token"
+                )));
+            }
+            if next[s] >= pool.context {
+                return Err(GpuModelError::Unsupported(format!(
+                    "sequence {s} is full ({} positions)",
+                    pool.context
+                )));
+            }
+            positions.push(next[s]);
+            next[s] += 1;
+        }
+        let gpu = &self.gpu;
+        let ids: Vec<i32> = tokens.iter().map(|t| *t as i32).collect();
+        let pos_i: Vec<i32> = positions.iter().map(|p| *p as i32).collect();
+        let d_ids = gpu.upload(&ids)?;
+        let d_pos = gpu.upload(&pos_i)?;
+        let mut x = gpu.zeros::<f32>(n * hidden)?;
+        gpu.embed_bf16(&self.embd, &d_ids, &mut x, (n, hidden), self.embed_scale)?;
+        let mut h = gpu.zeros::<f32>(n * hidden)?;
+        let mut hb = gpu.zeros::<u16>(n * c.ffn.max(q_dim).max(hidden))?;
+        let mut q = gpu.zeros::<f32>(n * q_dim)?;
+        let mut qn = gpu.zeros::<f32>(n * q_dim)?;
+        let mut k = gpu.zeros::<f32>(n * kv_dim)?;
+        let mut kn = gpu.zeros::<f32>(n * kv_dim)?;
+        let mut v = gpu.zeros::<f32>(n * kv_dim)?;
+        let mut attn = gpu.zeros::<f32>(n * q_dim)?;
+        let mut o = gpu.zeros::<f32>(n * hidden)?;
+        let mut gate = gpu.zeros::<f32>(n * c.ffn)?;
+        let mut up = gpu.zeros::<f32>(n * c.ffn)?;
+        let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
+        // Per layer kind: rope positions, slot destinations and bases.
+        type Slots = (
+            (LayerKind, usize, bool),
+            CudaSlice<f32>,
+            CudaSlice<i32>,
+            CudaSlice<i32>,
+        );
+        let mut kinds: Vec<Slots> = Vec::new();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let per = pool.per_sequence[li];
+            let ring = pool.ring[li];
+            let key = (layer.kind, per, ring);
+            if kinds.iter().any(|(k, ..)| *k == key) {
+                continue;
+            }
+            let rope: Vec<f32> = positions
+                .iter()
+                .map(|&p| match layer.kind {
+                    LayerKind::Local => p as f32,
+                    LayerKind::Global => p as f32 / c.rope_global_scale,
+                })
+                .collect();
+            let dest: Vec<i32> = positions
+                .iter()
+                .zip(seqs)
+                .map(|(&p, &s)| (s * per + if ring { p % per } else { p }) as i32)
+                .collect();
+            let bases: Vec<i32> = seqs.iter().map(|&s| (s * per) as i32).collect();
+            kinds.push((
+                key,
+                gpu.upload(&rope)?,
+                gpu.upload(&dest)?,
+                gpu.upload(&bases)?,
+            ));
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let key = (layer.kind, pool.per_sequence[li], pool.ring[li]);
+            let Some((_, rope, dest, bases)) = kinds.iter().find(|(k, ..)| *k == key) else {
+                continue;
+            };
+            let (base, window) = match layer.kind {
+                LayerKind::Local => (c.rope_local_base, c.window),
+                LayerKind::Global => (c.rope_global_base, 0),
+            };
+            let m = &layer.matrices;
+            let nm = &layer.norms;
+            gpu.rms_norm(&x, &nm[0], &mut h, (n, hidden), c.rms_eps)?;
+            gpu.to_bf16(&h, &mut hb, n * hidden)?;
+            gpu.gemm_bf16(&m[0].0, (m[0].1, m[0].2), &hb, n, &mut q)?;
+            gpu.gemm_bf16(&m[1].0, (m[1].1, m[1].2), &hb, n, &mut k)?;
+            gpu.gemm_bf16(&m[2].0, (m[2].1, m[2].2), &hb, n, &mut v)?;
+            gpu.rms_norm(&q, &nm[1], &mut qn, (n * c.heads, hd), c.rms_eps)?;
+            gpu.rms_norm(&k, &nm[2], &mut kn, (n * c.kv_heads, hd), c.rms_eps)?;
+            gpu.rope_neox(&mut qn, rope, (n, c.heads, hd), base)?;
+            gpu.rope_neox(&mut kn, rope, (n, c.kv_heads, hd), base)?;
+            gpu.scale_in_place(&mut qn, score_scale, n * q_dim)?;
+            let slots = pool.per_sequence[li] * pool.lengths.len();
+            gpu.store_kv(
+                (&kn, &v),
+                (&mut pool.keys[li], &mut pool.values[li]),
+                dest,
+                (n, kv_dim),
+                slots,
+            )?;
+            gpu.attention(
+                &qn,
+                (&pool.keys[li], &pool.values[li]),
+                &mut attn,
+                (&d_pos, bases),
+                (n, c.heads, hd, kv_dim),
+                group,
+                (
+                    window,
+                    if pool.ring[li] {
+                        pool.per_sequence[li]
+                    } else {
+                        0
+                    },
+                ),
+            )?;
+            gpu.to_bf16(&attn, &mut hb, n * q_dim)?;
+            gpu.gemm_bf16(&m[3].0, (m[3].1, m[3].2), &hb, n, &mut o)?;
+            gpu.rms_norm(&o, &nm[3], &mut h, (n, hidden), c.rms_eps)?;
+            gpu.add_in_place(&mut x, &h, n * hidden)?;
+            gpu.rms_norm(&x, &nm[4], &mut h, (n, hidden), c.rms_eps)?;
+            gpu.to_bf16(&h, &mut hb, n * hidden)?;
+            gpu.gemm_bf16(&m[4].0, (m[4].1, m[4].2), &hb, n, &mut gate)?;
+            gpu.gemm_bf16(&m[5].0, (m[5].1, m[5].2), &hb, n, &mut up)?;
+            let mut act = gpu.zeros::<f32>(n * c.ffn)?;
+            gpu.geglu(&gate, &up, &mut act, n * c.ffn)?;
+            gpu.to_bf16(&act, &mut hb, n * c.ffn)?;
+            gpu.gemm_bf16(&m[6].0, (m[6].1, m[6].2), &hb, n, &mut o)?;
+            gpu.rms_norm(&o, &nm[5], &mut h, (n, hidden), c.rms_eps)?;
+            gpu.add_in_place(&mut x, &h, n * hidden)?;
+        }
+        pool.lengths = next;
+        if want.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The wanted rows only: gather on the host (small), normalise, score.
+        let all = gpu.download(&x)?;
+        let mut rows = Vec::with_capacity(want.len() * hidden);
+        for &w in want {
+            let r = all.get(w * hidden..(w + 1) * hidden).ok_or_else(|| {
+                GpuModelError::Unsupported(format!("row {w} of {n} does not exist"))
+            })?;
+            rows.extend_from_slice(r);
+        }
+        let m = want.len();
+        let d_rows = gpu.upload(&rows)?;
+        let mut normed = gpu.zeros::<f32>(m * hidden)?;
+        gpu.rms_norm(
+            &d_rows,
+            &self.output_norm,
+            &mut normed,
+            (m, hidden),
+            c.rms_eps,
+        )?;
+        let mut nb = gpu.zeros::<u16>(m * hidden)?;
+        gpu.to_bf16(&normed, &mut nb, m * hidden)?;
+        let vocab_rows = self.embd.len() / hidden;
+        let mut logits = gpu.zeros::<f32>(m * vocab_rows)?;
+        gpu.gemm_bf16(&self.embd, (vocab_rows, hidden), &nb, m, &mut logits)?;
+        let mut out = gpu.download(&logits)?;
+        if vocab_rows != c.vocab {
+            out = out
+                .chunks(vocab_rows)
+                .flat_map(|r| r[..c.vocab.min(vocab_rows)].to_vec())
+                .collect();
+        }
+        Ok(out)
+    }
+
+    /// Runs a prompt for sequence `s` (in chunks of at most [`CHUNK`]) and
+    /// returns its last position's logits.
+    pub fn prefill(
+        &self,
+        prompt: &[u32],
+        s: usize,
+        pool: &mut KvPool,
+    ) -> Result<Vec<f32>, GpuModelError> {
+        let mut logits = Vec::new();
+        let chunks = prompt.chunks(CHUNK);
+        let count = chunks.len();
+        for (i, chunk) in chunks.enumerate() {
+            let seqs = vec![s; chunk.len()];
+            let want = if i + 1 == count {
+                vec![chunk.len() - 1]
+            } else {
+                Vec::new()
+            };
+            logits = self.forward(chunk, &seqs, pool, &want)?;
+        }
+        Ok(logits)
+    }
+
+    /// One decode step: `tokens[i]` for sequence `seqs[i]`; their logits.
+    pub fn decode(
+        &self,
+        tokens: &[u32],
+        seqs: &[usize],
+        pool: &mut KvPool,
+    ) -> Result<Vec<f32>, GpuModelError> {
+        let want: Vec<usize> = (0..tokens.len()).collect();
+        self.forward(tokens, seqs, pool, &want)
+    }
+}
+
+/// Generates up to `max_tokens` after `prompt` on the GPU, sampling on the
+/// host with `sampler` (greedy or seeded), stopping at an end-of-generation
+/// token (included), as [`super::generate`] does on the CPU.
+pub fn generate(
+    model: &GpuGemma,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>, GpuModelError> {
+    let context = model.config().context;
+    if prompt.is_empty() || prompt.len() >= context {
+        return Err(GpuModelError::Unsupported(format!(
+            "the prompt has {} tokens; it must have 1 to {} (the context is {context})",
+            prompt.len(),
+            context - 1
+        )));
+    }
+    let budget = max_tokens.min(context - prompt.len());
+    let mut pool = model.new_pool(1, prompt.len() + budget + 1)?;
+    let mut logits = model.prefill(prompt, 0, &mut pool)?;
+    let mut out = Vec::new();
+    while out.len() < budget {
+        let next = sampler.sample(&logits);
+        out.push(next);
+        on_token(next);
+        if END_OF_GENERATION.contains(&next) || out.len() == budget {
+            break;
+        }
+        logits = model.decode(&[next], &[0], &mut pool)?;
+    }
+    Ok(out)
+}
