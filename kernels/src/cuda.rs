@@ -561,6 +561,32 @@ mod tests {
         assert!(!SOURCE.contains("#include"), "NVRTC compiles it alone");
     }
 
+    /// NVRTC (no GPU needed) compiles the kernels, and the PTX has an
+    /// entry for each. CI puts NVRTC from PyPI (`nvidia-cuda-nvrtc-cu12`)
+    /// on `LD_LIBRARY_PATH` for this test; elsewhere it is skipped when the
+    /// library is absent.
+    #[test]
+    fn the_kernels_compile_with_nvrtc() {
+        // SAFETY: only tries to open the shared library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            assert!(
+                std::env::var_os("DIMA_REQUIRE_NVRTC").is_none(),
+                "DIMA_REQUIRE_NVRTC is set but libnvrtc is not on LD_LIBRARY_PATH"
+            );
+            eprintln!("skipped: libnvrtc is not installed");
+            return;
+        }
+        let ptx = cudarc::nvrtc::compile_ptx(SOURCE)
+            .unwrap_or_else(|e| panic!("gemma3.cu does not compile: {e}"))
+            .to_src();
+        for k in KERNELS {
+            assert!(
+                ptx.contains(&format!(".entry {k}(")),
+                "no PTX entry for {k}"
+            );
+        }
+    }
+
     /// Without CUDA, opening a GPU is an error that says so, not a panic.
     #[test]
     fn no_gpu_is_an_error_not_a_panic() {

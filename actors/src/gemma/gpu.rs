@@ -268,6 +268,16 @@ impl GpuGemma {
         // Positions, and the per-layer-kind cache slots of each row.
         let mut positions = Vec::with_capacity(n);
         let mut next = pool.lengths.clone();
+        // A local layer's ring holds `window + CHUNK` slots: more than CHUNK
+        // new tokens of one sequence would overwrite slots still read.
+        for s in 0..next.len() {
+            let count = seqs.iter().filter(|&&x| x == s).count();
+            if count > CHUNK {
+                return Err(GpuModelError::Unsupported(format!(
+                    "forward: {count} tokens of sequence {s} at once (at most {CHUNK})"
+                )));
+            }
+        }
         for (&t, &s) in tokens.iter().zip(seqs) {
             if s >= next.len() || t as usize >= c.vocab {
                 return Err(GpuModelError::Unsupported(format!(
