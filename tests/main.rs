@@ -6,6 +6,7 @@
 mod batching;
 mod cli;
 mod cluster;
+mod device_model;
 mod events;
 mod gemma;
 mod kafka;

@@ -303,7 +303,7 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
 /// tokens/s, with the bandwidth measured by device-to-device copies in the
 /// same run.
 pub fn bench_decode(
-    model: &actors::gemma::gpu::GpuGemma,
+    model: &actors::gemma::device::GpuGemma,
     batches: &[usize],
     prompt_tokens: usize,
     steps: usize,
@@ -372,50 +372,6 @@ pub fn bench_decode(
             "copy_bandwidth_bytes_per_s": bandwidth,
             "roofline_tokens_per_s": roofline,
             "of_roofline": rate / roofline,
-        }));
-    }
-    Ok(rows)
-}
-
-/// `dima gpu parity`: the same model on the CPU and on the GPU, prompt by
-/// prompt: the last prompt position's logits (largest difference, top-1),
-/// then `steps` teacher-forced steps on the CPU's greedy tokens (how often
-/// the GPU's argmax agrees, the largest logit difference).
-pub fn parity(
-    gemma: &actors::gemma::Gemma,
-    model: &actors::gemma::gpu::GpuGemma,
-    prompts: &[Vec<u32>],
-    steps: usize,
-) -> anyhow::Result<Vec<Value>> {
-    let vocab = gemma.config().vocab;
-    let mut rows = Vec::new();
-    for (i, prompt) in prompts.iter().enumerate() {
-        let mut cache = gemma.new_cache();
-        let mut cpu = vec![0f32; vocab];
-        gemma.prefill(prompt, &mut cache, Some(&mut cpu))?;
-        let mut pool = model.new_pool(1, prompt.len() + steps + 2)?;
-        let gpu = model.prefill(prompt, 0, &mut pool)?;
-        let first_err = max_err(&cpu, &gpu);
-        let top1 = actors::gemma::argmax(&cpu) == actors::gemma::argmax(&gpu);
-        let (mut agree, mut worst) = (0usize, first_err);
-        let mut cpu_step = cpu;
-        for _ in 0..steps {
-            let next = actors::gemma::argmax(&cpu_step);
-            gemma.forward(next, &mut cache, Some(&mut cpu_step))?;
-            let g = model.decode(&[next], &[0], &mut pool)?;
-            if actors::gemma::argmax(&g) == actors::gemma::argmax(&cpu_step) {
-                agree += 1;
-            }
-            worst = worst.max(max_err(&cpu_step, &g));
-        }
-        rows.push(json!({
-            "prompt": i,
-            "prompt_tokens": prompt.len(),
-            "last_position_max_abs_diff": first_err,
-            "top1_equal": top1,
-            "teacher_forced_steps": steps,
-            "argmax_agreement": agree as f64 / steps.max(1) as f64,
-            "max_abs_diff": worst,
         }));
     }
     Ok(rows)

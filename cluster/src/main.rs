@@ -314,7 +314,7 @@ enum OutputFormat {
 fn upload_to_gpu(
     gemma: &actors::gemma::Gemma,
     device: usize,
-) -> anyhow::Result<actors::gemma::gpu::GpuGemma> {
+) -> anyhow::Result<actors::gemma::device::GpuGemma> {
     let gpu = kernels::cuda::Gpu::new(device)?;
     let info = gpu.describe()?;
     let need = actors::gemma::Gemma::random_weight_bytes(
@@ -332,7 +332,7 @@ fn upload_to_gpu(
         );
     }
     let started = std::time::Instant::now();
-    let model = actors::gemma::gpu::GpuGemma::upload(gemma, gpu, |_, _| {})?;
+    let model = actors::gemma::device::GpuGemma::upload(gemma, gpu, |_, _| {})?;
     let gib = |b: usize| b as f64 / f64::from(1u32 << 30);
     eprintln!(
         "uploaded to {} (GPU {device}): {:.2} GiB of bf16 weights in {:.1} s; {:.1} of {:.1} GiB were free",
@@ -355,7 +355,7 @@ fn generate_on_gpu(
 ) -> Result<Vec<u32>, Failure> {
     let model = upload_to_gpu(gemma, device).map_err(|e| Failure { code: 1, error: e })?;
     let mut sampler = actors::gemma::Sampler::new(sampling);
-    actors::gemma::gpu::generate(&model, prompt, max_tokens, &mut sampler, |_| {}).map_err(|e| {
+    actors::gemma::device::generate(&model, prompt, max_tokens, &mut sampler, |_| {}).map_err(|e| {
         Failure {
             code: 1,
             error: e.into(),
@@ -445,7 +445,9 @@ fn run_gpu(command: &GpuCommand) -> Result<(), Failure> {
                 .iter()
                 .map(|t| gemma.tokenizer().encode(t, true, false))
                 .collect();
-            for row in cluster::gpu::parity(&gemma, &gpu_model, &prompts, *steps).map_err(fail)? {
+            for row in actors::gemma::device::parity(&gemma, &gpu_model, &prompts, *steps, None)
+                .map_err(|e| fail(e.into()))?
+            {
                 println!("{row}");
             }
             Ok(())

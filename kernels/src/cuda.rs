@@ -11,6 +11,8 @@
 use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
+
+use crate::device::{AttentionShape, Device, DeviceError, Elem};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
@@ -537,6 +539,143 @@ impl Gpu {
             )
         }
         .map_err(|e| GpuError::Blas(e.to_string()))
+    }
+}
+
+fn dev(e: GpuError) -> DeviceError {
+    DeviceError(e.to_string())
+}
+
+impl Device for Gpu {
+    type Buf<T: Elem> = CudaSlice<T>;
+
+    fn upload<T: Elem>(&self, values: &[T]) -> Result<CudaSlice<T>, DeviceError> {
+        Gpu::upload(self, values).map_err(dev)
+    }
+
+    fn zeros<T: Elem>(&self, n: usize) -> Result<CudaSlice<T>, DeviceError> {
+        Gpu::zeros(self, n).map_err(dev)
+    }
+
+    fn download<T: Elem>(&self, buffer: &CudaSlice<T>) -> Result<Vec<T>, DeviceError> {
+        Gpu::download(self, buffer).map_err(dev)
+    }
+
+    fn len<T: Elem>(buffer: &CudaSlice<T>) -> usize {
+        buffer.len()
+    }
+
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        Gpu::synchronize(self).map_err(dev)
+    }
+
+    fn to_bf16(
+        &self,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<u16>,
+        n: usize,
+    ) -> Result<(), DeviceError> {
+        Gpu::to_bf16(self, x, y, n).map_err(dev)
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        shape: (usize, usize),
+        eps: f32,
+    ) -> Result<(), DeviceError> {
+        Gpu::rms_norm(self, x, w, y, shape, eps).map_err(dev)
+    }
+
+    fn rope_neox(
+        &self,
+        x: &mut CudaSlice<f32>,
+        positions: &CudaSlice<f32>,
+        shape: (usize, usize, usize),
+        base: f32,
+    ) -> Result<(), DeviceError> {
+        Gpu::rope_neox(self, x, positions, shape, base).map_err(dev)
+    }
+
+    fn geglu(
+        &self,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), DeviceError> {
+        Gpu::geglu(self, gate, up, out, n).map_err(dev)
+    }
+
+    fn embed_bf16(
+        &self,
+        table: &CudaSlice<u16>,
+        ids: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        shape: (usize, usize),
+        scale: f32,
+    ) -> Result<(), DeviceError> {
+        Gpu::embed_bf16(self, table, ids, out, shape, scale).map_err(dev)
+    }
+
+    fn add_in_place(
+        &self,
+        x: &mut CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), DeviceError> {
+        Gpu::add_in_place(self, x, y, n).map_err(dev)
+    }
+
+    fn scale_in_place(&self, x: &mut CudaSlice<f32>, s: f32, n: usize) -> Result<(), DeviceError> {
+        Gpu::scale_in_place(self, x, s, n).map_err(dev)
+    }
+
+    fn store_kv(
+        &self,
+        rows: (&CudaSlice<f32>, &CudaSlice<f32>),
+        caches: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        dest: &CudaSlice<i32>,
+        shape: (usize, usize),
+        cache_slots: usize,
+    ) -> Result<(), DeviceError> {
+        Gpu::store_kv(self, rows, caches, dest, shape, cache_slots).map_err(dev)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaSlice<f32>,
+        kv: (&CudaSlice<f32>, &CudaSlice<f32>),
+        out: &mut CudaSlice<f32>,
+        positions_and_bases: (&CudaSlice<i32>, &CudaSlice<i32>),
+        shape: AttentionShape,
+        group: usize,
+        window_and_slots: (usize, usize),
+    ) -> Result<(), DeviceError> {
+        Gpu::attention(
+            self,
+            q,
+            kv,
+            out,
+            positions_and_bases,
+            shape,
+            group,
+            window_and_slots,
+        )
+        .map_err(dev)
+    }
+
+    fn gemm_bf16(
+        &self,
+        w: &CudaSlice<u16>,
+        shape: (usize, usize),
+        xs: &CudaSlice<u16>,
+        tokens: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), DeviceError> {
+        Gpu::gemm_bf16(self, w, shape, xs, tokens, out).map_err(dev)
     }
 }
 

@@ -20,6 +20,7 @@
 pub mod collective;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod gguf;
 pub mod ops;
 pub mod quant;

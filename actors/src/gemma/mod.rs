@@ -2,10 +2,9 @@
 
 mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod engine;
 mod generate;
-#[cfg(feature = "cuda")]
-pub mod gpu;
 mod model;
 mod sampling;
 pub mod shard;

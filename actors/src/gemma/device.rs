@@ -1,5 +1,9 @@
-//! Gemma 3 on one GPU (feature `cuda`): the forward pass of
-//! [`super::model`] over [`kernels::cuda::Gpu`], one rank.
+//! Gemma 3 on a device (one rank): the forward pass of [`super::model`]
+//! over the operations of [`kernels::device::Device`]. On a GPU
+//! ([`GpuGemma`], feature `cuda`) they are our CUDA kernels and cuBLAS; on
+//! [`kernels::device::Host`] they are plain Rust, which is how CI checks
+//! this code (cache slots, rings, chunking, batching) against the CPU model
+//! without a GPU.
 //!
 //! Weights go up as bf16: GGUF blocks are dequantised row by row on upload,
 //! bf16 weights (checkpoints, random weights) go up as they are; norm
@@ -13,8 +17,7 @@
 //! of at most [`CHUNK`] tokens, and a chunk's later tokens then never
 //! overwrite a slot an earlier token of the chunk still attends to).
 
-use kernels::cuda::CudaSlice;
-use kernels::cuda::{Gpu, GpuError, bf16_bits};
+use kernels::device::{Device, DeviceError};
 
 use super::config::{GemmaConfig, LayerKind};
 use super::generate::END_OF_GENERATION;
@@ -25,40 +28,44 @@ use crate::tokenizer::Tokenizer;
 /// Most prompt tokens run through the layers at once.
 pub const CHUNK: usize = 512;
 
-/// Why the GPU model failed.
+/// Why the device model failed.
 #[derive(Debug, thiserror::Error)]
-pub enum GpuModelError {
+pub enum DeviceModelError {
     /// The device failed.
     #[error(transparent)]
-    Gpu(#[from] GpuError),
-    /// Something the GPU model does not do.
+    Device(#[from] DeviceError),
+    /// Something the device model does not do.
     #[error("{0}")]
     Unsupported(String),
 }
 
-struct GpuLayer {
+/// The model on one GPU.
+#[cfg(feature = "cuda")]
+pub type GpuGemma = DeviceGemma<kernels::cuda::Gpu>;
+
+struct DeviceLayer<D: Device> {
     kind: LayerKind,
     /// q, k, v, o, gate, up, down: bf16, rows × cols as in the files.
-    matrices: Vec<(CudaSlice<u16>, usize, usize)>,
+    matrices: Vec<(D::Buf<u16>, usize, usize)>,
     /// attn, q, k, post-attention, ffn, post-ffw.
-    norms: Vec<CudaSlice<f32>>,
+    norms: Vec<D::Buf<f32>>,
 }
 
-/// A Gemma 3 model on one GPU.
-pub struct GpuGemma {
-    gpu: Gpu,
+/// A Gemma 3 model on a device.
+pub struct DeviceGemma<D: Device> {
+    gpu: D,
     config: GemmaConfig,
     tokenizer: Tokenizer,
-    embd: CudaSlice<u16>,
+    embd: D::Buf<u16>,
     embed_scale: f32,
-    output_norm: CudaSlice<f32>,
-    layers: Vec<GpuLayer>,
+    output_norm: D::Buf<f32>,
+    layers: Vec<DeviceLayer<D>>,
     weight_bytes: usize,
 }
 
-impl std::fmt::Debug for GpuGemma {
+impl<D: Device> std::fmt::Debug for DeviceGemma<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuGemma")
+        f.debug_struct("DeviceGemma")
             .field("layers", &self.layers.len())
             .field("weight_bytes", &self.weight_bytes)
             .finish()
@@ -66,9 +73,9 @@ impl std::fmt::Debug for GpuGemma {
 }
 
 /// The KV caches of up to `sequences` sequences.
-pub struct KvPool {
-    keys: Vec<CudaSlice<f32>>,
-    values: Vec<CudaSlice<f32>>,
+pub struct KvPool<D: Device> {
+    keys: Vec<D::Buf<f32>>,
+    values: Vec<D::Buf<f32>>,
     /// Slots per sequence, per layer.
     per_sequence: Vec<usize>,
     /// Whether the layer's slots are a ring.
@@ -76,9 +83,11 @@ pub struct KvPool {
     /// Positions filled, per sequence.
     lengths: Vec<usize>,
     context: usize,
+    /// Most new tokens of one sequence per forward pass.
+    chunk: usize,
 }
 
-impl std::fmt::Debug for KvPool {
+impl<D: Device> std::fmt::Debug for KvPool<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvPool")
             .field("sequences", &self.lengths.len())
@@ -87,7 +96,7 @@ impl std::fmt::Debug for KvPool {
     }
 }
 
-impl KvPool {
+impl<D: Device> KvPool<D> {
     /// Positions filled in sequence `s`.
     pub fn len(&self, s: usize) -> usize {
         self.lengths.get(s).copied().unwrap_or(0)
@@ -105,36 +114,42 @@ impl KvPool {
         self.keys
             .iter()
             .chain(&self.values)
-            .map(|b| b.len() * 4)
+            .map(|b| D::len(b) * 4)
             .sum()
     }
 }
 
-fn upload_matrix(
-    gpu: &Gpu,
+type Matrix<D> = (<D as Device>::Buf<u16>, usize, usize);
+
+fn upload_matrix<D: Device>(
+    gpu: &D,
     gemma: &Gemma,
     which: Weight,
-) -> Result<(CudaSlice<u16>, usize, usize), GpuError> {
+) -> Result<Matrix<D>, DeviceError> {
     let (rows, cols, bits) = match gemma.bf16_bits(which) {
         Some(raw) => raw,
         None => {
             let (rows, cols, values) = gemma.dequantized(which);
-            (rows, cols, bf16_bits(&values))
+            let bits = values
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            (rows, cols, bits)
         }
     };
     Ok((gpu.upload(&bits)?, rows, cols))
 }
 
-impl GpuGemma {
+impl<D: Device> DeviceGemma<D> {
     /// Uploads `gemma` (one rank: tp 1) to `gpu`. `progress(done, total)`
     /// is called per layer.
     pub fn upload(
         gemma: &Gemma,
-        gpu: Gpu,
+        gpu: D,
         mut progress: impl FnMut(usize, usize),
-    ) -> Result<Self, GpuModelError> {
+    ) -> Result<Self, DeviceModelError> {
         if gemma.collective().world() != 1 {
-            return Err(GpuModelError::Unsupported(format!(
+            return Err(DeviceModelError::Unsupported(format!(
                 "the GPU model runs one rank (tp 1); this model is rank {} of {}",
                 gemma.shard().rank,
                 gemma.collective().world()
@@ -142,7 +157,7 @@ impl GpuGemma {
         }
         let c = gemma.config().clone();
         if c.head_dim > 256 {
-            return Err(GpuModelError::Unsupported(format!(
+            return Err(DeviceModelError::Unsupported(format!(
                 "head_dim {} is above the attention kernel's 256",
                 c.head_dim
             )));
@@ -173,7 +188,7 @@ impl GpuGemma {
                     gpu.upload(n)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            layers.push(GpuLayer {
+            layers.push(DeviceLayer {
                 kind: *kind,
                 matrices,
                 norms,
@@ -207,7 +222,7 @@ impl GpuGemma {
     }
 
     /// The device.
-    pub fn gpu(&self) -> &Gpu {
+    pub fn gpu(&self) -> &D {
         &self.gpu
     }
 
@@ -216,9 +231,26 @@ impl GpuGemma {
         self.weight_bytes
     }
 
-    /// KV caches for `sequences` sequences of up to `context` positions.
-    pub fn new_pool(&self, sequences: usize, context: usize) -> Result<KvPool, GpuModelError> {
+    /// KV caches for `sequences` sequences of up to `context` positions,
+    /// prompts in chunks of [`CHUNK`].
+    pub fn new_pool(
+        &self,
+        sequences: usize,
+        context: usize,
+    ) -> Result<KvPool<D>, DeviceModelError> {
+        self.new_pool_chunked(sequences, context, CHUNK)
+    }
+
+    /// [`new_pool`](Self::new_pool) with prompts in chunks of `chunk`
+    /// tokens (a local layer's ring then holds `window + chunk` slots).
+    pub fn new_pool_chunked(
+        &self,
+        sequences: usize,
+        context: usize,
+        chunk: usize,
+    ) -> Result<KvPool<D>, DeviceModelError> {
         let c = &self.config;
+        let chunk = chunk.clamp(1, CHUNK);
         let kv_dim = c.kv_heads * c.head_dim;
         let mut pool = KvPool {
             keys: Vec::new(),
@@ -227,10 +259,11 @@ impl GpuGemma {
             ring: Vec::new(),
             lengths: vec![0; sequences],
             context: context.min(c.context),
+            chunk,
         };
         for kind in &c.layer_kinds {
             let (slots, ring) = match kind {
-                LayerKind::Local if c.window + CHUNK < pool.context => (c.window + CHUNK, true),
+                LayerKind::Local if c.window + chunk < pool.context => (c.window + chunk, true),
                 _ => (pool.context, false),
             };
             pool.keys.push(self.gpu.zeros(sequences * slots * kv_dim)?);
@@ -250,13 +283,13 @@ impl GpuGemma {
         &self,
         tokens: &[u32],
         seqs: &[usize],
-        pool: &mut KvPool,
+        pool: &mut KvPool<D>,
         want: &[usize],
-    ) -> Result<Vec<f32>, GpuModelError> {
+    ) -> Result<Vec<f32>, DeviceModelError> {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 || n != seqs.len() || n > CHUNK * 4 {
-            return Err(GpuModelError::Unsupported(format!(
+            return Err(DeviceModelError::Unsupported(format!(
                 "forward: {n} tokens for {} sequence entries (1 to {} at once)",
                 seqs.len(),
                 CHUNK * 4
@@ -268,24 +301,25 @@ impl GpuGemma {
         // Positions, and the per-layer-kind cache slots of each row.
         let mut positions = Vec::with_capacity(n);
         let mut next = pool.lengths.clone();
-        // A local layer's ring holds `window + CHUNK` slots: more than CHUNK
-        // new tokens of one sequence would overwrite slots still read.
+        // A local layer's ring holds `window + chunk` slots: more than
+        // `chunk` new tokens of one sequence would overwrite slots still read.
         for s in 0..next.len() {
             let count = seqs.iter().filter(|&&x| x == s).count();
-            if count > CHUNK {
-                return Err(GpuModelError::Unsupported(format!(
-                    "forward: {count} tokens of sequence {s} at once (at most {CHUNK})"
+            if count > pool.chunk {
+                return Err(DeviceModelError::Unsupported(format!(
+                    "forward: {count} tokens of sequence {s} at once (at most {})",
+                    pool.chunk
                 )));
             }
         }
         for (&t, &s) in tokens.iter().zip(seqs) {
             if s >= next.len() || t as usize >= c.vocab {
-                return Err(GpuModelError::Unsupported(format!(
+                return Err(DeviceModelError::Unsupported(format!(
                     "token {t} of sequence {s}: no such sequence or token"
                 )));
             }
             if next[s] >= pool.context {
-                return Err(GpuModelError::Unsupported(format!(
+                return Err(DeviceModelError::Unsupported(format!(
                     "sequence {s} is full ({} positions)",
                     pool.context
                 )));
@@ -313,13 +347,13 @@ impl GpuGemma {
         let mut up = gpu.zeros::<f32>(n * c.ffn)?;
         let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
         // Per layer kind: rope positions, slot destinations and bases.
-        type Slots = (
+        type Slots<D> = (
             (LayerKind, usize, bool),
-            CudaSlice<f32>,
-            CudaSlice<i32>,
-            CudaSlice<i32>,
+            <D as Device>::Buf<f32>,
+            <D as Device>::Buf<i32>,
+            <D as Device>::Buf<i32>,
         );
-        let mut kinds: Vec<Slots> = Vec::new();
+        let mut kinds: Vec<Slots<D>> = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
             let per = pool.per_sequence[li];
             let ring = pool.ring[li];
@@ -416,7 +450,7 @@ impl GpuGemma {
         let mut rows = Vec::with_capacity(want.len() * hidden);
         for &w in want {
             let r = all.get(w * hidden..(w + 1) * hidden).ok_or_else(|| {
-                GpuModelError::Unsupported(format!("row {w} of {n} does not exist"))
+                DeviceModelError::Unsupported(format!("row {w} of {n} does not exist"))
             })?;
             rows.extend_from_slice(r);
         }
@@ -432,7 +466,7 @@ impl GpuGemma {
         )?;
         let mut nb = gpu.zeros::<u16>(m * hidden)?;
         gpu.to_bf16(&normed, &mut nb, m * hidden)?;
-        let vocab_rows = self.embd.len() / hidden;
+        let vocab_rows = D::len(&self.embd) / hidden;
         let mut logits = gpu.zeros::<f32>(m * vocab_rows)?;
         gpu.gemm_bf16(&self.embd, (vocab_rows, hidden), &nb, m, &mut logits)?;
         let mut out = gpu.download(&logits)?;
@@ -445,16 +479,16 @@ impl GpuGemma {
         Ok(out)
     }
 
-    /// Runs a prompt for sequence `s` (in chunks of at most [`CHUNK`]) and
-    /// returns its last position's logits.
+    /// Runs a prompt for sequence `s` (in the pool's chunks) and returns its
+    /// last position's logits.
     pub fn prefill(
         &self,
         prompt: &[u32],
         s: usize,
-        pool: &mut KvPool,
-    ) -> Result<Vec<f32>, GpuModelError> {
+        pool: &mut KvPool<D>,
+    ) -> Result<Vec<f32>, DeviceModelError> {
         let mut logits = Vec::new();
-        let chunks = prompt.chunks(CHUNK);
+        let chunks = prompt.chunks(pool.chunk);
         let count = chunks.len();
         for (i, chunk) in chunks.enumerate() {
             let seqs = vec![s; chunk.len()];
@@ -473,8 +507,8 @@ impl GpuGemma {
         &self,
         tokens: &[u32],
         seqs: &[usize],
-        pool: &mut KvPool,
-    ) -> Result<Vec<f32>, GpuModelError> {
+        pool: &mut KvPool<D>,
+    ) -> Result<Vec<f32>, DeviceModelError> {
         let want: Vec<usize> = (0..tokens.len()).collect();
         self.forward(tokens, seqs, pool, &want)
     }
@@ -483,16 +517,16 @@ impl GpuGemma {
 /// Generates up to `max_tokens` after `prompt` on the GPU, sampling on the
 /// host with `sampler` (greedy or seeded), stopping at an end-of-generation
 /// token (included), as [`super::generate`] does on the CPU.
-pub fn generate(
-    model: &GpuGemma,
+pub fn generate<D: Device>(
+    model: &DeviceGemma<D>,
     prompt: &[u32],
     max_tokens: usize,
     sampler: &mut Sampler,
     mut on_token: impl FnMut(u32),
-) -> Result<Vec<u32>, GpuModelError> {
+) -> Result<Vec<u32>, DeviceModelError> {
     let context = model.config().context;
     if prompt.is_empty() || prompt.len() >= context {
-        return Err(GpuModelError::Unsupported(format!(
+        return Err(DeviceModelError::Unsupported(format!(
             "the prompt has {} tokens; it must have 1 to {} (the context is {context})",
             prompt.len(),
             context - 1
@@ -512,4 +546,64 @@ pub fn generate(
         logits = model.decode(&[next], &[0], &mut pool)?;
     }
     Ok(out)
+}
+
+/// The same model on the CPU and on a device, prompt by prompt: the last
+/// prompt position's logits (largest difference, top-1 equal), then
+/// `steps` teacher-forced steps on the CPU's greedy tokens (how often the
+/// device's argmax agrees, the largest logit difference). One JSON object
+/// per prompt. `chunk` sets the device's prompt chunk (default [`CHUNK`]).
+pub fn parity<D: Device>(
+    gemma: &Gemma,
+    model: &DeviceGemma<D>,
+    prompts: &[Vec<u32>],
+    steps: usize,
+    chunk: Option<usize>,
+) -> Result<Vec<serde_json::Value>, DeviceModelError> {
+    let fail = |e: kernels::collective::CollectiveError| {
+        DeviceModelError::Unsupported(format!("CPU model: {e}"))
+    };
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| f64::from((x - y).abs()))
+            .fold(0.0f64, f64::max)
+    };
+    let argmax = super::argmax;
+    let vocab = gemma.config().vocab;
+    let mut rows = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let mut cache = gemma.new_cache();
+        let mut cpu = vec![0f32; vocab];
+        gemma
+            .prefill(prompt, &mut cache, Some(&mut cpu))
+            .map_err(fail)?;
+        let mut pool =
+            model.new_pool_chunked(1, prompt.len() + steps + 2, chunk.unwrap_or(CHUNK))?;
+        let dev = model.prefill(prompt, 0, &mut pool)?;
+        let first = max_diff(&cpu, &dev);
+        let top1 = argmax(&cpu) == argmax(&dev);
+        let (mut agree, mut worst) = (0usize, first);
+        for _ in 0..steps {
+            let next = argmax(&cpu);
+            gemma
+                .forward(next, &mut cache, Some(&mut cpu))
+                .map_err(fail)?;
+            let d = model.decode(&[next], &[0], &mut pool)?;
+            if argmax(&d) == argmax(&cpu) {
+                agree += 1;
+            }
+            worst = worst.max(max_diff(&cpu, &d));
+        }
+        rows.push(serde_json::json!({
+            "prompt": i,
+            "prompt_tokens": prompt.len(),
+            "last_position_max_abs_diff": first,
+            "top1_equal": top1,
+            "teacher_forced_steps": steps,
+            "argmax_agreement": agree as f64 / steps.max(1) as f64,
+            "max_abs_diff": worst,
+        }));
+    }
+    Ok(rows)
 }

@@ -1,0 +1,385 @@
+//! The device seam of the bf16 forward pass: the operations the GPU model
+//! (`actors::gemma::device::DeviceGemma`) runs, over buffers that live on
+//! the device. Two implementations: [`Host`], plain Rust on this CPU
+//! (always built: it is how CI checks the model's indexing, caches and
+//! chunking against the CPU model without a GPU), and the CUDA GPU
+//! (`crate::cuda::Gpu`, feature `cuda`), whose kernels `dima gpu check`
+//! compares with these.
+//!
+//! Semantics shared by both: activations f32, row-major; bf16 values are
+//! raw 16-bit patterns, rounded to nearest even; GEMMs multiply bf16 by
+//! bf16 with f32 accumulation.
+
+/// A value a device buffer holds.
+#[cfg(feature = "cuda")]
+pub trait Elem:
+    Copy
+    + Default
+    + Send
+    + Sync
+    + Unpin
+    + 'static
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+{
+}
+/// A value a device buffer holds.
+#[cfg(not(feature = "cuda"))]
+pub trait Elem: Copy + Default + Send + Sync + Unpin + 'static {}
+
+impl Elem for f32 {}
+impl Elem for u16 {}
+impl Elem for i32 {}
+
+/// Why a device operation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DeviceError(pub String);
+
+/// Shapes for [`Device::attention`]: tokens, heads, head_dim, kv_dim.
+pub type AttentionShape = (usize, usize, usize, usize);
+
+/// The operations of the bf16 forward pass.
+pub trait Device {
+    /// A buffer of `T` on the device.
+    type Buf<T: Elem>;
+
+    /// Copies `values` to the device.
+    fn upload<T: Elem>(&self, values: &[T]) -> Result<Self::Buf<T>, DeviceError>;
+    /// A zeroed buffer of `n` values.
+    fn zeros<T: Elem>(&self, n: usize) -> Result<Self::Buf<T>, DeviceError>;
+    /// Copies a buffer back.
+    fn download<T: Elem>(&self, buffer: &Self::Buf<T>) -> Result<Vec<T>, DeviceError>;
+    /// Values in a buffer.
+    fn len<T: Elem>(buffer: &Self::Buf<T>) -> usize;
+    /// Waits for queued work.
+    fn synchronize(&self) -> Result<(), DeviceError>;
+
+    /// `y = bf16(x)`, `n` values.
+    fn to_bf16(
+        &self,
+        x: &Self::Buf<f32>,
+        y: &mut Self::Buf<u16>,
+        n: usize,
+    ) -> Result<(), DeviceError>;
+    /// `rows` × `dim`: `y = x / sqrt(mean(x²) + eps) · w`.
+    fn rms_norm(
+        &self,
+        x: &Self::Buf<f32>,
+        w: &Self::Buf<f32>,
+        y: &mut Self::Buf<f32>,
+        shape: (usize, usize),
+        eps: f32,
+    ) -> Result<(), DeviceError>;
+    /// NeoX RoPE in place on (tokens, heads, head_dim), one position per token.
+    fn rope_neox(
+        &self,
+        x: &mut Self::Buf<f32>,
+        positions: &Self::Buf<f32>,
+        shape: (usize, usize, usize),
+        base: f32,
+    ) -> Result<(), DeviceError>;
+    /// `out = gelu_tanh(gate) · up`.
+    fn geglu(
+        &self,
+        gate: &Self::Buf<f32>,
+        up: &Self::Buf<f32>,
+        out: &mut Self::Buf<f32>,
+        n: usize,
+    ) -> Result<(), DeviceError>;
+    /// `out[t] = table[ids[t]] · scale` over a bf16 table.
+    fn embed_bf16(
+        &self,
+        table: &Self::Buf<u16>,
+        ids: &Self::Buf<i32>,
+        out: &mut Self::Buf<f32>,
+        shape: (usize, usize),
+        scale: f32,
+    ) -> Result<(), DeviceError>;
+    /// `x += y`.
+    fn add_in_place(
+        &self,
+        x: &mut Self::Buf<f32>,
+        y: &Self::Buf<f32>,
+        n: usize,
+    ) -> Result<(), DeviceError>;
+    /// `x *= s`.
+    fn scale_in_place(&self, x: &mut Self::Buf<f32>, s: f32, n: usize) -> Result<(), DeviceError>;
+    /// Row `r` of the K/V rows into slot `dest[r]` of the caches.
+    fn store_kv(
+        &self,
+        rows: (&Self::Buf<f32>, &Self::Buf<f32>),
+        caches: (&mut Self::Buf<f32>, &mut Self::Buf<f32>),
+        dest: &Self::Buf<i32>,
+        shape: (usize, usize),
+        cache_slots: usize,
+    ) -> Result<(), DeviceError>;
+    /// Attention of each (token, head) query over its sequence's cached
+    /// positions (see `kernels/cuda/gemma3.cu`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Buf<f32>,
+        kv: (&Self::Buf<f32>, &Self::Buf<f32>),
+        out: &mut Self::Buf<f32>,
+        positions_and_bases: (&Self::Buf<i32>, &Self::Buf<i32>),
+        shape: AttentionShape,
+        group: usize,
+        window_and_slots: (usize, usize),
+    ) -> Result<(), DeviceError>;
+    /// `out (tokens × rows) = xs (tokens × cols, bf16) · Wᵀ (rows × cols, bf16)`.
+    fn gemm_bf16(
+        &self,
+        w: &Self::Buf<u16>,
+        shape: (usize, usize),
+        xs: &Self::Buf<u16>,
+        tokens: usize,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<(), DeviceError>;
+}
+
+/// bf16 bits of `x`, rounded to nearest even (the GPU kernel's rule).
+fn bf16(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+fn value(bits: u16) -> f32 {
+    half::bf16::from_bits(bits).to_f32()
+}
+
+fn need(what: &str, len: usize, n: usize) -> Result<(), DeviceError> {
+    if len < n {
+        return Err(DeviceError(format!(
+            "{what}: {len} values, the operation needs {n}"
+        )));
+    }
+    Ok(())
+}
+
+/// The device seam on this CPU, in plain Rust: buffers are `Vec`s.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Host;
+
+impl Device for Host {
+    type Buf<T: Elem> = Vec<T>;
+
+    fn upload<T: Elem>(&self, values: &[T]) -> Result<Vec<T>, DeviceError> {
+        Ok(values.to_vec())
+    }
+
+    fn zeros<T: Elem>(&self, n: usize) -> Result<Vec<T>, DeviceError> {
+        Ok(vec![T::default(); n])
+    }
+
+    fn download<T: Elem>(&self, buffer: &Vec<T>) -> Result<Vec<T>, DeviceError> {
+        Ok(buffer.clone())
+    }
+
+    fn len<T: Elem>(buffer: &Vec<T>) -> usize {
+        buffer.len()
+    }
+
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    fn to_bf16(&self, x: &Vec<f32>, y: &mut Vec<u16>, n: usize) -> Result<(), DeviceError> {
+        need("to_bf16", x.len().min(y.len()), n)?;
+        for (o, v) in y.iter_mut().zip(&x[..n]) {
+            *o = bf16(*v);
+        }
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        y: &mut Vec<f32>,
+        (rows, dim): (usize, usize),
+        eps: f32,
+    ) -> Result<(), DeviceError> {
+        need("rms_norm", x.len().min(y.len()), rows * dim)?;
+        need("rms_norm w", w.len(), dim)?;
+        for (xr, yr) in x[..rows * dim]
+            .chunks(dim)
+            .zip(y[..rows * dim].chunks_mut(dim))
+        {
+            crate::ops::rms_norm(xr, &w[..dim], eps, yr);
+        }
+        Ok(())
+    }
+
+    fn rope_neox(
+        &self,
+        x: &mut Vec<f32>,
+        positions: &Vec<f32>,
+        (tokens, heads, hd): (usize, usize, usize),
+        base: f32,
+    ) -> Result<(), DeviceError> {
+        need("rope", x.len(), tokens * heads * hd)?;
+        need("rope positions", positions.len(), tokens)?;
+        for (t, token) in x[..tokens * heads * hd].chunks_mut(heads * hd).enumerate() {
+            for head in token.chunks_mut(hd) {
+                crate::ops::rope_neox(head, positions[t], base);
+            }
+        }
+        Ok(())
+    }
+
+    fn geglu(
+        &self,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        out: &mut Vec<f32>,
+        n: usize,
+    ) -> Result<(), DeviceError> {
+        need("geglu", gate.len().min(up.len()).min(out.len()), n)?;
+        for ((o, g), u) in out.iter_mut().zip(&gate[..n]).zip(&up[..n]) {
+            *o = crate::ops::gelu_tanh(*g) * u;
+        }
+        Ok(())
+    }
+
+    fn embed_bf16(
+        &self,
+        table: &Vec<u16>,
+        ids: &Vec<i32>,
+        out: &mut Vec<f32>,
+        (tokens, dim): (usize, usize),
+        scale: f32,
+    ) -> Result<(), DeviceError> {
+        need("embed", out.len(), tokens * dim)?;
+        for (t, o) in out[..tokens * dim].chunks_mut(dim).enumerate() {
+            let id = usize::try_from(ids[t]).unwrap_or(usize::MAX);
+            let row = table
+                .get(id * dim..(id + 1) * dim)
+                .ok_or_else(|| DeviceError(format!("embed: token {id} is past the table")))?;
+            for (o, b) in o.iter_mut().zip(row) {
+                *o = value(*b) * scale;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_in_place(&self, x: &mut Vec<f32>, y: &Vec<f32>, n: usize) -> Result<(), DeviceError> {
+        need("add", x.len().min(y.len()), n)?;
+        for (a, b) in x.iter_mut().zip(&y[..n]) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn scale_in_place(&self, x: &mut Vec<f32>, s: f32, n: usize) -> Result<(), DeviceError> {
+        need("scale", x.len(), n)?;
+        x[..n].iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+
+    fn store_kv(
+        &self,
+        (k, v): (&Vec<f32>, &Vec<f32>),
+        (kc, vc): (&mut Vec<f32>, &mut Vec<f32>),
+        dest: &Vec<i32>,
+        (rows, kv_dim): (usize, usize),
+        cache_slots: usize,
+    ) -> Result<(), DeviceError> {
+        need("store_kv rows", k.len().min(v.len()), rows * kv_dim)?;
+        need(
+            "store_kv caches",
+            kc.len().min(vc.len()),
+            cache_slots * kv_dim,
+        )?;
+        for r in 0..rows {
+            let d = usize::try_from(dest[r]).unwrap_or(usize::MAX);
+            if d >= cache_slots {
+                return Err(DeviceError(format!("store_kv: slot {d} of {cache_slots}")));
+            }
+            kc[d * kv_dim..(d + 1) * kv_dim].copy_from_slice(&k[r * kv_dim..(r + 1) * kv_dim]);
+            vc[d * kv_dim..(d + 1) * kv_dim].copy_from_slice(&v[r * kv_dim..(r + 1) * kv_dim]);
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        (k, v): (&Vec<f32>, &Vec<f32>),
+        out: &mut Vec<f32>,
+        (positions, bases): (&Vec<i32>, &Vec<i32>),
+        (tokens, heads, hd, kv_dim): AttentionShape,
+        group: usize,
+        (window, slots): (usize, usize),
+    ) -> Result<(), DeviceError> {
+        need("attention q", q.len().min(out.len()), tokens * heads * hd)?;
+        let mut scores = Vec::new();
+        for t in 0..tokens {
+            let pos = usize::try_from(positions[t]).unwrap_or(0);
+            let base = usize::try_from(bases[t]).unwrap_or(0);
+            let first = if window > 0 {
+                (pos + 1).saturating_sub(window)
+            } else {
+                0
+            };
+            let slot = |p: usize| base + if slots > 0 { p % slots } else { p };
+            for h in 0..heads {
+                let qh = &q[(t * heads + h) * hd..(t * heads + h + 1) * hd];
+                let off = (h / group.max(1)) * hd;
+                scores.clear();
+                for p in first..=pos {
+                    let at = slot(p) * kv_dim + off;
+                    let key = k.get(at..at + hd).ok_or_else(|| {
+                        DeviceError(format!("attention: slot {} past the cache", slot(p)))
+                    })?;
+                    scores.push(crate::ops::dot(qh, key));
+                }
+                crate::ops::softmax(&mut scores);
+                let o = &mut out[(t * heads + h) * hd..(t * heads + h + 1) * hd];
+                o.fill(0.0);
+                for (p, w) in (first..=pos).zip(&scores) {
+                    let at = slot(p) * kv_dim + off;
+                    crate::ops::axpy(o, *w, &v[at..at + hd]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn gemm_bf16(
+        &self,
+        w: &Vec<u16>,
+        (rows, cols): (usize, usize),
+        xs: &Vec<u16>,
+        tokens: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), DeviceError> {
+        use rayon::prelude::*;
+        need("gemm w", w.len(), rows * cols)?;
+        need("gemm xs", xs.len(), tokens * cols)?;
+        need("gemm out", out.len(), tokens * rows)?;
+        let x: Vec<f32> = xs[..tokens * cols].iter().map(|b| value(*b)).collect();
+        // Weight-row-major scratch, transposed into `out` below.
+        let mut scratch = vec![0f32; rows * tokens];
+        scratch
+            .par_chunks_mut(tokens.max(1) * 64)
+            .enumerate()
+            .for_each(|(chunk, outs)| {
+                let mut wr = vec![0f32; cols];
+                for (i, o) in outs.chunks_mut(tokens.max(1)).enumerate() {
+                    let r = chunk * 64 + i;
+                    for (d, b) in wr.iter_mut().zip(&w[r * cols..(r + 1) * cols]) {
+                        *d = value(*b);
+                    }
+                    for (t, o) in o.iter_mut().enumerate() {
+                        *o = crate::ops::dot(&wr, &x[t * cols..(t + 1) * cols]);
+                    }
+                }
+            });
+        for t in 0..tokens {
+            for r in 0..rows {
+                out[t * rows + r] = scratch[r * tokens + t];
+            }
+        }
+        Ok(())
+    }
+}
