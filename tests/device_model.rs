@@ -52,6 +52,7 @@ fn the_device_model_follows_the_cpu_model() {
 /// Several sequences in one batched step get what each gets alone, and a
 /// generation stops as the CPU's does.
 #[test]
+#[allow(clippy::needless_range_loop)] // steps index every sequence's log
 fn batched_steps_equal_single_steps_on_the_device() {
     let (gemma, device) = models();
     let tok = gemma.tokenizer();
