@@ -103,6 +103,17 @@ mod engine {
         }
     }
 
+    /// Both ranks of a tp=2 group, as threads of this process.
+    fn two_ranks(path: &std::path::Path) -> Vec<actors::gemma::Gemma> {
+        cluster::serve::load_ranks(
+            path,
+            2,
+            cluster::serve::Placement::InProcess,
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
     /// A sink that forwards events to a channel.
     fn channel() -> (actors::gemma::engine::Sink, mpsc::Receiver<Event>) {
         let (tx, rx) = mpsc::channel();
@@ -355,16 +366,7 @@ mod engine {
             .collect();
         drop(gemma);
         let path = cluster::models::gguf_path("gemma3-270m").unwrap();
-        let loads: Vec<_> = kernels::collective::local_group(2, Duration::from_secs(60))
-            .into_iter()
-            .map(|link| {
-                let path = path.clone();
-                std::thread::spawn(move || {
-                    actors::gemma::Gemma::load_rank(&path, 2, Box::new(link), |_, _| {}).unwrap()
-                })
-            })
-            .collect();
-        let ranks: Vec<_> = loads.into_iter().map(|h| h.join().unwrap()).collect();
+        let ranks = two_ranks(&path);
         let engine = Engine::start(ranks, EngineConfig::default()).unwrap();
         assert_eq!(engine.world(), 2);
         let receivers: Vec<_> = requests
@@ -385,16 +387,7 @@ mod engine {
     #[test]
     fn an_engine_needs_all_ranks_or_rank_0() {
         let path = cluster::models::gguf_path("gemma3-270m").unwrap();
-        let loads: Vec<_> = kernels::collective::local_group(2, Duration::from_secs(60))
-            .into_iter()
-            .map(|link| {
-                let path = path.clone();
-                std::thread::spawn(move || {
-                    actors::gemma::Gemma::load_rank(&path, 2, Box::new(link), |_, _| {}).unwrap()
-                })
-            })
-            .collect();
-        let mut ranks: Vec<_> = loads.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut ranks = two_ranks(&path);
         let rank1 = ranks.pop().unwrap();
         let e = Engine::start(vec![rank1], EngineConfig::default()).unwrap_err();
         assert!(e.contains("given ranks [1]"), "{e}");

@@ -118,20 +118,8 @@ enum Command {
         /// `text` streams the text; `json` prints {"prompt_ids","ids","text"}.
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
-        /// Tensor-parallel ranks. Without --rank, all of them run in this
-        /// process (threads); with --rank, this process runs that one rank.
-        #[arg(long, default_value_t = 1)]
-        tp: usize,
-        /// Run only this rank of the --tp group, joining the others over TCP
-        /// through rank 0 at --root. Rank 0 prints the output.
-        #[arg(long, requires = "root")]
-        rank: Option<usize>,
-        /// Rank 0's address (it listens there; the others connect).
-        #[arg(long, value_name = "HOST:PORT")]
-        root: Option<std::net::SocketAddr>,
-        /// How long a rank waits for its peers (connecting, and in each step).
-        #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
-        collective_timeout: f64,
+        #[command(flatten)]
+        ranks: TpArgs,
         /// Where the model runs: `cpu`, or `cuda` (one GPU, tp 1).
         #[arg(long, value_enum, default_value = "cpu")]
         backend: Backend,
@@ -166,22 +154,8 @@ enum Command {
         /// Require `Authorization: Bearer KEY` (default: the DIMA_API_KEY variable, if set).
         #[arg(long, env = "DIMA_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
-        /// Tensor-parallel ranks. Without --rank, all of them run in this
-        /// process (threads); with --rank, this process runs that one rank:
-        /// rank 0 serves HTTP and drives the others, which follow it over
-        /// TCP through --root.
-        #[arg(long, default_value_t = 1)]
-        tp: usize,
-        /// Run only this rank of the --tp group.
-        #[arg(long, requires = "root")]
-        rank: Option<usize>,
-        /// Rank 0's address for the ranks (it listens there; the others connect).
-        #[arg(long, value_name = "HOST:PORT")]
-        root: Option<std::net::SocketAddr>,
-        /// How long a rank waits for its peers; a rank gone for longer makes
-        /// the server answer 503 with the reason.
-        #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
-        collective_timeout: f64,
+        #[command(flatten)]
+        ranks: TpArgs,
     },
     /// Print the token ids of a text as a JSON array (no BOS; special-token
     /// strings such as `<start_of_turn>` become their tokens).
@@ -291,6 +265,29 @@ enum Command {
         #[command(subcommand)]
         bench: BenchCommand,
     },
+}
+
+/// Tensor-parallel placement (`dima generate`, `dima serve`).
+#[derive(Debug, clap::Args)]
+struct TpArgs {
+    /// Tensor-parallel ranks. Without --rank, all of them run in this
+    /// process (threads); with --rank, this process runs that one rank and
+    /// joins the others over TCP through rank 0 at --root (rank 0 prints the
+    /// output of `generate`; under `serve` it serves HTTP and drives the
+    /// others).
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Run only this rank of the --tp group.
+    #[arg(long, requires = "root")]
+    rank: Option<usize>,
+    /// Rank 0's address (it listens there; the others connect).
+    #[arg(long, value_name = "HOST:PORT")]
+    root: Option<std::net::SocketAddr>,
+    /// How long a rank waits for its peers (connecting, and in each step);
+    /// under `serve`, a rank gone for longer makes the server answer 503
+    /// with the reason.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    collective_timeout: f64,
 }
 
 /// Where a model runs.
@@ -1247,10 +1244,13 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             chat,
             stats,
             format,
-            tp,
-            rank,
-            root,
-            collective_timeout,
+            ranks:
+                TpArgs {
+                    tp,
+                    rank,
+                    root,
+                    collective_timeout,
+                },
             backend,
             device,
         } => {
@@ -1620,10 +1620,13 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
             max_waiting,
             max_tokens_in_flight,
             api_key,
-            tp,
-            rank,
-            root,
-            collective_timeout,
+            ranks:
+                TpArgs {
+                    tp,
+                    rank,
+                    root,
+                    collective_timeout,
+                },
         } => {
             let usage = |message: &str| Failure {
                 code: 2,
