@@ -103,6 +103,19 @@ mod engine {
         }
     }
 
+    /// What each request generates alone (`generate`, its own sampler).
+    fn alone_tokens(gemma: &actors::gemma::Gemma, requests: &[Request]) -> Vec<Vec<u32>> {
+        requests
+            .iter()
+            .map(|r| {
+                let mut sampler = Sampler::new(r.sampling);
+                generate(gemma, &r.prompt, r.max_tokens, &mut sampler, |_| {})
+                    .unwrap()
+                    .0
+            })
+            .collect()
+    }
+
     /// Both ranks of a tp=2 group, as threads of this process.
     fn two_ranks(path: &std::path::Path) -> Vec<actors::gemma::Gemma> {
         cluster::serve::load_ranks(
@@ -148,15 +161,7 @@ mod engine {
             .iter()
             .map(|(p, n, seed)| request(&gemma, p, *n, *seed))
             .collect();
-        let alone: Vec<Vec<u32>> = requests
-            .iter()
-            .map(|r| {
-                let mut sampler = Sampler::new(r.sampling);
-                generate(&gemma, &r.prompt, r.max_tokens, &mut sampler, |_| {})
-                    .unwrap()
-                    .0
-            })
-            .collect();
+        let alone = alone_tokens(&gemma, &requests);
         let engine = Engine::start(
             vec![gemma],
             EngineConfig {
@@ -288,15 +293,7 @@ mod engine {
         let gemma = super::model();
         let a = request(&gemma, "The capital of France is", 4, 0);
         let b = request(&gemma, "Water boils at", 4, 0);
-        let alone: Vec<Vec<u32>> = [&a, &b]
-            .iter()
-            .map(|r| {
-                let mut sampler = Sampler::new(r.sampling);
-                generate(&gemma, &r.prompt, r.max_tokens, &mut sampler, |_| {})
-                    .unwrap()
-                    .0
-            })
-            .collect();
+        let alone = alone_tokens(&gemma, &[a.clone(), b.clone()]);
         let budget = a.prompt.len() + 4;
         assert!(b.prompt.len() + 4 <= budget);
         let engine = Engine::start(
@@ -355,15 +352,7 @@ mod engine {
             request(&gemma, "Once upon a time", 8, 3),
             request(&gemma, "def fibonacci(n):", 5, 0),
         ];
-        let alone: Vec<Vec<u32>> = requests
-            .iter()
-            .map(|r| {
-                let mut sampler = Sampler::new(r.sampling);
-                generate(&gemma, &r.prompt, r.max_tokens, &mut sampler, |_| {})
-                    .unwrap()
-                    .0
-            })
-            .collect();
+        let alone = alone_tokens(&gemma, &requests);
         drop(gemma);
         let path = cluster::models::gguf_path("gemma3-270m").unwrap();
         let ranks = two_ranks(&path);
