@@ -131,6 +131,7 @@ fn gpu_commands_without_cuda_say_how_to_build_it() {
             "--backend",
             "cuda",
         ],
+        &["serve", "--model", "gemma3-270m", "--backend", "cuda"],
         &[
             "bench",
             "decode",

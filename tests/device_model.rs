@@ -98,3 +98,71 @@ fn batched_steps_equal_single_steps_on_the_device() {
     let (cpu, _) = actors::gemma::generate(&gemma, &prompts[0], 6, &mut sampler, |_| {}).unwrap();
     assert_eq!(ids, cpu);
 }
+
+/// The continuous-batching engine over the device model (as `dima serve
+/// --backend cuda` runs it, here on the plain-Rust device): requests
+/// joining and leaving get what each gets alone, greedy or sampled, and the
+/// pool's sequences are reused.
+#[test]
+fn the_engine_serves_the_device_model() {
+    use actors::gemma::engine::{Engine, EngineConfig, Event, Request};
+    use actors::gemma::{Sampler, Sampling};
+    let (gemma, device) = models();
+    let tok = gemma.tokenizer();
+    let requests: Vec<Request> = [
+        ("The capital of France is", 5, 0u64),
+        ("Once upon a time", 6, 3),
+        ("def fibonacci(n):", 4, 0),
+        ("1, 2, 3, 4,", 3, 9),
+    ]
+    .iter()
+    .map(|(p, n, seed)| Request {
+        prompt: tok.encode(p, true, false),
+        max_tokens: *n,
+        sampling: Sampling {
+            temperature: if *seed == 0 { 0.0 } else { 0.8 },
+            top_k: 40,
+            top_p: 0.95,
+            seed: *seed,
+        },
+    })
+    .collect();
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| {
+            let mut sampler = Sampler::new(r.sampling);
+            generate(&device, &r.prompt, r.max_tokens, &mut sampler, |_| {}).unwrap()
+        })
+        .collect();
+    // Two sequences for four requests: the last two wait, then reuse them.
+    let config = EngineConfig {
+        max_batch: 2,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start_device(device, config, 64).unwrap();
+    let receivers: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            engine
+                .submit(r.clone(), Box::new(move |e| tx.send(e).is_ok()))
+                .unwrap();
+            rx
+        })
+        .collect();
+    for (i, rx) in receivers.iter().enumerate() {
+        let mut tokens = Vec::new();
+        loop {
+            match rx
+                .recv_timeout(std::time::Duration::from_secs(120))
+                .unwrap()
+            {
+                Event::Token(t) => tokens.push(t),
+                Event::Finished { .. } => break,
+                Event::Failed(e) => panic!("request {i}: {e}"),
+            }
+        }
+        assert_eq!(tokens, alone[i], "request {i}");
+    }
+    drop(gemma);
+}

@@ -156,6 +156,16 @@ enum Command {
         api_key: Option<String>,
         #[command(flatten)]
         ranks: TpArgs,
+        /// Where the model runs: `cpu`, or `cuda` (one GPU, tp 1).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: Backend,
+        /// The CUDA device with `--backend cuda`.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// With `--backend cuda`: positions each request's cache holds
+        /// (prompt plus generation); the GPU keeps `--max-batch` of them.
+        #[arg(long, default_value_t = 4096)]
+        max_context: usize,
     },
     /// Print the token ids of a text as a JSON array (no BOS; special-token
     /// strings such as `<start_of_turn>` become their tokens).
@@ -392,6 +402,34 @@ fn bench_decode_on_gpu(
     _prompt_tokens: usize,
     _steps: usize,
 ) -> Result<Vec<serde_json::Value>, Failure> {
+    Err(no_cuda())
+}
+
+#[cfg(feature = "cuda")]
+fn serve_on_gpu(
+    gemma: &actors::gemma::Gemma,
+    device: usize,
+    max_context: usize,
+    config: &cluster::serve::ServeConfig,
+) -> Result<(), Failure> {
+    let fail = |e: anyhow::Error| Failure { code: 1, error: e };
+    let model = upload_to_gpu(gemma, device).map_err(fail)?;
+    let listener = std::net::TcpListener::bind(config.listen)
+        .map_err(|e| fail(anyhow::anyhow!("cannot listen on {}: {e}", config.listen)))?;
+    let engine = actors::gemma::engine::Engine::start_device(model, config.engine, max_context)
+        .map_err(|e| fail(anyhow::anyhow!("{e}")))?;
+    cluster::serve::start_engine(engine, gemma.tokenizer().clone(), listener, config)
+        .and_then(cluster::serve::Running::wait)
+        .map_err(fail)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn serve_on_gpu(
+    _gemma: &actors::gemma::Gemma,
+    _device: usize,
+    _max_context: usize,
+    _config: &cluster::serve::ServeConfig,
+) -> Result<(), Failure> {
     Err(no_cuda())
 }
 
@@ -1627,6 +1665,9 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     root,
                     collective_timeout,
                 },
+            backend,
+            device,
+            max_context,
         } => {
             let usage = |message: &str| Failure {
                 code: 2,
@@ -1646,6 +1687,30 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 return Err(usage("--collective-timeout must be positive"));
             }
             let timeout = std::time::Duration::from_secs_f64(*collective_timeout);
+            let engine_config = actors::gemma::engine::EngineConfig {
+                max_batch: *max_batch,
+                max_waiting: *max_waiting,
+                max_tokens_in_flight: *max_tokens_in_flight,
+                // Well inside the ranks' timeout: a lost rank is found
+                // while idle, before the next request.
+                heartbeat: timeout.mul_f64(0.25),
+            };
+            let serve_config = cluster::serve::ServeConfig {
+                model_name: served_model_name.clone().unwrap_or_else(|| model.clone()),
+                listen: *listen,
+                api_key: api_key.clone(),
+                engine: engine_config,
+                handle_signals: true,
+            };
+            if *backend == Backend::Cuda {
+                if *tp != 1 || rank.is_some() {
+                    return Err(usage(
+                        "--backend cuda serves one rank: tensor parallelism on GPUs comes with NCCL",
+                    ));
+                }
+                let gemma = load_gemma(model)?;
+                return serve_on_gpu(&gemma, *device, *max_context, &serve_config);
+            }
             let ranks = match (rank, root) {
                 (None, _) if *tp == 1 => vec![load_gemma(model)?],
                 (None, _) => cluster::serve::load_ranks(
@@ -1676,21 +1741,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     error: anyhow::anyhow!("rank {r} stopped: {e}"),
                 });
             }
-            let config = cluster::serve::ServeConfig {
-                model_name: served_model_name.clone().unwrap_or_else(|| model.clone()),
-                listen: *listen,
-                api_key: api_key.clone(),
-                engine: actors::gemma::engine::EngineConfig {
-                    max_batch: *max_batch,
-                    max_waiting: *max_waiting,
-                    max_tokens_in_flight: *max_tokens_in_flight,
-                    // Well inside the ranks' timeout: a lost rank is found
-                    // while idle, before the next request.
-                    heartbeat: timeout.mul_f64(0.25),
-                },
-                handle_signals: true,
-            };
-            cluster::serve::serve(ranks, &config)?;
+            cluster::serve::serve(ranks, &serve_config)?;
             Ok(())
         }
         Command::Learner {

@@ -700,11 +700,23 @@ pub fn start(ranks: Vec<Gemma>, config: &ServeConfig) -> anyhow::Result<Running>
     let Some(first) = ranks.first() else {
         anyhow::bail!("no rank to serve");
     };
-    let tokenizer = Arc::new(first.tokenizer().clone());
+    let tokenizer = first.tokenizer().clone();
     let listener = std::net::TcpListener::bind(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let address = listener.local_addr()?;
     let engine = Engine::start(ranks, config.engine).map_err(|e| anyhow::anyhow!("{e}"))?;
+    start_engine(engine, tokenizer, listener, config)
+}
+
+/// Serves a running `engine` (any shard models: CPU ranks, or the model
+/// on a GPU) on `listener`.
+pub fn start_engine(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    listener: std::net::TcpListener,
+    config: &ServeConfig,
+) -> anyhow::Result<Running> {
+    let tokenizer = Arc::new(tokenizer);
+    let address = listener.local_addr()?;
     let state = web::Data::new(State {
         engine,
         tokenizer,

@@ -109,6 +109,11 @@ impl<D: Device> KvPool<D> {
         }
     }
 
+    /// Most positions a sequence holds.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
     /// Device bytes the pool holds.
     pub fn bytes(&self) -> usize {
         self.keys

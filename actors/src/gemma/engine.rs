@@ -41,6 +41,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
+use kernels::device::Device;
+
+use super::device::{DeviceGemma, KvPool};
 use super::generate::END_OF_GENERATION;
 use super::model::{Gemma, KvCache};
 use super::sampling::{Sampler, Sampling};
@@ -288,50 +291,76 @@ struct Follow;
 /// How a follower ended.
 type Outcome = Arc<Mutex<Option<Result<(), String>>>>;
 
-/// One tensor-parallel rank: its weights and the KV cache of every running
-/// request. Runs on its own arbiter (thread): a step blocks it.
-pub struct ShardActor {
-    gemma: Gemma,
-    caches: HashMap<u64, KvCache>,
-    /// Rank 0 of a group spread over processes: send every schedule on.
-    relay: bool,
-    /// A rank in another process: where its end is reported.
-    outcome: Option<Outcome>,
+/// What a shard actor runs: one rank's model and the caches of the running
+/// requests. [`CpuShard`] is a rank of the CPU model (any tensor-parallel
+/// size); [`DeviceShard`] is the model on a device (one rank), e.g. a GPU.
+pub trait ShardModel: Send + 'static {
+    /// This rank.
+    fn rank(&self) -> usize;
+    /// Ranks in the group.
+    fn world(&self) -> usize;
+    /// Logits per row.
+    fn vocab(&self) -> usize;
+    /// Most positions a request may use (prompt plus generation).
+    fn context(&self) -> usize;
+    /// Copies rank 0's bytes to every rank (the schedule, for ranks in
+    /// other processes).
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), String>;
+    /// Runs one schedule: free, admit (prefill), decode. Rank 0 returns the
+    /// logits of the admitted, then the decoded, requests.
+    fn step(&mut self, s: &Schedule) -> Result<StepOutput, String>;
 }
 
-impl std::fmt::Debug for ShardActor {
+/// A rank of the CPU model and the KV cache of every running request.
+pub struct CpuShard {
+    gemma: Gemma,
+    caches: HashMap<u64, KvCache>,
+}
+
+impl std::fmt::Debug for CpuShard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShardActor")
+        f.debug_struct("CpuShard")
             .field("rank", &self.gemma.shard().rank)
             .field("requests", &self.caches.len())
-            .field("relay", &self.relay)
             .finish()
     }
 }
 
-impl Actor for ShardActor {
-    type Context = Context<Self>;
-}
-
-impl ShardActor {
-    fn new(gemma: Gemma, relay: bool) -> Self {
+impl CpuShard {
+    /// Wraps a loaded rank.
+    pub fn new(gemma: Gemma) -> Self {
         Self {
             gemma,
             caches: HashMap::new(),
-            relay,
-            outcome: None,
         }
     }
+}
 
-    /// Runs `s` on this rank.
-    fn run(&mut self, s: &Schedule) -> Result<StepOutput, String> {
-        if self.relay {
-            let mut bytes = s.encode();
-            self.gemma
-                .collective()
-                .broadcast_bytes(&mut bytes, 0)
-                .map_err(|e| e.to_string())?;
-        }
+impl ShardModel for CpuShard {
+    fn rank(&self) -> usize {
+        self.gemma.shard().rank
+    }
+
+    fn world(&self) -> usize {
+        self.gemma.collective().world()
+    }
+
+    fn vocab(&self) -> usize {
+        self.gemma.config().vocab
+    }
+
+    fn context(&self) -> usize {
+        self.gemma.config().context
+    }
+
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), String> {
+        self.gemma
+            .collective()
+            .broadcast_bytes(bytes, 0)
+            .map_err(|e| e.to_string())
+    }
+
+    fn step(&mut self, s: &Schedule) -> Result<StepOutput, String> {
         for id in &s.free {
             self.caches.remove(id);
         }
@@ -386,6 +415,152 @@ impl ShardActor {
             kv_bytes: self.caches.values().map(KvCache::bytes).sum(),
         })
     }
+}
+
+/// The model on a device (one rank) and its pool of sequence caches: each
+/// running request holds one of the pool's sequences.
+pub struct DeviceShard<D: Device> {
+    model: DeviceGemma<D>,
+    pool: KvPool<D>,
+    slots: HashMap<u64, usize>,
+    free: Vec<usize>,
+}
+
+impl<D: Device> std::fmt::Debug for DeviceShard<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceShard")
+            .field("requests", &self.slots.len())
+            .field("free", &self.free.len())
+            .finish()
+    }
+}
+
+impl<D: Device> DeviceShard<D> {
+    /// `sequences` caches of `context` positions each (the engine's
+    /// `max_batch` requests at most run together).
+    pub fn new(model: DeviceGemma<D>, sequences: usize, context: usize) -> Result<Self, String> {
+        let pool = model
+            .new_pool(sequences, context)
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            model,
+            pool,
+            slots: HashMap::new(),
+            free: (0..sequences).rev().collect(),
+        })
+    }
+}
+
+impl<D: Device + Send + 'static> ShardModel for DeviceShard<D>
+where
+    DeviceGemma<D>: Send,
+    KvPool<D>: Send,
+{
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world(&self) -> usize {
+        1
+    }
+
+    fn vocab(&self) -> usize {
+        self.model.config().vocab
+    }
+
+    fn context(&self) -> usize {
+        self.pool.context()
+    }
+
+    fn broadcast_bytes(&self, _bytes: &mut Vec<u8>) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn step(&mut self, s: &Schedule) -> Result<StepOutput, String> {
+        for id in &s.free {
+            if let Some(slot) = self.slots.remove(id) {
+                self.pool.clear(slot);
+                self.free.push(slot);
+            }
+        }
+        let mut logits = Vec::with_capacity((s.admit.len() + s.decode.len()) * self.vocab());
+        for (id, prompt) in &s.admit {
+            let slot = self
+                .free
+                .pop()
+                .ok_or_else(|| format!("no free sequence for request {id}"))?;
+            self.slots.insert(*id, slot);
+            let row = self
+                .model
+                .prefill(prompt, slot, &mut self.pool)
+                .map_err(|e| e.to_string())?;
+            logits.extend(row);
+        }
+        if !s.decode.is_empty() {
+            let mut tokens = Vec::with_capacity(s.decode.len());
+            let mut seqs = Vec::with_capacity(s.decode.len());
+            for (id, t) in &s.decode {
+                let slot = self
+                    .slots
+                    .get(id)
+                    .ok_or_else(|| format!("no sequence for request {id}"))?;
+                tokens.push(*t);
+                seqs.push(*slot);
+            }
+            let rows = self
+                .model
+                .decode(&tokens, &seqs, &mut self.pool)
+                .map_err(|e| e.to_string())?;
+            logits.extend(rows);
+        }
+        Ok(StepOutput {
+            logits,
+            kv_bytes: self.pool.bytes(),
+        })
+    }
+}
+
+/// One tensor-parallel rank (a [`ShardModel`]). Runs on its own arbiter
+/// (thread): a step blocks it.
+pub struct ShardActor {
+    model: Box<dyn ShardModel>,
+    /// Rank 0 of a group spread over processes: send every schedule on.
+    relay: bool,
+    /// A rank in another process: where its end is reported.
+    outcome: Option<Outcome>,
+}
+
+impl std::fmt::Debug for ShardActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardActor")
+            .field("rank", &self.model.rank())
+            .field("relay", &self.relay)
+            .finish()
+    }
+}
+
+impl Actor for ShardActor {
+    type Context = Context<Self>;
+}
+
+impl ShardActor {
+    fn new(model: Box<dyn ShardModel>, relay: bool) -> Self {
+        Self {
+            model,
+            relay,
+            outcome: None,
+        }
+    }
+
+    /// Runs `s` on this rank (sending it on first, as rank 0 of a group
+    /// spread over processes).
+    fn run(&mut self, s: &Schedule) -> Result<StepOutput, String> {
+        if self.relay {
+            let mut bytes = s.encode();
+            self.model.broadcast_bytes(&mut bytes)?;
+        }
+        self.model.step(s)
+    }
 
     fn end(&mut self, result: Result<(), String>) {
         if let Some(outcome) = &self.outcome
@@ -411,10 +586,8 @@ impl Handler<Follow> for ShardActor {
     fn handle(&mut self, _msg: Follow, ctx: &mut Self::Context) {
         let mut bytes = Vec::new();
         let schedule = self
-            .gemma
-            .collective()
-            .broadcast_bytes(&mut bytes, 0)
-            .map_err(|e| e.to_string())
+            .model
+            .broadcast_bytes(&mut bytes)
             .and_then(|()| Schedule::decode(&bytes));
         match schedule {
             Ok(s) if s.stop => self.end(Ok(())),
@@ -439,7 +612,7 @@ pub fn follow(gemma: Gemma) -> Result<(), String> {
     let system = System::new();
     let slot = Arc::clone(&outcome);
     system.block_on(async move {
-        let mut shard = ShardActor::new(gemma, false);
+        let mut shard = ShardActor::new(Box::new(CpuShard::new(gemma)), false);
         shard.outcome = Some(slot);
         let addr = shard.start();
         addr.do_send(Follow);
@@ -790,13 +963,43 @@ impl Engine {
     /// in other processes ([`follow`]) and are reached through rank 0's
     /// collective.
     pub fn start(ranks: Vec<Gemma>, config: EngineConfig) -> Result<Self, String> {
+        Self::start_shards(
+            ranks
+                .into_iter()
+                .map(|g| Box::new(CpuShard::new(g)) as Box<dyn ShardModel>)
+                .collect(),
+            config,
+        )
+    }
+
+    /// Starts the engine over the model on a device (one rank), with a
+    /// cache of `context` positions for each of `config.max_batch`
+    /// requests.
+    pub fn start_device<D: Device + Send + 'static>(
+        model: DeviceGemma<D>,
+        config: EngineConfig,
+        context: usize,
+    ) -> Result<Self, String>
+    where
+        DeviceGemma<D>: Send,
+        KvPool<D>: Send,
+    {
+        let shard = DeviceShard::new(model, config.max_batch.max(1), context)?;
+        Self::start_shards(vec![Box::new(shard)], config)
+    }
+
+    /// [`start`](Self::start) over any shard models.
+    pub fn start_shards(
+        ranks: Vec<Box<dyn ShardModel>>,
+        config: EngineConfig,
+    ) -> Result<Self, String> {
         let Some(first) = ranks.first() else {
             return Err("the engine needs at least rank 0".into());
         };
-        let world = first.collective().world();
-        let vocab = first.config().vocab;
-        let context = first.config().context;
-        let mut seen: Vec<usize> = ranks.iter().map(|g| g.shard().rank).collect();
+        let world = first.world();
+        let vocab = first.vocab();
+        let context = first.context();
+        let mut seen: Vec<usize> = ranks.iter().map(|g| g.rank()).collect();
         seen.sort_unstable();
         let relay = if ranks.len() == world && seen.iter().copied().eq(0..world) {
             false
@@ -815,7 +1018,7 @@ impl Engine {
             ));
         }
         let mut ranks = ranks;
-        ranks.sort_by_key(|g| g.shard().rank);
+        ranks.sort_by_key(|g| g.rank());
         let counters = Arc::new(Counters::default());
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = Arc::clone(&counters);
