@@ -152,4 +152,13 @@ fn gpu_commands_without_cuda_say_how_to_build_it() {
         done.assert_rejected(2, &["built without CUDA", "--features cuda"]);
         done.assert_no_panic();
     }
+    // A manifest that serves on a GPU is refused before anything starts.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dima_tests::write(
+        dir.path(),
+        "gpu.toml",
+        "[inference]\nmodel = \"gemma3-270m\"\nbackend = \"cuda\"\n",
+    );
+    let done = run_dima(&["up", path.to_str().unwrap()], Duration::from_secs(60));
+    done.assert_rejected(2, &["inference.backend = \"cuda\"", "built without CUDA"]);
 }

@@ -106,19 +106,29 @@ fn inference_section_validates_and_names_its_problems() {
     done.assert_success();
     assert!(
         done.stdout.contains(
-            "inference: gemma3-270m as \"gemma3-270m\", tp 2 (all in process 0 (threads))"
+            "inference: gemma3-270m as \"gemma3-270m\" on cpu, tp 2 (all in process 0 (threads))"
         ),
         "{}",
         done.stdout
     );
-    let done = validate("[inference]\nmodel = \"gemma3-270m\"\nbackend = \"cuda\"\nranks = [3]\n");
+    let done = validate(
+        "[inference]\nmodel = \"gemma3-270m\"\nbackend = \"cuda\"\ntp = 2\nranks = [3, 0]\n",
+    );
     assert_rejected(
         &done,
         2,
         &[
-            "inference.backend: \"cuda\" is not supported yet",
+            "inference.backend: \"cuda\" runs one rank for now",
             "inference.ranks[0]: process 3 does not exist",
         ],
+    );
+    let done =
+        validate("[inference]\nmodel = \"gemma3-270m\"\nbackend = \"cuda\"\ndevices = [1]\n");
+    done.assert_success();
+    assert!(
+        done.stdout.contains("on cuda devices [1]"),
+        "{}",
+        done.stdout
     );
 }
 

@@ -94,6 +94,14 @@ fn run(
             .context("inference.root is required when ranks run in different processes")?;
         Placement::Tcp { rank, root }
     };
+    if let crate::manifest::Backend::Cuda {
+        devices,
+        max_context,
+    } = &spec.backend
+    {
+        let device = devices.get(rank).copied().unwrap_or(0);
+        return serve_on_gpu(spec, &path, device, *max_context, done, stop);
+    }
     let started = Instant::now();
     let ranks = serve::load_ranks(&path, spec.tp, placement, spec.collective_timeout)
         .with_context(|| format!("loading rank {rank} of {} of {}", spec.tp, path.display()))?;
@@ -114,6 +122,13 @@ fn run(
             json!({"rank": r, "process": spec.ranks[r], "weight_bytes": g.weight_bytes()})
         })
         .collect();
+    let config = serve_config(spec)?;
+    let server = serve::start(ranks, &config)?;
+    finish_serving(spec, server, &config, (&path, load_s, held), done, stop)
+}
+
+/// The server's settings from `[inference]` (the bearer token read now).
+fn serve_config(spec: &InferenceSpec) -> anyhow::Result<serve::ServeConfig> {
     let api_key = match &spec.api_key {
         None => None,
         Some(ApiKey::Literal(k)) => Some(k.clone()),
@@ -121,10 +136,10 @@ fn run(
             format!("inference.api_key_env: the environment variable {name} is not set")
         })?),
     };
-    let config = serve::ServeConfig {
+    Ok(serve::ServeConfig {
         model_name: spec.served_model_name.clone(),
         listen: spec.listen,
-        api_key: api_key.clone(),
+        api_key,
         engine: actors::gemma::engine::EngineConfig {
             max_batch: spec.max_batch,
             max_waiting: spec.max_waiting,
@@ -132,8 +147,64 @@ fn run(
             heartbeat: spec.collective_timeout.mul_f64(0.25),
         },
         handle_signals: false,
-    };
-    let server = serve::start(ranks, &config)?;
+    })
+}
+
+/// Rank 0 of a GPU deployment: the model uploaded to `device`, served by
+/// the same engine and server.
+#[cfg(feature = "cuda")]
+fn serve_on_gpu(
+    spec: &InferenceSpec,
+    path: &std::path::Path,
+    device: usize,
+    max_context: usize,
+    done: &AtomicBool,
+    stop: &AtomicBool,
+) -> anyhow::Result<Option<Value>> {
+    let started = Instant::now();
+    let gemma = actors::gemma::Gemma::load(path)?;
+    let gpu = kernels::cuda::Gpu::new(device)?;
+    let model = actors::gemma::device::GpuGemma::upload(&gemma, gpu, |_, _| {})?;
+    let load_s = started.elapsed().as_secs_f64();
+    let held = vec![
+        json!({"rank": 0, "process": spec.ranks[0], "device": device,
+                           "weight_bytes": model.weight_bytes()}),
+    ];
+    let config = serve_config(spec)?;
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("inference.listen: cannot listen on {}", config.listen))?;
+    let engine = actors::gemma::engine::Engine::start_device(model, config.engine, max_context)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let server = serve::start_engine(engine, gemma.tokenizer().clone(), listener, &config)?;
+    finish_serving(spec, server, &config, (path, load_s, held), done, stop)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn serve_on_gpu(
+    _spec: &InferenceSpec,
+    _path: &std::path::Path,
+    _device: usize,
+    _max_context: usize,
+    _done: &AtomicBool,
+    _stop: &AtomicBool,
+) -> anyhow::Result<Option<Value>> {
+    anyhow::bail!(
+        "inference.backend = \"cuda\", but this dima was built without CUDA: build it with \
+         `cargo build --release -p cluster --features cuda`"
+    )
+}
+
+/// Sends the load through the running server, waits for the jobs (or the
+/// stop signal), stops the server and reports.
+fn finish_serving(
+    spec: &InferenceSpec,
+    server: serve::Running,
+    config: &serve::ServeConfig,
+    (path, load_s, held): (&std::path::Path, f64, Vec<Value>),
+    done: &AtomicBool,
+    stop: &AtomicBool,
+) -> anyhow::Result<Option<Value>> {
+    let api_key = config.api_key.clone();
     let address = server.address.to_string();
     tracing::info!(%address, tp = spec.tp, "serving the OpenAI-compatible API");
     let load = send_load(spec, &address, api_key.as_deref(), stop);
@@ -150,6 +221,10 @@ fn run(
         "path": path.display().to_string(),
         "tp": spec.tp,
         "placement": if spec.in_one_process() { "threads" } else { "tcp" },
+        "backend": match spec.backend {
+            crate::manifest::Backend::Cpu => "cpu",
+            crate::manifest::Backend::Cuda { .. } => "cuda",
+        },
         "ranks_here": held,
         "listen": address,
         "load_s": load_s,

@@ -1152,8 +1152,17 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                         i.root.map_or("?".to_owned(), |r| r.to_string())
                     )
                 };
+                let backend = match &i.backend {
+                    cluster::manifest::Backend::Cpu => "on cpu".to_owned(),
+                    cluster::manifest::Backend::Cuda {
+                        devices,
+                        max_context,
+                    } => {
+                        format!("on cuda devices {devices:?}, {max_context} positions per request")
+                    }
+                };
                 println!(
-                    "  inference: {} as {:?}, tp {} ({placement}), http://{}; max batch {}, \
+                    "  inference: {} as {:?} {backend}, tp {} ({placement}), http://{}; max batch {}, \
                      max waiting {}, max tokens in flight {}; load {} request(s) x {} token(s), {} at a time",
                     i.model,
                     i.served_model_name,
@@ -1177,6 +1186,19 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
         } => {
             let manifest = load(file)?;
             if let Some(inference) = manifest.inference.as_ref().filter(|_| !*no_inference) {
+                if matches!(inference.backend, cluster::manifest::Backend::Cuda { .. })
+                    && !cfg!(feature = "cuda")
+                {
+                    return Err(Failure {
+                        code: 2,
+                        error: anyhow::anyhow!(
+                            "{}: inference.backend = \"cuda\", but this dima was built without \
+                             CUDA: build it with `cargo build --release -p cluster --features cuda` \
+                             (or run with --no-inference)",
+                            file.display()
+                        ),
+                    });
+                }
                 ensure_model(&inference.model)?;
             }
             let mut spec = telemetry_spec(cli, &manifest);

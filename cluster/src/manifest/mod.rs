@@ -42,6 +42,8 @@ pub struct InferenceSpec {
     /// A catalog name (`gemma3-270m`), or a `.gguf` file or checkpoint
     /// directory (resolved next to the manifest).
     pub model: String,
+    /// Where the ranks compute.
+    pub backend: Backend,
     /// Tensor-parallel ranks.
     pub tp: usize,
     /// The process (index into `dataflow.processes`) running each rank.
@@ -73,6 +75,21 @@ impl InferenceSpec {
     pub fn in_one_process(&self) -> bool {
         self.ranks.iter().all(|p| Some(p) == self.ranks.first())
     }
+}
+
+/// Where inference ranks compute.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU cores.
+    Cpu,
+    /// NVIDIA GPUs: the CUDA device of each rank, and the positions each
+    /// request's cache holds.
+    Cuda {
+        /// Device ordinal per rank.
+        devices: Vec<usize>,
+        /// Positions per request cache (prompt plus generation).
+        max_context: usize,
+    },
 }
 
 /// Where the bearer token comes from.

@@ -25,6 +25,8 @@ pub(super) struct RawManifest {
 pub(super) struct RawInference {
     pub model: Option<String>,
     pub backend: Option<String>,
+    pub devices: Option<Vec<u64>>,
+    pub max_context: Option<u64>,
     pub tp: Option<u64>,
     pub ranks: Option<Vec<u64>>,
     pub root: Option<String>,

@@ -18,8 +18,8 @@ use super::raw::{
     RawSource, RawTelemetry,
 };
 use super::{
-    ApiKey, ClusterSpec, DataflowSpec, InferenceLoad, InferenceSpec, JobsSpec, LogFormat, Manifest,
-    OtlpSpec, Problem, ProcessSpec, TelemetrySpec,
+    ApiKey, Backend, ClusterSpec, DataflowSpec, InferenceLoad, InferenceSpec, JobsSpec, LogFormat,
+    Manifest, OtlpSpec, Problem, ProcessSpec, TelemetrySpec,
 };
 
 /// The process list when the manifest has none: one local process, one worker.
@@ -118,17 +118,6 @@ fn inference(
             String::new()
         }
     };
-    match raw.backend.as_deref().unwrap_or("cpu") {
-        "cpu" => {}
-        "cuda" => problems.add(
-            field("backend"),
-            "\"cuda\" is not supported yet: it arrives with the CUDA backend; use \"cpu\"",
-        ),
-        other => problems.add(
-            field("backend"),
-            format!("{other:?} is not a backend (expected \"cpu\" or \"cuda\")"),
-        ),
-    }
     let positive = |value: Option<u64>, default: u64, name: &str, problems: &mut Problems| {
         let v = value.unwrap_or(default);
         if v == 0 {
@@ -172,6 +161,55 @@ fn inference(
                     p
                 })
                 .collect()
+        }
+    };
+    let backend = match raw.backend.as_deref().unwrap_or("cpu") {
+        "cpu" => {
+            for (name, set) in [
+                ("devices", raw.devices.is_some()),
+                ("max_context", raw.max_context.is_some()),
+            ] {
+                if set {
+                    problems.add(field(name), "applies to backend = \"cuda\" only");
+                }
+            }
+            Backend::Cpu
+        }
+        "cuda" => {
+            if tp > 1 {
+                problems.add(
+                    field("backend"),
+                    format!(
+                        "\"cuda\" runs one rank for now (tensor parallelism on GPUs needs the \
+                         NCCL collective, not built yet); tp is {tp}"
+                    ),
+                );
+            }
+            let devices: Vec<usize> = match raw.devices {
+                None => (0..tp.min(64)).collect(),
+                Some(d) => {
+                    if d.len() != tp {
+                        problems.add(
+                            field("devices"),
+                            format!("lists {} device(s) for tp = {tp} ranks", d.len()),
+                        );
+                    }
+                    d.into_iter()
+                        .map(|v| usize::try_from(v).unwrap_or(usize::MAX))
+                        .collect()
+                }
+            };
+            Backend::Cuda {
+                devices,
+                max_context: positive(raw.max_context, 4096, "max_context", problems),
+            }
+        }
+        other => {
+            problems.add(
+                field("backend"),
+                format!("{other:?} is not a backend (expected \"cpu\" or \"cuda\")"),
+            );
+            Backend::Cpu
         }
     };
     let one_process = ranks.iter().all(|p| Some(p) == ranks.first());
@@ -268,6 +306,7 @@ fn inference(
                 .map_or_else(|| model.clone(), |n| n.to_string_lossy().into_owned())
         }),
         model,
+        backend,
         tp,
         ranks,
         root,
@@ -1304,7 +1343,7 @@ mod tests {
         );
         assert!(
             p.iter()
-                .any(|m| m.contains("\"cuda\" is not supported yet")),
+                .any(|m| m.contains("\"cuda\" runs one rank for now") && m.contains("tp is 2")),
             "{p:?}"
         );
         assert!(
