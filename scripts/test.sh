@@ -51,7 +51,7 @@ if [ ! -f "$nvrtc/nvidia/cuda_nvrtc/lib/libnvrtc.so.12" ]; then
   rm -rf "$nvrtc" && mv "$nvrtc.tmp/x" "$nvrtc" && rm -rf "$nvrtc.tmp"
 fi
 LD_LIBRARY_PATH="$nvrtc/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" DIMA_REQUIRE_NVRTC=1 \
-  cargo test --locked -p kernels --features cuda --lib cuda 2>&1 | tee -a "$log" || status=$?
+  cargo test --locked -p kernels --features cuda --lib -- cuda:: nccl 2>&1 | tee -a "$log" || status=$?
 # One closing line over every test binary and the doc tests.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

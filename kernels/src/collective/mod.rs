@@ -26,6 +26,10 @@ pub enum CollectiveError {
     },
 }
 
+#[cfg(feature = "cuda")]
+mod nccl;
+#[cfg(feature = "cuda")]
+pub use nccl::NcclRank;
 mod tcp;
 pub use tcp::TcpRank;
 
