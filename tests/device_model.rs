@@ -166,3 +166,102 @@ fn the_engine_serves_the_device_model() {
     }
     drop(gemma);
 }
+
+/// Tensor parallelism on the device model (tp=2, the ranks joined by
+/// in-process collectives, as NCCL joins GPUs): the same greedy tokens as
+/// one rank and logits within bf16 noise (0.25), and an engine over the two
+/// device shards serves requests exactly as one rank does alone.
+#[test]
+fn the_device_model_shards_like_the_cpu_model() {
+    use actors::gemma::engine::{DeviceShard, Engine, EngineConfig, Event, Request, ShardModel};
+    use std::time::Duration;
+    let (gemma, one) = models();
+    let prompt = gemma
+        .tokenizer()
+        .encode("The capital of France is", true, false);
+    let steps = 5;
+    // One rank.
+    let mut pool = one.new_pool(1, 64).unwrap();
+    let mut logits = one.prefill(&prompt, 0, &mut pool).unwrap();
+    let mut want = Vec::new();
+    for _ in 0..steps {
+        let next = actors::gemma::argmax(&logits);
+        want.push((next, logits.clone()));
+        logits = one.decode(&[next], &[0], &mut pool).unwrap();
+    }
+    drop(gemma);
+    // Two ranks, each on its own thread (their collectives meet).
+    let path = cluster::models::gguf_path("gemma3-270m").unwrap();
+    let load = || {
+        let cpu = cluster::serve::load_ranks(
+            &path,
+            2,
+            cluster::serve::Placement::InProcess,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        cpu.iter()
+            .zip(kernels::collective::local_group(2, Duration::from_secs(60)))
+            .map(|(g, link)| DeviceGemma::upload_rank(g, Host, Box::new(link), |_, _| {}).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let handles: Vec<_> = load()
+        .into_iter()
+        .map(|rank| {
+            let prompt = prompt.clone();
+            std::thread::spawn(move || {
+                let mut pool = rank.new_pool(1, 64).unwrap();
+                let mut logits = rank.prefill(&prompt, 0, &mut pool).unwrap();
+                let mut got = Vec::new();
+                for _ in 0..steps {
+                    let next = actors::gemma::argmax(&logits);
+                    got.push((next, logits.clone()));
+                    logits = rank.decode(&[next], &[0], &mut pool).unwrap();
+                }
+                got
+            })
+        })
+        .collect();
+    let ranks: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (r, got) in ranks.iter().enumerate() {
+        for (step, ((t, l), (wt, wl))) in got.iter().zip(&want).enumerate() {
+            assert_eq!(t, wt, "rank {r} step {step}");
+            let worst = l
+                .iter()
+                .zip(wl)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            // Partial sums in another order can flip a bf16 rounding of an
+            // activation: differences of bf16 size, not more.
+            eprintln!("rank {r} step {step}: largest logit difference {worst}");
+            assert!(worst < 0.25, "rank {r} step {step}: {worst}");
+        }
+    }
+
+    // The engine over both device shards (one arbiter each).
+    let request = Request {
+        prompt: prompt.clone(),
+        max_tokens: steps,
+        sampling: actors::gemma::Sampling::default(),
+    };
+    let shards: Vec<Box<dyn ShardModel>> = load()
+        .into_iter()
+        .map(|m| Box::new(DeviceShard::new(m, 2, 64).unwrap()) as Box<dyn ShardModel>)
+        .collect();
+    let engine = Engine::start_shards(shards, EngineConfig::default()).unwrap();
+    assert_eq!(engine.world(), 2);
+    let (tx, rx) = std::sync::mpsc::channel();
+    engine
+        .submit(request, Box::new(move |e| tx.send(e).is_ok()))
+        .unwrap();
+    let mut tokens = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(120)).unwrap() {
+            Event::Token(t) => tokens.push(t),
+            Event::Finished { .. } => break,
+            Event::Failed(e) => panic!("{e}"),
+        }
+    }
+    let greedy: Vec<u32> = want.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tokens, greedy);
+}

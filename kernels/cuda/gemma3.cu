@@ -72,10 +72,16 @@ __global__ void geglu(const float* gate, const float* up, float* out, int n) {
     }
 }
 
-// One block per token: out[t] = table[ids[t]] * scale (bf16 table).
+// One block per token: out[t] = table[ids[t]] * scale (bf16 table); a
+// negative id (a token another rank's vocabulary slice holds) gives zeros.
 __global__ void embed_bf16(const unsigned short* table, const int* ids, float* out, int dim, float scale) {
-    const unsigned short* row = table + (size_t)ids[blockIdx.x] * dim;
+    int id = ids[blockIdx.x];
     float* o = out + (size_t)blockIdx.x * dim;
+    if (id < 0) {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = 0.0f;
+        return;
+    }
+    const unsigned short* row = table + (size_t)id * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = bf16_value(row[i]) * scale;
 }
 

@@ -323,7 +323,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// `out[t] = table[ids[t]] · scale` (a bf16 table of `dim` columns).
+    /// `out[t] = table[ids[t]] · scale` (a bf16 table of `dim` columns); a
+    /// negative id gives a row of zeros.
     pub fn embed_bf16(
         &self,
         table: &CudaSlice<u16>,

@@ -87,7 +87,8 @@ pub trait Device {
         out: &mut Self::Buf<f32>,
         n: usize,
     ) -> Result<(), DeviceError>;
-    /// `out[t] = table[ids[t]] · scale` over a bf16 table.
+    /// `out[t] = table[ids[t]] · scale` over a bf16 table; a negative id
+    /// gives a row of zeros (another rank's vocabulary slice holds it).
     fn embed_bf16(
         &self,
         table: &Self::Buf<u16>,
@@ -251,6 +252,11 @@ impl Device for Host {
     ) -> Result<(), DeviceError> {
         need("embed", out.len(), tokens * dim)?;
         for (t, o) in out[..tokens * dim].chunks_mut(dim).enumerate() {
+            if ids[t] < 0 {
+                // Another rank's vocabulary slice holds this token.
+                o.fill(0.0);
+                continue;
+            }
             let id = usize::try_from(ids[t]).unwrap_or(usize::MAX);
             let row = table
                 .get(id * dim..(id + 1) * dim)

@@ -17,12 +17,14 @@
 //! of at most [`CHUNK`] tokens, and a chunk's later tokens then never
 //! overwrite a slot an earlier token of the chunk still attends to).
 
+use kernels::collective::{Collective, SingleRank};
 use kernels::device::{Device, DeviceError};
 
 use super::config::{GemmaConfig, LayerKind};
 use super::generate::END_OF_GENERATION;
 use super::model::{Gemma, LayerWeight, Weight};
 use super::sampling::Sampler;
+use super::shard::RankShard;
 use crate::tokenizer::Tokenizer;
 
 /// Most prompt tokens run through the layers at once.
@@ -61,6 +63,13 @@ pub struct DeviceGemma<D: Device> {
     output_norm: D::Buf<f32>,
     layers: Vec<DeviceLayer<D>>,
     weight_bytes: usize,
+    /// This rank's slices.
+    shard: RankShard,
+    /// Rows of every rank's vocabulary slice but the last (the gather's unit).
+    vocab_chunk: usize,
+    /// How this rank combines partial results with its peers (after the
+    /// output and down projections, the embedding, around the LM head).
+    collective: Box<dyn Collective>,
 }
 
 impl<D: Device> std::fmt::Debug for DeviceGemma<D> {
@@ -151,16 +160,46 @@ impl<D: Device> DeviceGemma<D> {
     pub fn upload(
         gemma: &Gemma,
         gpu: D,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self, DeviceModelError> {
+        Self::upload_rank(gemma, gpu, Box::new(SingleRank), progress)
+    }
+
+    /// Uploads rank `r` of a tensor-parallel group (`gemma` loaded with
+    /// [`Gemma::load_rank`], so it holds only its slices) to `gpu`; the
+    /// device ranks combine their partial results through `collective`
+    /// (NCCL between GPUs), whose rank and size must be the model's.
+    pub fn upload_rank(
+        gemma: &Gemma,
+        gpu: D,
+        collective: Box<dyn Collective>,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self, DeviceModelError> {
-        if gemma.collective().world() != 1 {
+        let (rank, world) = (gemma.shard().rank, gemma.collective().world());
+        if (collective.rank(), collective.world()) != (rank, world) {
             return Err(DeviceModelError::Unsupported(format!(
-                "the GPU model runs one rank (tp 1); this model is rank {} of {}",
-                gemma.shard().rank,
-                gemma.collective().world()
+                "the model is rank {rank} of {world}, the collective rank {} of {}",
+                collective.rank(),
+                collective.world()
             )));
         }
         let c = gemma.config().clone();
+        let layout = super::shard::plan(&c, world)
+            .map_err(|e| DeviceModelError::Unsupported(e.to_string()))?;
+        let shard = gemma.shard().clone();
+        // The attention kernel maps a local query head h to local KV head
+        // h / group; that must be the global mapping shifted to this rank.
+        let group = c.heads / c.kv_heads.max(1);
+        for h in 0..shard.q_heads.len() {
+            let global = (shard.q_heads.start + h) / group;
+            if global < shard.kv_heads.start || global - shard.kv_heads.start != h / group {
+                return Err(DeviceModelError::Unsupported(format!(
+                    "rank {rank}: query head {} reads KV head {global}, which this rank's \
+                     attention kernel cannot reach",
+                    shard.q_heads.start + h
+                )));
+            }
+        }
         if c.head_dim > 256 {
             return Err(DeviceModelError::Unsupported(format!(
                 "head_dim {} is above the attention kernel's 256",
@@ -213,6 +252,9 @@ impl<D: Device> DeviceGemma<D> {
             output_norm,
             layers,
             weight_bytes,
+            shard,
+            vocab_chunk: layout.vocab_chunk,
+            collective,
         })
     }
 
@@ -301,8 +343,11 @@ impl<D: Device> DeviceGemma<D> {
             )));
         }
         let (hd, hidden) = (c.head_dim, c.hidden);
-        let (q_dim, kv_dim) = (c.heads * hd, c.kv_heads * hd);
+        let me = &self.shard;
+        let (heads, kv_heads, ffn) = (me.q_heads.len(), me.kv_heads.len(), me.ffn.len());
+        let (q_dim, kv_dim) = (heads * hd, kv_heads * hd);
         let group = c.heads / c.kv_heads.max(1);
+        let tp = self.collective.world();
         // Positions, and the per-layer-kind cache slots of each row.
         let mut positions = Vec::with_capacity(n);
         let mut next = pool.lengths.clone();
@@ -333,14 +378,29 @@ impl<D: Device> DeviceGemma<D> {
             next[s] += 1;
         }
         let gpu = &self.gpu;
-        let ids: Vec<i32> = tokens.iter().map(|t| *t as i32).collect();
+        // Vocabulary-parallel lookup: the rank holding a token's row fills
+        // it (-1: a row of zeros elsewhere), the sum gives every rank the row.
+        let ids: Vec<i32> = tokens
+            .iter()
+            .map(|t| {
+                let t = *t as usize;
+                if me.vocab.contains(&t) {
+                    (t - me.vocab.start) as i32
+                } else {
+                    -1
+                }
+            })
+            .collect();
         let pos_i: Vec<i32> = positions.iter().map(|p| *p as i32).collect();
         let d_ids = gpu.upload(&ids)?;
         let d_pos = gpu.upload(&pos_i)?;
         let mut x = gpu.zeros::<f32>(n * hidden)?;
         gpu.embed_bf16(&self.embd, &d_ids, &mut x, (n, hidden), self.embed_scale)?;
+        if tp > 1 {
+            x = self.all_reduce(&x)?;
+        }
         let mut h = gpu.zeros::<f32>(n * hidden)?;
-        let mut hb = gpu.zeros::<u16>(n * c.ffn.max(q_dim).max(hidden))?;
+        let mut hb = gpu.zeros::<u16>(n * ffn.max(q_dim).max(hidden))?;
         let mut q = gpu.zeros::<f32>(n * q_dim)?;
         let mut qn = gpu.zeros::<f32>(n * q_dim)?;
         let mut k = gpu.zeros::<f32>(n * kv_dim)?;
@@ -348,8 +408,8 @@ impl<D: Device> DeviceGemma<D> {
         let mut v = gpu.zeros::<f32>(n * kv_dim)?;
         let mut attn = gpu.zeros::<f32>(n * q_dim)?;
         let mut o = gpu.zeros::<f32>(n * hidden)?;
-        let mut gate = gpu.zeros::<f32>(n * c.ffn)?;
-        let mut up = gpu.zeros::<f32>(n * c.ffn)?;
+        let mut gate = gpu.zeros::<f32>(n * ffn)?;
+        let mut up = gpu.zeros::<f32>(n * ffn)?;
         let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
         // Per layer kind: rope positions, slot destinations and bases.
         type Slots<D> = (
@@ -402,10 +462,10 @@ impl<D: Device> DeviceGemma<D> {
             gpu.gemm_bf16(&m[0].0, (m[0].1, m[0].2), &hb, n, &mut q)?;
             gpu.gemm_bf16(&m[1].0, (m[1].1, m[1].2), &hb, n, &mut k)?;
             gpu.gemm_bf16(&m[2].0, (m[2].1, m[2].2), &hb, n, &mut v)?;
-            gpu.rms_norm(&q, &nm[1], &mut qn, (n * c.heads, hd), c.rms_eps)?;
-            gpu.rms_norm(&k, &nm[2], &mut kn, (n * c.kv_heads, hd), c.rms_eps)?;
-            gpu.rope_neox(&mut qn, rope, (n, c.heads, hd), base)?;
-            gpu.rope_neox(&mut kn, rope, (n, c.kv_heads, hd), base)?;
+            gpu.rms_norm(&q, &nm[1], &mut qn, (n * heads, hd), c.rms_eps)?;
+            gpu.rms_norm(&k, &nm[2], &mut kn, (n * kv_heads, hd), c.rms_eps)?;
+            gpu.rope_neox(&mut qn, rope, (n, heads, hd), base)?;
+            gpu.rope_neox(&mut kn, rope, (n, kv_heads, hd), base)?;
             gpu.scale_in_place(&mut qn, score_scale, n * q_dim)?;
             let slots = pool.per_sequence[li] * pool.lengths.len();
             gpu.store_kv(
@@ -420,7 +480,7 @@ impl<D: Device> DeviceGemma<D> {
                 (&pool.keys[li], &pool.values[li]),
                 &mut attn,
                 (&d_pos, bases),
-                (n, c.heads, hd, kv_dim),
+                (n, heads, hd, kv_dim),
                 group,
                 (
                     window,
@@ -433,16 +493,22 @@ impl<D: Device> DeviceGemma<D> {
             )?;
             gpu.to_bf16(&attn, &mut hb, n * q_dim)?;
             gpu.gemm_bf16(&m[3].0, (m[3].1, m[3].2), &hb, n, &mut o)?;
+            if tp > 1 {
+                o = self.all_reduce(&o)?;
+            }
             gpu.rms_norm(&o, &nm[3], &mut h, (n, hidden), c.rms_eps)?;
             gpu.add_in_place(&mut x, &h, n * hidden)?;
             gpu.rms_norm(&x, &nm[4], &mut h, (n, hidden), c.rms_eps)?;
             gpu.to_bf16(&h, &mut hb, n * hidden)?;
             gpu.gemm_bf16(&m[4].0, (m[4].1, m[4].2), &hb, n, &mut gate)?;
             gpu.gemm_bf16(&m[5].0, (m[5].1, m[5].2), &hb, n, &mut up)?;
-            let mut act = gpu.zeros::<f32>(n * c.ffn)?;
-            gpu.geglu(&gate, &up, &mut act, n * c.ffn)?;
-            gpu.to_bf16(&act, &mut hb, n * c.ffn)?;
+            let mut act = gpu.zeros::<f32>(n * ffn)?;
+            gpu.geglu(&gate, &up, &mut act, n * ffn)?;
+            gpu.to_bf16(&act, &mut hb, n * ffn)?;
             gpu.gemm_bf16(&m[6].0, (m[6].1, m[6].2), &hb, n, &mut o)?;
+            if tp > 1 {
+                o = self.all_reduce(&o)?;
+            }
             gpu.rms_norm(&o, &nm[5], &mut h, (n, hidden), c.rms_eps)?;
             gpu.add_in_place(&mut x, &h, n * hidden)?;
         }
@@ -474,14 +540,59 @@ impl<D: Device> DeviceGemma<D> {
         let vocab_rows = D::len(&self.embd) / hidden;
         let mut logits = gpu.zeros::<f32>(m * vocab_rows)?;
         gpu.gemm_bf16(&self.embd, (vocab_rows, hidden), &nb, m, &mut logits)?;
-        let mut out = gpu.download(&logits)?;
-        if vocab_rows != c.vocab {
-            out = out
-                .chunks(vocab_rows)
+        let scored = gpu.download(&logits)?;
+        if tp == 1 {
+            return Ok(scored
+                .chunks(vocab_rows.max(1))
                 .flat_map(|r| r[..c.vocab.min(vocab_rows)].to_vec())
-                .collect();
+                .collect());
+        }
+        // Each rank scores its vocabulary slice; the slices are gathered in
+        // rank order (padded to equal lengths) and trimmed, as on the CPU.
+        let per = self.vocab_chunk;
+        let mut mine = vec![0f32; m * per];
+        for (dst, src) in mine
+            .chunks_exact_mut(per)
+            .zip(scored.chunks(vocab_rows.max(1)))
+        {
+            dst[..src.len()].copy_from_slice(src);
+        }
+        let mut all = vec![0f32; m * per * tp];
+        self.collective
+            .all_gather(&mine, &mut all)
+            .map_err(|e| DeviceModelError::Unsupported(e.to_string()))?;
+        let vocab = c.vocab;
+        let mut out = vec![0f32; m * vocab];
+        for (rank, part) in all.chunks_exact(m * per).enumerate() {
+            for (t, slice) in part.chunks_exact(per).enumerate() {
+                let from = rank * per;
+                let to = (from + per).min(vocab);
+                if from < to {
+                    out[t * vocab + from..t * vocab + to].copy_from_slice(&slice[..to - from]);
+                }
+            }
         }
         Ok(out)
+    }
+
+    /// Sums `x` over the ranks (through the host: the collective's
+    /// operations take host buffers).
+    fn all_reduce(&self, x: &D::Buf<f32>) -> Result<D::Buf<f32>, DeviceModelError> {
+        let mut host = self.gpu.download(x)?;
+        self.collective
+            .all_reduce_sum(&mut host)
+            .map_err(|e| DeviceModelError::Unsupported(e.to_string()))?;
+        Ok(self.gpu.upload(&host)?)
+    }
+
+    /// This rank's slices.
+    pub fn shard(&self) -> &RankShard {
+        &self.shard
+    }
+
+    /// How this rank reaches its peers.
+    pub fn collective(&self) -> &dyn Collective {
+        self.collective.as_ref()
     }
 
     /// Runs a prompt for sequence `s` (in the pool's chunks) and returns its

@@ -457,11 +457,11 @@ where
     KvPool<D>: Send,
 {
     fn rank(&self) -> usize {
-        0
+        self.model.shard().rank
     }
 
     fn world(&self) -> usize {
-        1
+        self.model.collective().world()
     }
 
     fn vocab(&self) -> usize {
@@ -472,8 +472,11 @@ where
         self.pool.context()
     }
 
-    fn broadcast_bytes(&self, _bytes: &mut Vec<u8>) -> Result<(), String> {
-        Ok(())
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), String> {
+        self.model
+            .collective()
+            .broadcast_bytes(bytes, 0)
+            .map_err(|e| e.to_string())
     }
 
     fn step(&mut self, s: &Schedule) -> Result<StepOutput, String> {
@@ -512,6 +515,9 @@ where
                 .decode(&tokens, &seqs, &mut self.pool)
                 .map_err(|e| e.to_string())?;
             logits.extend(rows);
+        }
+        if self.rank() != 0 {
+            logits.clear();
         }
         Ok(StepOutput {
             logits,

@@ -180,8 +180,8 @@ fn inference(
                 problems.add(
                     field("backend"),
                     format!(
-                        "\"cuda\" runs one rank for now (tensor parallelism on GPUs needs the \
-                         NCCL collective, not built yet); tp is {tp}"
+                        "\"cuda\" runs one rank for now (the sharded GPU model and the NCCL \
+                         collective exist, but launching one rank per GPU does not yet); tp is {tp}"
                     ),
                 );
             }
