@@ -118,7 +118,7 @@ fn inference_section_validates_and_names_its_problems() {
         &done,
         2,
         &[
-            "inference.backend: \"cuda\" runs one rank for now",
+            "inference.backend: \"cuda\" runs every rank in one process for now",
             "inference.ranks[0]: process 3 does not exist",
         ],
     );

@@ -379,3 +379,56 @@ pub fn bench_decode(
     }
     Ok(rows)
 }
+
+/// The GPU shard models of a `devices.len()`-way group in this process:
+/// one thread per GPU loads its rank's slices (on the CPU, from the file),
+/// joins an NCCL group (the unique id travels over in-process ranks) and
+/// uploads, each with `sequences` caches of `context` positions. One
+/// device is the plain single-rank model. Returns them in rank order, with
+/// the tokenizer.
+pub fn gpu_shards(
+    path: &std::path::Path,
+    devices: &[usize],
+    (sequences, context): (usize, usize),
+    timeout: std::time::Duration,
+) -> anyhow::Result<(
+    Vec<Box<dyn actors::gemma::engine::ShardModel>>,
+    actors::Tokenizer,
+)> {
+    use actors::gemma::device::DeviceGemma;
+    use actors::gemma::engine::{DeviceShard, ShardModel};
+    let tp = devices.len();
+    if tp == 0 {
+        anyhow::bail!("no GPU to run on");
+    }
+    let ranks = crate::serve::load_ranks(path, tp, crate::serve::Placement::InProcess, timeout)?;
+    let tokenizer = ranks[0].tokenizer().clone();
+    let boot = kernels::collective::local_group(tp, timeout);
+    let handles: Vec<_> = ranks
+        .into_iter()
+        .zip(boot)
+        .zip(devices.iter().copied())
+        .map(|((gemma, link), device)| {
+            std::thread::spawn(move || -> anyhow::Result<Box<dyn ShardModel>> {
+                let gpu = Gpu::new(device)?;
+                let collective: Box<dyn kernels::collective::Collective> = if tp == 1 {
+                    Box::new(kernels::collective::SingleRank)
+                } else {
+                    Box::new(kernels::collective::NcclRank::connect(device, &link)?)
+                };
+                let model = DeviceGemma::upload_rank(&gemma, gpu, collective, |_, _| {})?;
+                let shard =
+                    DeviceShard::new(model, sequences, context).map_err(|e| anyhow::anyhow!(e))?;
+                Ok(Box::new(shard))
+            })
+        })
+        .collect();
+    let mut shards = Vec::with_capacity(tp);
+    for (rank, h) in handles.into_iter().enumerate() {
+        shards.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("GPU rank {rank} panicked"))??,
+        );
+    }
+    Ok((shards, tokenizer))
+}

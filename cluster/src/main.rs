@@ -156,10 +156,11 @@ enum Command {
         api_key: Option<String>,
         #[command(flatten)]
         ranks: TpArgs,
-        /// Where the model runs: `cpu`, or `cuda` (one GPU, tp 1).
+        /// Where the model runs: `cpu`, or `cuda` (with --tp N: N GPUs of
+        /// this machine, one rank each, joined by NCCL).
         #[arg(long, value_enum, default_value = "cpu")]
         backend: Backend,
-        /// The CUDA device with `--backend cuda`.
+        /// The (first) CUDA device with `--backend cuda`.
         #[arg(long, default_value_t = 0)]
         device: usize,
         /// With `--backend cuda`: positions each request's cache holds
@@ -407,27 +408,35 @@ fn bench_decode_on_gpu(
 
 #[cfg(feature = "cuda")]
 fn serve_on_gpu(
-    gemma: &actors::gemma::Gemma,
-    device: usize,
+    path: &std::path::Path,
+    devices: &[usize],
     max_context: usize,
+    timeout: std::time::Duration,
     config: &cluster::serve::ServeConfig,
 ) -> Result<(), Failure> {
     let fail = |e: anyhow::Error| Failure { code: 1, error: e };
-    let model = upload_to_gpu(gemma, device).map_err(fail)?;
     let listener = std::net::TcpListener::bind(config.listen)
         .map_err(|e| fail(anyhow::anyhow!("cannot listen on {}: {e}", config.listen)))?;
-    let engine = actors::gemma::engine::Engine::start_device(model, config.engine, max_context)
+    let (shards, tokenizer) = cluster::gpu::gpu_shards(
+        path,
+        devices,
+        (config.engine.max_batch, max_context),
+        timeout,
+    )
+    .map_err(fail)?;
+    let engine = actors::gemma::engine::Engine::start_shards(shards, config.engine)
         .map_err(|e| fail(anyhow::anyhow!("{e}")))?;
-    cluster::serve::start_engine(engine, gemma.tokenizer().clone(), listener, config)
+    cluster::serve::start_engine(engine, tokenizer, listener, config)
         .and_then(cluster::serve::Running::wait)
         .map_err(fail)
 }
 
 #[cfg(not(feature = "cuda"))]
 fn serve_on_gpu(
-    _gemma: &actors::gemma::Gemma,
-    _device: usize,
+    _path: &std::path::Path,
+    _devices: &[usize],
     _max_context: usize,
+    _timeout: std::time::Duration,
     _config: &cluster::serve::ServeConfig,
 ) -> Result<(), Failure> {
     Err(no_cuda())
@@ -1725,13 +1734,15 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 handle_signals: true,
             };
             if *backend == Backend::Cuda {
-                if *tp != 1 || rank.is_some() {
+                if rank.is_some() {
                     return Err(usage(
-                        "--backend cuda serves one rank: tensor parallelism on GPUs comes with NCCL",
+                        "--backend cuda runs every rank in this process (one GPU each, \
+                         devices --device .. --device + tp - 1, joined by NCCL); drop --rank",
                     ));
                 }
-                let gemma = load_gemma(model)?;
-                return serve_on_gpu(&gemma, *device, *max_context, &serve_config);
+                let devices: Vec<usize> = (*device..*device + *tp).collect();
+                let path = cluster::models::model_path(model)?;
+                return serve_on_gpu(&path, &devices, *max_context, timeout, &serve_config);
             }
             let ranks = match (rank, root) {
                 (None, _) if *tp == 1 => vec![load_gemma(model)?],
