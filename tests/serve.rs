@@ -18,13 +18,34 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Self {
+        use std::io::BufRead;
         let address = format!("127.0.0.1:{}", free_port());
         let mut args = vec!["serve", "--model", "gemma3-270m", "--listen", &address];
         args.extend_from_slice(extra);
-        let child = spawn_dima(&args);
+        let mut child = spawn_dima(&args);
+        // Ready when this process says it listens on the address (so a
+        // concurrent test that got the same free port cannot answer for
+        // it); stderr keeps being drained so the server never blocks on it.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let wanted = format!("on http://{address} ");
+        let mut seen = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(120)) {
+                Ok(line) if line.contains(&wanted) => break,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("the server did not come up on {address}: {seen:?}"),
+            }
+        }
         let ready =
             dima_tests::eventually(Duration::from_secs(120), || http_get(&address, "/health"));
-        assert!(ready.is_some(), "the server did not come up on {address}");
+        assert!(ready.is_some(), "the server did not answer on {address}");
         Self { child, address }
     }
 }
