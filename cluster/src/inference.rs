@@ -99,8 +99,7 @@ fn run(
         max_context,
     } = &spec.backend
     {
-        let device = devices.get(rank).copied().unwrap_or(0);
-        return serve_on_gpu(spec, &path, device, *max_context, done, stop);
+        return serve_on_gpu(spec, &path, devices, *max_context, done, stop);
     }
     let started = Instant::now();
     let ranks = serve::load_ranks(&path, spec.tp, placement, spec.collective_timeout)
@@ -150,32 +149,36 @@ fn serve_config(spec: &InferenceSpec) -> anyhow::Result<serve::ServeConfig> {
     })
 }
 
-/// Rank 0 of a GPU deployment: the model uploaded to `device`, served by
-/// the same engine and server.
+/// A GPU deployment, every rank in this process (one GPU each, NCCL
+/// between them), served by the same engine and server.
 #[cfg(feature = "cuda")]
 fn serve_on_gpu(
     spec: &InferenceSpec,
     path: &std::path::Path,
-    device: usize,
+    devices: &[usize],
     max_context: usize,
     done: &AtomicBool,
     stop: &AtomicBool,
 ) -> anyhow::Result<Option<Value>> {
     let started = Instant::now();
-    let gemma = actors::gemma::Gemma::load(path)?;
-    let gpu = kernels::cuda::Gpu::new(device)?;
-    let model = actors::gemma::device::GpuGemma::upload(&gemma, gpu, |_, _| {})?;
-    let load_s = started.elapsed().as_secs_f64();
-    let held = vec![
-        json!({"rank": 0, "process": spec.ranks[0], "device": device,
-                           "weight_bytes": model.weight_bytes()}),
-    ];
     let config = serve_config(spec)?;
     let listener = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("inference.listen: cannot listen on {}", config.listen))?;
-    let engine = actors::gemma::engine::Engine::start_device(model, config.engine, max_context)
+    let (shards, tokenizer) = crate::gpu::gpu_shards(
+        path,
+        devices,
+        (spec.max_batch, max_context),
+        spec.collective_timeout,
+    )?;
+    let load_s = started.elapsed().as_secs_f64();
+    let held = devices
+        .iter()
+        .enumerate()
+        .map(|(r, d)| json!({"rank": r, "process": spec.ranks[r], "device": d}))
+        .collect();
+    let engine = actors::gemma::engine::Engine::start_shards(shards, config.engine)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let server = serve::start_engine(engine, gemma.tokenizer().clone(), listener, &config)?;
+    let server = serve::start_engine(engine, tokenizer, listener, &config)?;
     finish_serving(spec, server, &config, (path, load_s, held), done, stop)
 }
 
@@ -183,7 +186,7 @@ fn serve_on_gpu(
 fn serve_on_gpu(
     _spec: &InferenceSpec,
     _path: &std::path::Path,
-    _device: usize,
+    _devices: &[usize],
     _max_context: usize,
     _done: &AtomicBool,
     _stop: &AtomicBool,
