@@ -380,6 +380,44 @@ pub fn bench_decode(
     Ok(rows)
 }
 
+/// Uploads `gemma` (a rank of its group, joined to its peers by
+/// `collective`) to GPU `device`: refuses, before uploading, bf16 weights
+/// larger than the GPU's free memory, and says what went up.
+pub fn upload_rank(
+    gemma: &actors::gemma::Gemma,
+    device: usize,
+    collective: Box<dyn kernels::collective::Collective>,
+) -> anyhow::Result<actors::gemma::device::GpuGemma> {
+    let gib = |b: usize| crate::models::gib(b as u64);
+    let gpu = Gpu::new(device)?;
+    let info = gpu.describe()?;
+    let need = actors::gemma::Gemma::random_weight_bytes(
+        gemma.config(),
+        gemma.collective().world(),
+        gemma.shard().rank,
+        kernels::gguf::GgmlType::BF16,
+    )?;
+    if need > info.memory.0 {
+        anyhow::bail!(
+            "the model needs {:.2} GiB of bf16 weights on {} but only {:.2} GiB are free: refusing",
+            gib(need),
+            info.name,
+            gib(info.memory.0)
+        );
+    }
+    let started = std::time::Instant::now();
+    let model = actors::gemma::device::GpuGemma::upload_rank(gemma, gpu, collective, |_, _| {})?;
+    eprintln!(
+        "uploaded to {} (GPU {device}): {:.2} GiB of bf16 weights in {:.1} s; {:.1} of {:.1} GiB were free",
+        info.name,
+        gib(model.weight_bytes()),
+        started.elapsed().as_secs_f64(),
+        gib(info.memory.0),
+        gib(info.memory.1),
+    );
+    Ok(model)
+}
+
 /// The GPU shard models of a `devices.len()`-way group in this process:
 /// one thread per GPU loads its rank's slices (on the CPU, from the file),
 /// joins an NCCL group (the unique id travels over in-process ranks) and
@@ -395,7 +433,6 @@ pub fn gpu_shards(
     Vec<Box<dyn actors::gemma::engine::ShardModel>>,
     actors::Tokenizer,
 )> {
-    use actors::gemma::device::DeviceGemma;
     use actors::gemma::engine::{DeviceShard, ShardModel};
     let tp = devices.len();
     if tp == 0 {
@@ -410,13 +447,12 @@ pub fn gpu_shards(
         .zip(devices.iter().copied())
         .map(|((gemma, link), device)| {
             std::thread::spawn(move || -> anyhow::Result<Box<dyn ShardModel>> {
-                let gpu = Gpu::new(device)?;
                 let collective: Box<dyn kernels::collective::Collective> = if tp == 1 {
                     Box::new(kernels::collective::SingleRank)
                 } else {
                     Box::new(kernels::collective::NcclRank::connect(device, &link)?)
                 };
-                let model = DeviceGemma::upload_rank(&gemma, gpu, collective, |_, _| {})?;
+                let model = upload_rank(&gemma, device, collective)?;
                 let shard =
                     DeviceShard::new(model, sequences, context).map_err(|e| anyhow::anyhow!(e))?;
                 Ok(Box::new(shard))

@@ -317,40 +317,13 @@ enum OutputFormat {
 }
 
 /// Loads a Gemma model, with a progress bar when stderr is a terminal.
-/// Uploads `gemma` to GPU `device`, printing what it holds.
+/// Uploads `gemma` (one rank) to GPU `device`, printing what it holds.
 #[cfg(feature = "cuda")]
 fn upload_to_gpu(
     gemma: &actors::gemma::Gemma,
     device: usize,
 ) -> anyhow::Result<actors::gemma::device::GpuGemma> {
-    let gpu = kernels::cuda::Gpu::new(device)?;
-    let info = gpu.describe()?;
-    let need = actors::gemma::Gemma::random_weight_bytes(
-        gemma.config(),
-        1,
-        0,
-        kernels::gguf::GgmlType::BF16,
-    )?;
-    if need > info.memory.0 {
-        anyhow::bail!(
-            "the model needs {:.2} GiB of bf16 weights on {} but only {:.2} GiB are free: refusing",
-            need as f64 / f64::from(1u32 << 30),
-            info.name,
-            info.memory.0 as f64 / f64::from(1u32 << 30)
-        );
-    }
-    let started = std::time::Instant::now();
-    let model = actors::gemma::device::GpuGemma::upload(gemma, gpu, |_, _| {})?;
-    let gib = |b: usize| b as f64 / f64::from(1u32 << 30);
-    eprintln!(
-        "uploaded to {} (GPU {device}): {:.2} GiB of bf16 weights in {:.1} s; {:.1} of {:.1} GiB were free",
-        info.name,
-        gib(model.weight_bytes()),
-        started.elapsed().as_secs_f64(),
-        gib(info.memory.0),
-        gib(info.memory.1),
-    );
-    Ok(model)
+    cluster::gpu::upload_rank(gemma, device, Box::new(kernels::collective::SingleRank))
 }
 
 #[cfg(feature = "cuda")]
@@ -1387,33 +1360,35 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     let Some(root) = root else {
                         return Err(usage("--rank needs --root".into()));
                     };
-                    let link = kernels::collective::TcpRank::connect(*r, *tp, *root, timeout)?;
-                    let gemma =
-                        actors::gemma::Gemma::load_rank(&path, *tp, Box::new(link), |_, _| {})?;
+                    let placement = cluster::serve::Placement::Tcp {
+                        rank: *r,
+                        root: *root,
+                    };
+                    let Some(gemma) = cluster::serve::load_ranks(&path, *tp, placement, timeout)?
+                        .into_iter()
+                        .next()
+                    else {
+                        return Err(usage("no rank was loaded".into()));
+                    };
                     if *r != 0 {
                         return Ok(follow(&gemma, &text, *max_tokens, sampling)?);
                     }
                     gemma
                 }
                 (_, None) => {
-                    let mut links = kernels::collective::local_group(*tp, timeout).into_iter();
-                    let Some(first) = links.next() else {
+                    let placement = cluster::serve::Placement::InProcess;
+                    let mut ranks =
+                        cluster::serve::load_ranks(&path, *tp, placement, timeout)?.into_iter();
+                    let Some(first) = ranks.next() else {
                         return Err(usage("--tp must be at least 1".into()));
                     };
-                    for link in links {
-                        let (path, text, max_tokens, tp) =
-                            (path.clone(), text.clone(), *max_tokens, *tp);
+                    for gemma in ranks {
+                        let (text, max_tokens) = (text.clone(), *max_tokens);
                         followers.push(std::thread::spawn(move || {
-                            let gemma = actors::gemma::Gemma::load_rank(
-                                &path,
-                                tp,
-                                Box::new(link),
-                                |_, _| {},
-                            )?;
                             follow(&gemma, &text, max_tokens, sampling)
                         }));
                     }
-                    actors::gemma::Gemma::load_rank(&path, *tp, Box::new(first), |_, _| {})?
+                    first
                 }
             };
             let tokenizer = gemma.tokenizer();

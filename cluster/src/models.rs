@@ -180,7 +180,7 @@ pub fn available_memory() -> Option<u64> {
     }
 }
 
-fn gib(bytes: u64) -> f64 {
+pub(crate) fn gib(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1u32 << 30)
 }
 

@@ -298,7 +298,8 @@ impl<D: Device> DeviceGemma<D> {
     ) -> Result<KvPool<D>, DeviceModelError> {
         let c = &self.config;
         let chunk = chunk.clamp(1, CHUNK);
-        let kv_dim = c.kv_heads * c.head_dim;
+        // This rank's KV heads only.
+        let kv_dim = self.shard.kv_heads.len() * c.head_dim;
         let mut pool = KvPool {
             keys: Vec::new(),
             values: Vec::new(),
@@ -351,17 +352,6 @@ impl<D: Device> DeviceGemma<D> {
         // Positions, and the per-layer-kind cache slots of each row.
         let mut positions = Vec::with_capacity(n);
         let mut next = pool.lengths.clone();
-        // A local layer's ring holds `window + chunk` slots: more than
-        // `chunk` new tokens of one sequence would overwrite slots still read.
-        for s in 0..next.len() {
-            let count = seqs.iter().filter(|&&x| x == s).count();
-            if count > pool.chunk {
-                return Err(DeviceModelError::Unsupported(format!(
-                    "forward: {count} tokens of sequence {s} at once (at most {})",
-                    pool.chunk
-                )));
-            }
-        }
         for (&t, &s) in tokens.iter().zip(seqs) {
             if s >= next.len() || t as usize >= c.vocab {
                 return Err(DeviceModelError::Unsupported(format!(
@@ -372,6 +362,15 @@ impl<D: Device> DeviceGemma<D> {
                 return Err(DeviceModelError::Unsupported(format!(
                     "sequence {s} is full ({} positions)",
                     pool.context
+                )));
+            }
+            // A local layer's ring holds `window + chunk` slots: more than
+            // `chunk` new tokens of one sequence would overwrite slots still
+            // read.
+            if next[s] - pool.lengths[s] == pool.chunk {
+                return Err(DeviceModelError::Unsupported(format!(
+                    "forward: more than {} tokens of sequence {s} at once",
+                    pool.chunk
                 )));
             }
             positions.push(next[s]);
@@ -410,6 +409,7 @@ impl<D: Device> DeviceGemma<D> {
         let mut o = gpu.zeros::<f32>(n * hidden)?;
         let mut gate = gpu.zeros::<f32>(n * ffn)?;
         let mut up = gpu.zeros::<f32>(n * ffn)?;
+        let mut act = gpu.zeros::<f32>(n * ffn)?;
         let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
         // Per layer kind: rope positions, slot destinations and bases.
         type Slots<D> = (
@@ -502,7 +502,6 @@ impl<D: Device> DeviceGemma<D> {
             gpu.to_bf16(&h, &mut hb, n * hidden)?;
             gpu.gemm_bf16(&m[4].0, (m[4].1, m[4].2), &hb, n, &mut gate)?;
             gpu.gemm_bf16(&m[5].0, (m[5].1, m[5].2), &hb, n, &mut up)?;
-            let mut act = gpu.zeros::<f32>(n * ffn)?;
             gpu.geglu(&gate, &up, &mut act, n * ffn)?;
             gpu.to_bf16(&act, &mut hb, n * ffn)?;
             gpu.gemm_bf16(&m[6].0, (m[6].1, m[6].2), &hb, n, &mut o)?;
