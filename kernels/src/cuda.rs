@@ -146,6 +146,13 @@ impl Gpu {
                 "the NVRTC library (libnvrtc.so) is not installed or not on LD_LIBRARY_PATH".into(),
             ));
         }
+        // SAFETY: only tries to open the shared library.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(GpuError::NoDriver(
+                "the cuBLAS library (libcublas.so) is not installed or not on LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
         let count = CudaContext::device_count()?;
         if ordinal >= usize::try_from(count).unwrap_or(0) {
             return Err(GpuError::NoDriver(format!(
