@@ -27,23 +27,7 @@ step() {
   if [ "$rc" -ne 0 ]; then status=1; fi
 }
 
-# cudarc opens unversioned names (libnvrtc.so, libcublas.so, libnccl.so)
-# or CUDA 12's; a CUDA 13 machine may only have libnvrtc.so.13 and
-# libnccl.so.2 (the pip packages' layout). Link the newest of each under
-# the names cudarc tries, and put their folders on the library path.
-libs=$(mktemp -d)
-for name in nvrtc cublas cublasLt nccl; do
-  found=$(find /usr/local/cuda*/ /usr/lib /usr/lib64 /opt -name "lib$name.so*" 2>/dev/null | grep -v /stubs/ \
-    | sort -V | tail -1)
-  if [ -n "$found" ]; then
-    ln -sf "$found" "$libs/lib$name.so"
-    LD_LIBRARY_PATH="$(dirname "$found"):${LD_LIBRARY_PATH:-}"
-    echo "== lib$name: $found"
-  else
-    echo "== lib$name: not found"
-  fi
-done
-export LD_LIBRARY_PATH="$libs:$LD_LIBRARY_PATH"
+source scripts/device-env.sh
 
 echo "== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
@@ -54,15 +38,21 @@ step 60 "CUDA kernels against the CPU ops (dima gpu check)" "$dima" gpu check
 
 step 60 "GPU vs CPU on gemma3-270m shapes, random bf16 weights (dima gpu parity)" \
   "$dima" gpu parity --model gemma3-270m --random-weights --steps 16
-if "$dima" models inspect gemma3-270m >/dev/null 2>&1; then
-  step 90 "GPU vs CPU on the real gemma3-270m (dima gpu parity)" "$dima" gpu parity --model gemma3-270m --steps 32
-else
-  echo "== skipped: the real gemma3-270m file is not on this machine (too large to carry)"
-fi
 preset="${DIMA_PRESET:-gemma3-12b}"
 step 200 "decode, $preset random bf16 weights, batch 1 and 16, against the bandwidth roofline" \
   "$dima" bench decode --backend cuda --model "$preset" --random-weights --weight-type bf16 \
   --batch 16 --prompt-tokens 64 --steps 32
 step 150 "Hugging Face transformers anchor, same preset and batches (eager)" \
   python3 scripts/bench/hf_decode.py --preset "${preset#gemma3-}" --batch 1,16 --prompt-tokens 64 --steps 32
+if "$dima" models inspect gemma3-270m >/dev/null 2>&1; then
+  step 90 "GPU vs CPU on the real gemma3-270m (dima gpu parity)" "$dima" gpu parity --model gemma3-270m --steps 32
+  step 90 "greedy text on the real gemma3-270m, CPU and GPU (dima generate)" \
+    python3 scripts/device-generate.py "$dima" gemma3-270m 32
+  step 120 "serving the real gemma3-270m from the GPU (dima bench serve --backend cuda)" \
+    "$dima" bench serve --backend cuda --model gemma3-270m --streams 1,4,16 --requests 2 --max-tokens 32
+else
+  echo "== skipped: the real gemma3-270m file is not on this machine (too large to carry)"
+fi
+step 60 "one decode step's matrix products, $preset shapes, cuBLAS and gemv_bf16 (dima gpu gemm)" \
+  "$dima" gpu gemm --model "$preset"
 exit "$status"

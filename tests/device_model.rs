@@ -91,6 +91,24 @@ fn batched_steps_equal_single_steps_on_the_device() {
             next[s] = actors::gemma::argmax(row);
         }
     }
+    // The greedy step (argmax on the device, only ids come back) picks
+    // what the host's argmax of the logits picks.
+    let mut pool = device.new_pool(3, 64).unwrap();
+    let mut next: Vec<u32> = prompts
+        .iter()
+        .enumerate()
+        .map(|(s, p)| actors::gemma::argmax(&device.prefill(p, s, &mut pool).unwrap()))
+        .collect();
+    for step in 0..steps {
+        next = device.decode_greedy(&next, &[0, 1, 2], &mut pool).unwrap();
+        for s in 0..3 {
+            assert_eq!(
+                next[s],
+                actors::gemma::argmax(&alone[s][step].1),
+                "sequence {s} step {step}"
+            );
+        }
+    }
     // Greedy generation matches the CPU model's tokens here.
     let mut sampler = actors::gemma::Sampler::new(actors::gemma::Sampling::default());
     let ids = generate(&device, &prompts[0], 6, &mut sampler, |_| {}).unwrap();

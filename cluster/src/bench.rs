@@ -1217,6 +1217,7 @@ pub fn bench_serve(
     requests: usize,
     max_tokens: usize,
     max_batch: usize,
+    server_args: &[String],
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     let address = format!("127.0.0.1:{}", free_port()?);
     let mut child = Command::new(exe)
@@ -1227,6 +1228,7 @@ pub fn bench_serve(
             "--max-waiting",
             "1024",
         ])
+        .args(server_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

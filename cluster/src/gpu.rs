@@ -2,7 +2,7 @@
 //! and every CUDA kernel against the CPU op it mirrors, on random inputs.
 //! One JSON line per check: `{"kernel", "max_abs_err", "tolerance", "ok"}`.
 
-use kernels::cuda::{Gpu, GpuError, bf16_bits};
+use kernels::cuda::{GemmPath, Gpu, GpuError, bf16_bits};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
@@ -211,11 +211,30 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
 
     // attention: a global layer over a linear cache, and a local layer
     // (window 512) over a ring of 512 slots; 8 query heads on 2 KV heads.
-    for (name, window, slots, positions) in [
-        ("attention (global)", 0usize, 0usize, vec![0i32, 1, 700]),
-        ("attention (local ring)", 512, 512, vec![3i32, 511, 1300]),
+    for (name, window, slots, positions, hd) in [
+        (
+            "attention (global)",
+            0usize,
+            0usize,
+            vec![0i32, 1, 700],
+            256,
+        ),
+        (
+            "attention (local ring)",
+            512,
+            512,
+            vec![3i32, 511, 1300],
+            256,
+        ),
+        (
+            "attention (global, head_dim 128)",
+            0,
+            0,
+            vec![5i32, 0, 333],
+            128,
+        ),
     ] {
-        let (heads, kv_heads, hd) = (8, 2, 256);
+        let (heads, kv_heads) = (8, 2);
         let kv_dim = kv_heads * hd;
         let group = heads / kv_heads;
         let cache_rows = if slots > 0 { slots } else { 701 };
@@ -259,6 +278,31 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
             (window, slots),
         )?;
         rows.push(row(name, max_err(&gpu.download(&dout)?, &want), 1e-4));
+        let mut d16 = gpu.zeros::<u16>(want.len())?;
+        gpu.attention_bf16(
+            &dq,
+            (&dk, &dv),
+            &mut d16,
+            (&dp, &db),
+            (tokens, heads, hd, kv_dim),
+            group,
+            (window, slots),
+        )?;
+        // bf16 of nearly equal values: at most one rounding apart.
+        let err = gpu
+            .download(&d16)?
+            .iter()
+            .zip(&want)
+            .map(|(b, w)| {
+                let b = f64::from(half::bf16::from_bits(*b).to_f32());
+                (b - f64::from(*w)).abs() / f64::from(w.abs()).max(1e-3)
+            })
+            .fold(0.0, f64::max);
+        rows.push(row(
+            &format!("{name}, bf16 out (relative)"),
+            err,
+            1.0 / 128.0,
+        ));
     }
 
     // argmax_rows: exact (the lowest index among equals).
@@ -290,12 +334,252 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
     }
     let (dw, dxs) = (gpu.upload(&w)?, gpu.upload(&xs)?);
     let mut dout = gpu.zeros::<f32>(tokens * wr)?;
+    let path = gpu.gemm_path();
+    gpu.set_gemm_path(GemmPath::Blas);
     gpu.gemm_bf16(&dw, (wr, wc), &dxs, tokens, &mut dout)?;
     rows.push(row(
-        "gemm_bf16 (640x1024, 16 rows)",
+        "gemm_bf16 cuBLAS (640x1024, 16 rows)",
         max_err(&gpu.download(&dout)?, &want),
         1e-3,
     ));
+    // gemv_bf16 (decode's few tokens), on a row count that leaves a
+    // partial warp's worth of rows and a column count that is not a
+    // multiple of the warp's stride.
+    gpu.set_gemm_path(GemmPath::Gemv);
+    let (wr, wc) = (1001, 1096);
+    let w = bf16_bits(&random(wr * wc, 0.05));
+    let dw = gpu.upload(&w)?;
+    for tokens in [1, 5, 16] {
+        let xs = bf16_bits(&random(tokens * wc, 1.0));
+        let mut want = vec![0f32; tokens * wr];
+        for t in 0..tokens {
+            for r in 0..wr {
+                let s: f64 = (0..wc).map(|c| f(w[r * wc + c]) * f(xs[t * wc + c])).sum();
+                want[t * wr + r] = s as f32;
+            }
+        }
+        let dxs = gpu.upload(&xs)?;
+        let mut dout = gpu.zeros::<f32>(tokens * wr)?;
+        gpu.gemm_bf16(&dw, (wr, wc), &dxs, tokens, &mut dout)?;
+        rows.push(row(
+            &format!("gemv_bf16 ({wr}x{wc}, {tokens} rows)"),
+            max_err(&gpu.download(&dout)?, &want),
+            1e-3,
+        ));
+    }
+    gpu.set_gemm_path(path);
+
+    // The fused kernels against the compositions `Host` runs (the trait's
+    // defaults). bf16 outputs may differ by a rounding where the f32
+    // values differ in their last bits: compared relative to the value.
+    use kernels::device::{Device, Host};
+    let bf16_err = |a: &[u16], b: &[u16]| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| {
+                let (x, y) = (
+                    f64::from(half::bf16::from_bits(*x).to_f32()),
+                    f64::from(half::bf16::from_bits(*y).to_f32()),
+                );
+                (x - y).abs() / x.abs().max(y.abs()).max(1e-3)
+            })
+            .fold(0.0, f64::max)
+    };
+    let host = |e: kernels::device::DeviceError| GpuError::Shape(e.to_string());
+    let (r, dim, eps) = (5, 1152, 1e-6f32);
+    let (x, o) = (random(r * dim, 2.0), random(r * dim, 3.0));
+    let (w1, w2) = (random(dim, 1.5), random(dim, 1.5));
+    let mut want = vec![0u16; r * dim];
+    Host.rms_norm_bf16(&x, &w1, &mut want, (r, dim), eps)
+        .map_err(host)?;
+    let mut got = gpu.zeros::<u16>(r * dim)?;
+    gpu.rms_norm_bf16(&gpu.upload(&x)?, &gpu.upload(&w1)?, &mut got, (r, dim), eps)?;
+    rows.push(row(
+        "rms_norm_bf16 (relative)",
+        bf16_err(&gpu.download(&got)?, &want),
+        1.0 / 128.0,
+    ));
+    let (mut hx, mut hnext) = (x.clone(), vec![0u16; r * dim]);
+    Host.residual_norm(&mut hx, &o, (&w1, &w2), &mut hnext, (r, dim), eps)
+        .map_err(host)?;
+    let (mut dx, mut dnext) = (gpu.upload(&x)?, gpu.zeros::<u16>(r * dim)?);
+    let (dw1, dw2) = (gpu.upload(&w1)?, gpu.upload(&w2)?);
+    gpu.residual_norm(
+        &mut dx,
+        &gpu.upload(&o)?,
+        (&dw1, &dw2),
+        &mut dnext,
+        (r, dim),
+        eps,
+    )?;
+    rows.push(row(
+        "residual_norm (residual)",
+        max_err(&gpu.download(&dx)?, &hx),
+        1e-4,
+    ));
+    rows.push(row(
+        "residual_norm (next, relative)",
+        bf16_err(&gpu.download(&dnext)?, &hnext),
+        1.0 / 128.0,
+    ));
+    // q|k|v for 3 tokens, 4 query heads and 2 KV heads of 128, into a
+    // cache of 7 slots.
+    let (tokens, heads, kvh, hd, cache) = (3, 4, 2, 128, 7);
+    let width = (heads + 2 * kvh) * hd;
+    let qkv = random(tokens * width, 2.0);
+    let (qw, kw) = (random(hd, 1.5), random(hd, 1.5));
+    let rope = vec![3.0f32, 517.0, 40.25];
+    let dest = vec![6i32, 0, 2];
+    let scalars = (10_000.0f32, 0.0625f32, eps);
+    let (mut hq, mut hk, mut hv) = (
+        vec![0f32; tokens * heads * hd],
+        vec![0f32; cache * kvh * hd],
+        vec![0f32; cache * kvh * hd],
+    );
+    Host.qkv_prep(
+        &qkv,
+        (&qw, &kw),
+        &mut hq,
+        (&mut hk, &mut hv),
+        (&rope, &dest),
+        (tokens, heads, kvh, hd),
+        scalars,
+        cache,
+    )
+    .map_err(host)?;
+    let (mut dq, mut dk, mut dv) = (
+        gpu.zeros::<f32>(tokens * heads * hd)?,
+        gpu.zeros::<f32>(cache * kvh * hd)?,
+        gpu.zeros::<f32>(cache * kvh * hd)?,
+    );
+    gpu.qkv_prep(
+        &gpu.upload(&qkv)?,
+        (&gpu.upload(&qw)?, &gpu.upload(&kw)?),
+        &mut dq,
+        (&mut dk, &mut dv),
+        (&gpu.upload(&rope)?, &gpu.upload(&dest)?),
+        (tokens, heads, kvh, hd),
+        scalars,
+        cache,
+    )?;
+    rows.push(row("qkv_prep (q)", max_err(&gpu.download(&dq)?, &hq), 1e-4));
+    rows.push(row(
+        "qkv_prep (k cache)",
+        max_err(&gpu.download(&dk)?, &hk),
+        2e-3,
+    ));
+    rows.push(row(
+        "qkv_prep (v cache)",
+        max_err(&gpu.download(&dv)?, &hv),
+        0.0,
+    ));
+    let (tokens, ffn) = (3, 2048);
+    let gu = random(tokens * 2 * ffn, 4.0);
+    let mut want = vec![0u16; tokens * ffn];
+    Host.geglu_bf16(&gu, &mut want, (tokens, ffn))
+        .map_err(host)?;
+    let mut got = gpu.zeros::<u16>(tokens * ffn)?;
+    gpu.geglu_bf16(&gpu.upload(&gu)?, &mut got, (tokens, ffn))?;
+    rows.push(row(
+        "geglu_bf16 (relative)",
+        bf16_err(&gpu.download(&got)?, &want),
+        1.0 / 128.0,
+    ));
+
+    // NCCL in a world of one (one GPU allows no more): the id goes through
+    // the bootstrap, the communicator forms, and a sum, a gather and a
+    // broadcast give back what went in.
+    use kernels::collective::{Collective, CollectiveError, NcclRank, SingleRank};
+    let values = random(1000, 3.0);
+    let nccl = || -> Result<f64, CollectiveError> {
+        let rank = NcclRank::connect(device, &SingleRank)?;
+        let mut summed = values.clone();
+        rank.all_reduce_sum(&mut summed)?;
+        let mut gathered = vec![0f32; values.len()];
+        rank.all_gather(&values, &mut gathered)?;
+        let mut sent = values.clone();
+        rank.broadcast(&mut sent, 0)?;
+        rank.barrier()?;
+        Ok(max_err(&summed, &values)
+            .max(max_err(&gathered, &values))
+            .max(max_err(&sent, &values)))
+    };
+    let name = "NCCL, world of one (sum, gather, broadcast)";
+    match nccl() {
+        Ok(err) => rows.push(row(name, err, 0.0)),
+        // A failure is this row's result, not the end of the check.
+        Err(e) => rows.push(json!({"kernel": name, "error": e.to_string(), "ok": false})),
+    }
+    Ok(rows)
+}
+
+/// `dima gpu gemm`: the matrix products of one decode step of `config`
+/// (every projection shape of a layer and the LM head) at each token count,
+/// timed on both paths (cuBLAS and our `gemv_bf16`), as bytes of weights
+/// read per second and as a fraction of the measured copy bandwidth.
+pub fn bench_gemm(
+    device: usize,
+    config: &actors::gemma::GemmaConfig,
+    tokens: &[usize],
+    repeat: usize,
+) -> Result<Vec<Value>, GpuError> {
+    let gpu = Gpu::new(device)?;
+    let bandwidth = gpu.copy_bandwidth(1 << 30, 20)?;
+    let c = config;
+    let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+    let shapes = [
+        ("q", q, c.hidden),
+        ("k/v", kv, c.hidden),
+        ("o", c.hidden, q),
+        ("gate/up", c.ffn, c.hidden),
+        ("down", c.hidden, c.ffn),
+        ("lm_head", c.vocab, c.hidden),
+    ];
+    let most = tokens.iter().copied().max().unwrap_or(1).max(1);
+    let biggest = shapes.iter().map(|s| s.1 * s.2).max().unwrap_or(1);
+    let widest = shapes.iter().map(|s| s.1.max(s.2)).max().unwrap_or(1);
+    // Random bf16 weights made on the host once (small values); every
+    // shape reads a prefix of them.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let table: Vec<u16> = (0..1 << 20)
+        .map(|_| half::bf16::from_f32(rng.random_range(-0.05f32..0.05)).to_bits())
+        .collect();
+    let host: Vec<u16> = (0..biggest).map(|i| table[i & ((1 << 20) - 1)]).collect();
+    let w = gpu.upload(&host)?;
+    drop(host);
+    let xs = gpu.upload(&bf16_bits(
+        &(0..most * widest)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect::<Vec<_>>(),
+    ))?;
+    let mut out = gpu.zeros::<f32>(most * widest)?;
+    let saved = gpu.gemm_path();
+    let mut rows = Vec::new();
+    for (name, r, k) in shapes {
+        for &t in tokens {
+            let mut row = json!({
+                "bench": "gemm", "shape": name, "rows": r, "cols": k, "tokens": t,
+                "weight_bytes": r * k * 2, "copy_bandwidth_bytes_per_s": bandwidth,
+            });
+            for path in [GemmPath::Blas, GemmPath::Gemv] {
+                gpu.set_gemm_path(path);
+                // The shared weights' first r × k values.
+                gpu.gemm_bf16(&w, (r, k), &xs, t, &mut out)?;
+                gpu.synchronize()?;
+                let started = std::time::Instant::now();
+                for _ in 0..repeat {
+                    gpu.gemm_bf16(&w, (r, k), &xs, t, &mut out)?;
+                }
+                gpu.synchronize()?;
+                let each = started.elapsed().as_secs_f64() / repeat.max(1) as f64;
+                let rate = (r * k * 2) as f64 / each;
+                row[format!("{}_us", path.name())] = json!(each * 1e6);
+                row[format!("{}_of_bandwidth", path.name())] = json!(rate / bandwidth);
+            }
+            rows.push(row);
+        }
+    }
+    gpu.set_gemm_path(saved);
     Ok(rows)
 }
 
@@ -338,11 +622,10 @@ pub fn bench_decode(
         }
         let seqs: Vec<usize> = (0..b).collect();
         let started = std::time::Instant::now();
+        // Greedy on the device (argmax_rows): only the ids come back, as in
+        // the transformers anchor.
         for _ in 0..steps {
-            let logits = model.decode(&next, &seqs, &mut pool)?;
-            for (t, row) in next.iter_mut().zip(logits.chunks_exact(c.vocab)) {
-                *t = actors::gemma::argmax(row);
-            }
+            next = model.decode_greedy(&next, &seqs, &mut pool)?;
         }
         let seconds = started.elapsed().as_secs_f64();
         let rate = (b * steps) as f64 / seconds;

@@ -362,10 +362,29 @@ fn bench_decode_on_gpu(
     batch: &[usize],
     prompt_tokens: usize,
     steps: usize,
+    gemm: &[String],
 ) -> Result<Vec<serde_json::Value>, Failure> {
     let fail = |e: anyhow::Error| Failure { code: 1, error: e };
+    let paths = gemm
+        .iter()
+        .map(|name| kernels::cuda::GemmPath::parse(name))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Failure {
+            code: 2,
+            error: anyhow::anyhow!("--gemm: {e}"),
+        })?;
     let model = upload_to_gpu(gemma, device).map_err(fail)?;
-    cluster::gpu::bench_decode(&model, batch, prompt_tokens, steps).map_err(fail)
+    let mut rows = Vec::new();
+    for path in paths {
+        model.gpu().set_gemm_path(path);
+        for mut row in
+            cluster::gpu::bench_decode(&model, batch, prompt_tokens, steps).map_err(fail)?
+        {
+            row["gemm"] = serde_json::json!(path.name());
+            rows.push(row);
+        }
+    }
+    Ok(rows)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -375,6 +394,7 @@ fn bench_decode_on_gpu(
     _batch: &[usize],
     _prompt_tokens: usize,
     _steps: usize,
+    _gemm: &[String],
 ) -> Result<Vec<serde_json::Value>, Failure> {
     Err(no_cuda())
 }
@@ -441,6 +461,7 @@ fn run_gpu(command: &GpuCommand) -> Result<(), Failure> {
             random_weights,
             device,
             steps,
+            host,
         } => {
             let fail = |e: anyhow::Error| Failure { code: 1, error: e };
             let gemma = if *random_weights {
@@ -449,7 +470,6 @@ fn run_gpu(command: &GpuCommand) -> Result<(), Failure> {
             } else {
                 load_gemma(model).map_err(fail)?
             };
-            let gpu_model = upload_to_gpu(&gemma, *device).map_err(fail)?;
             let texts = [
                 "The capital of France is",
                 "Write a haiku about the sea:",
@@ -462,8 +482,33 @@ fn run_gpu(command: &GpuCommand) -> Result<(), Failure> {
                 .iter()
                 .map(|t| gemma.tokenizer().encode(t, true, false))
                 .collect();
-            for row in actors::gemma::device::parity(&gemma, &gpu_model, &prompts, *steps, None)
-                .map_err(|e| fail(e.into()))?
+            let rows = if *host {
+                let model = actors::gemma::device::DeviceGemma::upload(
+                    &gemma,
+                    kernels::device::Host,
+                    |_, _| {},
+                )
+                .map_err(|e| fail(e.into()))?;
+                actors::gemma::device::parity(&gemma, &model, &prompts, *steps, None)
+            } else {
+                let model = upload_to_gpu(&gemma, *device).map_err(fail)?;
+                actors::gemma::device::parity(&gemma, &model, &prompts, *steps, None)
+            };
+            for row in rows.map_err(|e| fail(e.into()))? {
+                println!("{row}");
+            }
+            Ok(())
+        }
+        GpuCommand::Gemm {
+            model,
+            tokens,
+            repeat,
+            device,
+        } => {
+            let config =
+                cluster::models::preset(model).map_err(|e| Failure { code: 2, error: e })?;
+            for row in
+                cluster::gpu::bench_gemm(*device, &config, tokens, *repeat).map_err(no_gpu)?
             {
                 println!("{row}");
             }
@@ -721,6 +766,28 @@ enum GpuCommand {
         /// Teacher-forced steps per prompt.
         #[arg(long, default_value_t = 32)]
         steps: usize,
+        /// Run the device model on the plain-Rust host device instead of a
+        /// GPU (the same forward pass and bf16 roundings; no CUDA needed).
+        #[arg(long)]
+        host: bool,
+    },
+    /// Time one decode step's matrix products of a size preset (each
+    /// projection shape and the LM head) on cuBLAS and on our gemv kernel,
+    /// per token count; one JSON line per shape and count.
+    Gemm {
+        /// A size preset: gemma3-270m, gemma3-1b, gemma3-4b, gemma3-12b or
+        /// gemma3-27b.
+        #[arg(long, default_value = "gemma3-27b")]
+        model: String,
+        /// Token counts (rows of activations).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+        tokens: Vec<usize>,
+        /// Timed repetitions of each product.
+        #[arg(long, default_value_t = 20)]
+        repeat: usize,
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
     },
     /// Run every CUDA kernel on random inputs against its CPU reference; one
     /// JSON line each (`kernel`, `max_abs_err`, `tolerance`, `ok`). Exit 1
@@ -777,6 +844,12 @@ enum BenchCommand {
         /// The server's --max-batch.
         #[arg(long, default_value_t = 16)]
         max_batch: usize,
+        /// The server's backend (cuda: `dima serve --backend cuda`).
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: Backend,
+        /// The server's CUDA device with `--backend cuda`.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
     },
     /// Aggregate decode tokens/s when several sequences take each step
     /// together (the core of continuous batching), per batch size, next to
@@ -813,6 +886,11 @@ enum BenchCommand {
         /// The CUDA device with `--backend cuda`.
         #[arg(long, default_value_t = 0)]
         device: usize,
+        /// With `--backend cuda`: the matrix-product paths to run, each over
+        /// every batch size (cublas, the default; gemv: our gemv_bf16 kernel
+        /// up to 16 tokens).
+        #[arg(long, value_delimiter = ',', default_value = "cublas")]
+        gemm: Vec<String>,
     },
     /// The count job through `dima up` for each layout, against a
     /// single-threaded loop over the same events. Prints one JSON line per layout.
@@ -1967,9 +2045,21 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     requests,
                     max_tokens,
                     max_batch,
+                    backend,
+                    device,
                 },
         } => {
             let exe = std::env::current_exe().context("locating the dima executable")?;
+            let server_args: Vec<String> = if *backend == Backend::Cuda {
+                vec![
+                    "--backend".into(),
+                    "cuda".into(),
+                    "--device".into(),
+                    device.to_string(),
+                ]
+            } else {
+                Vec::new()
+            };
             let rows = cluster::bench::bench_serve(
                 &exe,
                 model,
@@ -1977,6 +2067,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 (*requests).max(1),
                 (*max_tokens).max(1),
                 (*max_batch).max(1),
+                &server_args,
             )?;
             for row in rows {
                 println!("{row}");
@@ -1995,6 +2086,7 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                     weight_type,
                     backend,
                     device,
+                    gemm,
                 },
         } => {
             let gemma = if *random_weights {
@@ -2025,7 +2117,9 @@ fn execute(cli: &Cli) -> Result<(), Failure> {
                 actors::gemma::Gemma::load(&cluster::models::model_path(model)?)?
             };
             if *backend == Backend::Cuda {
-                for row in bench_decode_on_gpu(&gemma, *device, batch, *prompt_tokens, *steps)? {
+                for row in
+                    bench_decode_on_gpu(&gemma, *device, batch, *prompt_tokens, *steps, gemm)?
+                {
                     println!("{row}");
                 }
                 return Ok(());

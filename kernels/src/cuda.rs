@@ -23,7 +23,7 @@ pub use cudarc::driver::CudaSlice;
 pub const SOURCE: &str = include_str!("../cuda/gemma3.cu");
 
 /// The kernels [`SOURCE`] defines, by name.
-pub const KERNELS: [&str; 10] = [
+pub const KERNELS: [&str; 16] = [
     "f32_to_bf16",
     "scale_in_place",
     "store_kv",
@@ -34,7 +34,52 @@ pub const KERNELS: [&str; 10] = [
     "add_in_place",
     "attention",
     "argmax_rows",
+    "gemv_bf16",
+    "rms_norm_bf16",
+    "residual_norm",
+    "qkv_prep",
+    "geglu_bf16",
+    "attention_bf16",
 ];
+
+/// The most tokens `gemv_bf16` takes (`GEMV_TOKENS` in the source), and
+/// the rows each warp streams (`GEMV_ROWS`).
+const GEMV_TOKENS: usize = 16;
+const GEMV_ROWS: usize = 4;
+
+/// Which kernel computes [`Gpu::gemm_bf16`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPath {
+    /// cuBLAS GEMM-ex (the default: on an H100 it reads the weights at 87
+    /// to 95% of the copy bandwidth for every token count up to 16, and
+    /// beats `gemv_bf16` everywhere but within 1% on the LM head).
+    Blas,
+    /// Our `gemv_bf16`, where the shapes allow it (at most 16 tokens,
+    /// columns a multiple of 8), cuBLAS elsewhere: kept for `dima gpu gemm`
+    /// to compare.
+    Gemv,
+}
+
+impl GemmPath {
+    /// `cublas` or `gemv`.
+    pub fn parse(name: &str) -> Result<Self, GpuError> {
+        match name {
+            "cublas" => Ok(Self::Blas),
+            "gemv" => Ok(Self::Gemv),
+            other => Err(GpuError::Shape(format!(
+                "unknown matrix-product path {other:?}: cublas or gemv"
+            ))),
+        }
+    }
+
+    /// The name [`GemmPath::parse`] takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Blas => "cublas",
+            Self::Gemv => "gemv",
+        }
+    }
+}
 
 /// Why a GPU operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +113,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     functions: Vec<CudaFunction>,
+    /// The [`GemmPath`] as a number (`Gpu::set_gemm_path`).
+    gemm: std::sync::atomic::AtomicU8,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -100,6 +147,21 @@ fn grid(n: usize) -> LaunchConfig {
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Where [`Gpu::attention`] writes.
+enum AttentionOut<'a> {
+    F32(&'a mut CudaSlice<f32>),
+    Bf16(&'a mut CudaSlice<u16>),
+}
+
+/// One block of 512 threads per row (the row kernels' block reductions).
+fn row_blocks(rows: usize) -> Result<LaunchConfig, GpuError> {
+    Ok(LaunchConfig {
+        grid_dim: (int(rows, "rows")? as u32, 1, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 fn int(v: usize, what: &str) -> Result<i32, GpuError> {
@@ -169,12 +231,39 @@ impl Gpu {
             .iter()
             .map(|name| module.load_function(name))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self {
+        let path = match std::env::var("DIMA_GEMM") {
+            Ok(name) => {
+                GemmPath::parse(&name).map_err(|e| GpuError::Shape(format!("DIMA_GEMM: {e}")))?
+            }
+            Err(_) => GemmPath::Blas,
+        };
+        let gpu = Self {
             ctx,
             stream,
             blas,
             functions,
-        })
+            gemm: std::sync::atomic::AtomicU8::new(0),
+        };
+        gpu.set_gemm_path(path);
+        Ok(gpu)
+    }
+
+    /// Chooses the kernel of [`Gpu::gemm_bf16`] (the `DIMA_GEMM`
+    /// environment variable sets it at start: `cublas` or `gemv`).
+    pub fn set_gemm_path(&self, path: GemmPath) {
+        let n = match path {
+            GemmPath::Blas => 0,
+            GemmPath::Gemv => 1,
+        };
+        self.gemm.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The kernel [`Gpu::gemm_bf16`] uses.
+    pub fn gemm_path(&self) -> GemmPath {
+        match self.gemm.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => GemmPath::Gemv,
+            _ => GemmPath::Blas,
+        }
     }
 
     /// The device's name, compute capability and memory.
@@ -283,6 +372,139 @@ impl Gpu {
         // SAFETY: one block per row of `dim` (checked sizes); shared memory
         // holds one float per thread.
         unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `rows` × `dim`: `y = bf16(rms_norm(x) · w)` (one block per row).
+    pub fn rms_norm_bf16(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<u16>,
+        (rows, dim): (usize, usize),
+        eps: f32,
+    ) -> Result<(), GpuError> {
+        check("rms_norm_bf16 x", x.len(), rows * dim)?;
+        check("rms_norm_bf16 w", w.len(), dim)?;
+        check("rms_norm_bf16 y", y.len(), rows * dim)?;
+        let dim32 = int(dim, "dim")?;
+        let mut b = self.stream.launch_builder(self.function("rms_norm_bf16")?);
+        b.arg(x).arg(w).arg(y).arg(&dim32).arg(&eps);
+        // SAFETY: one block per row of `dim` (checked sizes); static shared
+        // memory only.
+        unsafe { b.launch(row_blocks(rows)?) }?;
+        Ok(())
+    }
+
+    /// `rows` × `dim`: `x += rms_norm(o) · w_post`, then `next =
+    /// bf16(rms_norm(x) · w_next)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn residual_norm(
+        &self,
+        x: &mut CudaSlice<f32>,
+        o: &CudaSlice<f32>,
+        (w_post, w_next): (&CudaSlice<f32>, &CudaSlice<f32>),
+        next: &mut CudaSlice<u16>,
+        (rows, dim): (usize, usize),
+        eps: f32,
+    ) -> Result<(), GpuError> {
+        check("residual_norm x", x.len(), rows * dim)?;
+        check("residual_norm o", o.len(), rows * dim)?;
+        check("residual_norm w_post", w_post.len(), dim)?;
+        check("residual_norm w_next", w_next.len(), dim)?;
+        check("residual_norm next", next.len(), rows * dim)?;
+        let dim32 = int(dim, "dim")?;
+        let mut b = self.stream.launch_builder(self.function("residual_norm")?);
+        b.arg(x)
+            .arg(o)
+            .arg(w_post)
+            .arg(w_next)
+            .arg(next)
+            .arg(&dim32)
+            .arg(&eps);
+        // SAFETY: one block per row of `dim` (checked sizes); static shared
+        // memory only.
+        unsafe { b.launch(row_blocks(rows)?) }?;
+        Ok(())
+    }
+
+    /// Attention's inputs from the fused q|k|v projection (see
+    /// [`crate::device::Device::qkv_prep`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn qkv_prep(
+        &self,
+        qkv: &CudaSlice<f32>,
+        (q_norm, k_norm): (&CudaSlice<f32>, &CudaSlice<f32>),
+        qn: &mut CudaSlice<f32>,
+        (k_cache, v_cache): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        (rope, dest): (&CudaSlice<f32>, &CudaSlice<i32>),
+        (tokens, heads, kv_heads, hd): (usize, usize, usize, usize),
+        (base, q_scale, eps): (f32, f32, f32),
+        cache_slots: usize,
+    ) -> Result<(), GpuError> {
+        let (q_dim, kv_dim) = (heads * hd, kv_heads * hd);
+        if hd == 0 || hd % 2 != 0 || hd > 1024 {
+            return Err(GpuError::Shape(format!(
+                "qkv_prep: head_dim {hd} (even, at most 1024)"
+            )));
+        }
+        check("qkv_prep qkv", qkv.len(), tokens * (q_dim + 2 * kv_dim))?;
+        check("qkv_prep q_norm", q_norm.len(), hd)?;
+        check("qkv_prep k_norm", k_norm.len(), hd)?;
+        check("qkv_prep qn", qn.len(), tokens * q_dim)?;
+        check("qkv_prep k_cache", k_cache.len(), cache_slots * kv_dim)?;
+        check("qkv_prep v_cache", v_cache.len(), cache_slots * kv_dim)?;
+        check("qkv_prep rope", rope.len(), tokens)?;
+        check("qkv_prep dest", dest.len(), tokens)?;
+        let args = [
+            int(heads, "heads")?,
+            int(kv_heads, "kv_heads")?,
+            int(hd, "head_dim")?,
+        ];
+        let mut b = self.stream.launch_builder(self.function("qkv_prep")?);
+        b.arg(qkv)
+            .arg(q_norm)
+            .arg(k_norm)
+            .arg(qn)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(rope)
+            .arg(dest);
+        for a in &args {
+            b.arg(a);
+        }
+        b.arg(&base).arg(&q_scale).arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                int(heads + 2 * kv_heads, "heads")? as u32,
+                int(tokens, "tokens")? as u32,
+                1,
+            ),
+            block_dim: (hd.div_ceil(32) as u32 * 32, 1, 1),
+            shared_mem_bytes: hd as u32 * 4,
+        };
+        // SAFETY: sizes checked above; `dest` names slots below
+        // `cache_slots` (the caller's invariant, as for store_kv).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `out = bf16(gelu_tanh(gate) · up)` from the fused gate|up
+    /// projection (tokens × 2·ffn).
+    pub fn geglu_bf16(
+        &self,
+        gu: &CudaSlice<f32>,
+        out: &mut CudaSlice<u16>,
+        (tokens, ffn): (usize, usize),
+    ) -> Result<(), GpuError> {
+        check("geglu_bf16 gu", gu.len(), tokens * 2 * ffn)?;
+        check("geglu_bf16 out", out.len(), tokens * ffn)?;
+        let (t32, f32_) = (int(tokens, "tokens")?, int(ffn, "ffn")?);
+        int(tokens * ffn, "tokens × ffn")?;
+        let mut b = self.stream.launch_builder(self.function("geglu_bf16")?);
+        b.arg(gu).arg(out).arg(&t32).arg(&f32_);
+        // SAFETY: tokens × ffn outputs from tokens × 2·ffn inputs (checked).
+        unsafe { b.launch(grid(tokens * ffn)) }?;
         Ok(())
     }
 
@@ -429,8 +651,53 @@ impl Gpu {
     pub fn attention(
         &self,
         q: &CudaSlice<f32>,
-        (k, v): (&CudaSlice<f32>, &CudaSlice<f32>),
+        kv: (&CudaSlice<f32>, &CudaSlice<f32>),
         out: &mut CudaSlice<f32>,
+        positions_and_bases: (&CudaSlice<i32>, &CudaSlice<i32>),
+        shape: (usize, usize, usize, usize),
+        group: usize,
+        window_and_slots: (usize, usize),
+    ) -> Result<(), GpuError> {
+        self.attention_into(
+            q,
+            kv,
+            AttentionOut::F32(out),
+            positions_and_bases,
+            shape,
+            group,
+            window_and_slots,
+        )
+    }
+
+    /// [`Gpu::attention`] with its output rounded to bf16.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_bf16(
+        &self,
+        q: &CudaSlice<f32>,
+        kv: (&CudaSlice<f32>, &CudaSlice<f32>),
+        out: &mut CudaSlice<u16>,
+        positions_and_bases: (&CudaSlice<i32>, &CudaSlice<i32>),
+        shape: (usize, usize, usize, usize),
+        group: usize,
+        window_and_slots: (usize, usize),
+    ) -> Result<(), GpuError> {
+        self.attention_into(
+            q,
+            kv,
+            AttentionOut::Bf16(out),
+            positions_and_bases,
+            shape,
+            group,
+            window_and_slots,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_into(
+        &self,
+        q: &CudaSlice<f32>,
+        (k, v): (&CudaSlice<f32>, &CudaSlice<f32>),
+        out: AttentionOut<'_>,
         (positions, bases): (&CudaSlice<i32>, &CudaSlice<i32>),
         (tokens, heads, head_dim, kv_dim): (usize, usize, usize, usize),
         group: usize,
@@ -444,7 +711,11 @@ impl Gpu {
             )));
         }
         check("attention q", q.len(), tokens * heads * head_dim)?;
-        check("attention out", out.len(), tokens * heads * head_dim)?;
+        let out_len = match &out {
+            AttentionOut::F32(o) => o.len(),
+            AttentionOut::Bf16(o) => o.len(),
+        };
+        check("attention out", out_len, tokens * heads * head_dim)?;
         check("attention positions", positions.len(), tokens)?;
         let args = [
             int(heads, "heads")?,
@@ -454,15 +725,25 @@ impl Gpu {
             int(window, "window")?,
             int(slots, "slots")?,
         ];
-        let mut b = self.stream.launch_builder(self.function("attention")?);
-        b.arg(q).arg(k).arg(v).arg(out).arg(positions).arg(bases);
+        let name = match &out {
+            AttentionOut::F32(_) => "attention",
+            AttentionOut::Bf16(_) => "attention_bf16",
+        };
+        let mut b = self.stream.launch_builder(self.function(name)?);
+        b.arg(q).arg(k).arg(v);
+        match out {
+            AttentionOut::F32(o) => b.arg(o),
+            AttentionOut::Bf16(o) => b.arg(o),
+        };
+        b.arg(positions).arg(bases);
         for a in &args {
             b.arg(a);
         }
         let cfg = LaunchConfig {
             grid_dim: (args[0] as u32, int(tokens, "tokens")? as u32, 1),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: THREADS * 4,
+            // The tile's scores, and each warp's partial output.
+            shared_mem_bytes: (THREADS + THREADS / 32 * head_dim as u32) * 4,
         };
         // SAFETY: sizes checked above; the cache holds every slot the
         // positions name (the caller's invariant, as on the CPU).
@@ -495,7 +776,8 @@ impl Gpu {
 
     /// `out (tokens × rows, f32) = xs (tokens × cols, bf16) · Wᵀ` for a bf16
     /// weight `w` of `rows` × `cols` (row-major, as in the files), with f32
-    /// accumulation (cuBLAS GEMM-ex, compute type 32F).
+    /// accumulation: cuBLAS GEMM-ex (compute type 32F), or our `gemv_bf16`
+    /// where [`Gpu::set_gemm_path`] asks for it and the shapes allow.
     pub fn gemm_bf16(
         &self,
         w: &CudaSlice<u16>,
@@ -510,6 +792,32 @@ impl Gpu {
         check("gemm w", w.len(), rows * cols)?;
         check("gemm xs", xs.len(), tokens * cols)?;
         check("gemm out", out.len(), tokens * rows)?;
+        let gemv_fits = tokens > 0 && tokens <= GEMV_TOKENS && cols % 8 == 0;
+        if gemv_fits && self.gemm_path() == GemmPath::Gemv {
+            let (r32, c32, t32) = (
+                int(rows, "rows")?,
+                int(cols, "cols")?,
+                int(tokens, "tokens")?,
+            );
+            let warps = rows.div_ceil(GEMV_ROWS);
+            let warps_per_block = (THREADS / 32) as usize;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    int(warps.div_ceil(warps_per_block), "gemv blocks")? as u32,
+                    1,
+                    1,
+                ),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(self.function("gemv_bf16")?);
+            b.arg(w).arg(xs).arg(out).arg(&r32).arg(&c32).arg(&t32);
+            // SAFETY: sizes checked above; whole allocations (256-byte
+            // aligned) and cols a multiple of 8 make every 16-byte load
+            // aligned and in bounds; tokens is within the kernel's limit.
+            unsafe { b.launch(cfg) }?;
+            return Ok(());
+        }
         let (m, n, k) = (
             int(rows, "rows")?,
             int(tokens, "tokens")?,
@@ -563,6 +871,20 @@ impl Device for Gpu {
 
     fn zeros<T: Elem>(&self, n: usize) -> Result<CudaSlice<T>, DeviceError> {
         Gpu::zeros(self, n).map_err(dev)
+    }
+
+    fn upload_parts<T: Elem>(&self, parts: &[&[T]]) -> Result<CudaSlice<T>, DeviceError> {
+        let total = parts.iter().map(|p| p.len()).sum();
+        let mut all = Gpu::zeros::<T>(self, total).map_err(dev)?;
+        let mut at = 0;
+        for part in parts {
+            let mut view = all.slice_mut(at..at + part.len());
+            self.stream
+                .memcpy_htod(*part, &mut view)
+                .map_err(|e| dev(e.into()))?;
+            at += part.len();
+        }
+        Ok(all)
     }
 
     fn download<T: Elem>(&self, buffer: &CudaSlice<T>) -> Result<Vec<T>, DeviceError> {
@@ -684,6 +1006,95 @@ impl Device for Gpu {
         out: &mut CudaSlice<f32>,
     ) -> Result<(), DeviceError> {
         Gpu::gemm_bf16(self, w, shape, xs, tokens, out).map_err(dev)
+    }
+
+    fn argmax_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        shape: (usize, usize),
+        out: &mut CudaSlice<i32>,
+    ) -> Result<(), DeviceError> {
+        Gpu::argmax_rows(self, x, shape, out).map_err(dev)
+    }
+
+    fn rms_norm_bf16(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<u16>,
+        shape: (usize, usize),
+        eps: f32,
+    ) -> Result<(), DeviceError> {
+        Gpu::rms_norm_bf16(self, x, w, y, shape, eps).map_err(dev)
+    }
+
+    fn residual_norm(
+        &self,
+        x: &mut CudaSlice<f32>,
+        o: &CudaSlice<f32>,
+        norms: (&CudaSlice<f32>, &CudaSlice<f32>),
+        next: &mut CudaSlice<u16>,
+        shape: (usize, usize),
+        eps: f32,
+    ) -> Result<(), DeviceError> {
+        Gpu::residual_norm(self, x, o, norms, next, shape, eps).map_err(dev)
+    }
+
+    fn qkv_prep(
+        &self,
+        qkv: &CudaSlice<f32>,
+        norms: (&CudaSlice<f32>, &CudaSlice<f32>),
+        qn: &mut CudaSlice<f32>,
+        caches: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        rope_dest: (&CudaSlice<f32>, &CudaSlice<i32>),
+        shape: (usize, usize, usize, usize),
+        scalars: (f32, f32, f32),
+        cache_slots: usize,
+    ) -> Result<(), DeviceError> {
+        Gpu::qkv_prep(
+            self,
+            qkv,
+            norms,
+            qn,
+            caches,
+            rope_dest,
+            shape,
+            scalars,
+            cache_slots,
+        )
+        .map_err(dev)
+    }
+
+    fn geglu_bf16(
+        &self,
+        gu: &CudaSlice<f32>,
+        out: &mut CudaSlice<u16>,
+        shape: (usize, usize),
+    ) -> Result<(), DeviceError> {
+        Gpu::geglu_bf16(self, gu, out, shape).map_err(dev)
+    }
+
+    fn attention_bf16(
+        &self,
+        q: &CudaSlice<f32>,
+        kv: (&CudaSlice<f32>, &CudaSlice<f32>),
+        out: &mut CudaSlice<u16>,
+        positions_and_bases: (&CudaSlice<i32>, &CudaSlice<i32>),
+        shape: AttentionShape,
+        group: usize,
+        window_and_slots: (usize, usize),
+    ) -> Result<(), DeviceError> {
+        Gpu::attention_bf16(
+            self,
+            q,
+            kv,
+            out,
+            positions_and_bases,
+            shape,
+            group,
+            window_and_slots,
+        )
+        .map_err(dev)
     }
 }
 

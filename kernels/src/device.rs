@@ -46,6 +46,12 @@ pub trait Device {
 
     /// Copies `values` to the device.
     fn upload<T: Elem>(&self, values: &[T]) -> Result<Self::Buf<T>, DeviceError>;
+    /// One buffer holding `parts` one after another (stacked weight
+    /// matrices), without joining them on the host first where the device
+    /// can copy into parts of a buffer.
+    fn upload_parts<T: Elem>(&self, parts: &[&[T]]) -> Result<Self::Buf<T>, DeviceError> {
+        self.upload(&parts.concat())
+    }
     /// A zeroed buffer of `n` values.
     fn zeros<T: Elem>(&self, n: usize) -> Result<Self::Buf<T>, DeviceError>;
     /// Copies a buffer back.
@@ -137,6 +143,147 @@ pub trait Device {
         tokens: usize,
         out: &mut Self::Buf<f32>,
     ) -> Result<(), DeviceError>;
+
+    /// `out[r]` = the index of the largest of row `r` (`rows` × `n`), the
+    /// lowest among equals.
+    fn argmax_rows(
+        &self,
+        x: &Self::Buf<f32>,
+        shape: (usize, usize),
+        out: &mut Self::Buf<i32>,
+    ) -> Result<(), DeviceError>;
+
+    // The fused operations of a decode step. Each default composes the
+    // operations above (what `Host` runs and what `dima gpu check` compares
+    // a device's fused kernel with); a device overrides them with one
+    // kernel each, so a layer is four matrix products and six small
+    // kernels.
+
+    /// `rows` × `dim`: `y = bf16(rms_norm(x) · w)`.
+    fn rms_norm_bf16(
+        &self,
+        x: &Self::Buf<f32>,
+        w: &Self::Buf<f32>,
+        y: &mut Self::Buf<u16>,
+        (rows, dim): (usize, usize),
+        eps: f32,
+    ) -> Result<(), DeviceError> {
+        let mut normed = self.zeros::<f32>(rows * dim)?;
+        self.rms_norm(x, w, &mut normed, (rows, dim), eps)?;
+        self.to_bf16(&normed, y, rows * dim)
+    }
+
+    /// The residual step between two matrix products, `rows` × `dim`:
+    /// `x += rms_norm(o) · w_post`, then `next = bf16(rms_norm(x) · w_next)`
+    /// (the input of the next product).
+    fn residual_norm(
+        &self,
+        x: &mut Self::Buf<f32>,
+        o: &Self::Buf<f32>,
+        (w_post, w_next): (&Self::Buf<f32>, &Self::Buf<f32>),
+        next: &mut Self::Buf<u16>,
+        (rows, dim): (usize, usize),
+        eps: f32,
+    ) -> Result<(), DeviceError> {
+        let mut normed = self.zeros::<f32>(rows * dim)?;
+        self.rms_norm(o, w_post, &mut normed, (rows, dim), eps)?;
+        self.add_in_place(x, &normed, rows * dim)?;
+        self.rms_norm_bf16(x, w_next, next, (rows, dim), eps)
+    }
+
+    /// Attention's inputs from one fused projection: row `t` of `qkv` is
+    /// token t's `[q (heads × head_dim) | k (kv_heads × head_dim) | v]`.
+    /// Writes `qn` = RoPE(rms_norm(q) · q_norm) · `q_scale` (tokens × heads
+    /// × head_dim) and stores RoPE(rms_norm(k) · k_norm) and v in slot
+    /// `dest[t]` of the caches (`cache_slots` slots of kv_heads ×
+    /// head_dim). `rope[t]` is token t's RoPE position.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_prep(
+        &self,
+        qkv: &Self::Buf<f32>,
+        (q_norm, k_norm): (&Self::Buf<f32>, &Self::Buf<f32>),
+        qn: &mut Self::Buf<f32>,
+        caches: (&mut Self::Buf<f32>, &mut Self::Buf<f32>),
+        (rope, dest): (&Self::Buf<f32>, &Self::Buf<i32>),
+        (tokens, heads, kv_heads, hd): (usize, usize, usize, usize),
+        (base, q_scale, eps): (f32, f32, f32),
+        cache_slots: usize,
+    ) -> Result<(), DeviceError> {
+        let (q_dim, kv_dim) = (heads * hd, kv_heads * hd);
+        let width = q_dim + 2 * kv_dim;
+        let all = self.download(qkv)?;
+        need("qkv_prep qkv", all.len(), tokens * width)?;
+        let (mut q, mut k, mut v) = (
+            Vec::with_capacity(tokens * q_dim),
+            Vec::with_capacity(tokens * kv_dim),
+            Vec::with_capacity(tokens * kv_dim),
+        );
+        for row in all[..tokens * width].chunks_exact(width) {
+            q.extend_from_slice(&row[..q_dim]);
+            k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
+            v.extend_from_slice(&row[q_dim + kv_dim..]);
+        }
+        let (q, k, v) = (self.upload(&q)?, self.upload(&k)?, self.upload(&v)?);
+        let mut kn = self.zeros::<f32>(tokens * kv_dim)?;
+        self.rms_norm(&q, q_norm, qn, (tokens * heads, hd), eps)?;
+        self.rms_norm(&k, k_norm, &mut kn, (tokens * kv_heads, hd), eps)?;
+        self.rope_neox(qn, rope, (tokens, heads, hd), base)?;
+        self.rope_neox(&mut kn, rope, (tokens, kv_heads, hd), base)?;
+        self.scale_in_place(qn, q_scale, tokens * q_dim)?;
+        self.store_kv((&kn, &v), caches, dest, (tokens, kv_dim), cache_slots)
+    }
+
+    /// [`Device::attention`] with the output rounded to bf16 (the output
+    /// projection's input).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bf16(
+        &self,
+        q: &Self::Buf<f32>,
+        kv: (&Self::Buf<f32>, &Self::Buf<f32>),
+        out: &mut Self::Buf<u16>,
+        positions_and_bases: (&Self::Buf<i32>, &Self::Buf<i32>),
+        shape: AttentionShape,
+        group: usize,
+        window_and_slots: (usize, usize),
+    ) -> Result<(), DeviceError> {
+        let (tokens, heads, hd, _) = shape;
+        let mut attn = self.zeros::<f32>(tokens * heads * hd)?;
+        self.attention(
+            q,
+            kv,
+            &mut attn,
+            positions_and_bases,
+            shape,
+            group,
+            window_and_slots,
+        )?;
+        self.to_bf16(&attn, out, tokens * heads * hd)
+    }
+
+    /// The MLP's activation from one fused projection: row `t` of `gu` is
+    /// token t's `[gate (ffn) | up (ffn)]`; `out = bf16(gelu_tanh(gate) ·
+    /// up)` (tokens × ffn).
+    fn geglu_bf16(
+        &self,
+        gu: &Self::Buf<f32>,
+        out: &mut Self::Buf<u16>,
+        (tokens, ffn): (usize, usize),
+    ) -> Result<(), DeviceError> {
+        let all = self.download(gu)?;
+        need("geglu_bf16 gu", all.len(), tokens * 2 * ffn)?;
+        let (mut gate, mut up) = (
+            Vec::with_capacity(tokens * ffn),
+            Vec::with_capacity(tokens * ffn),
+        );
+        for row in all[..tokens * 2 * ffn].chunks_exact(2 * ffn) {
+            gate.extend_from_slice(&row[..ffn]);
+            up.extend_from_slice(&row[ffn..]);
+        }
+        let (gate, up) = (self.upload(&gate)?, self.upload(&up)?);
+        let mut act = self.zeros::<f32>(tokens * ffn)?;
+        self.geglu(&gate, &up, &mut act, tokens * ffn)?;
+        self.to_bf16(&act, out, tokens * ffn)
+    }
 }
 
 /// bf16 bits of `x`, rounded to nearest even (the GPU kernel's rule).
@@ -347,6 +494,26 @@ impl Device for Host {
                     crate::ops::axpy(o, *w, &v[at..at + hd]);
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn argmax_rows(
+        &self,
+        x: &Vec<f32>,
+        (rows, n): (usize, usize),
+        out: &mut Vec<i32>,
+    ) -> Result<(), DeviceError> {
+        need("argmax x", x.len(), rows * n)?;
+        need("argmax out", out.len(), rows)?;
+        for (o, row) in out.iter_mut().zip(x[..rows * n].chunks(n.max(1))) {
+            let mut best = 0;
+            for (i, v) in row.iter().enumerate() {
+                if *v > row[best] {
+                    best = i;
+                }
+            }
+            *o = i32::try_from(best).unwrap_or(i32::MAX);
         }
         Ok(())
     }

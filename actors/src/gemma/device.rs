@@ -47,7 +47,8 @@ pub type GpuGemma = DeviceGemma<kernels::cuda::Gpu>;
 
 struct DeviceLayer<D: Device> {
     kind: LayerKind,
-    /// q, k, v, o, gate, up, down: bf16, rows × cols as in the files.
+    /// q|k|v (the three stacked), o, gate|up (stacked), down: bf16,
+    /// rows × cols as in the files.
     matrices: Vec<(D::Buf<u16>, usize, usize)>,
     /// attn, q, k, post-attention, ffn, post-ffw.
     norms: Vec<D::Buf<f32>>,
@@ -135,23 +136,59 @@ impl<D: Device> KvPool<D> {
 
 type Matrix<D> = (<D as Device>::Buf<u16>, usize, usize);
 
+/// What a forward pass returns: logits, or each row's greedy token.
+enum Scored {
+    Logits(Vec<f32>),
+    Ids(Vec<u32>),
+}
+
+/// A weight matrix as bf16 bits: rows, cols, values.
+fn bf16_matrix(gemma: &Gemma, which: Weight) -> (usize, usize, Vec<u16>) {
+    match gemma.bf16_bits(which) {
+        Some(raw) => raw,
+        None => {
+            use rayon::prelude::*;
+            let (rows, cols, values) = gemma.dequantized(which);
+            let bits = values
+                .par_iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            (rows, cols, bits)
+        }
+    }
+}
+
 fn upload_matrix<D: Device>(
     gpu: &D,
     gemma: &Gemma,
     which: Weight,
 ) -> Result<Matrix<D>, DeviceError> {
-    let (rows, cols, bits) = match gemma.bf16_bits(which) {
-        Some(raw) => raw,
-        None => {
-            let (rows, cols, values) = gemma.dequantized(which);
-            let bits = values
-                .iter()
-                .map(|v| half::bf16::from_f32(*v).to_bits())
-                .collect();
-            (rows, cols, bits)
-        }
-    };
+    let (rows, cols, bits) = bf16_matrix(gemma, which);
     Ok((gpu.upload(&bits)?, rows, cols))
+}
+
+/// Several weight matrices of the same width stacked row-wise into one
+/// (so one matrix product computes all their outputs, side by side in each
+/// output row).
+fn upload_stacked<D: Device>(
+    gpu: &D,
+    gemma: &Gemma,
+    which: &[Weight],
+) -> Result<Matrix<D>, DeviceError> {
+    let (mut rows, mut width, mut parts) = (0, None, Vec::new());
+    for w in which {
+        let (r, c, bits) = bf16_matrix(gemma, *w);
+        if *width.get_or_insert(c) != c {
+            return Err(DeviceError(format!(
+                "stacking matrices of {c} and {} columns",
+                width.unwrap_or(0)
+            )));
+        }
+        rows += r;
+        parts.push(bits);
+    }
+    let parts: Vec<&[u16]> = parts.iter().map(Vec::as_slice).collect();
+    Ok((gpu.upload_parts(&parts)?, rows, width.unwrap_or(0)))
 }
 
 impl<D: Device> DeviceGemma<D> {
@@ -210,20 +247,18 @@ impl<D: Device> DeviceGemma<D> {
         let mut layers = Vec::with_capacity(c.layers);
         for (i, kind) in c.layer_kinds.iter().enumerate() {
             progress(i, c.layers + 1);
-            let mut matrices = Vec::with_capacity(7);
-            for w in [
-                LayerWeight::Q,
-                LayerWeight::K,
-                LayerWeight::V,
-                LayerWeight::O,
-                LayerWeight::Gate,
-                LayerWeight::Up,
-                LayerWeight::Down,
-            ] {
-                let m = upload_matrix(&gpu, gemma, Weight::Layer(i, w))?;
-                weight_bytes += m.1 * m.2 * 2;
-                matrices.push(m);
-            }
+            let at = |w| Weight::Layer(i, w);
+            let matrices = vec![
+                upload_stacked(
+                    &gpu,
+                    gemma,
+                    &[at(LayerWeight::Q), at(LayerWeight::K), at(LayerWeight::V)],
+                )?,
+                upload_matrix(&gpu, gemma, at(LayerWeight::O))?,
+                upload_stacked(&gpu, gemma, &[at(LayerWeight::Gate), at(LayerWeight::Up)])?,
+                upload_matrix(&gpu, gemma, at(LayerWeight::Down))?,
+            ];
+            weight_bytes += matrices.iter().map(|m| m.1 * m.2 * 2).sum::<usize>();
             let norms = gemma
                 .layer_norms(i)
                 .iter()
@@ -334,6 +369,41 @@ impl<D: Device> DeviceGemma<D> {
         pool: &mut KvPool<D>,
         want: &[usize],
     ) -> Result<Vec<f32>, DeviceModelError> {
+        match self.run(tokens, seqs, pool, want, false)? {
+            Scored::Logits(l) => Ok(l),
+            Scored::Ids(_) => Err(DeviceModelError::Unsupported(
+                "forward: ids instead of logits".into(),
+            )),
+        }
+    }
+
+    /// A decode step (as [`decode`](Self::decode)) that returns each row's
+    /// greedy token, chosen on the device where it can be (one rank): only
+    /// the ids come back, not the logits.
+    pub fn decode_greedy(
+        &self,
+        tokens: &[u32],
+        seqs: &[usize],
+        pool: &mut KvPool<D>,
+    ) -> Result<Vec<u32>, DeviceModelError> {
+        let want: Vec<usize> = (0..tokens.len()).collect();
+        match self.run(tokens, seqs, pool, &want, true)? {
+            Scored::Ids(ids) => Ok(ids),
+            Scored::Logits(l) => Ok(l
+                .chunks(self.config.vocab.max(1))
+                .map(super::argmax)
+                .collect()),
+        }
+    }
+
+    fn run(
+        &self,
+        tokens: &[u32],
+        seqs: &[usize],
+        pool: &mut KvPool<D>,
+        want: &[usize],
+        greedy: bool,
+    ) -> Result<Scored, DeviceModelError> {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 || n != seqs.len() || n > CHUNK * 4 {
@@ -398,18 +468,13 @@ impl<D: Device> DeviceGemma<D> {
         if tp > 1 {
             x = self.all_reduce(&x)?;
         }
-        let mut h = gpu.zeros::<f32>(n * hidden)?;
+        let width = q_dim + 2 * kv_dim;
+        // The input of the next matrix product (bf16), and the outputs.
         let mut hb = gpu.zeros::<u16>(n * ffn.max(q_dim).max(hidden))?;
-        let mut q = gpu.zeros::<f32>(n * q_dim)?;
+        let mut qkv = gpu.zeros::<f32>(n * width)?;
         let mut qn = gpu.zeros::<f32>(n * q_dim)?;
-        let mut k = gpu.zeros::<f32>(n * kv_dim)?;
-        let mut kn = gpu.zeros::<f32>(n * kv_dim)?;
-        let mut v = gpu.zeros::<f32>(n * kv_dim)?;
-        let mut attn = gpu.zeros::<f32>(n * q_dim)?;
         let mut o = gpu.zeros::<f32>(n * hidden)?;
-        let mut gate = gpu.zeros::<f32>(n * ffn)?;
-        let mut up = gpu.zeros::<f32>(n * ffn)?;
-        let mut act = gpu.zeros::<f32>(n * ffn)?;
+        let mut gu = gpu.zeros::<f32>(n * 2 * ffn)?;
         let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
         // Per layer kind: rope positions, slot destinations and bases.
         type Slots<D> = (
@@ -446,6 +511,14 @@ impl<D: Device> DeviceGemma<D> {
                 gpu.upload(&bases)?,
             ));
         }
+        // Each layer: q|k|v product, their norms, RoPE and cache stores,
+        // attention, the output product, the residual step (with the MLP's
+        // input norm), the gate|up product, GeGLU, the down product, the
+        // residual step (with the next layer's input norm, or the final
+        // norm after the last layer).
+        if let Some(first) = self.layers.first() {
+            gpu.rms_norm_bf16(&x, &first.norms[0], &mut hb, (n, hidden), c.rms_eps)?;
+        }
         for (li, layer) in self.layers.iter().enumerate() {
             let key = (layer.kind, pool.per_sequence[li], pool.ring[li]);
             let Some((_, rope, dest, bases)) = kinds.iter().find(|(k, ..)| *k == key) else {
@@ -457,28 +530,22 @@ impl<D: Device> DeviceGemma<D> {
             };
             let m = &layer.matrices;
             let nm = &layer.norms;
-            gpu.rms_norm(&x, &nm[0], &mut h, (n, hidden), c.rms_eps)?;
-            gpu.to_bf16(&h, &mut hb, n * hidden)?;
-            gpu.gemm_bf16(&m[0].0, (m[0].1, m[0].2), &hb, n, &mut q)?;
-            gpu.gemm_bf16(&m[1].0, (m[1].1, m[1].2), &hb, n, &mut k)?;
-            gpu.gemm_bf16(&m[2].0, (m[2].1, m[2].2), &hb, n, &mut v)?;
-            gpu.rms_norm(&q, &nm[1], &mut qn, (n * heads, hd), c.rms_eps)?;
-            gpu.rms_norm(&k, &nm[2], &mut kn, (n * kv_heads, hd), c.rms_eps)?;
-            gpu.rope_neox(&mut qn, rope, (n, heads, hd), base)?;
-            gpu.rope_neox(&mut kn, rope, (n, kv_heads, hd), base)?;
-            gpu.scale_in_place(&mut qn, score_scale, n * q_dim)?;
+            gpu.gemm_bf16(&m[0].0, (m[0].1, m[0].2), &hb, n, &mut qkv)?;
             let slots = pool.per_sequence[li] * pool.lengths.len();
-            gpu.store_kv(
-                (&kn, &v),
+            gpu.qkv_prep(
+                &qkv,
+                (&nm[1], &nm[2]),
+                &mut qn,
                 (&mut pool.keys[li], &mut pool.values[li]),
-                dest,
-                (n, kv_dim),
+                (rope, dest),
+                (n, heads, kv_heads, hd),
+                (base, score_scale, c.rms_eps),
                 slots,
             )?;
-            gpu.attention(
+            gpu.attention_bf16(
                 &qn,
                 (&pool.keys[li], &pool.values[li]),
-                &mut attn,
+                &mut hb,
                 (&d_pos, bases),
                 (n, heads, hd, kv_dim),
                 group,
@@ -491,60 +558,75 @@ impl<D: Device> DeviceGemma<D> {
                     },
                 ),
             )?;
-            gpu.to_bf16(&attn, &mut hb, n * q_dim)?;
+            gpu.gemm_bf16(&m[1].0, (m[1].1, m[1].2), &hb, n, &mut o)?;
+            if tp > 1 {
+                o = self.all_reduce(&o)?;
+            }
+            gpu.residual_norm(
+                &mut x,
+                &o,
+                (&nm[3], &nm[4]),
+                &mut hb,
+                (n, hidden),
+                c.rms_eps,
+            )?;
+            gpu.gemm_bf16(&m[2].0, (m[2].1, m[2].2), &hb, n, &mut gu)?;
+            gpu.geglu_bf16(&gu, &mut hb, (n, ffn))?;
             gpu.gemm_bf16(&m[3].0, (m[3].1, m[3].2), &hb, n, &mut o)?;
             if tp > 1 {
                 o = self.all_reduce(&o)?;
             }
-            gpu.rms_norm(&o, &nm[3], &mut h, (n, hidden), c.rms_eps)?;
-            gpu.add_in_place(&mut x, &h, n * hidden)?;
-            gpu.rms_norm(&x, &nm[4], &mut h, (n, hidden), c.rms_eps)?;
-            gpu.to_bf16(&h, &mut hb, n * hidden)?;
-            gpu.gemm_bf16(&m[4].0, (m[4].1, m[4].2), &hb, n, &mut gate)?;
-            gpu.gemm_bf16(&m[5].0, (m[5].1, m[5].2), &hb, n, &mut up)?;
-            gpu.geglu(&gate, &up, &mut act, n * ffn)?;
-            gpu.to_bf16(&act, &mut hb, n * ffn)?;
-            gpu.gemm_bf16(&m[6].0, (m[6].1, m[6].2), &hb, n, &mut o)?;
-            if tp > 1 {
-                o = self.all_reduce(&o)?;
-            }
-            gpu.rms_norm(&o, &nm[5], &mut h, (n, hidden), c.rms_eps)?;
-            gpu.add_in_place(&mut x, &h, n * hidden)?;
+            let next = self
+                .layers
+                .get(li + 1)
+                .map_or(&self.output_norm, |l| &l.norms[0]);
+            gpu.residual_norm(&mut x, &o, (&nm[5], next), &mut hb, (n, hidden), c.rms_eps)?;
         }
         pool.lengths = next;
         if want.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Scored::Logits(Vec::new()));
         }
-        // The wanted rows only: gather on the host (small), normalise, score.
-        let all = gpu.download(&x)?;
-        let mut rows = Vec::with_capacity(want.len() * hidden);
-        for &w in want {
-            let r = all.get(w * hidden..(w + 1) * hidden).ok_or_else(|| {
-                DeviceModelError::Unsupported(format!("row {w} of {n} does not exist"))
-            })?;
-            rows.extend_from_slice(r);
-        }
+        // `hb` now holds every row's final norm (bf16): score the wanted
+        // rows (all of them in a decode step; a prompt's last otherwise,
+        // gathered on the host).
         let m = want.len();
-        let d_rows = gpu.upload(&rows)?;
-        let mut normed = gpu.zeros::<f32>(m * hidden)?;
-        gpu.rms_norm(
-            &d_rows,
-            &self.output_norm,
-            &mut normed,
-            (m, hidden),
-            c.rms_eps,
-        )?;
-        let mut nb = gpu.zeros::<u16>(m * hidden)?;
-        gpu.to_bf16(&normed, &mut nb, m * hidden)?;
+        let all_rows = want.iter().copied().eq(0..n);
+        let gathered;
+        let nb = if all_rows {
+            &hb
+        } else {
+            let normed = gpu.download(&hb)?;
+            let mut rows = Vec::with_capacity(m * hidden);
+            for &w in want {
+                let r = normed.get(w * hidden..(w + 1) * hidden).ok_or_else(|| {
+                    DeviceModelError::Unsupported(format!("row {w} of {n} does not exist"))
+                })?;
+                rows.extend_from_slice(r);
+            }
+            gathered = gpu.upload(&rows)?;
+            &gathered
+        };
         let vocab_rows = D::len(&self.embd) / hidden;
         let mut logits = gpu.zeros::<f32>(m * vocab_rows)?;
-        gpu.gemm_bf16(&self.embd, (vocab_rows, hidden), &nb, m, &mut logits)?;
+        gpu.gemm_bf16(&self.embd, (vocab_rows, hidden), nb, m, &mut logits)?;
+        if greedy && tp == 1 && vocab_rows == c.vocab {
+            let mut ids = gpu.zeros::<i32>(m)?;
+            gpu.argmax_rows(&logits, (m, vocab_rows), &mut ids)?;
+            return Ok(Scored::Ids(
+                gpu.download(&ids)?
+                    .iter()
+                    .map(|i| u32::try_from(*i).unwrap_or(0))
+                    .collect(),
+            ));
+        }
         let scored = gpu.download(&logits)?;
         if tp == 1 {
-            return Ok(scored
-                .chunks(vocab_rows.max(1))
-                .flat_map(|r| r[..c.vocab.min(vocab_rows)].to_vec())
-                .collect());
+            return Ok(Scored::Logits(
+                scored
+                    .chunks(vocab_rows.max(1))
+                    .flat_map(|r| r[..c.vocab.min(vocab_rows)].to_vec())
+                    .collect(),
+            ));
         }
         // Each rank scores its vocabulary slice; the slices are gathered in
         // rank order (padded to equal lengths) and trimmed, as on the CPU.
@@ -571,7 +653,7 @@ impl<D: Device> DeviceGemma<D> {
                 }
             }
         }
-        Ok(out)
+        Ok(Scored::Logits(out))
     }
 
     /// Sums `x` over the ranks (through the host: the collective's
@@ -699,14 +781,27 @@ pub fn parity<D: Device>(
         let first = max_diff(&cpu, &dev);
         let top1 = argmax(&cpu) == argmax(&dev);
         let (mut agree, mut worst) = (0usize, first);
-        for _ in 0..steps {
+        // Where the argmaxes differ: the step, both picks, and how far the
+        // CPU's own logit of the device's pick is below its top-1 (a near
+        // tie that the bf16 roundings flip, or a real difference).
+        let mut differ = Vec::new();
+        for step in 0..steps {
             let next = argmax(&cpu);
             gemma
                 .forward(next, &mut cache, Some(&mut cpu))
                 .map_err(fail)?;
             let d = model.decode(&[next], &[0], &mut pool)?;
-            if argmax(&d) == argmax(&cpu) {
+            let (c1, d1) = (argmax(&cpu), argmax(&d));
+            if c1 == d1 {
                 agree += 1;
+            } else {
+                differ.push(serde_json::json!({
+                    "step": step,
+                    "cpu": c1,
+                    "device": d1,
+                    "cpu_margin": cpu[c1 as usize] - cpu[d1 as usize],
+                    "device_margin": d[d1 as usize] - d[c1 as usize],
+                }));
             }
             worst = worst.max(max_diff(&cpu, &d));
         }
@@ -718,6 +813,7 @@ pub fn parity<D: Device>(
             "teacher_forced_steps": steps,
             "argmax_agreement": agree as f64 / steps.max(1) as f64,
             "max_abs_diff": worst,
+            "disagreements": differ,
         }));
     }
     Ok(rows)

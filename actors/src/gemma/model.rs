@@ -903,22 +903,24 @@ impl Gemma {
     /// A weight matrix of this rank as f32 rows (`rows × cols`), decoded
     /// from its stored type: what another backend uploads.
     pub fn dequantized(&self, which: Weight) -> (usize, usize, Vec<f32>) {
+        use rayon::prelude::*;
         let m = self.matrix(self.weight_ref(which));
         let mut out = vec![0f32; m.rows * m.cols];
-        for (r, row) in out.chunks_mut(m.cols.max(1)).enumerate() {
-            m.dequantize_row(r, row);
-        }
+        out.par_chunks_mut(m.cols.max(1))
+            .enumerate()
+            .for_each(|(r, row)| m.dequantize_row(r, row));
         (m.rows, m.cols, out)
     }
 
     /// A weight matrix's raw bf16 bits when it is stored as bf16 (a
     /// checkpoint's or random weights), so it can go up as it is.
     pub fn bf16_bits(&self, which: Weight) -> Option<(usize, usize, Vec<u16>)> {
+        use rayon::prelude::*;
         let m = self.matrix(self.weight_ref(which));
         (m.ggml_type == GgmlType::BF16).then(|| {
             let bits = m
                 .data
-                .chunks_exact(2)
+                .par_chunks_exact(2)
                 .map(|b| u16::from_le_bytes([b[0], b[1]]))
                 .collect();
             (m.rows, m.cols, bits)
