@@ -22,9 +22,11 @@
 //! sends an empty schedule every `heartbeat`, so a rank that went away is
 //! found (and reported by [`Engine::unavailable`]) before the next request.
 //!
-//! Each request's tokens are exactly those of [`generate`](super::generate)
-//! run alone: the batched step is bit-identical to decoding each sequence
-//! by itself. A failed step (a rank went away, a collective timed out)
+//! Each request's tokens are those of [`generate`](super::generate) run
+//! alone: a batched step gives each sequence the logits it gets by itself
+//! (bit for bit on the f32 kernels; within about 1e-6 where AMX tiles
+//! compute batches of two or more, `kernels::quant::tiles`, so tokens agree
+//! except at exact near-ties). A failed step (a rank went away, a collective timed out)
 //! fails every running request and makes the engine refuse new ones with
 //! the reason ([`Rejected::Unavailable`], an HTTP 503): the ranks' caches
 //! can no longer be trusted to agree.

@@ -154,6 +154,8 @@ struct MatrixRef {
     cols: usize,
     start: usize,
     bytes: usize,
+    /// Its AMX tile copy in [`Gemma::packed`], where it has one.
+    packed: Option<usize>,
 }
 
 impl MatrixRef {
@@ -215,6 +217,10 @@ pub struct Gemma {
     vocab_per_rank: usize,
     /// This rank's copies of column slices (row-parallel weights, tp > 1).
     owned: Vec<Vec<u8>>,
+    /// Q8_0 and Q5_0 matrices repacked for AMX tiles (where the CPU has
+    /// them; see `kernels::quant::tiles`), indexed by `MatrixRef::packed`.
+    #[cfg(target_arch = "x86_64")]
+    packed: Vec<kernels::quant::tiles::Packed>,
 }
 
 /// One tensor found by [`Loader::find`].
@@ -327,6 +333,7 @@ impl Loader<'_> {
             cols,
             start: found.start,
             bytes: found.bytes,
+            packed: None,
         })
     }
 
@@ -771,7 +778,7 @@ impl Gemma {
                 rows: config.vocab,
             });
         }
-        Ok(Self {
+        let mut model = Self {
             store,
             config,
             tokenizer,
@@ -784,7 +791,53 @@ impl Gemma {
             vocab_per_rank: layout.vocab_chunk,
             collective,
             owned,
-        })
+            #[cfg(target_arch = "x86_64")]
+            packed: Vec::new(),
+        };
+        // Random weights are for measuring sizes that barely fit: no
+        // second copy of them.
+        #[cfg(target_arch = "x86_64")]
+        if !matches!(model.store, Store::Memory) {
+            model.pack_for_tiles();
+        }
+        Ok(model)
+    }
+
+    /// Repacks every Q8_0 and Q5_0 matrix for the AMX tiles, when this CPU
+    /// has them (`kernels::quant::tiles`): their products (prompts, batched
+    /// and single decode steps alike) then run there.
+    #[cfg(target_arch = "x86_64")]
+    fn pack_for_tiles(&mut self) {
+        use kernels::quant::tiles::{Packed, available};
+        if !available() {
+            return;
+        }
+        let mut layers = std::mem::take(&mut self.layers);
+        let mut token_embd = self.token_embd;
+        let mut packed = Vec::new();
+        let mut pack = |model: &Self, r: &mut MatrixRef| {
+            if let Some(p) = Packed::new(&model.matrix(r)) {
+                packed.push(p);
+                r.packed = Some(packed.len() - 1);
+            }
+        };
+        for l in &mut layers {
+            for r in [
+                &mut l.attn_q,
+                &mut l.attn_k,
+                &mut l.attn_v,
+                &mut l.attn_output,
+                &mut l.ffn_gate,
+                &mut l.ffn_up,
+                &mut l.ffn_down,
+            ] {
+                pack(self, r);
+            }
+        }
+        pack(self, &mut token_embd);
+        self.layers = layers;
+        self.token_embd = token_embd;
+        self.packed = packed;
     }
 
     /// The weight types [`random`](Self::random) can build.
@@ -854,6 +907,7 @@ impl Gemma {
                 cols,
                 start: 0,
                 bytes,
+                packed: None,
             });
         }
         let c = &config;
@@ -1033,6 +1087,8 @@ impl Gemma {
             rows: m.rows,
             cols: m.cols,
             data: &bytes[m.start..m.start + m.bytes],
+            #[cfg(target_arch = "x86_64")]
+            packed: m.packed.map(|i| &self.packed[i]),
         }
     }
 

@@ -117,7 +117,7 @@ fn block_q5_0(b: &[u8], out: &mut [f32]) {
 
 /// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K/Q5_K block.
 #[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -436,6 +436,9 @@ impl Kernel {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub mod tiles;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     //! The same kernels compiled with wider instruction sets; chosen only
     //! after [`super::Kernel::detect`] saw the CPU support them.
@@ -514,6 +517,10 @@ pub struct QMatrix<'a> {
     pub cols: usize,
     /// `rows` rows of encoded data, back to back.
     pub data: &'a [u8],
+    /// The same matrix in AMX tile order, where it was repacked
+    /// ([`tiles::Packed`]): products then run on the tiles.
+    #[cfg(target_arch = "x86_64")]
+    pub packed: Option<&'a tiles::Packed>,
 }
 
 impl<'a> QMatrix<'a> {
@@ -547,6 +554,8 @@ impl<'a> QMatrix<'a> {
             rows,
             cols,
             data,
+            #[cfg(target_arch = "x86_64")]
+            packed: None,
         })
     }
 
@@ -583,8 +592,14 @@ impl<'a> QMatrix<'a> {
             "matmul shapes"
         );
         if n == 1 {
-            // One token (decoding): the plain row kernel, no scratch.
+            // One token (decoding): the plain row kernel, no scratch. On
+            // the tiles one token costs more than it does here (each block
+            // is three tile products for one row of activations).
             return self.matvec(xs, out);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(p) = self.packed {
+            return p.matmul(xs, n, out);
         }
         let kernel = Kernel::detect().dot_batch();
         let bytes = self.row_bytes();

@@ -1,0 +1,533 @@
+//! Q8_0, Q5_0 and Q4_K products on Intel AMX tiles: the path for prompts
+//! and batched decode steps (two tokens or more; one token stays on the
+//! f32 row kernels, which are faster for it) on CPUs that have AMX.
+//!
+//! At load, such a matrix is repacked ([`Packed::new`]): for every 16 weight
+//! rows and every 32-column block, the 16 × 32 small integers of the blocks
+//! (Q8_0's bytes, Q5_0's 5-bit values minus 16, Q4_K's 4-bit values) lie
+//! together as one 512-byte tile in the order `TDPBSSD` reads, with their
+//! 16 scales (and Q4_K's mins) beside. A product writes each token's
+//! activations, per block, as three rows of signed bytes (a coarse part and
+//! two finer ones, about 23 bits together: see `Activations`); per block
+//! three `TDPBSSD` multiply up to 16 tokens by the 16 rows in int32, and the
+//! block's sums are scaled (weight scale × activation scale, minus the mins
+//! times the block's activation sum) into f32 results, block after block.
+//! So results sit within about 1e-6 (relative to the terms) of exact
+//! products, and a token's result depends only on its own activations,
+//! whatever the batch of two or more around it. A token alone (the f32
+//! kernels) and the same token in a batch agree to about 1e-6, not bit for
+//! bit.
+//!
+//! The f32 kernels stay in use where AMX is missing and for the other
+//! types (Q6_K here). `DIMA_AMX=0` (or `DIMA_KERNELS=portable`) turns the
+//! tiles off.
+
+use std::arch::asm;
+
+use super::{GgmlType, QMatrix};
+
+/// Weight rows per tile (and tokens per tile).
+const ROWS: usize = 16;
+/// Columns per block (one scale each).
+const BLOCK: usize = 32;
+
+/// Whether the tile kernels run in this process (checked once): AMX-TILE
+/// and AMX-INT8 on an AVX-512 CPU, the tile state granted by Linux.
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(probe)
+}
+
+fn probe() -> bool {
+    if std::env::var_os("DIMA_AMX").is_some_and(|v| v == "0")
+        || std::env::var_os("DIMA_KERNELS").is_some_and(|v| v == "portable")
+    {
+        return false;
+    }
+    if !(is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("fma"))
+    {
+        return false;
+    }
+    // CPUID leaf 7: EDX bit 24 is AMX-TILE, bit 25 AMX-INT8.
+    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+    if leaf.edx & (1 << 24) == 0 || leaf.edx & (1 << 25) == 0 {
+        return false;
+    }
+    // Linux hands out the tile data state only on request
+    // (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)).
+    let ret: i64;
+    // SAFETY: the arch_prctl system call with two integer arguments; it
+    // touches no memory of ours.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") 158i64 => ret,
+            in("rdi") 0x1023i64,
+            in("rsi") 18i64,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret == 0
+}
+
+/// A Q8_0 or Q5_0 matrix in tile order.
+#[derive(Debug)]
+pub struct Packed {
+    rows: usize,
+    cols: usize,
+    /// Per group of 16 rows, per block: 16 rows × 32 signed values.
+    quants: Vec<i8>,
+    /// Per group, per block: the 16 rows' scales.
+    scales: Vec<f32>,
+    /// Per group, per block: the 16 rows' mins (Q4_K: a weight is
+    /// `scale · q − min`); empty for the types without.
+    mins: Vec<f32>,
+}
+
+/// Sub-block `j` (0..8, 32 values) of a Q4_K super-block: its 4-bit values,
+/// scale and min.
+fn q4_k_ints(b: &[u8], j: usize, out: &mut [i8]) -> (f32, f32) {
+    let d = f32::from(half::f16::from_le_bytes([b[0], b[1]]));
+    let dmin = f32::from(half::f16::from_le_bytes([b[2], b[3]]));
+    let (sc, m) = super::scale_min_k4(j, &b[4..16]);
+    let q = &b[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+    for (o, v) in out.iter_mut().zip(q) {
+        *o = if j.is_multiple_of(2) {
+            v & 0x0f
+        } else {
+            v >> 4
+        } as i8;
+    }
+    (d * f32::from(sc), dmin * f32::from(m))
+}
+
+/// One block's 32 signed values and its scale.
+fn block_ints(t: GgmlType, b: &[u8], out: &mut [i8]) -> f32 {
+    let d = f32::from(half::f16::from_le_bytes([b[0], b[1]]));
+    match t {
+        GgmlType::Q8_0 => {
+            for (o, q) in out.iter_mut().zip(&b[2..34]) {
+                *o = *q as i8;
+            }
+        }
+        _ => {
+            // Q5_0: 16 bytes of low nibbles and 32 high bits.
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let qs = &b[6..22];
+            for j in 0..16 {
+                let high0 = ((qh >> j) << 4) & 0x10;
+                let high1 = (qh >> (j + 12)) & 0x10;
+                out[j] = (((u32::from(qs[j]) & 0x0f) | high0) as i32 - 16) as i8;
+                out[j + 16] = (((u32::from(qs[j]) >> 4) | high1) as i32 - 16) as i8;
+            }
+        }
+    }
+    d
+}
+
+impl Packed {
+    /// The tile order of `m`, when it is Q8_0 or Q5_0 and the tiles run
+    /// here ([`available`]).
+    pub fn new(m: &QMatrix<'_>) -> Option<Self> {
+        if !matches!(m.ggml_type, GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4K)
+            || !m.cols.is_multiple_of(BLOCK)
+            || m.rows == 0
+            || !available()
+        {
+            return None;
+        }
+        let (rows, cols) = (m.rows, m.cols);
+        let (groups, blocks) = (rows.div_ceil(ROWS), cols / BLOCK);
+        let k4 = m.ggml_type == GgmlType::Q4K;
+        let block_bytes = match m.ggml_type {
+            GgmlType::Q8_0 => 34,
+            GgmlType::Q5_0 => 22,
+            _ => 144,
+        };
+        let mut quants = vec![0i8; groups * blocks * ROWS * BLOCK];
+        let mut scales = vec![0f32; groups * blocks * ROWS];
+        let mut mins = if k4 {
+            vec![0f32; groups * blocks * ROWS]
+        } else {
+            Vec::new()
+        };
+        let mut ints = [0i8; BLOCK];
+        for r in 0..rows {
+            let (g, j) = (r / ROWS, r % ROWS);
+            let row = m.row(r);
+            for k in 0..blocks {
+                let tile = (g * blocks + k) * ROWS * BLOCK;
+                let at = (g * blocks + k) * ROWS + j;
+                if k4 {
+                    // Eight 32-column sub-blocks per 256-column super-block.
+                    let sb = &row[(k / 8) * block_bytes..(k / 8 + 1) * block_bytes];
+                    (scales[at], mins[at]) = q4_k_ints(sb, k % 8, &mut ints);
+                } else {
+                    scales[at] = block_ints(
+                        m.ggml_type,
+                        &row[k * block_bytes..(k + 1) * block_bytes],
+                        &mut ints,
+                    );
+                }
+                // The B tile's quad layout: row q holds, for each of the
+                // 16 weight rows, its columns 4q..4q+4.
+                for (c, v) in ints.iter().enumerate() {
+                    quants[tile + (c / 4) * ROWS * 4 + j * 4 + c % 4] = *v;
+                }
+            }
+        }
+        Some(Self {
+            rows,
+            cols,
+            quants,
+            scales,
+            mins,
+        })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.quants.len() + (self.scales.len() + self.mins.len()) * 4
+    }
+
+    /// `out (n × rows) = xs (n × cols) · Wᵀ`, rows split across the rayon
+    /// pool.
+    pub fn matmul(&self, xs: &[f32], n: usize, out: &mut [f32]) {
+        use rayon::prelude::*;
+        let (rows, cols) = (self.rows, self.cols);
+        assert_eq!(
+            (xs.len(), out.len()),
+            (n * cols, n * rows),
+            "tile matmul shapes"
+        );
+        // Tile instructions fault unless Linux granted the tile state.
+        assert!(available(), "AMX tiles are not available to this process");
+        let groups = rows.div_ceil(ROWS);
+        for start in (0..n).step_by(ROWS) {
+            let m = (n - start).min(ROWS);
+            let a = Activations::new(&xs[start * cols..(start + m) * cols], m, cols);
+            let part = &mut out[start * rows..(start + m) * rows];
+            let per_task = 4;
+            let spans: Vec<(usize, Vec<f32>)> = (0..groups.div_ceil(per_task))
+                .into_par_iter()
+                .map(|task| {
+                    let (first, last) = (task * per_task, ((task + 1) * per_task).min(groups));
+                    let base = first * ROWS;
+                    let width = (last * ROWS).min(rows) - base;
+                    let mut mine = vec![0f32; m * width];
+                    // SAFETY: `available()` held above; the tiles are
+                    // configured on this thread before use and released
+                    // after.
+                    unsafe {
+                        configure(m);
+                        for g in first..last {
+                            self.group(g, &a, base, &mut mine);
+                        }
+                        asm!("tilerelease", options(nostack, nomem));
+                    }
+                    (base, mine)
+                })
+                .collect();
+            for (base, mine) in spans {
+                let width = mine.len() / m;
+                for t in 0..m {
+                    part[t * rows + base..t * rows + base + width]
+                        .copy_from_slice(&mine[t * width..(t + 1) * width]);
+                }
+            }
+        }
+    }
+
+    /// Group `g`'s 16 rows (fewer at the end) for every token of `a`, into
+    /// `out` (tokens × the task's `width` rows from `base`).
+    ///
+    /// # Safety
+    /// The tiles are configured for `a.tokens` ([`configure`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn group(&self, g: usize, a: &Activations, base: usize, out: &mut [f32]) {
+        use std::arch::x86_64::{
+            _mm512_cvtepi32_ps, _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_loadu_ps,
+            _mm512_loadu_si512, _mm512_mul_ps, _mm512_set1_ps, _mm512_storeu_ps,
+        };
+        let blocks = self.cols / BLOCK;
+        let tokens = a.tokens;
+        let mut acc = [[0f32; ROWS]; ROWS];
+        let mut high = [[0i32; ROWS]; ROWS];
+        let mut mid = [[0i32; ROWS]; ROWS];
+        let mut low = [[0i32; ROWS]; ROWS];
+        for k in 0..blocks {
+            let tile = (g * blocks + k) * ROWS * BLOCK;
+            // SAFETY: A is block k of the activations' high and low
+            // integers (`tokens` rows of 32 bytes each); B is this group's
+            // 512-byte tile of block k (8 rows of 64 bytes); the sums go to
+            // `high` and `low`, `tokens` rows of 64 bytes.
+            unsafe {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm4",
+                    "tilezero tmm5",
+                    "tileloadd tmm1, [{h} + {s32}*1]",
+                    "tileloadd tmm2, [{m} + {s32}*1]",
+                    "tileloadd tmm6, [{l} + {s32}*1]",
+                    "tileloadd tmm3, [{b} + {s64}*1]",
+                    "tdpbssd tmm0, tmm1, tmm3",
+                    "tdpbssd tmm4, tmm2, tmm3",
+                    "tdpbssd tmm5, tmm6, tmm3",
+                    "tilestored [{ch} + {s64}*1], tmm0",
+                    "tilestored [{cm} + {s64}*1], tmm4",
+                    "tilestored [{cl} + {s64}*1], tmm5",
+                    h = in(reg) a.high.as_ptr().add(k * BLOCK * tokens),
+                    m = in(reg) a.mid.as_ptr().add(k * BLOCK * tokens),
+                    l = in(reg) a.low.as_ptr().add(k * BLOCK * tokens),
+                    b = in(reg) self.quants.as_ptr().add(tile),
+                    ch = in(reg) high.as_mut_ptr(),
+                    cm = in(reg) mid.as_mut_ptr(),
+                    cl = in(reg) low.as_mut_ptr(),
+                    s32 = in(reg) BLOCK,
+                    s64 = in(reg) ROWS * 4,
+                    options(nostack),
+                );
+            }
+            // acc[t] += (high + mid / 254 + low / 254²) · (weight scales ·
+            // token t's scale), 16 rows at once; then, for Q4_K, − mins · Σ x over
+            // the block.
+            let at = (g * blocks + k) * ROWS;
+            // SAFETY: 16 floats from `at` (one group's block scales and
+            // mins), 16 values per row of `high`, `low` and `acc`.
+            unsafe {
+                let ws = _mm512_loadu_ps(self.scales.as_ptr().add(at));
+                let (unit1, unit2) = (_mm512_set1_ps(1.0 / LOW), _mm512_set1_ps(1.0 / (LOW * LOW)));
+                for t in 0..tokens {
+                    let ints = |part: &[[i32; ROWS]; ROWS]| {
+                        _mm512_cvtepi32_ps(_mm512_loadu_si512(part[t].as_ptr().cast()))
+                    };
+                    let v = _mm512_fmadd_ps(
+                        ints(&low),
+                        unit2,
+                        _mm512_fmadd_ps(ints(&mid), unit1, ints(&high)),
+                    );
+                    let scale = _mm512_mul_ps(ws, _mm512_set1_ps(a.scales[k * ROWS + t]));
+                    let sum = _mm512_fmadd_ps(v, scale, _mm512_loadu_ps(acc[t].as_ptr()));
+                    _mm512_storeu_ps(acc[t].as_mut_ptr(), sum);
+                }
+                if !self.mins.is_empty() {
+                    let ms = _mm512_loadu_ps(self.mins.as_ptr().add(at));
+                    for (row, x) in acc.iter_mut().zip(&a.sums[k * ROWS..]).take(tokens) {
+                        let sum =
+                            _mm512_fnmadd_ps(ms, _mm512_set1_ps(*x), _mm512_loadu_ps(row.as_ptr()));
+                        _mm512_storeu_ps(row.as_mut_ptr(), sum);
+                    }
+                }
+            }
+        }
+        let live = (self.rows - g * ROWS).min(ROWS);
+        let width = out.len() / tokens;
+        for (t, row) in acc.iter().enumerate().take(tokens) {
+            let at = t * width + g * ROWS - base;
+            out[at..at + live].copy_from_slice(&row[..live]);
+        }
+    }
+}
+
+/// `x` rounded to the nearest integer (ties to even), for |x| ≤ 2^22: the
+/// addition rounds away the fraction. Plain arithmetic, so the loops that
+/// quantize activations vectorize (`f32::round` is a library call).
+#[inline(always)]
+fn nearest(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23
+    (x + SHIFT) - SHIFT
+}
+
+/// The finer parts' unit: `x ≈ scale · (high + mid / LOW + low / LOW²)`.
+const LOW: f32 = 254.0;
+
+/// Up to 16 tokens' activations in the A tiles' layout, per 32-column
+/// block: `x ≈ scale · (high + mid / 254 + low / 254²)` with `scale =
+/// max |x| / 127` and each part the rounded remainder of the one before,
+/// all signed bytes, one row of 32 per token. The error is at most
+/// `max |x| / (127 · 2 · 254²)` (about 6e-8 of the block's largest value,
+/// f32's own resolution), so float-order differences upstream
+/// (tensor-parallel sums) are not magnified here.
+struct Activations {
+    high: Vec<i8>,
+    mid: Vec<i8>,
+    low: Vec<i8>,
+    /// Per block, 16 token scales (zero past `tokens`).
+    scales: Vec<f32>,
+    /// Per block, 16 tokens' sums of their activations (for Q4_K's mins).
+    sums: Vec<f32>,
+    tokens: usize,
+}
+
+impl Activations {
+    fn new(xs: &[f32], tokens: usize, cols: usize) -> Self {
+        let blocks = cols / BLOCK;
+        let mut high = vec![0i8; blocks * BLOCK * tokens];
+        let mut mid = vec![0i8; high.len()];
+        let mut low = vec![0i8; high.len()];
+        let mut scales = vec![0f32; blocks * ROWS];
+        let mut sums = vec![0f32; blocks * ROWS];
+        for t in 0..tokens {
+            for k in 0..blocks {
+                let x = &xs[t * cols + k * BLOCK..t * cols + (k + 1) * BLOCK];
+                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                scales[k * ROWS + t] = d;
+                let at = (k * tokens + t) * BLOCK;
+                for (((h, m), l), v) in high[at..at + BLOCK]
+                    .iter_mut()
+                    .zip(&mut mid[at..at + BLOCK])
+                    .zip(&mut low[at..at + BLOCK])
+                    .zip(x)
+                {
+                    let scaled = v * inv;
+                    let whole = nearest(scaled);
+                    let rest = (scaled - whole) * LOW;
+                    let middle = nearest(rest);
+                    *h = whole as i8;
+                    *m = middle as i8;
+                    *l = nearest((rest - middle) * LOW) as i8;
+                }
+                sums[k * ROWS + t] = x.iter().sum();
+            }
+        }
+        Self {
+            high,
+            mid,
+            low,
+            scales,
+            sums,
+            tokens,
+        }
+    }
+}
+
+/// The tile configuration (`LDTILECFG`'s 64-byte operand).
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// Tiles for products of `tokens` tokens: the sums (tmm0 for the high
+/// integers, tmm4 for the low) tokens rows × 16 int32; A (tmm1, tmm2)
+/// tokens rows × 32 bytes; B (tmm3, weights) 8 rows of 16 groups of 4.
+///
+/// # Safety
+/// The tiles are available ([`available`]).
+unsafe fn configure(tokens: usize) {
+    let mut cfg = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [0; 16],
+        rows: [0; 16],
+    };
+    let t = tokens as u8;
+    (cfg.colsb[0], cfg.rows[0]) = (64, t);
+    (cfg.colsb[1], cfg.rows[1]) = (BLOCK as u16, t);
+    (cfg.colsb[2], cfg.rows[2]) = (BLOCK as u16, t);
+    (cfg.colsb[3], cfg.rows[3]) = (64, (BLOCK / 4) as u8);
+    (cfg.colsb[4], cfg.rows[4]) = (64, t);
+    (cfg.colsb[5], cfg.rows[5]) = (64, t);
+    (cfg.colsb[6], cfg.rows[6]) = (BLOCK as u16, t);
+    // SAFETY: a valid palette-1 configuration; the caller saw AMX granted.
+    unsafe {
+        asm!("ldtilecfg [{0}]", in(reg) &raw const cfg, options(nostack, readonly));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_blocks(t: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let mut data = Vec::new();
+        let (per, rest) = match t {
+            GgmlType::Q8_0 => (BLOCK, 32),
+            GgmlType::Q5_0 => (BLOCK, 20),
+            _ => (256, 140),
+        };
+        for _ in 0..rows * cols / per {
+            let d = half::f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5);
+            data.extend_from_slice(&d.to_le_bytes());
+            if t == GgmlType::Q4K {
+                // dmin, then scales and values.
+                let dmin = half::f16::from_f32((next() % 1000) as f32 * 1e-5);
+                data.extend_from_slice(&dmin.to_le_bytes());
+            }
+            for _ in 0..rest {
+                data.push((next() % 256) as u8);
+            }
+        }
+        data
+    }
+
+    /// Each token's result: within 1e-6 of the exact product (relative
+    /// to its terms), and bit-identical alone and in any batch.
+    #[test]
+    fn tiles_follow_the_exact_product_and_ignore_the_batch() {
+        if !available() {
+            eprintln!("skipped: no AMX tiles here");
+            return;
+        }
+        for t in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4K] {
+            let (rows, cols) = (37, if t == GgmlType::Q4K { 768 } else { 640 });
+            let data = random_blocks(t, rows, cols, 7);
+            let m = QMatrix::new(t, rows, cols, &data).unwrap();
+            let packed = Packed::new(&m).unwrap();
+            let mut weights = vec![0f32; rows * cols];
+            for r in 0..rows {
+                m.dequantize_row(r, &mut weights[r * cols..(r + 1) * cols]);
+            }
+            let n = 21;
+            let xs: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+                .collect();
+            let mut all = vec![0f32; n * rows];
+            packed.matmul(&xs, n, &mut all);
+            for tok in 0..n {
+                let x = &xs[tok * cols..(tok + 1) * cols];
+                for r in 0..rows {
+                    let w = &weights[r * cols..(r + 1) * cols];
+                    let exact: f64 = w
+                        .iter()
+                        .zip(x)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum();
+                    let size: f64 = w.iter().zip(x).map(|(a, b)| f64::from((a * b).abs())).sum();
+                    let got = f64::from(all[tok * rows + r]);
+                    assert!(
+                        (got - exact).abs() <= 1e-6 * size,
+                        "{t:?} token {tok} row {r}: {got} vs {exact} (size {size})"
+                    );
+                }
+                let mut alone = vec![0f32; rows];
+                packed.matmul(x, 1, &mut alone);
+                assert!(
+                    alone
+                        .iter()
+                        .zip(&all[tok * rows..(tok + 1) * rows])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{t:?}: token {tok} alone differs from it in a batch of {n}"
+                );
+            }
+        }
+    }
+}
