@@ -91,12 +91,63 @@ pub fn softmax(x: &mut [f32]) {
 #[inline]
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+    0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)))
+}
+
+/// `e^z` for |z| ≤ 30: `z = n·ln 2 + r` with |r| ≤ ln 2 / 2, `e^r` by its
+/// Taylor polynomial of degree 7 (relative error below 2e-8 there),
+/// `2^n` built from its exponent bits. Plain arithmetic, no library call,
+/// so loops over it vectorize.
+#[inline]
+pub fn exp_small(z: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts: n · LN2_HI is exact for |n| < 2^11.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let n = (z * LOG2E + SHIFT) - SHIFT;
+    let r = (z - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// `tanh(y)` as `1 − 2 / (e^{2y} + 1)` through [`exp_small`] (|y| clamped
+/// to 15, where tanh is ±1 in f32): absolute error below 3e-7, and no
+/// library call, so the MLP's GELU loop vectorizes.
+#[inline]
+pub fn tanh(y: f32) -> f32 {
+    let e = exp_small((2.0 * y).clamp(-30.0, 30.0));
+    1.0 - 2.0 / (e + 1.0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tanh_and_exp_follow_float64() {
+        let mut worst_tanh = 0f64;
+        let mut worst_exp = 0f64;
+        for i in -200_000..=200_000 {
+            let y = i as f32 * 1e-4; // -20 .. 20
+            let want = f64::from(y).tanh();
+            worst_tanh = worst_tanh.max((f64::from(tanh(y)) - want).abs());
+            let z = (y * 1.5).clamp(-30.0, 30.0);
+            let e = f64::from(z).exp();
+            worst_exp = worst_exp.max((f64::from(exp_small(z)) - e).abs() / e);
+        }
+        assert!(worst_tanh < 3e-7, "tanh is {worst_tanh} off");
+        assert!(worst_exp < 3e-7, "exp is {worst_exp} off (relative)");
+        // GELU near its tails and at zero.
+        assert_eq!(gelu_tanh(0.0), 0.0);
+        assert!((gelu_tanh(-10.0)).abs() < 1e-6);
+        assert!((gelu_tanh(10.0) - 10.0).abs() < 1e-5);
+    }
 
     #[test]
     fn rms_norm_matches_float64() {
