@@ -151,7 +151,7 @@ fn block_q4_k(b: &[u8], out: &mut [f32]) {
 
 /// Decodes one Q6_K super-block (210 bytes) into 256 values.
 #[inline(always)]
-fn block_q6_k(b: &[u8], out: &mut [f32]) {
+pub(crate) fn block_q6_k(b: &[u8], out: &mut [f32]) {
     let ql_all = &b[0..128];
     let qh_all = &b[128..192];
     let sc_all = &b[192..208];

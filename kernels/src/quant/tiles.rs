@@ -87,6 +87,26 @@ pub struct Packed {
     /// Per group, per block: the 16 rows' mins (Q4_K: a weight is
     /// `scale · q − min`); empty for the types without.
     mins: Vec<f32>,
+    /// Scales per 32-column block: 1, or 2 for Q6_K (one per 16 columns,
+    /// each half its own tile product).
+    halves: usize,
+}
+
+/// Q6_K super-block `b` (256 values): its values minus 32 and its 16
+/// scales (one per 16 values). The values come from the f32 decoder run on
+/// a copy whose scales and multiplier are 1, so they are exact integers.
+fn q6_k_ints(b: &[u8], out: &mut [i8; 256]) -> [f32; 16] {
+    let d = f32::from(half::f16::from_le_bytes([b[208], b[209]]));
+    let mut unit = [0u8; 210];
+    unit.copy_from_slice(&b[..210]);
+    unit[192..208].fill(1);
+    unit[208..210].copy_from_slice(&half::f16::ONE.to_le_bytes());
+    let mut values = [0f32; 256];
+    super::block_q6_k(&unit, &mut values);
+    for (o, v) in out.iter_mut().zip(&values) {
+        *o = *v as i8;
+    }
+    std::array::from_fn(|i| d * f32::from(b[192 + i] as i8))
 }
 
 /// Sub-block `j` (0..8, 32 values) of a Q4_K super-block: its 4-bit values,
@@ -134,8 +154,10 @@ impl Packed {
     /// The tile order of `m`, when it is Q8_0 or Q5_0 and the tiles run
     /// here ([`available`]).
     pub fn new(m: &QMatrix<'_>) -> Option<Self> {
-        if !matches!(m.ggml_type, GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4K)
-            || !m.cols.is_multiple_of(BLOCK)
+        if !matches!(
+            m.ggml_type,
+            GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4K | GgmlType::Q6K
+        ) || !m.cols.is_multiple_of(BLOCK)
             || m.rows == 0
             || !available()
         {
@@ -144,13 +166,18 @@ impl Packed {
         let (rows, cols) = (m.rows, m.cols);
         let (groups, blocks) = (rows.div_ceil(ROWS), cols / BLOCK);
         let k4 = m.ggml_type == GgmlType::Q4K;
+        let k6 = m.ggml_type == GgmlType::Q6K;
+        let halves = if k6 { 2 } else { 1 };
         let block_bytes = match m.ggml_type {
             GgmlType::Q8_0 => 34,
             GgmlType::Q5_0 => 22,
-            _ => 144,
+            GgmlType::Q4K => 144,
+            _ => 210,
         };
         let mut quants = vec![0i8; groups * blocks * ROWS * BLOCK];
-        let mut scales = vec![0f32; groups * blocks * ROWS];
+        let mut scales = vec![0f32; groups * blocks * ROWS * halves];
+        let mut six = [0i8; 256];
+        let mut six_scales = [0f32; 16];
         let mut mins = if k4 {
             vec![0f32; groups * blocks * ROWS]
         } else {
@@ -163,7 +190,18 @@ impl Packed {
             for k in 0..blocks {
                 let tile = (g * blocks + k) * ROWS * BLOCK;
                 let at = (g * blocks + k) * ROWS + j;
-                if k4 {
+                if k6 {
+                    // Eight 32-column blocks per super-block, two scales each.
+                    if k % 8 == 0 {
+                        let sb = &row[(k / 8) * block_bytes..(k / 8 + 1) * block_bytes];
+                        six_scales = q6_k_ints(sb, &mut six);
+                    }
+                    let within = k % 8;
+                    ints.copy_from_slice(&six[32 * within..32 * within + 32]);
+                    for h in 0..2 {
+                        scales[((g * blocks + k) * 2 + h) * ROWS + j] = six_scales[2 * within + h];
+                    }
+                } else if k4 {
                     // Eight 32-column sub-blocks per 256-column super-block.
                     let sb = &row[(k / 8) * block_bytes..(k / 8 + 1) * block_bytes];
                     (scales[at], mins[at]) = q4_k_ints(sb, k % 8, &mut ints);
@@ -187,6 +225,7 @@ impl Packed {
             quants,
             scales,
             mins,
+            halves,
         })
     }
 
@@ -224,7 +263,7 @@ impl Packed {
                     // configured on this thread before use and released
                     // after.
                     unsafe {
-                        configure(m);
+                        configure(m, BLOCK / self.halves);
                         for g in first..last {
                             self.group(g, &a, base, &mut mine);
                         }
@@ -260,8 +299,13 @@ impl Packed {
         let mut high = [[0i32; ROWS]; ROWS];
         let mut mid = [[0i32; ROWS]; ROWS];
         let mut low = [[0i32; ROWS]; ROWS];
-        for k in 0..blocks {
-            let tile = (g * blocks + k) * ROWS * BLOCK;
+        let part = BLOCK / self.halves;
+        for kh in 0..blocks * self.halves {
+            let (k, h) = (kh / self.halves, kh % self.halves);
+            // This block's (or half block's) weights: `part / 4` rows of
+            // the B tile, and columns `h · part ..` of the activations.
+            let tile = (g * blocks + k) * ROWS * BLOCK + h * part * ROWS;
+            let cols_at = k * BLOCK * tokens + h * part;
             // SAFETY: A is block k of the activations' high and low
             // integers (`tokens` rows of 32 bytes each); B is this group's
             // 512-byte tile of block k (8 rows of 64 bytes); the sums go to
@@ -281,9 +325,9 @@ impl Packed {
                     "tilestored [{ch} + {s64}*1], tmm0",
                     "tilestored [{cm} + {s64}*1], tmm4",
                     "tilestored [{cl} + {s64}*1], tmm5",
-                    h = in(reg) a.high.as_ptr().add(k * BLOCK * tokens),
-                    m = in(reg) a.mid.as_ptr().add(k * BLOCK * tokens),
-                    l = in(reg) a.low.as_ptr().add(k * BLOCK * tokens),
+                    h = in(reg) a.high.as_ptr().add(cols_at),
+                    m = in(reg) a.mid.as_ptr().add(cols_at),
+                    l = in(reg) a.low.as_ptr().add(cols_at),
                     b = in(reg) self.quants.as_ptr().add(tile),
                     ch = in(reg) high.as_mut_ptr(),
                     cm = in(reg) mid.as_mut_ptr(),
@@ -297,10 +341,11 @@ impl Packed {
             // token t's scale), 16 rows at once; then, for Q4_K, − mins · Σ x over
             // the block.
             let at = (g * blocks + k) * ROWS;
+            let scale_at = ((g * blocks + k) * self.halves + h) * ROWS;
             // SAFETY: 16 floats from `at` (one group's block scales and
             // mins), 16 values per row of `high`, `low` and `acc`.
             unsafe {
-                let ws = _mm512_loadu_ps(self.scales.as_ptr().add(at));
+                let ws = _mm512_loadu_ps(self.scales.as_ptr().add(scale_at));
                 let (unit1, unit2) = (_mm512_set1_ps(1.0 / LOW), _mm512_set1_ps(1.0 / (LOW * LOW)));
                 for t in 0..tokens {
                     let ints = |part: &[[i32; ROWS]; ROWS]| {
@@ -424,7 +469,7 @@ struct TileConfig {
 ///
 /// # Safety
 /// The tiles are available ([`available`]).
-unsafe fn configure(tokens: usize) {
+unsafe fn configure(tokens: usize, k_bytes: usize) {
     let mut cfg = TileConfig {
         palette: 1,
         start_row: 0,
@@ -434,12 +479,13 @@ unsafe fn configure(tokens: usize) {
     };
     let t = tokens as u8;
     (cfg.colsb[0], cfg.rows[0]) = (64, t);
-    (cfg.colsb[1], cfg.rows[1]) = (BLOCK as u16, t);
-    (cfg.colsb[2], cfg.rows[2]) = (BLOCK as u16, t);
-    (cfg.colsb[3], cfg.rows[3]) = (64, (BLOCK / 4) as u8);
+    let kb = k_bytes as u16;
+    (cfg.colsb[1], cfg.rows[1]) = (kb, t);
+    (cfg.colsb[2], cfg.rows[2]) = (kb, t);
+    (cfg.colsb[3], cfg.rows[3]) = (64, (k_bytes / 4) as u8);
     (cfg.colsb[4], cfg.rows[4]) = (64, t);
     (cfg.colsb[5], cfg.rows[5]) = (64, t);
-    (cfg.colsb[6], cfg.rows[6]) = (BLOCK as u16, t);
+    (cfg.colsb[6], cfg.rows[6]) = (kb, t);
     // SAFETY: a valid palette-1 configuration; the caller saw AMX granted.
     unsafe {
         asm!("ldtilecfg [{0}]", in(reg) &raw const cfg, options(nostack, readonly));
@@ -464,6 +510,17 @@ mod tests {
             GgmlType::Q5_0 => (BLOCK, 20),
             _ => (256, 140),
         };
+        if t == GgmlType::Q6K {
+            // Values, high bits and 16 scales, then the multiplier.
+            for _ in 0..rows * cols / 256 {
+                for _ in 0..208 {
+                    data.push((next() % 256) as u8);
+                }
+                let d = half::f16::from_f32(0.0001 + (next() % 1000) as f32 * 1e-6);
+                data.extend_from_slice(&d.to_le_bytes());
+            }
+            return data;
+        }
         for _ in 0..rows * cols / per {
             let d = half::f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5);
             data.extend_from_slice(&d.to_le_bytes());
@@ -487,8 +544,8 @@ mod tests {
             eprintln!("skipped: no AMX tiles here");
             return;
         }
-        for t in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4K] {
-            let (rows, cols) = (37, if t == GgmlType::Q4K { 768 } else { 640 });
+        for t in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4K, GgmlType::Q6K] {
+            let (rows, cols) = (37, if t.block_elements() == 256 { 768 } else { 640 });
             let data = random_blocks(t, rows, cols, 7);
             let m = QMatrix::new(t, rows, cols, &data).unwrap();
             let packed = Packed::new(&m).unwrap();
