@@ -247,37 +247,49 @@ impl Packed {
         // Tile instructions fault unless Linux granted the tile state.
         assert!(available(), "AMX tiles are not available to this process");
         let groups = rows.div_ceil(ROWS);
-        for start in (0..n).step_by(ROWS) {
-            let m = (n - start).min(ROWS);
-            let a = Activations::new(&xs[start * cols..(start + m) * cols], m, cols);
-            let part = &mut out[start * rows..(start + m) * rows];
-            let per_task = 4;
-            let spans: Vec<(usize, Vec<f32>)> = (0..groups.div_ceil(per_task))
-                .into_par_iter()
-                .map(|task| {
-                    let (first, last) = (task * per_task, ((task + 1) * per_task).min(groups));
-                    let base = first * ROWS;
-                    let width = (last * ROWS).min(rows) - base;
-                    let mut mine = vec![0f32; m * width];
-                    // SAFETY: `available()` held above; the tiles are
-                    // configured on this thread before use and released
-                    // after.
-                    unsafe {
-                        configure(m, BLOCK / self.halves);
-                        for g in first..last {
-                            self.group(g, &a, base, &mut mine);
+        // Every 16 tokens' activations first, so each weight tile is read
+        // once and used for all of them.
+        let acts: Vec<Activations> = (0..n)
+            .step_by(ROWS)
+            .map(|start| {
+                let m = (n - start).min(ROWS);
+                Activations::new(&xs[start * cols..(start + m) * cols], m, cols)
+            })
+            .collect();
+        let per_task = 4;
+        let spans: Vec<(usize, Vec<f32>)> = (0..groups.div_ceil(per_task))
+            .into_par_iter()
+            .map(|task| {
+                let (first, last) = (task * per_task, ((task + 1) * per_task).min(groups));
+                let base = first * ROWS;
+                let width = (last * ROWS).min(rows) - base;
+                // Every token's `width` rows; token group i from row 16·i.
+                let mut mine = vec![0f32; n * width];
+                // SAFETY: `available()` held above; the tiles are
+                // configured on this thread for each token count before
+                // use and released after.
+                unsafe {
+                    let mut configured = 0;
+                    for g in first..last {
+                        for (i, a) in acts.iter().enumerate() {
+                            if a.tokens != configured {
+                                configure(a.tokens, BLOCK / self.halves);
+                                configured = a.tokens;
+                            }
+                            let span = &mut mine[i * ROWS * width..(i * ROWS + a.tokens) * width];
+                            self.group(g, a, base, span);
                         }
-                        asm!("tilerelease", options(nostack, nomem));
                     }
-                    (base, mine)
-                })
-                .collect();
-            for (base, mine) in spans {
-                let width = mine.len() / m;
-                for t in 0..m {
-                    part[t * rows + base..t * rows + base + width]
-                        .copy_from_slice(&mine[t * width..(t + 1) * width]);
+                    asm!("tilerelease", options(nostack, nomem));
                 }
+                (base, mine)
+            })
+            .collect();
+        for (base, mine) in spans {
+            let width = mine.len() / n;
+            for t in 0..n {
+                out[t * rows + base..t * rows + base + width]
+                    .copy_from_slice(&mine[t * width..(t + 1) * width]);
             }
         }
     }
@@ -379,15 +391,6 @@ impl Packed {
     }
 }
 
-/// `x` rounded to the nearest integer (ties to even), for |x| ≤ 2^22: the
-/// addition rounds away the fraction. Plain arithmetic, so the loops that
-/// quantize activations vectorize (`f32::round` is a library call).
-#[inline(always)]
-fn nearest(x: f32) -> f32 {
-    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23
-    (x + SHIFT) - SHIFT
-}
-
 /// The finer parts' unit: `x ≈ scale · (high + mid / LOW + low / LOW²)`.
 const LOW: f32 = 254.0;
 
@@ -412,43 +415,76 @@ struct Activations {
 impl Activations {
     fn new(xs: &[f32], tokens: usize, cols: usize) -> Self {
         let blocks = cols / BLOCK;
-        let mut high = vec![0i8; blocks * BLOCK * tokens];
-        let mut mid = vec![0i8; high.len()];
-        let mut low = vec![0i8; high.len()];
-        let mut scales = vec![0f32; blocks * ROWS];
-        let mut sums = vec![0f32; blocks * ROWS];
+        let mut act = Self {
+            high: vec![0i8; blocks * BLOCK * tokens],
+            mid: vec![0i8; blocks * BLOCK * tokens],
+            low: vec![0i8; blocks * BLOCK * tokens],
+            scales: vec![0f32; blocks * ROWS],
+            sums: vec![0f32; blocks * ROWS],
+            tokens,
+        };
         for t in 0..tokens {
             for k in 0..blocks {
                 let x = &xs[t * cols + k * BLOCK..t * cols + (k + 1) * BLOCK];
-                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                scales[k * ROWS + t] = d;
                 let at = (k * tokens + t) * BLOCK;
-                for (((h, m), l), v) in high[at..at + BLOCK]
-                    .iter_mut()
-                    .zip(&mut mid[at..at + BLOCK])
-                    .zip(&mut low[at..at + BLOCK])
-                    .zip(x)
-                {
-                    let scaled = v * inv;
-                    let whole = nearest(scaled);
-                    let rest = (scaled - whole) * LOW;
-                    let middle = nearest(rest);
-                    *h = whole as i8;
-                    *m = middle as i8;
-                    *l = nearest((rest - middle) * LOW) as i8;
-                }
-                sums[k * ROWS + t] = x.iter().sum();
+                // SAFETY: the tiles exist here ([`available`], checked by
+                // every caller), so AVX-512 does.
+                let (d, sum) = unsafe { act.block(x, at) };
+                act.scales[k * ROWS + t] = d;
+                act.sums[k * ROWS + t] = sum;
             }
         }
-        Self {
-            high,
-            mid,
-            low,
-            scales,
-            sums,
-            tokens,
+        act
+    }
+
+    /// One token's block `x` (32 values) into its three parts at `at`;
+    /// returns its scale and its sum. Sixteen lanes throughout (fixed-size
+    /// arrays), so it compiles to a few AVX-512 instructions.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW, VL).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn block(&mut self, x: &[f32], at: usize) -> (f32, f32) {
+        use std::arch::x86_64::{
+            _mm_storeu_si128, _mm512_abs_ps, _mm512_add_ps, _mm512_cvtepi32_epi8,
+            _mm512_cvtepi32_ps, _mm512_cvtps_epi32, _mm512_loadu_ps, _mm512_max_ps, _mm512_mul_ps,
+            _mm512_reduce_add_ps, _mm512_reduce_max_ps, _mm512_set1_ps, _mm512_sub_ps,
+        };
+        assert!(x.len() == BLOCK && at + BLOCK <= self.high.len());
+        // SAFETY: `x` holds 32 floats (checked), the parts 32 bytes from
+        // `at` (checked); conversions round to nearest even (the default
+        // rounding mode), each part's remainder exact.
+        unsafe {
+            let (a, b) = (
+                _mm512_loadu_ps(x.as_ptr()),
+                _mm512_loadu_ps(x.as_ptr().add(16)),
+            );
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            let sum = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+            let d = amax / 127.0;
+            let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let unit = _mm512_set1_ps(LOW);
+            for (half, v) in [a, b].into_iter().enumerate() {
+                let scaled = _mm512_mul_ps(v, inv);
+                let whole = _mm512_cvtps_epi32(scaled);
+                let rest = _mm512_mul_ps(_mm512_sub_ps(scaled, _mm512_cvtepi32_ps(whole)), unit);
+                let middle = _mm512_cvtps_epi32(rest);
+                let fine = _mm512_mul_ps(_mm512_sub_ps(rest, _mm512_cvtepi32_ps(middle)), unit);
+                let at = at + 16 * half;
+                _mm_storeu_si128(
+                    self.high.as_mut_ptr().add(at).cast(),
+                    _mm512_cvtepi32_epi8(whole),
+                );
+                _mm_storeu_si128(
+                    self.mid.as_mut_ptr().add(at).cast(),
+                    _mm512_cvtepi32_epi8(middle),
+                );
+                _mm_storeu_si128(
+                    self.low.as_mut_ptr().add(at).cast(),
+                    _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(fine)),
+                );
+            }
+            (d, sum)
         }
     }
 }
