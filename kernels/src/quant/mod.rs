@@ -101,7 +101,7 @@ fn block_q8_0(b: &[u8], out: &mut [f32]) {
 
 /// Decodes one Q5_0 block (22 bytes) into 32 values.
 #[inline(always)]
-fn block_q5_0(b: &[u8], out: &mut [f32]) {
+pub(crate) fn block_q5_0(b: &[u8], out: &mut [f32]) {
     let d = f16_at(b, 0);
     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
     let qs = &b[6..22];

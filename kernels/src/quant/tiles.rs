@@ -39,15 +39,10 @@ pub fn available() -> bool {
 }
 
 fn probe() -> bool {
+    // The row kernels' choice: AVX-512 present and not
+    // `DIMA_KERNELS=portable`.
     if std::env::var_os("DIMA_AMX").is_some_and(|v| v == "0")
-        || std::env::var_os("DIMA_KERNELS").is_some_and(|v| v == "portable")
-    {
-        return false;
-    }
-    if !(is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("fma"))
+        || super::Kernel::detect() != super::Kernel::Avx512
     {
         return false;
     }
@@ -136,14 +131,15 @@ fn block_ints(t: GgmlType, b: &[u8], out: &mut [i8]) -> f32 {
             }
         }
         _ => {
-            // Q5_0: 16 bytes of low nibbles and 32 high bits.
-            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-            let qs = &b[6..22];
-            for j in 0..16 {
-                let high0 = ((qh >> j) << 4) & 0x10;
-                let high1 = (qh >> (j + 12)) & 0x10;
-                out[j] = (((u32::from(qs[j]) & 0x0f) | high0) as i32 - 16) as i8;
-                out[j + 16] = (((u32::from(qs[j]) >> 4) | high1) as i32 - 16) as i8;
+            // Q5_0: the f32 decoder on a copy whose multiplier is 1 gives
+            // the integers exactly.
+            let mut unit = [0u8; 22];
+            unit.copy_from_slice(&b[..22]);
+            unit[..2].copy_from_slice(&half::f16::ONE.to_le_bytes());
+            let mut values = [0f32; 32];
+            super::block_q5_0(&unit, &mut values);
+            for (o, v) in out.iter_mut().zip(&values) {
+                *o = *v as i8;
             }
         }
     }
