@@ -25,6 +25,10 @@ pub const EXIT_PEER_LOST: i32 = 3;
 /// How long children get to stop after SIGTERM before they are killed.
 const GRACE: Duration = Duration::from_secs(5);
 
+/// How long a process that only lost its peer waits to be reported, so that
+/// the peer's own failure, if it is on this host, is named instead.
+const CAUSE_GRACE: Duration = Duration::from_secs(2);
+
 /// What `dima up` should run.
 #[derive(Clone, Debug)]
 pub struct UpOptions {
@@ -271,6 +275,8 @@ pub fn up(
         Event::Stderr(index, line) => eprintln!("[p{index}] {line}"),
     };
 
+    let mut consequences = Vec::new();
+    let mut first_consequence: Option<Instant> = None;
     let outcome = loop {
         if let Ok(event) = rx.recv_timeout(Duration::from_millis(50)) {
             handle(event);
@@ -300,7 +306,19 @@ pub fn up(
                 }
             }
         }
+        // A process that lost its peer can exit before the peer's own death
+        // is visible here (the socket closes before the kernel reaps the
+        // peer), so such failures wait up to [`CAUSE_GRACE`] for the cause.
+        failures.append(&mut consequences);
         failures.sort_by_key(|(consequence, index, ..)| (*consequence, *index));
+        let only_consequences = failures.iter().all(|(consequence, ..)| *consequence);
+        if only_consequences && !failures.is_empty() {
+            let since = *first_consequence.get_or_insert_with(Instant::now);
+            if since.elapsed() < CAUSE_GRACE && running.iter().any(|p| p.status.is_none()) {
+                consequences = failures;
+                continue;
+            }
+        }
         if let Some((_, process, address, status)) = failures.into_iter().next() {
             let status = describe_status(status);
             tracing::error!(process, %address, %status, "process failed; stopping the others");
