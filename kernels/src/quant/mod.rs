@@ -366,7 +366,8 @@ pub enum Kernel {
     Portable,
     /// AVX2 + FMA.
     Avx2,
-    /// AVX-512 (F, BW, VL) + FMA.
+    /// AVX-512 (F, BW, VL) + FMA + F16C; one token runs the hand-written
+    /// kernels of `rows512`.
     Avx512,
 }
 
@@ -389,6 +390,7 @@ impl Kernel {
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
             {
                 return Self::Avx512;
             }
@@ -436,6 +438,8 @@ impl Kernel {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod rows512;
+#[cfg(target_arch = "x86_64")]
 pub mod tiles;
 
 #[cfg(target_arch = "x86_64")]
@@ -481,9 +485,16 @@ mod x86 {
         dot_unchecked(t, bytes, x)
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     unsafe fn avx512(t: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
-        dot_unchecked(t, bytes, x)
+        use super::rows512;
+        match t {
+            GgmlType::Q8_0 => rows512::q8_0(bytes, x),
+            GgmlType::Q5_0 => rows512::q5_0(bytes, x),
+            GgmlType::Q4K => rows512::q4_k(bytes, x),
+            GgmlType::Q6K => rows512::q6_k(bytes, x),
+            _ => dot_unchecked(t, bytes, x),
+        }
     }
 
     pub(super) fn dot_avx2(t: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
@@ -492,7 +503,7 @@ mod x86 {
     }
 
     pub(super) fn dot_avx512(t: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
-        // SAFETY: only handed out by `Kernel::dot` after detection found AVX-512 F/BW/VL and FMA.
+        // SAFETY: only handed out by `Kernel::dot` after detection found AVX-512 F/BW/VL, FMA and F16C.
         unsafe { avx512(t, bytes, x) }
     }
 }
