@@ -125,9 +125,142 @@ pub fn tanh(y: f32) -> f32 {
     1.0 - 2.0 / (e + 1.0)
 }
 
+/// One query head's attention over `positions`: scores `q·k_p` (the
+/// query is already scaled), a numerically stable softmax, then
+/// `out = Σ_p w_p · v_p`. `kv(p)` gives position `p`'s key and value of
+/// this head's KV head (each `q.len()` long); `scores` is scratch.
+///
+/// Compiled for each [`Kernel`](crate::quant::Kernel) variant and chosen at
+/// run time, like the row kernels: the products are the same up to f32
+/// rounding order. The exponentials are [`exp_small`] with the exponent
+/// clamped at −30 (e^−30 ≈ 1e-13 of the largest weight, below f32's
+/// resolution of a sum that includes 1).
+pub fn attend_head<'a>(
+    q: &[f32],
+    positions: std::ops::RangeInclusive<usize>,
+    kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    use crate::quant::Kernel;
+    match Kernel::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` returned Avx512 only after finding these features.
+        Kernel::Avx512 => unsafe { x86::attend_avx512(q, positions, kv, scores, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` returned Avx2 only after finding these features.
+        Kernel::Avx2 => unsafe { x86::attend_avx2(q, positions, kv, scores, out) },
+        _ => attend_body(q, positions, kv, scores, out),
+    }
+}
+
+#[inline(always)]
+fn attend_body<'a>(
+    q: &[f32],
+    positions: std::ops::RangeInclusive<usize>,
+    kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for p in positions.clone() {
+        let s = dot(q, kv(p).0);
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = exp_small((*s - max).max(-30.0));
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    out.fill(0.0);
+    for (p, weight) in positions.zip(scores.iter()) {
+        axpy(out, weight * inv, kv(p).1);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! [`super::attend_body`] compiled with wider instruction sets.
+    use super::attend_body;
+    use std::ops::RangeInclusive;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend_avx2<'a>(
+        q: &[f32],
+        positions: RangeInclusive<usize>,
+        kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        attend_body(q, positions, kv, scores, out)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) unsafe fn attend_avx512<'a>(
+        q: &[f32],
+        positions: RangeInclusive<usize>,
+        kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        attend_body(q, positions, kv, scores, out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every variant of [`attend_head`] against a float64 recomputation.
+    #[test]
+    fn attention_follows_float64() {
+        let hd = 64;
+        let keys: Vec<f32> = (0..40 * hd)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let values: Vec<f32> = (0..40 * hd)
+            .map(|i| ((i * 53 % 89) as f32 - 44.0) / 30.0)
+            .collect();
+        let q: Vec<f32> = (0..hd).map(|i| ((i * 7 % 13) as f32 - 6.0) / 9.0).collect();
+        let (first, last) = (5, 33);
+        let scores: Vec<f64> = (first..=last)
+            .map(|p| {
+                q.iter()
+                    .zip(&keys[p * hd..(p + 1) * hd])
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum()
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let want: Vec<f64> = (0..hd)
+            .map(|i| {
+                (first..=last)
+                    .zip(&weights)
+                    .map(|(p, w)| w / total * f64::from(values[p * hd + i]))
+                    .sum()
+            })
+            .collect();
+        let kv = |p: usize| (&keys[p * hd..(p + 1) * hd], &values[p * hd..(p + 1) * hd]);
+        let mut scratch = Vec::new();
+        let mut got = vec![0f32; hd];
+        attend_head(&q, first..=last, kv, &mut scratch, &mut got);
+        let mut portable = vec![0f32; hd];
+        attend_body(&q, first..=last, kv, &mut scratch, &mut portable);
+        for i in 0..hd {
+            for (name, v) in [("detected", got[i]), ("portable", portable[i])] {
+                assert!(
+                    (f64::from(v) - want[i]).abs() < 1e-5,
+                    "{name} element {i}: {v} vs {}",
+                    want[i]
+                );
+            }
+        }
+    }
 
     #[test]
     fn tanh_and_exp_follow_float64() {

@@ -27,9 +27,10 @@ use std::path::{Path, PathBuf};
 
 use kernels::collective::{Collective, CollectiveError, SingleRank};
 use kernels::gguf::{GgmlType, GgufError, GgufFile};
-use kernels::ops::{axpy, dot, gelu_tanh, rms_norm, rms_norm_in_place, rope_neox, softmax};
+use kernels::ops::{attend_head, gelu_tanh, rms_norm, rms_norm_in_place, rope_neox};
 use kernels::quant::{QMatrix, QuantError};
 use kernels::safetensors::SafetensorsFile;
+use rayon::prelude::*;
 
 use super::checkpoint::{Checkpoint, CheckpointError, hf_name};
 use super::config::{ConfigError, GemmaConfig, LayerKind};
@@ -112,6 +113,27 @@ struct Row {
     token: u32,
     seq: usize,
     position: usize,
+}
+
+/// For each row, the index of the first row of its run: the rows before it
+/// of the same sequence at consecutive positions. `None` when some
+/// sequence's rows in the batch are not one ascending run (then attention
+/// goes token by token).
+fn run_starts(rows: &[Row]) -> Option<Vec<usize>> {
+    let mut starts: Vec<usize> = Vec::with_capacity(rows.len());
+    let mut seen = std::collections::HashSet::new();
+    for (t, r) in rows.iter().enumerate() {
+        let continues = t > 0 && rows[t - 1].seq == r.seq && rows[t - 1].position + 1 == r.position;
+        if continues {
+            starts.push(starts[t - 1]);
+        } else {
+            if !seen.insert(r.seq) {
+                return None;
+            }
+            starts.push(t);
+        }
+    }
+    Some(starts)
 }
 
 /// `x[t] += rmsnorm(o[t]) · weight` for every token row: the sandwich
@@ -1229,7 +1251,7 @@ impl Gemma {
         let mut o = vec![0f32; n * c.hidden];
         let mut gate = vec![0f32; n * ffn];
         let mut up = vec![0f32; n * ffn];
-        let mut scores = Vec::new();
+        let runs = run_starts(rows);
 
         for (li, layer) in self.layers.iter().enumerate() {
             for (hr, xr) in h.chunks_exact_mut(c.hidden).zip(x.chunks_exact(c.hidden)) {
@@ -1238,54 +1260,106 @@ impl Gemma {
             self.matrix(&layer.attn_q).matmul(&h, n, &mut q);
             self.matrix(&layer.attn_k).matmul(&h, n, &mut k);
             self.matrix(&layer.attn_v).matmul(&h, n, &mut v);
-            for t in 0..n {
-                let position = rows[t].position;
-                let cache = &mut *caches[rows[t].seq];
-                let (base, rope_position) = match layer.kind {
-                    LayerKind::Local => (c.rope_local_base, position as f32),
-                    LayerKind::Global => {
-                        (c.rope_global_base, position as f32 / c.rope_global_scale)
+            let (base, scale) = match layer.kind {
+                LayerKind::Local => (c.rope_local_base, 1.0),
+                LayerKind::Global => (c.rope_global_base, c.rope_global_scale),
+            };
+            // QK-norm and RoPE, token by token in parallel.
+            q.par_chunks_exact_mut(q_dim)
+                .zip(k.par_chunks_exact_mut(kv_dim))
+                .zip(rows.par_iter())
+                .for_each(|((qt, kt), r)| {
+                    let rope_position = r.position as f32 / scale;
+                    for head in qt.chunks_exact_mut(hd) {
+                        rms_norm_in_place(head, &layer.attn_q_norm, c.rms_eps);
+                        rope_neox(head, rope_position, base);
+                        head.iter_mut().for_each(|v| *v *= score_scale);
                     }
-                };
-                for head in q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
-                    rms_norm_in_place(head, &layer.attn_q_norm, c.rms_eps);
-                    rope_neox(head, rope_position, base);
-                    head.iter_mut().for_each(|v| *v *= score_scale);
-                }
-                for head in k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
-                    rms_norm_in_place(head, &layer.attn_k_norm, c.rms_eps);
-                    rope_neox(head, rope_position, base);
-                }
-                // Store, then attend: a later token of the batch may reuse
-                // this token's ring slot on a local layer.
-                cache.store(
-                    li,
-                    position,
-                    &k[t * kv_dim..(t + 1) * kv_dim],
-                    &v[t * kv_dim..(t + 1) * kv_dim],
+                    for head in kt.chunks_exact_mut(hd) {
+                        rms_norm_in_place(head, &layer.attn_k_norm, c.rms_eps);
+                        rope_neox(head, rope_position, base);
+                    }
+                });
+            let first_position = |position: usize| match layer.kind {
+                LayerKind::Local => (position + 1).saturating_sub(c.window),
+                LayerKind::Global => 0,
+            };
+            // Each query head's KV head, as an offset into a token's K/V row.
+            let kv_offset =
+                |head: usize| ((me.q_heads.start + head) / group - me.kv_heads.start) * hd;
+            if let Some(run_start) = &runs {
+                // Tokens in parallel. A position inside this batch is read
+                // from `k`/`v` (not stored yet: a later token may take an
+                // earlier one's ring slot on a local layer); earlier
+                // positions from the cache, which still holds them all.
+                let cached: Vec<&KvCache> = caches.iter().map(|cache| &**cache).collect();
+                let (k, v) = (&k, &v);
+                attn.par_chunks_exact_mut(q_dim).enumerate().for_each_init(
+                    Vec::new,
+                    |scores, (t, out_t)| {
+                        let r = &rows[t];
+                        let cache = cached[r.seq];
+                        let (r0, p0) = (run_start[t], rows[run_start[t]].position);
+                        for (head, out) in out_t.chunks_exact_mut(hd).enumerate() {
+                            let off = kv_offset(head);
+                            let kv = |p: usize| {
+                                if p >= p0 {
+                                    let at = (r0 + p - p0) * kv_dim + off;
+                                    (&k[at..at + hd], &v[at..at + hd])
+                                } else {
+                                    let at = cache.slot(li, p) * kv_dim + off;
+                                    (&cache.keys[li][at..at + hd], &cache.values[li][at..at + hd])
+                                }
+                            };
+                            let qh = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
+                            attend_head(
+                                qh,
+                                first_position(r.position)..=r.position,
+                                kv,
+                                scores,
+                                out,
+                            );
+                        }
+                    },
                 );
-                let first = match layer.kind {
-                    LayerKind::Local => (position + 1).saturating_sub(c.window),
-                    LayerKind::Global => 0,
-                };
-                let (keys, values) = (&cache.keys[li], &cache.values[li]);
-                for (head, out) in attn[t * q_dim..(t + 1) * q_dim]
-                    .chunks_exact_mut(hd)
-                    .enumerate()
-                {
-                    let qh = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
-                    // The KV head of this query head, among this rank's.
-                    let kv_off = ((me.q_heads.start + head) / group - me.kv_heads.start) * hd;
-                    scores.clear();
-                    for p in first..=position {
-                        let at = cache.slot(li, p) * kv_dim + kv_off;
-                        scores.push(dot(qh, &keys[at..at + hd]));
-                    }
-                    softmax(&mut scores);
-                    out.fill(0.0);
-                    for (p, weight) in (first..=position).zip(&scores) {
-                        let at = cache.slot(li, p) * kv_dim + kv_off;
-                        axpy(out, *weight, &values[at..at + hd]);
+                for (t, r) in rows.iter().enumerate() {
+                    caches[r.seq].store(
+                        li,
+                        r.position,
+                        &k[t * kv_dim..(t + 1) * kv_dim],
+                        &v[t * kv_dim..(t + 1) * kv_dim],
+                    );
+                }
+            } else {
+                // A sequence's rows are not one ascending run: token by
+                // token, each stored before it attends.
+                let mut scores = Vec::new();
+                for (t, r) in rows.iter().enumerate() {
+                    let cache = &mut *caches[r.seq];
+                    cache.store(
+                        li,
+                        r.position,
+                        &k[t * kv_dim..(t + 1) * kv_dim],
+                        &v[t * kv_dim..(t + 1) * kv_dim],
+                    );
+                    let cache = &*cache;
+                    for (head, out) in attn[t * q_dim..(t + 1) * q_dim]
+                        .chunks_exact_mut(hd)
+                        .enumerate()
+                    {
+                        let off = kv_offset(head);
+                        let kv = |p: usize| {
+                            let at = cache.slot(li, p) * kv_dim + off;
+                            (&cache.keys[li][at..at + hd], &cache.values[li][at..at + hd])
+                        };
+                        let qh = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
+                        attend_head(
+                            qh,
+                            first_position(r.position)..=r.position,
+                            kv,
+                            &mut scores,
+                            out,
+                        );
                     }
                 }
             }
