@@ -30,13 +30,30 @@ pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
 /// divided by any linear scaling factor.
 pub fn rope_neox(head: &mut [f32], position: f32, base: f32) {
     let half = head.len() / 2;
-    let dim = head.len() as f32;
-    for i in 0..half {
-        let inv_freq = base.powf(-((2 * i) as f32) / dim);
-        let (sin, cos) = (position * inv_freq).sin_cos();
-        let (a, b) = (head[i], head[i + half]);
-        head[i] = a * cos - b * sin;
-        head[i + half] = b * cos + a * sin;
+    let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
+    rope_angles(position, base, head.len(), &mut cos, &mut sin);
+    rope_neox_with(head, &cos, &sin);
+}
+
+/// The cosines and sines [`rope_neox`] rotates a head of `dim` elements by
+/// at `position`: computed once per token, applied to each of its heads
+/// with [`rope_neox_with`] (the same values, bit for bit).
+pub fn rope_angles(position: f32, base: f32, dim: usize, cos: &mut [f32], sin: &mut [f32]) {
+    let d = dim as f32;
+    for (i, (c, s)) in cos.iter_mut().zip(sin.iter_mut()).enumerate() {
+        let inv_freq = base.powf(-((2 * i) as f32) / d);
+        (*s, *c) = (position * inv_freq).sin_cos();
+    }
+}
+
+/// [`rope_neox`] with angles from [`rope_angles`] (`head.len() / 2` each).
+pub fn rope_neox_with(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = head.len() / 2;
+    let (first, second) = head.split_at_mut(half);
+    for (((a, b), c), s) in first.iter_mut().zip(second.iter_mut()).zip(cos).zip(sin) {
+        let (x, y) = (*a, *b);
+        *a = x * c - y * s;
+        *b = y * c + x * s;
     }
 }
 
@@ -125,18 +142,21 @@ pub fn tanh(y: f32) -> f32 {
     1.0 - 2.0 / (e + 1.0)
 }
 
-/// One query head's attention over `positions`: scores `q·k_p` (the
-/// query is already scaled), a numerically stable softmax, then
-/// `out = Σ_p w_p · v_p`. `kv(p)` gives position `p`'s key and value of
-/// this head's KV head (each `q.len()` long); `scores` is scratch.
+/// Attention of the query heads that share one KV head (grouped-query
+/// attention) over `positions`: per head, scores `q·k_p` (the queries are
+/// already scaled), a numerically stable softmax, then `out = Σ_p w_p · v_p`.
+/// `qs` and `out` hold the heads back to back, `head_dim` each; `kv(p)`
+/// gives position `p`'s key and value of the shared KV head; `scores` is
+/// scratch. Each key and value is read once for all the heads.
 ///
 /// Compiled for each [`Kernel`](crate::quant::Kernel) variant and chosen at
 /// run time, like the row kernels: the products are the same up to f32
 /// rounding order. The exponentials are [`exp_small`] with the exponent
 /// clamped at −30 (e^−30 ≈ 1e-13 of the largest weight, below f32's
 /// resolution of a sum that includes 1).
-pub fn attend_head<'a>(
-    q: &[f32],
+pub fn attend_heads<'a>(
+    qs: &[f32],
+    head_dim: usize,
     positions: std::ops::RangeInclusive<usize>,
     kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
     scores: &mut Vec<f32>,
@@ -146,38 +166,49 @@ pub fn attend_head<'a>(
     match Kernel::detect() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `detect` returned Avx512 only after finding these features.
-        Kernel::Avx512 => unsafe { x86::attend_avx512(q, positions, kv, scores, out) },
+        Kernel::Avx512 => unsafe { x86::attend_avx512(qs, head_dim, positions, kv, scores, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `detect` returned Avx2 only after finding these features.
-        Kernel::Avx2 => unsafe { x86::attend_avx2(q, positions, kv, scores, out) },
-        _ => attend_body(q, positions, kv, scores, out),
+        Kernel::Avx2 => unsafe { x86::attend_avx2(qs, head_dim, positions, kv, scores, out) },
+        _ => attend_body(qs, head_dim, positions, kv, scores, out),
     }
 }
 
 #[inline(always)]
 fn attend_body<'a>(
-    q: &[f32],
+    qs: &[f32],
+    head_dim: usize,
     positions: std::ops::RangeInclusive<usize>,
     kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    let heads = qs.len() / head_dim.max(1);
+    let n = positions.clone().count();
     scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for p in positions.clone() {
-        let s = dot(q, kv(p).0);
-        max = max.max(s);
-        scores.push(s);
+    scores.resize(heads * n, 0.0);
+    for (i, p) in positions.clone().enumerate() {
+        let k = kv(p).0;
+        for (h, q) in qs.chunks_exact(head_dim).enumerate() {
+            scores[h * n + i] = dot(q, k);
+        }
     }
-    let mut sum = 0.0;
-    for s in scores.iter_mut() {
-        *s = exp_small((*s - max).max(-30.0));
-        sum += *s;
+    for row in scores.chunks_exact_mut(n.max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in row.iter_mut() {
+            *s = exp_small((*s - max).max(-30.0));
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|s| *s *= inv);
     }
-    let inv = 1.0 / sum;
     out.fill(0.0);
-    for (p, weight) in positions.zip(scores.iter()) {
-        axpy(out, weight * inv, kv(p).1);
+    for (i, p) in positions.enumerate() {
+        let v = kv(p).1;
+        for (h, o) in out.chunks_exact_mut(head_dim).enumerate() {
+            axpy(o, scores[h * n + i], v);
+        }
     }
 }
 
@@ -189,24 +220,26 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn attend_avx2<'a>(
-        q: &[f32],
+        qs: &[f32],
+        head_dim: usize,
         positions: RangeInclusive<usize>,
         kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        attend_body(q, positions, kv, scores, out)
+        attend_body(qs, head_dim, positions, kv, scores, out)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub(super) unsafe fn attend_avx512<'a>(
-        q: &[f32],
+        qs: &[f32],
+        head_dim: usize,
         positions: RangeInclusive<usize>,
         kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        attend_body(q, positions, kv, scores, out)
+        attend_body(qs, head_dim, positions, kv, scores, out)
     }
 }
 
@@ -214,50 +247,53 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// Every variant of [`attend_head`] against a float64 recomputation.
+    /// Every variant of [`attend_heads`] against a float64 recomputation,
+    /// for three query heads sharing one KV head.
     #[test]
     fn attention_follows_float64() {
-        let hd = 64;
+        let (hd, heads) = (64, 3);
         let keys: Vec<f32> = (0..40 * hd)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
         let values: Vec<f32> = (0..40 * hd)
             .map(|i| ((i * 53 % 89) as f32 - 44.0) / 30.0)
             .collect();
-        let q: Vec<f32> = (0..hd).map(|i| ((i * 7 % 13) as f32 - 6.0) / 9.0).collect();
+        let qs: Vec<f32> = (0..heads * hd)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 9.0)
+            .collect();
         let (first, last) = (5, 33);
-        let scores: Vec<f64> = (first..=last)
-            .map(|p| {
-                q.iter()
-                    .zip(&keys[p * hd..(p + 1) * hd])
-                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                    .sum()
-            })
-            .collect();
-        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-        let total: f64 = weights.iter().sum();
-        let want: Vec<f64> = (0..hd)
-            .map(|i| {
-                (first..=last)
-                    .zip(&weights)
-                    .map(|(p, w)| w / total * f64::from(values[p * hd + i]))
-                    .sum()
-            })
-            .collect();
         let kv = |p: usize| (&keys[p * hd..(p + 1) * hd], &values[p * hd..(p + 1) * hd]);
         let mut scratch = Vec::new();
-        let mut got = vec![0f32; hd];
-        attend_head(&q, first..=last, kv, &mut scratch, &mut got);
-        let mut portable = vec![0f32; hd];
-        attend_body(&q, first..=last, kv, &mut scratch, &mut portable);
-        for i in 0..hd {
-            for (name, v) in [("detected", got[i]), ("portable", portable[i])] {
-                assert!(
-                    (f64::from(v) - want[i]).abs() < 1e-5,
-                    "{name} element {i}: {v} vs {}",
-                    want[i]
-                );
+        let mut got = vec![0f32; heads * hd];
+        attend_heads(&qs, hd, first..=last, kv, &mut scratch, &mut got);
+        let mut portable = vec![0f32; heads * hd];
+        attend_body(&qs, hd, first..=last, kv, &mut scratch, &mut portable);
+        for (h, q) in qs.chunks_exact(hd).enumerate() {
+            let scores: Vec<f64> = (first..=last)
+                .map(|p| {
+                    q.iter()
+                        .zip(&keys[p * hd..(p + 1) * hd])
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum()
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for i in 0..hd {
+                let want: f64 = (first..=last)
+                    .zip(&weights)
+                    .map(|(p, w)| w / total * f64::from(values[p * hd + i]))
+                    .sum();
+                for (name, v) in [
+                    ("detected", got[h * hd + i]),
+                    ("portable", portable[h * hd + i]),
+                ] {
+                    assert!(
+                        (f64::from(v) - want).abs() < 1e-5,
+                        "{name} head {h} element {i}: {v} vs {want}"
+                    );
+                }
             }
         }
     }

@@ -27,7 +27,9 @@ use std::path::{Path, PathBuf};
 
 use kernels::collective::{Collective, CollectiveError, SingleRank};
 use kernels::gguf::{GgmlType, GgufError, GgufFile};
-use kernels::ops::{attend_head, gelu_tanh, rms_norm, rms_norm_in_place, rope_neox};
+use kernels::ops::{
+    attend_heads, gelu_tanh, rms_norm, rms_norm_in_place, rope_angles, rope_neox_with,
+};
 use kernels::quant::{QMatrix, QuantError};
 use kernels::safetensors::SafetensorsFile;
 use rayon::prelude::*;
@@ -1252,6 +1254,16 @@ impl Gemma {
         let mut gate = vec![0f32; n * ffn];
         let mut up = vec![0f32; n * ffn];
         let runs = run_starts(rows);
+        // This rank's query heads in runs that share a KV head, each with
+        // that KV head's offset into a token's K/V row.
+        let mut groups: Vec<(std::ops::Range<usize>, usize)> = Vec::new();
+        for head in 0..me.q_heads.len() {
+            let off = ((me.q_heads.start + head) / group - me.kv_heads.start) * hd;
+            match groups.last_mut() {
+                Some((heads, last)) if *last == off => heads.end = head + 1,
+                _ => groups.push((head..head + 1, off)),
+            }
+        }
 
         for (li, layer) in self.layers.iter().enumerate() {
             for (hr, xr) in h.chunks_exact_mut(c.hidden).zip(x.chunks_exact(c.hidden)) {
@@ -1268,25 +1280,25 @@ impl Gemma {
             q.par_chunks_exact_mut(q_dim)
                 .zip(k.par_chunks_exact_mut(kv_dim))
                 .zip(rows.par_iter())
-                .for_each(|((qt, kt), r)| {
-                    let rope_position = r.position as f32 / scale;
-                    for head in qt.chunks_exact_mut(hd) {
-                        rms_norm_in_place(head, &layer.attn_q_norm, c.rms_eps);
-                        rope_neox(head, rope_position, base);
-                        head.iter_mut().for_each(|v| *v *= score_scale);
-                    }
-                    for head in kt.chunks_exact_mut(hd) {
-                        rms_norm_in_place(head, &layer.attn_k_norm, c.rms_eps);
-                        rope_neox(head, rope_position, base);
-                    }
-                });
+                .for_each_init(
+                    || (vec![0f32; hd / 2], vec![0f32; hd / 2]),
+                    |(cos, sin), ((qt, kt), r)| {
+                        rope_angles(r.position as f32 / scale, base, hd, cos, sin);
+                        for head in qt.chunks_exact_mut(hd) {
+                            rms_norm_in_place(head, &layer.attn_q_norm, c.rms_eps);
+                            rope_neox_with(head, cos, sin);
+                            head.iter_mut().for_each(|v| *v *= score_scale);
+                        }
+                        for head in kt.chunks_exact_mut(hd) {
+                            rms_norm_in_place(head, &layer.attn_k_norm, c.rms_eps);
+                            rope_neox_with(head, cos, sin);
+                        }
+                    },
+                );
             let first_position = |position: usize| match layer.kind {
                 LayerKind::Local => (position + 1).saturating_sub(c.window),
                 LayerKind::Global => 0,
             };
-            // Each query head's KV head, as an offset into a token's K/V row.
-            let kv_offset =
-                |head: usize| ((me.q_heads.start + head) / group - me.kv_heads.start) * hd;
             if let Some(run_start) = &runs {
                 // Tokens in parallel. A position inside this batch is read
                 // from `k`/`v` (not stored yet: a later token may take an
@@ -1300,8 +1312,8 @@ impl Gemma {
                         let r = &rows[t];
                         let cache = cached[r.seq];
                         let (r0, p0) = (run_start[t], rows[run_start[t]].position);
-                        for (head, out) in out_t.chunks_exact_mut(hd).enumerate() {
-                            let off = kv_offset(head);
+                        for (heads, off) in &groups {
+                            let off = *off;
                             let kv = |p: usize| {
                                 if p >= p0 {
                                     let at = (r0 + p - p0) * kv_dim + off;
@@ -1311,13 +1323,14 @@ impl Gemma {
                                     (&cache.keys[li][at..at + hd], &cache.values[li][at..at + hd])
                                 }
                             };
-                            let qh = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
-                            attend_head(
-                                qh,
+                            let span = heads.start * hd..heads.end * hd;
+                            attend_heads(
+                                &q[t * q_dim..(t + 1) * q_dim][span.clone()],
+                                hd,
                                 first_position(r.position)..=r.position,
                                 kv,
                                 scores,
-                                out,
+                                &mut out_t[span],
                             );
                         }
                     },
@@ -1343,22 +1356,20 @@ impl Gemma {
                         &v[t * kv_dim..(t + 1) * kv_dim],
                     );
                     let cache = &*cache;
-                    for (head, out) in attn[t * q_dim..(t + 1) * q_dim]
-                        .chunks_exact_mut(hd)
-                        .enumerate()
-                    {
-                        let off = kv_offset(head);
+                    for (heads, off) in &groups {
+                        let off = *off;
                         let kv = |p: usize| {
                             let at = cache.slot(li, p) * kv_dim + off;
                             (&cache.keys[li][at..at + hd], &cache.values[li][at..at + hd])
                         };
-                        let qh = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
-                        attend_head(
-                            qh,
+                        let span = t * q_dim + heads.start * hd..t * q_dim + heads.end * hd;
+                        attend_heads(
+                            &q[span.clone()],
+                            hd,
                             first_position(r.position)..=r.position,
                             kv,
                             &mut scores,
-                            out,
+                            &mut attn[span],
                         );
                     }
                 }
