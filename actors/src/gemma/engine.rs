@@ -374,44 +374,56 @@ impl ShardModel for CpuShard {
         } else {
             Vec::new()
         };
-        let mut scratch = vec![0f32; vocab];
-        for (i, (id, prompt)) in s.admit.iter().enumerate() {
-            let mut cache = self.gemma.new_cache();
-            self.gemma
-                .prefill(prompt, &mut cache, Some(&mut scratch))
-                .map_err(|e| e.to_string())?;
-            if keep {
-                logits[i * vocab..(i + 1) * vocab].copy_from_slice(&scratch);
-            }
-            self.caches.insert(*id, cache);
-        }
-        if !s.decode.is_empty() {
-            let mut taken = Vec::with_capacity(s.decode.len());
-            for (id, _) in &s.decode {
-                match self.caches.remove(id) {
-                    Some(cache) => taken.push((*id, cache)),
-                    None => {
-                        // Put back what was taken before failing.
-                        self.caches.extend(taken);
-                        return Err(format!(
-                            "rank {}: no cache for request {id}",
-                            self.gemma.shard().rank
-                        ));
-                    }
+        // Admitted prompts and running sequences' next tokens go through
+        // the weights in one pass.
+        let mut taken = Vec::with_capacity(s.decode.len());
+        for (id, _) in &s.decode {
+            match self.caches.remove(id) {
+                Some(cache) => taken.push((*id, cache)),
+                None => {
+                    // Put back what was taken before failing.
+                    self.caches.extend(taken);
+                    return Err(format!(
+                        "rank {}: no cache for request {id}",
+                        self.gemma.shard().rank
+                    ));
                 }
             }
-            let tokens: Vec<u32> = s.decode.iter().map(|(_, t)| *t).collect();
-            let mut out = vec![0f32; s.decode.len() * vocab];
-            let result = {
-                let mut caches: Vec<&mut KvCache> = taken.iter_mut().map(|(_, c)| c).collect();
-                self.gemma.decode(&tokens, &mut caches, &mut out)
-            };
-            self.caches.extend(taken);
-            result.map_err(|e| e.to_string())?;
-            if keep {
-                logits[s.admit.len() * vocab..].copy_from_slice(&out);
-            }
         }
+        let mut admitted: Vec<(u64, KvCache)> = s
+            .admit
+            .iter()
+            .map(|(id, _)| (*id, self.gemma.new_cache()))
+            .collect();
+        let decode_tokens: Vec<[u32; 1]> = s.decode.iter().map(|(_, t)| [*t]).collect();
+        let tokens: Vec<&[u32]> = s
+            .admit
+            .iter()
+            .map(|(_, prompt)| &prompt[..])
+            .chain(decode_tokens.iter().map(|t| &t[..]))
+            .collect();
+        // Rank 0 keeps the logits; the others compute them too (the LM
+        // head is gathered) and drop them.
+        let mut dropped = Vec::new();
+        let out = if keep {
+            &mut logits[..]
+        } else {
+            dropped.resize(rows * vocab, 0f32);
+            &mut dropped[..]
+        };
+        let result = if tokens.is_empty() {
+            Ok(())
+        } else {
+            let mut caches: Vec<&mut KvCache> = admitted
+                .iter_mut()
+                .chain(taken.iter_mut())
+                .map(|(_, c)| c)
+                .collect();
+            self.gemma.step(&tokens, &mut caches, out)
+        };
+        self.caches.extend(taken);
+        result.map_err(|e| e.to_string())?;
+        self.caches.extend(admitted);
         Ok(StepOutput {
             logits,
             kv_bytes: self.caches.values().map(KvCache::bytes).sum(),

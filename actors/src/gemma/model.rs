@@ -117,6 +117,12 @@ struct Row {
     position: usize,
 }
 
+/// Most prompt tokens one pass through the weights takes: a weight block is
+/// read once for all of them (the tiles multiply it with every 16 tokens
+/// while it is in cache), and the activations stay small (about 34 KB per
+/// token for the 270M).
+pub const PREFILL_CHUNK: usize = 256;
+
 /// For each row, the index of the first row of its run: the rows before it
 /// of the same sequence at consecutive positions. `None` when some
 /// sequence's rows in the batch are not one ascending run (then attention
@@ -1133,17 +1139,17 @@ impl Gemma {
     }
 
     /// Runs `tokens` at the next positions of `cache`, up to
-    /// [`MAX_BATCH`](kernels::quant::MAX_BATCH) at a time through the weight
-    /// matrices (each block decoded once per batch); attention still goes
-    /// token by token, in order, so every token sees exactly the positions
-    /// before it. Writes the last token's logits when `logits` is given.
+    /// [`PREFILL_CHUNK`] at a time through the weight matrices (each weight
+    /// block read once per chunk); every token attends to exactly the
+    /// positions up to its own. Writes the last token's logits when
+    /// `logits` is given.
     pub fn prefill(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
         mut logits: Option<&mut [f32]>,
     ) -> Result<(), CollectiveError> {
-        let chunks: Vec<&[u32]> = tokens.chunks(kernels::quant::MAX_BATCH).collect();
+        let chunks: Vec<&[u32]> = tokens.chunks(PREFILL_CHUNK).collect();
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
             self.forward_batch(
@@ -1204,6 +1210,38 @@ impl Gemma {
             .collect();
         let all: Vec<usize> = (0..rows.len()).collect();
         self.run_rows(&rows, caches, &all, logits)
+    }
+
+    /// One engine step for several sequences at once: `tokens[i]` are the
+    /// next tokens of the sequence cached in `caches[i]` (a newly admitted
+    /// prompt, or one decode token), all through the weight matrices in
+    /// one pass, so admitted prompts share the pass (and the LM head) with
+    /// the running sequences. `logits` receives, in order, one row of
+    /// `vocab` logits per sequence: its last token's. A prompt longer than
+    /// [`PREFILL_CHUNK`] runs its earlier chunks alone first.
+    pub fn step(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        logits: &mut [f32],
+    ) -> Result<(), CollectiveError> {
+        assert_eq!(tokens.len(), caches.len(), "one token run per cache");
+        let mut rows = Vec::new();
+        let mut logits_for = Vec::with_capacity(tokens.len());
+        for (seq, (run, cache)) in tokens.iter().zip(caches.iter_mut()).enumerate() {
+            let keep = run.len().saturating_sub(1) / PREFILL_CHUNK * PREFILL_CHUNK;
+            if keep > 0 {
+                self.prefill(&run[..keep], cache, None)?;
+            }
+            let start = cache.len;
+            rows.extend(run[keep..].iter().enumerate().map(|(t, &token)| Row {
+                token,
+                seq,
+                position: start + t,
+            }));
+            logits_for.push(rows.len() - 1);
+        }
+        self.run_rows(&rows, caches, &logits_for, logits)
     }
 
     /// Runs `rows` (tokens of one or more sequences, each at its position,

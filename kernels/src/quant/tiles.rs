@@ -252,140 +252,180 @@ impl Packed {
                 Activations::new(&xs[start * cols..(start + m) * cols], m, cols)
             })
             .collect();
-        let per_task = 4;
-        let spans: Vec<(usize, Vec<f32>)> = (0..groups.div_ceil(per_task))
+        let per_task = GROUPS_PER_TASK;
+        let shared = SharedOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        };
+        (0..groups.div_ceil(per_task))
             .into_par_iter()
-            .map(|task| {
+            .for_each(|task| {
                 let (first, last) = (task * per_task, ((task + 1) * per_task).min(groups));
-                let base = first * ROWS;
-                let width = (last * ROWS).min(rows) - base;
-                // Every token's `width` rows; token group i from row 16·i.
-                let mut mine = vec![0f32; n * width];
                 // SAFETY: `available()` held above; the tiles are
                 // configured on this thread for each token count before
-                // use and released after.
+                // use and released after. This task writes only rows
+                // `16·first .. 16·last` of each token: no other task does.
                 unsafe {
                     let mut configured = 0;
-                    for g in first..last {
-                        for (i, a) in acts.iter().enumerate() {
-                            if a.tokens != configured {
-                                configure(a.tokens, BLOCK / self.halves);
-                                configured = a.tokens;
-                            }
-                            let span = &mut mine[i * ROWS * width..(i * ROWS + a.tokens) * width];
-                            self.group(g, a, base, span);
+                    for (i, a) in acts.iter().enumerate() {
+                        if a.tokens != configured {
+                            configure(a.tokens, BLOCK / self.halves);
+                            configured = a.tokens;
                         }
+                        self.groups(first..last, a, &shared, i * ROWS);
                     }
                     asm!("tilerelease", options(nostack, nomem));
                 }
-                (base, mine)
-            })
-            .collect();
-        for (base, mine) in spans {
-            let width = mine.len() / n;
-            for t in 0..n {
-                out[t * rows + base..t * rows + base + width]
-                    .copy_from_slice(&mine[t * width..(t + 1) * width]);
-            }
-        }
+            });
     }
 
-    /// Group `g`'s 16 rows (fewer at the end) for every token of `a`, into
-    /// `out` (tokens × the task's `width` rows from `base`).
+    /// Groups `gs` (16 rows each, fewer at the end; at most
+    /// [`GROUPS_PER_TASK`]) for every token of `a` (tokens `first_token`..
+    /// of the product), into their rows of `out`. Blocks are the outer loop: a
+    /// block's three activation tiles are loaded once and stay in their
+    /// tile registers while each group's weight tile passes through.
     ///
     /// # Safety
-    /// The tiles are configured for `a.tokens` ([`configure`]).
+    /// The tiles are configured for `a.tokens` ([`configure`]), and no
+    /// other thread writes these groups' rows of these tokens in `out`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    unsafe fn group(&self, g: usize, a: &Activations, base: usize, out: &mut [f32]) {
+    unsafe fn groups(
+        &self,
+        gs: std::ops::Range<usize>,
+        a: &Activations,
+        out: &SharedOut,
+        first_token: usize,
+    ) {
         use std::arch::x86_64::{
-            _mm512_cvtepi32_ps, _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_loadu_ps,
-            _mm512_loadu_si512, _mm512_mul_ps, _mm512_set1_ps, _mm512_storeu_ps,
+            _MM_HINT_T0, _mm_prefetch, _mm512_cvtepi32_ps, _mm512_fmadd_ps, _mm512_fnmadd_ps,
+            _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mul_ps, _mm512_set1_ps, _mm512_storeu_ps,
         };
+        assert!(gs.len() <= GROUPS_PER_TASK);
         let blocks = self.cols / BLOCK;
         let tokens = a.tokens;
-        let mut acc = [[0f32; ROWS]; ROWS];
+        let mut accs = [[[0f32; ROWS]; ROWS]; GROUPS_PER_TASK];
         let mut high = [[0i32; ROWS]; ROWS];
         let mut mid = [[0i32; ROWS]; ROWS];
         let mut low = [[0i32; ROWS]; ROWS];
         let part = BLOCK / self.halves;
         for kh in 0..blocks * self.halves {
             let (k, h) = (kh / self.halves, kh % self.halves);
-            // This block's (or half block's) weights: `part / 4` rows of
-            // the B tile, and columns `h · part ..` of the activations.
-            let tile = (g * blocks + k) * ROWS * BLOCK + h * part * ROWS;
+            // Columns `h · part ..` of block k of the activations.
             let cols_at = k * BLOCK * tokens + h * part;
-            // SAFETY: A is block k of the activations' high and low
-            // integers (`tokens` rows of 32 bytes each); B is this group's
-            // 512-byte tile of block k (8 rows of 64 bytes); the sums go to
-            // `high` and `low`, `tokens` rows of 64 bytes.
+            // SAFETY: block k of the activations' three parts, `tokens`
+            // rows of 32 bytes each (`part` bytes used), into the A tiles.
             unsafe {
                 asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm4",
-                    "tilezero tmm5",
                     "tileloadd tmm1, [{h} + {s32}*1]",
                     "tileloadd tmm2, [{m} + {s32}*1]",
                     "tileloadd tmm6, [{l} + {s32}*1]",
-                    "tileloadd tmm3, [{b} + {s64}*1]",
-                    "tdpbssd tmm0, tmm1, tmm3",
-                    "tdpbssd tmm4, tmm2, tmm3",
-                    "tdpbssd tmm5, tmm6, tmm3",
-                    "tilestored [{ch} + {s64}*1], tmm0",
-                    "tilestored [{cm} + {s64}*1], tmm4",
-                    "tilestored [{cl} + {s64}*1], tmm5",
                     h = in(reg) a.high.as_ptr().add(cols_at),
                     m = in(reg) a.mid.as_ptr().add(cols_at),
                     l = in(reg) a.low.as_ptr().add(cols_at),
-                    b = in(reg) self.quants.as_ptr().add(tile),
-                    ch = in(reg) high.as_mut_ptr(),
-                    cm = in(reg) mid.as_mut_ptr(),
-                    cl = in(reg) low.as_mut_ptr(),
                     s32 = in(reg) BLOCK,
-                    s64 = in(reg) ROWS * 4,
-                    options(nostack),
+                    options(nostack, readonly),
                 );
             }
-            // acc[t] += (high + mid / 254 + low / 254²) · (weight scales ·
-            // token t's scale), 16 rows at once; then, for Q4_K, − mins · Σ x over
-            // the block.
-            let at = (g * blocks + k) * ROWS;
-            let scale_at = ((g * blocks + k) * self.halves + h) * ROWS;
-            // SAFETY: 16 floats from `at` (one group's block scales and
-            // mins), 16 values per row of `high`, `low` and `acc`.
-            unsafe {
-                let ws = _mm512_loadu_ps(self.scales.as_ptr().add(scale_at));
-                let (unit1, unit2) = (_mm512_set1_ps(1.0 / LOW), _mm512_set1_ps(1.0 / (LOW * LOW)));
-                for t in 0..tokens {
-                    let ints = |part: &[[i32; ROWS]; ROWS]| {
-                        _mm512_cvtepi32_ps(_mm512_loadu_si512(part[t].as_ptr().cast()))
-                    };
-                    let v = _mm512_fmadd_ps(
-                        ints(&low),
-                        unit2,
-                        _mm512_fmadd_ps(ints(&mid), unit1, ints(&high)),
-                    );
-                    let scale = _mm512_mul_ps(ws, _mm512_set1_ps(a.scales[k * ROWS + t]));
-                    let sum = _mm512_fmadd_ps(v, scale, _mm512_loadu_ps(acc[t].as_ptr()));
-                    _mm512_storeu_ps(acc[t].as_mut_ptr(), sum);
+            for (acc, g) in accs.iter_mut().zip(gs.clone()) {
+                // This block's (or half block's) weights: `part / 4` rows
+                // of the B tile.
+                let tile = (g * blocks + k) * ROWS * BLOCK + h * part * ROWS;
+                // The same group's next block, for when this pass returns
+                // to it (a hint: it never faults).
+                let next = self.quants.as_ptr().wrapping_add(tile + ROWS * BLOCK);
+                for line in 0..ROWS * BLOCK / self.halves / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line).cast());
                 }
-                if !self.mins.is_empty() {
-                    let ms = _mm512_loadu_ps(self.mins.as_ptr().add(at));
-                    for (row, x) in acc.iter_mut().zip(&a.sums[k * ROWS..]).take(tokens) {
-                        let sum =
-                            _mm512_fnmadd_ps(ms, _mm512_set1_ps(*x), _mm512_loadu_ps(row.as_ptr()));
-                        _mm512_storeu_ps(row.as_mut_ptr(), sum);
+                // SAFETY: B is this group's 512-byte tile of block k (8
+                // rows of 64 bytes, or 4 for a half); the sums go to
+                // `high`, `mid` and `low`, `tokens` rows of 64 bytes.
+                unsafe {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm4",
+                        "tilezero tmm5",
+                        "tileloadd tmm3, [{b} + {s64}*1]",
+                        "tdpbssd tmm0, tmm1, tmm3",
+                        "tdpbssd tmm4, tmm2, tmm3",
+                        "tdpbssd tmm5, tmm6, tmm3",
+                        "tilestored [{ch} + {s64}*1], tmm0",
+                        "tilestored [{cm} + {s64}*1], tmm4",
+                        "tilestored [{cl} + {s64}*1], tmm5",
+                        b = in(reg) self.quants.as_ptr().add(tile),
+                        ch = in(reg) high.as_mut_ptr(),
+                        cm = in(reg) mid.as_mut_ptr(),
+                        cl = in(reg) low.as_mut_ptr(),
+                        s64 = in(reg) ROWS * 4,
+                        options(nostack),
+                    );
+                }
+                // acc[t] += (high + mid / 254 + low / 254²) · (weight
+                // scales · token t's scale), 16 rows at once; then, for
+                // Q4_K, − mins · Σ x over the block.
+                let at = (g * blocks + k) * ROWS;
+                let scale_at = ((g * blocks + k) * self.halves + h) * ROWS;
+                // SAFETY: 16 floats from `at` (one group's block scales and
+                // mins), 16 values per row of `high`, `low` and `acc`.
+                unsafe {
+                    let ws = _mm512_loadu_ps(self.scales.as_ptr().add(scale_at));
+                    let (unit1, unit2) =
+                        (_mm512_set1_ps(1.0 / LOW), _mm512_set1_ps(1.0 / (LOW * LOW)));
+                    for t in 0..tokens {
+                        let ints = |part: &[[i32; ROWS]; ROWS]| {
+                            _mm512_cvtepi32_ps(_mm512_loadu_si512(part[t].as_ptr().cast()))
+                        };
+                        let v = _mm512_fmadd_ps(
+                            ints(&low),
+                            unit2,
+                            _mm512_fmadd_ps(ints(&mid), unit1, ints(&high)),
+                        );
+                        let scale = _mm512_mul_ps(ws, _mm512_set1_ps(a.scales[k * ROWS + t]));
+                        let sum = _mm512_fmadd_ps(v, scale, _mm512_loadu_ps(acc[t].as_ptr()));
+                        _mm512_storeu_ps(acc[t].as_mut_ptr(), sum);
+                    }
+                    if !self.mins.is_empty() {
+                        let ms = _mm512_loadu_ps(self.mins.as_ptr().add(at));
+                        for (row, x) in acc.iter_mut().zip(&a.sums[k * ROWS..]).take(tokens) {
+                            let sum = _mm512_fnmadd_ps(
+                                ms,
+                                _mm512_set1_ps(*x),
+                                _mm512_loadu_ps(row.as_ptr()),
+                            );
+                            _mm512_storeu_ps(row.as_mut_ptr(), sum);
+                        }
                     }
                 }
             }
         }
-        let live = (self.rows - g * ROWS).min(ROWS);
-        let width = out.len() / tokens;
-        for (t, row) in acc.iter().enumerate().take(tokens) {
-            let at = t * width + g * ROWS - base;
-            out[at..at + live].copy_from_slice(&row[..live]);
+        for (acc, g) in accs.iter().zip(gs) {
+            let live = (self.rows - g * ROWS).min(ROWS);
+            for (t, row) in acc.iter().enumerate().take(tokens) {
+                let at = (first_token + t) * self.rows + g * ROWS;
+                assert!(at + live <= out.len, "tile output rows in bounds");
+                // SAFETY: in bounds (checked above); the caller guarantees
+                // no other thread writes these elements.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.ptr.add(at), live);
+                }
+            }
         }
     }
 }
+
+/// The product's output, shared by the tasks of [`Packed::matmul`], each
+/// writing only its own rows of every token.
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint elements (see `Packed::groups`), and the
+// buffer outlives them (the parallel loop returns before `matmul` does).
+unsafe impl Sync for SharedOut {}
+
+/// Row groups (of 16 rows) one task of [`Packed::matmul`] takes: their
+/// accumulators stay on the stack while the blocks pass.
+const GROUPS_PER_TASK: usize = 4;
 
 /// The finer parts' unit: `x ≈ scale · (high + mid / LOW + low / LOW²)`.
 const LOW: f32 = 254.0;
