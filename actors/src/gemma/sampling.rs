@@ -90,10 +90,16 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (i as u32, l))
             .collect();
-        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 {
+        // Highest logit first, ties by token id: a total order, so the
+        // top k found by selection and then sorted are exactly the first k
+        // of a full sort (which over a 262,144-token vocabulary costs far
+        // more than the selection).
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < candidates.len() {
+            candidates.select_nth_unstable_by(p.top_k - 1, order);
             candidates.truncate(p.top_k);
         }
+        candidates.sort_by(order);
         // Probabilities at temperature 1 decide the top-p cut, as in llama.cpp.
         let max = candidates[0].1;
         let weights: Vec<f64> = candidates
