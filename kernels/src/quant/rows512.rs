@@ -80,17 +80,30 @@ pub(super) fn q8_0(bytes: &[u8], x: &[f32]) -> f32 {
         );
         _mm512_fmadd_ps(_mm512_set1_ps(half(b)), p, acc)
     };
+    in_pairs(bytes, 34, x, block)
+}
+
+/// Folds the 32-element blocks of `bytes` (`size` bytes each) with `x`
+/// through `block`, alternating two accumulators so consecutive blocks do
+/// not wait on each other, and prefetching ahead once per pair.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn in_pairs(
+    bytes: &[u8],
+    size: usize,
+    x: &[f32],
+    block: impl Fn(&[u8], &[f32], __m512) -> __m512,
+) -> f32 {
     let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let pairs = bytes.chunks_exact(68).zip(x.chunks_exact(64));
-    for (b, xs) in pairs {
+    for (b, xs) in bytes.chunks_exact(2 * size).zip(x.chunks_exact(64)) {
         prefetch(b, 0);
-        a0 = block(&b[..34], &xs[..32], a0);
-        a1 = block(&b[34..], &xs[32..], a1);
+        a0 = block(&b[..size], &xs[..32], a0);
+        a1 = block(&b[size..], &xs[32..], a1);
     }
-    let blocks = bytes.len() / 34;
+    let blocks = bytes.len() / size;
     if blocks % 2 == 1 {
         let k = blocks - 1;
-        a0 = block(&bytes[34 * k..], &x[32 * k..], a0);
+        a0 = block(&bytes[size * k..], &x[32 * k..], a0);
     }
     _mm512_reduce_add_ps(_mm512_add_ps(a0, a1))
 }
@@ -122,18 +135,7 @@ pub(super) fn q5_0(bytes: &[u8], x: &[f32]) -> f32 {
         );
         _mm512_fmadd_ps(_mm512_set1_ps(half(b)), p, acc)
     };
-    let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    for (b, xs) in bytes.chunks_exact(44).zip(x.chunks_exact(64)) {
-        prefetch(b, 0);
-        a0 = block(&b[..22], &xs[..32], a0);
-        a1 = block(&b[22..], &xs[32..], a1);
-    }
-    let blocks = bytes.len() / 22;
-    if blocks % 2 == 1 {
-        let k = blocks - 1;
-        a0 = block(&bytes[22 * k..], &x[32 * k..], a0);
-    }
-    _mm512_reduce_add_ps(_mm512_add_ps(a0, a1))
+    in_pairs(bytes, 22, x, block)
 }
 
 /// Q4_K: 144-byte super-blocks of 256 elements: f16 `d` and `dmin`, twelve
