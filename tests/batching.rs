@@ -77,6 +77,68 @@ fn a_batched_decode_step_equals_decoding_each_sequence_alone() {
     }
 }
 
+/// An engine step (`Gemma::step`) in which a long prompt joins (longer
+/// than a prefill pass and than the 512-token sliding window, so its last
+/// part wraps the local layers' ring inside the joint pass) while another
+/// sequence decodes: each gets what it gets alone.
+#[test]
+fn a_long_prompt_joining_a_step_gets_what_it_gets_alone() {
+    let gemma = model();
+    let vocab = gemma.config().vocab;
+    let text = "The river runs past the old mill, and the miller counts the sacks of grain. ";
+    let mut long = gemma.tokenizer().encode(&text.repeat(60), true, false);
+    long.truncate(600);
+    assert!(long.len() == 600 && long.len() > actors::gemma::PREFILL_CHUNK * 2);
+
+    // Alone: the long prompt's last logits; the short sequence's next step.
+    let mut want_long = vec![0f32; vocab];
+    gemma
+        .prefill(&long, &mut gemma.new_cache(), Some(&mut want_long))
+        .unwrap();
+    let short = gemma.tokenizer().encode(PROMPTS[0], true, false);
+    let mut short_cache = gemma.new_cache();
+    let mut logits = vec![0f32; vocab];
+    gemma
+        .prefill(&short, &mut short_cache, Some(&mut logits))
+        .unwrap();
+    let next = argmax(&logits);
+    let mut alone_cache = gemma.new_cache();
+    gemma.prefill(&short, &mut alone_cache, None).unwrap();
+    let mut want_short = vec![0f32; vocab];
+    gemma
+        .forward(next, &mut alone_cache, Some(&mut want_short))
+        .unwrap();
+
+    // Together: the long prompt joins while the short sequence decodes.
+    let mut long_cache = gemma.new_cache();
+    let mut both = vec![0f32; 2 * vocab];
+    let step = [next];
+    gemma
+        .step(
+            &[&long[..], &step[..]],
+            &mut [&mut long_cache, &mut short_cache],
+            &mut both,
+        )
+        .unwrap();
+    let worst = |got: &[f32], want: &[f32]| {
+        got.iter()
+            .zip(want)
+            .fold(0f32, |w, (a, b)| w.max((a - b).abs()))
+    };
+    let (long_diff, short_diff) = (
+        worst(&both[..vocab], &want_long),
+        worst(&both[vocab..], &want_short),
+    );
+    eprintln!("step: long prompt within {long_diff:e}, decoding sequence within {short_diff:e}");
+    assert!(long_diff < 1e-4 && short_diff < 1e-4);
+    assert_eq!(argmax(&both[..vocab]), argmax(&want_long));
+    assert_eq!(argmax(&both[vocab..]), argmax(&want_short));
+    assert_eq!(
+        (long_cache.len(), short_cache.len()),
+        (600, short.len() + 1)
+    );
+}
+
 mod engine {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, mpsc};

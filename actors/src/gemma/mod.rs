@@ -14,5 +14,5 @@ pub use config::{ConfigError, GemmaConfig, LayerKind};
 pub use generate::{
     END_OF_GENERATION, GenerateError, GenerationStats, Scored, argmax, generate, score,
 };
-pub use model::{Gemma, KvCache, LayerWeight, LoadError, Weight, load_tokenizer};
+pub use model::{Gemma, KvCache, LayerWeight, LoadError, PREFILL_CHUNK, Weight, load_tokenizer};
 pub use sampling::{Sampler, Sampling, SamplingError};

@@ -1226,6 +1226,11 @@ impl Gemma {
         logits: &mut [f32],
     ) -> Result<(), CollectiveError> {
         assert_eq!(tokens.len(), caches.len(), "one token run per cache");
+        // The engine refuses empty prompts before they get here.
+        assert!(
+            tokens.iter().all(|run| !run.is_empty()),
+            "every sequence of a step has at least one token"
+        );
         let mut rows = Vec::new();
         let mut logits_for = Vec::with_capacity(tokens.len());
         for (seq, (run, cache)) in tokens.iter().zip(caches.iter_mut()).enumerate() {
