@@ -75,14 +75,18 @@ fn batched_steps_equal_single_steps_on_the_device() {
         }
         alone.push(rows);
     }
-    // Together.
+    // Together: the three prompts in one pool, each prompt's first token.
     let vocab = gemma.config().vocab;
-    let mut pool = device.new_pool(3, 64).unwrap();
-    let mut next: Vec<u32> = prompts
-        .iter()
-        .enumerate()
-        .map(|(s, p)| actors::gemma::argmax(&device.prefill(p, s, &mut pool).unwrap()))
-        .collect();
+    let prefilled = || {
+        let mut pool = device.new_pool(3, 64).unwrap();
+        let next: Vec<u32> = prompts
+            .iter()
+            .enumerate()
+            .map(|(s, p)| actors::gemma::argmax(&device.prefill(p, s, &mut pool).unwrap()))
+            .collect();
+        (pool, next)
+    };
+    let (mut pool, mut next) = prefilled();
     for step in 0..steps {
         let logits = device.decode(&next, &[0, 1, 2], &mut pool).unwrap();
         for (s, row) in logits.chunks(vocab).enumerate() {
@@ -93,12 +97,7 @@ fn batched_steps_equal_single_steps_on_the_device() {
     }
     // The greedy step (argmax on the device, only ids come back) picks
     // what the host's argmax of the logits picks.
-    let mut pool = device.new_pool(3, 64).unwrap();
-    let mut next: Vec<u32> = prompts
-        .iter()
-        .enumerate()
-        .map(|(s, p)| actors::gemma::argmax(&device.prefill(p, s, &mut pool).unwrap()))
-        .collect();
+    let (mut pool, mut next) = prefilled();
     for step in 0..steps {
         next = device.decode_greedy(&next, &[0, 1, 2], &mut pool).unwrap();
         for s in 0..3 {

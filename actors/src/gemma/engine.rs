@@ -395,12 +395,12 @@ impl ShardModel for CpuShard {
             .iter()
             .map(|(id, _)| (*id, self.gemma.new_cache()))
             .collect();
-        let decode_tokens: Vec<[u32; 1]> = s.decode.iter().map(|(_, t)| [*t]).collect();
+        let next: Vec<u32> = s.decode.iter().map(|(_, t)| *t).collect();
         let tokens: Vec<&[u32]> = s
             .admit
             .iter()
             .map(|(_, prompt)| &prompt[..])
-            .chain(decode_tokens.iter().map(|t| &t[..]))
+            .chain(next.chunks(1))
             .collect();
         // Rank 0 keeps the logits; the others compute them too (the LM
         // head is gathered) and drop them.

@@ -123,11 +123,10 @@ struct Row {
 /// token for the 270M).
 pub const PREFILL_CHUNK: usize = 256;
 
-/// For each row, the index of the first row of its run: the rows before it
-/// of the same sequence at consecutive positions. `None` when some
-/// sequence's rows in the batch are not one ascending run (then attention
-/// goes token by token).
-fn run_starts(rows: &[Row]) -> Option<Vec<usize>> {
+/// For each row, the index of the first row of its sequence's run (the
+/// rows before it of the same sequence at consecutive positions). Every
+/// caller of [`Gemma::run_rows`] gives each sequence one ascending run.
+fn run_starts(rows: &[Row]) -> Vec<usize> {
     let mut starts: Vec<usize> = Vec::with_capacity(rows.len());
     let mut seen = std::collections::HashSet::new();
     for (t, r) in rows.iter().enumerate() {
@@ -135,13 +134,15 @@ fn run_starts(rows: &[Row]) -> Option<Vec<usize>> {
         if continues {
             starts.push(starts[t - 1]);
         } else {
-            if !seen.insert(r.seq) {
-                return None;
-            }
+            assert!(
+                seen.insert(r.seq),
+                "sequence {} is not one ascending run of rows",
+                r.seq
+            );
             starts.push(t);
         }
     }
-    Some(starts)
+    starts
 }
 
 /// `x[t] += rmsnorm(o[t]) · weight` for every token row: the sandwich
@@ -1190,26 +1191,16 @@ impl Gemma {
     /// for up to [`MAX_BATCH`](kernels::quant::MAX_BATCH) rows); attention
     /// runs per sequence on its own cache. `logits` receives one row of
     /// `vocab` logits per sequence, in order. Each sequence's logits equal
-    /// what [`forward`](Self::forward) gives it alone (to rounding).
+    /// what [`forward`](Self::forward) gives it alone (to rounding): it is
+    /// [`step`](Self::step) with one token per sequence.
     pub fn decode(
         &self,
         steps: &[u32],
         caches: &mut [&mut KvCache],
         logits: &mut [f32],
     ) -> Result<(), CollectiveError> {
-        assert_eq!(steps.len(), caches.len(), "one token per cache");
-        let rows: Vec<Row> = steps
-            .iter()
-            .zip(caches.iter())
-            .enumerate()
-            .map(|(seq, (&token, cache))| Row {
-                token,
-                seq,
-                position: cache.len,
-            })
-            .collect();
-        let all: Vec<usize> = (0..rows.len()).collect();
-        self.run_rows(&rows, caches, &all, logits)
+        let runs: Vec<&[u32]> = steps.chunks(1).collect();
+        self.step(&runs, caches, logits)
     }
 
     /// One engine step for several sequences at once: `tokens[i]` are the
@@ -1249,8 +1240,8 @@ impl Gemma {
         self.run_rows(&rows, caches, &logits_for, logits)
     }
 
-    /// Runs `rows` (tokens of one or more sequences, each at its position,
-    /// in order within a sequence) through the model; writes the logits of
+    /// Runs `rows` (tokens of one or more sequences, each sequence's rows
+    /// one run of consecutive positions) through the model; writes the logits of
     /// the rows listed in `logits_for` into consecutive `vocab`-long rows of
     /// `logits`.
     fn run_rows(
@@ -1342,80 +1333,48 @@ impl Gemma {
                 LayerKind::Local => (position + 1).saturating_sub(c.window),
                 LayerKind::Global => 0,
             };
-            if let Some(run_start) = &runs {
-                // Tokens in parallel. A position inside this batch is read
-                // from `k`/`v` (not stored yet: a later token may take an
-                // earlier one's ring slot on a local layer); earlier
-                // positions from the cache, which still holds them all.
-                let cached: Vec<&KvCache> = caches.iter().map(|cache| &**cache).collect();
-                let (k, v) = (&k, &v);
-                attn.par_chunks_exact_mut(q_dim).enumerate().for_each_init(
-                    Vec::new,
-                    |scores, (t, out_t)| {
-                        let r = &rows[t];
-                        let cache = cached[r.seq];
-                        let (r0, p0) = (run_start[t], rows[run_start[t]].position);
-                        for (heads, off) in &groups {
-                            let off = *off;
-                            let kv = |p: usize| {
-                                if p >= p0 {
-                                    let at = (r0 + p - p0) * kv_dim + off;
-                                    (&k[at..at + hd], &v[at..at + hd])
-                                } else {
-                                    let at = cache.slot(li, p) * kv_dim + off;
-                                    (&cache.keys[li][at..at + hd], &cache.values[li][at..at + hd])
-                                }
-                            };
-                            let span = heads.start * hd..heads.end * hd;
-                            attend_heads(
-                                &q[t * q_dim..(t + 1) * q_dim][span.clone()],
-                                hd,
-                                first_position(r.position)..=r.position,
-                                kv,
-                                scores,
-                                &mut out_t[span],
-                            );
-                        }
-                    },
-                );
-                for (t, r) in rows.iter().enumerate() {
-                    caches[r.seq].store(
-                        li,
-                        r.position,
-                        &k[t * kv_dim..(t + 1) * kv_dim],
-                        &v[t * kv_dim..(t + 1) * kv_dim],
-                    );
-                }
-            } else {
-                // A sequence's rows are not one ascending run: token by
-                // token, each stored before it attends.
-                let mut scores = Vec::new();
-                for (t, r) in rows.iter().enumerate() {
-                    let cache = &mut *caches[r.seq];
-                    cache.store(
-                        li,
-                        r.position,
-                        &k[t * kv_dim..(t + 1) * kv_dim],
-                        &v[t * kv_dim..(t + 1) * kv_dim],
-                    );
-                    let cache = &*cache;
+            // Tokens in parallel. A position inside this batch is read
+            // from `k`/`v` (not stored yet: a later token may take an
+            // earlier one's ring slot on a local layer); earlier
+            // positions from the cache, which still holds them all.
+            let cached: Vec<&KvCache> = caches.iter().map(|cache| &**cache).collect();
+            let (k, v) = (&k, &v);
+            attn.par_chunks_exact_mut(q_dim).enumerate().for_each_init(
+                Vec::new,
+                |scores, (t, out_t)| {
+                    let r = &rows[t];
+                    let cache = cached[r.seq];
+                    let (r0, p0) = (runs[t], rows[runs[t]].position);
                     for (heads, off) in &groups {
                         let off = *off;
                         let kv = |p: usize| {
-                            let at = cache.slot(li, p) * kv_dim + off;
-                            (&cache.keys[li][at..at + hd], &cache.values[li][at..at + hd])
+                            if p >= p0 {
+                                let at = (r0 + p - p0) * kv_dim + off;
+                                (&k[at..at + hd], &v[at..at + hd])
+                            } else {
+                                let at = cache.slot(li, p) * kv_dim + off;
+                                (&cache.keys[li][at..at + hd], &cache.values[li][at..at + hd])
+                            }
                         };
-                        let span = t * q_dim + heads.start * hd..t * q_dim + heads.end * hd;
+                        let span = heads.start * hd..heads.end * hd;
                         attend_heads(
-                            &q[span.clone()],
+                            &q[t * q_dim..(t + 1) * q_dim][span.clone()],
                             hd,
                             first_position(r.position)..=r.position,
                             kv,
-                            &mut scores,
-                            &mut attn[span],
+                            scores,
+                            &mut out_t[span],
                         );
                     }
-                }
+                },
+            );
+            for (t, r) in rows.iter().enumerate() {
+                caches[r.seq].store(
+                    li,
+                    r.position,
+                    &k[t * kv_dim..(t + 1) * kv_dim],
+                    &v[t * kv_dim..(t + 1) * kv_dim],
+                );
             }
             self.matrix(&layer.attn_output).matmul(&attn, n, &mut o);
             self.collective.all_reduce_sum(&mut o)?;
