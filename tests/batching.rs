@@ -180,10 +180,10 @@ mod engine {
 
     /// Both ranks of a tp=2 group, as threads of this process.
     fn two_ranks(path: &std::path::Path) -> Vec<actors::gemma::Gemma> {
-        cluster::serve::load_ranks(
+        actors::serve::load_ranks(
             path,
             2,
-            cluster::serve::Placement::InProcess,
+            actors::serve::Placement::InProcess,
             Duration::from_secs(60),
         )
         .unwrap()

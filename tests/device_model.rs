@@ -210,10 +210,10 @@ fn the_device_model_shards_like_the_cpu_model() {
     // Two ranks, each on its own thread (their collectives meet).
     let path = cluster::models::gguf_path("gemma3-270m").unwrap();
     let load = || {
-        let cpu = cluster::serve::load_ranks(
+        let cpu = actors::serve::load_ranks(
             &path,
             2,
-            cluster::serve::Placement::InProcess,
+            actors::serve::Placement::InProcess,
             Duration::from_secs(60),
         )
         .unwrap();

@@ -1,6 +1,6 @@
 //! `[inference]` under `dima up` / `dima run`: the processes the manifest
 //! places ranks on load them, beside their dataflow job. The process with
-//! rank 0 serves the OpenAI-compatible API ([`crate::serve`]) at
+//! rank 0 serves the OpenAI-compatible API ([`actors::serve`]) at
 //! `inference.listen` and, while the jobs run, sends `[inference.load]`'s
 //! streaming completions through it; the others follow rank 0 over TCP.
 //! When the jobs are done (or, with `keep_serving`, when the cluster is
@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
+use actors::serve::{self, Deployed, Deployment, Placement};
+
 use crate::manifest::{ApiKey, InferenceSpec, Manifest};
-use crate::serve::{self, Placement};
 
 /// Prompts the built-in load cycles through.
 const PROMPTS: [&str; 8] = [
@@ -94,36 +95,79 @@ fn run(
             .context("inference.root is required when ranks run in different processes")?;
         Placement::Tcp { rank, root }
     };
-    if let crate::manifest::Backend::Cuda {
-        devices,
-        max_context,
-    } = &spec.backend
-    {
-        return serve_on_gpu(spec, &path, devices, *max_context, done, stop);
-    }
-    let started = Instant::now();
-    let ranks = serve::load_ranks(&path, spec.tp, placement, spec.collective_timeout)
-        .with_context(|| format!("loading rank {rank} of {} of {}", spec.tp, path.display()))?;
-    let load_s = started.elapsed().as_secs_f64();
-    for line in serve::describe_ranks(&ranks).lines() {
-        tracing::info!(load_s, "{line}");
-    }
-    if rank != 0 {
-        let gemma = ranks.into_iter().next().context("no rank was loaded")?;
-        actors::gemma::engine::follow(gemma)
-            .map_err(|e| anyhow::anyhow!("rank {rank} of {}: {e}", spec.tp))?;
-        return Ok(None);
-    }
-    let held: Vec<Value> = ranks
-        .iter()
-        .map(|g| {
-            let r = g.shard().rank;
-            json!({"rank": r, "process": spec.ranks[r], "weight_bytes": g.weight_bytes()})
-        })
-        .collect();
-    let config = serve_config(spec)?;
-    let server = serve::start(ranks, &config)?;
-    finish_serving(spec, server, &config, (&path, load_s, held), done, stop)
+    let backend = match &spec.backend {
+        crate::manifest::Backend::Cpu => serve::Backend::Cpu,
+        crate::manifest::Backend::Cuda {
+            devices,
+            max_context,
+        } => serve::Backend::Cuda {
+            devices: devices.clone(),
+            max_context: *max_context,
+        },
+    };
+    let deployment = Deployment {
+        model: path.clone(),
+        tp: spec.tp,
+        placement,
+        backend,
+        collective_timeout: spec.collective_timeout,
+        http: serve_config(spec)?,
+    };
+    let deployed = deployment.start().map_err(|e| match e {
+        e @ serve::ServeError::Listen { .. } => anyhow::Error::new(e).context("inference.listen"),
+        e => anyhow::Error::new(e).context(format!(
+            "loading rank {rank} of {} of {}",
+            spec.tp,
+            path.display()
+        )),
+    })?;
+    let (server, held, load_s) = match deployed {
+        Deployed::Following {
+            ref description,
+            load_s,
+            ..
+        } => {
+            for line in description.lines() {
+                tracing::info!(load_s, "{line}");
+            }
+            deployed
+                .follow()
+                .map_err(|e| anyhow::anyhow!("rank {rank} of {}: {e}", spec.tp))?;
+            return Ok(None);
+        }
+        Deployed::Serving {
+            server,
+            ranks,
+            description,
+            load_s,
+        } => {
+            for line in description.lines() {
+                tracing::info!(load_s, "{line}");
+            }
+            let held: Vec<Value> = ranks
+                .iter()
+                .map(|r| {
+                    let mut held = json!({"rank": r.rank, "process": spec.ranks[r.rank]});
+                    if let Some(bytes) = r.weight_bytes {
+                        held["weight_bytes"] = json!(bytes);
+                    }
+                    if let Some(device) = r.device {
+                        held["device"] = json!(device);
+                    }
+                    held
+                })
+                .collect();
+            (server, held, load_s)
+        }
+    };
+    finish_serving(
+        spec,
+        server,
+        &deployment.http,
+        (&path, load_s, held),
+        done,
+        stop,
+    )
 }
 
 /// The server's settings from `[inference]` (the bearer token read now).
@@ -147,54 +191,6 @@ fn serve_config(spec: &InferenceSpec) -> anyhow::Result<serve::ServeConfig> {
         },
         handle_signals: false,
     })
-}
-
-/// A GPU deployment, every rank in this process (one GPU each, NCCL
-/// between them), served by the same engine and server.
-#[cfg(feature = "cuda")]
-fn serve_on_gpu(
-    spec: &InferenceSpec,
-    path: &std::path::Path,
-    devices: &[usize],
-    max_context: usize,
-    done: &AtomicBool,
-    stop: &AtomicBool,
-) -> anyhow::Result<Option<Value>> {
-    let started = Instant::now();
-    let config = serve_config(spec)?;
-    let listener = std::net::TcpListener::bind(config.listen)
-        .with_context(|| format!("inference.listen: cannot listen on {}", config.listen))?;
-    let (shards, tokenizer) = crate::gpu::gpu_shards(
-        path,
-        devices,
-        (spec.max_batch, max_context),
-        spec.collective_timeout,
-    )?;
-    let load_s = started.elapsed().as_secs_f64();
-    let held = devices
-        .iter()
-        .enumerate()
-        .map(|(r, d)| json!({"rank": r, "process": spec.ranks[r], "device": d}))
-        .collect();
-    let engine = actors::gemma::engine::Engine::start_shards(shards, config.engine)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let server = serve::start_engine(engine, tokenizer, listener, &config)?;
-    finish_serving(spec, server, &config, (path, load_s, held), done, stop)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn serve_on_gpu(
-    _spec: &InferenceSpec,
-    _path: &std::path::Path,
-    _devices: &[usize],
-    _max_context: usize,
-    _done: &AtomicBool,
-    _stop: &AtomicBool,
-) -> anyhow::Result<Option<Value>> {
-    anyhow::bail!(
-        "inference.backend = \"cuda\", but this dima was built without CUDA: build it with \
-         `cargo build --release -p cluster --features cuda`"
-    )
 }
 
 /// Sends the load through the running server, waits for the jobs (or the
@@ -249,40 +245,41 @@ fn send_load(
     let load = spec.load;
     let next = AtomicUsize::new(0);
     let started = Instant::now();
-    let outcomes: Vec<anyhow::Result<(f64, Vec<f64>, u64)>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..load.concurrency.min(load.requests.max(1)))
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::SeqCst);
-                        if i >= load.requests || stop.load(Ordering::SeqCst) {
-                            return mine;
+    let outcomes: Vec<Result<serve::client::StreamStats, serve::client::ClientError>> =
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..load.concurrency.min(load.requests.max(1)))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::SeqCst);
+                            if i >= load.requests || stop.load(Ordering::SeqCst) {
+                                return mine;
+                            }
+                            mine.push(serve::client::stream_completion(
+                                address,
+                                &spec.served_model_name,
+                                PROMPTS[i % PROMPTS.len()],
+                                load.max_tokens,
+                                api_key,
+                            ));
                         }
-                        mine.push(crate::bench::stream_once(
-                            address,
-                            &spec.served_model_name,
-                            PROMPTS[i % PROMPTS.len()],
-                            load.max_tokens,
-                            api_key,
-                        ));
-                    }
+                    })
                 })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_default())
-            .collect()
-    });
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_default())
+                .collect()
+        });
     let wall_s = started.elapsed().as_secs_f64();
     let (mut ttft, mut itl, mut tokens, mut errors) = (Vec::new(), Vec::new(), 0u64, Vec::new());
     for outcome in &outcomes {
         match outcome {
-            Ok((first, gaps, n)) => {
-                ttft.push(*first);
-                itl.extend(gaps);
-                tokens += n;
+            Ok(stats) => {
+                ttft.push(stats.first_event_s);
+                itl.extend(&stats.gaps_s);
+                tokens += stats.completion_tokens;
             }
             Err(e) => errors.push(format!("{e:#}")),
         }
@@ -294,7 +291,7 @@ fn send_load(
         0.0
     };
     let p = |v: &mut Vec<f64>, q: f64| {
-        let x = crate::bench::percentile(v, q);
+        let x = serve::client::percentile(v, q);
         if x.is_finite() { json!(x) } else { Value::Null }
     };
     errors.truncate(3);

@@ -1,12 +1,18 @@
-//! Dima's cluster layer: the manifest, the launcher, telemetry, and the
-//! `dima` binary built on them.
+//! Dima's cluster layer: the manifest, the launcher, telemetry, and what
+//! the `dima` binary is built on.
 //!
-//! A cluster is described by one TOML [`Manifest`]. `dima up FILE` ([`up`])
-//! starts every process the manifest places on this machine as a child
-//! `dima run FILE --process I` ([`run_process`]), each of which runs one timely
-//! process with the manifest's workers and joins its peers over TCP.
-//! [`Telemetry`] gives every process logs, OTLP traces and metrics, and a
-//! Prometheus endpoint.
+//! The three types to know first:
+//! - [`Manifest`]: one TOML file describing the cluster, parsed and
+//!   validated before anything starts ([`ManifestError`] names the field);
+//! - [`up`]: `dima up FILE` starts every process the manifest places on
+//!   this machine as a child `dima run FILE --process I` ([`run_process`]),
+//!   each one timely process with the manifest's workers, joined to its
+//!   peers over TCP;
+//! - [`Telemetry`]: logs, OTLP traces and metrics, and a Prometheus
+//!   endpoint for every process.
+//!
+//! `[inference]` deployments are started by [`inference`] through
+//! `actors::serve`; the end-to-end benchmarks are in [`bench`].
 //!
 //! ```
 //! use std::path::Path;
@@ -20,8 +26,6 @@
 pub mod assign;
 pub mod bench;
 pub mod events;
-#[cfg(feature = "cuda")]
-pub mod gpu;
 pub mod inference;
 pub mod launcher;
 pub mod manifest;
@@ -29,7 +33,6 @@ pub mod mesh;
 pub mod models;
 pub mod plot;
 pub mod process;
-pub mod serve;
 pub mod summary;
 pub mod telemetry;
 

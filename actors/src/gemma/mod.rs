@@ -1,5 +1,7 @@
-//! Gemma 3: configuration, weights and the forward pass.
+//! Gemma 3: configuration, weights, the forward pass, generation, the chat
+//! template and the continuous-batching engine.
 
+pub mod chat;
 mod checkpoint;
 pub mod config;
 pub mod device;

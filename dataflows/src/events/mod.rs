@@ -24,7 +24,7 @@ pub use geo::{LatLng, haversine_km};
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Which pipeline an event belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
     /// Sponsored-content events for the incremental learner.
@@ -34,6 +34,17 @@ pub enum Family {
 }
 
 impl Family {
+    /// Every family.
+    pub const ALL: [Self; 2] = [Self::Ads, Self::Dispatch];
+
+    /// One line on what the family is (the CLI's help).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Ads => "Sponsored-content events for the incremental learner",
+            Self::Dispatch => "Rider and driver events for dispatch matching",
+        }
+    }
+
     /// The name used in manifests, metrics and summaries.
     pub fn name(self) -> &'static str {
         match self {
@@ -53,6 +64,21 @@ impl Family {
                 "request_cancelled",
             ],
         }
+    }
+}
+
+/// A name that is not an event family.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an event family (ads or dispatch)")]
+pub struct UnknownFamily(pub String);
+
+impl std::str::FromStr for Family {
+    type Err = UnknownFamily;
+    fn from_str(name: &str) -> Result<Self, UnknownFamily> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| UnknownFamily(name.to_owned()))
     }
 }
 

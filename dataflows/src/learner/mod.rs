@@ -183,6 +183,44 @@ pub struct StepParams {
     pub lambda: f64,
 }
 
+impl StepParams {
+    /// The defaults of the manifest's `learner` and of the CLI's `--delta`
+    /// and `--lambda`.
+    pub const DEFAULT: Self = Self {
+        delta: 0.8,
+        lambda: 1.0,
+    };
+
+    /// Whether δ is a forgetting factor: in [0, 1].
+    pub fn delta_in_range(delta: f64) -> bool {
+        (0.0..=1.0).contains(&delta)
+    }
+
+    /// Whether λ is an L2 penalty: finite and at least 0.
+    pub fn lambda_in_range(lambda: f64) -> bool {
+        lambda.is_finite() && lambda >= 0.0
+    }
+
+    /// δ and λ, checked.
+    pub fn new(delta: f64, lambda: f64) -> Result<Self, StepError> {
+        let params = Self { delta, lambda };
+        params.check()?;
+        Ok(params)
+    }
+
+    /// Refuses a δ or λ out of range.
+    pub fn check(&self) -> Result<(), StepError> {
+        if Self::delta_in_range(self.delta) && Self::lambda_in_range(self.lambda) {
+            Ok(())
+        } else {
+            Err(StepError::Params {
+                delta: self.delta,
+                lambda: self.lambda,
+            })
+        }
+    }
+}
+
 /// `log(1 + exp(z))` without overflow.
 pub fn softplus(z: f64) -> f64 {
     if z > 0.0 {
@@ -379,12 +417,7 @@ pub struct Step {
 /// prior, and the Laplace posterior precision there. An empty batch returns
 /// the prior shrunk as the formula says (θ minimises the prior terms alone).
 pub fn step(prior: &Posterior, batch: &Batch, params: StepParams) -> Result<Step, StepError> {
-    if !((0.0..=1.0).contains(&params.delta) && params.lambda >= 0.0 && params.lambda.is_finite()) {
-        return Err(StepError::Params {
-            delta: params.delta,
-            lambda: params.lambda,
-        });
-    }
+    params.check()?;
     for i in 0..batch.len() {
         if !batch.row(i).iter().all(|v| v.is_finite()) {
             return Err(StepError::NotFinite {

@@ -13,7 +13,7 @@ use super::value::{ValueKey, ValueParams};
 use crate::events::{LatLng, haversine_km};
 
 /// How a batch is matched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// Maximum total of reward − pickup cost + γ^Δt·V(drop-off) − V(driver).
@@ -25,6 +25,18 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// Every policy.
+    pub const ALL: [Self; 3] = [Self::Value, Self::Myopic, Self::Nearest];
+
+    /// One line on what the policy does (the CLI's help).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Value => "Maximum total of reward − pickup cost + γ^Δt·V(drop-off) − V(driver)",
+            Self::Myopic => "Maximum total of reward − pickup cost (the same solver, no values)",
+            Self::Nearest => "Oldest request first, each to its nearest available driver",
+        }
+    }
+
     /// The policy's name, as the CLI spells it.
     pub fn name(self) -> &'static str {
         match self {
@@ -32,6 +44,21 @@ impl Policy {
             Self::Myopic => "myopic",
             Self::Nearest => "nearest",
         }
+    }
+}
+
+/// A name that is not a policy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a policy (value, myopic or nearest)")]
+pub struct UnknownPolicy(pub String);
+
+impl std::str::FromStr for Policy {
+    type Err = UnknownPolicy;
+    fn from_str(name: &str) -> Result<Self, UnknownPolicy> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| UnknownPolicy(name.to_owned()))
     }
 }
 

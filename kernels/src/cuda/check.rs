@@ -1,10 +1,11 @@
-//! `dima gpu info` and `dima gpu check` (feature `cuda`): what the GPU is,
-//! and every CUDA kernel against the CPU op it mirrors, on random inputs.
-//! One JSON line per check: `{"kernel", "max_abs_err", "tolerance", "ok"}`.
+//! `dima gpu info` and `dima gpu check`: what the GPU is, and every CUDA
+//! kernel against the CPU op it mirrors, on random inputs. One JSON value
+//! per check: `{"kernel", "max_abs_err", "tolerance", "ok"}`.
 
-use kernels::cuda::{GemmPath, Gpu, GpuError, bf16_bits};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
+
+use super::{GemmPath, Gpu, GpuError, bf16_bits};
 
 /// `dima gpu info`.
 pub fn info(device: usize) -> Result<Value, GpuError> {
@@ -72,7 +73,7 @@ fn attend(
 }
 
 /// `dima gpu check`: each kernel against its CPU reference.
-pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
+pub fn check_kernels(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
     let gpu = Gpu::new(device)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut random = |n: usize, scale: f32| -> Vec<f32> {
@@ -101,7 +102,7 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
     let w = random(dim, 1.5);
     let mut want = vec![0f32; r * dim];
     for (xr, o) in x.chunks(dim).zip(want.chunks_mut(dim)) {
-        kernels::ops::rms_norm(xr, &w, 1e-6, o);
+        crate::ops::rms_norm(xr, &w, 1e-6, o);
     }
     let (dx, dw) = (gpu.upload(&x)?, gpu.upload(&w)?);
     let mut dy = gpu.zeros::<f32>(r * dim)?;
@@ -119,7 +120,7 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
         let mut want = x.clone();
         for (t, token) in want.chunks_mut(heads * hd).enumerate() {
             for head in token.chunks_mut(hd) {
-                kernels::ops::rope_neox(head, positions[t], base);
+                crate::ops::rope_neox(head, positions[t], base);
             }
         }
         let mut dx = gpu.upload(&x)?;
@@ -134,7 +135,7 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
     let want: Vec<f32> = g
         .iter()
         .zip(&u)
-        .map(|(g, u)| kernels::ops::gelu_tanh(*g) * u)
+        .map(|(g, u)| crate::ops::gelu_tanh(*g) * u)
         .collect();
     let (dg, du) = (gpu.upload(&g)?, gpu.upload(&u)?);
     let mut dout = gpu.zeros::<f32>(n)?;
@@ -310,10 +311,7 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
     let mut x = random(r * n, 10.0);
     x[n + 5] = 50.0;
     x[n + 9] = 50.0;
-    let want: Vec<f32> = x
-        .chunks(n)
-        .map(|row| actors::gemma::argmax(row) as f32)
-        .collect();
+    let want: Vec<f32> = x.chunks(n).map(|row| argmax(row) as f32).collect();
     let dx = gpu.upload(&x)?;
     let mut dout = gpu.zeros::<i32>(r)?;
     gpu.argmax_rows(&dx, (r, n), &mut dout)?;
@@ -372,7 +370,7 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
     // The fused kernels against the compositions `Host` runs (the trait's
     // defaults). bf16 outputs may differ by a rounding where the f32
     // values differ in their last bits: compared relative to the value.
-    use kernels::device::{Device, Host};
+    use crate::device::{Device, Host};
     let bf16_err = |a: &[u16], b: &[u16]| -> f64 {
         a.iter()
             .zip(b)
@@ -385,7 +383,7 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
             })
             .fold(0.0, f64::max)
     };
-    let host = |e: kernels::device::DeviceError| GpuError::Shape(e.to_string());
+    let host = |e: crate::device::DeviceError| GpuError::Shape(e.to_string());
     let (r, dim, eps) = (5, 1152, 1e-6f32);
     let (x, o) = (random(r * dim, 2.0), random(r * dim, 3.0));
     let (w1, w2) = (random(dim, 1.5), random(dim, 1.5));
@@ -489,7 +487,7 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
     // NCCL in a world of one (one GPU allows no more): the id goes through
     // the bootstrap, the communicator forms, and a sum, a gather and a
     // broadcast give back what went in.
-    use kernels::collective::{Collective, CollectiveError, NcclRank, SingleRank};
+    use crate::collective::{Collective, CollectiveError, NcclRank, SingleRank};
     let values = random(1000, 3.0);
     let nccl = || -> Result<f64, CollectiveError> {
         let rank = NcclRank::connect(device, &SingleRank)?;
@@ -513,241 +511,13 @@ pub fn check(device: usize, seed: u64) -> Result<Vec<Value>, GpuError> {
     Ok(rows)
 }
 
-/// `dima gpu gemm`: the matrix products of one decode step of `config`
-/// (every projection shape of a layer and the LM head) at each token count,
-/// timed on both paths (cuBLAS and our `gemv_bf16`), as bytes of weights
-/// read per second and as a fraction of the measured copy bandwidth.
-pub fn bench_gemm(
-    device: usize,
-    config: &actors::gemma::GemmaConfig,
-    tokens: &[usize],
-    repeat: usize,
-) -> Result<Vec<Value>, GpuError> {
-    let gpu = Gpu::new(device)?;
-    let bandwidth = gpu.copy_bandwidth(1 << 30, 20)?;
-    let c = config;
-    let (q, kv) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
-    let shapes = [
-        ("q", q, c.hidden),
-        ("k/v", kv, c.hidden),
-        ("o", c.hidden, q),
-        ("gate/up", c.ffn, c.hidden),
-        ("down", c.hidden, c.ffn),
-        ("lm_head", c.vocab, c.hidden),
-    ];
-    let most = tokens.iter().copied().max().unwrap_or(1).max(1);
-    let biggest = shapes.iter().map(|s| s.1 * s.2).max().unwrap_or(1);
-    let widest = shapes.iter().map(|s| s.1.max(s.2)).max().unwrap_or(1);
-    // Random bf16 weights made on the host once (small values); every
-    // shape reads a prefix of them.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    let table: Vec<u16> = (0..1 << 20)
-        .map(|_| half::bf16::from_f32(rng.random_range(-0.05f32..0.05)).to_bits())
-        .collect();
-    let host: Vec<u16> = (0..biggest).map(|i| table[i & ((1 << 20) - 1)]).collect();
-    let w = gpu.upload(&host)?;
-    drop(host);
-    let xs = gpu.upload(&bf16_bits(
-        &(0..most * widest)
-            .map(|_| rng.random_range(-1.0f32..1.0))
-            .collect::<Vec<_>>(),
-    ))?;
-    let mut out = gpu.zeros::<f32>(most * widest)?;
-    let saved = gpu.gemm_path();
-    let mut rows = Vec::new();
-    for (name, r, k) in shapes {
-        for &t in tokens {
-            let mut row = json!({
-                "bench": "gemm", "shape": name, "rows": r, "cols": k, "tokens": t,
-                "weight_bytes": r * k * 2, "copy_bandwidth_bytes_per_s": bandwidth,
-            });
-            for path in [GemmPath::Blas, GemmPath::Gemv] {
-                gpu.set_gemm_path(path);
-                // The shared weights' first r × k values.
-                gpu.gemm_bf16(&w, (r, k), &xs, t, &mut out)?;
-                gpu.synchronize()?;
-                let started = std::time::Instant::now();
-                for _ in 0..repeat {
-                    gpu.gemm_bf16(&w, (r, k), &xs, t, &mut out)?;
-                }
-                gpu.synchronize()?;
-                let each = started.elapsed().as_secs_f64() / repeat.max(1) as f64;
-                let rate = (r * k * 2) as f64 / each;
-                row[format!("{}_us", path.name())] = json!(each * 1e6);
-                row[format!("{}_of_bandwidth", path.name())] = json!(rate / bandwidth);
-            }
-            rows.push(row);
+/// The index of the largest value (the first of equals).
+fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
         }
     }
-    gpu.set_gemm_path(saved);
-    Ok(rows)
-}
-
-/// `dima bench decode --backend cuda`: aggregate decode tokens/s per batch
-/// size on the GPU (greedy, each sequence its own prompt), next to the
-/// memory-bandwidth roofline: every step reads every weight once and each
-/// sequence's KV cache, so at most `batch × bandwidth / bytes_per_step`
-/// tokens/s, with the bandwidth measured by device-to-device copies in the
-/// same run.
-pub fn bench_decode(
-    model: &actors::gemma::device::GpuGemma,
-    batches: &[usize],
-    prompt_tokens: usize,
-    steps: usize,
-) -> anyhow::Result<Vec<Value>> {
-    let c = model.config().clone();
-    let bandwidth = model.gpu().copy_bandwidth(1 << 30, 20)?;
-    let mut sizes: Vec<usize> = std::iter::once(1)
-        .chain(batches.iter().copied().filter(|b| *b > 0))
-        .collect();
-    sizes.sort_unstable();
-    sizes.dedup();
-    let most = sizes.last().copied().unwrap_or(1);
-    let mut pool = model.new_pool(most, prompt_tokens + steps + 2)?;
-    let kv_row = 2 * c.kv_heads * c.head_dim * 4;
-    let mut rows = Vec::new();
-    let mut single = None;
-    for &b in &sizes {
-        let mut next = Vec::with_capacity(b);
-        for s in 0..b {
-            pool.clear(s);
-            let prompt: Vec<u32> = std::iter::once(2)
-                .chain(
-                    (0..prompt_tokens.saturating_sub(1))
-                        .map(|i| (1000 + 37 * (i + 11 * s)) as u32 % 200_000 + 300),
-                )
-                .collect();
-            let logits = model.prefill(&prompt, s, &mut pool)?;
-            next.push(actors::gemma::argmax(&logits));
-        }
-        let seqs: Vec<usize> = (0..b).collect();
-        let started = std::time::Instant::now();
-        // Greedy on the device (argmax_rows): only the ids come back, as in
-        // the transformers anchor.
-        for _ in 0..steps {
-            next = model.decode_greedy(&next, &seqs, &mut pool)?;
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        let rate = (b * steps) as f64 / seconds;
-        let base = *single.get_or_insert(rate);
-        // KV read per step: each sequence's positions on every layer
-        // (local layers within the window), at the run's middle step.
-        let mid = prompt_tokens + steps / 2;
-        let kv: usize = c
-            .layer_kinds
-            .iter()
-            .map(|k| match k {
-                actors::gemma::LayerKind::Local => mid.min(c.window),
-                actors::gemma::LayerKind::Global => mid,
-            } * kv_row)
-            .sum::<usize>()
-            * b;
-        let bytes_per_step = model.weight_bytes() + kv;
-        let roofline = b as f64 * bandwidth / bytes_per_step as f64;
-        rows.push(json!({
-            "bench": "decode",
-            "backend": "cuda",
-            "batch": b,
-            "prompt_tokens": prompt_tokens,
-            "steps": steps,
-            "seconds": seconds,
-            "tokens_per_s": rate,
-            "over_batch_1": rate / base,
-            "weight_bytes": model.weight_bytes(),
-            "bytes_per_step": bytes_per_step,
-            "copy_bandwidth_bytes_per_s": bandwidth,
-            "roofline_tokens_per_s": roofline,
-            "of_roofline": rate / roofline,
-        }));
-    }
-    Ok(rows)
-}
-
-/// Uploads `gemma` (a rank of its group, joined to its peers by
-/// `collective`) to GPU `device`: refuses, before uploading, bf16 weights
-/// larger than the GPU's free memory, and says what went up.
-pub fn upload_rank(
-    gemma: &actors::gemma::Gemma,
-    device: usize,
-    collective: Box<dyn kernels::collective::Collective>,
-) -> anyhow::Result<actors::gemma::device::GpuGemma> {
-    let gib = |b: usize| crate::models::gib(b as u64);
-    let gpu = Gpu::new(device)?;
-    let info = gpu.describe()?;
-    let need = actors::gemma::Gemma::random_weight_bytes(
-        gemma.config(),
-        gemma.collective().world(),
-        gemma.shard().rank,
-        kernels::gguf::GgmlType::BF16,
-    )?;
-    if need > info.memory.0 {
-        anyhow::bail!(
-            "the model needs {:.2} GiB of bf16 weights on {} but only {:.2} GiB are free: refusing",
-            gib(need),
-            info.name,
-            gib(info.memory.0)
-        );
-    }
-    let started = std::time::Instant::now();
-    let model = actors::gemma::device::GpuGemma::upload_rank(gemma, gpu, collective, |_, _| {})?;
-    eprintln!(
-        "uploaded to {} (GPU {device}): {:.2} GiB of bf16 weights in {:.1} s; {:.1} of {:.1} GiB were free",
-        info.name,
-        gib(model.weight_bytes()),
-        started.elapsed().as_secs_f64(),
-        gib(info.memory.0),
-        gib(info.memory.1),
-    );
-    Ok(model)
-}
-
-/// The GPU shard models of a `devices.len()`-way group in this process:
-/// one thread per GPU loads its rank's slices (on the CPU, from the file),
-/// joins an NCCL group (the unique id travels over in-process ranks) and
-/// uploads, each with `sequences` caches of `context` positions. One
-/// device is the plain single-rank model. Returns them in rank order, with
-/// the tokenizer.
-pub fn gpu_shards(
-    path: &std::path::Path,
-    devices: &[usize],
-    (sequences, context): (usize, usize),
-    timeout: std::time::Duration,
-) -> anyhow::Result<(
-    Vec<Box<dyn actors::gemma::engine::ShardModel>>,
-    actors::Tokenizer,
-)> {
-    use actors::gemma::engine::{DeviceShard, ShardModel};
-    let tp = devices.len();
-    if tp == 0 {
-        anyhow::bail!("no GPU to run on");
-    }
-    let ranks = crate::serve::load_ranks(path, tp, crate::serve::Placement::InProcess, timeout)?;
-    let tokenizer = ranks[0].tokenizer().clone();
-    let boot = kernels::collective::local_group(tp, timeout);
-    let handles: Vec<_> = ranks
-        .into_iter()
-        .zip(boot)
-        .zip(devices.iter().copied())
-        .map(|((gemma, link), device)| {
-            std::thread::spawn(move || -> anyhow::Result<Box<dyn ShardModel>> {
-                let collective: Box<dyn kernels::collective::Collective> = if tp == 1 {
-                    Box::new(kernels::collective::SingleRank)
-                } else {
-                    Box::new(kernels::collective::NcclRank::connect(device, &link)?)
-                };
-                let model = upload_rank(&gemma, device, collective)?;
-                let shard =
-                    DeviceShard::new(model, sequences, context).map_err(|e| anyhow::anyhow!(e))?;
-                Ok(Box::new(shard))
-            })
-        })
-        .collect();
-    let mut shards = Vec::with_capacity(tp);
-    for (rank, h) in handles.into_iter().enumerate() {
-        shards.push(
-            h.join()
-                .map_err(|_| anyhow::anyhow!("GPU rank {rank} panicked"))??,
-        );
-    }
-    Ok((shards, tokenizer))
+    best
 }

