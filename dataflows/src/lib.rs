@@ -3,13 +3,18 @@
 //!
 //! The crate knows nothing about manifests or processes: the `cluster` crate
 //! builds a timely configuration and calls into the jobs here from each
-//! worker. Start with:
+//! worker. The three types to know first:
 //!
-//! - [`CountJob`] and [`run_count`]: the `count` job, the first end-to-end
-//!   dataflow (generate keyed events, exchange by key, count, gather);
+//! - [`PipelineSpec`] and [`run_pipelines`]: an event pipeline (a source,
+//!   validation with dead letters, the incremental learner or the matcher,
+//!   a sink) run on a timely worker;
+//! - [`CountJob`] and [`run_count`]: the `count` job, the smallest
+//!   end-to-end dataflow (generate keyed events, exchange by key, count,
+//!   gather);
 //! - [`DataflowMetrics`]: per-operator, per-worker record counters and
-//!   frontier lag, registered in a Prometheus registry;
-//! - [`placement::route`]: the stable key hash every keyed exchange uses.
+//!   frontier lag, registered in a Prometheus registry.
+//!
+//! Keyed exchanges all use one stable hash ([`placement::route`]).
 //!
 //! ```
 //! use std::sync::atomic::AtomicBool;
@@ -37,3 +42,4 @@ pub mod toml_input;
 
 pub use jobs::count::{CountJob, CountRun, CountSummary, KeyedEvents, count_sequential, run_count};
 pub use metrics::{DataflowMetrics, FrontierMetrics, MetricFamily, MetricKind};
+pub use pipelines::{PipelineSpec, run_pipelines};

@@ -1,10 +1,15 @@
-//! Dima's compute kernels: tensor storage and views (f32, bf16, f16, GGUF
-//! quantized blocks), CPU ops, CUDA ops behind the `cuda` feature, and the
-//! collectives that join tensor-parallel ranks.
+//! Dima's compute kernels: GGUF and safetensors files, quantized weight
+//! formats and their CPU products, CPU ops, the CUDA backend (feature
+//! `cuda`), and the collectives that join tensor-parallel ranks. The crate
+//! never depends on the model, the actors or the dataflows.
 //!
-//! So far: the GGUF reader ([`gguf::GgufFile`], [`gguf::parse`]) and the GGML
-//! tensor types ([`gguf::GgmlType`]). The crate never depends on the model,
-//! the actors or the dataflows (see `shared/ARCHITECTURE.md`).
+//! The three types to know first:
+//! - [`GgufFile`]: a GGUF model file, memory-mapped, with its metadata and
+//!   tensors ([`gguf::parse`] reads a header from bytes);
+//! - [`QMatrix`]: a matrix in a GGML quantized format, multiplied by f32
+//!   activations with the kernels this CPU runs best ([`cpu::Kernel`]);
+//! - [`Collective`]: how a tensor-parallel rank sums and gathers with its
+//!   peers (one rank, in-process threads, TCP, or NCCL on GPUs).
 //!
 //! ```
 //! use kernels::gguf::{GgufBuilder, MetaValue, parse};
@@ -18,6 +23,7 @@
 //! ```
 
 pub mod collective;
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
@@ -25,3 +31,7 @@ pub mod gguf;
 pub mod ops;
 pub mod quant;
 pub mod safetensors;
+
+pub use collective::{Collective, CollectiveError};
+pub use gguf::{GgmlType, GgufFile};
+pub use quant::QMatrix;

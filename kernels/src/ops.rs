@@ -184,7 +184,7 @@ pub fn tanh(y: f32) -> f32 {
 /// gives position `p`'s key and value of the shared KV head; `scores` is
 /// scratch. Each key and value is read once for all the heads.
 ///
-/// Compiled for each [`Kernel`](crate::quant::Kernel) variant and chosen at
+/// Compiled for each [`Kernel`](crate::cpu::Kernel) variant and chosen at
 /// run time, like the row kernels: the products are the same up to f32
 /// rounding order. The exponentials are [`exp_small`] with the exponent
 /// clamped at −30 (e^−30 ≈ 1e-13 of the largest weight, below f32's
@@ -197,7 +197,7 @@ pub fn attend_heads<'a>(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    use crate::quant::Kernel;
+    use crate::cpu::Kernel;
     match Kernel::detect() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `detect` returned Avx512 only after finding these features.

@@ -2,8 +2,8 @@
 //! `config.json` (old flat fields or `layer_types` + `rope_parameters`), and
 //! presets for every released size.
 //!
-//! Facts GGUF does not carry are fixed by Gemma 3 itself (Gemma 3 report §2;
-//! `shared/reference/gemma3-and-serving.md` §1): the local RoPE base is 10,000
+//! Facts GGUF does not carry are fixed by Gemma 3 itself (Gemma 3 technical
+//! report §2, and Hugging Face's `Gemma3TextConfig`): the local RoPE base is 10,000
 //! and every sixth layer (5, 11, 17, …) is global; `query_pre_attn_scalar` is
 //! head_dim except on 27B, where it is hidden/heads.
 

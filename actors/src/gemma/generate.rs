@@ -10,17 +10,6 @@ use super::sampling::Sampler;
 /// `<end_of_turn>`, `</s>`.
 pub const END_OF_GENERATION: [u32; 3] = [1, 106, 212];
 
-/// The index of the largest logit (the first one on ties).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if *v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// What one generation did, for `--stats`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerationStats {

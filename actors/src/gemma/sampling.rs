@@ -4,8 +4,6 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::generate::argmax;
-
 /// Sampling parameters, validated.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sampling {
@@ -131,6 +129,17 @@ impl Sampler {
         }
         candidates[candidates.len() - 1].0
     }
+}
+
+/// The index of the largest logit (the first one on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in logits.iter().enumerate() {
+        if *v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 #[cfg(test)]

@@ -175,3 +175,21 @@ pub struct LearnerSpec {
     /// Hashed sparse features of the fixed effect (none by default).
     pub hashing: crate::learner::ads::AdHashing,
 }
+
+/// Opens worker `worker`'s share (of `workers`) of `spec`.
+pub fn open_source(
+    spec: &SourceSpec,
+    pipeline: &str,
+    worker: usize,
+    workers: usize,
+) -> Result<Box<dyn source::RecordSource>, source::SourceError> {
+    Ok(match spec {
+        SourceSpec::Generator(g) => Box::new(source::GeneratedLines::new(
+            g,
+            worker as u64,
+            workers as u64,
+        )),
+        SourceSpec::Jsonl { path } => Box::new(source::JsonlSplit::open(path, worker, workers)?),
+        SourceSpec::Kafka(k) => Box::new(kafka::KafkaSource::new(k, pipeline, worker, workers)?),
+    })
+}

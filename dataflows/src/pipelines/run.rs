@@ -323,7 +323,7 @@ fn build(
     let failed = |e: String| {
         errors.borrow_mut().get_or_insert(e);
     };
-    let source = source::open(&spec.source, &spec.name, index, peers).unwrap_or_else(|e| {
+    let source = super::open_source(&spec.source, &spec.name, index, peers).unwrap_or_else(|e| {
         failed(e.to_string());
         Box::new(source::Empty)
     });

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{GeneratorSpec, SourceSpec};
+use super::GeneratorSpec;
 use crate::events::{AdsGenerator, AdsTruth, DispatchGenerator, Event, Family, corrupt};
 use crate::placement::mix64;
 
@@ -118,22 +118,6 @@ impl RecordSource for Empty {
     fn fill(&mut self, _max: usize, _out: &mut Vec<Record>) -> Result<bool, SourceError> {
         Ok(false)
     }
-}
-
-/// Opens worker `worker`'s share (of `workers`) of `spec`.
-pub fn open(
-    spec: &SourceSpec,
-    pipeline: &str,
-    worker: usize,
-    workers: usize,
-) -> Result<Box<dyn RecordSource>, SourceError> {
-    Ok(match spec {
-        SourceSpec::Generator(g) => Box::new(GeneratedLines::new(g, worker as u64, workers as u64)),
-        SourceSpec::Jsonl { path } => Box::new(JsonlSplit::open(path, worker, workers)?),
-        SourceSpec::Kafka(k) => Box::new(super::kafka::KafkaSource::new(
-            k, pipeline, worker, workers,
-        )?),
-    })
 }
 
 /// Shard `shard` of `shards` of the generator, as JSON lines, with the

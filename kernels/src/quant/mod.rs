@@ -10,6 +10,7 @@
 
 use half::{bf16, f16};
 
+pub use crate::cpu::Kernel;
 use crate::gguf::GgmlType;
 
 /// Why a row could not be decoded.
@@ -358,58 +359,7 @@ fn dot_unchecked(t: GgmlType, bytes: &[u8], x: &[f32]) -> f32 {
     }
 }
 
-/// Which compiled variant of the row kernels runs on this CPU (ordered from
-/// the narrowest instruction set to the widest).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Kernel {
-    /// Baseline x86-64 / any architecture.
-    Portable,
-    /// AVX2 + FMA.
-    Avx2,
-    /// AVX-512 (F, BW, VL) + FMA + F16C; one token runs the hand-written
-    /// kernels of `rows512`.
-    Avx512,
-}
-
 impl Kernel {
-    /// The best variant this CPU supports (detected at run time), unless
-    /// `DIMA_KERNELS=portable` asks for the baseline.
-    pub fn detect() -> Self {
-        // Decided once per process: matvec asks for every projection.
-        static DETECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(Self::probe)
-    }
-
-    fn probe() -> Self {
-        if std::env::var_os("DIMA_KERNELS").is_some_and(|v| v == "portable") {
-            return Self::Portable;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                return Self::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Self::Avx2;
-            }
-        }
-        Self::Portable
-    }
-
-    /// Every variant this CPU can run (for tests).
-    pub fn available() -> Vec<Self> {
-        let best = Self::detect();
-        [Self::Portable, Self::Avx2, Self::Avx512]
-            .into_iter()
-            .filter(|k| *k <= best)
-            .collect()
-    }
-
     /// The batched row kernel compiled for this variant.
     pub fn dot_batch(self) -> fn(GgmlType, &[u8], &[f32], usize, &mut [f32]) {
         match self {
