@@ -10,7 +10,7 @@ use actors::gemma::device::{DeviceGemma, generate};
 use kernels::device::Host;
 
 fn models() -> (Gemma, DeviceGemma<Host>) {
-    let gemma = Gemma::load(&cluster::models::gguf_path("gemma3-270m").unwrap()).unwrap();
+    let gemma = Gemma::load(&actors::models::gguf_path("gemma3-270m").unwrap()).unwrap();
     let device = DeviceGemma::upload(&gemma, Host, |_, _| {}).unwrap();
     (gemma, device)
 }
@@ -208,7 +208,7 @@ fn the_device_model_shards_like_the_cpu_model() {
     }
     drop(gemma);
     // Two ranks, each on its own thread (their collectives meet).
-    let path = cluster::models::gguf_path("gemma3-270m").unwrap();
+    let path = actors::models::gguf_path("gemma3-270m").unwrap();
     let load = || {
         let cpu = actors::serve::load_ranks(
             &path,

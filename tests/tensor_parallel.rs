@@ -17,7 +17,7 @@ struct Run {
 /// Every rank of a `tp`-way group runs the same greedy decode; rank 0's
 /// view is returned (every rank gets the same logits).
 fn greedy(tp: usize, prompt: &str, steps: usize) -> Vec<Run> {
-    let path = cluster::models::gguf_path("gemma3-270m").unwrap();
+    let path = actors::models::gguf_path("gemma3-270m").unwrap();
     let prompt = prompt.to_owned();
     let handles: Vec<_> = local_group(tp, Duration::from_secs(60))
         .into_iter()
@@ -85,7 +85,7 @@ fn tp_2_and_4_in_process_match_one_rank() {
 
 #[test]
 fn impossible_layouts_and_mismatched_groups_are_load_errors() {
-    let path = cluster::models::gguf_path("gemma3-270m").unwrap();
+    let path = actors::models::gguf_path("gemma3-270m").unwrap();
     let mut ranks = local_group(3, Duration::from_secs(1));
     let err = Gemma::load_rank(&path, 3, Box::new(ranks.remove(0)), |_, _| {}).unwrap_err();
     assert_eq!(err.to_string(), "tp=3 does not divide 4 query heads");

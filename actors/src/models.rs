@@ -84,6 +84,12 @@ pub enum ModelError {
         /// Where it would be.
         path: PathBuf,
     },
+    /// A checkpoint directory where only a GGUF file will do.
+    #[error("{}: this command needs a GGUF file (llama.cpp reads only GGUF), not a checkpoint directory", path.display())]
+    NotGguf {
+        /// The directory.
+        path: PathBuf,
+    },
     /// A path that is neither a `.gguf` file nor a checkpoint directory.
     #[error("{}: expected a .gguf file or a directory with config.json", path.display())]
     NotAModel {
@@ -196,6 +202,22 @@ pub fn resolve(model: &str) -> Result<ModelSource, ModelError> {
             name: entry.name.to_owned(),
             path: cached,
         })
+    }
+}
+
+/// The GGUF file or checkpoint directory a `--model` argument names.
+pub fn model_path(model: &str) -> Result<PathBuf, ModelError> {
+    Ok(match resolve(model)? {
+        ModelSource::Gguf(path) | ModelSource::Checkpoint(path) => path,
+    })
+}
+
+/// The GGUF file a `--model` argument names, for what only GGUF can do
+/// (the llama.cpp anchor of `dima bench generate`).
+pub fn gguf_path(model: &str) -> Result<PathBuf, ModelError> {
+    match resolve(model)? {
+        ModelSource::Gguf(path) => Ok(path),
+        ModelSource::Checkpoint(path) => Err(ModelError::NotGguf { path }),
     }
 }
 

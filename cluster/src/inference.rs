@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use actors::serve::{self, Deployed, Deployment, Placement};
 
-use crate::manifest::{ApiKey, InferenceSpec, Manifest};
+use cluster::manifest::{ApiKey, InferenceSpec, Manifest};
 
 /// Prompts the built-in load cycles through.
 const PROMPTS: [&str; 8] = [
@@ -96,8 +96,8 @@ fn run(
         Placement::Tcp { rank, root }
     };
     let backend = match &spec.backend {
-        crate::manifest::Backend::Cpu => serve::Backend::Cpu,
-        crate::manifest::Backend::Cuda {
+        cluster::manifest::Backend::Cpu => serve::Backend::Cpu,
+        cluster::manifest::Backend::Cuda {
             devices,
             max_context,
         } => serve::Backend::Cuda {
@@ -130,9 +130,12 @@ fn run(
             for line in description.lines() {
                 tracing::info!(load_s, "{line}");
             }
-            deployed
-                .follow()
-                .map_err(|e| anyhow::anyhow!("rank {rank} of {}: {e}", spec.tp))?;
+            deployed.follow().map_err(|e| match e {
+                serve::ServeError::Follower { source, .. } => {
+                    anyhow::anyhow!("rank {rank} of {}: {source}", spec.tp)
+                }
+                e => anyhow::anyhow!("rank {rank} of {}: {e}", spec.tp),
+            })?;
             return Ok(None);
         }
         Deployed::Serving {
@@ -221,8 +224,8 @@ fn finish_serving(
         "tp": spec.tp,
         "placement": if spec.in_one_process() { "threads" } else { "tcp" },
         "backend": match spec.backend {
-            crate::manifest::Backend::Cpu => "cpu",
-            crate::manifest::Backend::Cuda { .. } => "cuda",
+            cluster::manifest::Backend::Cpu => "cpu",
+            cluster::manifest::Backend::Cuda { .. } => "cuda",
         },
         "ranks_here": held,
         "listen": address,

@@ -11,8 +11,8 @@
 //! - [`Telemetry`]: logs, OTLP traces and metrics, and a Prometheus
 //!   endpoint for every process.
 //!
-//! `[inference]` deployments are started by [`inference`] through
-//! `actors::serve`; the end-to-end benchmarks are in [`bench`].
+//! The `dima` binary adds the command line, `[inference]` deployments
+//! (through `actors::serve`) and the end-to-end benchmarks.
 //!
 //! ```
 //! use std::path::Path;
@@ -23,15 +23,9 @@
 //! assert_eq!(manifest.dataflow.total_workers(), 2);
 //! ```
 
-pub mod assign;
-pub mod bench;
-pub mod events;
-pub mod inference;
 pub mod launcher;
 pub mod manifest;
 pub mod mesh;
-pub mod models;
-pub mod plot;
 pub mod process;
 pub mod summary;
 pub mod telemetry;

@@ -3,7 +3,13 @@
 //! This file parses the command line and dispatches; each subcommand group
 //! lives in `cli/` with a `run` that returns `Result<(), Failure>`.
 
+mod assign;
+mod bench;
 mod cli;
+mod events;
+mod inference;
+mod models;
+mod plot;
 
 use std::process::ExitCode;
 

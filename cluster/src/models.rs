@@ -1,6 +1,7 @@
 //! `dima models ...`: fetch catalog models and inspect model files.
 
 use actors::models::{ModelSource, resolve};
+pub use actors::models::{gguf_path, model_path};
 use kernels::gguf::{GgufFile, MetaArray, MetaValue};
 use serde_json::{Value, json};
 
@@ -44,27 +45,6 @@ fn array_json(array: &MetaArray) -> Value {
         MetaArray::F64(v) => ("float64", json!(v.iter().take(SHOWN).collect::<Vec<_>>())),
     };
     json!({"array": element, "len": array.len(), "head": head})
-}
-
-/// The GGUF file a `--model` argument names, for what only GGUF can do
-/// (the llama.cpp anchor of `dima bench generate`).
-pub fn gguf_path(model: &str) -> anyhow::Result<std::path::PathBuf> {
-    match resolve(model)? {
-        ModelSource::Gguf(path) => Ok(path),
-        ModelSource::Checkpoint(path) => {
-            anyhow::bail!(
-                "{}: this command needs a GGUF file (llama.cpp reads only GGUF), not a checkpoint directory",
-                path.display()
-            )
-        }
-    }
-}
-
-/// The GGUF file or checkpoint directory a `--model` argument names.
-pub fn model_path(model: &str) -> anyhow::Result<std::path::PathBuf> {
-    Ok(match resolve(model)? {
-        ModelSource::Gguf(path) | ModelSource::Checkpoint(path) => path,
-    })
 }
 
 /// What `dima models inspect DIR` prints for a checkpoint directory: the

@@ -79,8 +79,8 @@ fn ggml_type(dtype: Dtype) -> Option<GgmlType> {
 }
 
 /// Reads the tensor table of a safetensors image held in `bytes`.
-pub fn parse(bytes: &[u8]) -> Result<HashMap<String, TensorEntry>, String> {
-    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
+pub fn parse(bytes: &[u8]) -> Result<HashMap<String, TensorEntry>, safetensors::SafeTensorError> {
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes)?;
     let data_start = 8 + header_len;
     Ok(metadata
         .tensors()
@@ -110,9 +110,9 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only and private to this process; like every
         // memory-mapped reader we rely on nobody truncating the file meanwhile.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        let tensors = parse(&map).map_err(|reason| SafetensorsError::Header {
+        let tensors = parse(&map).map_err(|e| SafetensorsError::Header {
             path: path.to_owned(),
-            reason,
+            reason: e.to_string(),
         })?;
         Ok(Self {
             path: path.to_owned(),

@@ -50,6 +50,129 @@ use super::generate::END_OF_GENERATION;
 use super::model::{Gemma, KvCache};
 use super::sampling::{Sampler, Sampling};
 
+/// Why the engine or one of its shards failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A schedule's bytes end before a field does.
+    #[error("schedule: {what} at byte {at} runs past the end ({len} bytes)")]
+    ScheduleTruncated {
+        /// The field.
+        what: &'static str,
+        /// Its byte offset.
+        at: usize,
+        /// Bytes in the schedule.
+        len: usize,
+    },
+    /// A schedule's count claims more items than its bytes hold.
+    #[error("schedule: {what} at byte {at} says {count}, more than the {left} bytes left hold")]
+    ScheduleCount {
+        /// The field.
+        what: &'static str,
+        /// Its byte offset.
+        at: usize,
+        /// The count.
+        count: usize,
+        /// Bytes left after it.
+        left: usize,
+    },
+    /// A schedule's stop flag is neither 0 nor 1.
+    #[error("schedule: stop flag at byte 0 is {value}")]
+    ScheduleStopFlag {
+        /// The byte.
+        value: u8,
+    },
+    /// Bytes after a schedule's last field.
+    #[error("schedule: {left} bytes left over after byte {at}")]
+    ScheduleTrailing {
+        /// Bytes left over.
+        left: usize,
+        /// Where the schedule ended.
+        at: usize,
+    },
+    /// The ranks could not exchange data.
+    #[error(transparent)]
+    Collective(#[from] kernels::collective::CollectiveError),
+    /// The device model failed.
+    #[error(transparent)]
+    Device(#[from] super::device::DeviceModelError),
+    /// A rank has no cache for a request it was told to decode.
+    #[error("rank {rank}: no cache for request {id}")]
+    NoCache {
+        /// The rank.
+        rank: usize,
+        /// The request.
+        id: u64,
+    },
+    /// Every sequence of the device's pool is taken.
+    #[error("no free sequence for request {id}")]
+    NoFreeSequence {
+        /// The request.
+        id: u64,
+    },
+    /// A request to decode holds no sequence of the pool.
+    #[error("no sequence for request {id}")]
+    NoSequence {
+        /// The request.
+        id: u64,
+    },
+    /// A shard actor stopped answering.
+    #[error("rank {rank}'s shard actor is gone: {source}")]
+    ShardGone {
+        /// The rank.
+        rank: usize,
+        /// Why.
+        source: MailboxError,
+    },
+    /// Rank 0 was asked to follow.
+    #[error("rank 0 runs the engine; it does not follow")]
+    RankZeroFollows,
+    /// An actor system (engine or shard) failed to run.
+    #[error("the {which}'s actor system failed: {source}")]
+    ActorSystem {
+        /// `engine` or `shard`.
+        which: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The shard actor panicked.
+    #[error("the shard actor panicked")]
+    ShardPanicked,
+    /// The shard stopped without reporting why.
+    #[error("the shard stopped without a reason")]
+    NoReason,
+    /// No rank 0 among the ranks given.
+    #[error("the engine needs at least rank 0")]
+    NoRankZero,
+    /// The ranks given are neither the whole group nor rank 0 alone.
+    #[error(
+        "the engine runs either every rank of the group ({world}) or rank 0 alone; it was given ranks {given:?}"
+    )]
+    Ranks {
+        /// The group's size.
+        world: usize,
+        /// The ranks given.
+        given: Vec<usize>,
+    },
+    /// A limit of 0.
+    #[error(
+        "max_batch ({max_batch}), max_waiting ({max_waiting}) and max_tokens_in_flight ({max_tokens_in_flight}) must be at least 1"
+    )]
+    Limits {
+        /// `max_batch`.
+        max_batch: usize,
+        /// `max_waiting`.
+        max_waiting: usize,
+        /// `max_tokens_in_flight`.
+        max_tokens_in_flight: usize,
+    },
+    /// The engine's thread could not start.
+    #[error("cannot start the engine thread: {0}")]
+    Thread(std::io::Error),
+    /// The engine's thread ended while starting.
+    #[error("the engine thread stopped while starting")]
+    StoppedWhileStarting,
+}
+
 /// One generation request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Request {
@@ -194,42 +317,45 @@ impl Schedule {
 
     /// Reads [`encode`](Self::encode)'s bytes; an error names the byte
     /// offset where they stop making sense.
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, EngineError> {
         struct Reader<'a> {
             bytes: &'a [u8],
             at: usize,
         }
         impl Reader<'_> {
-            fn take<const N: usize>(&mut self, what: &str) -> Result<[u8; N], String> {
+            fn take<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], EngineError> {
                 let end = self.at + N;
-                let chunk = self.bytes.get(self.at..end).ok_or_else(|| {
-                    format!(
-                        "schedule: {what} at byte {} runs past the end ({} bytes)",
-                        self.at,
-                        self.bytes.len()
-                    )
-                })?;
+                let chunk = self
+                    .bytes
+                    .get(self.at..end)
+                    .ok_or(EngineError::ScheduleTruncated {
+                        what,
+                        at: self.at,
+                        len: self.bytes.len(),
+                    })?;
                 self.at = end;
                 let mut out = [0u8; N];
                 out.copy_from_slice(chunk);
                 Ok(out)
             }
-            fn u32(&mut self, what: &str) -> Result<u32, String> {
+            fn u32(&mut self, what: &'static str) -> Result<u32, EngineError> {
                 self.take::<4>(what).map(u32::from_le_bytes)
             }
-            fn u64(&mut self, what: &str) -> Result<u64, String> {
+            fn u64(&mut self, what: &'static str) -> Result<u64, EngineError> {
                 self.take::<8>(what).map(u64::from_le_bytes)
             }
             /// A count of items of at least `unit` bytes each, checked
             /// against what is left.
-            fn count(&mut self, what: &str, unit: usize) -> Result<usize, String> {
+            fn count(&mut self, what: &'static str, unit: usize) -> Result<usize, EngineError> {
                 let at = self.at;
                 let n = self.u32(what)? as usize;
                 if n * unit > self.bytes.len() - self.at {
-                    return Err(format!(
-                        "schedule: {what} at byte {at} says {n}, more than the {} bytes left hold",
-                        self.bytes.len() - self.at
-                    ));
+                    return Err(EngineError::ScheduleCount {
+                        what,
+                        at,
+                        count: n,
+                        left: self.bytes.len() - self.at,
+                    });
                 }
                 Ok(n)
             }
@@ -238,7 +364,7 @@ impl Schedule {
         let stop = match r.take::<1>("stop flag")?[0] {
             0 => false,
             1 => true,
-            other => return Err(format!("schedule: stop flag at byte 0 is {other}")),
+            other => return Err(EngineError::ScheduleStopFlag { value: other }),
         };
         let mut s = Schedule {
             stop,
@@ -260,11 +386,10 @@ impl Schedule {
             s.decode.push((id, r.u32("decoded token")?));
         }
         if r.at != bytes.len() {
-            return Err(format!(
-                "schedule: {} bytes left over after byte {}",
-                bytes.len() - r.at,
-                r.at
-            ));
+            return Err(EngineError::ScheduleTrailing {
+                left: bytes.len() - r.at,
+                at: r.at,
+            });
         }
         Ok(s)
     }
@@ -282,7 +407,7 @@ pub struct StepOutput {
 
 /// Run this step.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<StepOutput, String>")]
+#[rtype(result = "Result<StepOutput, EngineError>")]
 pub struct Step(pub Schedule);
 
 /// Keep receiving schedules from rank 0 (a rank in another process).
@@ -291,7 +416,7 @@ pub struct Step(pub Schedule);
 struct Follow;
 
 /// How a follower ended.
-type Outcome = Arc<Mutex<Option<Result<(), String>>>>;
+type Outcome = Arc<Mutex<Option<Result<(), EngineError>>>>;
 
 /// What a shard actor runs: one rank's model and the caches of the running
 /// requests. [`CpuShard`] is a rank of the CPU model (any tensor-parallel
@@ -307,10 +432,10 @@ pub trait ShardModel: Send + 'static {
     fn context(&self) -> usize;
     /// Copies rank 0's bytes to every rank (the schedule, for ranks in
     /// other processes).
-    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), String>;
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), EngineError>;
     /// Runs one schedule: free, admit (prefill), decode. Rank 0 returns the
     /// logits of the admitted, then the decoded, requests.
-    fn step(&mut self, s: &Schedule) -> Result<StepOutput, String>;
+    fn step(&mut self, s: &Schedule) -> Result<StepOutput, EngineError>;
 }
 
 /// A rank of the CPU model and the KV cache of every running request.
@@ -355,14 +480,14 @@ impl ShardModel for CpuShard {
         self.gemma.config().context
     }
 
-    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), String> {
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), EngineError> {
         self.gemma
             .collective()
             .broadcast_bytes(bytes, 0)
-            .map_err(|e| e.to_string())
+            .map_err(EngineError::from)
     }
 
-    fn step(&mut self, s: &Schedule) -> Result<StepOutput, String> {
+    fn step(&mut self, s: &Schedule) -> Result<StepOutput, EngineError> {
         for id in &s.free {
             self.caches.remove(id);
         }
@@ -383,10 +508,10 @@ impl ShardModel for CpuShard {
                 None => {
                     // Put back what was taken before failing.
                     self.caches.extend(taken);
-                    return Err(format!(
-                        "rank {}: no cache for request {id}",
-                        self.gemma.shard().rank
-                    ));
+                    return Err(EngineError::NoCache {
+                        rank: self.gemma.shard().rank,
+                        id: *id,
+                    });
                 }
             }
         }
@@ -422,7 +547,7 @@ impl ShardModel for CpuShard {
             self.gemma.step(&tokens, &mut caches, out)
         };
         self.caches.extend(taken);
-        result.map_err(|e| e.to_string())?;
+        result?;
         self.caches.extend(admitted);
         Ok(StepOutput {
             logits,
@@ -452,10 +577,12 @@ impl<D: Device> std::fmt::Debug for DeviceShard<D> {
 impl<D: Device> DeviceShard<D> {
     /// `sequences` caches of `context` positions each (the engine's
     /// `max_batch` requests at most run together).
-    pub fn new(model: DeviceGemma<D>, sequences: usize, context: usize) -> Result<Self, String> {
-        let pool = model
-            .new_pool(sequences, context)
-            .map_err(|e| e.to_string())?;
+    pub fn new(
+        model: DeviceGemma<D>,
+        sequences: usize,
+        context: usize,
+    ) -> Result<Self, EngineError> {
+        let pool = model.new_pool(sequences, context)?;
         Ok(Self {
             model,
             pool,
@@ -486,14 +613,14 @@ where
         self.pool.context()
     }
 
-    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), String> {
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), EngineError> {
         self.model
             .collective()
             .broadcast_bytes(bytes, 0)
-            .map_err(|e| e.to_string())
+            .map_err(EngineError::from)
     }
 
-    fn step(&mut self, s: &Schedule) -> Result<StepOutput, String> {
+    fn step(&mut self, s: &Schedule) -> Result<StepOutput, EngineError> {
         for id in &s.free {
             if let Some(slot) = self.slots.remove(id) {
                 self.pool.clear(slot);
@@ -505,12 +632,9 @@ where
             let slot = self
                 .free
                 .pop()
-                .ok_or_else(|| format!("no free sequence for request {id}"))?;
+                .ok_or(EngineError::NoFreeSequence { id: *id })?;
             self.slots.insert(*id, slot);
-            let row = self
-                .model
-                .prefill(prompt, slot, &mut self.pool)
-                .map_err(|e| e.to_string())?;
+            let row = self.model.prefill(prompt, slot, &mut self.pool)?;
             logits.extend(row);
         }
         if !s.decode.is_empty() {
@@ -520,14 +644,11 @@ where
                 let slot = self
                     .slots
                     .get(id)
-                    .ok_or_else(|| format!("no sequence for request {id}"))?;
+                    .ok_or(EngineError::NoSequence { id: *id })?;
                 tokens.push(*t);
                 seqs.push(*slot);
             }
-            let rows = self
-                .model
-                .decode(&tokens, &seqs, &mut self.pool)
-                .map_err(|e| e.to_string())?;
+            let rows = self.model.decode(&tokens, &seqs, &mut self.pool)?;
             logits.extend(rows);
         }
         if self.rank() != 0 {
@@ -574,7 +695,7 @@ impl ShardActor {
 
     /// Runs `s` on this rank (sending it on first, as rank 0 of a group
     /// spread over processes).
-    fn run(&mut self, s: &Schedule) -> Result<StepOutput, String> {
+    fn run(&mut self, s: &Schedule) -> Result<StepOutput, EngineError> {
         if self.relay {
             let mut bytes = s.encode();
             self.model.broadcast_bytes(&mut bytes)?;
@@ -582,7 +703,7 @@ impl ShardActor {
         self.model.step(s)
     }
 
-    fn end(&mut self, result: Result<(), String>) {
+    fn end(&mut self, result: Result<(), EngineError>) {
         if let Some(outcome) = &self.outcome
             && let Ok(mut slot) = outcome.lock()
         {
@@ -593,7 +714,7 @@ impl ShardActor {
 }
 
 impl Handler<Step> for ShardActor {
-    type Result = Result<StepOutput, String>;
+    type Result = Result<StepOutput, EngineError>;
 
     fn handle(&mut self, msg: Step, _ctx: &mut Self::Context) -> Self::Result {
         self.run(&msg.0)
@@ -624,9 +745,9 @@ impl Handler<Follow> for ShardActor {
 /// every schedule comes from rank 0's engine. Returns when rank 0 stops
 /// (`Ok`) or when a collective fails, e.g. rank 0 went away (`Err`, the
 /// reason).
-pub fn follow(gemma: Gemma) -> Result<(), String> {
+pub fn follow(gemma: Gemma) -> Result<(), EngineError> {
     if gemma.shard().rank == 0 {
-        return Err("rank 0 runs the engine; it does not follow".into());
+        return Err(EngineError::RankZeroFollows);
     }
     let outcome: Outcome = Arc::new(Mutex::new(None));
     let system = System::new();
@@ -637,14 +758,15 @@ pub fn follow(gemma: Gemma) -> Result<(), String> {
         let addr = shard.start();
         addr.do_send(Follow);
     });
-    system
-        .run()
-        .map_err(|e| format!("the shard's actor system failed: {e}"))?;
+    system.run().map_err(|source| EngineError::ActorSystem {
+        which: "shard",
+        source,
+    })?;
     let result = outcome
         .lock()
-        .map_err(|_| "the shard actor panicked".to_string())?
+        .map_err(|_| EngineError::ShardPanicked)?
         .take();
-    result.unwrap_or_else(|| Err("the shard stopped without a reason".into()))
+    result.unwrap_or(Err(EngineError::NoReason))
 }
 
 // ---------------------------------------------------------------------------
@@ -824,7 +946,7 @@ impl EngineActor {
 
     fn finish_step(
         &mut self,
-        results: Vec<Result<Result<StepOutput, String>, MailboxError>>,
+        results: Vec<Result<Result<StepOutput, EngineError>, MailboxError>>,
         joining: Vec<(u64, Job)>,
     ) {
         let mut outputs = Vec::with_capacity(results.len());
@@ -833,10 +955,10 @@ impl EngineActor {
             match r {
                 Ok(Ok(out)) => outputs.push(out),
                 Ok(Err(e)) => {
-                    failure.get_or_insert(e);
+                    failure.get_or_insert(e.to_string());
                 }
-                Err(e) => {
-                    failure.get_or_insert(format!("rank {rank}'s shard actor is gone: {e}"));
+                Err(source) => {
+                    failure.get_or_insert(EngineError::ShardGone { rank, source }.to_string());
                 }
             }
         }
@@ -982,7 +1104,7 @@ impl Engine {
     /// (threads of this process), or rank 0 alone when the other ranks run
     /// in other processes ([`follow`]) and are reached through rank 0's
     /// collective.
-    pub fn start(ranks: Vec<Gemma>, config: EngineConfig) -> Result<Self, String> {
+    pub fn start(ranks: Vec<Gemma>, config: EngineConfig) -> Result<Self, EngineError> {
         Self::start_shards(
             ranks
                 .into_iter()
@@ -999,7 +1121,7 @@ impl Engine {
         model: DeviceGemma<D>,
         config: EngineConfig,
         context: usize,
-    ) -> Result<Self, String>
+    ) -> Result<Self, EngineError>
     where
         DeviceGemma<D>: Send,
         KvPool<D>: Send,
@@ -1012,9 +1134,9 @@ impl Engine {
     pub fn start_shards(
         ranks: Vec<Box<dyn ShardModel>>,
         config: EngineConfig,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, EngineError> {
         let Some(first) = ranks.first() else {
-            return Err("the engine needs at least rank 0".into());
+            return Err(EngineError::NoRankZero);
         };
         let world = first.world();
         let vocab = first.vocab();
@@ -1026,16 +1148,14 @@ impl Engine {
         } else if ranks.len() == 1 && seen == [0] {
             true
         } else {
-            return Err(format!(
-                "the engine runs either every rank of the group ({world}) or rank 0 alone; \
-                 it was given ranks {seen:?}"
-            ));
+            return Err(EngineError::Ranks { world, given: seen });
         };
         if config.max_batch == 0 || config.max_waiting == 0 || config.max_tokens_in_flight == 0 {
-            return Err(format!(
-                "max_batch ({}), max_waiting ({}) and max_tokens_in_flight ({}) must be at least 1",
-                config.max_batch, config.max_waiting, config.max_tokens_in_flight
-            ));
+            return Err(EngineError::Limits {
+                max_batch: config.max_batch,
+                max_waiting: config.max_waiting,
+                max_tokens_in_flight: config.max_tokens_in_flight,
+            });
         }
         let mut ranks = ranks;
         ranks.sort_by_key(|g| g.rank());
@@ -1078,10 +1198,8 @@ impl Engine {
                     tracing::error!(error = %e, "the engine's actor system failed");
                 }
             })
-            .map_err(|e| format!("cannot start the engine thread: {e}"))?;
-        let addr = rx
-            .recv()
-            .map_err(|_| "the engine thread stopped while starting".to_string())?;
+            .map_err(EngineError::Thread)?;
+        let addr = rx.recv().map_err(|_| EngineError::StoppedWhileStarting)?;
         Ok(Self {
             addr,
             counters,
@@ -1210,18 +1328,36 @@ mod tests {
         assert!(empty.is_empty());
         assert_eq!(Schedule::decode(&empty.encode()).unwrap(), empty);
         let e = Schedule::decode(&bytes[..bytes.len() - 2]).unwrap_err();
-        assert!(e.contains("decode count at byte 61 says 2"), "{e}");
+        assert!(
+            matches!(
+                e,
+                EngineError::ScheduleCount {
+                    at: 61,
+                    count: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("decode count at byte 61 says 2"),
+            "{e}"
+        );
         let mut extra = bytes.clone();
         extra.push(0);
         assert!(
             Schedule::decode(&extra)
                 .unwrap_err()
+                .to_string()
                 .contains("1 bytes left over")
         );
         let mut huge = empty.encode();
         huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
         let e = Schedule::decode(&huge).unwrap_err();
-        assert!(e.contains("free count at byte 1"), "{e}");
-        assert!(Schedule::decode(&[2]).unwrap_err().contains("stop flag"));
+        assert!(e.to_string().contains("free count at byte 1"), "{e}");
+        assert!(matches!(
+            Schedule::decode(&[2]).unwrap_err(),
+            EngineError::ScheduleStopFlag { value: 2 }
+        ));
     }
 }

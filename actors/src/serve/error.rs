@@ -69,11 +69,16 @@ pub enum ServeError {
     /// The server's Prometheus metrics could not be registered.
     #[error("cannot set up the server's metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    /// The engine could not start.
-    #[error("{message}")]
-    Engine {
+    /// The engine could not start, or a step failed.
+    #[error(transparent)]
+    Engine(#[from] crate::gemma::engine::EngineError),
+    /// A rank that followed rank 0's engine stopped with an error.
+    #[error("rank {rank} stopped: {source}")]
+    Follower {
+        /// The rank.
+        rank: usize,
         /// Why.
-        message: String,
+        source: crate::gemma::engine::EngineError,
     },
     /// There is no rank to serve.
     #[error("no rank to serve")]

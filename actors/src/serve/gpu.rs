@@ -84,8 +84,7 @@ pub fn gpu_shards(
                     Box::new(kernels::collective::NcclRank::connect(device, &link)?)
                 };
                 let model = upload_rank(&gemma, device, collective)?;
-                let shard = DeviceShard::new(model, sequences, context)
-                    .map_err(|message| ServeError::Engine { message })?;
+                let shard = DeviceShard::new(model, sequences, context)?;
                 Ok(Box::new(shard))
             })
         })

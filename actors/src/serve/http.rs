@@ -639,8 +639,7 @@ pub fn start(ranks: Vec<Gemma>, config: &ServeConfig) -> Result<Running, ServeEr
     };
     let tokenizer = first.tokenizer().clone();
     let listener = bind(config.listen)?;
-    let engine =
-        Engine::start(ranks, config.engine).map_err(|message| ServeError::Engine { message })?;
+    let engine = Engine::start(ranks, config.engine)?;
     start_engine(engine, tokenizer, listener, config)
 }
 

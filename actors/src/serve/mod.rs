@@ -103,11 +103,8 @@ impl Deployed {
     pub fn follow(self) -> Result<(), ServeError> {
         match self {
             Self::Serving { server, .. } => server.wait(),
-            Self::Following { rank, gemma, .. } => {
-                crate::gemma::engine::follow(*gemma).map_err(|message| ServeError::Engine {
-                    message: format!("rank {rank} stopped: {message}"),
-                })
-            }
+            Self::Following { rank, gemma, .. } => crate::gemma::engine::follow(*gemma)
+                .map_err(|source| ServeError::Follower { rank, source }),
         }
     }
 }
@@ -184,8 +181,7 @@ impl Deployment {
                 device: Some(*device),
             })
             .collect();
-        let engine = crate::gemma::engine::Engine::start_shards(shards, self.http.engine)
-            .map_err(|message| ServeError::Engine { message })?;
+        let engine = crate::gemma::engine::Engine::start_shards(shards, self.http.engine)?;
         let server = start_engine(engine, tokenizer, listener, &self.http)?;
         Ok(Deployed::Serving {
             server,

@@ -16,13 +16,13 @@ mod learner;
 mod matching;
 mod serve;
 
-pub use assign::{AssignRow, bench_assign, dense_problem, sparse_problem};
-pub use count::{bench_count, write_manifest};
+pub use assign::bench_assign;
+pub use count::bench_count;
 pub use decode::bench_decode;
-pub use dispatch::{PolicyRuns, bench_dispatch, gain, plot_learning};
+pub use dispatch::{bench_dispatch, gain, plot_learning};
 pub use events::bench_events;
 pub use generate::bench_generate;
-pub use learner::{LearnerBench, bench_learner, open_log};
+pub use learner::{LearnerBench, bench_learner};
 pub use matching::bench_matching;
 pub use serve::bench_serve;
 

@@ -1,9 +1,9 @@
 //! `dima bench …`: end-to-end benchmarks, each against an anchor measured
-//! in the same run (the benchmarks themselves are in `cluster::bench`).
+//! in the same run (the benchmarks themselves are in `crate::bench`).
 
 use std::path::PathBuf;
 
-use cluster::bench::Layout;
+use crate::bench::Layout;
 
 use super::{Backend, Failure, Hessian, non_empty, step_params, this_exe};
 
@@ -272,8 +272,8 @@ pub fn run(command: &BenchCommand) -> Result<(), Failure> {
             threads,
             python,
         } => {
-            let result = cluster::bench::bench_generate(
-                &cluster::models::gguf_path(model)?,
+            let result = crate::bench::bench_generate(
+                &crate::models::gguf_path(model)?,
                 *prompt_tokens,
                 *new_tokens,
                 *threads,
@@ -300,7 +300,7 @@ pub fn run(command: &BenchCommand) -> Result<(), Failure> {
             } else {
                 Vec::new()
             };
-            print_rows(cluster::bench::bench_serve(
+            print_rows(crate::bench::bench_serve(
                 &this_exe()?,
                 model,
                 streams,
@@ -322,7 +322,7 @@ pub fn run(command: &BenchCommand) -> Result<(), Failure> {
                 keys: *keys,
                 ..Default::default()
             };
-            cluster::bench::bench_count(&this_exe()?, &job, layouts, *repeat)?;
+            crate::bench::bench_count(&this_exe()?, &job, layouts, *repeat)?;
         }
         BenchCommand::Assign {
             dense,
@@ -331,7 +331,7 @@ pub fn run(command: &BenchCommand) -> Result<(), Failure> {
             repeat,
             python,
         } => {
-            for row in cluster::bench::bench_assign(dense, sparse, *k, *repeat, python)? {
+            for row in crate::bench::bench_assign(dense, sparse, *k, *repeat, python)? {
                 println!("{}", serde_json::to_string(&row)?);
             }
         }
@@ -347,13 +347,7 @@ pub fn run(command: &BenchCommand) -> Result<(), Failure> {
             repeat,
             kafka,
         } => {
-            cluster::bench::bench_events(
-                &this_exe()?,
-                *events,
-                layouts,
-                *repeat,
-                kafka.as_deref(),
-            )?;
+            crate::bench::bench_events(&this_exe()?, *events, layouts, *repeat, kafka.as_deref())?;
         }
         BenchCommand::Learner(args) => learner(args)?,
         BenchCommand::Matching {
@@ -361,7 +355,7 @@ pub fn run(command: &BenchCommand) -> Result<(), Failure> {
             layouts,
             repeat,
         } => {
-            cluster::bench::bench_matching(&this_exe()?, input, layouts, *repeat)?;
+            crate::bench::bench_matching(&this_exe()?, input, layouts, *repeat)?;
         }
     }
     Ok(())
@@ -369,9 +363,8 @@ pub fn run(command: &BenchCommand) -> Result<(), Failure> {
 
 fn decode(args: &DecodeArgs) -> Result<(), Failure> {
     let gemma = if args.random_weights {
-        let config = cluster::models::preset(&args.model).map_err(Failure::invalid)?;
-        let ty =
-            cluster::models::random_weight_type(&args.weight_type).map_err(Failure::invalid)?;
+        let config = crate::models::preset(&args.model).map_err(Failure::invalid)?;
+        let ty = crate::models::random_weight_type(&args.weight_type).map_err(Failure::invalid)?;
         // KV (f32 keys and values, local layers within their window) for
         // the largest batch, plus the logits.
         let most = args.batch.iter().copied().max().unwrap_or(1).max(1) as u64;
@@ -389,9 +382,9 @@ fn decode(args: &DecodeArgs) -> Result<(), Failure> {
             })
             .sum();
         let working = most * (kv + 2 * config.vocab as u64 * 4) + (256 << 20);
-        cluster::models::random_gemma(&args.model, ty, working, 7)?
+        crate::models::random_gemma(&args.model, ty, working, 7)?
     } else {
-        actors::gemma::Gemma::load(&cluster::models::model_path(&args.model)?)?
+        actors::gemma::Gemma::load(&crate::models::model_path(&args.model)?)?
     };
     if args.backend == Backend::Cuda {
         print_rows(super::gpu::bench_decode_on_gpu(
@@ -404,7 +397,7 @@ fn decode(args: &DecodeArgs) -> Result<(), Failure> {
         )?);
         return Ok(());
     }
-    print_rows(cluster::bench::bench_decode(
+    print_rows(crate::bench::bench_decode(
         &gemma,
         &args.batch,
         args.prompt_tokens,
@@ -428,13 +421,13 @@ fn dispatch(
     let loaded = dataflows::matching::Scenario::load(scenario)?;
     let seeds: Vec<u64> = (1..=seeds).collect();
     let started = std::time::Instant::now();
-    let runs = cluster::bench::bench_dispatch(&loaded, &seeds, hours);
+    let runs = crate::bench::bench_dispatch(&loaded, &seeds, hours);
     for run in &runs {
         println!("{}", serde_json::to_string(run)?);
     }
     let value = &runs[0];
     let myopic = &runs[1];
-    let (gain, spread) = cluster::bench::gain(value, myopic);
+    let (gain, spread) = crate::bench::gain(value, myopic);
     println!(
         "{}",
         serde_json::json!({
@@ -444,7 +437,7 @@ fn dispatch(
             "hours": hours,
             "value_over_myopic": gain,
             "value_over_myopic_std": spread,
-            "value_over_nearest": cluster::bench::gain(value, &runs[2]).0,
+            "value_over_nearest": crate::bench::gain(value, &runs[2]).0,
             "wall_s": started.elapsed().as_secs_f64(),
         })
     );
@@ -454,7 +447,7 @@ fn dispatch(
             loaded.city.name,
             seeds.len()
         );
-        cluster::bench::plot_learning(path, &title, &runs)?;
+        crate::bench::plot_learning(path, &title, &runs)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
@@ -465,7 +458,7 @@ fn learner(args: &LearnerArgs) -> Result<(), Failure> {
         (Some(delta), Some(lambda)) => Some(step_params(delta, lambda)?),
         _ => None,
     };
-    let bench = cluster::bench::LearnerBench {
+    let bench = crate::bench::LearnerBench {
         input: args.input.clone(),
         entity_column: args.entity_column.clone(),
         label_column: args.label_column.clone(),
@@ -482,6 +475,6 @@ fn learner(args: &LearnerArgs) -> Result<(), Failure> {
         python: args.python.clone(),
         lambda_learner_batches: args.lambda_learner_batches,
     };
-    print_rows(cluster::bench::bench_learner(&bench)?);
+    print_rows(crate::bench::bench_learner(&bench)?);
     Ok(())
 }

@@ -148,7 +148,7 @@ fn ensure_model(model: &str) -> anyhow::Result<()> {
     let Some(entry) = actors::models::catalog_entry(model) else {
         return Ok(());
     };
-    if cluster::models::model_path(model).is_ok() {
+    if crate::models::model_path(model).is_ok() {
         return Ok(());
     }
     eprintln!("fetching {model} for [inference] (once; it is cached)");
@@ -270,11 +270,11 @@ pub fn run(args: &RunArgs, globals: &Globals) -> Result<(), Failure> {
     let inference = if args.no_inference {
         None
     } else {
-        cluster::inference::start(&manifest, args.process, Arc::clone(&stop))
+        crate::inference::start(&manifest, args.process, Arc::clone(&stop))
     };
     let outcome = cluster::run_process(&manifest, &options, &mut telemetry, stop);
     // The jobs are done (or failed): rank 0 stops serving.
-    let served = inference.map(cluster::inference::Inference::finish);
+    let served = inference.map(crate::inference::Inference::finish);
     telemetry.shutdown();
     if let Ok(Some(result)) = &outcome {
         println!("{result}");

@@ -104,12 +104,12 @@ pub fn run(command: &EventsCommand) -> Result<(), Failure> {
                 },
                 ..defaults
             };
-            let written = cluster::events::generate(&spec, to, *partitions)?;
+            let written = crate::events::generate(&spec, to, *partitions)?;
             eprintln!("wrote {written} {} events to {to}", pipeline.name());
             Ok(())
         }
         EventsCommand::Check { path, format } => {
-            let report = cluster::events::check(path)?;
+            let report = crate::events::check(path)?;
             match format {
                 OutputFormat::Json => println!("{}", report.to_json()),
                 OutputFormat::Text => print!("{}", report.to_text()),

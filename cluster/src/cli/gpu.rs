@@ -123,7 +123,7 @@ pub fn bench_decode_on_gpu(
     let mut rows = Vec::new();
     for path in paths {
         model.gpu().set_gemm_path(path);
-        for mut row in cluster::bench::gpu::bench_decode(&model, batch, prompt_tokens, steps)? {
+        for mut row in crate::bench::gpu::bench_decode(&model, batch, prompt_tokens, steps)? {
             row["gemm"] = serde_json::json!(path.name());
             rows.push(row);
         }
@@ -160,7 +160,7 @@ pub fn run(command: &GpuCommand) -> Result<(), Failure> {
             host,
         } => {
             let gemma = if *random_weights {
-                cluster::models::random_gemma(model, kernels::gguf::GgmlType::BF16, 1 << 30, 7)?
+                crate::models::random_gemma(model, kernels::gguf::GgmlType::BF16, 1 << 30, 7)?
             } else {
                 super::load_gemma(model)?
             };
@@ -202,8 +202,8 @@ pub fn run(command: &GpuCommand) -> Result<(), Failure> {
             repeat,
             device,
         } => {
-            let config = cluster::models::preset(model).map_err(Failure::invalid)?;
-            for row in cluster::bench::gpu::bench_gemm(*device, &config, tokens, *repeat)? {
+            let config = crate::models::preset(model).map_err(Failure::invalid)?;
+            for row in crate::bench::gpu::bench_gemm(*device, &config, tokens, *repeat)? {
                 println!("{row}");
             }
             Ok(())

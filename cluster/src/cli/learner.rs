@@ -85,7 +85,7 @@ pub struct EvaluateArgs {
 pub fn run(command: &LearnerCommand) -> Result<(), Failure> {
     match command {
         LearnerCommand::Dataset { input, output } => {
-            let (rows, clicks) = cluster::events::ads_dataset(input, output)?;
+            let (rows, clicks) = crate::events::ads_dataset(input, output)?;
             eprintln!(
                 "wrote {rows} impressions ({clicks} clicked) to {}",
                 output.display()
@@ -139,9 +139,9 @@ fn evaluate_log(args: &EvaluateArgs) -> Result<(), Failure> {
         ("lambda", &report.lambda),
     ];
     if let Some(path) = &args.plot {
-        let series: Vec<cluster::plot::Series> = methods
+        let series: Vec<crate::plot::Series> = methods
             .iter()
-            .map(|(name, m)| cluster::plot::Series {
+            .map(|(name, m)| crate::plot::Series {
                 name: (*name).to_owned(),
                 points: m
                     .batches
@@ -161,8 +161,7 @@ fn evaluate_log(args: &EvaluateArgs) -> Result<(), Failure> {
             config.params.delta,
             config.params.lambda
         );
-        cluster::plot::line_chart(path, &title, "window", "AUC", &series)
-            .map_err(Failure::usage)?;
+        crate::plot::line_chart(path, &title, "window", "AUC", &series).map_err(Failure::usage)?;
         eprintln!("wrote {}", path.display());
     }
     match args.format {

@@ -59,7 +59,7 @@ pub struct SimulateArgs {
 /// `dima assign`.
 pub fn assign(args: &AssignArgs) -> Result<(), Failure> {
     let input = &args.input;
-    let problem = cluster::assign::read_problem(input).map_err(Failure::invalid)?;
+    let problem = crate::assign::read_problem(input).map_err(Failure::invalid)?;
     let started = std::time::Instant::now();
     let solved = if args.complete {
         problem.solve_complete(args.maximize)

@@ -298,7 +298,7 @@ pub fn step_params(delta: f64, lambda: f64) -> Result<dataflows::learner::StepPa
 /// Loads a Gemma model, with a progress bar when stderr is a terminal.
 pub fn load_gemma(model: &str) -> anyhow::Result<actors::gemma::Gemma> {
     use std::io::IsTerminal;
-    let path = ::cluster::models::model_path(model)?;
+    let path = crate::models::model_path(model)?;
     if !std::io::stderr().is_terminal() {
         return Ok(actors::gemma::Gemma::load(&path)?);
     }

@@ -196,7 +196,7 @@ pub fn generate(args: &GenerateArgs) -> Result<(), Failure> {
     }
     // Every rank runs the same generation (same ids, same sampler seed,
     // bit-identical logits); rank 0 prints.
-    let path = cluster::models::model_path(&args.model)?;
+    let path = crate::models::model_path(&args.model)?;
     let mut followers: Vec<std::thread::JoinHandle<anyhow::Result<()>>> = Vec::new();
     let gemma = match (tp.tp, tp.placement) {
         (1, Placement::InProcess) => load_gemma(&args.model)?,
@@ -322,7 +322,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         }
     };
     let deployment = Deployment {
-        model: cluster::models::model_path(&args.model)?,
+        model: crate::models::model_path(&args.model)?,
         tp: tp.tp,
         placement: tp.placement,
         backend,
@@ -351,7 +351,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
 
 /// `dima tokenize`.
 pub fn tokenize(args: &TokenizeArgs) -> Result<(), Failure> {
-    let tokenizer = actors::gemma::load_tokenizer(&cluster::models::model_path(&args.model)?)?;
+    let tokenizer = actors::gemma::load_tokenizer(&crate::models::model_path(&args.model)?)?;
     println!(
         "{}",
         serde_json::json!(tokenizer.encode(&args.text, false, true))
@@ -408,7 +408,7 @@ pub fn models(command: &ModelsCommand) -> Result<(), Failure> {
             println!("{}", fetched.path.display());
         }
         ModelsCommand::Inspect { model } => {
-            println!("{}", cluster::models::inspect(model)?);
+            println!("{}", crate::models::inspect(model)?);
         }
     }
     Ok(())

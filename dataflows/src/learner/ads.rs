@@ -116,27 +116,48 @@ pub struct AdHashing {
     bits: u32,
 }
 
+/// Hashed features that cannot be built.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HashingError {
+    /// `hash_bits` out of range.
+    #[error("hash_bits {bits} must be between 1 and {max}")]
+    Bits {
+        /// The bits asked for.
+        bits: u32,
+        /// The most allowed.
+        max: u32,
+    },
+    /// A feature names an unknown field.
+    #[error("{name:?}: {field:?} is not one of {known}")]
+    Field {
+        /// The feature as written.
+        name: String,
+        /// The unknown field.
+        field: String,
+        /// The fields there are.
+        known: String,
+    },
+}
+
 impl AdHashing {
     /// Parses feature names (fields from [`AdField::NAMES`], crossed with
     /// `*`) with 2^`bits` slots; an error names the first bad one.
-    pub fn parse(names: &[String], bits: u32) -> Result<Self, String> {
+    pub fn parse(names: &[String], bits: u32) -> Result<Self, HashingError> {
         if !names.is_empty() && !(1..=super::hashed::MAX_BITS).contains(&bits) {
-            return Err(format!(
-                "hash_bits {bits} must be between 1 and {}",
-                super::hashed::MAX_BITS
-            ));
+            return Err(HashingError::Bits {
+                bits,
+                max: super::hashed::MAX_BITS,
+            });
         }
         let mut fields = Vec::new();
         for name in names {
             let parts = name
                 .split('*')
                 .map(|part| {
-                    AdField::parse(part.trim()).ok_or_else(|| {
-                        format!(
-                            "{name:?}: {:?} is not one of {}",
-                            part.trim(),
-                            AdField::NAMES.join(", ")
-                        )
+                    AdField::parse(part.trim()).ok_or_else(|| HashingError::Field {
+                        name: name.clone(),
+                        field: part.trim().to_owned(),
+                        known: AdField::NAMES.join(", "),
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;

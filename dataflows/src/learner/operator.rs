@@ -454,6 +454,20 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
     }
 }
 
+/// Why [`learn_in_process`] failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LearnInProcessError {
+    /// Timely could not run the workers.
+    #[error("the learner's timely workers failed: {reason}")]
+    Workers {
+        /// Timely's reason.
+        reason: String,
+    },
+    /// A worker panicked.
+    #[error("a learner worker panicked")]
+    Panicked,
+}
+
 /// Runs [`Learn`] in this process on `workers` timely worker threads over
 /// `windows` (window t at epoch t) and returns every output, each worker's
 /// in the order it emitted them. Each worker feeds a strided share of every
@@ -463,7 +477,7 @@ pub fn learn_in_process(
     windows: Vec<Vec<Example>>,
     config: LearnerConfig,
     workers: usize,
-) -> Result<Vec<LearnerOutput>, String> {
+) -> Result<Vec<LearnerOutput>, LearnInProcessError> {
     use std::sync::{Arc, Mutex};
     use timely::dataflow::InputHandleVec;
     use timely::dataflow::channels::pact::Pipeline;
@@ -513,12 +527,8 @@ pub fn learn_in_process(
             all.append(&mut local.borrow_mut());
         }
     })
-    .map_err(|e| format!("the learner's timely workers failed: {e}"))?;
-    let outputs = std::mem::take(
-        &mut *gathered
-            .lock()
-            .map_err(|_| "a learner worker panicked".to_owned())?,
-    );
+    .map_err(|reason| LearnInProcessError::Workers { reason })?;
+    let outputs = std::mem::take(&mut *gathered.lock().map_err(|_| LearnInProcessError::Panicked)?);
     Ok(outputs)
 }
 

@@ -48,29 +48,45 @@ impl Default for ValueParams {
     }
 }
 
+/// A value-function parameter out of its range.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{field} {value} {rule}")]
+pub struct ValueParamsError {
+    /// The field (`alpha`, `gamma_per_minute`, `resolution`, `time_buckets`).
+    pub field: &'static str,
+    /// Its value.
+    pub value: f64,
+    /// The range it breaks.
+    pub rule: &'static str,
+}
+
 impl ValueParams {
-    /// Checks the ranges; the reason names the field.
-    pub fn check(&self) -> Result<(), String> {
+    /// Checks the ranges; the error names the field.
+    pub fn check(&self) -> Result<(), ValueParamsError> {
+        let out = |field, value, rule| Err(ValueParamsError { field, value, rule });
         if !(self.alpha > 0.0 && self.alpha <= 1.0) {
-            return Err(format!("alpha {} must be in (0, 1]", self.alpha));
+            return out("alpha", self.alpha, "must be in (0, 1]");
         }
         if !(self.gamma_per_minute > 0.0 && self.gamma_per_minute <= 1.0) {
-            return Err(format!(
-                "gamma_per_minute {} must be in (0, 1]",
-                self.gamma_per_minute
-            ));
+            return out(
+                "gamma_per_minute",
+                self.gamma_per_minute,
+                "must be in (0, 1]",
+            );
         }
         if self.resolution > 15 {
-            return Err(format!(
-                "resolution {} is not an H3 resolution (0 to 15)",
-                self.resolution
-            ));
+            return out(
+                "resolution",
+                f64::from(self.resolution),
+                "is not an H3 resolution (0 to 15)",
+            );
         }
         if self.time_buckets == 0 || self.time_buckets > 1440 {
-            return Err(format!(
-                "time_buckets {} must be 1 to 1440",
-                self.time_buckets
-            ));
+            return out(
+                "time_buckets",
+                f64::from(self.time_buckets),
+                "must be 1 to 1440",
+            );
         }
         Ok(())
     }

@@ -371,12 +371,11 @@ pub(super) fn pipeline(
             match dataflows::learner::ads::AdHashing::parse(&names, l.hash_bits.unwrap_or(18)) {
                 Ok(hashing) => hashing,
                 Err(e) => {
-                    let which = if e.starts_with("hash_bits") {
-                        "hash_bits"
-                    } else {
-                        "hashed_features"
+                    let which = match e {
+                        dataflows::learner::ads::HashingError::Bits { .. } => "hash_bits",
+                        dataflows::learner::ads::HashingError::Field { .. } => "hashed_features",
                     };
-                    problems.add(format!("{field}.learner.{which}"), e);
+                    problems.add(format!("{field}.learner.{which}"), e.to_string());
                     dataflows::learner::ads::AdHashing::default()
                 }
             };
@@ -530,7 +529,7 @@ fn matching_spec(
     }
     if let Some(value) = m.value {
         if let Err(e) = value.check() {
-            problems.add(format!("{field}.value"), e);
+            problems.add(format!("{field}.value"), e.to_string());
         }
         config.plan.value = value;
     }
