@@ -21,6 +21,7 @@ use kernels::collective::{Collective, SingleRank};
 use kernels::device::{Device, DeviceError};
 
 use super::config::{GemmaConfig, LayerKind};
+use super::forward::{Backend, Greedy, Head, Projection, Residual, Row, forward};
 use super::generate::END_OF_GENERATION;
 use super::model::{Gemma, LayerWeight, Weight};
 use super::sampling::Sampler;
@@ -36,6 +37,9 @@ pub enum DeviceModelError {
     /// The device failed.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// The ranks could not exchange data.
+    #[error(transparent)]
+    Collective(#[from] kernels::collective::CollectiveError),
     /// Something the device model does not do.
     #[error("{0}")]
     Unsupported(String),
@@ -413,14 +417,8 @@ impl<D: Device> DeviceGemma<D> {
                 CHUNK * 4
             )));
         }
-        let (hd, hidden) = (c.head_dim, c.hidden);
-        let me = &self.shard;
-        let (heads, kv_heads, ffn) = (me.q_heads.len(), me.kv_heads.len(), me.ffn.len());
-        let (q_dim, kv_dim) = (heads * hd, kv_heads * hd);
-        let group = c.heads / c.kv_heads.max(1);
-        let tp = self.collective.world();
-        // Positions, and the per-layer-kind cache slots of each row.
-        let mut positions = Vec::with_capacity(n);
+        // Each row at its sequence's next position.
+        let mut rows = Vec::with_capacity(n);
         let mut next = pool.lengths.clone();
         for (&t, &s) in tokens.iter().zip(seqs) {
             if s >= next.len() || t as usize >= c.vocab {
@@ -443,227 +441,40 @@ impl<D: Device> DeviceGemma<D> {
                     pool.chunk
                 )));
             }
-            positions.push(next[s]);
+            rows.push(Row {
+                token: t,
+                seq: s,
+                position: next[s],
+            });
             next[s] += 1;
         }
-        let gpu = &self.gpu;
-        // Vocabulary-parallel lookup: the rank holding a token's row fills
-        // it (-1: a row of zeros elsewhere), the sum gives every rank the row.
-        let ids: Vec<i32> = tokens
-            .iter()
-            .map(|t| {
-                let t = *t as usize;
-                if me.vocab.contains(&t) {
-                    (t - me.vocab.start) as i32
-                } else {
-                    -1
-                }
-            })
-            .collect();
-        let pos_i: Vec<i32> = positions.iter().map(|p| *p as i32).collect();
-        let d_ids = gpu.upload(&ids)?;
-        let d_pos = gpu.upload(&pos_i)?;
-        let mut x = gpu.zeros::<f32>(n * hidden)?;
-        gpu.embed_bf16(&self.embd, &d_ids, &mut x, (n, hidden), self.embed_scale)?;
-        if tp > 1 {
-            x = self.all_reduce(&x)?;
+        if let Some(&w) = want.iter().find(|&&w| w >= n) {
+            return Err(DeviceModelError::Unsupported(format!(
+                "row {w} of {n} does not exist"
+            )));
         }
-        let width = q_dim + 2 * kv_dim;
-        // The input of the next matrix product (bf16), and the outputs.
-        let mut hb = gpu.zeros::<u16>(n * ffn.max(q_dim).max(hidden))?;
-        let mut qkv = gpu.zeros::<f32>(n * width)?;
-        let mut qn = gpu.zeros::<f32>(n * q_dim)?;
-        let mut o = gpu.zeros::<f32>(n * hidden)?;
-        let mut gu = gpu.zeros::<f32>(n * 2 * ffn)?;
-        let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
-        // Per layer kind: rope positions, slot destinations and bases.
-        type Slots<D> = (
-            (LayerKind, usize, bool),
-            <D as Device>::Buf<f32>,
-            <D as Device>::Buf<i32>,
-            <D as Device>::Buf<i32>,
-        );
-        let mut kinds: Vec<Slots<D>> = Vec::new();
-        for (li, layer) in self.layers.iter().enumerate() {
-            let per = pool.per_sequence[li];
-            let ring = pool.ring[li];
-            let key = (layer.kind, per, ring);
-            if kinds.iter().any(|(k, ..)| *k == key) {
-                continue;
-            }
-            let rope: Vec<f32> = positions
-                .iter()
-                .map(|&p| match layer.kind {
-                    LayerKind::Local => p as f32,
-                    LayerKind::Global => p as f32 / c.rope_global_scale,
-                })
-                .collect();
-            let dest: Vec<i32> = positions
-                .iter()
-                .zip(seqs)
-                .map(|(&p, &s)| (s * per + if ring { p % per } else { p }) as i32)
-                .collect();
-            let bases: Vec<i32> = seqs.iter().map(|&s| (s * per) as i32).collect();
-            kinds.push((
-                key,
-                gpu.upload(&rope)?,
-                gpu.upload(&dest)?,
-                gpu.upload(&bases)?,
-            ));
-        }
-        // Each layer: q|k|v product, their norms, RoPE and cache stores,
-        // attention, the output product, the residual step (with the MLP's
-        // input norm), the gate|up product, GeGLU, the down product, the
-        // residual step (with the next layer's input norm, or the final
-        // norm after the last layer).
-        if let Some(first) = self.layers.first() {
-            gpu.rms_norm_bf16(&x, &first.norms[0], &mut hb, (n, hidden), c.rms_eps)?;
-        }
-        for (li, layer) in self.layers.iter().enumerate() {
-            let key = (layer.kind, pool.per_sequence[li], pool.ring[li]);
-            let Some((_, rope, dest, bases)) = kinds.iter().find(|(k, ..)| *k == key) else {
-                continue;
-            };
-            let (base, window) = match layer.kind {
-                LayerKind::Local => (c.rope_local_base, c.window),
-                LayerKind::Global => (c.rope_global_base, 0),
-            };
-            let m = &layer.matrices;
-            let nm = &layer.norms;
-            gpu.gemm_bf16(&m[0].0, (m[0].1, m[0].2), &hb, n, &mut qkv)?;
-            let slots = pool.per_sequence[li] * pool.lengths.len();
-            gpu.qkv_prep(
-                &qkv,
-                (&nm[1], &nm[2]),
-                &mut qn,
-                (&mut pool.keys[li], &mut pool.values[li]),
-                (rope, dest),
-                (n, heads, kv_heads, hd),
-                (base, score_scale, c.rms_eps),
-                slots,
-            )?;
-            gpu.attention_bf16(
-                &qn,
-                (&pool.keys[li], &pool.values[li]),
-                &mut hb,
-                (&d_pos, bases),
-                (n, heads, hd, kv_dim),
-                group,
-                (
-                    window,
-                    if pool.ring[li] {
-                        pool.per_sequence[li]
-                    } else {
-                        0
-                    },
-                ),
-            )?;
-            gpu.gemm_bf16(&m[1].0, (m[1].1, m[1].2), &hb, n, &mut o)?;
-            if tp > 1 {
-                o = self.all_reduce(&o)?;
-            }
-            gpu.residual_norm(
-                &mut x,
-                &o,
-                (&nm[3], &nm[4]),
-                &mut hb,
-                (n, hidden),
-                c.rms_eps,
-            )?;
-            gpu.gemm_bf16(&m[2].0, (m[2].1, m[2].2), &hb, n, &mut gu)?;
-            gpu.geglu_bf16(&gu, &mut hb, (n, ffn))?;
-            gpu.gemm_bf16(&m[3].0, (m[3].1, m[3].2), &hb, n, &mut o)?;
-            if tp > 1 {
-                o = self.all_reduce(&o)?;
-            }
-            let next = self
-                .layers
-                .get(li + 1)
-                .map_or(&self.output_norm, |l| &l.norms[0]);
-            gpu.residual_norm(&mut x, &o, (&nm[5], next), &mut hb, (n, hidden), c.rms_eps)?;
-        }
-        pool.lengths = next;
-        if want.is_empty() {
-            return Ok(Scored::Logits(Vec::new()));
-        }
-        // `hb` now holds every row's final norm (bf16): score the wanted
-        // rows (all of them in a decode step; a prompt's last otherwise,
-        // gathered on the host).
-        let m = want.len();
-        let all_rows = want.iter().copied().eq(0..n);
-        let gathered;
-        let nb = if all_rows {
-            &hb
+        let mut logits = vec![0f32; if greedy { 0 } else { want.len() * c.vocab }];
+        let head = if want.is_empty() {
+            Head::None
+        } else if greedy {
+            Head::Greedy(want)
         } else {
-            let normed = gpu.download(&hb)?;
-            let mut rows = Vec::with_capacity(m * hidden);
-            for &w in want {
-                let r = normed.get(w * hidden..(w + 1) * hidden).ok_or_else(|| {
-                    DeviceModelError::Unsupported(format!("row {w} of {n} does not exist"))
-                })?;
-                rows.extend_from_slice(r);
-            }
-            gathered = gpu.upload(&rows)?;
-            &gathered
+            Head::Logits(want, &mut logits)
         };
-        let vocab_rows = D::len(&self.embd) / hidden;
-        let mut logits = gpu.zeros::<f32>(m * vocab_rows)?;
-        gpu.gemm_bf16(&self.embd, (vocab_rows, hidden), nb, m, &mut logits)?;
-        if greedy && tp == 1 && vocab_rows == c.vocab {
-            let mut ids = gpu.zeros::<i32>(m)?;
-            gpu.argmax_rows(&logits, (m, vocab_rows), &mut ids)?;
-            return Ok(Scored::Ids(
-                gpu.download(&ids)?
-                    .iter()
-                    .map(|i| u32::try_from(*i).unwrap_or(0))
-                    .collect(),
-            ));
-        }
-        let scored = gpu.download(&logits)?;
-        if tp == 1 {
-            return Ok(Scored::Logits(
-                scored
-                    .chunks(vocab_rows.max(1))
-                    .flat_map(|r| r[..c.vocab.min(vocab_rows)].to_vec())
-                    .collect(),
-            ));
-        }
-        // Each rank scores its vocabulary slice; the slices are gathered in
-        // rank order (padded to equal lengths) and trimmed, as on the CPU.
-        let per = self.vocab_chunk;
-        let mut mine = vec![0f32; m * per];
-        for (dst, src) in mine
-            .chunks_exact_mut(per)
-            .zip(scored.chunks(vocab_rows.max(1)))
-        {
-            dst[..src.len()].copy_from_slice(src);
-        }
-        let mut all = vec![0f32; m * per * tp];
-        self.collective
-            .all_gather(&mine, &mut all)
-            .map_err(|e| DeviceModelError::Unsupported(e.to_string()))?;
-        let vocab = c.vocab;
-        let mut out = vec![0f32; m * vocab];
-        for (rank, part) in all.chunks_exact(m * per).enumerate() {
-            for (t, slice) in part.chunks_exact(per).enumerate() {
-                let from = rank * per;
-                let to = (from + per).min(vocab);
-                if from < to {
-                    out[t * vocab + from..t * vocab + to].copy_from_slice(&slice[..to - from]);
-                }
-            }
-        }
-        Ok(Scored::Logits(out))
+        Ok(match forward(self, &rows, pool, head)? {
+            Some(Greedy::Ids(ids)) => Scored::Ids(ids),
+            Some(Greedy::Logits(l)) => Scored::Logits(l),
+            None => Scored::Logits(logits),
+        })
     }
 
     /// Sums `x` over the ranks (through the host: the collective's
     /// operations take host buffers).
-    fn all_reduce(&self, x: &D::Buf<f32>) -> Result<D::Buf<f32>, DeviceModelError> {
+    fn all_reduce_buf(&self, x: &mut D::Buf<f32>) -> Result<(), DeviceModelError> {
         let mut host = self.gpu.download(x)?;
-        self.collective
-            .all_reduce_sum(&mut host)
-            .map_err(|e| DeviceModelError::Unsupported(e.to_string()))?;
-        Ok(self.gpu.upload(&host)?)
+        self.collective.all_reduce_sum(&mut host)?;
+        *x = self.gpu.upload(&host)?;
+        Ok(())
     }
 
     /// This rank's slices.
@@ -708,6 +519,367 @@ impl<D: Device> DeviceGemma<D> {
     ) -> Result<Vec<f32>, DeviceModelError> {
         let want: Vec<usize> = (0..tokens.len()).collect();
         self.forward(tokens, seqs, pool, &want)
+    }
+}
+
+/// A kind of layer's (kind, slots per sequence, ring) RoPE positions,
+/// destination slots and sequence bases for the rows of a pass.
+type KindSlots<D> = (
+    (LayerKind, usize, bool),
+    <D as Device>::Buf<f32>,
+    <D as Device>::Buf<i32>,
+    <D as Device>::Buf<i32>,
+);
+
+/// What a device pass prepares once: the rows' positions and, per kind
+/// of layer, their RoPE positions and cache slots; and scratch.
+pub struct DevicePass<D: Device> {
+    n: usize,
+    positions: D::Buf<i32>,
+    /// Per (layer kind, slots per sequence, ring): RoPE positions, the
+    /// rows' destination slots, each row's sequence's first slot.
+    kinds: Vec<KindSlots<D>>,
+    qkv: D::Buf<f32>,
+    qn: D::Buf<f32>,
+    gu: D::Buf<f32>,
+}
+
+impl<D: Device> std::fmt::Debug for DevicePass<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevicePass").field("rows", &self.n).finish()
+    }
+}
+
+impl<D: Device> Backend for DeviceGemma<D> {
+    type Error = DeviceModelError;
+    type Act = D::Buf<f32>;
+    type Input = D::Buf<u16>;
+    type Kv<'k>
+        = KvPool<D>
+    where
+        D: 'k;
+    type Pass = DevicePass<D>;
+
+    fn config(&self) -> &GemmaConfig {
+        &self.config
+    }
+
+    fn shard(&self) -> &RankShard {
+        &self.shard
+    }
+
+    fn collective(&self) -> &dyn Collective {
+        self.collective.as_ref()
+    }
+
+    fn vocab_per_rank(&self) -> usize {
+        self.vocab_chunk
+    }
+
+    fn prepare(
+        &self,
+        rows: &[Row],
+        pool: &mut KvPool<D>,
+    ) -> Result<DevicePass<D>, DeviceModelError> {
+        let c = &self.config;
+        let gpu = &self.gpu;
+        let n = rows.len();
+        let me = &self.shard;
+        let (q_dim, kv_dim) = (
+            me.q_heads.len() * c.head_dim,
+            me.kv_heads.len() * c.head_dim,
+        );
+        let pos_i: Vec<i32> = rows.iter().map(|r| r.position as i32).collect();
+        let mut kinds: Vec<KindSlots<D>> = Vec::new();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let per = pool.per_sequence[li];
+            let ring = pool.ring[li];
+            let key = (layer.kind, per, ring);
+            if kinds.iter().any(|(k, ..)| *k == key) {
+                continue;
+            }
+            let rope: Vec<f32> = rows
+                .iter()
+                .map(|r| match layer.kind {
+                    LayerKind::Local => r.position as f32,
+                    LayerKind::Global => r.position as f32 / c.rope_global_scale,
+                })
+                .collect();
+            let dest: Vec<i32> = rows
+                .iter()
+                .map(|r| (r.seq * per + if ring { r.position % per } else { r.position }) as i32)
+                .collect();
+            let bases: Vec<i32> = rows.iter().map(|r| (r.seq * per) as i32).collect();
+            kinds.push((
+                key,
+                gpu.upload(&rope)?,
+                gpu.upload(&dest)?,
+                gpu.upload(&bases)?,
+            ));
+        }
+        Ok(DevicePass {
+            n,
+            positions: gpu.upload(&pos_i)?,
+            kinds,
+            qkv: gpu.zeros(n * (q_dim + 2 * kv_dim))?,
+            qn: gpu.zeros(n * q_dim)?,
+            gu: gpu.zeros(n * 2 * me.ffn.len())?,
+        })
+    }
+
+    fn act(&self, len: usize) -> Result<D::Buf<f32>, DeviceModelError> {
+        Ok(self.gpu.zeros(len)?)
+    }
+
+    fn input(&self, len: usize) -> Result<D::Buf<u16>, DeviceModelError> {
+        Ok(self.gpu.zeros(len)?)
+    }
+
+    fn embed(&self, rows: &[Row], x: &mut D::Buf<f32>) -> Result<(), DeviceModelError> {
+        // Vocabulary-parallel lookup: the rank holding a token's row fills
+        // it (-1: a row of zeros elsewhere), the sum gives every rank the row.
+        let me = &self.shard;
+        let ids: Vec<i32> = rows
+            .iter()
+            .map(|r| {
+                let t = r.token as usize;
+                if me.vocab.contains(&t) {
+                    (t - me.vocab.start) as i32
+                } else {
+                    -1
+                }
+            })
+            .collect();
+        let d_ids = self.gpu.upload(&ids)?;
+        self.gpu.embed_bf16(
+            &self.embd,
+            &d_ids,
+            x,
+            (rows.len(), self.config.hidden),
+            self.embed_scale,
+        )?;
+        Ok(())
+    }
+
+    fn all_reduce(&self, x: &mut D::Buf<f32>) -> Result<(), DeviceModelError> {
+        self.all_reduce_buf(x)
+    }
+
+    fn first_norm(&self, x: &D::Buf<f32>, h: &mut D::Buf<u16>) -> Result<(), DeviceModelError> {
+        let c = &self.config;
+        if let Some(first) = self.layers.first() {
+            let n = D::len(x) / c.hidden;
+            self.gpu
+                .rms_norm_bf16(x, &first.norms[0], h, (n, c.hidden), c.rms_eps)?;
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        li: usize,
+        h: &D::Buf<u16>,
+        out: &mut D::Buf<u16>,
+        pass: &mut DevicePass<D>,
+        pool: &mut KvPool<D>,
+    ) -> Result<(), DeviceModelError> {
+        let c = &self.config;
+        let gpu = &self.gpu;
+        let layer = &self.layers[li];
+        let me = &self.shard;
+        let hd = c.head_dim;
+        let (heads, kv_heads) = (me.q_heads.len(), me.kv_heads.len());
+        let kv_dim = kv_heads * hd;
+        let group = c.heads / c.kv_heads.max(1);
+        let n = pass.n;
+        let key = (layer.kind, pool.per_sequence[li], pool.ring[li]);
+        let Some((_, rope, dest, bases)) = pass.kinds.iter().find(|(k, ..)| *k == key) else {
+            return Err(DeviceModelError::Unsupported(format!(
+                "layer {li}: no cache slots prepared"
+            )));
+        };
+        let (base, window) = match layer.kind {
+            LayerKind::Local => (c.rope_local_base, c.window),
+            LayerKind::Global => (c.rope_global_base, 0),
+        };
+        let m = &layer.matrices;
+        let nm = &layer.norms;
+        let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
+        gpu.gemm_bf16(&m[0].0, (m[0].1, m[0].2), h, n, &mut pass.qkv)?;
+        let slots = pool.per_sequence[li] * pool.lengths.len();
+        gpu.qkv_prep(
+            &pass.qkv,
+            (&nm[1], &nm[2]),
+            &mut pass.qn,
+            (&mut pool.keys[li], &mut pool.values[li]),
+            (rope, dest),
+            (n, heads, kv_heads, hd),
+            (base, score_scale, c.rms_eps),
+            slots,
+        )?;
+        gpu.attention_bf16(
+            &pass.qn,
+            (&pool.keys[li], &pool.values[li]),
+            out,
+            (&pass.positions, bases),
+            (n, heads, hd, kv_dim),
+            group,
+            (
+                window,
+                if pool.ring[li] {
+                    pool.per_sequence[li]
+                } else {
+                    0
+                },
+            ),
+        )?;
+        Ok(())
+    }
+
+    fn project(
+        &self,
+        li: usize,
+        which: Projection,
+        input: &D::Buf<u16>,
+        out: &mut D::Buf<f32>,
+    ) -> Result<(), DeviceModelError> {
+        let m = &self.layers[li].matrices[match which {
+            Projection::Output => 1,
+            Projection::Down => 3,
+        }];
+        let n = D::len(out) / self.config.hidden;
+        self.gpu.gemm_bf16(&m.0, (m.1, m.2), input, n, out)?;
+        Ok(())
+    }
+
+    fn residual(
+        &self,
+        li: usize,
+        which: Residual,
+        x: &mut D::Buf<f32>,
+        o: &mut D::Buf<f32>,
+        h: &mut D::Buf<u16>,
+    ) -> Result<(), DeviceModelError> {
+        let c = &self.config;
+        let nm = &self.layers[li].norms;
+        let norms = match which {
+            Residual::Attention => (&nm[3], &nm[4]),
+            Residual::Mlp => (
+                &nm[5],
+                self.layers
+                    .get(li + 1)
+                    .map_or(&self.output_norm, |l| &l.norms[0]),
+            ),
+        };
+        let n = D::len(x) / c.hidden;
+        self.gpu
+            .residual_norm(x, o, norms, h, (n, c.hidden), c.rms_eps)?;
+        Ok(())
+    }
+
+    fn gated_mlp(
+        &self,
+        li: usize,
+        h: &D::Buf<u16>,
+        g: &mut D::Buf<u16>,
+        pass: &mut DevicePass<D>,
+    ) -> Result<(), DeviceModelError> {
+        let m = &self.layers[li].matrices[2];
+        let n = pass.n;
+        self.gpu.gemm_bf16(&m.0, (m.1, m.2), h, n, &mut pass.gu)?;
+        self.gpu
+            .geglu_bf16(&pass.gu, g, (n, self.shard.ffn.len()))?;
+        Ok(())
+    }
+
+    fn finish(&self, _pass: DevicePass<D>, rows: &[Row], pool: &mut KvPool<D>) {
+        for r in rows {
+            let len = &mut pool.lengths[r.seq];
+            *len = (*len).max(r.position + 1);
+        }
+    }
+
+    fn lm_head(
+        &self,
+        h: &D::Buf<u16>,
+        want: &[usize],
+        out: &mut [f32],
+    ) -> Result<(), DeviceModelError> {
+        let logits = self.head_logits(h, want)?;
+        let scored = self.gpu.download(&logits)?;
+        let rows = self.vocab_rows();
+        let mine = out.len() / want.len().max(1);
+        for (dst, src) in out
+            .chunks_exact_mut(mine.max(1))
+            .zip(scored.chunks(rows.max(1)))
+        {
+            let k = dst.len().min(src.len());
+            dst[..k].copy_from_slice(&src[..k]);
+        }
+        Ok(())
+    }
+
+    fn lm_head_greedy(
+        &self,
+        h: &D::Buf<u16>,
+        want: &[usize],
+    ) -> Result<Option<Vec<u32>>, DeviceModelError> {
+        let rows = self.vocab_rows();
+        if rows != self.config.vocab {
+            return Ok(None);
+        }
+        let m = want.len();
+        let logits = self.head_logits(h, want)?;
+        let mut ids = self.gpu.zeros::<i32>(m)?;
+        self.gpu.argmax_rows(&logits, (m, rows), &mut ids)?;
+        Ok(Some(
+            self.gpu
+                .download(&ids)?
+                .iter()
+                .map(|i| u32::try_from(*i).unwrap_or(0))
+                .collect(),
+        ))
+    }
+}
+
+impl<D: Device> DeviceGemma<D> {
+    /// Rows of this rank's embedding (its vocabulary slice).
+    fn vocab_rows(&self) -> usize {
+        D::len(&self.embd) / self.config.hidden.max(1)
+    }
+
+    /// The LM head over the rows `want` of `h` (the final norm, bf16): on
+    /// the device, `want.len()` × this rank's vocabulary rows.
+    fn head_logits(
+        &self,
+        h: &D::Buf<u16>,
+        want: &[usize],
+    ) -> Result<D::Buf<f32>, DeviceModelError> {
+        let gpu = &self.gpu;
+        let hidden = self.config.hidden;
+        let n = D::len(h) / hidden.max(1);
+        let m = want.len();
+        // Every row (a decode step) is scored in place; a prompt's last
+        // row is gathered on the host first.
+        let gathered;
+        let input = if want.iter().copied().eq(0..n) {
+            h
+        } else {
+            let normed = gpu.download(h)?;
+            let mut rows = Vec::with_capacity(m * hidden);
+            for &w in want {
+                let r = normed.get(w * hidden..(w + 1) * hidden).ok_or_else(|| {
+                    DeviceModelError::Unsupported(format!("row {w} of {n} does not exist"))
+                })?;
+                rows.extend_from_slice(r);
+            }
+            gathered = gpu.upload(&rows)?;
+            &gathered
+        };
+        let vocab_rows = self.vocab_rows();
+        let mut logits = gpu.zeros::<f32>(m * vocab_rows)?;
+        gpu.gemm_bf16(&self.embd, (vocab_rows, hidden), input, m, &mut logits)?;
+        Ok(logits)
     }
 }
 

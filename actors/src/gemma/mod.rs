@@ -6,6 +6,7 @@ mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod forward;
 mod generate;
 mod model;
 mod sampling;

@@ -389,7 +389,6 @@ impl Gemma {
             output_norm: shared.output_norm,
             layers,
             shard: layout.ranks[collective.rank()].clone(),
-            tp: layout.tp,
             vocab_per_rank: layout.vocab_chunk,
             collective,
             owned,

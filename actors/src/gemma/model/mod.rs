@@ -37,8 +37,10 @@ use rayon::prelude::*;
 use super::checkpoint::{Checkpoint, CheckpointError, hf_name};
 use super::config::{ConfigError, GemmaConfig, LayerKind};
 use super::shard::{RankShard, ShardError, ShardPlan, plan};
+use crate::gemma::forward::{Head, Row, forward};
 use crate::tokenizer::{Tokenizer, VocabError};
 
+mod cpu;
 mod load;
 mod random;
 
@@ -113,14 +115,6 @@ pub enum LoadError {
 /// What a rank loads: its layout, layers, shared tensors and the column
 /// slices it copied.
 type Parts = (ShardPlan, Vec<Layer>, Shared, Vec<Vec<u8>>);
-
-/// One row of a forward pass: a token of sequence `seq` at `position`.
-#[derive(Clone, Copy, Debug)]
-struct Row {
-    token: u32,
-    seq: usize,
-    position: usize,
-}
 
 /// Most prompt tokens one pass through the weights takes: a weight block is
 /// read once for all of them (the tiles multiply it with every 16 tokens
@@ -247,8 +241,6 @@ pub struct Gemma {
     collective: Box<dyn Collective>,
     /// This rank's slices (everything with one rank).
     shard: RankShard,
-    /// Ranks.
-    tp: usize,
     /// Vocabulary rows per rank before trimming (the all-gather's unit).
     vocab_per_rank: usize,
     /// This rank's copies of column slices (row-parallel weights, tp > 1).
@@ -531,10 +523,11 @@ impl Gemma {
             })
             .collect();
         let last = tokens.len().saturating_sub(1);
-        match logits {
-            Some(out) => self.run_rows(&rows, &mut [cache], &[last], out),
-            None => self.run_rows(&rows, &mut [cache], &[], &mut []),
-        }
+        let head = match logits {
+            Some(out) => Head::Logits(&[last], out),
+            None => Head::None,
+        };
+        forward(self, &rows, &mut [cache], head).map(|_| ())
     }
 
     /// One decode step for several sequences at once (continuous batching):
@@ -589,212 +582,7 @@ impl Gemma {
             }));
             logits_for.push(rows.len() - 1);
         }
-        self.run_rows(&rows, caches, &logits_for, logits)
-    }
-
-    /// Runs `rows` (tokens of one or more sequences, each sequence's rows
-    /// one run of consecutive positions) through the model; writes the logits of
-    /// the rows listed in `logits_for` into consecutive `vocab`-long rows of
-    /// `logits`.
-    fn run_rows(
-        &self,
-        rows: &[Row],
-        caches: &mut [&mut KvCache],
-        logits_for: &[usize],
-        logits: &mut [f32],
-    ) -> Result<(), CollectiveError> {
-        let c = &self.config;
-        let n = rows.len();
-        if n == 0 {
-            return Ok(());
-        }
-        // This rank's share: its query and KV heads, its intermediate
-        // features (everything with one rank).
-        let me = &self.shard;
-        let hd = c.head_dim;
-        let (q_dim, kv_dim) = (me.q_heads.len() * hd, me.kv_heads.len() * hd);
-        let ffn = me.ffn.len();
-        let group = c.heads / c.kv_heads;
-        let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
-
-        // Vocabulary-parallel lookup: the rank holding a token's row fills
-        // it, the others leave zeros, and the sum gives every rank the row.
-        let mut x = vec![0f32; n * c.hidden];
-        for (row, r) in x.chunks_exact_mut(c.hidden).zip(rows) {
-            let token = r.token as usize;
-            if me.vocab.contains(&token) {
-                self.matrix(&self.token_embd)
-                    .dequantize_row(token - me.vocab.start, row);
-                row.iter_mut().for_each(|v| *v *= self.embed_scale);
-            }
-        }
-        if self.tp > 1 {
-            self.collective.all_reduce_sum(&mut x)?;
-        }
-        let mut h = vec![0f32; n * c.hidden];
-        let mut q = vec![0f32; n * q_dim];
-        let mut k = vec![0f32; n * kv_dim];
-        let mut v = vec![0f32; n * kv_dim];
-        let mut attn = vec![0f32; n * q_dim];
-        let mut o = vec![0f32; n * c.hidden];
-        let mut gate = vec![0f32; n * ffn];
-        let mut up = vec![0f32; n * ffn];
-        let runs = run_starts(rows);
-        // This rank's query heads in runs that share a KV head, each with
-        // that KV head's offset into a token's K/V row.
-        let mut groups: Vec<(std::ops::Range<usize>, usize)> = Vec::new();
-        for head in 0..me.q_heads.len() {
-            let off = ((me.q_heads.start + head) / group - me.kv_heads.start) * hd;
-            match groups.last_mut() {
-                Some((heads, last)) if *last == off => heads.end = head + 1,
-                _ => groups.push((head..head + 1, off)),
-            }
-        }
-
-        for (li, layer) in self.layers.iter().enumerate() {
-            for (hr, xr) in h.chunks_exact_mut(c.hidden).zip(x.chunks_exact(c.hidden)) {
-                rms_norm(xr, &layer.attn_norm, c.rms_eps, hr);
-            }
-            self.matrix(&layer.attn_q).matmul(&h, n, &mut q);
-            self.matrix(&layer.attn_k).matmul(&h, n, &mut k);
-            self.matrix(&layer.attn_v).matmul(&h, n, &mut v);
-            let (base, scale) = match layer.kind {
-                LayerKind::Local => (c.rope_local_base, 1.0),
-                LayerKind::Global => (c.rope_global_base, c.rope_global_scale),
-            };
-            // QK-norm and RoPE, token by token in parallel.
-            q.par_chunks_exact_mut(q_dim)
-                .zip(k.par_chunks_exact_mut(kv_dim))
-                .zip(rows.par_iter())
-                .for_each_init(
-                    || (vec![0f32; hd / 2], vec![0f32; hd / 2]),
-                    |(cos, sin), ((qt, kt), r)| {
-                        rope_angles(r.position as f32 / scale, base, hd, cos, sin);
-                        for head in qt.chunks_exact_mut(hd) {
-                            rms_norm_in_place(head, &layer.attn_q_norm, c.rms_eps);
-                            rope_neox_with(head, cos, sin);
-                            head.iter_mut().for_each(|v| *v *= score_scale);
-                        }
-                        for head in kt.chunks_exact_mut(hd) {
-                            rms_norm_in_place(head, &layer.attn_k_norm, c.rms_eps);
-                            rope_neox_with(head, cos, sin);
-                        }
-                    },
-                );
-            let first_position = |position: usize| match layer.kind {
-                LayerKind::Local => (position + 1).saturating_sub(c.window),
-                LayerKind::Global => 0,
-            };
-            // Tokens in parallel. A position inside this batch is read
-            // from `k`/`v` (not stored yet: a later token may take an
-            // earlier one's ring slot on a local layer); earlier
-            // positions from the cache, which still holds them all.
-            let cached: Vec<&KvCache> = caches.iter().map(|cache| &**cache).collect();
-            let (k, v) = (&k, &v);
-            attn.par_chunks_exact_mut(q_dim).enumerate().for_each_init(
-                Vec::new,
-                |scores, (t, out_t)| {
-                    let r = &rows[t];
-                    let cache = cached[r.seq];
-                    let (r0, p0) = (runs[t], rows[runs[t]].position);
-                    for (heads, off) in &groups {
-                        let off = *off;
-                        let kv = |p: usize| {
-                            if p >= p0 {
-                                let at = (r0 + p - p0) * kv_dim + off;
-                                (&k[at..at + hd], &v[at..at + hd])
-                            } else {
-                                let at = cache.slot(li, p) * kv_dim + off;
-                                (&cache.keys[li][at..at + hd], &cache.values[li][at..at + hd])
-                            }
-                        };
-                        let span = heads.start * hd..heads.end * hd;
-                        attend_heads(
-                            &q[t * q_dim..(t + 1) * q_dim][span.clone()],
-                            hd,
-                            first_position(r.position)..=r.position,
-                            kv,
-                            scores,
-                            &mut out_t[span],
-                        );
-                    }
-                },
-            );
-            for (t, r) in rows.iter().enumerate() {
-                caches[r.seq].store(
-                    li,
-                    r.position,
-                    &k[t * kv_dim..(t + 1) * kv_dim],
-                    &v[t * kv_dim..(t + 1) * kv_dim],
-                );
-            }
-            self.matrix(&layer.attn_output).matmul(&attn, n, &mut o);
-            self.collective.all_reduce_sum(&mut o)?;
-            add_normed(
-                &mut x,
-                &mut o,
-                &layer.post_attention_norm,
-                c.hidden,
-                c.rms_eps,
-            );
-            for (hr, xr) in h.chunks_exact_mut(c.hidden).zip(x.chunks_exact(c.hidden)) {
-                rms_norm(xr, &layer.ffn_norm, c.rms_eps, hr);
-            }
-            self.matrix(&layer.ffn_gate).matmul(&h, n, &mut gate);
-            self.matrix(&layer.ffn_up).matmul(&h, n, &mut up);
-            gate.iter_mut()
-                .zip(&up)
-                .for_each(|(g, u)| *g = gelu_tanh(*g) * u);
-            self.matrix(&layer.ffn_down).matmul(&gate, n, &mut o);
-            self.collective.all_reduce_sum(&mut o)?;
-            add_normed(&mut x, &mut o, &layer.post_ffw_norm, c.hidden, c.rms_eps);
-        }
-        for r in rows {
-            let cache = &mut *caches[r.seq];
-            cache.len = cache.len.max(r.position + 1);
-        }
-        if logits_for.is_empty() {
-            return Ok(());
-        }
-        let m = logits_for.len();
-        let mut last = Vec::with_capacity(m * c.hidden);
-        for &i in logits_for {
-            let row = &mut x[i * c.hidden..(i + 1) * c.hidden];
-            rms_norm_in_place(row, &self.output_norm, c.rms_eps);
-            last.extend_from_slice(row);
-        }
-        let vocab = c.vocab;
-        let head = self.matrix(&self.token_embd);
-        if self.tp == 1 {
-            head.matmul(&last, m, &mut logits[..m * vocab]);
-        } else {
-            // Each rank scores its vocabulary slice; the slices are gathered
-            // in rank order (padded to equal lengths) and trimmed.
-            let per = self.vocab_per_rank;
-            let mine_rows = me.vocab.len();
-            let mut scored = vec![0f32; m * mine_rows];
-            head.matmul(&last, m, &mut scored);
-            let mut mine = vec![0f32; m * per];
-            for (dst, src) in mine
-                .chunks_exact_mut(per)
-                .zip(scored.chunks_exact(mine_rows.max(1)))
-            {
-                dst[..mine_rows].copy_from_slice(src);
-            }
-            let mut all = vec![0f32; m * per * self.tp];
-            self.collective.all_gather(&mine, &mut all)?;
-            for (rank, part) in all.chunks_exact(m * per).enumerate() {
-                for (t, slice) in part.chunks_exact(per).enumerate() {
-                    let from = rank * per;
-                    let to = (from + per).min(vocab);
-                    if from < to {
-                        logits[t * vocab + from..t * vocab + to]
-                            .copy_from_slice(&slice[..to - from]);
-                    }
-                }
-            }
-        }
-        Ok(())
+        forward(self, &rows, caches, Head::Logits(&logits_for, logits)).map(|_| ())
     }
 
     /// Runs `token` at the next position of `cache` and, when `logits` is
