@@ -28,8 +28,11 @@ use super::sampling::Sampler;
 use super::shard::RankShard;
 use crate::tokenizer::Tokenizer;
 
-/// Most prompt tokens run through the layers at once.
+/// Most prompt tokens of one sequence run through the layers at once.
 pub const CHUNK: usize = 512;
+
+/// Most rows of one forward pass.
+pub const MAX_ROWS: usize = CHUNK * 4;
 
 /// Why the device model failed.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +129,16 @@ impl<D: Device> KvPool<D> {
     /// Most positions a sequence holds.
     pub fn context(&self) -> usize {
         self.context
+    }
+
+    /// Sequences the pool holds.
+    pub fn sequences(&self) -> usize {
+        self.lengths.len()
+    }
+
+    /// Most new tokens of one sequence per forward pass.
+    pub fn chunk(&self) -> usize {
+        self.chunk
     }
 
     /// Device bytes the pool holds.
@@ -408,20 +421,61 @@ impl<D: Device> DeviceGemma<D> {
         want: &[usize],
         greedy: bool,
     ) -> Result<Scored, DeviceModelError> {
-        let c = &self.config;
         let n = tokens.len();
-        if n == 0 || n != seqs.len() || n > CHUNK * 4 {
+        if n != seqs.len() {
             return Err(DeviceModelError::Unsupported(format!(
-                "forward: {n} tokens for {} sequence entries (1 to {} at once)",
-                seqs.len(),
-                CHUNK * 4
+                "forward: {n} tokens for {} sequence entries",
+                seqs.len()
             )));
         }
         // Each row at its sequence's next position.
-        let mut rows = Vec::with_capacity(n);
         let mut next = pool.lengths.clone();
-        for (&t, &s) in tokens.iter().zip(seqs) {
-            if s >= next.len() || t as usize >= c.vocab {
+        let mut rows = Vec::with_capacity(n);
+        for (&token, &seq) in tokens.iter().zip(seqs) {
+            let position = next.get(seq).copied().unwrap_or(0);
+            if let Some(l) = next.get_mut(seq) {
+                *l += 1;
+            }
+            rows.push(Row {
+                token,
+                seq,
+                position,
+            });
+        }
+        if greedy && !want.is_empty() {
+            self.check_rows(&rows, pool, want)?;
+            return Ok(match forward(self, &rows, pool, Head::Greedy(want))? {
+                Some(Greedy::Ids(ids)) => Scored::Ids(ids),
+                Some(Greedy::Logits(l)) => Scored::Logits(l),
+                None => Scored::Logits(Vec::new()),
+            });
+        }
+        let mut logits = vec![0f32; want.len() * self.config.vocab];
+        self.run_rows(&rows, pool, want, &mut logits)?;
+        Ok(Scored::Logits(logits))
+    }
+
+    /// Refuses rows the pool cannot take: more than [`MAX_ROWS`], an
+    /// unknown sequence or token, a position that is not its sequence's
+    /// next, a full sequence, or more than the pool's chunk of one
+    /// sequence (a local layer's ring holds `window + chunk` slots: more
+    /// would overwrite slots still read).
+    fn check_rows(
+        &self,
+        rows: &[Row],
+        pool: &KvPool<D>,
+        want: &[usize],
+    ) -> Result<(), DeviceModelError> {
+        let n = rows.len();
+        if n == 0 || n > MAX_ROWS {
+            return Err(DeviceModelError::Unsupported(format!(
+                "forward: {n} tokens (1 to {MAX_ROWS} at once)"
+            )));
+        }
+        let mut next = pool.lengths.clone();
+        for r in rows {
+            let (t, s) = (r.token, r.seq);
+            if s >= next.len() || t as usize >= self.config.vocab {
                 return Err(DeviceModelError::Unsupported(format!(
                     "token {t} of sequence {s}: no such sequence or token"
                 )));
@@ -432,20 +486,18 @@ impl<D: Device> DeviceGemma<D> {
                     pool.context
                 )));
             }
-            // A local layer's ring holds `window + chunk` slots: more than
-            // `chunk` new tokens of one sequence would overwrite slots still
-            // read.
+            if r.position != next[s] {
+                return Err(DeviceModelError::Unsupported(format!(
+                    "sequence {s}: position {} is not its next ({})",
+                    r.position, next[s]
+                )));
+            }
             if next[s] - pool.lengths[s] == pool.chunk {
                 return Err(DeviceModelError::Unsupported(format!(
                     "forward: more than {} tokens of sequence {s} at once",
                     pool.chunk
                 )));
             }
-            rows.push(Row {
-                token: t,
-                seq: s,
-                position: next[s],
-            });
             next[s] += 1;
         }
         if let Some(&w) = want.iter().find(|&&w| w >= n) {
@@ -453,19 +505,26 @@ impl<D: Device> DeviceGemma<D> {
                 "row {w} of {n} does not exist"
             )));
         }
-        let mut logits = vec![0f32; if greedy { 0 } else { want.len() * c.vocab }];
+        Ok(())
+    }
+
+    /// Runs `rows` (each at its sequence's next position) through the
+    /// model; the logits of the rows `want`, `vocab` each, into `logits`.
+    pub fn run_rows(
+        &self,
+        rows: &[Row],
+        pool: &mut KvPool<D>,
+        want: &[usize],
+        logits: &mut [f32],
+    ) -> Result<(), DeviceModelError> {
+        self.check_rows(rows, pool, want)?;
         let head = if want.is_empty() {
             Head::None
-        } else if greedy {
-            Head::Greedy(want)
         } else {
-            Head::Logits(want, &mut logits)
+            Head::Logits(want, logits)
         };
-        Ok(match forward(self, &rows, pool, head)? {
-            Some(Greedy::Ids(ids)) => Scored::Ids(ids),
-            Some(Greedy::Logits(l)) => Scored::Logits(l),
-            None => Scored::Logits(logits),
-        })
+        forward(self, rows, pool, head)?;
+        Ok(())
     }
 
     /// Sums `x` over the ranks (through the host: the collective's

@@ -1,12 +1,14 @@
 //! Continuous batching over tensor-parallel shard actors.
 //!
 //! Two kinds of actix actors do the work:
-//! - one [`ShardActor`] per rank owns that rank's weights ([`Gemma`]) and
-//!   the KV cache of every running request. It runs whatever [`Schedule`]
-//!   it is sent: free the caches of requests that left, prefill the
-//!   prompts of requests that join, then one batched decode step for every
-//!   running request ([`Gemma::decode`]). Every rank runs the same
-//!   schedule; the collectives inside the forward pass join them.
+//! - one [`ShardActor`] per rank owns that rank's [`Shard`]: its model (any
+//!   backend of the forward pass: the CPU [`Gemma`] or a device model) and
+//!   the KV cache of every running request, each in a slot. It runs
+//!   whatever [`Schedule`] it is sent: free the slots of requests that
+//!   left, run the earlier chunks of long prompts that join, then one pass
+//!   (or as few as the backend takes) for the prompts' last chunks and
+//!   every running request's next token together. Every rank runs the
+//!   same schedule; the collectives inside the forward pass join them.
 //! - one engine actor (private; [`Engine`] is its handle) keeps the queue
 //!   and the running requests. Between steps it admits waiting requests
 //!   within the limits, sends the step's schedule to every local shard,
@@ -46,6 +48,7 @@ use actix::prelude::*;
 use kernels::device::Device;
 
 use super::device::{DeviceGemma, KvPool};
+use super::forward::{Head, Row, forward};
 use super::generate::END_OF_GENERATION;
 use super::model::{Gemma, KvCache};
 use super::sampling::{Sampler, Sampling};
@@ -109,9 +112,10 @@ pub enum EngineError {
         /// The request.
         id: u64,
     },
-    /// A request to decode holds no sequence of the pool.
-    #[error("no sequence for request {id}")]
-    NoSequence {
+    /// An admitted request without a prompt (the engine refuses those
+    /// before they are scheduled).
+    #[error("request {id} has an empty prompt")]
+    EmptyPrompt {
         /// The request.
         id: u64,
     },
@@ -419,8 +423,9 @@ struct Follow;
 type Outcome = Arc<Mutex<Option<Result<(), EngineError>>>>;
 
 /// What a shard actor runs: one rank's model and the caches of the running
-/// requests. [`CpuShard`] is a rank of the CPU model (any tensor-parallel
-/// size); [`DeviceShard`] is the model on a device (one rank), e.g. a GPU.
+/// requests. Every backend's is a [`Shard`] ([`CpuShard`]: a rank of the CPU
+/// model; [`DeviceShard`]: the model on a device, e.g. a GPU); the trait
+/// lets an engine hold shards of any backend.
 pub trait ShardModel: Send + 'static {
     /// This rank.
     fn rank(&self) -> usize;
@@ -438,225 +443,334 @@ pub trait ShardModel: Send + 'static {
     fn step(&mut self, s: &Schedule) -> Result<StepOutput, EngineError>;
 }
 
-/// A rank of the CPU model and the KV cache of every running request.
-pub struct CpuShard {
-    gemma: Gemma,
-    caches: HashMap<u64, KvCache>,
+/// What an engine shard runs: a backend of the forward pass whose
+/// sequences' KV caches live in numbered slots. The CPU model keeps one
+/// growable [`KvCache`] per slot; the device model one pool of
+/// preallocated slots ([`KvPool`]).
+pub trait ShardBackend: Send + 'static {
+    /// The KV caches of the shard's sequences.
+    type Slots: Send;
+
+    /// This rank's peers.
+    fn peers(&self) -> &dyn kernels::collective::Collective;
+    /// This rank.
+    fn shard_rank(&self) -> usize;
+    /// Logits per row.
+    fn vocab(&self) -> usize;
+    /// Caches for up to `sequences` sequences of up to `context` positions.
+    fn slots(&self, sequences: usize, context: usize) -> Result<Self::Slots, EngineError>;
+    /// How many slots there are (`None`: as many as needed).
+    fn capacity(&self, slots: &Self::Slots) -> Option<usize>;
+    /// Most positions a sequence holds.
+    fn context(&self, slots: &Self::Slots) -> usize;
+    /// Forgets slot `slot`'s sequence.
+    fn clear(&self, slots: &mut Self::Slots, slot: usize);
+    /// Positions filled in slot `slot`.
+    fn filled(&self, slots: &Self::Slots, slot: usize) -> usize;
+    /// Bytes the caches hold.
+    fn bytes(&self, slots: &Self::Slots) -> usize;
+    /// Most new tokens of one sequence in one pass.
+    fn chunk(&self, slots: &Self::Slots) -> usize;
+    /// Most rows in one pass.
+    fn max_rows(&self) -> usize;
+    /// One forward pass of `rows` (`Row::seq` is a slot); the logits of the
+    /// rows `want`, `vocab` each, into `logits`.
+    fn pass(
+        &self,
+        slots: &mut Self::Slots,
+        rows: &[Row],
+        want: &[usize],
+        logits: &mut [f32],
+    ) -> Result<(), EngineError>;
 }
 
-impl std::fmt::Debug for CpuShard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuShard")
-            .field("rank", &self.gemma.shard().rank)
-            .field("requests", &self.caches.len())
-            .finish()
-    }
-}
+impl ShardBackend for Gemma {
+    type Slots = Vec<KvCache>;
 
-impl CpuShard {
-    /// Wraps a loaded rank.
-    pub fn new(gemma: Gemma) -> Self {
-        Self {
-            gemma,
-            caches: HashMap::new(),
-        }
-    }
-}
-
-impl ShardModel for CpuShard {
-    fn rank(&self) -> usize {
-        self.gemma.shard().rank
+    fn peers(&self) -> &dyn kernels::collective::Collective {
+        self.collective()
     }
 
-    fn world(&self) -> usize {
-        self.gemma.collective().world()
+    fn shard_rank(&self) -> usize {
+        self.shard().rank
     }
 
     fn vocab(&self) -> usize {
-        self.gemma.config().vocab
+        self.config().vocab
     }
 
-    fn context(&self) -> usize {
-        self.gemma.config().context
+    fn slots(&self, _sequences: usize, _context: usize) -> Result<Vec<KvCache>, EngineError> {
+        Ok(Vec::new())
     }
 
-    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), EngineError> {
-        self.gemma
-            .collective()
-            .broadcast_bytes(bytes, 0)
-            .map_err(EngineError::from)
+    fn capacity(&self, _slots: &Vec<KvCache>) -> Option<usize> {
+        None
     }
 
-    fn step(&mut self, s: &Schedule) -> Result<StepOutput, EngineError> {
-        for id in &s.free {
-            self.caches.remove(id);
+    fn context(&self, _slots: &Vec<KvCache>) -> usize {
+        self.config().context
+    }
+
+    fn clear(&self, slots: &mut Vec<KvCache>, slot: usize) {
+        if let Some(cache) = slots.get_mut(slot) {
+            *cache = self.new_cache();
         }
-        let vocab = self.gemma.config().vocab;
-        let keep = self.gemma.shard().rank == 0;
-        let rows = s.admit.len() + s.decode.len();
-        let mut logits = if keep {
-            vec![0f32; rows * vocab]
-        } else {
-            Vec::new()
-        };
-        // Admitted prompts and running sequences' next tokens go through
-        // the weights in one pass.
-        let mut taken = Vec::with_capacity(s.decode.len());
-        for (id, _) in &s.decode {
-            match self.caches.remove(id) {
-                Some(cache) => taken.push((*id, cache)),
-                None => {
-                    // Put back what was taken before failing.
-                    self.caches.extend(taken);
-                    return Err(EngineError::NoCache {
-                        rank: self.gemma.shard().rank,
-                        id: *id,
-                    });
-                }
+    }
+
+    fn filled(&self, slots: &Vec<KvCache>, slot: usize) -> usize {
+        slots.get(slot).map_or(0, KvCache::len)
+    }
+
+    fn bytes(&self, slots: &Vec<KvCache>) -> usize {
+        slots.iter().map(KvCache::bytes).sum()
+    }
+
+    fn chunk(&self, _slots: &Vec<KvCache>) -> usize {
+        super::PREFILL_CHUNK
+    }
+
+    fn max_rows(&self) -> usize {
+        usize::MAX
+    }
+
+    fn pass(
+        &self,
+        slots: &mut Vec<KvCache>,
+        rows: &[Row],
+        want: &[usize],
+        logits: &mut [f32],
+    ) -> Result<(), EngineError> {
+        if let Some(most) = rows.iter().map(|r| r.seq).max() {
+            while slots.len() <= most {
+                slots.push(self.new_cache());
             }
         }
-        let mut admitted: Vec<(u64, KvCache)> = s
-            .admit
-            .iter()
-            .map(|(id, _)| (*id, self.gemma.new_cache()))
-            .collect();
-        let next: Vec<u32> = s.decode.iter().map(|(_, t)| *t).collect();
-        let tokens: Vec<&[u32]> = s
-            .admit
-            .iter()
-            .map(|(_, prompt)| &prompt[..])
-            .chain(next.chunks(1))
-            .collect();
-        // Rank 0 keeps the logits; the others compute them too (the LM
-        // head is gathered) and drop them.
-        let mut dropped = Vec::new();
-        let out = if keep {
-            &mut logits[..]
+        let mut caches: Vec<&mut KvCache> = slots.iter_mut().collect();
+        let head = if want.is_empty() {
+            Head::None
         } else {
-            dropped.resize(rows * vocab, 0f32);
-            &mut dropped[..]
+            Head::Logits(want, logits)
         };
-        let result = if tokens.is_empty() {
-            Ok(())
-        } else {
-            let mut caches: Vec<&mut KvCache> = admitted
-                .iter_mut()
-                .chain(taken.iter_mut())
-                .map(|(_, c)| c)
-                .collect();
-            self.gemma.step(&tokens, &mut caches, out)
-        };
-        self.caches.extend(taken);
-        result?;
-        self.caches.extend(admitted);
-        Ok(StepOutput {
-            logits,
-            kv_bytes: self.caches.values().map(KvCache::bytes).sum(),
-        })
+        forward(self, rows, &mut caches, head)?;
+        Ok(())
     }
 }
 
-/// The model on a device (one rank) and its pool of sequence caches: each
-/// running request holds one of the pool's sequences.
-pub struct DeviceShard<D: Device> {
-    model: DeviceGemma<D>,
-    pool: KvPool<D>,
-    slots: HashMap<u64, usize>,
-    free: Vec<usize>,
-}
-
-impl<D: Device> std::fmt::Debug for DeviceShard<D> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceShard")
-            .field("requests", &self.slots.len())
-            .field("free", &self.free.len())
-            .finish()
-    }
-}
-
-impl<D: Device> DeviceShard<D> {
-    /// `sequences` caches of `context` positions each (the engine's
-    /// `max_batch` requests at most run together).
-    pub fn new(
-        model: DeviceGemma<D>,
-        sequences: usize,
-        context: usize,
-    ) -> Result<Self, EngineError> {
-        let pool = model.new_pool(sequences, context)?;
-        Ok(Self {
-            model,
-            pool,
-            slots: HashMap::new(),
-            free: (0..sequences).rev().collect(),
-        })
-    }
-}
-
-impl<D: Device + Send + 'static> ShardModel for DeviceShard<D>
+impl<D: Device + Send + 'static> ShardBackend for DeviceGemma<D>
 where
     DeviceGemma<D>: Send,
     KvPool<D>: Send,
 {
-    fn rank(&self) -> usize {
-        self.model.shard().rank
+    type Slots = KvPool<D>;
+
+    fn peers(&self) -> &dyn kernels::collective::Collective {
+        self.collective()
     }
 
-    fn world(&self) -> usize {
-        self.model.collective().world()
+    fn shard_rank(&self) -> usize {
+        self.shard().rank
     }
 
     fn vocab(&self) -> usize {
-        self.model.config().vocab
+        self.config().vocab
+    }
+
+    fn slots(&self, sequences: usize, context: usize) -> Result<KvPool<D>, EngineError> {
+        Ok(self.new_pool(sequences, context)?)
+    }
+
+    fn capacity(&self, pool: &KvPool<D>) -> Option<usize> {
+        Some(pool.sequences())
+    }
+
+    fn context(&self, pool: &KvPool<D>) -> usize {
+        pool.context()
+    }
+
+    fn clear(&self, pool: &mut KvPool<D>, slot: usize) {
+        pool.clear(slot);
+    }
+
+    fn filled(&self, pool: &KvPool<D>, slot: usize) -> usize {
+        pool.len(slot)
+    }
+
+    fn bytes(&self, pool: &KvPool<D>) -> usize {
+        pool.bytes()
+    }
+
+    fn chunk(&self, pool: &KvPool<D>) -> usize {
+        pool.chunk()
+    }
+
+    fn max_rows(&self) -> usize {
+        super::device::MAX_ROWS
+    }
+
+    fn pass(
+        &self,
+        pool: &mut KvPool<D>,
+        rows: &[Row],
+        want: &[usize],
+        logits: &mut [f32],
+    ) -> Result<(), EngineError> {
+        self.run_rows(rows, pool, want, logits)?;
+        Ok(())
+    }
+}
+
+/// One rank's model and the KV caches of its running requests, each
+/// request in a slot: what a [`ShardActor`] runs, the same for every
+/// backend.
+pub struct Shard<M: ShardBackend> {
+    model: M,
+    slots: M::Slots,
+    /// Request id → slot.
+    live: HashMap<u64, usize>,
+    /// Slots given back.
+    free: Vec<usize>,
+    /// Slots handed out so far.
+    used: usize,
+}
+
+/// A rank of the CPU model and its requests' caches.
+pub type CpuShard = Shard<Gemma>;
+
+/// The model on a device and its pool of sequence caches.
+pub type DeviceShard<D> = Shard<DeviceGemma<D>>;
+
+impl<M: ShardBackend> std::fmt::Debug for Shard<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("rank", &self.model.shard_rank())
+            .field("requests", &self.live.len())
+            .finish()
+    }
+}
+
+impl<M: ShardBackend> Shard<M> {
+    /// `model` with caches for up to `sequences` requests of up to
+    /// `context` positions (the CPU model's caches grow as needed).
+    pub fn new(model: M, sequences: usize, context: usize) -> Result<Self, EngineError> {
+        let slots = model.slots(sequences, context)?;
+        Ok(Self {
+            model,
+            slots,
+            live: HashMap::new(),
+            free: Vec::new(),
+            used: 0,
+        })
+    }
+
+    /// A slot for request `id`.
+    fn take(&mut self, id: u64) -> Result<usize, EngineError> {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None if self
+                .model
+                .capacity(&self.slots)
+                .is_none_or(|n| self.used < n) =>
+            {
+                self.used += 1;
+                self.used - 1
+            }
+            None => return Err(EngineError::NoFreeSequence { id }),
+        };
+        self.live.insert(id, slot);
+        Ok(slot)
+    }
+
+    /// `tokens` of the sequence in `slot`, at its next positions.
+    fn rows(&self, slot: usize, tokens: &[u32]) -> impl Iterator<Item = Row> {
+        let start = self.model.filled(&self.slots, slot);
+        tokens.iter().enumerate().map(move |(t, &token)| Row {
+            token,
+            seq: slot,
+            position: start + t,
+        })
+    }
+}
+
+impl<M: ShardBackend> ShardModel for Shard<M> {
+    fn rank(&self) -> usize {
+        self.model.shard_rank()
+    }
+
+    fn world(&self) -> usize {
+        self.model.peers().world()
+    }
+
+    fn vocab(&self) -> usize {
+        self.model.vocab()
     }
 
     fn context(&self) -> usize {
-        self.pool.context()
+        self.model.context(&self.slots)
     }
 
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), EngineError> {
-        self.model
-            .collective()
-            .broadcast_bytes(bytes, 0)
-            .map_err(EngineError::from)
+        Ok(self.model.peers().broadcast_bytes(bytes, 0)?)
     }
 
     fn step(&mut self, s: &Schedule) -> Result<StepOutput, EngineError> {
         for id in &s.free {
-            if let Some(slot) = self.slots.remove(id) {
-                self.pool.clear(slot);
+            if let Some(slot) = self.live.remove(id) {
+                self.model.clear(&mut self.slots, slot);
                 self.free.push(slot);
             }
         }
-        let mut logits = Vec::with_capacity((s.admit.len() + s.decode.len()) * self.vocab());
+        let vocab = self.model.vocab();
+        let rank = self.model.shard_rank();
+        let chunk = self.model.chunk(&self.slots).max(1);
+        // Every sequence of the step: its slot and the tokens it runs now.
+        let mut work: Vec<(usize, &[u32])> = Vec::with_capacity(s.admit.len() + s.decode.len());
         for (id, prompt) in &s.admit {
-            let slot = self
-                .free
-                .pop()
-                .ok_or(EngineError::NoFreeSequence { id: *id })?;
-            self.slots.insert(*id, slot);
-            let row = self.model.prefill(prompt, slot, &mut self.pool)?;
-            logits.extend(row);
-        }
-        if !s.decode.is_empty() {
-            let mut tokens = Vec::with_capacity(s.decode.len());
-            let mut seqs = Vec::with_capacity(s.decode.len());
-            for (id, t) in &s.decode {
-                let slot = self
-                    .slots
-                    .get(id)
-                    .ok_or(EngineError::NoSequence { id: *id })?;
-                tokens.push(*t);
-                seqs.push(*slot);
+            if prompt.is_empty() {
+                return Err(EngineError::EmptyPrompt { id: *id });
             }
-            let rows = self.model.decode(&tokens, &seqs, &mut self.pool)?;
-            logits.extend(rows);
+            let slot = self.take(*id)?;
+            // A prompt longer than a chunk runs its earlier chunks alone
+            // first; its last chunk joins the step.
+            let keep = prompt.len().saturating_sub(1) / chunk * chunk;
+            for part in prompt[..keep].chunks(chunk) {
+                let rows: Vec<Row> = self.rows(slot, part).collect();
+                self.model.pass(&mut self.slots, &rows, &[], &mut [])?;
+            }
+            work.push((slot, &prompt[keep..]));
         }
-        if self.rank() != 0 {
-            logits.clear();
+        for (id, token) in &s.decode {
+            let slot = *self
+                .live
+                .get(id)
+                .ok_or(EngineError::NoCache { rank, id: *id })?;
+            work.push((slot, std::slice::from_ref(token)));
+        }
+        // Admitted prompts and running sequences' next tokens go through
+        // the weights together, in as few passes as the backend takes.
+        // Every rank computes the logits (the LM head is gathered); rank 0
+        // keeps them.
+        let mut logits = vec![0f32; work.len() * vocab];
+        let most = self.model.max_rows().max(chunk);
+        let mut done = 0;
+        while done < work.len() {
+            let (mut rows, mut want) = (Vec::new(), Vec::new());
+            let mut end = done;
+            while end < work.len() && (end == done || rows.len() + work[end].1.len() <= most) {
+                let (slot, tokens) = work[end];
+                rows.extend(self.rows(slot, tokens));
+                want.push(rows.len() - 1);
+                end += 1;
+            }
+            let out = &mut logits[done * vocab..end * vocab];
+            self.model.pass(&mut self.slots, &rows, &want, out)?;
+            done = end;
+        }
+        if rank != 0 {
+            logits = Vec::new();
         }
         Ok(StepOutput {
             logits,
-            kv_bytes: self.pool.bytes(),
+            kv_bytes: self.model.bytes(&self.slots),
         })
     }
 }
@@ -750,10 +864,11 @@ pub fn follow(gemma: Gemma) -> Result<(), EngineError> {
         return Err(EngineError::RankZeroFollows);
     }
     let outcome: Outcome = Arc::new(Mutex::new(None));
+    let model = CpuShard::new(gemma, 0, 0)?;
     let system = System::new();
     let slot = Arc::clone(&outcome);
     system.block_on(async move {
-        let mut shard = ShardActor::new(Box::new(CpuShard::new(gemma)), false);
+        let mut shard = ShardActor::new(Box::new(model), false);
         shard.outcome = Some(slot);
         let addr = shard.start();
         addr.do_send(Follow);
@@ -1105,13 +1220,11 @@ impl Engine {
     /// in other processes ([`follow`]) and are reached through rank 0's
     /// collective.
     pub fn start(ranks: Vec<Gemma>, config: EngineConfig) -> Result<Self, EngineError> {
-        Self::start_shards(
-            ranks
-                .into_iter()
-                .map(|g| Box::new(CpuShard::new(g)) as Box<dyn ShardModel>)
-                .collect(),
-            config,
-        )
+        let mut shards = Vec::with_capacity(ranks.len());
+        for gemma in ranks {
+            shards.push(Box::new(CpuShard::new(gemma, 0, 0)?) as Box<dyn ShardModel>);
+        }
+        Self::start_shards(shards, config)
     }
 
     /// Starts the engine over the model on a device (one rank), with a
