@@ -12,8 +12,8 @@
 //! RoPE, attention, the residual stream) is f32, as on the CPU.
 //!
 //! The KV cache is one pool per layer shared by up to `sequences`
-//! sequences: a global layer gives each sequence `context` slots, a local
-//! layer a ring of `window + CHUNK` slots (a prompt goes through in chunks
+//! sequences, in the slots of [`super::kv`]: a global layer gives each
+//! sequence `context` slots, a local layer a ring of `window + CHUNK` slots (a prompt goes through in chunks
 //! of at most [`CHUNK`] tokens, and a chunk's later tokens then never
 //! overwrite a slot an earlier token of the chunk still attends to).
 
@@ -23,6 +23,7 @@ use kernels::device::{Device, DeviceError};
 use super::config::{GemmaConfig, LayerKind};
 use super::forward::{Backend, Greedy, Head, Projection, Residual, Row, forward};
 use super::generate::END_OF_GENERATION;
+use super::kv::layout;
 use super::model::{Gemma, LayerWeight, Weight};
 use super::sampling::Sampler;
 use super::shard::RankShard;
@@ -361,11 +362,10 @@ impl<D: Device> DeviceGemma<D> {
             context: context.min(c.context),
             chunk,
         };
-        for kind in &c.layer_kinds {
-            let (slots, ring) = match kind {
-                LayerKind::Local if c.window + chunk < pool.context => (c.window + chunk, true),
-                _ => (pool.context, false),
-            };
+        // A chunk's keys are stored before it attends: rings of
+        // `window + chunk` on local layers (`gemma::kv`).
+        for layer in layout(c, chunk, pool.context) {
+            let (slots, ring) = (layer.per_sequence(pool.context), layer.is_ring());
             pool.keys.push(self.gpu.zeros(sequences * slots * kv_dim)?);
             pool.values
                 .push(self.gpu.zeros(sequences * slots * kv_dim)?);

@@ -8,6 +8,7 @@ pub mod device;
 pub mod engine;
 pub mod forward;
 mod generate;
+pub mod kv;
 mod model;
 mod sampling;
 pub mod shard;

@@ -38,6 +38,7 @@ use super::checkpoint::{Checkpoint, CheckpointError, hf_name};
 use super::config::{ConfigError, GemmaConfig, LayerKind};
 use super::shard::{RankShard, ShardError, ShardPlan, plan};
 use crate::gemma::forward::{Head, Row, forward};
+use crate::gemma::kv::{LayerSlots, layout};
 use crate::tokenizer::{Tokenizer, VocabError};
 
 mod cpu;
@@ -287,7 +288,7 @@ pub enum LayerWeight {
 pub struct KvCache {
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
-    ring: Vec<Option<usize>>,
+    slots: Vec<LayerSlots>,
     kv_dim: usize,
     len: usize,
 }
@@ -313,7 +314,7 @@ impl KvCache {
     }
 
     fn slot(&self, layer: usize, position: usize) -> usize {
-        self.ring[layer].map_or(position, |window| position % window)
+        self.slots[layer].slot(position)
     }
 
     fn store(&mut self, layer: usize, position: usize, k: &[f32], v: &[f32]) {
@@ -473,11 +474,9 @@ impl Gemma {
         KvCache {
             keys: vec![Vec::new(); c.layers],
             values: vec![Vec::new(); c.layers],
-            ring: c
-                .layer_kinds
-                .iter()
-                .map(|k| (*k == LayerKind::Local).then_some(c.window))
-                .collect(),
+            // Attention reads a pass's own keys from the pass: a ring of
+            // exactly `window` on local layers.
+            slots: layout(c, 0, c.context),
             kv_dim: self.shard.kv_heads.len() * c.head_dim,
             len: 0,
         }
