@@ -22,9 +22,10 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
 
 use super::ServeError;
-use crate::gemma::chat::{self, Message, Role};
+use super::body::{ChatRequest, CompletionRequest};
+use crate::gemma::Gemma;
+use crate::gemma::chat;
 use crate::gemma::engine::{Engine, EngineConfig, Event, FinishReason, Request};
-use crate::gemma::{Gemma, Sampling};
 use crate::tokenizer::Tokenizer;
 
 /// What `dima serve` runs.
@@ -164,61 +165,6 @@ fn unauthorized(state: &State, req: &HttpRequest) -> Option<ServeError> {
     (given != Some(key.as_str())).then_some(ServeError::Unauthorized)
 }
 
-/// The request parameters both endpoints share.
-struct Params {
-    max_tokens: usize,
-    sampling: Sampling,
-    stream: bool,
-}
-
-fn params(body: &Value, default_max: usize) -> Result<Params, ServeError> {
-    let number = |key: &str| -> Result<Option<f64>, ServeError> {
-        match body.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| bad_request(format!("`{key}` must be a number, not {v}"))),
-        }
-    };
-    let whole = |key: &str, default: u64| -> Result<u64, ServeError> {
-        match body.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_u64().ok_or_else(|| {
-                bad_request(format!("`{key}` must be a non-negative integer, not {v}"))
-            }),
-        }
-    };
-    if whole("n", 1)? != 1 {
-        return Err(bad_request("only `n` = 1 is supported"));
-    }
-    let sampling = Sampling {
-        temperature: number("temperature")?.unwrap_or(1.0) as f32,
-        top_k: whole("top_k", 0)? as usize,
-        top_p: number("top_p")?.unwrap_or(1.0) as f32,
-        seed: whole("seed", 0)?,
-    };
-    sampling.check().map_err(|e| bad_request(e.to_string()))?;
-    let max_tokens = whole("max_tokens", default_max as u64)? as usize;
-    if max_tokens == 0 {
-        return Err(bad_request("`max_tokens` must be at least 1"));
-    }
-    let stream = match body.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(v) => {
-            return Err(bad_request(format!(
-                "`stream` must be true or false, not {v}"
-            )));
-        }
-    };
-    Ok(Params {
-        max_tokens,
-        sampling,
-        stream,
-    })
-}
-
 /// Parses the body and checks the model name and token.
 fn body_of(state: &State, req: &HttpRequest, bytes: &[u8]) -> Result<Value, ServeError> {
     if let Some(denied) = unauthorized(state, req) {
@@ -243,29 +189,6 @@ fn body_of(state: &State, req: &HttpRequest, bytes: &[u8]) -> Result<Value, Serv
 enum Kind {
     Completion,
     Chat,
-}
-
-/// OpenAI messages through Gemma's chat template ([`chat::render`]).
-fn chat_prompt(messages: &Value) -> Result<String, ServeError> {
-    let list = messages
-        .as_array()
-        .filter(|l| !l.is_empty())
-        .ok_or_else(|| bad_request("`messages` must be a non-empty array"))?;
-    let mut turns = Vec::with_capacity(list.len());
-    for (i, m) in list.iter().enumerate() {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
-        let content = m
-            .get("content")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad_request(format!("messages[{i}].content must be a string")))?;
-        let role = Role::from_openai(role).ok_or_else(|| {
-            bad_request(format!(
-                "messages[{i}].role {role:?} is not system, user or assistant"
-            ))
-        })?;
-        turns.push(Message { role, content });
-    }
-    Ok(chat::render(&turns))
 }
 
 async fn completions(state: web::Data<State>, req: HttpRequest, bytes: web::Bytes) -> HttpResponse {
@@ -312,16 +235,16 @@ async fn answer(
     kind: Kind,
 ) -> Result<HttpResponse, ServeError> {
     let body = body_of(state, req, bytes)?;
-    let p = params(&body, 16)?;
-    let (text, special) = match kind {
-        Kind::Completion => match body.get("prompt") {
-            Some(Value::String(s)) => (s.clone(), false),
-            _ => return Err(bad_request("`prompt` must be a string")),
-        },
-        Kind::Chat => (
-            chat_prompt(body.get("messages").unwrap_or(&Value::Null))?,
-            true,
-        ),
+    let (p, text, special) = match kind {
+        Kind::Completion => {
+            let body = CompletionRequest::from_body(body)?;
+            (body.common.params(16)?, body.prompt, false)
+        }
+        Kind::Chat => {
+            let body = ChatRequest::from_body(body)?;
+            let p = body.common.params(16)?;
+            (p, chat::render(&body.turns()?), true)
+        }
     };
     let prompt = state.tokenizer.encode(&text, true, special);
     let clock = Clock {

@@ -9,6 +9,7 @@
 //! ([`client`]), and [`ServeError`], whose variants carry a stable
 //! `error_type()` and HTTP status.
 
+mod body;
 pub mod client;
 mod error;
 #[cfg(feature = "cuda")]
