@@ -64,7 +64,7 @@ pub fn generate(spec: &GeneratorSpec, to: &str, partitions: i32) -> anyhow::Resu
         }
         Target::Kafka { brokers, topic } => {
             use dataflows::pipelines::kafka::{KafkaProducer, KafkaSinkSpec, ensure_topic};
-            ensure_topic(&brokers, &topic, partitions).map_err(anyhow::Error::msg)?;
+            ensure_topic(&brokers, &topic, partitions)?;
             let producer = KafkaProducer::new(&KafkaSinkSpec {
                 brokers: brokers.clone(),
                 topic: topic.clone(),

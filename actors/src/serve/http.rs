@@ -280,10 +280,8 @@ async fn answer(
     if p.stream {
         Ok(stream(meta, rx, Arc::clone(&state.tokenizer), clock))
     } else {
-        match whole(&meta, rx, &state.tokenizer, clock).await {
-            Ok(body) => Ok(HttpResponse::Ok().json(body)),
-            Err(reason) => Err(ServeError::Failed { reason }),
-        }
+        let body = whole(&meta, rx, &state.tokenizer, clock).await?;
+        Ok(HttpResponse::Ok().json(body))
     }
 }
 
@@ -362,7 +360,7 @@ async fn whole(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
     tokenizer: &Tokenizer,
     mut clock: Clock,
-) -> Result<Value, String> {
+) -> Result<Value, ServeError> {
     let mut ids = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
@@ -382,10 +380,12 @@ async fn whole(
                     false,
                 ));
             }
-            Event::Failed(reason) => return Err(reason),
+            Event::Failed(reason) => return Err(ServeError::Failed { reason }),
         }
     }
-    Err("the engine stopped before the request finished".into())
+    Err(ServeError::Failed {
+        reason: "the engine stopped before the request finished".into(),
+    })
 }
 
 /// Streams the completion as server-sent events.

@@ -125,8 +125,7 @@ pub fn bench_events(
     let mut ceiling = Vec::new();
     for _ in 0..repeat {
         let started = Instant::now();
-        dataflows::pipelines::kafka::drain_topic(brokers, &topic, events)
-            .map_err(anyhow::Error::msg)?;
+        dataflows::pipelines::kafka::drain_topic(brokers, &topic, events)?;
         ceiling.push(started.elapsed().as_secs_f64());
     }
     let ceiling_s = median(ceiling);

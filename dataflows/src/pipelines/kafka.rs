@@ -429,10 +429,14 @@ impl KafkaProducer {
 
     /// Waits until every queued message is delivered or has failed; an
     /// error names how many failed and the first reason.
-    pub fn flush(&self) -> Result<(), String> {
+    pub fn flush(&self) -> Result<(), KafkaOpError> {
         self.producer
             .flush(Duration::from_secs(60))
-            .map_err(|e| format!("kafka {} topic {}: flush: {e}", self.brokers, self.topic))?;
+            .map_err(|e| KafkaOpError::Flush {
+                brokers: self.brokers.clone(),
+                topic: self.topic.clone(),
+                source: Box::new(e),
+            })?;
         let failed = self.producer.context().failed.swap(0, Ordering::Relaxed);
         if failed > 0 {
             let first = self
@@ -443,31 +447,108 @@ impl KafkaProducer {
                 .ok()
                 .and_then(|mut f| f.take())
                 .unwrap_or_default();
-            return Err(format!(
-                "kafka {} topic {}: {failed} message(s) not delivered: {first}",
-                self.brokers, self.topic
-            ));
+            return Err(KafkaOpError::Undelivered {
+                brokers: self.brokers.clone(),
+                topic: self.topic.clone(),
+                failed,
+                first,
+            });
         }
         Ok(())
     }
 }
 
+/// What went wrong talking to Kafka outside the source and sink (topic
+/// administration, the producer's final flush, the bench's plain reader).
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaOpError {
+    /// The client could not be created.
+    #[error("kafka {brokers}: {source}")]
+    Client {
+        /// Bootstrap servers.
+        brokers: String,
+        /// Why.
+        source: Box<KafkaError>,
+    },
+    /// A topic operation failed.
+    #[error("kafka {brokers} topic {topic}: {source}")]
+    Topic {
+        /// Bootstrap servers.
+        brokers: String,
+        /// The topic.
+        topic: String,
+        /// Why.
+        source: Box<KafkaError>,
+    },
+    /// A topic could not be created.
+    #[error("kafka {brokers}: creating topic {topic}: {reason}")]
+    CreateTopic {
+        /// Bootstrap servers.
+        brokers: String,
+        /// The topic.
+        topic: String,
+        /// The broker's answer.
+        reason: String,
+    },
+    /// Waiting for queued messages failed.
+    #[error("kafka {brokers} topic {topic}: flush: {source}")]
+    Flush {
+        /// Bootstrap servers.
+        brokers: String,
+        /// The topic.
+        topic: String,
+        /// Why.
+        source: Box<KafkaError>,
+    },
+    /// Messages were not delivered.
+    #[error("kafka {brokers} topic {topic}: {failed} message(s) not delivered: {first}")]
+    Undelivered {
+        /// Bootstrap servers.
+        brokers: String,
+        /// The topic.
+        topic: String,
+        /// How many failed.
+        failed: u64,
+        /// The first failure's reason.
+        first: String,
+    },
+    /// Fewer messages than expected arrived in time.
+    #[error("kafka {brokers} topic {topic}: only {read} of {expected} messages in 10 minutes")]
+    Slow {
+        /// Bootstrap servers.
+        brokers: String,
+        /// The topic.
+        topic: String,
+        /// Messages read.
+        read: u64,
+        /// Messages expected.
+        expected: u64,
+    },
+}
+
 /// Creates `topic` with `partitions` partitions unless it exists.
-pub fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), String> {
+pub fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), KafkaOpError> {
+    let client = |e| KafkaOpError::Client {
+        brokers: brokers.to_owned(),
+        source: Box::new(e),
+    };
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
-        .map_err(|e| format!("kafka {brokers}: {e}"))?;
+        .map_err(client)?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let create = |topic: &str, reason: String| KafkaOpError::CreateTopic {
+        brokers: brokers.to_owned(),
+        topic: topic.to_owned(),
+        reason,
+    };
     let results = futures_executor::block_on(admin.create_topics([&new], &options))
-        .map_err(|e| format!("kafka {brokers}: creating topic {topic}: {e}"))?;
+        .map_err(|e| create(topic, e.to_string()))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => {
-                return Err(format!("kafka {brokers}: creating topic {name}: {code}"));
-            }
+            Err((name, code)) => return Err(create(&name, code.to_string())),
         }
     }
     Ok(())
@@ -476,16 +557,24 @@ pub fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), S
 /// Reads every message of `topic` from the beginning with one plain
 /// consumer (no group, no parsing) until `expected` messages have arrived:
 /// the ceiling `dima bench events` compares the Kafka source with.
-pub fn drain_topic(brokers: &str, topic: &str, expected: u64) -> Result<u64, String> {
+pub fn drain_topic(brokers: &str, topic: &str, expected: u64) -> Result<u64, KafkaOpError> {
+    let on_topic = |e| KafkaOpError::Topic {
+        brokers: brokers.to_owned(),
+        topic: topic.to_owned(),
+        source: Box::new(e),
+    };
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "dima-bench-ceiling")
         .set("enable.auto.commit", "false")
         .create()
-        .map_err(|e| format!("kafka {brokers}: {e}"))?;
+        .map_err(|e| KafkaOpError::Client {
+            brokers: brokers.to_owned(),
+            source: Box::new(e),
+        })?;
     let metadata = consumer
         .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
-        .map_err(|e| format!("kafka {brokers} topic {topic}: {e}"))?;
+        .map_err(on_topic)?;
     let partitions = metadata
         .topics()
         .first()
@@ -493,16 +582,19 @@ pub fn drain_topic(brokers: &str, topic: &str, expected: u64) -> Result<u64, Str
     let mut list = TopicPartitionList::new();
     for p in 0..partitions {
         list.add_partition_offset(topic, p, Offset::Beginning)
-            .map_err(|e| e.to_string())?;
+            .map_err(on_topic)?;
     }
-    consumer.assign(&list).map_err(|e| e.to_string())?;
+    consumer.assign(&list).map_err(on_topic)?;
     let mut read = 0u64;
     let started = Instant::now();
     while read < expected {
         if started.elapsed() > Duration::from_secs(600) {
-            return Err(format!(
-                "kafka {brokers} topic {topic}: only {read} of {expected} messages in 10 minutes"
-            ));
+            return Err(KafkaOpError::Slow {
+                brokers: brokers.to_owned(),
+                topic: topic.to_owned(),
+                read,
+                expected,
+            });
         }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => {
@@ -510,7 +602,7 @@ pub fn drain_topic(brokers: &str, topic: &str, expected: u64) -> Result<u64, Str
                 std::hint::black_box(message.payload().map(<[u8]>::len));
             }
             Some(Err(KafkaError::PartitionEOF(_))) | None => {}
-            Some(Err(e)) => return Err(format!("kafka {brokers} topic {topic}: {e}")),
+            Some(Err(e)) => return Err(on_topic(e)),
         }
     }
     Ok(read)

@@ -16,7 +16,7 @@ use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
 use timely::worker::Worker;
 
 use super::sink::{DeadLetter, LineWriter};
-use super::source::{self, Record, RecordSource};
+use super::source::{self, Record, RecordSource, SourceError};
 use super::{LearnerSpec, PipelineSpec, SourceSpec};
 use crate::events::{Event, Family, TYPES, WireEvent, parse_bytes};
 use crate::learner::ads::{AD_FEATURES, LabelClicks, LearnerTally};
@@ -167,13 +167,11 @@ impl Runner {
             .unwrap_or(u64::MAX)
     }
 
-    fn observe(&mut self) -> Result<(), String> {
+    fn observe(&mut self) -> Result<(), SourceError> {
         let complete = self.complete();
         if complete > self.completed {
             self.completed = complete;
-            self.source
-                .complete_below(complete)
-                .map_err(|e| e.to_string())?;
+            self.source.complete_below(complete)?;
         }
         while self.closed_at.front().is_some_and(|(e, _)| *e < complete) {
             self.closed_at.pop_front();
@@ -200,7 +198,7 @@ impl Runner {
 
     /// Reads and sends what backpressure and the rate allow; returns
     /// whether this runner still has input to send.
-    fn pump(&mut self, stop: &AtomicBool) -> Result<bool, String> {
+    fn pump(&mut self, stop: &AtomicBool) -> Result<bool, SourceError> {
         if self.exhausted() {
             return Ok(false);
         }
@@ -221,10 +219,7 @@ impl Runner {
             }
         }
         let mut batch = Vec::with_capacity(room);
-        let more = self
-            .source
-            .fill(room, &mut batch)
-            .map_err(|e| e.to_string())?;
+        let more = self.source.fill(room, &mut batch)?;
         if !batch.is_empty() {
             self.epoch_opened.get_or_insert_with(Instant::now);
         }
@@ -660,12 +655,12 @@ pub fn run_pipelines(
             match runner.pump(stop) {
                 Ok(more) => pending |= more,
                 Err(e) => {
-                    errors.borrow_mut().get_or_insert(e);
+                    errors.borrow_mut().get_or_insert(e.to_string());
                     runner.finish();
                 }
             }
             if let Err(e) = runner.observe() {
-                errors.borrow_mut().get_or_insert(e);
+                errors.borrow_mut().get_or_insert(e.to_string());
             }
         }
         if errors.borrow().is_some() {
@@ -683,7 +678,7 @@ pub fn run_pipelines(
     }
     for runner in &mut runners {
         if let Err(e) = runner.observe() {
-            errors.borrow_mut().get_or_insert(e);
+            errors.borrow_mut().get_or_insert(e.to_string());
         }
     }
     let interrupted = stop.load(Ordering::Relaxed);
