@@ -95,21 +95,11 @@ fn run(
             .context("inference.root is required when ranks run in different processes")?;
         Placement::Tcp { rank, root }
     };
-    let backend = match &spec.backend {
-        cluster::manifest::Backend::Cpu => serve::Backend::Cpu,
-        cluster::manifest::Backend::Cuda {
-            devices,
-            max_context,
-        } => serve::Backend::Cuda {
-            devices: devices.clone(),
-            max_context: *max_context,
-        },
-    };
     let deployment = Deployment {
         model: path.clone(),
         tp: spec.tp,
         placement,
-        backend,
+        backend: spec.backend.clone(),
         collective_timeout: spec.collective_timeout,
         http: serve_config(spec)?,
     };

@@ -48,7 +48,7 @@ use actix::prelude::*;
 use kernels::device::Device;
 
 use super::device::{DeviceGemma, KvPool};
-use super::forward::{Head, Row, forward};
+use super::forward::{Backend, Head, Row, forward};
 use super::generate::END_OF_GENERATION;
 use super::model::{Gemma, KvCache};
 use super::sampling::{Sampler, Sampling};
@@ -447,16 +447,10 @@ pub trait ShardModel: Send + 'static {
 /// sequences' KV caches live in numbered slots. The CPU model keeps one
 /// growable [`KvCache`] per slot; the device model one pool of
 /// preallocated slots ([`KvPool`]).
-pub trait ShardBackend: Send + 'static {
+pub trait ShardBackend: Backend + Send + 'static {
     /// The KV caches of the shard's sequences.
     type Slots: Send;
 
-    /// This rank's peers.
-    fn peers(&self) -> &dyn kernels::collective::Collective;
-    /// This rank.
-    fn shard_rank(&self) -> usize;
-    /// Logits per row.
-    fn vocab(&self) -> usize;
     /// Caches for up to `sequences` sequences of up to `context` positions.
     fn slots(&self, sequences: usize, context: usize) -> Result<Self::Slots, EngineError>;
     /// How many slots there are (`None`: as many as needed).
@@ -486,18 +480,6 @@ pub trait ShardBackend: Send + 'static {
 
 impl ShardBackend for Gemma {
     type Slots = Vec<KvCache>;
-
-    fn peers(&self) -> &dyn kernels::collective::Collective {
-        self.collective()
-    }
-
-    fn shard_rank(&self) -> usize {
-        self.shard().rank
-    }
-
-    fn vocab(&self) -> usize {
-        self.config().vocab
-    }
 
     fn slots(&self, _sequences: usize, _context: usize) -> Result<Vec<KvCache>, EngineError> {
         Ok(Vec::new())
@@ -562,18 +544,6 @@ where
     KvPool<D>: Send,
 {
     type Slots = KvPool<D>;
-
-    fn peers(&self) -> &dyn kernels::collective::Collective {
-        self.collective()
-    }
-
-    fn shard_rank(&self) -> usize {
-        self.shard().rank
-    }
-
-    fn vocab(&self) -> usize {
-        self.config().vocab
-    }
 
     fn slots(&self, sequences: usize, context: usize) -> Result<KvPool<D>, EngineError> {
         Ok(self.new_pool(sequences, context)?)
@@ -642,7 +612,7 @@ pub type DeviceShard<D> = Shard<DeviceGemma<D>>;
 impl<M: ShardBackend> std::fmt::Debug for Shard<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shard")
-            .field("rank", &self.model.shard_rank())
+            .field("rank", &self.model.shard().rank)
             .field("requests", &self.live.len())
             .finish()
     }
@@ -693,15 +663,15 @@ impl<M: ShardBackend> Shard<M> {
 
 impl<M: ShardBackend> ShardModel for Shard<M> {
     fn rank(&self) -> usize {
-        self.model.shard_rank()
+        self.model.shard().rank
     }
 
     fn world(&self) -> usize {
-        self.model.peers().world()
+        self.model.collective().world()
     }
 
     fn vocab(&self) -> usize {
-        self.model.vocab()
+        self.model.config().vocab
     }
 
     fn context(&self) -> usize {
@@ -709,7 +679,7 @@ impl<M: ShardBackend> ShardModel for Shard<M> {
     }
 
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), EngineError> {
-        Ok(self.model.peers().broadcast_bytes(bytes, 0)?)
+        Ok(self.model.collective().broadcast_bytes(bytes, 0)?)
     }
 
     fn step(&mut self, s: &Schedule) -> Result<StepOutput, EngineError> {
@@ -719,8 +689,8 @@ impl<M: ShardBackend> ShardModel for Shard<M> {
                 self.free.push(slot);
             }
         }
-        let vocab = self.model.vocab();
-        let rank = self.model.shard_rank();
+        let vocab = self.model.config().vocab;
+        let rank = self.model.shard().rank;
         let chunk = self.model.chunk(&self.slots).max(1);
         // Every sequence of the step: its slot and the tokens it runs now.
         let mut work: Vec<(usize, &[u32])> = Vec::with_capacity(s.admit.len() + s.decode.len());

@@ -77,20 +77,8 @@ impl InferenceSpec {
     }
 }
 
-/// Where inference ranks compute.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Backend {
-    /// CPU cores.
-    Cpu,
-    /// NVIDIA GPUs: the CUDA device of each rank, and the positions each
-    /// request's cache holds.
-    Cuda {
-        /// Device ordinal per rank.
-        devices: Vec<usize>,
-        /// Positions per request cache (prompt plus generation).
-        max_context: usize,
-    },
-}
+/// Where inference ranks compute: the deployment's own type.
+pub use actors::serve::Backend;
 
 /// Where the bearer token comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
