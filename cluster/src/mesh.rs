@@ -113,32 +113,42 @@ impl MeshSpec {
     }
 
     /// Checks a peer's hello; returns its index or why it is refused.
-    fn check(&self, hello: &[u8; HELLO_LEN]) -> Result<usize, String> {
+    fn check(&self, hello: &[u8; HELLO_LEN]) -> Result<usize, Refusal> {
         let word = |at: usize| {
             u32::from_le_bytes([hello[at], hello[at + 1], hello[at + 2], hello[at + 3]])
         };
         if &hello[..4] != MAGIC {
-            return Err("not a Dima process (bad magic)".into());
+            return Err(Refusal::Magic);
         }
         if word(4) != VERSION {
-            return Err(format!(
-                "handshake version {} (this process speaks {VERSION})",
-                word(4)
-            ));
+            return Err(Refusal::Version { theirs: word(4) });
         }
         let mut fingerprint = [0u8; 8];
         fingerprint.copy_from_slice(&hello[8..16]);
         if u64::from_le_bytes(fingerprint) != self.fingerprint {
-            return Err(
-                "it runs a different manifest (cluster name, workers or addresses differ)".into(),
-            );
+            return Err(Refusal::Manifest);
         }
         let (processes, from) = (word(16) as usize, word(20) as usize);
         if processes != self.addresses.len() || from <= self.me || from >= processes {
-            return Err(format!("unexpected peer index {from} of {processes}"));
+            return Err(Refusal::Index { from, processes });
         }
         Ok(from)
     }
+}
+
+/// Why a peer's connection is refused (the reason is sent back to it).
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("not a Dima process (bad magic)")]
+    Magic,
+    #[error("handshake version {theirs} (this process speaks {VERSION})")]
+    Version { theirs: u32 },
+    #[error("it runs a different manifest (cluster name, workers or addresses differ)")]
+    Manifest,
+    #[error("unexpected peer index {from} of {processes}")]
+    Index { from: usize, processes: usize },
+    #[error("process {peer} is already connected")]
+    Connected { peer: usize },
 }
 
 /// Connects process `spec.me` to every peer. The result has one socket per
@@ -279,7 +289,7 @@ fn accept_higher(
         let verdict = spec
             .check(&hello)
             .and_then(|peer| match slots[peer - spec.me - 1] {
-                Some(_) => Err(format!("process {peer} is already connected")),
+                Some(_) => Err(Refusal::Connected { peer }),
                 None => Ok(peer),
             });
         match verdict {
@@ -290,7 +300,8 @@ fn accept_higher(
                 tracing::debug!(peer, %from, "accepted peer");
                 slots[peer - spec.me - 1] = Some(stream);
             }
-            Err(reason) => {
+            Err(refusal) => {
+                let reason = refusal.to_string();
                 tracing::warn!(%from, %reason, "refused a connection");
                 let reason = &reason.as_bytes()[..reason.len().min(255)];
                 let mut reply = vec![0u8, reason.len() as u8];

@@ -33,8 +33,46 @@ impl Elem for i32 {}
 
 /// Why a device operation failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct DeviceError(pub String);
+pub enum DeviceError {
+    /// A buffer is shorter than the operation reads or writes.
+    #[error("{what}: {len} values, the operation needs {need}")]
+    TooShort {
+        /// The operation and buffer.
+        what: &'static str,
+        /// Values in the buffer.
+        len: usize,
+        /// Values the operation needs.
+        need: usize,
+    },
+    /// A token id past the embedding table.
+    #[error("embed: token {id} is past the table")]
+    TokenPastTable {
+        /// The id.
+        id: usize,
+    },
+    /// A cache slot past the cache.
+    #[error("{op}: slot {slot} of {slots}")]
+    SlotPastCache {
+        /// The operation.
+        op: &'static str,
+        /// The slot.
+        slot: usize,
+        /// Slots in the cache.
+        slots: usize,
+    },
+    /// Matrices of different widths cannot be stacked.
+    #[error("stacking matrices of {cols} and {width} columns")]
+    Stacking {
+        /// The new matrix's columns.
+        cols: usize,
+        /// The stack's columns.
+        width: usize,
+    },
+    /// The GPU failed.
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Gpu(#[from] crate::cuda::GpuError),
+}
 
 /// Shapes for [`Device::attention`]: tokens, heads, head_dim, kv_dim.
 pub type AttentionShape = (usize, usize, usize, usize);
@@ -295,11 +333,9 @@ fn value(bits: u16) -> f32 {
     half::bf16::from_bits(bits).to_f32()
 }
 
-fn need(what: &str, len: usize, n: usize) -> Result<(), DeviceError> {
+fn need(what: &'static str, len: usize, n: usize) -> Result<(), DeviceError> {
     if len < n {
-        return Err(DeviceError(format!(
-            "{what}: {len} values, the operation needs {n}"
-        )));
+        return Err(DeviceError::TooShort { what, len, need: n });
     }
     Ok(())
 }
@@ -407,7 +443,7 @@ impl Device for Host {
             let id = usize::try_from(ids[t]).unwrap_or(usize::MAX);
             let row = table
                 .get(id * dim..(id + 1) * dim)
-                .ok_or_else(|| DeviceError(format!("embed: token {id} is past the table")))?;
+                .ok_or(DeviceError::TokenPastTable { id })?;
             for (o, b) in o.iter_mut().zip(row) {
                 *o = value(*b) * scale;
             }
@@ -446,7 +482,11 @@ impl Device for Host {
         for r in 0..rows {
             let d = usize::try_from(dest[r]).unwrap_or(usize::MAX);
             if d >= cache_slots {
-                return Err(DeviceError(format!("store_kv: slot {d} of {cache_slots}")));
+                return Err(DeviceError::SlotPastCache {
+                    op: "store_kv",
+                    slot: d,
+                    slots: cache_slots,
+                });
             }
             kc[d * kv_dim..(d + 1) * kv_dim].copy_from_slice(&k[r * kv_dim..(r + 1) * kv_dim]);
             vc[d * kv_dim..(d + 1) * kv_dim].copy_from_slice(&v[r * kv_dim..(r + 1) * kv_dim]);
@@ -481,8 +521,10 @@ impl Device for Host {
                 scores.clear();
                 for p in first..=pos {
                     let at = slot(p) * kv_dim + off;
-                    let key = k.get(at..at + hd).ok_or_else(|| {
-                        DeviceError(format!("attention: slot {} past the cache", slot(p)))
+                    let key = k.get(at..at + hd).ok_or(DeviceError::SlotPastCache {
+                        op: "attention",
+                        slot: slot(p),
+                        slots: k.len() / kv_dim.max(1),
                     })?;
                     scores.push(crate::ops::dot(qh, key));
                 }

@@ -197,10 +197,10 @@ fn upload_stacked<D: Device>(
     for w in which {
         let (r, c, bits) = bf16_matrix(gemma, *w);
         if *width.get_or_insert(c) != c {
-            return Err(DeviceError(format!(
-                "stacking matrices of {c} and {} columns",
-                width.unwrap_or(0)
-            )));
+            return Err(DeviceError::Stacking {
+                cols: c,
+                width: width.unwrap_or(0),
+            });
         }
         rows += r;
         parts.push(bits);

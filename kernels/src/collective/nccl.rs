@@ -101,12 +101,35 @@ impl NcclRank {
         }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Inner) -> Result<T, String>) -> Result<T, CollectiveError> {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, NcclFailure>,
+    ) -> Result<T, CollectiveError> {
         let inner = self
             .inner
             .lock()
             .map_err(|_| self.error("the NCCL communicator's lock is poisoned".into()))?;
-        f(&inner).map_err(|e| self.error(e))
+        f(&inner).map_err(|e| self.error(e.to_string()))
+    }
+}
+
+/// Why an NCCL operation failed.
+#[derive(Debug, thiserror::Error)]
+enum NcclFailure {
+    /// Copying to or from the GPU failed.
+    #[error(transparent)]
+    Copy(#[from] cudarc::driver::DriverError),
+    /// The NCCL call failed.
+    #[error("{op}: {detail}")]
+    Nccl { op: &'static str, detail: String },
+}
+
+impl NcclFailure {
+    fn nccl(op: &'static str, e: impl std::fmt::Debug) -> Self {
+        Self::Nccl {
+            op,
+            detail: format!("{e:?}"),
+        }
     }
 }
 
@@ -121,11 +144,11 @@ impl Collective for NcclRank {
 
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CollectiveError> {
         let out = self.with(|i| {
-            let mut buf = i.stream.clone_htod(data).map_err(|e| e.to_string())?;
+            let mut buf = i.stream.clone_htod(data).map_err(NcclFailure::Copy)?;
             i.comm
                 .all_reduce_in_place(&mut buf, &ReduceOp::Sum)
-                .map_err(|e| format!("ncclAllReduce: {e:?}"))?;
-            i.stream.clone_dtoh(&buf).map_err(|e| e.to_string())
+                .map_err(|e| NcclFailure::nccl("ncclAllReduce", e))?;
+            i.stream.clone_dtoh(&buf).map_err(NcclFailure::Copy)
         })?;
         data.copy_from_slice(&out);
         Ok(())
@@ -141,15 +164,15 @@ impl Collective for NcclRank {
             )));
         }
         let got = self.with(|i| {
-            let send = i.stream.clone_htod(local).map_err(|e| e.to_string())?;
+            let send = i.stream.clone_htod(local).map_err(NcclFailure::Copy)?;
             let mut recv = i
                 .stream
                 .alloc_zeros::<f32>(local.len() * self.world)
-                .map_err(|e| e.to_string())?;
+                .map_err(NcclFailure::Copy)?;
             i.comm
                 .all_gather(&send, &mut recv)
-                .map_err(|e| format!("ncclAllGather: {e:?}"))?;
-            i.stream.clone_dtoh(&recv).map_err(|e| e.to_string())
+                .map_err(|e| NcclFailure::nccl("ncclAllGather", e))?;
+            i.stream.clone_dtoh(&recv).map_err(NcclFailure::Copy)
         })?;
         out.copy_from_slice(&got);
         Ok(())
@@ -161,11 +184,11 @@ impl Collective for NcclRank {
             .filter(|r| (*r as usize) < self.world)
             .ok_or_else(|| self.error(format!("broadcast from rank {root}: no such rank")))?;
         let got = self.with(|i| {
-            let mut buf = i.stream.clone_htod(data).map_err(|e| e.to_string())?;
+            let mut buf = i.stream.clone_htod(data).map_err(NcclFailure::Copy)?;
             i.comm
                 .broadcast_in_place(&mut buf, root)
-                .map_err(|e| format!("ncclBroadcast: {e:?}"))?;
-            i.stream.clone_dtoh(&buf).map_err(|e| e.to_string())
+                .map_err(|e| NcclFailure::nccl("ncclBroadcast", e))?;
+            i.stream.clone_dtoh(&buf).map_err(NcclFailure::Copy)
         })?;
         data.copy_from_slice(&got);
         Ok(())

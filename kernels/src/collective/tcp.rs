@@ -271,31 +271,76 @@ fn decode_all(bytes: &[u8], world: usize) -> Option<Vec<Vec<f32>>> {
     (at == bytes.len()).then_some(all)
 }
 
+/// Why a round of the exchange failed (the text reaches every rank: rank
+/// 0 sends it to the others in its abort frame).
+#[derive(Debug, thiserror::Error)]
+enum RoundFailure {
+    #[error("no connection to rank 0")]
+    NoRoot,
+    #[error("rank 0 went away (sending round {round}): {source}")]
+    RootGone { round: u64, source: std::io::Error },
+    #[error("rank 0 did not answer round {round}: {source}")]
+    RootSilent { round: u64, source: std::io::Error },
+    #[error("{0}")]
+    Aborted(String),
+    #[error("rank 0 answered round {theirs}, this rank is at round {round}")]
+    RootRound { theirs: u64, round: u64 },
+    #[error("rank 0 sent a malformed answer to round {round}")]
+    Malformed { round: u64 },
+    #[error("rank {peer} is not connected")]
+    PeerMissing { peer: usize },
+    #[error("rank {peer} sent round {theirs} while the group is at round {round}")]
+    PeerRound {
+        peer: usize,
+        theirs: u64,
+        round: u64,
+    },
+    #[error("rank {peer} went away or stopped answering in round {round}: {source}")]
+    PeerGone {
+        peer: usize,
+        round: u64,
+        source: std::io::Error,
+    },
+    #[error("rank {peer} went away (answering round {round}): {source}")]
+    PeerAnswer {
+        peer: usize,
+        round: u64,
+        source: std::io::Error,
+    },
+}
+
 impl TcpRank {
-    fn round(&self, state: &mut TcpState, mine: Vec<f32>) -> Result<Arc<Vec<Vec<f32>>>, String> {
+    fn round(
+        &self,
+        state: &mut TcpState,
+        mine: Vec<f32>,
+    ) -> Result<Arc<Vec<Vec<f32>>>, RoundFailure> {
         let round = state.round;
         state.round += 1;
         if self.rank != 0 {
             let Some(stream) = state.links[0].as_mut() else {
-                return Err("no connection to rank 0".into());
+                return Err(RoundFailure::NoRoot);
             };
             let mut payload = Vec::with_capacity(4 * mine.len());
             floats_to_bytes(&mine, &mut payload);
             write_frame(stream, DATA, round, &payload)
-                .map_err(|e| format!("rank 0 went away (sending round {round}): {e}"))?;
-            let (kind, their_round, payload) = read_frame(stream)
-                .map_err(|e| format!("rank 0 did not answer round {round}: {e}"))?;
+                .map_err(|source| RoundFailure::RootGone { round, source })?;
+            let (kind, their_round, payload) =
+                read_frame(stream).map_err(|source| RoundFailure::RootSilent { round, source })?;
             if kind == ABORT {
-                return Err(String::from_utf8_lossy(&payload).into_owned());
+                return Err(RoundFailure::Aborted(
+                    String::from_utf8_lossy(&payload).into_owned(),
+                ));
             }
             if their_round != round {
-                return Err(format!(
-                    "rank 0 answered round {their_round}, this rank is at round {round}"
-                ));
+                return Err(RoundFailure::RootRound {
+                    theirs: their_round,
+                    round,
+                });
             }
             return decode_all(&payload, self.world)
                 .map(Arc::new)
-                .ok_or_else(|| format!("rank 0 sent a malformed answer to round {round}"));
+                .ok_or(RoundFailure::Malformed { round });
         }
         // Rank 0: gather every deposit, then answer everyone.
         let mut all = Vec::with_capacity(self.world);
@@ -303,37 +348,43 @@ impl TcpRank {
         let mut failure = None;
         for peer in 1..self.world {
             let Some(stream) = state.links[peer].as_mut() else {
-                failure = Some(format!("rank {peer} is not connected"));
+                failure = Some(RoundFailure::PeerMissing { peer });
                 break;
             };
             match read_frame(stream) {
                 Ok((DATA, r, payload)) if r == round => all.push(bytes_to_floats(&payload)),
                 Ok((_, r, _)) => {
-                    failure = Some(format!(
-                        "rank {peer} sent round {r} while the group is at round {round}"
-                    ));
+                    failure = Some(RoundFailure::PeerRound {
+                        peer,
+                        theirs: r,
+                        round,
+                    });
                     break;
                 }
-                Err(e) => {
-                    failure = Some(format!(
-                        "rank {peer} went away or stopped answering in round {round}: {e}"
-                    ));
+                Err(source) => {
+                    failure = Some(RoundFailure::PeerGone {
+                        peer,
+                        round,
+                        source,
+                    });
                     break;
                 }
             }
         }
         let (kind, payload) = match &failure {
-            Some(reason) => (ABORT, reason.as_bytes().to_vec()),
+            Some(reason) => (ABORT, reason.to_string().into_bytes()),
             None => (DATA, encode_all(&all)),
         };
         for peer in 1..self.world {
             if let Some(stream) = state.links[peer].as_mut()
-                && let Err(e) = write_frame(stream, kind, round, &payload)
+                && let Err(source) = write_frame(stream, kind, round, &payload)
                 && failure.is_none()
             {
-                failure = Some(format!(
-                    "rank {peer} went away (answering round {round}): {e}"
-                ));
+                failure = Some(RoundFailure::PeerAnswer {
+                    peer,
+                    round,
+                    source,
+                });
             }
         }
         match failure {
@@ -361,7 +412,8 @@ impl Exchange for TcpRank {
         }
         match self.round(&mut state, mine) {
             Ok(all) => Ok(all),
-            Err(reason) => {
+            Err(failure) => {
+                let reason = failure.to_string();
                 // Closing the links tells the peers at once.
                 state.links.iter_mut().for_each(|l| *l = None);
                 state.broken = Some(reason.clone());

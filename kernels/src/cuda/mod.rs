@@ -862,7 +862,7 @@ impl Gpu {
 }
 
 fn dev(e: GpuError) -> DeviceError {
-    DeviceError(e.to_string())
+    DeviceError::Gpu(e)
 }
 
 impl Device for Gpu {
