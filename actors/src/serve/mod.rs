@@ -24,7 +24,7 @@ pub use error::{ServeError, Status};
 #[cfg(feature = "cuda")]
 pub use gpu::{gpu_shards, upload_rank};
 pub use http::{Running, ServeConfig, bind, serve, start, start_engine};
-pub use placement::{Placement, describe_ranks, load_ranks};
+pub use placement::{Placement, describe_ranks, load_ranks, load_ranks_with_progress};
 
 use crate::gemma::Gemma;
 
@@ -115,8 +115,17 @@ impl Deployment {
     /// the HTTP server; returns once the server listens (or the rank is
     /// ready to follow).
     pub fn start(&self) -> Result<Deployed, ServeError> {
+        self.start_with_progress(|_, _| {})
+    }
+
+    /// [`start`](Self::start), calling `progress(layers done, layers)`
+    /// while a CPU rank loads alone (see [`load_ranks_with_progress`]).
+    pub fn start_with_progress(
+        &self,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Deployed, ServeError> {
         match &self.backend {
-            Backend::Cpu => self.start_cpu(),
+            Backend::Cpu => self.start_cpu(progress),
             Backend::Cuda {
                 devices,
                 max_context,
@@ -124,13 +133,14 @@ impl Deployment {
         }
     }
 
-    fn start_cpu(&self) -> Result<Deployed, ServeError> {
+    fn start_cpu(&self, progress: impl FnMut(usize, usize)) -> Result<Deployed, ServeError> {
         let started = Instant::now();
-        let ranks = load_ranks(
+        let ranks = load_ranks_with_progress(
             &self.model,
             self.tp,
             self.placement,
             self.collective_timeout,
+            progress,
         )?;
         let load_s = started.elapsed().as_secs_f64();
         let description = describe_ranks(&ranks);

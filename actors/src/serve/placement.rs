@@ -33,11 +33,24 @@ pub fn load_ranks(
     placement: Placement,
     timeout: Duration,
 ) -> Result<Vec<Gemma>, ServeError> {
+    load_ranks_with_progress(path, tp, placement, timeout, |_, _| {})
+}
+
+/// [`load_ranks`], calling `progress(layers done, layers)` while the one
+/// rank of a one-rank group or of a TCP placement loads (ranks loaded in
+/// parallel report nothing).
+pub fn load_ranks_with_progress(
+    path: &Path,
+    tp: usize,
+    placement: Placement,
+    timeout: Duration,
+    progress: impl FnMut(usize, usize),
+) -> Result<Vec<Gemma>, ServeError> {
     if tp == 0 {
         return Err(ServeError::NoRanks);
     }
     match placement {
-        Placement::InProcess if tp == 1 => Ok(vec![Gemma::load(path)?]),
+        Placement::InProcess if tp == 1 => Ok(vec![Gemma::load_with_progress(path, progress)?]),
         Placement::InProcess => {
             let loads: Vec<_> = kernels::collective::local_group(tp, timeout)
                 .into_iter()
@@ -62,7 +75,7 @@ pub fn load_ranks(
                 return Err(ServeError::RankOutOfRange { rank, tp });
             }
             let link = kernels::collective::TcpRank::connect(rank, tp, root, timeout)?;
-            Ok(vec![Gemma::load_rank(path, tp, Box::new(link), |_, _| {})?])
+            Ok(vec![Gemma::load_rank(path, tp, Box::new(link), progress)?])
         }
     }
 }

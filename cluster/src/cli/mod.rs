@@ -297,10 +297,21 @@ pub fn step_params(delta: f64, lambda: f64) -> Result<dataflows::learner::StepPa
 
 /// Loads a Gemma model, with a progress bar when stderr is a terminal.
 pub fn load_gemma(model: &str) -> anyhow::Result<actors::gemma::Gemma> {
-    use std::io::IsTerminal;
     let path = crate::models::model_path(model)?;
+    Ok(with_load_progress(&path, |progress| {
+        actors::gemma::Gemma::load_with_progress(&path, progress)
+    })?)
+}
+
+/// Runs `load` with a progress bar of the layers loaded when stderr is a
+/// terminal (nothing otherwise).
+pub fn with_load_progress<T>(
+    path: &std::path::Path,
+    load: impl FnOnce(&mut dyn FnMut(usize, usize)) -> T,
+) -> T {
+    use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() {
-        return Ok(actors::gemma::Gemma::load(&path)?);
+        return load(&mut |_, _| {});
     }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -312,10 +323,10 @@ pub fn load_gemma(model: &str) -> anyhow::Result<actors::gemma::Gemma> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
     );
-    let gemma = actors::gemma::Gemma::load_with_progress(&path, |done, total| {
+    let out = load(&mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     });
     bar.finish_and_clear();
-    Ok(gemma?)
+    out
 }

@@ -329,7 +329,10 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         collective_timeout: tp.timeout,
         http,
     };
-    let deployed = deployment.start().map_err(|e| match e {
+    let deployed = super::with_load_progress(&deployment.model, |progress| {
+        deployment.start_with_progress(progress)
+    })
+    .map_err(|e| match e {
         e @ actors::ServeError::NoCuda => Failure::invalid(e),
         e => Failure::failed(e),
     })?;
