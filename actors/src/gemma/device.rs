@@ -1,6 +1,6 @@
-//! Gemma 3 on a device (one rank): the forward pass of [`super::model`]
-//! over the operations of [`kernels::device::Device`]. On a GPU
-//! ([`GpuGemma`], feature `cuda`) they are our CUDA kernels and cuBLAS; on
+//! Gemma 3 on a device (one rank): a backend of the one forward pass
+//! ([`super::forward`]) over the operations of [`kernels::device::Device`].
+//! On a GPU (`GpuGemma`, feature `cuda`) they are our CUDA kernels and cuBLAS; on
 //! [`kernels::device::Host`] they are plain Rust, which is how CI checks
 //! this code (cache slots, rings, chunking, batching) against the CPU model
 //! without a GPU.

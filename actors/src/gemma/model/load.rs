@@ -215,7 +215,7 @@ impl Gemma {
     }
 
     /// Loads rank `collective.rank()` of a `tp`-way tensor-parallel model:
-    /// only this rank's slices of the weights (see [`super::shard`]) are
+    /// only this rank's slices of the weights (see [`crate::gemma::shard`]) are
     /// read. Row slices stay in the memory-mapped file; the column slices of
     /// the row-parallel weights (`attn_output`, `ffn_down`) are copied.
     /// Every rank of the group must load and then run the same steps.

@@ -125,7 +125,7 @@ pub const PREFILL_CHUNK: usize = 256;
 
 /// For each row, the index of the first row of its sequence's run (the
 /// rows before it of the same sequence at consecutive positions). Every
-/// caller of [`Gemma::run_rows`] gives each sequence one ascending run.
+/// caller of the forward pass gives each sequence one ascending run.
 fn run_starts(rows: &[Row]) -> Vec<usize> {
     let mut starts: Vec<usize> = Vec::with_capacity(rows.len());
     let mut seen = std::collections::HashSet::new();
