@@ -354,6 +354,18 @@ fn a_full_queue_answers_429() {
         busy.contains("rate_limit_error") && busy.contains("waiting"),
         "{busy}"
     );
+    // A 429 says when to try again.
+    let hi = completion("Hi", 3, false);
+    let (status, head, _) = exchange(
+        &a,
+        &format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: {a}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{hi}",
+            hi.len()
+        ),
+    );
+    assert_eq!(status, 429, "{head}");
+    assert!(head.contains("\r\nretry-after: 1"), "{head}");
     drop(long); // the client goes away
     let (status, text) = waiting.join().unwrap();
     assert_eq!(status, 200, "{text}");
@@ -485,4 +497,75 @@ fn two_processes_serve_and_a_killed_rank_gives_503() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("the model is unavailable"), "{body}");
     assert!(http_get(&server.address, "/health").is_none());
+}
+
+/// One raw HTTP/1.1 exchange: (status, head, body).
+fn exchange(address: &str, request: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// The HTTP edges answer in OpenAI's error shape: a known route asked with
+/// the wrong method is a 405 with `Allow`, an oversized body a 413 (refused
+/// from its declared length, before it is read); the bearer scheme is
+/// case-insensitive and a wrong token is still a 401.
+#[test]
+fn http_edges_answer_in_the_openai_shape() {
+    let server = Server::start(&["--api-key", "s3cret"]);
+    let a = &server.address;
+    let shaped = |body: &str| -> Value {
+        let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{body}"));
+        assert!(v["error"]["message"].is_string(), "{body}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{body}");
+        v
+    };
+    let (status, head, body) = exchange(
+        a,
+        &format!("GET /v1/completions HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 405, "{head}{body}");
+    assert!(head.contains("\r\nallow: post"), "{head}");
+    assert!(
+        shaped(&body)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("POST")
+    );
+    let (status, head, body) = exchange(
+        a,
+        &format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: {a}\r\nAuthorization: Bearer s3cret\r\n\
+             Content-Type: application/json\r\nContent-Length: 5000000\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 413, "{head}{body}");
+    shaped(&body);
+    let body = completion("Hi", 2, false);
+    for (token, want) in [
+        ("bearer s3cret", 200),
+        ("BEARER s3cret", 200),
+        ("Bearer wrong", 401),
+    ] {
+        let (status, head, text) = exchange(
+            a,
+            &format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: {a}\r\nAuthorization: {token}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        assert_eq!(status, want, "{token}: {head}{text}");
+    }
 }

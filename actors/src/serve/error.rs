@@ -34,6 +34,26 @@ pub enum ServeError {
         /// The model served.
         served: String,
     },
+    /// The body is larger than the server takes.
+    #[error("the body is larger than {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The body could not be read.
+    #[error("cannot read the body: {reason}")]
+    Body {
+        /// Why.
+        reason: String,
+    },
+    /// A route that exists, asked with another method.
+    #[error("{path} takes {allowed} only")]
+    MethodNotAllowed {
+        /// The route.
+        path: &'static str,
+        /// The method it takes.
+        allowed: &'static str,
+    },
     /// No route at this path.
     #[error("no such endpoint (try /v1/completions, /v1/chat/completions, /v1/models, /health)")]
     NoSuchEndpoint,
@@ -146,7 +166,11 @@ impl ServeError {
     /// The HTTP status this error answers with.
     pub fn status(&self) -> Status {
         match self {
-            Self::BadRequest { .. } | Self::Rejected(Rejected::Invalid(_)) => 400,
+            Self::BadRequest { .. } | Self::Body { .. } | Self::Rejected(Rejected::Invalid(_)) => {
+                400
+            }
+            Self::MethodNotAllowed { .. } => 405,
+            Self::TooLarge { .. } => 413,
             Self::Unauthorized => 401,
             Self::ModelNotFound { .. } | Self::NoSuchEndpoint => 404,
             Self::Rejected(Rejected::Busy { .. }) => 429,
@@ -161,7 +185,7 @@ impl ServeError {
     /// body, and its label in metrics.
     pub fn error_type(&self) -> &'static str {
         match self.status() {
-            400 | 401 | 404 => "invalid_request_error",
+            400 | 401 | 404 | 405 | 413 => "invalid_request_error",
             429 => "rate_limit_error",
             _ => "server_error",
         }
@@ -192,5 +216,15 @@ mod tests {
         let gone = ServeError::Rejected(Rejected::Stopped);
         assert_eq!((gone.status(), gone.error_type()), (503, "server_error"));
         assert_eq!(ServeError::NoRank.status(), 500);
+        let big = ServeError::TooLarge { limit: 10 };
+        assert_eq!(
+            (big.status(), big.error_type()),
+            (413, "invalid_request_error")
+        );
+        let get = ServeError::MethodNotAllowed {
+            path: "/v1/completions",
+            allowed: "POST",
+        };
+        assert_eq!(get.status(), 405);
     }
 }

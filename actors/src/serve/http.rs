@@ -139,9 +139,37 @@ impl Clock {
 /// The error's answer in OpenAI's shape.
 fn error_response(error: &ServeError) -> HttpResponse {
     let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    HttpResponse::build(status).json(json!({
+    let mut response = HttpResponse::build(status);
+    if let ServeError::MethodNotAllowed { allowed, .. } = error {
+        response.insert_header(("allow", *allowed));
+    }
+    // A full queue or a lost rank: try again, and say when.
+    if matches!(status.as_u16(), 429 | 503) {
+        response.insert_header(("retry-after", "1"));
+    }
+    response.json(json!({
         "error": {"message": error.to_string(), "type": error.error_type(), "param": null, "code": null}
     }))
+}
+
+/// The most bytes a request body may have.
+const MAX_BODY: usize = 1 << 22;
+
+/// Reads the body up to [`MAX_BODY`] bytes (a larger one is a 413 in the
+/// OpenAI error shape, not the framework's plain-text answer).
+async fn read_body(mut payload: web::Payload) -> Result<web::BytesMut, ServeError> {
+    use futures_util::StreamExt as _;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ServeError::Body {
+            reason: e.to_string(),
+        })?;
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(ServeError::TooLarge { limit: MAX_BODY });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 fn bad_request(message: impl Into<String>) -> ServeError {
@@ -157,12 +185,28 @@ fn now() -> u64 {
 /// Checks the bearer token; `Some(response)` when it is wrong.
 fn unauthorized(state: &State, req: &HttpRequest) -> Option<ServeError> {
     let key = state.api_key.as_ref()?;
+    // The scheme is case-insensitive (RFC 9110 §11.1); the token is
+    // compared in constant time.
     let given = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    (given != Some(key.as_str())).then_some(ServeError::Unauthorized)
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let ok = given.is_some_and(|token| same_secret(token.as_bytes(), key.as_bytes()));
+    (!ok).then_some(ServeError::Unauthorized)
+}
+
+/// Whether two secrets are equal, in time that depends only on their
+/// lengths (the SHA-256 digests are compared byte by byte, all of them).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    use sha2::Digest as _;
+    let (da, db) = (sha2::Sha256::digest(a), sha2::Sha256::digest(b));
+    da.iter()
+        .zip(db.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Parses the body and checks the model name and token.
@@ -191,16 +235,20 @@ enum Kind {
     Chat,
 }
 
-async fn completions(state: web::Data<State>, req: HttpRequest, bytes: web::Bytes) -> HttpResponse {
-    respond(&state, &req, &bytes, Kind::Completion).await
+async fn completions(
+    state: web::Data<State>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> HttpResponse {
+    respond(&state, &req, payload, Kind::Completion).await
 }
 
 async fn chat_completions(
     state: web::Data<State>,
     req: HttpRequest,
-    bytes: web::Bytes,
+    payload: web::Payload,
 ) -> HttpResponse {
-    respond(&state, &req, &bytes, Kind::Chat).await
+    respond(&state, &req, payload, Kind::Chat).await
 }
 
 fn finish_reason(reason: FinishReason) -> &'static str {
@@ -213,10 +261,24 @@ fn finish_reason(reason: FinishReason) -> &'static str {
 async fn respond(
     state: &web::Data<State>,
     req: &HttpRequest,
-    bytes: &[u8],
+    payload: web::Payload,
     kind: Kind,
 ) -> HttpResponse {
-    let response = match answer(state, req, bytes, kind).await {
+    // A declared length over the limit is refused before reading.
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let body = match declared {
+        Some(n) if n > MAX_BODY => Err(ServeError::TooLarge { limit: MAX_BODY }),
+        _ => read_body(payload).await,
+    };
+    let answered = match body {
+        Ok(bytes) => answer(state, req, &bytes, kind).await,
+        Err(e) => Err(e),
+    };
+    let response = match answered {
         Ok(response) => response,
         Err(e) => error_response(&e),
     };
@@ -511,6 +573,10 @@ async fn metrics(state: web::Data<State>) -> HttpResponse {
     }
 }
 
+async fn wrong_method(path: &'static str, allowed: &'static str) -> HttpResponse {
+    error_response(&ServeError::MethodNotAllowed { path, allowed })
+}
+
 async fn not_found() -> HttpResponse {
     error_response(&ServeError::NoSuchEndpoint)
 }
@@ -603,12 +669,35 @@ pub fn start_engine(
                 let server = HttpServer::new(move || {
                     App::new()
                         .app_data(state.clone())
-                        .app_data(web::PayloadConfig::new(1 << 22))
-                        .route("/v1/completions", web::post().to(completions))
-                        .route("/v1/chat/completions", web::post().to(chat_completions))
-                        .route("/v1/models", web::get().to(models))
-                        .route("/health", web::get().to(health))
-                        .route("/metrics", web::get().to(metrics))
+                        .service(
+                            web::resource("/v1/completions")
+                                .route(web::post().to(completions))
+                                .default_service(web::to(|| {
+                                    wrong_method("/v1/completions", "POST")
+                                })),
+                        )
+                        .service(
+                            web::resource("/v1/chat/completions")
+                                .route(web::post().to(chat_completions))
+                                .default_service(web::to(|| {
+                                    wrong_method("/v1/chat/completions", "POST")
+                                })),
+                        )
+                        .service(
+                            web::resource("/v1/models")
+                                .route(web::get().to(models))
+                                .default_service(web::to(|| wrong_method("/v1/models", "GET"))),
+                        )
+                        .service(
+                            web::resource("/health")
+                                .route(web::get().to(health))
+                                .default_service(web::to(|| wrong_method("/health", "GET"))),
+                        )
+                        .service(
+                            web::resource("/metrics")
+                                .route(web::get().to(metrics))
+                                .default_service(web::to(|| wrong_method("/metrics", "GET"))),
+                        )
                         .default_service(web::to(not_found))
                 })
                 .workers(2);
