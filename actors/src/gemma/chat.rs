@@ -6,6 +6,8 @@
 //! front of the next user turn, separated by a blank line, as Gemma's own
 //! template does.
 
+use crate::tokenizer::Tokenizer;
+
 /// Who said a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -39,32 +41,76 @@ pub struct Message<'a> {
     pub content: &'a str,
 }
 
+/// A piece of the rendered conversation: a control token the template
+/// puts there, or text.
+enum Piece<'a> {
+    Control(&'static str),
+    Text(&'a str),
+}
+
+/// Walks the template: `emit` gets each piece in order.
+fn walk<'a>(messages: &[Message<'a>], mut emit: impl FnMut(Piece<'a>)) {
+    let mut system: Vec<&'a str> = Vec::new();
+    for m in messages {
+        match m.role {
+            Role::System => system.push(m.content),
+            Role::User => {
+                emit(Piece::Control("<start_of_turn>"));
+                emit(Piece::Text("user\n"));
+                for s in system.drain(..) {
+                    emit(Piece::Text(s));
+                    emit(Piece::Text("\n\n"));
+                }
+                emit(Piece::Text(m.content));
+                emit(Piece::Control("<end_of_turn>"));
+                emit(Piece::Text("\n"));
+            }
+            Role::Assistant => {
+                emit(Piece::Control("<start_of_turn>"));
+                emit(Piece::Text("model\n"));
+                emit(Piece::Text(m.content));
+                emit(Piece::Control("<end_of_turn>"));
+                emit(Piece::Text("\n"));
+            }
+        }
+    }
+    emit(Piece::Control("<start_of_turn>"));
+    emit(Piece::Text("model\n"));
+}
+
 /// The conversation as Gemma's prompt text, ending with the opening of the
 /// model's turn (the generation prompt).
 pub fn render(messages: &[Message<'_>]) -> String {
     let mut text = String::new();
-    let mut system = String::new();
-    for m in messages {
-        match m.role {
-            Role::System => {
-                system.push_str(m.content);
-                system.push_str("\n\n");
-            }
-            Role::User => {
-                text.push_str("<start_of_turn>user\n");
-                text.push_str(&std::mem::take(&mut system));
-                text.push_str(m.content);
-                text.push_str("<end_of_turn>\n");
-            }
-            Role::Assistant => {
-                text.push_str("<start_of_turn>model\n");
-                text.push_str(m.content);
-                text.push_str("<end_of_turn>\n");
+    walk(messages, |piece| match piece {
+        Piece::Control(token) => text.push_str(token),
+        Piece::Text(t) => text.push_str(t),
+    });
+    text
+}
+
+/// The conversation as token ids, BOS first: the template's control tokens
+/// are tokens, and everything the messages say is text. A message that
+/// contains `<end_of_turn>` or any other control-token string gets that
+/// string's text tokens, so no one can forge a turn. For messages without
+/// such strings the ids are those of [`render`]'s text tokenized with
+/// special tokens parsed.
+pub fn encode(tokenizer: &Tokenizer, messages: &[Message<'_>]) -> Vec<u32> {
+    let mut ids = tokenizer.encode("", true, false);
+    let mut text = String::new();
+    walk(messages, |piece| match piece {
+        Piece::Text(t) => text.push_str(t),
+        Piece::Control(token) => {
+            ids.extend(tokenizer.encode(&std::mem::take(&mut text), false, false));
+            match tokenizer.id(token) {
+                Some(id) => ids.push(id),
+                // A vocabulary without Gemma's turn tokens: their text.
+                None => ids.extend(tokenizer.encode(token, false, false)),
             }
         }
-    }
-    text.push_str("<start_of_turn>model\n");
-    text
+    });
+    ids.extend(tokenizer.encode(&text, false, false));
+    ids
 }
 
 /// One user turn, then the model's turn.

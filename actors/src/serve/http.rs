@@ -297,18 +297,20 @@ async fn answer(
     kind: Kind,
 ) -> Result<HttpResponse, ServeError> {
     let body = body_of(state, req, bytes)?;
-    let (p, text, special) = match kind {
+    // What clients send is text: special-token strings in it stay text;
+    // only the chat template puts control tokens in.
+    let (p, prompt) = match kind {
         Kind::Completion => {
             let body = CompletionRequest::from_body(body)?;
-            (body.common.params(16)?, body.prompt, false)
+            let p = body.common.params(16)?;
+            (p, state.tokenizer.encode(&body.prompt, true, false))
         }
         Kind::Chat => {
             let body = ChatRequest::from_body(body)?;
             let p = body.common.params(16)?;
-            (p, chat::render(&body.turns()?), true)
+            (p, chat::encode(&state.tokenizer, &body.turns()?))
         }
     };
-    let prompt = state.tokenizer.encode(&text, true, special);
     let clock = Clock {
         metrics: state.metrics.clone(),
         arrived: std::time::Instant::now(),
