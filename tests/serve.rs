@@ -552,6 +552,15 @@ fn http_edges_answer_in_the_openai_shape() {
     );
     assert_eq!(status, 413, "{head}{body}");
     shaped(&body);
+    // A max_tokens past the context is refused, not capped in silence.
+    let (status, huge) = post(
+        a,
+        "/v1/completions",
+        r#"{"model":"gemma3-270m","prompt":"Hi","max_tokens":1000000000000000000}"#,
+        Some("s3cret"),
+    );
+    assert_eq!(status, 400, "{huge}");
+    assert!(huge.contains("`max_tokens` 1000000000000000000"), "{huge}");
     let body = completion("Hi", 2, false);
     for (token, want) in [
         ("bearer s3cret", 200),

@@ -893,6 +893,13 @@ impl Engine {
                 self.context
             )));
         }
+        // Never a silent cap: more than the context is refused, naming it.
+        if request.max_tokens > self.context {
+            return Err(Rejected::Invalid(format!(
+                "`max_tokens` {} is more than the model's context ({} tokens)",
+                request.max_tokens, self.context
+            )));
+        }
         let need = budget(&request, self.context);
         if need > self.config.max_tokens_in_flight {
             return Err(Rejected::Invalid(format!(
