@@ -578,3 +578,34 @@ fn http_edges_answer_in_the_openai_shape() {
         assert_eq!(status, want, "{token}: {head}{text}");
     }
 }
+
+/// `--api-key-file` reads the key from a file (its first line), so it is
+/// not in the process list; a wrong or missing token is a 401.
+#[test]
+fn the_api_key_can_come_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key");
+    std::fs::write(&file, "from-a-file\n").unwrap();
+    let server = Server::start(&["--api-key-file", file.to_str().unwrap()]);
+    let a = &server.address;
+    let body = completion("Hi", 2, false);
+    let (status, text) = post(a, "/v1/completions", &body, Some("from-a-file"));
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = post(a, "/v1/completions", &body, None);
+    assert_eq!(status, 401, "{text}");
+    // An empty key file is refused at start.
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let done = run_dima(
+        &[
+            "serve",
+            "--model",
+            "gemma3-270m",
+            "--api-key-file",
+            empty.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    assert_eq!(done.status.code(), Some(2), "{}", done.stderr);
+    assert!(done.stderr.contains("holds no key"), "{}", done.stderr);
+}

@@ -73,8 +73,14 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 65_536)]
     max_tokens_in_flight: usize,
     /// Require `Authorization: Bearer KEY` (default: the DIMA_API_KEY variable, if set).
+    /// On the command line the key is visible to every user in the process
+    /// list: prefer DIMA_API_KEY or --api-key-file.
     #[arg(long, env = "DIMA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Read the bearer key from this file (its first line; the file should
+    /// be readable by the server's user only).
+    #[arg(long, value_name = "PATH", conflicts_with = "api_key")]
+    api_key_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     ranks: TpArgs,
     /// Where the model runs: `cpu`, or `cuda` (with --tp N: N GPUs of
@@ -302,7 +308,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
             .clone()
             .unwrap_or_else(|| args.model.clone()),
         listen: args.listen,
-        api_key: args.api_key.clone(),
+        api_key: api_key(args)?,
         engine,
         handle_signals: true,
     };
@@ -350,6 +356,31 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
     }
     deployed.follow()?;
     Ok(())
+}
+
+/// The bearer key of `dima serve`: `--api-key-file`, `--api-key` (with a
+/// warning when it was typed on the command line) or `DIMA_API_KEY`.
+fn api_key(args: &ServeArgs) -> Result<Option<String>, Failure> {
+    if let Some(path) = &args.api_key_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Failure::usage(format!("--api-key-file {}: {e}", path.display())))?;
+        let key = text.lines().next().unwrap_or("").trim().to_owned();
+        if key.is_empty() {
+            return Err(Failure::usage(format!(
+                "--api-key-file {}: the file holds no key",
+                path.display()
+            )));
+        }
+        return Ok(Some(key));
+    }
+    let typed = std::env::args().any(|a| a == "--api-key" || a.starts_with("--api-key="));
+    if typed && args.api_key.is_some() {
+        eprintln!(
+            "warning: --api-key on the command line is visible to every user of this machine \
+             (ps); use DIMA_API_KEY or --api-key-file"
+        );
+    }
+    Ok(args.api_key.clone())
 }
 
 /// `dima tokenize`.
