@@ -389,6 +389,25 @@ fn broken_checkpoints_are_clear_errors() {
     .unwrap();
     let no_tokenizer = copy("no-tokenizer");
     std::fs::remove_file(no_tokenizer.join("tokenizer.model")).unwrap();
+    let zero_scale = copy("zero-scale");
+    let config = std::fs::read_to_string(zero_scale.join("config.json")).unwrap();
+    std::fs::write(
+        zero_scale.join("config.json"),
+        config.replace("\"factor\": 8.0", "\"factor\": 0.0"),
+    )
+    .unwrap();
+    // The final norm's first weight set to a bf16 NaN, in place.
+    let nan_norm = copy("nan-norm");
+    let weights = nan_norm.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let start = header["model.norm.weight"]["data_offsets"][0]
+        .as_u64()
+        .unwrap() as usize;
+    let at = 8 + header_len + start;
+    bytes[at..at + 2].copy_from_slice(&0x7FC0u16.to_le_bytes());
+    std::fs::write(&weights, bytes).unwrap();
     for (dir, message) in [
         (
             &truncated,
@@ -399,6 +418,8 @@ fn broken_checkpoints_are_clear_errors() {
             "tensor \"model.layers.7.input_layernorm.weight\" is missing",
         ),
         (&no_tokenizer, "tokenizer.model"),
+        (&zero_scale, "rope_scaling.factor"),
+        (&nan_norm, "\"model.norm.weight\": value 0 is NaN"),
     ] {
         let done = run_dima(
             &[

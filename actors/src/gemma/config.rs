@@ -185,6 +185,22 @@ impl GemmaConfig {
         if self.window == 0 {
             return invalid("sliding_window", "must be at least 1".into());
         }
+        // Bad numbers load silently and generate garbage: refuse them.
+        let positive = [
+            ("rms_norm_eps", f64::from(self.rms_eps)),
+            ("rope_theta (global)", f64::from(self.rope_global_base)),
+            ("rope_local_base_freq", f64::from(self.rope_local_base)),
+            ("rope_scaling.factor", f64::from(self.rope_global_scale)),
+            (
+                "query_pre_attn_scalar",
+                f64::from(self.query_pre_attn_scalar),
+            ),
+        ];
+        for (field, value) in positive {
+            if !(value.is_finite() && value > 0.0) {
+                return invalid(field, format!("{value} is not a positive finite number"));
+            }
+        }
         Ok(())
     }
 
@@ -237,6 +253,19 @@ mod tests {
         let kinds = default_layer_kinds(18);
         let global: Vec<usize> = (0..18).filter(|&i| kinds[i] == LayerKind::Global).collect();
         assert_eq!(global, vec![5, 11, 17]);
+    }
+
+    #[test]
+    fn bad_numbers_are_refused_naming_the_key() {
+        let mut c = GemmaConfig::preset("270m").unwrap();
+        c.rms_eps = f32::NAN;
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("rms_norm_eps") && e.contains("NaN"), "{e}");
+        let mut c = GemmaConfig::preset("270m").unwrap();
+        c.rope_global_scale = 0.0;
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("rope_scaling.factor"), "{e}");
+        assert!(GemmaConfig::preset("270m").unwrap().check().is_ok());
     }
 
     #[test]

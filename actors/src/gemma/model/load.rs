@@ -184,6 +184,13 @@ impl Loader<'_> {
         if let Loader::Checkpoint(_) = self {
             out.iter_mut().for_each(|w| *w += 1.0);
         }
+        if let Some(at) = out.iter().position(|w| !w.is_finite()) {
+            return Err(LoadError::NotFinite {
+                name: found.name,
+                index: at,
+                value: out[at],
+            });
+        }
         Ok(out)
     }
 }

@@ -78,7 +78,17 @@ pub enum LoadError {
         /// Embedding rows.
         rows: usize,
     },
-    /// A tensor has the wrong shape.
+    /// A norm tensor holds a NaN or an infinity.
+    #[error("tensor {name:?}: value {index} is {value}, not a finite number")]
+    NotFinite {
+        /// The tensor.
+        name: String,
+        /// The first bad value's index.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// A tensor's dims are not what the configuration says.
     #[error("tensor {name:?} has dims {dims:?}, expected {expected:?}")]
     Shape {
         /// The tensor.
