@@ -23,7 +23,7 @@ use kernels::device::{Device, DeviceError};
 use super::config::{GemmaConfig, LayerKind};
 use super::forward::{Backend, Greedy, Head, Projection, Residual, Row, forward};
 use super::generate::END_OF_GENERATION;
-use super::kv::layout;
+use super::kv::{LayerSlots, layout};
 use super::model::{Gemma, LayerWeight, Weight};
 use super::sampling::Sampler;
 use super::shard::RankShard;
@@ -94,10 +94,8 @@ impl<D: Device> std::fmt::Debug for DeviceGemma<D> {
 pub struct KvPool<D: Device> {
     keys: Vec<D::Buf<f32>>,
     values: Vec<D::Buf<f32>>,
-    /// Slots per sequence, per layer.
-    per_sequence: Vec<usize>,
-    /// Whether the layer's slots are a ring.
-    ring: Vec<bool>,
+    /// Each layer's slots (`gemma::kv`).
+    layout: Vec<LayerSlots>,
     /// Positions filled, per sequence.
     lengths: Vec<usize>,
     context: usize,
@@ -130,6 +128,12 @@ impl<D: Device> KvPool<D> {
     /// Most positions a sequence holds.
     pub fn context(&self) -> usize {
         self.context
+    }
+
+    /// Layer `li`'s slots per sequence, and whether they are a ring.
+    fn slots(&self, li: usize) -> (usize, bool) {
+        let layer = self.layout[li];
+        (layer.per_sequence(self.context), layer.is_ring())
     }
 
     /// Sequences the pool holds.
@@ -356,21 +360,19 @@ impl<D: Device> DeviceGemma<D> {
         let mut pool = KvPool {
             keys: Vec::new(),
             values: Vec::new(),
-            per_sequence: Vec::new(),
-            ring: Vec::new(),
+            layout: Vec::new(),
             lengths: vec![0; sequences],
             context: context.min(c.context),
             chunk,
         };
         // A chunk's keys are stored before it attends: rings of
         // `window + chunk` on local layers (`gemma::kv`).
-        for layer in layout(c, chunk, pool.context) {
-            let (slots, ring) = (layer.per_sequence(pool.context), layer.is_ring());
+        pool.layout = layout(c, chunk, pool.context);
+        for li in 0..pool.layout.len() {
+            let (slots, _) = pool.slots(li);
             pool.keys.push(self.gpu.zeros(sequences * slots * kv_dim)?);
             pool.values
                 .push(self.gpu.zeros(sequences * slots * kv_dim)?);
-            pool.per_sequence.push(slots);
-            pool.ring.push(ring);
         }
         Ok(pool)
     }
@@ -651,8 +653,7 @@ impl<D: Device> Backend for DeviceGemma<D> {
         let pos_i: Vec<i32> = rows.iter().map(|r| r.position as i32).collect();
         let mut kinds: Vec<KindSlots<D>> = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
-            let per = pool.per_sequence[li];
-            let ring = pool.ring[li];
+            let (per, ring) = pool.slots(li);
             let key = (layer.kind, per, ring);
             if kinds.iter().any(|(k, ..)| *k == key) {
                 continue;
@@ -751,7 +752,8 @@ impl<D: Device> Backend for DeviceGemma<D> {
         let kv_dim = kv_heads * hd;
         let group = c.heads / c.kv_heads.max(1);
         let n = pass.n;
-        let key = (layer.kind, pool.per_sequence[li], pool.ring[li]);
+        let (per, ring) = pool.slots(li);
+        let key = (layer.kind, per, ring);
         let Some((_, rope, dest, bases)) = pass.kinds.iter().find(|(k, ..)| *k == key) else {
             return Err(DeviceModelError::Unsupported(format!(
                 "layer {li}: no cache slots prepared"
@@ -765,7 +767,7 @@ impl<D: Device> Backend for DeviceGemma<D> {
         let nm = &layer.norms;
         let score_scale = 1.0 / c.query_pre_attn_scalar.sqrt();
         gpu.gemm_bf16(&m[0].0, (m[0].1, m[0].2), h, n, &mut pass.qkv)?;
-        let slots = pool.per_sequence[li] * pool.lengths.len();
+        let slots = per * pool.lengths.len();
         gpu.qkv_prep(
             &pass.qkv,
             (&nm[1], &nm[2]),
@@ -783,14 +785,7 @@ impl<D: Device> Backend for DeviceGemma<D> {
             (&pass.positions, bases),
             (n, heads, hd, kv_dim),
             group,
-            (
-                window,
-                if pool.ring[li] {
-                    pool.per_sequence[li]
-                } else {
-                    0
-                },
-            ),
+            (window, if ring { per } else { 0 }),
         )?;
         Ok(())
     }

@@ -149,6 +149,13 @@ pub trait Backend {
     }
 }
 
+/// How many leading tokens of a `len`-token run go through alone, in
+/// chunks of `chunk`, before its last chunk (1 to `chunk` tokens) joins a
+/// pass with other sequences.
+pub fn leading_chunks(len: usize, chunk: usize) -> usize {
+    len.saturating_sub(1) / chunk * chunk
+}
+
 /// What a pass asks of the LM head.
 #[derive(Debug)]
 pub enum Head<'a> {

@@ -7,8 +7,8 @@
 //! Fields the server does not read yet are ignored, as before; the
 //! OpenAI fields it will honour or refuse come with the API issue.
 
+use serde::Deserialize;
 use serde::de::{Deserializer, Error as _};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::ServeError;
@@ -94,7 +94,7 @@ impl ChatRequest {
 }
 
 /// One message of a conversation.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize)]
 pub struct ChatMessage {
     /// `system`, `developer`, `user` or `assistant` (checked when the
     /// prompt is rendered, naming the message).

@@ -729,11 +729,6 @@ pub fn start_engine(
     })
 }
 
-/// Serves `ranks` until the process is stopped.
-pub fn serve(ranks: Vec<Gemma>, config: &ServeConfig) -> Result<(), ServeError> {
-    start(ranks, config)?.wait()
-}
-
 /// Binds the server's listening socket.
 pub fn bind(address: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
     std::net::TcpListener::bind(address).map_err(|source| ServeError::Listen { address, source })

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 pub use error::{ServeError, Status};
 #[cfg(feature = "cuda")]
 pub use gpu::{gpu_shards, upload_rank};
-pub use http::{Running, ServeConfig, bind, serve, start, start_engine};
+pub use http::{Running, ServeConfig, bind, start, start_engine};
 pub use placement::{Placement, describe_ranks, load_ranks, load_ranks_with_progress};
 
 use crate::gemma::Gemma;

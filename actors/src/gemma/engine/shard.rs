@@ -307,7 +307,7 @@ impl<M: ShardBackend> ShardModel for Shard<M> {
             let slot = self.take(*id)?;
             // A prompt longer than a chunk runs its earlier chunks alone
             // first; its last chunk joins the step.
-            let keep = prompt.len().saturating_sub(1) / chunk * chunk;
+            let keep = crate::gemma::forward::leading_chunks(prompt.len(), chunk);
             for part in prompt[..keep].chunks(chunk) {
                 let rows: Vec<Row> = self.rows(slot, part).collect();
                 self.model.pass(&mut self.slots, &rows, &[], &mut [])?;

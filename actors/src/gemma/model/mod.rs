@@ -37,7 +37,7 @@ use rayon::prelude::*;
 use super::checkpoint::{Checkpoint, CheckpointError, hf_name};
 use super::config::{ConfigError, GemmaConfig, LayerKind};
 use super::shard::{RankShard, ShardError, ShardPlan, plan};
-use crate::gemma::forward::{Head, Row, forward};
+use crate::gemma::forward::{Head, Row, forward, leading_chunks};
 use crate::gemma::kv::{LayerSlots, layout};
 use crate::tokenizer::{Tokenizer, VocabError};
 
@@ -579,7 +579,7 @@ impl Gemma {
         let mut rows = Vec::new();
         let mut logits_for = Vec::with_capacity(tokens.len());
         for (seq, (run, cache)) in tokens.iter().zip(caches.iter_mut()).enumerate() {
-            let keep = run.len().saturating_sub(1) / PREFILL_CHUNK * PREFILL_CHUNK;
+            let keep = leading_chunks(run.len(), PREFILL_CHUNK);
             if keep > 0 {
                 self.prefill(&run[..keep], cache, None)?;
             }
