@@ -32,6 +32,7 @@
 //! ```
 
 pub mod events;
+pub mod features;
 pub mod jobs;
 pub mod learner;
 pub mod matching;

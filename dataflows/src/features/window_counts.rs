@@ -1,0 +1,239 @@
+//! Keyed windowed counts: the streaming features of the ads pipeline.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::{Stream, StreamVec};
+
+use super::{AdEvent, FeatureSpec};
+use crate::placement::{mix64, route};
+
+/// What [`WindowCounts`] emits.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum FeatureValue {
+    /// The value of feature `feature` for one impression.
+    Value {
+        /// The impression's id (values go where the impression goes).
+        impression_id: u64,
+        /// The impression's fingerprint ([`fingerprint`]).
+        impression: u64,
+        /// Index into the features.
+        feature: u32,
+        /// Events counted.
+        value: u64,
+    },
+    /// Distinct keys this worker has seen for `feature` (sent once, at the
+    /// end of the stream; each key lives on one worker, so they add up).
+    Keys {
+        /// Index into the features.
+        feature: u32,
+        /// Distinct keys.
+        distinct: u64,
+    },
+}
+
+/// A stable fingerprint of an impression (its id, time and every field), so
+/// that feature values find their impression even if a stream repeats an id.
+pub fn fingerprint(i: &crate::events::AdImpression) -> u64 {
+    let c = &i.context;
+    let mut h = mix64(i.impression_id);
+    for x in [
+        i.event_time as u64,
+        i.member_id,
+        i.item_id,
+        i.campaign_id,
+        u64::from(c.position),
+        u64::from(c.hour),
+        super::text_key(&c.device),
+        super::text_key(&c.placement),
+        super::text_key(&c.country),
+    ] {
+        h = mix64(h ^ x);
+    }
+    h
+}
+
+/// One feature's view of one event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Keyed {
+    feature: u32,
+    key: u64,
+    time: u64,
+    /// Counted by the feature.
+    counts: bool,
+    /// An impression asking for its value: its id and fingerprint.
+    query: Option<(u64, u64)>,
+}
+
+/// Event times of one (feature, key), sorted, within the window.
+type Times = VecDeque<u64>;
+
+/// Windowed counts per feature, sharded by key.
+pub trait WindowCounts<'scope> {
+    /// Every feature's value for every impression, at the impression's
+    /// timestamp, once the frontier has passed it; at the end, each feature's
+    /// distinct keys. The stream must carry on-time events only, at
+    /// timestamps no later than their event time.
+    ///
+    /// ```
+    /// use dataflows::features::{FeatureSpec, FeatureValue, KeyField, Measure, WindowCounts};
+    /// use dataflows::events::{AdClick, AdContext, AdImpression};
+    /// use dataflows::features::AdEvent;
+    /// use timely::dataflow::operators::{Capture, ToStream};
+    /// use timely::dataflow::operators::capture::Extract;
+    ///
+    /// let impression = |id, t| AdEvent::Impression(AdImpression {
+    ///     schema_version: 1, event_time: t, impression_id: id, member_id: 7, item_id: 1,
+    ///     campaign_id: 2, context: AdContext { device: "mobile".into(), placement: "feed".into(),
+    ///     position: 1, country: "US".into(), hour: 0 },
+    /// });
+    /// let click = |t| AdEvent::Click(AdClick {
+    ///     schema_version: 1, event_time: t, impression_id: 1, member_id: 7, item_id: 1, campaign_id: 2,
+    /// });
+    /// let features = vec![FeatureSpec {
+    ///     name: "member_clicks".into(), key: KeyField::MemberId, measure: Measure::Clicks, window_ms: 1_000,
+    /// }];
+    /// let captured = timely::example(move |scope| {
+    ///     // Clicks at 100 and 1_050; an impression at 1_100 sees the second only
+    ///     // (the first is more than 1 s before it).
+    ///     vec![click(100), click(1_050), impression(9, 1_100)]
+    ///         .to_stream(scope)
+    ///         .window_counts(features.clone().into())
+    ///         .capture()
+    /// });
+    /// let values: Vec<u64> = captured.extract().into_iter().flat_map(|(_, v)| v)
+    ///     .filter_map(|v| match v { FeatureValue::Value { value, .. } => Some(value), _ => None })
+    ///     .collect();
+    /// assert_eq!(values, vec![1]);
+    /// ```
+    fn window_counts(self, features: Rc<[FeatureSpec]>) -> StreamVec<'scope, u64, FeatureValue>;
+}
+
+impl<'scope> WindowCounts<'scope> for Stream<'scope, u64, Vec<AdEvent>> {
+    fn window_counts(self, features: Rc<[FeatureSpec]>) -> StreamVec<'scope, u64, FeatureValue> {
+        let specs = Rc::clone(&features);
+        let keyed = self.flat_map(move |event| {
+            let query = match &event {
+                AdEvent::Impression(i) => Some(i),
+                AdEvent::Click(_) => None,
+            };
+            let time = event.time();
+            specs
+                .iter()
+                .enumerate()
+                .filter_map(|(f, spec)| {
+                    let counted = spec.counted(&event);
+                    let key = match query {
+                        Some(i) => spec.key.of_impression(i),
+                        None => counted?,
+                    };
+                    Some(Keyed {
+                        feature: f as u32,
+                        key,
+                        time,
+                        counts: counted.is_some(),
+                        query: query.map(|i| (i.impression_id, fingerprint(i))),
+                    })
+                })
+                .collect::<Vec<_>>()
+        });
+        let windows: Vec<u64> = features.iter().map(|f| f.window_ms).collect();
+        let longest = windows.iter().copied().max().unwrap_or(0);
+        keyed.unary_frontier(
+            Exchange::new(|k: &Keyed| route(mix64(u64::from(k.feature)) ^ k.key)),
+            "WindowCounts",
+            move |initial, _info| {
+                let mut end_cap = Some(initial);
+                let mut state: FxHashMap<(u32, u64), Times> = FxHashMap::default();
+                let mut seen: Vec<FxHashSet<u64>> = vec![FxHashSet::default(); windows.len()];
+                let mut queries: BTreeMap<u64, (Capability<u64>, Vec<Keyed>)> = BTreeMap::new();
+                let mut swept_at = 0u64;
+                move |(input, frontier), output| {
+                    input.for_each(|cap, data| {
+                        for k in data.drain(..) {
+                            if k.counts {
+                                seen[k.feature as usize].insert(k.key);
+                                let times = state.entry((k.feature, k.key)).or_default();
+                                let at = times.partition_point(|&t| t <= k.time);
+                                times.insert(at, k.time);
+                            }
+                            if k.query.is_some() {
+                                let Some(&time) = cap.least() else { continue };
+                                match queries.get_mut(&time) {
+                                    Some((_, list)) => list.push(k),
+                                    None => {
+                                        if let Some(held) = cap.retain_least(0) {
+                                            queries.insert(time, (held, vec![k]));
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    });
+                    // A query at t is answered once every event before t is
+                    // in: its timestamp (≤ t's bucket) is complete.
+                    while let Some(entry) = queries.first_entry() {
+                        if frontier.less_equal(entry.key()) {
+                            break;
+                        }
+                        let (cap, asked) = entry.remove();
+                        let mut session = output.session(&cap);
+                        for q in asked {
+                            let window = windows[q.feature as usize];
+                            let value = state.get(&(q.feature, q.key)).map_or(0, |times| {
+                                let from =
+                                    times.partition_point(|&t| t < q.time.saturating_sub(window));
+                                let to = times.partition_point(|&t| t < q.time);
+                                (to - from) as u64
+                            });
+                            if let Some((impression_id, impression)) = q.query {
+                                session.give(FeatureValue::Value {
+                                    impression_id,
+                                    impression,
+                                    feature: q.feature,
+                                    value,
+                                });
+                            }
+                        }
+                    }
+                    // Expire: later queries are at or after the frontier, so
+                    // events more than a window before it are never counted
+                    // again. Swept every quarter of the longest window.
+                    let lower = frontier.frontier().iter().min().copied();
+                    if let Some(now) = lower
+                        && now >= swept_at + longest / 4
+                    {
+                        swept_at = now;
+                        state.retain(|(f, _), times| {
+                            let horizon = now.saturating_sub(windows[*f as usize]);
+                            let old = times.partition_point(|&t| t < horizon);
+                            times.drain(..old);
+                            !times.is_empty()
+                        });
+                    }
+                    if lower.is_none()
+                        && let Some(cap) = end_cap.take()
+                    {
+                        let mut session = output.session(&cap);
+                        for (f, keys) in seen.iter().enumerate() {
+                            session.give(FeatureValue::Keys {
+                                feature: f as u32,
+                                distinct: keys.len() as u64,
+                            });
+                        }
+                    } else if let (Some(cap), Some(now)) = (end_cap.as_mut(), lower)
+                        && *cap.time() < now
+                    {
+                        cap.downgrade(&now);
+                    }
+                }
+            },
+        )
+    }
+}
