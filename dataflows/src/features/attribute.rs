@@ -63,7 +63,7 @@ pub trait Attribute<'scope> {
     /// });
     /// let captured = timely::example(move |scope| {
     ///     let events = vec![impression.clone(), click(5, 1_600), click(6, 1_700)].to_stream(scope);
-    ///     let values = Vec::new().to_stream(scope);
+    ///     let values = Vec::<dataflows::features::FeatureValue>::new().to_stream(scope);
     ///     events.attribute(values, AttributionSpec { window_ms: 600 }, 1_000, 0).capture()
     /// });
     /// let out: Vec<AttributionOutput> = captured.try_iter()

@@ -100,9 +100,9 @@ pub trait WindowCounts<'scope> {
     ///     name: "member_clicks".into(), key: KeyField::MemberId, measure: Measure::Clicks, window_ms: 1_000,
     /// }];
     /// let captured = timely::example(move |scope| {
-    ///     // Clicks at 100 and 1_050; an impression at 1_100 sees the second only
+    ///     // Clicks at 50 and 1_050; an impression at 1_100 sees the second only
     ///     // (the first is more than 1 s before it).
-    ///     vec![click(100), click(1_050), impression(9, 1_100)]
+    ///     vec![click(50), click(1_050), impression(9, 1_100)]
     ///         .to_stream(scope)
     ///         .window_counts(features.clone().into())
     ///         .capture()
