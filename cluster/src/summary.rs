@@ -24,17 +24,40 @@ pub fn human(result: &Value) -> Vec<String> {
                             .map(|m| m.iter().map(|(t, n)| format!("{t} {}", number(n))).collect())
                             .unwrap_or_default();
                         let mut lines = vec![format!(
-                            "{}: read {} from {}, {} valid ({}), {} malformed -> {} (sink {}: {} written)",
+                            "{}: read {} from {}, {} valid ({}), {} malformed, {} late -> {} (sink {}: {} written)",
                             p["name"].as_str().unwrap_or("?"),
                             number(&p["read"]),
                             p["source"].as_str().unwrap_or("?"),
                             number(&p["valid"]),
                             types.join(", "),
                             number(&p["malformed"]),
+                            number(&p["late"]),
                             p["dead_letter"]["path"].as_str().unwrap_or("?"),
                             p["sink"]["kind"].as_str().unwrap_or("?"),
                             number(&p["sink"]["written"]),
                         )];
+                        let a = &p["attribution"];
+                        if a.is_object() {
+                            let features: Vec<String> = p["features"]
+                                .as_array()
+                                .map(|f| {
+                                    f.iter()
+                                        .map(|f| format!("{} ({} keys)", f["name"].as_str().unwrap_or("?"), number(&f["keys"])))
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            lines.push(format!(
+                                "{}: attribution within {} s: {} positives, {} negatives, {} orphan clicks; {} examples -> {}; features: {}",
+                                p["name"].as_str().unwrap_or("?"),
+                                a["window_s"].as_f64().unwrap_or(0.0),
+                                number(&a["positives"]),
+                                number(&a["negatives"]),
+                                number(&a["orphan_clicks"]),
+                                number(&p["examples"]["written"]),
+                                p["examples"]["kind"].as_str().unwrap_or("?"),
+                                if features.is_empty() { "none".to_owned() } else { features.join(", ") },
+                            ));
+                        }
                         let l = &p["learner"];
                         if l.is_object() {
                             let metric = |v: &Value| v.as_f64().map_or("n/a".to_owned(), |x| format!("{x:.4}"));

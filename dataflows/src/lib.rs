@@ -42,5 +42,8 @@ pub mod placement;
 pub mod toml_input;
 
 pub use jobs::count::{CountJob, CountRun, CountSummary, KeyedEvents, count_sequential, run_count};
-pub use metrics::{DataflowMetrics, FrontierMetrics, MetricFamily, MetricKind};
+pub use metrics::{
+    DataflowMetrics, FrontierMetrics, LearnerMetrics, MatchingMetrics, MetricFamily, MetricKind,
+    PipelineMetrics,
+};
 pub use pipelines::{PipelineSpec, run_pipelines};

@@ -80,6 +80,27 @@ const MATCHING_DISPATCHES: MetricFamily = MetricFamily {
     kind: MetricKind::Counter,
 };
 
+const PIPELINE_LATE: MetricFamily = MetricFamily {
+    name: "dima_pipeline_late_total",
+    help: "Records dead-lettered as late: more than watermark_delay_s behind the newest event time their share had read.",
+    kind: MetricKind::Counter,
+};
+const PIPELINE_ORPHANS: MetricFamily = MetricFamily {
+    name: "dima_pipeline_orphan_clicks_total",
+    help: "On-time clicks that labelled no impression within the attribution window.",
+    kind: MetricKind::Counter,
+};
+const PIPELINE_EXAMPLES: MetricFamily = MetricFamily {
+    name: "dima_pipeline_examples_total",
+    help: "Labelled examples emitted by a pipeline's attribution stage.",
+    kind: MetricKind::Counter,
+};
+const PIPELINE_WATERMARK_LAG: MetricFamily = MetricFamily {
+    name: "dima_pipeline_watermark_lag_seconds",
+    help: "Event-time delay between the newest record a source share has read and the pipeline's output frontier, by share.",
+    kind: MetricKind::Gauge,
+};
+
 /// Metric families shared by every dataflow of one process.
 #[derive(Clone, Debug)]
 pub struct DataflowMetrics {
@@ -93,28 +114,84 @@ pub struct DataflowMetrics {
     matching_served_rate: prometheus::GaugeVec,
     matching_value_states: IntGaugeVec,
     matching_dispatches: IntCounterVec,
+    pipeline_late: IntCounterVec,
+    pipeline_orphans: IntCounterVec,
+    pipeline_examples: IntCounterVec,
+    pipeline_watermark_lag: prometheus::GaugeVec,
 }
 
-/// The matcher's metrics of one pipeline (set by worker 0).
+/// The matcher's metrics of one pipeline (set by worker 0). The gauges are
+/// created on the first value, so a process without one exports none.
 #[derive(Clone, Debug)]
 pub struct MatchingMetrics {
-    /// Dispatched / requests seen.
-    pub served_rate: prometheus::Gauge,
-    /// Value-function states.
-    pub value_states: IntGauge,
+    served_rate: prometheus::GaugeVec,
+    value_states: IntGaugeVec,
+    dataflow: String,
     /// Dispatches so far.
     pub dispatches: IntCounter,
 }
 
-/// The learner gauges of one pipeline (set by worker 0).
+impl MatchingMetrics {
+    /// Dispatched / requests seen.
+    pub fn set_served_rate(&self, rate: f64) {
+        self.served_rate
+            .with_label_values(&[&self.dataflow])
+            .set(rate);
+    }
+
+    /// Value-function states.
+    pub fn set_value_states(&self, states: i64) {
+        self.value_states
+            .with_label_values(&[&self.dataflow])
+            .set(states);
+    }
+}
+
+/// The learner gauges of one pipeline (set by worker 0). The gauges are
+/// created on the first value, so a process without one exports none.
 #[derive(Clone, Debug)]
 pub struct LearnerMetrics {
-    /// AUC of the last completed window.
-    pub auc: prometheus::Gauge,
-    /// Log loss of the last completed window.
-    pub logloss: prometheus::Gauge,
+    auc: prometheus::GaugeVec,
+    logloss: prometheus::GaugeVec,
+    dataflow: String,
     /// Examples so far.
     pub examples: IntCounter,
+}
+
+impl LearnerMetrics {
+    /// AUC of the last completed window.
+    pub fn set_auc(&self, auc: f64) {
+        self.auc.with_label_values(&[&self.dataflow]).set(auc);
+    }
+
+    /// Log loss of the last completed window.
+    pub fn set_logloss(&self, logloss: f64) {
+        self.logloss
+            .with_label_values(&[&self.dataflow])
+            .set(logloss);
+    }
+}
+
+/// Event-time metrics of one pipeline on one process.
+#[derive(Clone, Debug)]
+pub struct PipelineMetrics {
+    /// Late records (counted where they are read).
+    pub late: IntCounter,
+    /// Orphan clicks (counted on worker 0).
+    pub orphans: IntCounter,
+    /// Examples emitted (counted where they are attributed).
+    pub examples: IntCounter,
+    watermark_lag: prometheus::GaugeVec,
+    dataflow: String,
+}
+
+impl PipelineMetrics {
+    /// Sets share `share`'s watermark lag, s.
+    pub fn watermark_lag(&self, share: u32, seconds: f64) {
+        self.watermark_lag
+            .with_label_values(&[&self.dataflow, &share.to_string()])
+            .set(seconds);
+    }
 }
 
 impl DataflowMetrics {
@@ -142,7 +219,20 @@ impl DataflowMetrics {
         registry.register(Box::new(matching_served_rate.clone()))?;
         registry.register(Box::new(matching_value_states.clone()))?;
         registry.register(Box::new(matching_dispatches.clone()))?;
+        let pipeline_late = IntCounterVec::new(opts(PIPELINE_LATE), &["dataflow"])?;
+        let pipeline_orphans = IntCounterVec::new(opts(PIPELINE_ORPHANS), &["dataflow"])?;
+        let pipeline_examples = IntCounterVec::new(opts(PIPELINE_EXAMPLES), &["dataflow"])?;
+        let pipeline_watermark_lag =
+            prometheus::GaugeVec::new(opts(PIPELINE_WATERMARK_LAG), &["dataflow", "share"])?;
+        registry.register(Box::new(pipeline_late.clone()))?;
+        registry.register(Box::new(pipeline_orphans.clone()))?;
+        registry.register(Box::new(pipeline_examples.clone()))?;
+        registry.register(Box::new(pipeline_watermark_lag.clone()))?;
         Ok(Self {
+            pipeline_late,
+            pipeline_orphans,
+            pipeline_examples,
+            pipeline_watermark_lag,
             records,
             lag_epochs,
             lag_seconds,
@@ -159,8 +249,9 @@ impl DataflowMetrics {
     /// The matcher's metrics of `dataflow`.
     pub fn matching(&self, dataflow: &str) -> MatchingMetrics {
         MatchingMetrics {
-            served_rate: self.matching_served_rate.with_label_values(&[dataflow]),
-            value_states: self.matching_value_states.with_label_values(&[dataflow]),
+            served_rate: self.matching_served_rate.clone(),
+            value_states: self.matching_value_states.clone(),
+            dataflow: dataflow.to_owned(),
             dispatches: self.matching_dispatches.with_label_values(&[dataflow]),
         }
     }
@@ -168,15 +259,27 @@ impl DataflowMetrics {
     /// The learner gauges of `dataflow`.
     pub fn learner(&self, dataflow: &str) -> LearnerMetrics {
         LearnerMetrics {
-            auc: self.learner_auc.with_label_values(&[dataflow]),
-            logloss: self.learner_logloss.with_label_values(&[dataflow]),
+            auc: self.learner_auc.clone(),
+            logloss: self.learner_logloss.clone(),
+            dataflow: dataflow.to_owned(),
             examples: self.learner_examples.with_label_values(&[dataflow]),
+        }
+    }
+
+    /// The event-time metrics of `dataflow`.
+    pub fn pipeline(&self, dataflow: &str) -> PipelineMetrics {
+        PipelineMetrics {
+            late: self.pipeline_late.with_label_values(&[dataflow]),
+            orphans: self.pipeline_orphans.with_label_values(&[dataflow]),
+            examples: self.pipeline_examples.with_label_values(&[dataflow]),
+            watermark_lag: self.pipeline_watermark_lag.clone(),
+            dataflow: dataflow.to_owned(),
         }
     }
 
     /// The families [`register`](Self::register) adds, for exporters that
     /// need to declare instruments before any sample exists.
-    pub fn families() -> [MetricFamily; 10] {
+    pub fn families() -> [MetricFamily; 14] {
         [
             RECORDS,
             LAG_EPOCHS,
@@ -188,6 +291,10 @@ impl DataflowMetrics {
             MATCHING_SERVED_RATE,
             MATCHING_VALUE_STATES,
             MATCHING_DISPATCHES,
+            PIPELINE_LATE,
+            PIPELINE_ORPHANS,
+            PIPELINE_EXAMPLES,
+            PIPELINE_WATERMARK_LAG,
         ]
     }
 

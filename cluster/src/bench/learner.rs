@@ -126,6 +126,7 @@ pub fn bench_learner(b: &LearnerBench) -> anyhow::Result<Vec<serde_json::Value>>
     };
     let fixed = fit_fixed_effect(&data, 0..warm_rows, params.lambda)?;
     let config = LearnerConfig {
+        window_ms: 1,
         p: data.pr,
         params,
         full: b.full,

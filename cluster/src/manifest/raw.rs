@@ -111,6 +111,34 @@ pub(super) struct RawPipeline {
     pub dead_letter: Option<RawDeadLetter>,
     pub learner: Option<RawLearner>,
     pub matching: Option<RawMatching>,
+    pub time: Option<RawTime>,
+    pub attribution: Option<RawAttribution>,
+    pub features: Option<Vec<RawFeature>>,
+    pub examples: Option<RawSink>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTime {
+    pub watermark_delay_s: Option<f64>,
+    pub max_future_s: Option<f64>,
+    pub bucket_ms: Option<u64>,
+    pub idle_s: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAttribution {
+    pub window_s: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFeature {
+    pub name: Option<String>,
+    pub key: Option<String>,
+    pub measure: Option<String>,
+    pub window_s: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +151,7 @@ pub(super) struct RawMatching {
     pub rider_value: Option<f64>,
     pub region_resolution: Option<u8>,
     pub lateness_s: Option<f64>,
+    pub value_sync_s: Option<f64>,
     pub max_wait_s: Option<f64>,
     pub driver_stale_s: Option<f64>,
     pub speed_kmh: Option<f64>,
@@ -145,6 +174,8 @@ pub(super) struct RawLearner {
     pub reanchor: Option<String>,
     pub hashed_features: Option<Vec<String>>,
     pub hash_bits: Option<u32>,
+    pub features: Option<Vec<String>>,
+    pub window_s: Option<f64>,
 }
 
 /// Every source kind's fields in one table; validation rejects the ones
@@ -165,6 +196,9 @@ pub(super) struct RawSource {
     pub campaign_walk_sd: Option<f64>,
     pub campaign_lifetime_hours: Option<f64>,
     pub global_drift_per_day: Option<f64>,
+    pub jitter_s: Option<f64>,
+    pub late_fraction: Option<f64>,
+    pub late_by_s: Option<f64>,
     // jsonl
     pub path: Option<String>,
     // kafka

@@ -386,6 +386,11 @@ impl LearnerTally {
         }
     }
 
+    /// The windows with scores from `first` on, in order.
+    pub fn windows_from(&self, first: u64) -> Vec<u64> {
+        self.scored.range(first..).map(|(w, _)| *w).collect()
+    }
+
     /// One past the last window with scores (0 when none).
     pub fn next_window(&self) -> u64 {
         self.scored.keys().next_back().map_or(0, |w| w + 1)

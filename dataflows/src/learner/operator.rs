@@ -228,6 +228,9 @@ pub struct LearnerConfig {
     pub full: bool,
     /// The fixed effect, when there is one (offsets stay as given otherwise).
     pub fixed: Option<FixedEffectConfig>,
+    /// Window length in timestamp units: the examples at timestamp `t` are
+    /// window `t / window_ms` (1 when every timestamp is its own window).
+    pub window_ms: u64,
 }
 
 /// The state of one entity.
@@ -359,6 +362,7 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
         use timely::dataflow::operators::vec::Broadcast;
 
         let worker = self.scope().index();
+        let span = config.window_ms.max(1);
         // The fixed effect: every example to worker 0, refit on schedule,
         // broadcast to every worker. Without one, nothing is sent.
         let fitted = match config.fixed {
@@ -377,10 +381,10 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
                                 if frontier.less_equal(entry.key()) {
                                     break;
                                 }
-                                let time = *entry.key();
+                                let window = *entry.key() / span;
                                 let (cap, examples) = entry.remove();
                                 if let Some(model) =
-                                    trainer.window_done(time, examples, config.p, &fe)
+                                    trainer.window_done(window, examples, config.p, &fe)
                                 {
                                     output.session(&cap).give(model);
                                 }
@@ -413,13 +417,16 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
                     // every fixed effect fitted on windows before t.
                     while let Some(entry) = pending.first_entry() {
                         let time = *entry.key();
+                        let window = time / span;
+                        // The previous window's fixed effect is fitted at a
+                        // timestamp before this window's first.
                         if frontier.less_equal(&time)
-                            || (time > 0 && fixed_frontier.less_equal(&(time - 1)))
+                            || (window > 0 && fixed_frontier.less_equal(&(window * span - 1)))
                         {
                             break;
                         }
                         let (cap, mut examples) = entry.remove();
-                        let newest = fixed.range(..time).next_back().map(|(_, m)| m);
+                        let newest = fixed.range(..window).next_back().map(|(_, m)| m);
                         if let Some(model) = newest
                             && current.as_ref().map(|c| c.version) != Some(model.version)
                         {
@@ -575,6 +582,7 @@ mod tests {
     }
 
     const CONFIG: LearnerConfig = LearnerConfig {
+        window_ms: 1,
         p: 3,
         params: StepParams {
             delta: 0.8,

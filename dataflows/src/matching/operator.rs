@@ -76,13 +76,6 @@ pub enum MatchEvent {
         /// The request.
         request: u64,
     },
-    /// A watermark: the newest event time that worker `source` has sent.
-    Mark {
-        /// The newest event time, ms.
-        at_ms: i64,
-        /// The worker that read the events.
-        source: u32,
-    },
 }
 
 impl MatchEvent {
@@ -121,8 +114,7 @@ impl MatchEvent {
             Self::Request { at_ms, .. }
             | Self::Driver { at_ms, .. }
             | Self::Completed { at_ms, .. }
-            | Self::Cancelled { at_ms, .. }
-            | Self::Mark { at_ms, .. } => *at_ms,
+            | Self::Cancelled { at_ms, .. } => *at_ms,
         }
     }
 
@@ -131,7 +123,7 @@ impl MatchEvent {
         match self {
             Self::Request { pickup, .. } => Some(*pickup),
             Self::Driver { location, .. } => Some(*location),
-            Self::Completed { .. } | Self::Cancelled { .. } | Self::Mark { .. } => None,
+            Self::Completed { .. } | Self::Cancelled { .. } => None,
         }
     }
 
@@ -142,7 +134,6 @@ impl MatchEvent {
             Self::Completed { at_ms, request, .. } => (*at_ms, 1, *request),
             Self::Driver { at_ms, id, .. } => (*at_ms, 2, *id),
             Self::Request { at_ms, id, .. } => (*at_ms, 3, *id),
-            Self::Mark { at_ms, source } => (*at_ms, 4, u64::from(*source)),
         }
     }
 }
@@ -155,8 +146,10 @@ pub struct MatchConfig {
     pub plan: PlanContext,
     /// H3 resolution of the region shards.
     pub region_resolution: u8,
-    /// How far behind the newest event a window may still receive events, ms.
-    pub lateness_ms: i64,
+    /// The value function a window reads: every update of the windows that
+    /// ended by the start of its value period (event time cut into periods
+    /// of this length, ms; at least one window).
+    pub value_sync_ms: i64,
     /// A request not matched for this long is dropped, ms.
     pub max_wait_ms: i64,
     /// A driver whose last idle status is older than this is not offered, ms.
@@ -168,7 +161,7 @@ impl Default for MatchConfig {
         Self {
             plan: PlanContext::default(),
             region_resolution: 5,
-            lateness_ms: 4_000,
+            value_sync_ms: 60_000,
             max_wait_ms: 300_000,
             driver_stale_ms: 120_000,
         }
@@ -310,8 +303,6 @@ struct Matcher {
     window_ms: i64,
     pending: BTreeMap<i64, Vec<MatchEvent>>,
     next_window: Option<i64>,
-    /// The newest event time each reading worker has reported.
-    marks: BTreeMap<u32, i64>,
     open: BTreeMap<u64, OpenRequest>,
     drivers: FxHashMap<u64, DriverInfo>,
     trips: FxHashMap<u64, TripRecord>,
@@ -329,7 +320,6 @@ impl Matcher {
             window_ms,
             pending: BTreeMap::new(),
             next_window: None,
-            marks: BTreeMap::new(),
             open: BTreeMap::new(),
             drivers: FxHashMap::default(),
             trips: FxHashMap::default(),
@@ -338,57 +328,61 @@ impl Matcher {
     }
 
     fn add(&mut self, event: MatchEvent) {
-        if let MatchEvent::Mark { at_ms, source } = event {
-            let mark = self.marks.entry(source).or_insert(at_ms);
-            *mark = (*mark).max(at_ms);
-            return;
-        }
         let at = event.at_ms();
         let mut window = at.div_euclid(self.window_ms);
         if let Some(next) = self.next_window
             && window < next
         {
-            // Its window is already matched: it counts in the next one.
+            // Its window is already matched: it counts in the next one. The
+            // input frontier makes this impossible in the pipelines (a
+            // window is matched only once every event before its end is
+            // in); it stays for inputs that break that promise.
             self.late += 1;
             window = next;
         }
         self.pending.entry(window).or_default().push(event);
     }
 
-    /// Matches every window that ends at or before `upto` (ms); all of them
-    /// when `upto` is `None`.
-    fn run(&mut self, upto: Option<i64>, out: &mut Vec<Matched>) {
+    /// The next window to match among those that end at or before `upto`
+    /// (ms; every window when `None`), skipping runs of windows in which
+    /// nothing can happen: nothing waits, no driver is fresh enough to be
+    /// offered, no event is due (a quiet night, a replay that jumps ahead).
+    fn next_due(&mut self, upto: Option<i64>) -> Option<i64> {
         let last = match upto {
             Some(ms) => ms.div_euclid(self.window_ms) - 1,
-            None => match self.pending.last_key_value() {
-                Some((w, _)) => *w,
-                None => return,
-            },
+            None => *self.pending.last_key_value()?.0,
         };
-        let Some(first) = self
+        let mut window = self
             .next_window
-            .or_else(|| self.pending.first_key_value().map(|(w, _)| *w))
-        else {
-            return;
-        };
-        let mut window = first;
-        while window <= last {
-            let events = self.pending.remove(&window).unwrap_or_default();
-            let empty = events.is_empty();
-            self.window(window, events, out);
-            window += 1;
-            // A gap in the stream (a quiet night, a replay that jumps ahead):
-            // once nothing waits and no driver is fresh enough to be offered,
-            // the empty windows up to the next event change nothing.
-            if empty && self.open.is_empty() && !self.anyone_available(window * self.window_ms) {
-                let next = self
-                    .pending
-                    .range(window..)
-                    .next()
-                    .map_or(last + 1, |(w, _)| *w);
-                window = next.min(last + 1);
-            }
+            .or_else(|| self.pending.first_key_value().map(|(w, _)| *w))?;
+        if !self.pending.contains_key(&window)
+            && self.open.is_empty()
+            && !self.anyone_available(window * self.window_ms)
+        {
+            window = self
+                .pending
+                .range(window..)
+                .next()
+                .map_or(last + 1, |(w, _)| *w)
+                .min(last + 1);
             self.next_window = Some(window);
+        }
+        (window <= last).then_some(window)
+    }
+
+    /// Matches `window` (the one [`next_due`](Self::next_due) returned).
+    fn match_window(&mut self, window: i64, out: &mut Vec<Matched>) {
+        let events = self.pending.remove(&window).unwrap_or_default();
+        self.window(window, events, out);
+        self.next_window = Some(window + 1);
+    }
+
+    /// Matches every window that ends at or before `upto` (ms); all of them
+    /// when `upto` is `None`. (Values are whatever the table holds.)
+    #[cfg(test)]
+    fn run(&mut self, upto: Option<i64>, out: &mut Vec<Matched>) {
+        while let Some(window) = self.next_due(upto) {
+            self.match_window(window, out);
         }
     }
 
@@ -480,7 +474,6 @@ impl Matcher {
                         stats.cancelled += 1;
                     }
                 }
-                MatchEvent::Mark { .. } => {}
             }
         }
         let before = self.open.len();
@@ -710,26 +703,7 @@ pub fn match_dispatch<'scope>(
     let region_resolution = config.region_resolution;
     let alpha = config.plan.value.alpha;
 
-    // Each reading worker follows its events with its newest event time.
-    let source = worker as u32;
-    let events = events.unary(Pipeline, "Watermark", move |_cap, _info| {
-        let mut newest = i64::MIN;
-        move |input, output| {
-            input.for_each(|cap, data| {
-                newest = data.iter().map(MatchEvent::at_ms).fold(newest, i64::max);
-                let mut session = output.session(&cap);
-                session.give_container(data);
-                if newest > i64::MIN {
-                    session.give(MatchEvent::Mark {
-                        at_ms: newest,
-                        source,
-                    });
-                }
-            });
-        }
-    });
-    // Located events to their region's owner; the rest (and the marks) to
-    // everyone.
+    // Located events to their region's owner; the rest to everyone.
     let mut parts = events.partition(2, |e: MatchEvent| (u64::from(e.location().is_none()), e));
     let unlocated = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
     let located = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
@@ -746,69 +720,82 @@ pub fn match_dispatch<'scope>(
     );
     let inputs = located.concat(unlocated.broadcast());
 
+    // Window w (event time [w·L, (w+1)·L)) is matched once the input
+    // frontier passes its end T: every event in it has arrived; its
+    // dispatches are emitted at timestamp T. Event time is cut into value
+    // periods of `value_sync_ms`; the TD updates of the windows that start
+    // in the period [B, B + P) are emitted at B + P, the value owners apply
+    // them once their input is complete there and send the changed values
+    // back one millisecond later. A window that starts in [B, B + P) reads
+    // the value function with every update of the windows that started
+    // before B (on every worker) and none after: before matching it, a
+    // matcher waits until every value sent back at or before B + 1 has
+    // arrived and applies them in time order. The same values for any
+    // number of workers, and one round trip per period, not per window.
     let (handle, fed_back) = scope.feedback::<Vec<(ValueKey, f64)>>(1);
+    let window_ms = ((config.plan.matching.window_s * 1000.0).round() as i64).max(1);
+    let sync_ms = config.value_sync_ms.max(window_ms);
     let matched = inputs.binary_frontier(
         fed_back,
         Pipeline,
         Pipeline,
         "Match",
-        move |_initial, _info| {
+        move |initial, _info| {
             let mut matcher = Matcher::new(config, worker);
-            let mut caps: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
-            // Marks count once their epoch is complete: only then have all
-            // the events they vouch for arrived.
-            let mut marks: BTreeMap<u64, Vec<MatchEvent>> = BTreeMap::new();
-            move |(input, frontier), (values, _values_frontier), output| {
-                input.for_each(|cap, data| {
-                    let Some(&time) = cap.least() else {
-                        return;
-                    };
-                    if !caps.contains_key(&time)
-                        && let Some(held) = cap.retain_least(0)
-                    {
-                        caps.insert(time, held);
-                    }
+            let mut clock = Some(initial);
+            let mut values_due: BTreeMap<u64, Vec<(ValueKey, f64)>> = BTreeMap::new();
+            move |(input, frontier), (values, values_frontier), output| {
+                input.for_each(|_cap, data| {
                     for e in data.drain(..) {
-                        if let MatchEvent::Mark { .. } = e {
-                            marks.entry(time).or_default().push(e);
-                        } else {
-                            matcher.add(e);
-                        }
+                        matcher.add(e);
                     }
                 });
-                values.for_each(|_cap, data| {
-                    for (key, v) in data.drain(..) {
-                        matcher.values.set(key, v);
-                    }
+                values.for_each(|cap, data| {
+                    let Some(&time) = cap.least() else { return };
+                    values_due.entry(time).or_default().append(data);
                 });
-                let complete: Vec<u64> = caps
-                    .keys()
-                    .copied()
-                    .filter(|t| !frontier.less_equal(t))
-                    .collect();
-                let Some(&latest) = complete.last() else {
+                let Some(cap) = clock.as_mut() else {
                     return;
                 };
-                for t in &complete {
-                    for mark in marks.remove(t).unwrap_or_default() {
-                        matcher.add(mark);
+                let lower = frontier.frontier().iter().min().copied();
+                let upto = lower.map(|t| t.min(i64::MAX as u64) as i64);
+                while let Some(window) = matcher.next_due(upto) {
+                    let end = ((window + 1) * window_ms).max(0) as u64;
+                    if *cap.time() < end {
+                        cap.downgrade(&end);
+                    }
+                    let period = ((window * window_ms).div_euclid(sync_ms) * sync_ms).max(0) as u64;
+                    if values_frontier.less_equal(&(period + 1)) {
+                        // Values of the windows before this period still to come.
+                        return;
+                    }
+                    while let Some(entry) = values_due.first_entry() {
+                        if *entry.key() > period + 1 {
+                            break;
+                        }
+                        for (key, v) in entry.remove() {
+                            matcher.values.set(key, v);
+                        }
+                    }
+                    let mut out = Vec::new();
+                    matcher.match_window(window, &mut out);
+                    // TD updates leave at the end of the value period: the
+                    // owners then apply a period at a time.
+                    let (td, results): (Vec<Matched>, Vec<Matched>) =
+                        out.into_iter().partition(|m| matches!(m, Matched::Td(_)));
+                    output.session(&*cap).give_iterator(results.into_iter());
+                    if !td.is_empty() {
+                        let period_end = cap.delayed(&(period + sync_ms as u64));
+                        output.session(&period_end).give_iterator(td.into_iter());
                     }
                 }
-                let mut out = Vec::new();
-                let finished = frontier.is_empty();
-                // The watermark: the oldest of the reading workers' newest
-                // event times (workers that have sent nothing yet do not
-                // hold it back), less the allowed lateness.
-                let upto = (!finished).then(|| {
-                    let oldest = matcher.marks.values().min().copied().unwrap_or(i64::MIN);
-                    oldest.saturating_sub(matcher.config.lateness_ms)
-                });
-                matcher.run(upto, &mut out);
-                if let Some(cap) = caps.get(&latest) {
-                    output.session(cap).give_iterator(out.into_iter());
-                }
-                for t in complete {
-                    caps.remove(&t);
+                match lower {
+                    None => clock = None,
+                    Some(t) => {
+                        if *cap.time() < t {
+                            cap.downgrade(&t);
+                        }
+                    }
                 }
             }
         },
@@ -936,13 +923,17 @@ mod tests {
                     .probe_with(&probe);
             });
             let generator = DispatchGenerator::new(5, 300, 0.2, index as u64, peers as u64);
+            // Each event at its event time (the generator is in time order),
+            // as the pipelines send them.
             for (i, event) in generator.take(events / peers).enumerate() {
                 if let Some(e) = MatchEvent::from_event(&event) {
+                    let t = crate::features::bucket(e.at_ms().max(0) as u64, 1_000);
+                    if t > *input.time() {
+                        input.advance_to(t);
+                    }
                     input.send(e);
                 }
                 if (i + 1) % (per_epoch / peers) == 0 {
-                    let next = input.time() + 1;
-                    input.advance_to(next);
                     while probe.less_than(input.time()) {
                         worker.step();
                     }

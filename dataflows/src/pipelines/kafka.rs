@@ -316,7 +316,25 @@ impl RecordSource for KafkaSource {
     }
 
     fn epoch_closed(&mut self, epoch: u64) {
+        if self.closed.back().is_some_and(|(_, p)| *p == self.position) {
+            return;
+        }
         self.closed.push_back((epoch, self.position.clone()));
+    }
+
+    fn shares(&self) -> Vec<u32> {
+        self.partitions.keys().map(|&p| p as u32).collect()
+    }
+
+    fn share_finished(&self, share: u32) -> bool {
+        let p = share as i32;
+        self.partitions.get(&p).is_some_and(|stop| {
+            stop.is_some_and(|s| self.position.get(&p).is_some_and(|&at| at >= s))
+        })
+    }
+
+    fn unbounded(&self) -> bool {
+        self.spec.until != Until::End
     }
 
     fn complete_below(&mut self, epoch: u64) -> Result<(), SourceError> {

@@ -47,6 +47,13 @@ pub struct GeneratorSpec {
     pub drivers: u64,
     /// Ads: random-walk, lifetime and global drift of the click model.
     pub drift: crate::events::Drift,
+    /// Out-of-order arrival: each event arrives up to this long after its
+    /// event time (uniformly), ms; 0 keeps event-time order.
+    pub jitter_ms: u64,
+    /// Fraction of events that arrive `late_by_ms` after their time.
+    pub late_fraction: f64,
+    /// How long after its event time a late event arrives, ms.
+    pub late_by_ms: u64,
 }
 
 impl GeneratorSpec {
@@ -66,6 +73,9 @@ impl GeneratorSpec {
             campaigns: 40,
             drivers: 500,
             drift: crate::events::Drift::default(),
+            jitter_ms: 0,
+            late_fraction: 0.0,
+            late_by_ms: 300_000,
         }
     }
 }
@@ -143,6 +153,14 @@ pub struct PipelineSpec {
     pub epoch_ms: u64,
     /// A worker stops reading while this many of its epochs are incomplete.
     pub max_epochs_in_flight: u64,
+    /// The event-time clock: watermark delay, future bound, bucket.
+    pub time: crate::features::EventTime,
+    /// Click attribution (ads only).
+    pub attribution: crate::features::AttributionSpec,
+    /// Windowed streaming features (ads only).
+    pub features: Vec<crate::features::FeatureSpec>,
+    /// Where labelled examples go (ads only; [`SinkSpec::None`] counts them).
+    pub examples: SinkSpec,
     /// The incremental learner on this pipeline's events (ads only).
     pub learner: Option<LearnerSpec>,
     /// The dispatch matcher (dispatch pipelines only).
@@ -174,6 +192,12 @@ pub struct LearnerSpec {
     pub fixed: Option<crate::learner::operator::FixedEffectConfig>,
     /// Hashed sparse features of the fixed effect (none by default).
     pub hashing: crate::learner::ads::AdHashing,
+    /// Indices into the pipeline's features that the learner uses (as
+    /// `ln(1 + count)`, after the context features).
+    pub features: Vec<usize>,
+    /// Event-time length of a learner window, ms: one update per campaign
+    /// per window.
+    pub window_ms: u64,
 }
 
 /// Opens worker `worker`'s share (of `workers`) of `spec`.

@@ -1,6 +1,15 @@
 //! Building and driving the pipelines on one worker.
+//!
+//! Each worker reads its share of the source, parses every record, judges it
+//! with its share's event-time clock ([`ShareClock`]) and sends it at its
+//! event-time bucket through an unordered input whose capability follows the
+//! worker's watermark (the least watermark of its shares). Refused records
+//! (malformed, late, too far ahead) go to the dead-letter sink at the
+//! capability's time. A worker stops reading while more than
+//! `epoch_events × max_epochs_in_flight` of its records wait behind the
+//! input frontier for the rest of the dataflow.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,39 +17,67 @@ use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::operator::Operator;
-use timely::dataflow::operators::vec::{Map, Partition};
-use timely::dataflow::operators::{Input, Probe};
-use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
+use timely::dataflow::operators::vec::unordered_input::UnorderedHandle;
+use timely::dataflow::operators::vec::{Map, Partition, UnorderedInput};
+use timely::dataflow::operators::{ActivateCapability, Concat, Probe};
+use timely::dataflow::{ProbeHandle, StreamVec};
 use timely::worker::Worker;
 
 use super::sink::{DeadLetter, LineWriter};
 use super::source::{self, Record, RecordSource, SourceError};
-use super::{LearnerSpec, PipelineSpec, SourceSpec};
+use super::{LearnerSpec, PipelineSpec, SinkSpec, SourceSpec};
 use crate::events::{Event, Family, TYPES, WireEvent, parse_bytes};
-use crate::learner::ads::{AD_FEATURES, LabelClicks, LearnerTally};
-use crate::learner::{Learn, LearnerConfig, LearnerOutput, StepParams};
+use crate::features::{
+    AdEvent, Admission, Attribute, AttributionOutput, FeatureSpec, ShareClock, WindowCounts,
+    bucket, learner_value,
+};
+use crate::learner::ads::{AD_FEATURES, LearnerTally, ad_features};
+use crate::learner::{Example, Learn, LearnerConfig, LearnerOutput, StepParams};
 use crate::matching::operator::{
     DispatchRecord, MatchEvent, MatchOutput, MatchTally, MatchingSummary, match_dispatch,
 };
-use crate::metrics::{DataflowMetrics, FrontierMetrics};
+use crate::metrics::{DataflowMetrics, FrontierMetrics, PipelineMetrics};
 use crate::placement::route;
 
-/// Records are sent into a dataflow in batches of at most this many.
+/// Records are read from a source in batches of at most this many.
 const BATCH: usize = 4096;
+
+/// Why a record went to the dead-letter sink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Refusal {
+    /// Not a valid event of the pipeline (or too far in the future).
+    Malformed,
+    /// Behind its share's watermark.
+    Late,
+    /// A click that labelled no impression.
+    Orphan,
+}
 
 /// A record after parsing.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Parsed {
     /// A valid event and its entity key (computed once, at parse time).
     Valid(u64, WireEvent),
-    Invalid(DeadLetter),
+    Invalid(DeadLetter, Refusal),
 }
 
-fn classify(pipeline: &str, family: Family, record: Record) -> Parsed {
+/// A valid event of `family` with its key and event time, or why not.
+fn classify(
+    pipeline: &str,
+    family: Family,
+    record: &Record,
+) -> Result<(u64, WireEvent, u64), DeadLetter> {
     let reason = match parse_bytes(&record.payload) {
-        Ok(event) if event.family() == family => return Parsed::Valid(event.key(), event.into()),
+        Ok(event) if event.family() == family => {
+            let time = event.event_time();
+            if time < 0 {
+                format!("event_time {time} is before 1970-01-01T00:00:00Z (the Unix epoch)")
+            } else {
+                return Ok((event.key(), event.into(), time as u64));
+            }
+        }
         Ok(event) => format!(
             "{} is not an event of the {} pipeline (expected {})",
             event.type_name(),
@@ -49,7 +86,7 @@ fn classify(pipeline: &str, family: Family, record: Record) -> Parsed {
         ),
         Err(malformed) => malformed.0,
     };
-    Parsed::Invalid(DeadLetter::new(
+    Err(DeadLetter::new(
         pipeline,
         &record.origin,
         reason,
@@ -68,22 +105,56 @@ pub struct PipelineSummary {
     pub source: String,
     /// Records read, valid or not.
     pub read: u64,
-    /// Valid events.
+    /// Valid events (on time).
     pub valid: u64,
-    /// Records sent to the dead-letter sink.
+    /// Records sent to the dead-letter sink as malformed (unparseable, of
+    /// another family, or too far ahead in event time).
     pub malformed: u64,
+    /// Valid records that were late (dead-lettered, in nothing else).
+    pub late: u64,
     /// Valid events per type.
     pub by_type: BTreeMap<String, u64>,
     /// Sink kind and lines written.
     pub sink: SinkSummary,
     /// Dead-letter file and lines written.
     pub dead_letter: DeadLetterSummary,
+    /// Click attribution (ads pipelines).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<AttributionSummary>,
+    /// Labelled examples (ads pipelines).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub examples: Option<SinkSummary>,
+    /// Streaming features (ads pipelines).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub features: Option<Vec<FeatureSummary>>,
     /// What the learner did, when the pipeline has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub learner: Option<crate::learner::ads::LearnerSummary>,
     /// What the dispatch matcher did, when the pipeline has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub matching: Option<MatchingReport>,
+}
+
+/// The attribution part of a [`PipelineSummary`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AttributionSummary {
+    /// The attribution window, s.
+    pub window_s: f64,
+    /// Impressions a click labelled.
+    pub positives: u64,
+    /// Impressions no click labelled.
+    pub negatives: u64,
+    /// On-time clicks that labelled no impression.
+    pub orphan_clicks: u64,
+}
+
+/// One feature in a [`PipelineSummary`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FeatureSummary {
+    /// Its name.
+    pub name: String,
+    /// Distinct key values among the events it counted.
+    pub keys: u64,
 }
 
 /// The matcher's part of a [`PipelineSummary`]: its summary and where the
@@ -134,37 +205,76 @@ type Totals = Rc<RefCell<[u64; 6]>>;
 /// A sink that worker 0's operators and the runner share.
 type SharedWriter = Rc<RefCell<Option<LineWriter>>>;
 
+/// Dead letters by why, counted on worker 0.
+#[derive(Debug, Default)]
+struct DeadCounts {
+    malformed: Cell<u64>,
+    late: Cell<u64>,
+    orphans: Cell<u64>,
+}
+
+/// What worker 0 gathers of the ads stages.
+#[derive(Debug, Default)]
+struct AdsReport {
+    positives: u64,
+    negatives: u64,
+    keys: Vec<u64>,
+}
+
+/// What the attribution stage sends to worker 0.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Reported {
+    /// An example: its label, and its line when there is an examples sink.
+    Example(bool, Option<(u64, String)>),
+    /// A feature's distinct keys on one worker.
+    Keys(u32, u64),
+}
+
 struct Runner {
     spec: PipelineSpec,
     /// `None` once closed.
-    input: Option<InputHandleVec<u64, Record>>,
+    input: Option<(UnorderedHandle<u64, Parsed>, ActivateCapability<u64>)>,
     probe: ProbeHandle<u64>,
     source: Box<dyn RecordSource>,
-    epoch: u64,
-    in_epoch: u64,
+    /// Each share's clock and when it last read something.
+    clocks: BTreeMap<u32, (ShareClock, Instant)>,
+    /// Valid records sent, by timestamp, not yet complete.
+    in_flight: BTreeMap<u64, u64>,
+    /// The greatest timestamp sent so far.
+    sent_upto: u64,
     read: u64,
     read_counter: IntCounter,
     rate: Option<f64>,
     started: Instant,
+    /// Input timestamps given up, and when, not yet complete at the output.
     closed_at: VecDeque<(u64, Instant)>,
-    /// When the current epoch got its first record.
-    epoch_opened: Option<Instant>,
-    /// Epochs below this are complete and were reported to the source.
+    /// Timestamps below this are complete and were reported to the source.
     completed: u64,
+    /// The first timestamp given up (the base of the lag in buckets).
+    first: Option<u64>,
     lag: FrontierMetrics,
+    metrics: PipelineMetrics,
     totals: Totals,
-    sink: Rc<RefCell<Option<LineWriter>>>,
-    dead: Rc<RefCell<Option<LineWriter>>>,
+    sink: SharedWriter,
+    dead: SharedWriter,
+    dead_counts: Rc<DeadCounts>,
+    examples: SharedWriter,
+    ads: Option<Rc<RefCell<AdsReport>>>,
     tally: Option<Rc<RefCell<LearnerTally>>>,
     /// The matcher's tally and its dispatch sink.
     matching: Option<(Rc<RefCell<MatchTally>>, SharedWriter)>,
 }
 
 impl Runner {
+    /// Every timestamp before this is complete at every output.
     fn complete(&self) -> u64 {
         self.probe
             .with_frontier(|f| f.iter().min().copied())
             .unwrap_or(u64::MAX)
+    }
+
+    fn cap_time(&self) -> Option<u64> {
+        self.input.as_ref().map(|(_, cap)| *cap.time())
     }
 
     fn observe(&mut self) -> Result<(), SourceError> {
@@ -172,45 +282,77 @@ impl Runner {
         if complete > self.completed {
             self.completed = complete;
             self.source.complete_below(complete)?;
+            self.in_flight = self.in_flight.split_off(&complete);
         }
-        while self.closed_at.front().is_some_and(|(e, _)| *e < complete) {
+        while self.closed_at.front().is_some_and(|(t, _)| *t < complete) {
             self.closed_at.pop_front();
         }
         let age = self
             .closed_at
             .front()
             .map_or(0.0, |(_, at)| at.elapsed().as_secs_f64());
-        self.lag.observe(self.epoch, complete.min(self.epoch), age);
+        let bucket_ms = self.spec.time.bucket_ms.max(1);
+        let base = self.first.unwrap_or(0);
+        let given_up = self.cap_time().unwrap_or(self.sent_upto.saturating_add(1));
+        self.lag.observe(
+            given_up.saturating_sub(base) / bucket_ms,
+            complete.min(given_up).saturating_sub(base) / bucket_ms,
+            age,
+        );
+        for (share, (clock, _)) in &self.clocks {
+            if let Some(greatest) = clock.greatest() {
+                let behind = greatest.saturating_sub(complete.min(greatest));
+                self.metrics.watermark_lag(*share, behind as f64 / 1000.0);
+            }
+        }
         Ok(())
     }
 
-    fn close_epoch(&mut self) {
-        let Some(input) = self.input.as_mut() else {
-            return;
-        };
-        self.source.epoch_closed(self.epoch);
-        self.closed_at.push_back((self.epoch, Instant::now()));
-        self.epoch += 1;
-        self.in_epoch = 0;
-        self.epoch_opened = None;
-        input.advance_to(self.epoch);
+    /// The worker's watermark: the least of its shares' (`None` while a
+    /// share that is neither finished nor idle has read nothing).
+    fn watermark(&self) -> Option<u64> {
+        let shares = self.source.shares();
+        if shares.is_empty() {
+            return None;
+        }
+        let idle = Duration::from_millis(self.spec.time.idle_ms);
+        let follows = self.source.unbounded();
+        let mut least: Option<u64> = None;
+        for share in shares {
+            if self.source.share_finished(share) {
+                continue;
+            }
+            match self.clocks.get(&share) {
+                Some((clock, seen)) => {
+                    if follows && seen.elapsed() >= idle {
+                        continue;
+                    }
+                    let w = clock.watermark()?;
+                    least = Some(least.map_or(w, |l| l.min(w)));
+                }
+                None if follows && self.started.elapsed() >= idle => {}
+                None => return None,
+            }
+        }
+        least
     }
 
     /// Reads and sends what backpressure and the rate allow; returns
     /// whether this runner still has input to send.
     fn pump(&mut self, stop: &AtomicBool) -> Result<bool, SourceError> {
-        if self.exhausted() {
+        let Some(cap_time) = self.cap_time() else {
             return Ok(false);
-        }
+        };
         if stop.load(Ordering::Relaxed) {
             self.finish();
             return Ok(false);
         }
-        let in_flight = self.epoch.saturating_sub(self.complete().min(self.epoch));
-        if in_flight >= self.spec.max_epochs_in_flight.max(1) {
+        let waiting: u64 = self.in_flight.range(..cap_time).map(|(_, n)| n).sum();
+        let allowed = self.spec.epoch_events * self.spec.max_epochs_in_flight.max(1);
+        if waiting >= allowed {
             return Ok(true);
         }
-        let mut room = (self.spec.epoch_events - self.in_epoch).min(BATCH as u64) as usize;
+        let mut room = self.spec.epoch_events.min(BATCH as u64) as usize;
         if let Some(rate) = self.rate {
             let due = (self.started.elapsed().as_secs_f64() * rate) as u64 + 1;
             room = room.min(due.saturating_sub(self.read) as usize);
@@ -220,22 +362,82 @@ impl Runner {
         }
         let mut batch = Vec::with_capacity(room);
         let more = self.source.fill(room, &mut batch)?;
-        if !batch.is_empty() {
-            self.epoch_opened.get_or_insert_with(Instant::now);
-        }
         self.read += batch.len() as u64;
-        self.in_epoch += batch.len() as u64;
         self.read_counter.inc_by(batch.len() as u64);
-        let Some(input) = self.input.as_mut() else {
+        let time = self.spec.time;
+        let now = Instant::now();
+        let mut groups: BTreeMap<u64, Vec<Parsed>> = BTreeMap::new();
+        let mut late = 0;
+        for record in batch {
+            let (key, event, t) = match classify(&self.spec.name, self.spec.family, &record) {
+                Ok(valid) => valid,
+                Err(dead) => {
+                    groups
+                        .entry(cap_time)
+                        .or_default()
+                        .push(Parsed::Invalid(dead, Refusal::Malformed));
+                    continue;
+                }
+            };
+            let (clock, seen) = self.clocks.entry(record.origin.share()).or_insert_with(|| {
+                (
+                    ShareClock::new(time.watermark_delay_ms, time.max_future_ms),
+                    now,
+                )
+            });
+            *seen = now;
+            let at = bucket(t, time.bucket_ms);
+            let admission = match clock.admit(t) {
+                Admission::OnTime if at < cap_time => Admission::AfterIdle {
+                    behind_ms: cap_time - t,
+                },
+                other => other,
+            };
+            match admission.reason(time.watermark_delay_ms, time.max_future_ms) {
+                None => {
+                    *self.in_flight.entry(at).or_default() += 1;
+                    groups
+                        .entry(at)
+                        .or_default()
+                        .push(Parsed::Valid(key, event));
+                }
+                Some(reason) => {
+                    let refusal = if matches!(admission, Admission::Future { .. }) {
+                        Refusal::Malformed
+                    } else {
+                        late += 1;
+                        Refusal::Late
+                    };
+                    let dead =
+                        DeadLetter::new(&self.spec.name, &record.origin, reason, &record.payload);
+                    groups
+                        .entry(cap_time)
+                        .or_default()
+                        .push(Parsed::Invalid(dead, refusal));
+                }
+            }
+        }
+        self.metrics.late.inc_by(late);
+        let watermark = self.watermark();
+        let Some((handle, cap)) = self.input.as_mut() else {
             return Ok(false);
         };
-        input.send_batch(&mut batch);
-        let timed_out = self
-            .epoch_opened
-            .is_some_and(|at| at.elapsed() >= Duration::from_millis(self.spec.epoch_ms));
-        if self.in_epoch >= self.spec.epoch_events || timed_out {
-            self.close_epoch();
+        {
+            let mut active = handle.activate();
+            for (t, mut group) in groups {
+                self.sent_upto = self.sent_upto.max(t);
+                active.session(&cap.delayed(&t)).give_container(&mut group);
+            }
         }
+        if let Some(w) = watermark {
+            let next = bucket(w, time.bucket_ms);
+            if next > *cap.time() {
+                self.closed_at.push_back((*cap.time(), now));
+                self.first.get_or_insert(next);
+                cap.downgrade(&next);
+            }
+        }
+        self.source.epoch_closed(self.sent_upto.max(*cap.time()));
         if !more {
             self.finish();
         }
@@ -248,22 +450,56 @@ impl Runner {
     }
 
     fn finish(&mut self) {
-        if let Some(input) = self.input.take() {
-            let last = *input.time();
-            self.source.epoch_closed(last);
-            self.closed_at.push_back((last, Instant::now()));
-            self.epoch = last + 1;
-            input.close();
+        if let Some((_, cap)) = self.input.take() {
+            self.closed_at.push_back((*cap.time(), Instant::now()));
+            self.source.epoch_closed(self.sent_upto.max(*cap.time()));
         }
     }
 }
 
-/// A sink operator on worker 0: writes each record's line, flushes when its
-/// input frontier moves (an epoch complete here is on disk).
+/// Lines waiting for their timestamp to complete, by timestamp.
+type Held = BTreeMap<u64, Vec<(Option<u64>, String)>>;
+
+/// Writes the held lines of every timestamp before `complete`, each
+/// timestamp's sorted by key and text, so that a file's bytes depend on the
+/// data only, not on which worker's records arrived first; then flushes.
+fn write_complete(
+    held: &mut Held,
+    complete: Option<u64>,
+    writer: &mut Option<LineWriter>,
+    errors: &RefCell<Option<String>>,
+) {
+    let mut wrote = false;
+    while let Some(entry) = held.first_entry() {
+        if complete.is_some_and(|c| *entry.key() >= c) {
+            break;
+        }
+        let mut lines = entry.remove();
+        lines.sort_unstable();
+        wrote = true;
+        if let Some(w) = writer.as_mut() {
+            for (key, text) in lines {
+                if let Err(e) = w.write_keyed(key, &text) {
+                    errors.borrow_mut().get_or_insert(e.to_string());
+                }
+            }
+        }
+    }
+    if wrote
+        && let Some(w) = writer.as_mut()
+        && let Err(e) = w.flush()
+    {
+        errors.borrow_mut().get_or_insert(e.to_string());
+    }
+}
+
+/// A sink operator on worker 0: holds each timestamp's lines until the
+/// timestamp is complete, then writes them sorted ([`write_complete`]) and
+/// flushes (a timestamp complete here is on disk).
 fn write_lines<D: timely::ExchangeData>(
     stream: StreamVec<'_, u64, D>,
     name: &str,
-    writer: Rc<RefCell<Option<LineWriter>>>,
+    writer: SharedWriter,
     errors: Rc<RefCell<Option<String>>>,
     line: impl Fn(D) -> (Option<u64>, String) + 'static,
     probe: &ProbeHandle<u64>,
@@ -274,34 +510,152 @@ fn write_lines<D: timely::ExchangeData>(
             Exchange::new(|_: &D| 0),
             name,
             move |_cap, _info| {
-                let mut frontier_seen: Option<u64> = Some(0);
+                let mut held = Held::new();
                 move |(input, frontier), _output| {
-                    let mut writer = writer.borrow_mut();
-                    input.for_each(|_time, data| {
+                    input.for_each(|cap, data| {
                         counter.inc_by(data.len() as u64);
-                        for d in data.drain(..) {
-                            let (key, text) = line(d);
-                            let written = writer
-                                .as_mut()
-                                .map_or(Ok(()), |w| w.write_keyed(key, &text));
-                            if let Err(e) = written {
-                                errors.borrow_mut().get_or_insert(e.to_string());
+                        let Some(&time) = cap.least() else { return };
+                        let lines = held.entry(time).or_default();
+                        lines.extend(data.drain(..).map(&line));
+                    });
+                    let complete = frontier.frontier().iter().min().copied();
+                    write_complete(&mut held, complete, &mut writer.borrow_mut(), &errors);
+                }
+            },
+        )
+        .probe_with(probe);
+}
+
+/// Opens worker 0's writer for `spec`, recording a failure.
+fn open_writer(spec: &SinkSpec, index: usize, failed: &dyn Fn(String)) -> SharedWriter {
+    let writer = match (spec, index) {
+        (SinkSpec::None, _) | (_, 1..) => None,
+        (spec, 0) => LineWriter::open(spec)
+            .map_err(|e| failed(e.to_string()))
+            .ok(),
+    };
+    Rc::new(RefCell::new(writer))
+}
+
+/// Counts valid events per type on the entity's owner and gathers the
+/// counts on worker 0 at the end of the stream.
+fn count_by_type(
+    valid: StreamVec<'_, u64, Parsed>,
+    totals: Totals,
+    counted: IntCounter,
+    probe: &ProbeHandle<u64>,
+) {
+    valid
+        .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<[u64; 6]>>, _, _, _>(
+            Exchange::new(|p: &Parsed| match p {
+                Parsed::Valid(key, _) => route(*key),
+                Parsed::Invalid(..) => 0,
+            }),
+            "CountByType",
+            move |initial, _info| {
+                let mut capability = Some(initial);
+                let mut counts = [0u64; 6];
+                move |(input, frontier), output| {
+                    input.for_each(|_time, data| {
+                        counted.inc_by(data.len() as u64);
+                        for p in data.drain(..) {
+                            if let Parsed::Valid(_, e) = p {
+                                counts[Event::from(e).type_index()] += 1;
                             }
                         }
                     });
-                    let now = frontier.frontier().iter().min().copied();
-                    if now != frontier_seen {
-                        frontier_seen = now;
-                        if let Some(w) = writer.as_mut()
-                            && let Err(e) = w.flush()
-                        {
-                            errors.borrow_mut().get_or_insert(e.to_string());
+                    let Some(cap) = capability.as_mut() else {
+                        return;
+                    };
+                    match frontier.frontier().iter().min() {
+                        Some(earliest) => {
+                            if cap.time() < earliest {
+                                cap.downgrade(earliest);
+                            }
+                        }
+                        None => {
+                            output.session(&*cap).give(counts);
+                            capability = None;
                         }
                     }
                 }
             },
         )
+        .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
+            Exchange::new(|_: &[u64; 6]| 0),
+            "GatherTypes",
+            move |_cap, _info| {
+                move |input, _output| {
+                    input.for_each(|_time, data| {
+                        let mut totals = totals.borrow_mut();
+                        for counts in data.drain(..) {
+                            for (t, c) in totals.iter_mut().zip(counts) {
+                                *t += c;
+                            }
+                        }
+                    });
+                }
+            },
+        )
         .probe_with(probe);
+}
+
+/// The learner's example of an attributed impression: the context
+/// features, then `ln(1 + count)` of each streaming feature it uses.
+fn learner_example(
+    example: &crate::features::AdExample,
+    features: &[usize],
+    hashing: &crate::learner::ads::AdHashing,
+) -> Example {
+    let i = &example.impression;
+    let mut x = ad_features(i);
+    x.extend(
+        features
+            .iter()
+            .map(|&f| learner_value(example.features.get(f).copied().unwrap_or(0))),
+    );
+    Example {
+        id: i.impression_id,
+        entity: i.campaign_id,
+        x,
+        hashed: hashing.slots(i),
+        y: if example.clicked { 1.0 } else { -1.0 },
+        w: 1.0,
+        offset: 0.0,
+    }
+}
+
+/// Moves each record to the last timestamp of its `window_ms` window, so
+/// that the learner sees one window per timestamp.
+fn to_window_end<D: timely::ExchangeData>(
+    stream: StreamVec<'_, u64, D>,
+    window_ms: u64,
+) -> StreamVec<'_, u64, D> {
+    let span = window_ms.max(1);
+    stream.unary(Pipeline, "WindowEnd", move |_cap, _info| {
+        move |input, output| {
+            input.for_each(|cap, data| {
+                let Some(&t) = cap.least() else { return };
+                let end = (t / span) * span + (span - 1);
+                output.session(&cap.delayed(&end, 0)).give_container(data);
+            });
+        }
+    })
+}
+
+/// The names of the learner's features: the context features, then the
+/// streaming features it uses.
+fn learner_feature_names(spec: &PipelineSpec, learner: &LearnerSpec) -> Vec<String> {
+    AD_FEATURES
+        .iter()
+        .map(|n| (*n).to_owned())
+        .chain(
+            learner
+                .features
+                .iter()
+                .filter_map(|&f| spec.features.get(f).map(|f| format!("log1p({})", f.name))),
+        )
+        .collect()
 }
 
 fn build(
@@ -322,22 +676,22 @@ fn build(
         failed(e.to_string());
         Box::new(source::Empty)
     });
-    let (sink, dead) = if index == 0 {
-        (
-            LineWriter::open(&spec.sink)
-                .map_err(|e| failed(e.to_string()))
-                .ok(),
-            LineWriter::file(&spec.dead_letter)
-                .map_err(|e| failed(e.to_string()))
-                .ok(),
-        )
+    let sink = open_writer(&spec.sink, index, &failed);
+    let dead = Rc::new(RefCell::new(if index == 0 {
+        LineWriter::file(&spec.dead_letter)
+            .map_err(|e| failed(e.to_string()))
+            .ok()
     } else {
-        (None, None)
-    };
-    let sink = Rc::new(RefCell::new(sink));
-    let dead = Rc::new(RefCell::new(dead));
+        None
+    }));
+    let examples = open_writer(&spec.examples, index, &failed);
     let totals: Totals = Rc::new(RefCell::new([0; 6]));
+    let dead_counts = Rc::new(DeadCounts::default());
     let tally = Rc::new(RefCell::new(LearnerTally::default()));
+    let ads_report = Rc::new(RefCell::new(AdsReport {
+        keys: vec![0; spec.features.len()],
+        ..AdsReport::default()
+    }));
     let snapshots = Rc::new(RefCell::new(match (&spec.learner, index) {
         (
             Some(LearnerSpec {
@@ -351,185 +705,164 @@ fn build(
         _ => None,
     }));
     let match_tally = Rc::new(RefCell::new(MatchTally::default()));
-    let dispatch_sink = Rc::new(RefCell::new(match (&spec.matching, index) {
-        (Some(m), 0) => LineWriter::open(&m.dispatches)
-            .map_err(|e| failed(e.to_string()))
-            .ok(),
-        _ => None,
-    }));
-    let mut input = InputHandleVec::<u64, Record>::new();
+    let dispatch_sink = match &spec.matching {
+        Some(m) => open_writer(&m.dispatches, index, &failed),
+        None => Rc::new(RefCell::new(None)),
+    };
     let probe = ProbeHandle::new();
     let name = spec.name.clone();
     let family = spec.family;
     let dataflow = format!("pipeline.{name}");
-    let parsed_counter = metrics.records(&dataflow, "parse", index);
-    let counted = metrics.records(&dataflow, "count_by_type", index);
-    let sink_counter = metrics.records(&dataflow, "sink", index);
-    let dead_counter = metrics.records(&dataflow, "dead_letter", index);
-    let has_sink = spec.sink != super::SinkSpec::None;
+    let pipeline_metrics = metrics.pipeline(&dataflow);
+    let has_sink = spec.sink != SinkSpec::None;
+    let bucket_ms = spec.time.bucket_ms;
 
-    worker.dataflow::<u64, _, _>(|scope| {
-        let records = scope.input_from(&mut input);
-        let pipeline = name.clone();
-        let parsed = records.map(move |r| {
-            parsed_counter.inc();
-            classify(&pipeline, family, r)
-        });
+    let input = worker.dataflow::<u64, _, _>(|scope| {
+        let (input, parsed) = scope.new_unordered_input::<Parsed>();
         let mut parts = parsed.partition(2, |p| match p {
             Parsed::Valid(..) => (0, p),
-            Parsed::Invalid(_) => (1, p),
+            Parsed::Invalid(..) => (1, p),
         });
-        let invalid = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
+        let mut invalid = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
         let valid = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
 
-        // Keyed exchange to the entity's owner (where later stages keep its
-        // state), counted per type there; totals to worker 0 at the end.
-        let gathered = Rc::clone(&totals);
-        valid
-            .clone()
-            .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<[u64; 6]>>, _, _, _>(
-                Exchange::new(|p: &Parsed| match p {
-                    Parsed::Valid(key, _) => route(*key),
-                    Parsed::Invalid(_) => 0,
-                }),
-                "CountByType",
-                move |initial, _info| {
-                    let mut capability = Some(initial);
-                    let mut counts = [0u64; 6];
-                    move |(input, frontier), output| {
-                        input.for_each(|_time, data| {
-                            counted.inc_by(data.len() as u64);
-                            for p in data.drain(..) {
-                                if let Parsed::Valid(_, e) = p {
-                                    counts[Event::from(e).type_index()] += 1;
-                                }
-                            }
-                        });
-                        let Some(cap) = capability.as_mut() else {
-                            return;
-                        };
-                        match frontier.frontier().iter().min() {
-                            Some(earliest) => {
-                                if cap.time() < earliest {
-                                    cap.downgrade(earliest);
-                                }
-                            }
-                            None => {
-                                output.session(&*cap).give(counts);
-                                capability = None;
-                            }
-                        }
-                    }
-                },
-            )
-            .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
-                Exchange::new(|_: &[u64; 6]| 0),
-                "GatherTypes",
-                move |_cap, _info| {
-                    move |input, _output| {
-                        input.for_each(|_time, data| {
-                            let mut totals = gathered.borrow_mut();
-                            for counts in data.drain(..) {
-                                for (t, c) in totals.iter_mut().zip(counts) {
-                                    *t += c;
-                                }
-                            }
-                        });
-                    }
-                },
-            )
-            .probe_with(&probe);
-        if let (Some(learner), Family::Ads) = (&spec.learner, family) {
-            let config = LearnerConfig {
-                p: AD_FEATURES.len(),
-                params: StepParams {
-                    delta: learner.delta,
-                    lambda: learner.lambda,
-                },
-                full: learner.full,
-                // The fixed effect's slots are the hashing's.
-                fixed: learner.fixed.map(|f| crate::learner::FixedEffectConfig {
-                    hash_bits: learner.hashing.bits(),
-                    ..f
-                }),
-            };
-            let tally = Rc::clone(&tally);
-            let snapshots = Rc::clone(&snapshots);
-            let errors = Rc::clone(errors);
+        count_by_type(
+            valid.clone(),
+            Rc::clone(&totals),
+            metrics.records(&dataflow, "count_by_type", index),
+            &probe,
+        );
+        if family == Family::Ads {
+            let events = valid.clone().flat_map(|p| match p {
+                Parsed::Valid(_, WireEvent::AdImpression(i)) => Some(AdEvent::Impression(i)),
+                Parsed::Valid(_, WireEvent::AdClick(c)) => Some(AdEvent::Click(c)),
+                _ => None,
+            });
+            let features: Rc<[FeatureSpec]> = spec.features.clone().into();
+            let values = events.clone().window_counts(Rc::clone(&features));
+            let attributed =
+                events.attribute(values, spec.attribution, bucket_ms, features.len());
+            // Orphan clicks are dead letters with their reason.
+            let window_ms = spec.attribution.window_ms;
             let pipeline = name.clone();
-            let gauges = metrics.learner(&dataflow);
-            let hash_bits = learner.hashing.bits();
-            valid
-                .clone()
-                .flat_map(|p| match p {
-                    Parsed::Valid(_, e) => Some(e),
-                    Parsed::Invalid(_) => None,
-                })
-                .label_clicks(learner.hashing.clone())
-                .learn(config)
+            let orphans = attributed.clone().flat_map(move |o| match o {
+                AttributionOutput::Orphan(click) => {
+                    let line = Event::AdClick(click.clone()).to_line();
+                    Some(Parsed::Invalid(
+                        DeadLetter {
+                            pipeline: pipeline.clone(),
+                            source: "attribution".into(),
+                            reason: format!(
+                                "orphan click: no on-time impression {} at or up to {window_ms} ms (attribution window_s) before its event_time {}",
+                                click.impression_id, click.event_time
+                            ),
+                            raw: line,
+                        },
+                        Refusal::Orphan,
+                    ))
+                }
+                _ => None,
+            });
+            invalid = invalid.concat(orphans);
+            // Examples and feature keys to worker 0: counted there and
+            // written to the examples sink; the line is made here.
+            let names: Vec<String> = spec.features.iter().map(|f| f.name.clone()).collect();
+            let with_lines = spec.examples != SinkSpec::None;
+            let examples_counter = pipeline_metrics.examples.clone();
+            let reported = attributed.clone().flat_map(move |o| match o {
+                AttributionOutput::Example(e) => {
+                    examples_counter.inc();
+                    let line = with_lines
+                        .then(|| (e.impression.impression_id, e.to_line(&names)));
+                    Some(Reported::Example(e.clicked, line))
+                }
+                AttributionOutput::Keys { feature, distinct } => {
+                    Some(Reported::Keys(feature, distinct))
+                }
+                AttributionOutput::Orphan(_) => None,
+            });
+            let report = Rc::clone(&ads_report);
+            let writer = Rc::clone(&examples);
+            let errors_here = Rc::clone(errors);
+            reported
                 .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
-                    Exchange::new(|_: &LearnerOutput| 0),
-                    "LearnerTally",
+                    Exchange::new(|_: &Reported| 0),
+                    "Examples",
                     move |_cap, _info| {
-                        let mut reported = 0u64;
+                        let mut held = Held::new();
                         move |(input, frontier), _output| {
+                            let mut report = report.borrow_mut();
                             input.for_each(|cap, data| {
-                                let window = cap.least().copied().unwrap_or(0);
-                                let mut tally = tally.borrow_mut();
-                                let mut snapshots = snapshots.borrow_mut();
-                                for output in data.drain(..) {
-                                    if let (Some(w), LearnerOutput::Snapshot { entity, version, theta }) =
-                                        (snapshots.as_mut(), &output)
-                                    {
-                                        let line = serde_json::json!({
-                                            "pipeline": pipeline, "window": window, "entity": entity,
-                                            "version": version, "theta": theta,
-                                        });
-                                        if let Err(e) = w.write_line(&line.to_string()) {
-                                            errors.borrow_mut().get_or_insert(e.to_string());
+                                let Some(&time) = cap.least() else { return };
+                                for r in data.drain(..) {
+                                    match r {
+                                        Reported::Example(clicked, line) => {
+                                            if clicked {
+                                                report.positives += 1;
+                                            } else {
+                                                report.negatives += 1;
+                                            }
+                                            if let Some((key, line)) = line {
+                                                held.entry(time).or_default().push((Some(key), line));
+                                            }
+                                        }
+                                        Reported::Keys(f, n) => {
+                                            if let Some(k) = report.keys.get_mut(f as usize) {
+                                                *k += n;
+                                            }
                                         }
                                     }
-                                    if let (Some(w), LearnerOutput::FixedEffect { version, theta }) =
-                                        (snapshots.as_mut(), &output)
-                                    {
-                                        let line = fixed_effect_line(&pipeline, window, *version, theta, hash_bits);
-                                        if let Err(e) = w.write_line(&line.to_string()) {
-                                            errors.borrow_mut().get_or_insert(e.to_string());
-                                        }
-                                    }
-                                    tally.add(window, output);
-                                }
-                                if let Some(w) = snapshots.as_mut()
-                                    && let Err(e) = w.flush()
-                                {
-                                    errors.borrow_mut().get_or_insert(e.to_string());
                                 }
                             });
-                            // Publish each window's metrics once it is complete here.
-                            let tally = tally.borrow();
-                            let complete = frontier.frontier().iter().min().copied().unwrap_or(u64::MAX);
-                            let upto = complete.min(tally.next_window());
-                            while reported < upto {
-                                if let Some((auc, logloss, n)) = tally.window_metrics(reported) {
-                                    if let Some(a) = auc {
-                                        gauges.auc.set(a);
-                                    }
-                                    if let Some(l) = logloss {
-                                        gauges.logloss.set(l);
-                                    }
-                                    gauges.examples.inc_by(n);
-                                }
-                                reported += 1;
-                            }
+                            let complete = frontier.frontier().iter().min().copied();
+                            write_complete(&mut held, complete, &mut writer.borrow_mut(), &errors_here);
                         }
                     },
                 )
                 .probe_with(&probe);
+            if let Some(learner) = &spec.learner {
+                let p = AD_FEATURES.len() + learner.features.len();
+                let config = LearnerConfig {
+                    p,
+                    params: StepParams {
+                        delta: learner.delta,
+                        lambda: learner.lambda,
+                    },
+                    full: learner.full,
+                    // The fixed effect's slots are the hashing's.
+                    fixed: learner.fixed.map(|f| crate::learner::FixedEffectConfig {
+                        hash_bits: learner.hashing.bits(),
+                        ..f
+                    }),
+                    window_ms: learner.window_ms,
+                };
+                let chosen = learner.features.clone();
+                let hashing = learner.hashing.clone();
+                let examples = attributed.flat_map(move |o| match o {
+                    AttributionOutput::Example(e) => Some(learner_example(&e, &chosen, &hashing)),
+                    _ => None,
+                });
+                let names = learner_feature_names(spec, learner);
+                learner_tally(
+                    to_window_end(examples, learner.window_ms).learn(config),
+                    LearnerReport {
+                        pipeline: name.clone(),
+                        window_ms: learner.window_ms,
+                        hash_bits: learner.hashing.bits(),
+                        names,
+                    },
+                    Rc::clone(&tally),
+                    Rc::clone(&snapshots),
+                    Rc::clone(errors),
+                    metrics.learner(&dataflow),
+                    &probe,
+                );
+            }
         }
         if let (Some(matching), Family::Dispatch) = (&spec.matching, family) {
             let events = valid.clone().flat_map(|p| match p {
                 Parsed::Valid(_, e) => MatchEvent::from_event(&Event::from(e)),
-                Parsed::Invalid(_) => None,
+                Parsed::Invalid(..) => None,
             });
             let streams = match_dispatch(events, matching.config.clone());
             let policy = matching.config.plan.policy;
@@ -551,8 +884,8 @@ fn build(
                                     }
                                     tally.add(&output);
                                 }
-                                gauges.served_rate.set(tally.served_rate());
-                                gauges.value_states.set(tally.value_states() as i64);
+                                gauges.set_served_rate(tally.served_rate());
+                                gauges.set_value_states(tally.value_states() as i64);
                             });
                         }
                     },
@@ -579,26 +912,40 @@ fn build(
                 Rc::clone(errors),
                 |p: Parsed| match p {
                     Parsed::Valid(key, e) => (Some(key), Event::from(e).to_line()),
-                    Parsed::Invalid(_) => (None, String::new()),
+                    Parsed::Invalid(..) => (None, String::new()),
                 },
                 &probe,
-                sink_counter,
+                metrics.records(&dataflow, "sink", index),
             );
         } else {
             valid.probe_with(&probe);
         }
+        let counts = Rc::clone(&dead_counts);
+        let orphans_counter = pipeline_metrics.orphans.clone();
         write_lines(
             invalid,
             "DeadLetter",
             Rc::clone(&dead),
             Rc::clone(errors),
-            |p: Parsed| match p {
-                Parsed::Invalid(d) => (None, serde_json::to_string(&d).unwrap_or_default()),
+            move |p: Parsed| match p {
+                Parsed::Invalid(d, why) => {
+                    let cell = match why {
+                        Refusal::Malformed => &counts.malformed,
+                        Refusal::Late => &counts.late,
+                        Refusal::Orphan => {
+                            orphans_counter.inc();
+                            &counts.orphans
+                        }
+                    };
+                    cell.set(cell.get() + 1);
+                    (None, serde_json::to_string(&d).unwrap_or_default())
+                }
                 Parsed::Valid(..) => (None, String::new()),
             },
             &probe,
-            dead_counter,
+            metrics.records(&dataflow, "dead_letter", index),
         );
+        input
     });
 
     let rate = match &spec.source {
@@ -611,25 +958,130 @@ fn build(
         input: Some(input),
         probe,
         source,
-        epoch: 0,
-        in_epoch: 0,
+        clocks: BTreeMap::new(),
+        in_flight: BTreeMap::new(),
+        sent_upto: 0,
         read: 0,
         read_counter: metrics.records(&dataflow, "read", index),
         rate,
         started: Instant::now(),
         closed_at: VecDeque::new(),
-        epoch_opened: None,
         completed: 0,
+        first: None,
         lag: metrics.frontier(&dataflow, index),
+        metrics: pipeline_metrics,
         totals,
         sink,
         dead,
+        dead_counts,
+        examples,
+        ads: (family == Family::Ads).then_some(ads_report),
         tally: spec.learner.is_some().then_some(tally),
         matching: spec
             .matching
             .is_some()
             .then_some((match_tally, dispatch_sink)),
     }
+}
+
+/// What the learner's tally needs to write snapshot lines.
+struct LearnerReport {
+    pipeline: String,
+    window_ms: u64,
+    hash_bits: u32,
+    /// The dense features' names, intercept first.
+    names: Vec<String>,
+}
+
+/// Gathers the learner's outputs on worker 0: snapshot lines, the tally,
+/// and each window's metrics once it is complete.
+fn learner_tally(
+    outputs: StreamVec<'_, u64, LearnerOutput>,
+    report: LearnerReport,
+    tally: Rc<RefCell<LearnerTally>>,
+    snapshots: SharedWriter,
+    errors: Rc<RefCell<Option<String>>>,
+    gauges: crate::metrics::LearnerMetrics,
+    probe: &ProbeHandle<u64>,
+) {
+    let span = report.window_ms.max(1);
+    outputs
+        .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
+            Exchange::new(|_: &LearnerOutput| 0),
+            "LearnerTally",
+            move |_cap, _info| {
+                let mut reported = 0u64;
+                move |(input, frontier), _output| {
+                    input.for_each(|cap, data| {
+                        let window = cap.least().copied().unwrap_or(0) / span;
+                        let mut tally = tally.borrow_mut();
+                        let mut snapshots = snapshots.borrow_mut();
+                        for output in data.drain(..) {
+                            let line = match (&output, snapshots.is_some()) {
+                                (
+                                    LearnerOutput::Snapshot {
+                                        entity,
+                                        version,
+                                        theta,
+                                    },
+                                    true,
+                                ) => Some(serde_json::json!({
+                                    "pipeline": report.pipeline, "window": window,
+                                    "window_start_ms": window * span, "entity": entity,
+                                    "version": version, "theta": theta,
+                                })),
+                                (LearnerOutput::FixedEffect { version, theta }, true) => {
+                                    Some(fixed_effect_line(
+                                        &report.pipeline,
+                                        window,
+                                        *version,
+                                        theta,
+                                        report.hash_bits,
+                                        report.names.len(),
+                                    ))
+                                }
+                                _ => None,
+                            };
+                            if let (Some(w), Some(line)) = (snapshots.as_mut(), line)
+                                && let Err(e) = w.write_line(&line.to_string())
+                            {
+                                errors.borrow_mut().get_or_insert(e.to_string());
+                            }
+                            tally.add(window, output);
+                        }
+                        if let Some(w) = snapshots.as_mut()
+                            && let Err(e) = w.flush()
+                        {
+                            errors.borrow_mut().get_or_insert(e.to_string());
+                        }
+                    });
+                    // Publish each window's metrics once it is complete here.
+                    let tally = tally.borrow();
+                    let complete = frontier
+                        .frontier()
+                        .iter()
+                        .min()
+                        .copied()
+                        .unwrap_or(u64::MAX);
+                    for window in tally.windows_from(reported) {
+                        if window.saturating_mul(span).saturating_add(span - 1) >= complete {
+                            break;
+                        }
+                        if let Some((auc, logloss, n)) = tally.window_metrics(window) {
+                            if let Some(a) = auc {
+                                gauges.set_auc(a);
+                            }
+                            if let Some(l) = logloss {
+                                gauges.set_logloss(l);
+                            }
+                            gauges.examples.inc_by(n);
+                        }
+                        reported = window + 1;
+                    }
+                }
+            },
+        )
+        .probe_with(probe);
 }
 
 /// Builds every pipeline on this worker and drives them until all complete.
@@ -684,50 +1136,8 @@ pub fn run_pipelines(
     let interrupted = stop.load(Ordering::Relaxed);
     let read = runners.iter().map(|r| r.read).sum();
     let error = errors.borrow_mut().take();
-    let summaries = (worker.index() == 0 && !interrupted && error.is_none()).then(|| {
-        runners
-            .iter()
-            .map(|r| {
-                let counts = *r.totals.borrow();
-                let valid: u64 = counts.iter().sum();
-                let dead = r.dead.borrow().as_ref().map_or(0, LineWriter::written);
-                let by_type = TYPES
-                    .iter()
-                    .zip(counts)
-                    .filter(|(name, _)| r.spec.family.types().contains(name))
-                    .map(|(name, c)| ((*name).to_owned(), c))
-                    .collect();
-                PipelineSummary {
-                    name: r.spec.name.clone(),
-                    family: r.spec.family.name().to_owned(),
-                    source: r.spec.source.kind().to_owned(),
-                    read: valid + dead,
-                    valid,
-                    malformed: dead,
-                    by_type,
-                    sink: SinkSummary {
-                        kind: r.spec.sink.kind().to_owned(),
-                        written: r.sink.borrow().as_ref().map_or(0, LineWriter::written),
-                    },
-                    dead_letter: DeadLetterSummary {
-                        path: r.spec.dead_letter.display().to_string(),
-                        written: dead,
-                    },
-                    learner: r.tally.as_ref().map(|t| t.borrow().summary()),
-                    matching: match (&r.matching, &r.spec.matching) {
-                        (Some((tally, sink)), Some(m)) => Some(MatchingReport {
-                            summary: tally.borrow().summary(m.config.plan.policy),
-                            dispatches: SinkSummary {
-                                kind: m.dispatches.kind().to_owned(),
-                                written: sink.borrow().as_ref().map_or(0, LineWriter::written),
-                            },
-                        }),
-                        _ => None,
-                    },
-                }
-            })
-            .collect()
-    });
+    let summaries = (worker.index() == 0 && !interrupted && error.is_none())
+        .then(|| runners.iter().map(Runner::summary).collect());
     PipelinesRun {
         summaries,
         read,
@@ -736,8 +1146,78 @@ pub fn run_pipelines(
     }
 }
 
+impl Runner {
+    /// Worker 0's summary of a finished run.
+    fn summary(&self) -> PipelineSummary {
+        let counts = *self.totals.borrow();
+        let valid: u64 = counts.iter().sum();
+        let dead = &self.dead_counts;
+        let by_type = TYPES
+            .iter()
+            .zip(counts)
+            .filter(|(name, _)| self.spec.family.types().contains(name))
+            .map(|(name, c)| ((*name).to_owned(), c))
+            .collect();
+        let written = |w: &SharedWriter| w.borrow().as_ref().map_or(0, LineWriter::written);
+        let ads = self.ads.as_ref().map(|r| r.borrow());
+        PipelineSummary {
+            name: self.spec.name.clone(),
+            family: self.spec.family.name().to_owned(),
+            source: self.spec.source.kind().to_owned(),
+            read: valid + dead.malformed.get() + dead.late.get(),
+            valid,
+            malformed: dead.malformed.get(),
+            late: dead.late.get(),
+            by_type,
+            sink: SinkSummary {
+                kind: self.spec.sink.kind().to_owned(),
+                written: written(&self.sink),
+            },
+            dead_letter: DeadLetterSummary {
+                path: self.spec.dead_letter.display().to_string(),
+                written: written(&self.dead),
+            },
+            attribution: ads.as_ref().map(|r| AttributionSummary {
+                window_s: self.spec.attribution.window_ms as f64 / 1000.0,
+                positives: r.positives,
+                negatives: r.negatives,
+                orphan_clicks: dead.orphans.get(),
+            }),
+            examples: ads.as_ref().map(|r| SinkSummary {
+                kind: self.spec.examples.kind().to_owned(),
+                written: match self.spec.examples {
+                    SinkSpec::None => r.positives + r.negatives,
+                    _ => written(&self.examples),
+                },
+            }),
+            features: ads.as_ref().map(|r| {
+                self.spec
+                    .features
+                    .iter()
+                    .zip(&r.keys)
+                    .map(|(f, &keys)| FeatureSummary {
+                        name: f.name.clone(),
+                        keys,
+                    })
+                    .collect()
+            }),
+            learner: self.tally.as_ref().map(|t| t.borrow().summary()),
+            matching: match (&self.matching, &self.spec.matching) {
+                (Some((tally, sink)), Some(m)) => Some(MatchingReport {
+                    summary: tally.borrow().summary(m.config.plan.policy),
+                    dispatches: SinkSummary {
+                        kind: m.dispatches.kind().to_owned(),
+                        written: written(sink),
+                    },
+                }),
+                _ => None,
+            },
+        }
+    }
+}
+
 /// A fixed-effect version as a snapshots line: the dense coefficients
-/// (the ads features, intercept first) under `theta` and the non-zero
+/// (the learner's features, intercept first) under `theta` and the non-zero
 /// hashed slots as `[slot, weight]` pairs under `hashed`.
 fn fixed_effect_line(
     pipeline: &str,
@@ -745,8 +1225,9 @@ fn fixed_effect_line(
     version: u64,
     theta: &[f64],
     hash_bits: u32,
+    dense: usize,
 ) -> serde_json::Value {
-    let p = AD_FEATURES.len().min(theta.len());
+    let p = dense.min(theta.len());
     let hashed: Vec<(usize, f64)> = theta[p..]
         .iter()
         .enumerate()
@@ -780,6 +1261,10 @@ mod tests {
             epoch_events: 500,
             epoch_ms: 1000,
             max_epochs_in_flight: 2,
+            time: crate::features::EventTime::default(),
+            attribution: crate::features::AttributionSpec::default(),
+            features: Vec::new(),
+            examples: SinkSpec::None,
             learner: None,
             matching: None,
         }
@@ -796,6 +1281,7 @@ mod tests {
         for r in &runs {
             assert_eq!(r.error, None);
         }
+        assert!(runs[0].summaries.is_some(), "{:?}", runs[0]);
         runs.into_iter().next().unwrap().summaries.unwrap()
     }
 
@@ -836,9 +1322,22 @@ mod tests {
             assert_eq!(out.len() as u64, s.valid);
             assert!(out.iter().all(|l| parse_line(l).is_ok()));
             let dead = lines(&dir.path().join(format!("dead/{}.jsonl", s.name)));
-            assert_eq!(dead.len() as u64, s.malformed);
+            // Clicks whose impression was corrupted are orphans, also
+            // dead-lettered (from the attribution stage).
+            let orphans = s.attribution.as_ref().map_or(0, |a| a.orphan_clicks);
+            assert_eq!(s.late, 0);
+            assert_eq!(dead.len() as u64, s.malformed + orphans);
             for d in &dead {
                 let letter: serde_json::Value = serde_json::from_str(d).unwrap();
+                if letter["source"] == "attribution" {
+                    assert!(
+                        letter["reason"]
+                            .as_str()
+                            .unwrap()
+                            .starts_with("orphan click")
+                    );
+                    continue;
+                }
                 assert!(
                     letter["source"]
                         .as_str()
@@ -963,6 +1462,8 @@ mod tests {
                 12,
             )
             .unwrap(),
+            features: Vec::new(),
+            window_ms: 3_600_000,
         });
         let registry = prometheus::Registry::new();
         let metrics = DataflowMetrics::register(&registry).unwrap();
@@ -976,19 +1477,22 @@ mod tests {
             .learner
             .clone()
             .unwrap();
-        // 15,000 events per worker in windows of 5,000: 3 windows, 1 refit.
-        assert_eq!(learner.windows.len(), 3);
-        assert_eq!(learner.fixed_effect_refits, 1);
+        // About 3 simulated hours in windows of an hour; a refit every 2.
+        assert!(learner.windows.len() >= 3, "{learner:?}");
+        assert!(learner.fixed_effect_refits >= 1);
         assert_eq!(learner.failed, 0);
         let snapshots = lines(&dir.path().join("models.jsonl"));
         // One line per campaign update, and one per fixed-effect version.
-        assert_eq!(snapshots.len() as u64, learner.updates + 1);
+        assert_eq!(
+            snapshots.len() as u64,
+            learner.updates + learner.fixed_effect_refits
+        );
         let fixed: Vec<serde_json::Value> = snapshots
             .iter()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
             .filter(|v| v["fixed_effect"] == true)
             .collect();
-        assert_eq!(fixed.len(), 1);
+        assert_eq!(fixed.len() as u64, learner.fixed_effect_refits);
         assert_eq!(fixed[0]["version"], 1);
         assert_eq!(
             fixed[0]["theta"].as_array().unwrap().len(),
@@ -1019,7 +1523,8 @@ mod tests {
             learner.examples
         );
         let last = learner.windows.last().unwrap();
-        assert!((value("dima_learner_auc") - last.auc.unwrap()).abs() < 1e-12);
+        let last_auc = learner.windows.iter().rev().find_map(|w| w.auc).unwrap();
+        assert!((value("dima_learner_auc") - last_auc).abs() < 1e-12);
         assert!((value("dima_learner_logloss") - last.logloss.unwrap()).abs() < 1e-12);
     }
 

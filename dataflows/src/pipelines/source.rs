@@ -63,6 +63,17 @@ impl fmt::Display for Origin {
     }
 }
 
+impl Origin {
+    /// The source share it was read from: the Kafka partition; 0 for a
+    /// generator shard or a file's byte range (one per worker).
+    pub fn share(&self) -> u32 {
+        match self {
+            Self::Kafka { partition, .. } => *partition as u32,
+            Self::Generated { .. } | Self::File { .. } => 0,
+        }
+    }
+}
+
 /// One record as read: its bytes and where it came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -102,6 +113,23 @@ pub trait RecordSource {
 
     /// Every record read so far belongs to `epoch` or earlier ones.
     fn epoch_closed(&mut self, _epoch: u64) {}
+
+    /// The shares ([`Origin::share`]) this worker reads; empty while not yet
+    /// known (a Kafka source still connecting). Each holds the event-time
+    /// frontier back until it has read something or is finished.
+    fn shares(&self) -> Vec<u32> {
+        vec![0]
+    }
+
+    /// Whether `share` has been read to its end.
+    fn share_finished(&self, _share: u32) -> bool {
+        false
+    }
+
+    /// Whether the source follows a live stream (a share may then go idle).
+    fn unbounded(&self) -> bool {
+        false
+    }
 
     /// Every epoch before `epoch` is complete at every output: a source with
     /// offsets commits them here.
@@ -173,6 +201,9 @@ impl GeneratedLines {
                 shards,
             )),
         };
+        // Events arrive in event-time order, give or take the jitter.
+        let events: Box<dyn Iterator<Item = Event> + Send> =
+            Box::new(Arrival::new(events, spec, shard));
         Self {
             events,
             corruption: ChaCha8Rng::seed_from_u64(mix64(spec.seed ^ 0xBAD) ^ mix64(shard)),
@@ -180,6 +211,83 @@ impl GeneratedLines {
             remaining: spec.events / shards + u64::from(shard < spec.events % shards),
             shard,
             seq: 0,
+        }
+    }
+}
+
+/// Out-of-order arrival: each event arrives at its event time plus a
+/// uniform jitter, or `late_by_ms` after it for a `late_fraction` of them.
+/// Events leave in arrival order: the generators emit everything but clicks
+/// in event-time order and a click after its impression, so an event can
+/// leave once no event still to come can arrive before it.
+struct Arrival {
+    inner: Box<dyn Iterator<Item = Event> + Send>,
+    rng: ChaCha8Rng,
+    jitter_ms: u64,
+    late_fraction: f64,
+    late_by_ms: u64,
+    /// (arrival, sequence) → event, earliest first.
+    waiting: std::collections::BTreeMap<(i64, u64), Event>,
+    sequence: u64,
+    /// No event still to come has an earlier event time.
+    floor: i64,
+    done: bool,
+}
+
+impl Arrival {
+    fn new(
+        inner: Box<dyn Iterator<Item = Event> + Send>,
+        spec: &GeneratorSpec,
+        shard: u64,
+    ) -> Self {
+        Self {
+            inner,
+            rng: ChaCha8Rng::seed_from_u64(mix64(spec.seed ^ 0x0A77_17A1) ^ mix64(shard)),
+            jitter_ms: spec.jitter_ms,
+            late_fraction: spec.late_fraction,
+            late_by_ms: spec.late_by_ms,
+            waiting: std::collections::BTreeMap::new(),
+            sequence: 0,
+            floor: i64::MIN,
+            done: false,
+        }
+    }
+}
+
+impl Iterator for Arrival {
+    type Item = Event;
+
+    fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(((arrival, _), _)) = self.waiting.first_key_value()
+                && (self.done || *arrival <= self.floor)
+            {
+                return self.waiting.pop_first().map(|(_, e)| e);
+            }
+            if self.done {
+                return None;
+            }
+            match self.inner.next() {
+                None => self.done = true,
+                Some(event) => {
+                    let t = event.event_time();
+                    // A click follows its impression; everything else comes
+                    // in event-time order: no later event is before this.
+                    if !matches!(event, Event::AdClick(_)) {
+                        self.floor = self.floor.max(t);
+                    }
+                    let delay = if self.rng.random::<f64>() < self.late_fraction {
+                        self.late_by_ms
+                    } else if self.jitter_ms > 0 {
+                        self.rng.random_range(0..=self.jitter_ms)
+                    } else {
+                        0
+                    };
+                    self.sequence += 1;
+                    self.waiting
+                        .insert((t + delay as i64, self.sequence), event);
+                }
+            }
         }
     }
 }

@@ -10,7 +10,9 @@ use dataflows::pipelines::{
     GeneratorSpec, LearnerSpec, MatchingSpec, PipelineSpec, SinkSpec, SourceSpec,
 };
 
-use crate::manifest::raw::{RawMatching, RawPipeline, RawSink, RawSource};
+use dataflows::features::{AttributionSpec, EventTime, FeatureSpec, KeyField, Measure};
+
+use crate::manifest::raw::{RawFeature, RawMatching, RawPipeline, RawSink, RawSource, RawTime};
 
 use super::{Problems, required_text, resolve_path};
 
@@ -93,6 +95,9 @@ fn foreign_fields(raw: &RawSource, kind: &str) -> Vec<&'static str> {
             raw.campaign_lifetime_hours.is_some(),
         ),
         ("global_drift_per_day", raw.global_drift_per_day.is_some()),
+        ("jitter_s", raw.jitter_s.is_some()),
+        ("late_fraction", raw.late_fraction.is_some()),
+        ("late_by_s", raw.late_by_s.is_some()),
     ];
     let jsonl = [("path", raw.path.is_some())];
     let kafka = [
@@ -231,7 +236,34 @@ pub(super) fn pipeline(
                     format!("{global_drift} is not a number"),
                 );
             }
+            let mut seconds = |name: &str, value: Option<f64>, default: f64| -> u64 {
+                let v = value.unwrap_or(default);
+                if !(v.is_finite() && v >= 0.0) {
+                    problems.add(
+                        format!("{field}.source.{name}"),
+                        format!("{v} is not a number of seconds >= 0"),
+                    );
+                    return (default * 1000.0) as u64;
+                }
+                (v * 1000.0).round() as u64
+            };
+            let jitter_ms = seconds("jitter_s", source_raw.jitter_s, 0.0);
+            let late_by_ms = seconds(
+                "late_by_s",
+                source_raw.late_by_s,
+                defaults.late_by_ms as f64 / 1000.0,
+            );
+            let late_fraction = source_raw.late_fraction.unwrap_or(0.0);
+            if !(0.0..=1.0).contains(&late_fraction) {
+                problems.add(
+                    format!("{field}.source.late_fraction"),
+                    format!("{late_fraction} is not between 0 and 1"),
+                );
+            }
             Some(SourceSpec::Generator(GeneratorSpec {
+                jitter_ms,
+                late_by_ms,
+                late_fraction: late_fraction.clamp(0.0, 1.0),
                 family,
                 events: source_raw.events.unwrap_or(defaults.events),
                 seed: source_raw.seed.unwrap_or(defaults.seed),
@@ -313,6 +345,51 @@ pub(super) fn pipeline(
             .as_deref()
             .unwrap_or(&format!("dead-letter/{name}.jsonl")),
     );
+    let ads_only = |what: &str, problems: &mut Problems| {
+        problems.add(
+            format!("{field}.{what}"),
+            "applies to ads pipelines only (attribution, features and examples are the ads pipeline's)",
+        );
+    };
+    let attribution = match raw.attribution {
+        Some(_) if family != Family::Ads => {
+            ads_only("attribution", problems);
+            AttributionSpec::default()
+        }
+        Some(a) => {
+            let window_s = a.window_s.unwrap_or(600.0);
+            if !(window_s.is_finite() && window_s * 1000.0 >= 1.0) {
+                problems.add(
+                    format!("{field}.attribution.window_s"),
+                    format!("{window_s} is not a positive number of seconds (at least 0.001)"),
+                );
+            }
+            AttributionSpec {
+                window_ms: ((window_s * 1000.0).round() as u64).max(1),
+            }
+        }
+        None => AttributionSpec::default(),
+    };
+    let features = match raw.features {
+        Some(_) if family != Family::Ads => {
+            ads_only("features", problems);
+            Vec::new()
+        }
+        Some(list) => feature_specs(list, &field, problems),
+        None => Vec::new(),
+    };
+    let examples = match raw.examples {
+        Some(_) if family != Family::Ads => {
+            ads_only("examples", problems);
+            SinkSpec::None
+        }
+        Some(raw) => {
+            sink_spec(raw, &format!("{field}.examples"), base, problems).unwrap_or(SinkSpec::None)
+        }
+        None => SinkSpec::None,
+    };
+    let matching_lateness = raw.matching.as_ref().and_then(|m| m.lateness_s);
+    let time = event_time(raw.time, matching_lateness, family, &field, problems);
     let learner = raw.learner.and_then(|l| {
         if family != Family::Ads {
             problems.add(
@@ -396,6 +473,30 @@ pub(super) fn pipeline(
                 hash_bits: hashing.bits(),
             }),
         };
+        let mut chosen = Vec::new();
+        for (k, wanted) in l.features.unwrap_or_default().iter().enumerate() {
+            match features.iter().position(|f| f.name == *wanted) {
+                Some(f) if !chosen.contains(&f) => chosen.push(f),
+                Some(_) => problems.add(
+                    format!("{field}.learner.features[{k}]"),
+                    format!("{wanted:?} is listed twice"),
+                ),
+                None => problems.add(
+                    format!("{field}.learner.features[{k}]"),
+                    format!(
+                        "{wanted:?} is not a feature of this pipeline (defined: {})",
+                        names_or_none(&features)
+                    ),
+                ),
+            }
+        }
+        let window_s = l.window_s.unwrap_or(3600.0);
+        if !(window_s.is_finite() && window_s * 1000.0 >= 1.0) {
+            problems.add(
+                format!("{field}.learner.window_s"),
+                format!("{window_s} is not a positive number of seconds (at least 0.001)"),
+            );
+        }
         Some(LearnerSpec {
             delta,
             lambda,
@@ -403,6 +504,8 @@ pub(super) fn pipeline(
             snapshots: l.snapshots.map(|s| resolve_path(base, &s)),
             fixed,
             hashing,
+            features: chosen,
+            window_ms: ((window_s * 1000.0).round() as u64).max(1),
         })
     });
     let matching = raw.matching.and_then(|m| {
@@ -424,9 +527,161 @@ pub(super) fn pipeline(
         epoch_events: epoch_events.max(1),
         epoch_ms: epoch_ms.max(1),
         max_epochs_in_flight: max_epochs_in_flight.max(1),
+        time,
+        attribution,
+        features,
+        examples,
         learner,
         matching,
     })
+}
+
+/// The features' names, or `none`.
+fn names_or_none(features: &[FeatureSpec]) -> String {
+    if features.is_empty() {
+        return "none".into();
+    }
+    features
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Resolves `[[pipelines.<name>.features]]`.
+fn feature_specs(list: Vec<RawFeature>, field: &str, problems: &mut Problems) -> Vec<FeatureSpec> {
+    let mut out: Vec<FeatureSpec> = Vec::new();
+    for (k, raw) in list.into_iter().enumerate() {
+        let at = format!("{field}.features[{k}]");
+        let name = required_text(raw.name, &format!("{at}.name"), problems);
+        if let Some(name) = &name
+            && out.iter().any(|f| f.name == *name)
+        {
+            problems.add(format!("{at}.name"), format!("{name:?} is defined twice"));
+        }
+        let measure = match raw.measure.as_deref() {
+            None => {
+                problems.add(
+                    format!("{at}.measure"),
+                    "is required: \"impressions\" or \"clicks\"",
+                );
+                None
+            }
+            Some(m) => {
+                let parsed = Measure::parse(m);
+                if parsed.is_none() {
+                    problems.add(
+                        format!("{at}.measure"),
+                        format!("{m:?} is not \"impressions\" or \"clicks\""),
+                    );
+                }
+                parsed
+            }
+        };
+        let key = match raw.key.as_deref() {
+            None => {
+                problems.add(
+                    format!("{at}.key"),
+                    "is required (a field path such as \"member_id\")",
+                );
+                None
+            }
+            Some(path) => match KeyField::parse(path) {
+                None => {
+                    let known: Vec<&str> = KeyField::ALL.iter().map(|(p, _)| *p).collect();
+                    problems.add(
+                        format!("{at}.key"),
+                        format!(
+                            "{path:?} is not a field of ad_impression or ad_click (keys: {})",
+                            known.join(", ")
+                        ),
+                    );
+                    None
+                }
+                Some(key) if measure == Some(Measure::Clicks) && !key.on_clicks() => {
+                    problems.add(
+                        format!("{at}.key"),
+                        format!(
+                            "{path:?} is not a field of ad_click, so clicks cannot be counted by it (clicks carry member_id, item_id, campaign_id)"
+                        ),
+                    );
+                    None
+                }
+                Some(key) => Some(key),
+            },
+        };
+        let window_s = raw.window_s.unwrap_or(0.0);
+        if raw.window_s.is_none() {
+            problems.add(format!("{at}.window_s"), "is required (seconds, > 0)");
+        } else if !(window_s.is_finite() && window_s * 1000.0 >= 1.0) {
+            problems.add(
+                format!("{at}.window_s"),
+                format!("{window_s} is not a positive number of seconds (at least 0.001)"),
+            );
+        }
+        if let (Some(name), Some(key), Some(measure)) = (name, key, measure) {
+            out.push(FeatureSpec {
+                name,
+                key,
+                measure,
+                window_ms: ((window_s * 1000.0).round() as u64).max(1),
+            });
+        }
+    }
+    out
+}
+
+/// Resolves `[pipelines.<name>.time]`; a dispatch pipeline's
+/// `matching.lateness_s` is its watermark delay when `[time]` sets none.
+fn event_time(
+    raw: Option<RawTime>,
+    matching_lateness_s: Option<f64>,
+    family: Family,
+    field: &str,
+    problems: &mut Problems,
+) -> EventTime {
+    let raw = raw.unwrap_or_default();
+    let defaults = EventTime::default();
+    if raw.watermark_delay_s.is_some() && matching_lateness_s.is_some() {
+        problems.add(
+            format!("{field}.matching.lateness_s"),
+            "is the watermark delay: set time.watermark_delay_s or matching.lateness_s, not both",
+        );
+    }
+    let mut seconds = |name: &str, value: Option<f64>, default_ms: u64| -> u64 {
+        match value {
+            None => default_ms,
+            Some(v) if v.is_finite() && v >= 0.0 => (v * 1000.0).round() as u64,
+            Some(v) => {
+                problems.add(
+                    format!("{field}.time.{name}"),
+                    format!("{v} is not a number of seconds >= 0"),
+                );
+                default_ms
+            }
+        }
+    };
+    let delay_default = match family {
+        Family::Ads => defaults.watermark_delay_ms,
+        Family::Dispatch => 4_000,
+    };
+    let watermark_delay_ms = seconds(
+        "watermark_delay_s",
+        raw.watermark_delay_s.or(matching_lateness_s),
+        delay_default,
+    );
+    let max_future_ms = seconds("max_future_s", raw.max_future_s, defaults.max_future_ms);
+    let idle_ms = seconds("idle_s", raw.idle_s, defaults.idle_ms);
+    let bucket_ms = raw.bucket_ms.unwrap_or(defaults.bucket_ms);
+    if bucket_ms == 0 {
+        problems.add(format!("{field}.time.bucket_ms"), "must be at least 1");
+    }
+    EventTime {
+        watermark_delay_ms,
+        max_future_ms,
+        bucket_ms: bucket_ms.max(1),
+        idle_ms,
+    }
 }
 
 /// Resolves `[pipelines.<name>.matching]` (`field` is its dotted path).
@@ -469,6 +724,8 @@ fn matching_spec(
     config.plan.travel.speed_kmh = positive("speed_kmh", m.speed_kmh, config.plan.travel.speed_kmh);
     let max_wait_s = positive("max_wait_s", m.max_wait_s, 300.0);
     let driver_stale_s = positive("driver_stale_s", m.driver_stale_s, 120.0);
+    let value_sync_s = positive("value_sync_s", m.value_sync_s, 60.0);
+    config.value_sync_ms = (value_sync_s * 1000.0) as i64;
     config.max_wait_ms = (max_wait_s * 1000.0) as i64;
     config.driver_stale_ms = (driver_stale_s * 1000.0) as i64;
     let lateness_s = m.lateness_s.unwrap_or(4.0);
@@ -478,7 +735,7 @@ fn matching_spec(
             format!("{lateness_s} is not a number >= 0"),
         );
     } else {
-        config.lateness_ms = (lateness_s * 1000.0) as i64;
+        let _ = lateness_s; // the watermark delay (see event_time)
     }
     let rider_value = m.rider_value.unwrap_or(config.plan.matching.rider_value);
     if !(rider_value.is_finite() && rider_value >= 0.0) {
