@@ -8,6 +8,7 @@ mod cli;
 mod cluster;
 mod device_model;
 mod events;
+mod features;
 mod gemma;
 mod kafka;
 mod learner;

@@ -16,7 +16,12 @@ fn impression(id: u64, t: i64, member: u64) -> AdEvent {
         item_id: 1 + member % 3,
         campaign_id: member % 2,
         context: AdContext {
-            device: if member.is_multiple_of(2) { "mobile" } else { "desktop" }.into(),
+            device: if member.is_multiple_of(2) {
+                "mobile"
+            } else {
+                "desktop"
+            }
+            .into(),
             placement: "feed".into(),
             position: 1,
             country: "US".into(),
