@@ -343,3 +343,85 @@ path = "{}"
         assert!(reasons.iter().any(|r| r.contains("max_future_s")));
     }
 }
+
+/// Drops the fields that measure wall-clock time.
+fn without_timing(mut line: Value) -> Value {
+    for p in line["pipelines"].as_array_mut().unwrap() {
+        if let Some(m) = p.get_mut("matching").and_then(Value::as_object_mut) {
+            m.remove("window_p99_ms");
+        }
+        p["dead_letter"]["path"] = Value::Null;
+    }
+    line
+}
+
+#[test]
+fn the_main_jobs_pipelines_give_the_same_answer_every_run_at_every_layout_even_under_load() {
+    // The pipelines of examples/local.toml, on a smaller stream.
+    let local =
+        std::fs::read_to_string(dima_tests::repo_root().join("examples/local.toml")).unwrap();
+    let start = local.find("[pipelines.ads]").unwrap();
+    let end = local.find("[inference]").unwrap();
+    let pipelines = &local[start..end];
+    assert!(
+        pipelines.contains("late_fraction") && pipelines.contains("[[pipelines.ads.features]]")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut first: Option<(Value, Vec<u8>, Vec<u8>)> = None;
+    for (run, (processes, workers), busy) in [
+        (0, (2, 1), false),
+        (1, (2, 1), true),
+        (2, (2, 1), false),
+        (3, (1, 1), false),
+        (4, (2, 2), false),
+    ] {
+        let here = dir.path().join(format!("run{run}"));
+        std::fs::create_dir_all(&here).unwrap();
+        let manifest = write(
+            &here,
+            "m.toml",
+            &layout_manifest(processes, workers, pipelines),
+        );
+        // Another process keeps both CPUs busy during one run.
+        let hogs: Vec<std::process::Child> = (0..if busy { 2 } else { 0 })
+            .map(|_| {
+                std::process::Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let done = run_dima(
+            &[
+                "up",
+                manifest.to_str().unwrap(),
+                "--job",
+                "pipelines",
+                "--events",
+                "40000",
+            ],
+            LIMIT,
+        );
+        for mut hog in hogs {
+            hog.kill().ok();
+            hog.wait().ok();
+        }
+        done.assert_success().assert_no_panic();
+        let line = without_timing(serde_json::from_str(done.last_line()).unwrap());
+        let dispatches = std::fs::read(here.join("out/dispatches.jsonl")).unwrap();
+        let examples = std::fs::read(here.join("out/examples.jsonl")).unwrap();
+        assert!(!dispatches.is_empty() && !examples.is_empty());
+        let layout = format!(
+            "run {run}: {processes}x{workers}{}",
+            if busy { " under load" } else { "" }
+        );
+        match &first {
+            None => first = Some((line, dispatches, examples)),
+            Some((l, d, e)) => {
+                assert_eq!(*l, line, "{layout}");
+                assert!(*d == dispatches, "{layout}: dispatches differ");
+                assert!(*e == examples, "{layout}: examples differ");
+            }
+        }
+    }
+}

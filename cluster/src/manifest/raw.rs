@@ -196,6 +196,7 @@ pub(super) struct RawSource {
     pub campaign_walk_sd: Option<f64>,
     pub campaign_lifetime_hours: Option<f64>,
     pub global_drift_per_day: Option<f64>,
+    pub shards: Option<u64>,
     pub jitter_s: Option<f64>,
     pub late_fraction: Option<f64>,
     pub late_by_s: Option<f64>,

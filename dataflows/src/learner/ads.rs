@@ -358,10 +358,23 @@ pub struct LearnerSummary {
     pub windows: Vec<WindowMetrics>,
 }
 
+/// Scores as (p, y) in example-id order: sums then do not depend on the
+/// order in which workers' scores arrived.
+fn in_id_order<'a>(scored: impl Iterator<Item = &'a (u64, f64, f64)>) -> Vec<(f64, f64)> {
+    let mut all: Vec<(u64, f64, f64)> = scored.copied().collect();
+    all.sort_by(|a, b| {
+        (a.0, a.1, a.2)
+            .partial_cmp(&(b.0, b.1, b.2))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    all.into_iter().map(|(_, p, y)| (p, y)).collect()
+}
+
 /// Accumulates learner outputs (on worker 0) into a [`LearnerSummary`].
 #[derive(Debug, Default)]
 pub struct LearnerTally {
-    scored: BTreeMap<u64, Vec<(f64, f64)>>,
+    /// Per window: (example id, p, y).
+    scored: BTreeMap<u64, Vec<(u64, f64, f64)>>,
     entities: FxHashSet<u64>,
     updates: u64,
     failed: u64,
@@ -372,8 +385,8 @@ impl LearnerTally {
     /// Adds one output of window `window`.
     pub fn add(&mut self, window: u64, output: LearnerOutput) {
         match output {
-            LearnerOutput::Scored { p, y, .. } => {
-                self.scored.entry(window).or_default().push((p, y))
+            LearnerOutput::Scored { id, p, y } => {
+                self.scored.entry(window).or_default().push((id, p, y))
             }
             LearnerOutput::Snapshot { entity, .. } => {
                 self.updates += 1;
@@ -398,19 +411,19 @@ impl LearnerTally {
 
     /// AUC and logloss of `window`, when it has scores.
     pub fn window_metrics(&self, window: u64) -> Option<(Option<f64>, Option<f64>, u64)> {
-        let scored = self.scored.get(&window)?;
-        let mut copy = scored.clone();
-        Some((auc(&mut copy), logloss(scored), scored.len() as u64))
+        let mut scored = in_id_order(self.scored.get(&window)?.iter());
+        let logloss = logloss(&scored);
+        Some((auc(&mut scored), logloss, scored.len() as u64))
     }
 
     /// The summary so far.
     pub fn summary(&self) -> LearnerSummary {
-        let mut all: Vec<(f64, f64)> = self.scored.values().flatten().copied().collect();
+        let mut all = in_id_order(self.scored.values().flatten());
         let windows = self
             .scored
             .iter()
             .map(|(w, s)| {
-                let mut s = s.clone();
+                let mut s = in_id_order(s.iter());
                 WindowMetrics {
                     window: *w,
                     examples: s.len() as u64,

@@ -240,8 +240,9 @@ pub struct ValueShardStats {
     pub states: usize,
     /// Updates applied so far.
     pub updates: u64,
-    /// Sum of the values (for the mean over shards).
-    pub sum: f64,
+    /// Sum of the values in millionths, each value rounded first: integer
+    /// sums add up the same however the states are spread over shards.
+    pub sum_micro: i64,
 }
 
 /// What the matching dataflow emits.
@@ -295,7 +296,79 @@ struct TripRecord {
     busy_s: f64,
 }
 
-/// One worker's matcher state.
+/// The matchers of one worker, one per region it owns: what a region
+/// matches does not depend on which other regions share its worker, so the
+/// dispatches are the same for any number of workers.
+#[derive(Debug)]
+struct Regions {
+    config: MatchConfig,
+    worker: usize,
+    by_region: BTreeMap<u64, Matcher>,
+    /// The value function as this worker has received it (a new region's
+    /// matcher starts from it).
+    values: ValueTable,
+}
+
+impl Regions {
+    fn new(config: MatchConfig, worker: usize) -> Self {
+        Self {
+            values: ValueTable::new(config.plan.value.alpha),
+            config,
+            worker,
+            by_region: BTreeMap::new(),
+        }
+    }
+
+    /// A located event to its region's matcher; the others (completions,
+    /// cancellations) to every region's (only the one that knows the
+    /// request acts on them).
+    fn add(&mut self, event: MatchEvent) {
+        match event.location() {
+            Some(at) => {
+                let region = cell_of(at, self.config.region_resolution);
+                self.by_region
+                    .entry(region)
+                    .or_insert_with(|| {
+                        let mut m = Matcher::new(self.config.clone(), self.worker);
+                        m.values = self.values.clone();
+                        m
+                    })
+                    .add(event);
+            }
+            None => {
+                for m in self.by_region.values_mut() {
+                    m.add(event.clone());
+                }
+            }
+        }
+    }
+
+    fn set_value(&mut self, key: ValueKey, v: f64) {
+        self.values.set(key, v);
+        for m in self.by_region.values_mut() {
+            m.values.set(key, v);
+        }
+    }
+
+    /// The earliest window some region has due by `upto`.
+    fn next_due(&mut self, upto: Option<i64>) -> Option<i64> {
+        self.by_region
+            .values_mut()
+            .filter_map(|m| m.next_due(upto))
+            .min()
+    }
+
+    /// Matches `window` in every region that has it due.
+    fn match_window(&mut self, window: i64, upto: Option<i64>, out: &mut Vec<Matched>) {
+        for m in self.by_region.values_mut() {
+            if m.next_due(upto) == Some(window) {
+                m.match_window(window, out);
+            }
+        }
+    }
+}
+
+/// One region's matcher state.
 #[derive(Debug)]
 struct Matcher {
     config: MatchConfig,
@@ -643,7 +716,7 @@ impl MatchTally {
             super::simulate::quantile(&sorted, q)
         };
         let states = self.value_states();
-        let sum: f64 = self.shards.values().map(|s| s.sum).sum();
+        let sum = self.shards.values().map(|s| s.sum_micro).sum::<i64>() as f64 / 1e6;
         MatchingSummary {
             policy: policy.name(),
             windows: self.windows,
@@ -741,7 +814,7 @@ pub fn match_dispatch<'scope>(
         Pipeline,
         "Match",
         move |initial, _info| {
-            let mut matcher = Matcher::new(config, worker);
+            let mut matcher = Regions::new(config, worker);
             let mut clock = Some(initial);
             let mut values_due: BTreeMap<u64, Vec<(ValueKey, f64)>> = BTreeMap::new();
             move |(input, frontier), (values, values_frontier), output| {
@@ -774,11 +847,11 @@ pub fn match_dispatch<'scope>(
                             break;
                         }
                         for (key, v) in entry.remove() {
-                            matcher.values.set(key, v);
+                            matcher.set_value(key, v);
                         }
                     }
                     let mut out = Vec::new();
-                    matcher.match_window(window, &mut out);
+                    matcher.match_window(window, upto, &mut out);
                     // TD updates leave at the end of the value period: the
                     // owners then apply a period at a time.
                     let (td, results): (Vec<Matched>, Vec<Matched>) =
@@ -847,7 +920,7 @@ pub fn match_dispatch<'scope>(
                                 worker,
                                 states: table.len(),
                                 updates: table.updates(),
-                                sum: table.mean() * table.len() as f64,
+                                sum_micro: table.sum_micro(),
                             }),
                         ));
                     }

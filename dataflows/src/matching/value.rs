@@ -269,6 +269,12 @@ impl ValueTable {
         self.updates
     }
 
+    /// Sum of the values in millionths, each rounded first (exact and
+    /// order-free to add across shards).
+    pub fn sum_micro(&self) -> i64 {
+        self.values.values().map(|v| (v * 1e6).round() as i64).sum()
+    }
+
     /// Mean value over the states that have one (0 when empty).
     pub fn mean(&self) -> f64 {
         if self.values.is_empty() {

@@ -32,6 +32,9 @@ pub struct GeneratorSpec {
     pub events: u64,
     /// Seed: the same seed and shard count give the same events.
     pub seed: u64,
+    /// Shards of the stream (spread over the workers; the stream does not
+    /// depend on how many workers there are).
+    pub shards: u64,
     /// Fraction of lines corrupted on purpose (dead-letter traffic), 0 to 1.
     pub malformed_fraction: f64,
     /// Wall-clock rate across the cluster; `None` is as fast as possible.
@@ -63,6 +66,7 @@ impl GeneratorSpec {
             family,
             events: 100_000,
             seed: 42,
+            shards: 4,
             malformed_fraction: 0.0,
             events_per_second: None,
             simulated_rate: match family {
@@ -208,7 +212,7 @@ pub fn open_source(
     workers: usize,
 ) -> Result<Box<dyn source::RecordSource>, source::SourceError> {
     Ok(match spec {
-        SourceSpec::Generator(g) => Box::new(source::GeneratedLines::new(
+        SourceSpec::Generator(g) => Box::new(source::GeneratorShards::new(
             g,
             worker as u64,
             workers as u64,

@@ -242,6 +242,9 @@ struct Runner {
     in_flight: BTreeMap<u64, u64>,
     /// The greatest timestamp sent so far.
     sent_upto: u64,
+    /// Records read since the input last gave up timestamps, and when.
+    since_report: u64,
+    reported_at: Instant,
     read: u64,
     read_counter: IntCounter,
     rate: Option<f64>,
@@ -362,6 +365,7 @@ impl Runner {
         }
         let mut batch = Vec::with_capacity(room);
         let more = self.source.fill(room, &mut batch)?;
+        let batch_len = batch.len() as u64;
         self.read += batch.len() as u64;
         self.read_counter.inc_by(batch.len() as u64);
         let time = self.spec.time;
@@ -429,7 +433,16 @@ impl Runner {
                 active.session(&cap.delayed(&t)).give_container(&mut group);
             }
         }
-        if let Some(w) = watermark {
+        // A worker reports progress (gives up timestamps) once per
+        // `epoch_events` records or `epoch_ms`, whichever comes first, and
+        // at the end.
+        self.since_report += batch_len;
+        let report = self.since_report >= self.spec.epoch_events
+            || self.reported_at.elapsed() >= Duration::from_millis(self.spec.epoch_ms)
+            || !more;
+        if report && let Some(w) = watermark {
+            self.since_report = 0;
+            self.reported_at = now;
             let next = bucket(w, time.bucket_ms);
             if next > *cap.time() {
                 self.closed_at.push_back((*cap.time(), now));
@@ -961,6 +974,8 @@ fn build(
         clocks: BTreeMap::new(),
         in_flight: BTreeMap::new(),
         sent_upto: 0,
+        since_report: 0,
+        reported_at: Instant::now(),
         read: 0,
         read_counter: metrics.records(&dataflow, "read", index),
         rate,

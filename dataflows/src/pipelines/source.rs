@@ -69,7 +69,8 @@ impl Origin {
     pub fn share(&self) -> u32 {
         match self {
             Self::Kafka { partition, .. } => *partition as u32,
-            Self::Generated { .. } | Self::File { .. } => 0,
+            Self::Generated { shard, .. } => *shard as u32,
+            Self::File { .. } => 0,
         }
     }
 }
@@ -328,6 +329,54 @@ impl RecordSource for GeneratedLines {
             });
         }
         Ok(self.remaining > 0)
+    }
+}
+
+/// A worker's generator shards: worker `w` of `W` runs the shards `s` with
+/// `s % W == w` (of the spec's `shards`), a batch from each in turn. The
+/// cluster's stream is the same for any number of workers; each shard is a
+/// source share with its own clock.
+#[derive(Debug)]
+pub struct GeneratorShards {
+    shards: Vec<GeneratedLines>,
+    next: usize,
+}
+
+impl GeneratorShards {
+    /// Worker `worker`'s shards of `workers`.
+    pub fn new(spec: &GeneratorSpec, worker: u64, workers: u64) -> Self {
+        let total = spec.shards.max(1);
+        let shards = (0..total)
+            .filter(|s| s % workers.max(1) == worker)
+            .map(|s| GeneratedLines::new(spec, s, total))
+            .collect();
+        Self { shards, next: 0 }
+    }
+}
+
+impl RecordSource for GeneratorShards {
+    fn fill(&mut self, max: usize, out: &mut Vec<Record>) -> Result<bool, SourceError> {
+        let live: Vec<usize> = (0..self.shards.len())
+            .filter(|&i| self.shards[i].remaining > 0)
+            .collect();
+        if live.is_empty() {
+            return Ok(false);
+        }
+        let i = live[self.next % live.len()];
+        self.next = self.next.wrapping_add(1);
+        self.shards[i].fill(max, out)?;
+        Ok(self.shards.iter().any(|s| s.remaining > 0))
+    }
+
+    fn shares(&self) -> Vec<u32> {
+        self.shards.iter().map(|s| s.shard as u32).collect()
+    }
+
+    fn share_finished(&self, share: u32) -> bool {
+        self.shards
+            .iter()
+            .find(|s| s.shard as u32 == share)
+            .is_none_or(|s| s.remaining == 0)
     }
 }
 

@@ -95,6 +95,7 @@ fn foreign_fields(raw: &RawSource, kind: &str) -> Vec<&'static str> {
             raw.campaign_lifetime_hours.is_some(),
         ),
         ("global_drift_per_day", raw.global_drift_per_day.is_some()),
+        ("shards", raw.shards.is_some()),
         ("jitter_s", raw.jitter_s.is_some()),
         ("late_fraction", raw.late_fraction.is_some()),
         ("late_by_s", raw.late_by_s.is_some()),
@@ -260,7 +261,12 @@ pub(super) fn pipeline(
                     format!("{late_fraction} is not between 0 and 1"),
                 );
             }
+            let shards = source_raw.shards.unwrap_or(defaults.shards);
+            if shards == 0 {
+                problems.add(format!("{field}.source.shards"), "must be at least 1");
+            }
             Some(SourceSpec::Generator(GeneratorSpec {
+                shards: shards.max(1),
                 jitter_ms,
                 late_by_ms,
                 late_fraction: late_fraction.clamp(0.0, 1.0),
