@@ -9,6 +9,7 @@ mod count;
 mod decode;
 mod dispatch;
 mod events;
+mod features;
 mod generate;
 #[cfg(feature = "cuda")]
 pub mod gpu;
@@ -21,6 +22,7 @@ pub use count::bench_count;
 pub use decode::bench_decode;
 pub use dispatch::{bench_dispatch, gain, plot_learning};
 pub use events::bench_events;
+pub use features::bench_features;
 pub use generate::bench_generate;
 pub use learner::{LearnerBench, bench_learner};
 pub use matching::bench_matching;

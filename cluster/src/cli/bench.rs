@@ -157,6 +157,21 @@ pub enum BenchCommand {
         #[arg(long, value_name = "BROKERS")]
         kafka: Option<String>,
     },
+    /// The ads pipeline with attribution and four windowed features
+    /// through `dima up` per layout, next to the plain parse-and-count
+    /// pipeline on the same file in the same run. One JSON line per layout.
+    Features {
+        /// Events per run.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Layouts as PROCESSESxWORKERS, comma separated (1x1 first: the
+        /// others are also compared with it).
+        #[arg(long, value_delimiter = ',', default_value = "1x1,2x1,1x2")]
+        layouts: Vec<Layout>,
+        /// Runs per layout; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -349,6 +364,11 @@ pub fn run(command: &BenchCommand) -> Result<(), Failure> {
         } => {
             crate::bench::bench_events(&this_exe()?, *events, layouts, *repeat, kafka.as_deref())?;
         }
+        BenchCommand::Features {
+            events,
+            layouts,
+            repeat,
+        } => crate::bench::bench_features(&this_exe()?, *events, layouts, *repeat)?,
         BenchCommand::Learner(args) => learner(args)?,
         BenchCommand::Matching {
             input,

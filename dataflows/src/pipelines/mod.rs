@@ -159,8 +159,10 @@ pub struct PipelineSpec {
     pub max_epochs_in_flight: u64,
     /// The event-time clock: watermark delay, future bound, bucket.
     pub time: crate::features::EventTime,
-    /// Click attribution (ads only).
-    pub attribution: crate::features::AttributionSpec,
+    /// Click attribution (ads only). The ads stages (attribution, features,
+    /// examples, the learner) run when it is set; without it the pipeline
+    /// parses, counts and sinks only.
+    pub attribution: Option<crate::features::AttributionSpec>,
     /// Windowed streaming features (ads only).
     pub features: Vec<crate::features::FeatureSpec>,
     /// Where labelled examples go (ads only; [`SinkSpec::None`] counts them).

@@ -39,7 +39,6 @@ use crate::matching::operator::{
     DispatchRecord, MatchEvent, MatchOutput, MatchTally, MatchingSummary, match_dispatch,
 };
 use crate::metrics::{DataflowMetrics, FrontierMetrics, PipelineMetrics};
-use crate::placement::route;
 
 /// Records are read from a source in batches of at most this many.
 const BATCH: usize = 4096;
@@ -550,7 +549,7 @@ fn open_writer(spec: &SinkSpec, index: usize, failed: &dyn Fn(String)) -> Shared
     Rc::new(RefCell::new(writer))
 }
 
-/// Counts valid events per type on the entity's owner and gathers the
+/// Counts valid events per type where they were read and gathers the
 /// counts on worker 0 at the end of the stream.
 fn count_by_type(
     valid: StreamVec<'_, u64, Parsed>,
@@ -560,10 +559,8 @@ fn count_by_type(
 ) {
     valid
         .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<[u64; 6]>>, _, _, _>(
-            Exchange::new(|p: &Parsed| match p {
-                Parsed::Valid(key, _) => route(*key),
-                Parsed::Invalid(..) => 0,
-            }),
+            // Counted where they were read: no later stage needs them moved.
+            Pipeline,
             "CountByType",
             move |initial, _info| {
                 let mut capability = Some(initial);
@@ -745,7 +742,7 @@ fn build(
             metrics.records(&dataflow, "count_by_type", index),
             &probe,
         );
-        if family == Family::Ads {
+        if let (Family::Ads, Some(attribution)) = (family, spec.attribution) {
             let events = valid.clone().flat_map(|p| match p {
                 Parsed::Valid(_, WireEvent::AdImpression(i)) => Some(AdEvent::Impression(i)),
                 Parsed::Valid(_, WireEvent::AdClick(c)) => Some(AdEvent::Click(c)),
@@ -754,9 +751,9 @@ fn build(
             let features: Rc<[FeatureSpec]> = spec.features.clone().into();
             let values = events.clone().window_counts(Rc::clone(&features));
             let attributed =
-                events.attribute(values, spec.attribution, bucket_ms, features.len());
+                events.attribute(values, attribution, bucket_ms, features.len());
             // Orphan clicks are dead letters with their reason.
-            let window_ms = spec.attribution.window_ms;
+            let window_ms = attribution.window_ms;
             let pipeline = name.clone();
             let orphans = attributed.clone().flat_map(move |o| match o {
                 AttributionOutput::Orphan(click) => {
@@ -990,7 +987,7 @@ fn build(
         dead,
         dead_counts,
         examples,
-        ads: (family == Family::Ads).then_some(ads_report),
+        ads: (family == Family::Ads && spec.attribution.is_some()).then_some(ads_report),
         tally: spec.learner.is_some().then_some(tally),
         matching: spec
             .matching
@@ -1193,7 +1190,7 @@ impl Runner {
                 written: written(&self.dead),
             },
             attribution: ads.as_ref().map(|r| AttributionSummary {
-                window_s: self.spec.attribution.window_ms as f64 / 1000.0,
+                window_s: self.spec.attribution.map_or(0, |a| a.window_ms) as f64 / 1000.0,
                 positives: r.positives,
                 negatives: r.negatives,
                 orphan_clicks: dead.orphans.get(),
@@ -1277,7 +1274,7 @@ mod tests {
             epoch_ms: 1000,
             max_epochs_in_flight: 2,
             time: crate::features::EventTime::default(),
-            attribution: crate::features::AttributionSpec::default(),
+            attribution: None,
             features: Vec::new(),
             examples: SinkSpec::None,
             learner: None,

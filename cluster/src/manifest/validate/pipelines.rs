@@ -357,6 +357,7 @@ pub(super) fn pipeline(
             "applies to ads pipelines only (attribution, features and examples are the ads pipeline's)",
         );
     };
+    let attribution_set = raw.attribution.is_some();
     let attribution = match raw.attribution {
         Some(_) if family != Family::Ads => {
             ads_only("attribution", problems);
@@ -534,7 +535,13 @@ pub(super) fn pipeline(
         epoch_ms: epoch_ms.max(1),
         max_epochs_in_flight: max_epochs_in_flight.max(1),
         time,
-        attribution,
+        // The ads stages run when any of them is configured.
+        attribution: (family == Family::Ads
+            && (attribution_set
+                || !features.is_empty()
+                || examples != SinkSpec::None
+                || learner.is_some()))
+        .then_some(attribution),
         features,
         examples,
         learner,
