@@ -173,6 +173,20 @@ pub struct PipelineSpec {
     pub matching: Option<MatchingSpec>,
 }
 
+impl PipelineSpec {
+    /// The attribution the ads stages run with, when they run: set, or
+    /// the default when features, examples or a learner need them.
+    pub fn ads_stages(&self) -> Option<crate::features::AttributionSpec> {
+        if self.family != Family::Ads {
+            return None;
+        }
+        let needed =
+            self.learner.is_some() || !self.features.is_empty() || self.examples != SinkSpec::None;
+        self.attribution
+            .or_else(|| needed.then(crate::features::AttributionSpec::default))
+    }
+}
+
 /// The dispatch matcher of a pipeline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MatchingSpec {

@@ -742,7 +742,7 @@ fn build(
             metrics.records(&dataflow, "count_by_type", index),
             &probe,
         );
-        if let (Family::Ads, Some(attribution)) = (family, spec.attribution) {
+        if let Some(attribution) = spec.ads_stages() {
             let events = valid.clone().flat_map(|p| match p {
                 Parsed::Valid(_, WireEvent::AdImpression(i)) => Some(AdEvent::Impression(i)),
                 Parsed::Valid(_, WireEvent::AdClick(c)) => Some(AdEvent::Click(c)),
@@ -987,7 +987,7 @@ fn build(
         dead,
         dead_counts,
         examples,
-        ads: (family == Family::Ads && spec.attribution.is_some()).then_some(ads_report),
+        ads: spec.ads_stages().is_some().then_some(ads_report),
         tally: spec.learner.is_some().then_some(tally),
         matching: spec
             .matching
@@ -1190,7 +1190,7 @@ impl Runner {
                 written: written(&self.dead),
             },
             attribution: ads.as_ref().map(|r| AttributionSummary {
-                window_s: self.spec.attribution.map_or(0, |a| a.window_ms) as f64 / 1000.0,
+                window_s: self.spec.ads_stages().map_or(0, |a| a.window_ms) as f64 / 1000.0,
                 positives: r.positives,
                 negatives: r.negatives,
                 orphan_clicks: dead.orphans.get(),
