@@ -314,3 +314,85 @@ fn a_broker_down_at_start_or_mid_run_is_retried() {
     let unique: BTreeSet<&String> = out.iter().collect();
     assert_eq!(unique.len() as u64, TOTAL, "every event arrived");
 }
+
+/// The same ads stream from a 4-partition topic (keyed by member, so each
+/// partition is one share with its own watermark) and from a JSONL file
+/// gives the same examples, labels and features.
+#[test]
+fn a_four_partition_topic_gives_the_same_examples_as_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&dir.path().join("broker"));
+    let address = broker.address();
+    let file = dir.path().join("ads.jsonl");
+    generate(
+        "ads",
+        30_000,
+        9,
+        0.0,
+        &format!("kafka:{address}/ads-features"),
+    );
+    generate("ads", 30_000, 9, 0.0, &format!("jsonl:{}", file.display()));
+    let stages = r#"
+[pipelines.ads.attribution]
+window_s = 600
+
+[[pipelines.ads.features]]
+name = "member_clicks_1h"
+key = "member_id"
+measure = "clicks"
+window_s = 3600
+
+[[pipelines.ads.features]]
+name = "campaign_impressions_10m"
+key = "campaign_id"
+measure = "impressions"
+window_s = 600
+
+[pipelines.ads.examples]
+kind = "jsonl"
+path = "out/examples.jsonl"
+"#;
+    let mut runs = Vec::new();
+    for (name, source, layout) in [
+        (
+            "kafka",
+            format!(
+                "[pipelines.ads.source]\nkind = \"kafka\"\nbrokers = \"{address}\"\ntopic = \"ads-features\"\ngroup = \"features\"\nstop_at_end = true\n"
+            ),
+            (2, 2),
+        ),
+        (
+            "file",
+            format!(
+                "[pipelines.ads.source]\nkind = \"jsonl\"\npath = \"{}\"\n",
+                file.display()
+            ),
+            (1, 1),
+        ),
+    ] {
+        let here = dir.path().join(name);
+        std::fs::create_dir_all(&here).unwrap();
+        let pipelines = format!("[pipelines.ads]\nepoch_events = 2000\n{source}{stages}");
+        let manifest = write(
+            &here,
+            "m.toml",
+            &layout_manifest(layout.0, layout.1, &pipelines),
+        );
+        let done = run_dima(
+            &["up", manifest.to_str().unwrap(), "--job", "pipelines"],
+            LIMIT,
+        );
+        done.assert_success().assert_no_panic();
+        let result: Value = serde_json::from_str(done.last_line()).unwrap();
+        let mut examples = lines(&here.join("out/examples.jsonl"));
+        examples.sort();
+        runs.push((result["pipelines"][0].clone(), examples));
+    }
+    let (kafka, file) = (&runs[0], &runs[1]);
+    assert_eq!(kafka.0["read"], 30_000, "{}", kafka.0);
+    assert_eq!(kafka.0["late"], 0, "{}", kafka.0);
+    assert_eq!(kafka.0["attribution"], file.0["attribution"]);
+    assert_eq!(kafka.0["features"], file.0["features"]);
+    assert!(kafka.1.len() > 25_000);
+    assert!(kafka.1 == file.1, "the examples differ");
+}

@@ -92,18 +92,52 @@ pub fn validate(args: &ValidateArgs) -> Result<(), Failure> {
                 format!("kafka {}/{} (group {})", k.brokers, k.topic, k.group)
             }
         };
-        let sink = match &p.sink {
+        let describe = |sink: &SinkSpec| match sink {
             SinkSpec::None => "none".to_owned(),
             SinkSpec::Stdout => "stdout".to_owned(),
             SinkSpec::Jsonl { path } => format!("jsonl {}", path.display()),
             SinkSpec::Kafka(k) => format!("kafka {}/{}", k.brokers, k.topic),
         };
+        let sink = describe(&p.sink);
         println!(
             "  pipeline {} ({}): {source} -> {sink}; dead letters {}",
             p.name,
             p.family.name(),
             p.dead_letter.display()
         );
+        let t = p.time;
+        println!(
+            "    event time: watermark delay {} s, max future {} s, buckets of {} ms, idle after {} s",
+            t.watermark_delay_ms as f64 / 1000.0,
+            t.max_future_ms as f64 / 1000.0,
+            t.bucket_ms,
+            t.idle_ms as f64 / 1000.0
+        );
+        if let Some(a) = p.ads_stages() {
+            let features: Vec<String> = p
+                .features
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{} ({} by {} over {} s)",
+                        f.name,
+                        f.measure.name(),
+                        f.key.path(),
+                        f.window_ms as f64 / 1000.0
+                    )
+                })
+                .collect();
+            println!(
+                "    attribution within {} s; features: {}; examples -> {}",
+                a.window_ms as f64 / 1000.0,
+                if features.is_empty() {
+                    "none".to_owned()
+                } else {
+                    features.join(", ")
+                },
+                describe(&p.examples)
+            );
+        }
     }
     if let Some(i) = &manifest.inference {
         let placement = if i.in_one_process() {
