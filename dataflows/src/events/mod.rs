@@ -318,6 +318,20 @@ pub enum WireEvent {
     RequestCancelled(RequestCancelled),
 }
 
+impl WireEvent {
+    /// Index of the type in [`TYPES`].
+    pub fn type_index(&self) -> usize {
+        match self {
+            Self::AdImpression(_) => 0,
+            Self::AdClick(_) => 1,
+            Self::RideRequest(_) => 2,
+            Self::DriverStatus(_) => 3,
+            Self::TripCompleted(_) => 4,
+            Self::RequestCancelled(_) => 5,
+        }
+    }
+}
+
 impl From<Event> for WireEvent {
     fn from(e: Event) -> Self {
         match e {

@@ -31,7 +31,7 @@ use crate::events::{AdClick, AdImpression};
 pub use attribute::{Attribute, AttributionOutput};
 pub use clock::{Admission, ShareClock, bucket};
 pub use oracle::{Recomputed, recompute};
-pub use window_counts::{FeatureValue, WindowCounts};
+pub use window_counts::{FeatureValue, Keyed, WindowCounts, split_for_features};
 
 /// `[pipelines.<name>.time]`: the event-time clock of a pipeline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +54,7 @@ impl Default for EventTime {
         Self {
             watermark_delay_ms: 20_000,
             max_future_ms: 3_600_000,
-            bucket_ms: 1_000,
+            bucket_ms: 10_000,
             idle_ms: 10_000,
         }
     }

@@ -59,9 +59,9 @@ pub fn fingerprint(i: &crate::events::AdImpression) -> u64 {
     h
 }
 
-/// One feature's view of one event.
+/// One feature's view of one event: what [`WindowCounts`] exchanges.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Keyed {
+pub struct Keyed {
     feature: u32,
     key: u64,
     time: u64,
@@ -69,6 +69,81 @@ struct Keyed {
     counts: bool,
     /// An impression asking for its value: its id and fingerprint.
     query: Option<(u64, u64)>,
+}
+
+/// Gives each feature's view of `event` to `give`.
+fn keyed(features: &[FeatureSpec], event: &AdEvent, mut give: impl FnMut(Keyed)) {
+    let impression = match event {
+        AdEvent::Impression(i) => Some(i),
+        AdEvent::Click(_) => None,
+    };
+    let query = impression.map(|i| (i.impression_id, fingerprint(i)));
+    let time = event.time();
+    for (f, spec) in features.iter().enumerate() {
+        let counted = spec.counted(event);
+        let key = match impression {
+            Some(i) => spec.key.of_impression(i),
+            None => match counted {
+                Some(key) => key,
+                None => continue,
+            },
+        };
+        give(Keyed {
+            feature: f as u32,
+            key,
+            time,
+            counts: counted.is_some(),
+            query,
+        });
+    }
+}
+
+/// A feature's view of an event, or the event itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Split {
+    Keyed(Keyed),
+    Event(AdEvent),
+}
+
+/// Splits `events` into the features' views of them (for
+/// [`WindowCounts`]) and the events themselves, moving each event once
+/// (no copy for a second consumer).
+pub fn split_for_features<'scope>(
+    events: StreamVec<'scope, u64, AdEvent>,
+    features: Rc<[FeatureSpec]>,
+) -> (
+    StreamVec<'scope, u64, Keyed>,
+    StreamVec<'scope, u64, AdEvent>,
+) {
+    use timely::dataflow::channels::pact::Pipeline;
+    use timely::dataflow::operators::vec::Partition;
+    let split = events.unary(Pipeline, "SplitFeatures", move |_cap, _info| {
+        move |input, output| {
+            input.for_each(|cap, data| {
+                let mut session = output.session(&cap);
+                for event in data.drain(..) {
+                    keyed(&features, &event, |k| session.give(Split::Keyed(k)));
+                    session.give(Split::Event(event));
+                }
+            });
+        }
+    });
+    let mut parts = split.partition(2, |s| match s {
+        Split::Keyed(_) => (0, s),
+        Split::Event(_) => (1, s),
+    });
+    let events = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
+    let keyed = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
+    (
+        keyed.flat_map(|s| match s {
+            Split::Keyed(k) => Some(k),
+            Split::Event(_) => None,
+        }),
+        events.flat_map(|s| match s {
+            Split::Event(e) => Some(e),
+            Split::Keyed(_) => None,
+        }),
+    )
 }
 
 /// Event times of one (feature, key), sorted, within the window.
@@ -117,32 +192,15 @@ pub trait WindowCounts<'scope> {
 
 impl<'scope> WindowCounts<'scope> for Stream<'scope, u64, Vec<AdEvent>> {
     fn window_counts(self, features: Rc<[FeatureSpec]>) -> StreamVec<'scope, u64, FeatureValue> {
-        let specs = Rc::clone(&features);
-        let keyed = self.flat_map(move |event| {
-            let query = match &event {
-                AdEvent::Impression(i) => Some(i),
-                AdEvent::Click(_) => None,
-            };
-            let time = event.time();
-            specs
-                .iter()
-                .enumerate()
-                .filter_map(|(f, spec)| {
-                    let counted = spec.counted(&event);
-                    let key = match query {
-                        Some(i) => spec.key.of_impression(i),
-                        None => counted?,
-                    };
-                    Some(Keyed {
-                        feature: f as u32,
-                        key,
-                        time,
-                        counts: counted.is_some(),
-                        query: query.map(|i| (i.impression_id, fingerprint(i))),
-                    })
-                })
-                .collect::<Vec<_>>()
-        });
+        let (keyed, _events) = split_for_features(self, Rc::clone(&features));
+        keyed.window_counts(features)
+    }
+}
+
+/// The counts over features' views made by [`split_for_features`].
+impl<'scope> WindowCounts<'scope> for Stream<'scope, u64, Vec<Keyed>> {
+    fn window_counts(self, features: Rc<[FeatureSpec]>) -> StreamVec<'scope, u64, FeatureValue> {
+        let keyed = self;
         let windows: Vec<u64> = features.iter().map(|f| f.window_ms).collect();
         let longest = windows.iter().copied().max().unwrap_or(0);
         keyed.unary_frontier(

@@ -31,7 +31,7 @@ use super::{LearnerSpec, PipelineSpec, SinkSpec, SourceSpec};
 use crate::events::{Event, Family, TYPES, WireEvent, parse_bytes};
 use crate::features::{
     AdEvent, Admission, Attribute, AttributionOutput, FeatureSpec, ShareClock, WindowCounts,
-    bucket, learner_value,
+    bucket, learner_value, split_for_features,
 };
 use crate::learner::ads::{AD_FEATURES, LearnerTally, ad_features};
 use crate::learner::{Example, Learn, LearnerConfig, LearnerOutput, StepParams};
@@ -60,6 +60,9 @@ enum Parsed {
     /// A valid event and its entity key (computed once, at parse time).
     Valid(u64, WireEvent),
     Invalid(DeadLetter, Refusal),
+    /// A worker's valid events per type (indexed as [`TYPES`]), sent once
+    /// when its input closes.
+    Counts([u64; 6]),
 }
 
 /// A valid event of `family` with its key and event time, or why not.
@@ -241,6 +244,8 @@ struct Runner {
     in_flight: BTreeMap<u64, u64>,
     /// The greatest timestamp sent so far.
     sent_upto: u64,
+    /// Valid events read here, per type.
+    counts: [u64; 6],
     /// Records read since the input last gave up timestamps, and when.
     since_report: u64,
     reported_at: Instant,
@@ -399,6 +404,7 @@ impl Runner {
             match admission.reason(time.watermark_delay_ms, time.max_future_ms) {
                 None => {
                     *self.in_flight.entry(at).or_default() += 1;
+                    self.counts[event.type_index()] += 1;
                     groups
                         .entry(at)
                         .or_default()
@@ -462,7 +468,11 @@ impl Runner {
     }
 
     fn finish(&mut self) {
-        if let Some((_, cap)) = self.input.take() {
+        if let Some((mut handle, cap)) = self.input.take() {
+            handle
+                .activate()
+                .session(&cap)
+                .give(Parsed::Counts(self.counts));
             self.closed_at.push_back((*cap.time(), Instant::now()));
             self.source.epoch_closed(self.sent_upto.max(*cap.time()));
         }
@@ -549,48 +559,9 @@ fn open_writer(spec: &SinkSpec, index: usize, failed: &dyn Fn(String)) -> Shared
     Rc::new(RefCell::new(writer))
 }
 
-/// Counts valid events per type where they were read and gathers the
-/// counts on worker 0 at the end of the stream.
-fn count_by_type(
-    valid: StreamVec<'_, u64, Parsed>,
-    totals: Totals,
-    counted: IntCounter,
-    probe: &ProbeHandle<u64>,
-) {
-    valid
-        .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<[u64; 6]>>, _, _, _>(
-            // Counted where they were read: no later stage needs them moved.
-            Pipeline,
-            "CountByType",
-            move |initial, _info| {
-                let mut capability = Some(initial);
-                let mut counts = [0u64; 6];
-                move |(input, frontier), output| {
-                    input.for_each(|_time, data| {
-                        counted.inc_by(data.len() as u64);
-                        for p in data.drain(..) {
-                            if let Parsed::Valid(_, e) = p {
-                                counts[Event::from(e).type_index()] += 1;
-                            }
-                        }
-                    });
-                    let Some(cap) = capability.as_mut() else {
-                        return;
-                    };
-                    match frontier.frontier().iter().min() {
-                        Some(earliest) => {
-                            if cap.time() < earliest {
-                                cap.downgrade(earliest);
-                            }
-                        }
-                        None => {
-                            output.session(&*cap).give(counts);
-                            capability = None;
-                        }
-                    }
-                }
-            },
-        )
+/// Gathers the workers' counts of valid events per type on worker 0.
+fn gather_counts(counts: StreamVec<'_, u64, [u64; 6]>, totals: Totals, probe: &ProbeHandle<u64>) {
+    counts
         .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
             Exchange::new(|_: &[u64; 6]| 0),
             "GatherTypes",
@@ -729,17 +700,21 @@ fn build(
 
     let input = worker.dataflow::<u64, _, _>(|scope| {
         let (input, parsed) = scope.new_unordered_input::<Parsed>();
-        let mut parts = parsed.partition(2, |p| match p {
+        let mut parts = parsed.partition(3, |p| match p {
             Parsed::Valid(..) => (0, p),
             Parsed::Invalid(..) => (1, p),
+            Parsed::Counts(_) => (2, p),
         });
-        let mut invalid = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
-        let valid = parts.pop().unwrap_or_else(|| unreachable!("two parts"));
-
-        count_by_type(
-            valid.clone(),
+        let counts = parts.pop().unwrap_or_else(|| unreachable!("three parts"));
+        let mut invalid = parts.pop().unwrap_or_else(|| unreachable!("three parts"));
+        let valid = parts.pop().unwrap_or_else(|| unreachable!("three parts"));
+        // Valid events are counted by type where they are read.
+        gather_counts(
+            counts.flat_map(|p| match p {
+                Parsed::Counts(c) => Some(c),
+                _ => None,
+            }),
             Rc::clone(&totals),
-            metrics.records(&dataflow, "count_by_type", index),
             &probe,
         );
         if let Some(attribution) = spec.ads_stages() {
@@ -749,7 +724,8 @@ fn build(
                 _ => None,
             });
             let features: Rc<[FeatureSpec]> = spec.features.clone().into();
-            let values = events.clone().window_counts(Rc::clone(&features));
+            let (keyed, events) = split_for_features(events, Rc::clone(&features));
+            let values = keyed.window_counts(Rc::clone(&features));
             let attributed =
                 events.attribute(values, attribution, bucket_ms, features.len());
             // Orphan clicks are dead letters with their reason.
@@ -872,7 +848,7 @@ fn build(
         if let (Some(matching), Family::Dispatch) = (&spec.matching, family) {
             let events = valid.clone().flat_map(|p| match p {
                 Parsed::Valid(_, e) => MatchEvent::from_event(&Event::from(e)),
-                Parsed::Invalid(..) => None,
+                Parsed::Invalid(..) | Parsed::Counts(_) => None,
             });
             let streams = match_dispatch(events, matching.config.clone());
             let policy = matching.config.plan.policy;
@@ -922,13 +898,11 @@ fn build(
                 Rc::clone(errors),
                 |p: Parsed| match p {
                     Parsed::Valid(key, e) => (Some(key), Event::from(e).to_line()),
-                    Parsed::Invalid(..) => (None, String::new()),
+                    Parsed::Invalid(..) | Parsed::Counts(_) => (None, String::new()),
                 },
                 &probe,
                 metrics.records(&dataflow, "sink", index),
             );
-        } else {
-            valid.probe_with(&probe);
         }
         let counts = Rc::clone(&dead_counts);
         let orphans_counter = pipeline_metrics.orphans.clone();
@@ -950,7 +924,7 @@ fn build(
                     cell.set(cell.get() + 1);
                     (None, serde_json::to_string(&d).unwrap_or_default())
                 }
-                Parsed::Valid(..) => (None, String::new()),
+                Parsed::Valid(..) | Parsed::Counts(_) => (None, String::new()),
             },
             &probe,
             metrics.records(&dataflow, "dead_letter", index),
@@ -971,6 +945,7 @@ fn build(
         clocks: BTreeMap::new(),
         in_flight: BTreeMap::new(),
         sent_upto: 0,
+        counts: [0; 6],
         since_report: 0,
         reported_at: Instant::now(),
         read: 0,
