@@ -177,8 +177,9 @@ pub trait WindowCounts<'scope> {
     /// let captured = timely::example(move |scope| {
     ///     // Clicks at 50 and 1_050; an impression at 1_100 sees the second only
     ///     // (the first is more than 1 s before it).
-    ///     vec![click(50), click(1_050), impression(9, 1_100)]
-    ///         .to_stream(scope)
+    ///     let events: timely::dataflow::StreamVec<_, AdEvent> =
+    ///         vec![click(50), click(1_050), impression(9, 1_100)].to_stream(scope);
+    ///     events
     ///         .window_counts(features.clone().into())
     ///         .capture()
     /// });
