@@ -223,6 +223,17 @@ struct AdsReport {
     keys: Vec<u64>,
 }
 
+/// The attribution output, fanned out in one pass.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum AdsOut {
+    /// An orphan click's dead letter.
+    Dead(Parsed),
+    /// What worker 0 counts (and writes).
+    Report(Reported),
+    /// The learner's example.
+    Learn(Example),
+}
+
 /// What the attribution stage sends to worker 0.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Reported {
@@ -728,44 +739,65 @@ fn build(
             let values = keyed.window_counts(Rc::clone(&features));
             let attributed =
                 events.attribute(values, attribution, bucket_ms, features.len());
-            // Orphan clicks are dead letters with their reason.
+            // One pass over the attribution's output (each example is
+            // moved, never copied for a second consumer): orphan clicks
+            // become dead letters with their reason; examples are reported
+            // to worker 0 (counted there, written to the examples sink with
+            // the line made here) and turned into the learner's examples.
             let window_ms = attribution.window_ms;
             let pipeline = name.clone();
-            let orphans = attributed.clone().flat_map(move |o| match o {
-                AttributionOutput::Orphan(click) => {
-                    let line = Event::AdClick(click.clone()).to_line();
-                    Some(Parsed::Invalid(
-                        DeadLetter {
-                            pipeline: pipeline.clone(),
-                            source: "attribution".into(),
-                            reason: format!(
-                                "orphan click: no on-time impression {} at or up to {window_ms} ms (attribution window_s) before its event_time {}",
-                                click.impression_id, click.event_time
-                            ),
-                            raw: line,
-                        },
-                        Refusal::Orphan,
-                    ))
-                }
-                _ => None,
-            });
-            invalid = invalid.concat(orphans);
-            // Examples and feature keys to worker 0: counted there and
-            // written to the examples sink; the line is made here.
             let names: Vec<String> = spec.features.iter().map(|f| f.name.clone()).collect();
             let with_lines = spec.examples != SinkSpec::None;
             let examples_counter = pipeline_metrics.examples.clone();
-            let reported = attributed.clone().flat_map(move |o| match o {
-                AttributionOutput::Example(e) => {
-                    examples_counter.inc();
-                    let line = with_lines
-                        .then(|| (e.impression.impression_id, e.to_line(&names)));
-                    Some(Reported::Example(e.clicked, line))
-                }
-                AttributionOutput::Keys { feature, distinct } => {
-                    Some(Reported::Keys(feature, distinct))
-                }
-                AttributionOutput::Orphan(_) => None,
+            let to_learner = spec
+                .learner
+                .as_ref()
+                .map(|l| (l.features.clone(), l.hashing.clone()));
+            let fanned = attributed.flat_map(move |o| {
+                let (first, second) = match o {
+                    AttributionOutput::Orphan(click) => {
+                        let reason = format!(
+                            "orphan click: no on-time impression {} at or up to {window_ms} ms (attribution window_s) before its event_time {}",
+                            click.impression_id, click.event_time
+                        );
+                        let dead = DeadLetter {
+                            pipeline: pipeline.clone(),
+                            source: "attribution".into(),
+                            reason,
+                            raw: Event::AdClick(click).to_line(),
+                        };
+                        (AdsOut::Dead(Parsed::Invalid(dead, Refusal::Orphan)), None)
+                    }
+                    AttributionOutput::Example(e) => {
+                        examples_counter.inc();
+                        let learn = to_learner
+                            .as_ref()
+                            .map(|(chosen, hashing)| AdsOut::Learn(learner_example(&e, chosen, hashing)));
+                        let line = with_lines
+                            .then(|| (e.impression.impression_id, e.to_line(&names)));
+                        (AdsOut::Report(Reported::Example(e.clicked, line)), learn)
+                    }
+                    AttributionOutput::Keys { feature, distinct } => {
+                        (AdsOut::Report(Reported::Keys(feature, distinct)), None)
+                    }
+                };
+                [Some(first), second].into_iter().flatten()
+            });
+            let mut parts = fanned.partition(3, |o| match o {
+                AdsOut::Dead(_) => (0, o),
+                AdsOut::Report(_) => (1, o),
+                AdsOut::Learn(_) => (2, o),
+            });
+            let learn = parts.pop().unwrap_or_else(|| unreachable!("three parts"));
+            let reported = parts.pop().unwrap_or_else(|| unreachable!("three parts"));
+            let orphans = parts.pop().unwrap_or_else(|| unreachable!("three parts"));
+            invalid = invalid.concat(orphans.flat_map(|o| match o {
+                AdsOut::Dead(p) => Some(p),
+                _ => None,
+            }));
+            let reported = reported.flat_map(|o| match o {
+                AdsOut::Report(r) => Some(r),
+                _ => None,
             });
             let report = Rc::clone(&ads_report);
             let writer = Rc::clone(&examples);
@@ -822,10 +854,8 @@ fn build(
                     }),
                     window_ms: learner.window_ms,
                 };
-                let chosen = learner.features.clone();
-                let hashing = learner.hashing.clone();
-                let examples = attributed.flat_map(move |o| match o {
-                    AttributionOutput::Example(e) => Some(learner_example(&e, &chosen, &hashing)),
+                let examples = learn.flat_map(|o| match o {
+                    AdsOut::Learn(e) => Some(e),
                     _ => None,
                 });
                 let names = learner_feature_names(spec, learner);
