@@ -90,10 +90,7 @@ impl MeshSpec {
             layout.push('|');
             layout.push_str(&address.to_string());
         }
-        // FNV-1a: stable across builds and platforms, unlike std's hasher.
-        let fingerprint = layout.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+        let fingerprint = dataflows::placement::fnv1a(layout.bytes());
         Self {
             addresses,
             me,

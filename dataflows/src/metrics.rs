@@ -186,11 +186,11 @@ pub struct PipelineMetrics {
 }
 
 impl PipelineMetrics {
-    /// Sets share `share`'s watermark lag, s.
-    pub fn watermark_lag(&self, share: u32, seconds: f64) {
+    /// Share `share`'s watermark-lag gauge, s (created on this call: a
+    /// process exports only the shares it reads).
+    pub fn watermark_lag(&self, share: u32) -> prometheus::Gauge {
         self.watermark_lag
             .with_label_values(&[&self.dataflow, &share.to_string()])
-            .set(seconds);
     }
 }
 

@@ -15,6 +15,15 @@ pub fn mix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// FNV-1a (64-bit) of `bytes`: a stable hash of text, the same in every
+/// process, build and platform (std's hasher is not).
+#[inline]
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// The routing hash of a key: timely sends a record to worker `route % peers`.
 #[inline]
 pub fn route(key: u64) -> u64 {

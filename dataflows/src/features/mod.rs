@@ -171,11 +171,9 @@ impl KeyField {
     }
 }
 
-/// FNV-1a of a text key: stable across processes and builds.
+/// The key of a text field: stable across processes and builds.
 fn text_key(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    crate::placement::fnv1a(text.bytes())
 }
 
 /// One windowed feature: the number of `measure` events with the same `key`

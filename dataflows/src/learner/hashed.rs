@@ -24,16 +24,7 @@ use super::{sigmoid, softplus};
 /// finaliser; the top `bits` bits. Stable across platforms and releases:
 /// models stay valid when the binary changes.
 pub fn slot(name: &str, value: &str, bits: u32) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in name
-        .as_bytes()
-        .iter()
-        .chain([0xFF].iter())
-        .chain(value.as_bytes())
-    {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let mut h = crate::placement::fnv1a(name.bytes().chain([0xFF]).chain(value.bytes()));
     h ^= h >> 30;
     h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h ^= h >> 27;

@@ -243,6 +243,15 @@ enum Reported {
     Keys(u32, u64),
 }
 
+/// One source share as its worker sees it.
+struct Share {
+    clock: ShareClock,
+    /// When it last read something.
+    seen: Instant,
+    /// Its watermark-lag gauge.
+    lag: prometheus::Gauge,
+}
+
 struct Runner {
     spec: PipelineSpec,
     /// `None` once closed.
@@ -250,7 +259,7 @@ struct Runner {
     probe: ProbeHandle<u64>,
     source: Box<dyn RecordSource>,
     /// Each share's clock and when it last read something.
-    clocks: BTreeMap<u32, (ShareClock, Instant)>,
+    clocks: BTreeMap<u32, Share>,
     /// Valid records sent, by timestamp, not yet complete.
     in_flight: BTreeMap<u64, u64>,
     /// The greatest timestamp sent so far.
@@ -317,10 +326,10 @@ impl Runner {
             complete.min(given_up).saturating_sub(base) / bucket_ms,
             age,
         );
-        for (share, (clock, _)) in &self.clocks {
-            if let Some(greatest) = clock.greatest() {
+        for share in self.clocks.values() {
+            if let Some(greatest) = share.clock.greatest() {
                 let behind = greatest.saturating_sub(complete.min(greatest));
-                self.metrics.watermark_lag(*share, behind as f64 / 1000.0);
+                share.lag.set(behind as f64 / 1000.0);
             }
         }
         Ok(())
@@ -341,11 +350,11 @@ impl Runner {
                 continue;
             }
             match self.clocks.get(&share) {
-                Some((clock, seen)) => {
-                    if follows && seen.elapsed() >= idle {
+                Some(s) => {
+                    if follows && s.seen.elapsed() >= idle {
                         continue;
                     }
-                    let w = clock.watermark()?;
+                    let w = s.clock.watermark()?;
                     least = Some(least.map_or(w, |l| l.min(w)));
                 }
                 None if follows && self.started.elapsed() >= idle => {}
@@ -398,13 +407,14 @@ impl Runner {
                     continue;
                 }
             };
-            let (clock, seen) = self.clocks.entry(record.origin.share()).or_insert_with(|| {
-                (
-                    ShareClock::new(time.watermark_delay_ms, time.max_future_ms),
-                    now,
-                )
+            let id = record.origin.share();
+            let share = self.clocks.entry(id).or_insert_with(|| Share {
+                clock: ShareClock::new(time.watermark_delay_ms, time.max_future_ms),
+                seen: now,
+                lag: self.metrics.watermark_lag(id),
             });
-            *seen = now;
+            share.seen = now;
+            let clock = &mut share.clock;
             let at = bucket(t, time.bucket_ms);
             let admission = match clock.admit(t) {
                 Admission::OnTime if at < cap_time => Admission::AfterIdle {
@@ -438,7 +448,14 @@ impl Runner {
             }
         }
         self.metrics.late.inc_by(late);
-        let watermark = self.watermark();
+        // A worker reports progress (gives up timestamps) once per
+        // `epoch_events` records or `epoch_ms`, whichever comes first, and
+        // at the end.
+        self.since_report += batch_len;
+        let report = self.since_report >= self.spec.epoch_events
+            || self.reported_at.elapsed() >= Duration::from_millis(self.spec.epoch_ms)
+            || !more;
+        let watermark = if report { self.watermark() } else { None };
         let Some((handle, cap)) = self.input.as_mut() else {
             return Ok(false);
         };
@@ -449,14 +466,7 @@ impl Runner {
                 active.session(&cap.delayed(&t)).give_container(&mut group);
             }
         }
-        // A worker reports progress (gives up timestamps) once per
-        // `epoch_events` records or `epoch_ms`, whichever comes first, and
-        // at the end.
-        self.since_report += batch_len;
-        let report = self.since_report >= self.spec.epoch_events
-            || self.reported_at.elapsed() >= Duration::from_millis(self.spec.epoch_ms)
-            || !more;
-        if report && let Some(w) = watermark {
+        if let Some(w) = watermark {
             self.since_report = 0;
             self.reported_at = now;
             let next = bucket(w, time.bucket_ms);
@@ -633,21 +643,6 @@ fn to_window_end<D: timely::ExchangeData>(
             });
         }
     })
-}
-
-/// The names of the learner's features: the context features, then the
-/// streaming features it uses.
-fn learner_feature_names(spec: &PipelineSpec, learner: &LearnerSpec) -> Vec<String> {
-    AD_FEATURES
-        .iter()
-        .map(|n| (*n).to_owned())
-        .chain(
-            learner
-                .features
-                .iter()
-                .filter_map(|&f| spec.features.get(f).map(|f| format!("log1p({})", f.name))),
-        )
-        .collect()
 }
 
 fn build(
@@ -858,14 +853,13 @@ fn build(
                     AdsOut::Learn(e) => Some(e),
                     _ => None,
                 });
-                let names = learner_feature_names(spec, learner);
                 learner_tally(
                     to_window_end(examples, learner.window_ms).learn(config),
                     LearnerReport {
                         pipeline: name.clone(),
                         window_ms: learner.window_ms,
                         hash_bits: learner.hashing.bits(),
-                        names,
+                        dense: p,
                     },
                     Rc::clone(&tally),
                     Rc::clone(&snapshots),
@@ -1006,8 +1000,8 @@ struct LearnerReport {
     pipeline: String,
     window_ms: u64,
     hash_bits: u32,
-    /// The dense features' names, intercept first.
-    names: Vec<String>,
+    /// Dense features (the context features, then the streaming ones).
+    dense: usize,
 }
 
 /// Gathers the learner's outputs on worker 0: snapshot lines, the tally,
@@ -1054,7 +1048,7 @@ fn learner_tally(
                                         *version,
                                         theta,
                                         report.hash_bits,
-                                        report.names.len(),
+                                        report.dense,
                                     ))
                                 }
                                 _ => None,

@@ -237,22 +237,17 @@ pub(super) fn pipeline(
                     format!("{global_drift} is not a number"),
                 );
             }
-            let mut seconds = |name: &str, value: Option<f64>, default: f64| -> u64 {
-                let v = value.unwrap_or(default);
-                if !(v.is_finite() && v >= 0.0) {
-                    problems.add(
-                        format!("{field}.source.{name}"),
-                        format!("{v} is not a number of seconds >= 0"),
-                    );
-                    return (default * 1000.0) as u64;
-                }
-                (v * 1000.0).round() as u64
-            };
-            let jitter_ms = seconds("jitter_s", source_raw.jitter_s, 0.0);
-            let late_by_ms = seconds(
-                "late_by_s",
+            let jitter_ms = seconds_ms(
+                source_raw.jitter_s,
+                0,
+                &format!("{field}.source.jitter_s"),
+                problems,
+            );
+            let late_by_ms = seconds_ms(
                 source_raw.late_by_s,
-                defaults.late_by_ms as f64 / 1000.0,
+                defaults.late_by_ms,
+                &format!("{field}.source.late_by_s"),
+                problems,
             );
             let late_fraction = source_raw.late_fraction.unwrap_or(0.0);
             if !(0.0..=1.0).contains(&late_fraction) {
@@ -363,18 +358,13 @@ pub(super) fn pipeline(
             ads_only("attribution", problems);
             AttributionSpec::default()
         }
-        Some(a) => {
-            let window_s = a.window_s.unwrap_or(600.0);
-            if !(window_s.is_finite() && window_s * 1000.0 >= 1.0) {
-                problems.add(
-                    format!("{field}.attribution.window_s"),
-                    format!("{window_s} is not a positive number of seconds (at least 0.001)"),
-                );
-            }
-            AttributionSpec {
-                window_ms: ((window_s * 1000.0).round() as u64).max(1),
-            }
-        }
+        Some(a) => AttributionSpec {
+            window_ms: window_ms(
+                a.window_s.unwrap_or(600.0),
+                &format!("{field}.attribution.window_s"),
+                problems,
+            ),
+        },
         None => AttributionSpec::default(),
     };
     let features = match raw.features {
@@ -497,13 +487,11 @@ pub(super) fn pipeline(
                 ),
             }
         }
-        let window_s = l.window_s.unwrap_or(3600.0);
-        if !(window_s.is_finite() && window_s * 1000.0 >= 1.0) {
-            problems.add(
-                format!("{field}.learner.window_s"),
-                format!("{window_s} is not a positive number of seconds (at least 0.001)"),
-            );
-        }
+        let window_ms = window_ms(
+            l.window_s.unwrap_or(3600.0),
+            &format!("{field}.learner.window_s"),
+            problems,
+        );
         Some(LearnerSpec {
             delta,
             lambda,
@@ -512,7 +500,7 @@ pub(super) fn pipeline(
             fixed,
             hashing,
             features: chosen,
-            window_ms: ((window_s * 1000.0).round() as u64).max(1),
+            window_ms,
         })
     });
     let matching = raw.matching.and_then(|m| {
@@ -547,6 +535,31 @@ pub(super) fn pipeline(
         learner,
         matching,
     })
+}
+
+/// Seconds >= 0 as milliseconds, `default_ms` when unset; a problem names
+/// `field`.
+fn seconds_ms(value: Option<f64>, default_ms: u64, field: &str, problems: &mut Problems) -> u64 {
+    match value {
+        None => default_ms,
+        Some(v) if v.is_finite() && v >= 0.0 => (v * 1000.0).round() as u64,
+        Some(v) => {
+            problems.add(field, format!("{v} is not a number of seconds >= 0"));
+            default_ms
+        }
+    }
+}
+
+/// A window of `window_s` seconds as milliseconds (at least 1); a problem
+/// names `field`.
+fn window_ms(window_s: f64, field: &str, problems: &mut Problems) -> u64 {
+    if !(window_s.is_finite() && window_s * 1000.0 >= 1.0) {
+        problems.add(
+            field,
+            format!("{window_s} is not a positive number of seconds (at least 0.001)"),
+        );
+    }
+    ((window_s * 1000.0).round() as u64).max(1)
 }
 
 /// The features' names, or `none`.
@@ -623,21 +636,19 @@ fn feature_specs(list: Vec<RawFeature>, field: &str, problems: &mut Problems) ->
                 Some(key) => Some(key),
             },
         };
-        let window_s = raw.window_s.unwrap_or(0.0);
-        if raw.window_s.is_none() {
-            problems.add(format!("{at}.window_s"), "is required (seconds, > 0)");
-        } else if !(window_s.is_finite() && window_s * 1000.0 >= 1.0) {
-            problems.add(
-                format!("{at}.window_s"),
-                format!("{window_s} is not a positive number of seconds (at least 0.001)"),
-            );
-        }
+        let window = match raw.window_s {
+            None => {
+                problems.add(format!("{at}.window_s"), "is required (seconds, > 0)");
+                1
+            }
+            Some(s) => window_ms(s, &format!("{at}.window_s"), problems),
+        };
         if let (Some(name), Some(key), Some(measure)) = (name, key, measure) {
             out.push(FeatureSpec {
                 name,
                 key,
                 measure,
-                window_ms: ((window_s * 1000.0).round() as u64).max(1),
+                window_ms: window,
             });
         }
     }
@@ -661,18 +672,8 @@ fn event_time(
             "is the watermark delay: set time.watermark_delay_s or matching.lateness_s, not both",
         );
     }
-    let mut seconds = |name: &str, value: Option<f64>, default_ms: u64| -> u64 {
-        match value {
-            None => default_ms,
-            Some(v) if v.is_finite() && v >= 0.0 => (v * 1000.0).round() as u64,
-            Some(v) => {
-                problems.add(
-                    format!("{field}.time.{name}"),
-                    format!("{v} is not a number of seconds >= 0"),
-                );
-                default_ms
-            }
-        }
+    let mut seconds = |name: &str, value: Option<f64>, default_ms: u64| {
+        seconds_ms(value, default_ms, &format!("{field}.time.{name}"), problems)
     };
     let delay_default = match family {
         Family::Ads => defaults.watermark_delay_ms,
