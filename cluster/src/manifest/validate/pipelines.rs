@@ -386,6 +386,14 @@ pub(super) fn pipeline(
         None => SinkSpec::None,
     };
     let matching_lateness = raw.matching.as_ref().and_then(|m| m.lateness_s);
+    // Only a live Kafka partition can go quiet; files and generators are
+    // read to the end.
+    if kind != "kafka" && raw.time.as_ref().is_some_and(|t| t.idle_s.is_some()) {
+        problems.add(
+            format!("{field}.time.idle_s"),
+            format!("applies to kafka sources only (kind = {kind:?} is read to its end)"),
+        );
+    }
     let time = event_time(raw.time, matching_lateness, family, &field, problems);
     let learner = raw.learner.and_then(|l| {
         if family != Family::Ads {

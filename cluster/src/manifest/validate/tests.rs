@@ -410,3 +410,90 @@ fn unknown_fields_and_wrong_types_name_the_field() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn event_time_attribution_and_features_are_checked_field_by_field() {
+    let p = problems(
+        r#"
+        [pipelines.ads.time]
+        watermark_delay_s = -1
+        idle_s = 5
+        [pipelines.ads.attribution]
+        window_s = 0
+        [[pipelines.ads.features]]
+        name = "a"
+        key = "member_id"
+        measure = "clicks"
+        window_s = 60
+        [[pipelines.ads.features]]
+        name = "a"
+        key = "context.country"
+        measure = "clicks"
+        window_s = 60
+        [[pipelines.ads.features]]
+        name = "c"
+        key = "context.colour"
+        measure = "impressions"
+        window_s = -5
+        [[pipelines.ads.features]]
+        name = "d"
+        key = "item_id"
+        measure = "views"
+        [pipelines.ads.learner]
+        features = ["a", "nope"]
+        [pipelines.dispatch.attribution]
+        window_s = 60
+        "#,
+    );
+    for wanted in [
+        "pipelines.ads.time.watermark_delay_s: -1 is not a number of seconds >= 0",
+        "pipelines.ads.time.idle_s: applies to kafka sources only (kind = \"generator\" is read to its end)",
+        "pipelines.ads.attribution.window_s: 0 is not a positive number of seconds (at least 0.001)",
+        "pipelines.ads.features[1].name: \"a\" is defined twice",
+        "pipelines.ads.features[1].key: \"context.country\" is not a field of ad_click, so clicks cannot be counted by it (clicks carry member_id, item_id, campaign_id)",
+        "pipelines.ads.features[2].key: \"context.colour\" is not a field of ad_impression or ad_click",
+        "pipelines.ads.features[2].window_s: -5 is not a positive number of seconds (at least 0.001)",
+        "pipelines.ads.features[3].measure: \"views\" is not \"impressions\" or \"clicks\"",
+        "pipelines.ads.features[3].window_s: is required (seconds, > 0)",
+        "pipelines.ads.learner.features[1]: \"nope\" is not a feature of this pipeline (defined: a)",
+        "pipelines.dispatch.attribution: applies to ads pipelines only",
+    ] {
+        assert!(
+            p.iter().any(|problem| problem.starts_with(wanted)),
+            "{wanted}\nnot in {p:#?}"
+        );
+    }
+}
+
+#[test]
+fn event_time_sections_resolve_with_their_defaults() {
+    let m = parse(
+        r#"
+        [pipelines.ads.time]
+        watermark_delay_s = 30
+        [[pipelines.ads.features]]
+        name = "member_clicks_1h"
+        key = "member_id"
+        measure = "clicks"
+        window_s = 3600
+        [pipelines.ads.learner]
+        features = ["member_clicks_1h"]
+        [pipelines.dispatch.matching]
+        lateness_s = 6
+        "#,
+    )
+    .unwrap();
+    let ads = &m.pipelines[0];
+    assert_eq!(ads.time.watermark_delay_ms, 30_000);
+    assert_eq!(ads.time.bucket_ms, 10_000);
+    assert_eq!(ads.features[0].window_ms, 3_600_000);
+    assert_eq!(ads.ads_stages().map(|a| a.window_ms), Some(600_000));
+    let learner = ads.learner.as_ref().unwrap();
+    assert_eq!(
+        (learner.features.clone(), learner.window_ms),
+        (vec![0], 3_600_000)
+    );
+    let dispatch = &m.pipelines[1];
+    assert_eq!(dispatch.time.watermark_delay_ms, 6_000);
+    assert_eq!(dispatch.ads_stages(), None);
+}
