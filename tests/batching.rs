@@ -162,6 +162,7 @@ mod engine {
                 top_p: 0.95,
                 seed,
             },
+            ..Request::default()
         }
     }
 
@@ -199,7 +200,7 @@ mod engine {
         let mut tokens = Vec::new();
         loop {
             match rx.recv_timeout(Duration::from_secs(120)).unwrap() {
-                Event::Token(t) => tokens.push(t),
+                Event::Token { id, .. } => tokens.push(id),
                 other => return (tokens, other),
             }
         }
@@ -241,7 +242,7 @@ mod engine {
         }
         // Join while the first three are decoding.
         let first = receivers[0].recv_timeout(Duration::from_secs(120)).unwrap();
-        assert!(matches!(first, Event::Token(_)));
+        assert!(matches!(first, Event::Token { .. }));
         for r in &requests[3..] {
             let (sink, rx) = channel();
             engine.submit(r.clone(), sink).unwrap();
@@ -250,7 +251,7 @@ mod engine {
         for (i, rx) in receivers.iter().enumerate() {
             let (mut tokens, end) = collect(rx);
             if i == 0
-                && let Event::Token(t) = first
+                && let Event::Token { id: t, .. } = first
             {
                 tokens.insert(0, t);
             }
@@ -259,6 +260,7 @@ mod engine {
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                ..
             } = end
             else {
                 panic!("request {i}: {end:?}");
@@ -396,7 +398,7 @@ mod engine {
             let tokens: Vec<u32> = log
                 .iter()
                 .filter_map(|(n, e)| match e {
-                    Event::Token(t) if n == name => Some(*t),
+                    Event::Token { id, .. } if n == name => Some(*id),
                     _ => None,
                 })
                 .collect();

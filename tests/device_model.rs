@@ -142,6 +142,7 @@ fn the_engine_serves_the_device_model() {
             top_p: 0.95,
             seed: *seed,
         },
+        ..Request::default()
     })
     .collect();
     let alone: Vec<Vec<u32>> = requests
@@ -174,9 +175,10 @@ fn the_engine_serves_the_device_model() {
                 .recv_timeout(std::time::Duration::from_secs(120))
                 .unwrap()
             {
-                Event::Token(t) => tokens.push(t),
+                Event::Token { id, .. } => tokens.push(id),
                 Event::Finished { .. } => break,
                 Event::Failed(e) => panic!("request {i}: {e}"),
+                Event::Prompt(_) => panic!("request {i}: no prompt logprobs were asked for"),
             }
         }
         assert_eq!(tokens, alone[i], "request {i}");
@@ -260,6 +262,7 @@ fn the_device_model_shards_like_the_cpu_model() {
         prompt: prompt.clone(),
         max_tokens: steps,
         sampling: actors::gemma::Sampling::default(),
+        ..Request::default()
     };
     let shards: Vec<Box<dyn ShardModel>> = load()
         .into_iter()
@@ -274,9 +277,10 @@ fn the_device_model_shards_like_the_cpu_model() {
     let mut tokens = Vec::new();
     loop {
         match rx.recv_timeout(Duration::from_secs(120)).unwrap() {
-            Event::Token(t) => tokens.push(t),
+            Event::Token { id, .. } => tokens.push(id),
             Event::Finished { .. } => break,
             Event::Failed(e) => panic!("{e}"),
+            Event::Prompt(_) => panic!("no prompt logprobs were asked for"),
         }
     }
     let greedy: Vec<u32> = want.iter().map(|(t, _)| *t).collect();

@@ -103,30 +103,43 @@ fn post(address: &str, path: &str, body: &str, token: Option<&str>) -> (u16, Str
 }
 
 fn completion(prompt: &str, max_tokens: usize, stream: bool) -> String {
-    json!({"model": "gemma3-270m", "prompt": prompt, "max_tokens": max_tokens,
-           "temperature": 0, "stream": stream})
-    .to_string()
+    let mut body = json!({"model": "gemma3-270m", "prompt": prompt, "max_tokens": max_tokens,
+           "temperature": 0, "stream": stream});
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    body.to_string()
 }
 
 /// The text of a stream of server-sent events, checking the framing: every
-/// event is one `data: …` line and a blank line, the last data chunk has
-/// `finish_reason` and `usage`, and `data: [DONE]` ends it.
+/// event is one `data: …` line and a blank line, the last chunk with a
+/// choice has `finish_reason`, a last chunk without choices has the
+/// `usage` (OpenAI's `stream_options.include_usage`), and `data: [DONE]`
+/// ends it.
 fn sse_text(body: &str) -> (String, Value) {
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
     let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
     let mut text = String::new();
     let mut last = Value::Null;
+    let mut usage = Value::Null;
     for event in &events[..events.len() - 1] {
         let data = event
             .strip_prefix("data: ")
             .unwrap_or_else(|| panic!("{event:?}"));
         assert!(!data.contains('\n'), "one line per event: {data:?}");
         let chunk: Value = serde_json::from_str(data).unwrap();
-        text.push_str(chunk["choices"][0]["text"].as_str().unwrap());
-        last = chunk;
+        assert!(usage.is_null(), "the usage chunk is the last: {body}");
+        match chunk["choices"].as_array().map(Vec::len) {
+            Some(0) => usage = chunk["usage"].clone(),
+            _ => {
+                assert!(chunk["usage"].is_null(), "{chunk}");
+                text.push_str(chunk["choices"][0]["text"].as_str().unwrap());
+                last = chunk;
+            }
+        }
     }
     assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
-    (text, last["usage"].clone())
+    (text, usage)
 }
 
 #[test]

@@ -8,6 +8,25 @@
 
 use crate::tokenizer::Tokenizer;
 
+/// The built-in template written in Jinja: what `GET /tokenizer_info`
+/// reports for a model whose file carries no template of its own. It
+/// renders exactly [`render`]'s text (a test checks it with `minijinja`).
+pub const BUILT_IN_TEMPLATE: &str = concat!(
+    "{{- bos_token -}}",
+    "{%- set ns = namespace(system='') -%}",
+    "{%- for m in messages -%}",
+    "{%- if m.role == 'system' or m.role == 'developer' -%}",
+    "{%- set ns.system = ns.system + m.content + '\\n\\n' -%}",
+    "{%- elif m.role == 'user' -%}",
+    "{{- '<start_of_turn>user\\n' + ns.system + m.content + '<end_of_turn>\\n' -}}",
+    "{%- set ns.system = '' -%}",
+    "{%- elif m.role == 'assistant' -%}",
+    "{{- '<start_of_turn>model\\n' + m.content + '<end_of_turn>\\n' -}}",
+    "{%- endif -%}",
+    "{%- endfor -%}",
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}",
+);
+
 /// Who said a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -48,8 +67,9 @@ enum Piece<'a> {
     Text(&'a str),
 }
 
-/// Walks the template: `emit` gets each piece in order.
-fn walk<'a>(messages: &[Message<'a>], mut emit: impl FnMut(Piece<'a>)) {
+/// Walks the template: `emit` gets each piece in order; the opening of the
+/// model's turn last when `generation_prompt`.
+fn walk<'a>(messages: &[Message<'a>], generation_prompt: bool, mut emit: impl FnMut(Piece<'a>)) {
     let mut system: Vec<&'a str> = Vec::new();
     for m in messages {
         match m.role {
@@ -74,15 +94,17 @@ fn walk<'a>(messages: &[Message<'a>], mut emit: impl FnMut(Piece<'a>)) {
             }
         }
     }
-    emit(Piece::Control("<start_of_turn>"));
-    emit(Piece::Text("model\n"));
+    if generation_prompt {
+        emit(Piece::Control("<start_of_turn>"));
+        emit(Piece::Text("model\n"));
+    }
 }
 
 /// The conversation as Gemma's prompt text, ending with the opening of the
 /// model's turn (the generation prompt).
 pub fn render(messages: &[Message<'_>]) -> String {
     let mut text = String::new();
-    walk(messages, |piece| match piece {
+    walk(messages, true, |piece| match piece {
         Piece::Control(token) => text.push_str(token),
         Piece::Text(t) => text.push_str(t),
     });
@@ -96,9 +118,19 @@ pub fn render(messages: &[Message<'_>]) -> String {
 /// such strings the ids are those of [`render`]'s text tokenized with
 /// special tokens parsed.
 pub fn encode(tokenizer: &Tokenizer, messages: &[Message<'_>]) -> Vec<u32> {
+    encode_with(tokenizer, messages, true)
+}
+
+/// [`encode`], ending with the opening of the model's turn only when
+/// `generation_prompt` (HF's `add_generation_prompt`).
+pub fn encode_with(
+    tokenizer: &Tokenizer,
+    messages: &[Message<'_>],
+    generation_prompt: bool,
+) -> Vec<u32> {
     let mut ids = tokenizer.encode("", true, false);
     let mut text = String::new();
-    walk(messages, |piece| match piece {
+    walk(messages, generation_prompt, |piece| match piece {
         Piece::Text(t) => text.push_str(t),
         Piece::Control(token) => {
             ids.extend(tokenizer.encode(&std::mem::take(&mut text), false, false));

@@ -17,4 +17,4 @@ pub use checkpoint::{Checkpoint, CheckpointError, hf_name};
 pub use config::{ConfigError, GemmaConfig, LayerKind};
 pub use generate::{END_OF_GENERATION, GenerateError, GenerationStats, Scored, generate, score};
 pub use model::{Gemma, KvCache, LayerWeight, LoadError, PREFILL_CHUNK, Weight, load_tokenizer};
-pub use sampling::{Sampler, Sampling, SamplingError, argmax};
+pub use sampling::{Sampler, Sampling, SamplingError, TokenLogprob, argmax, token_logprob};

@@ -131,6 +131,48 @@ impl Sampler {
     }
 }
 
+/// A token's log-probability under the model's raw distribution (the
+/// log-softmax of the logits, before temperature, top-k or top-p: what
+/// OpenAI's and vLLM's `logprobs` report), with the `k` most likely tokens
+/// and theirs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// log p(token).
+    pub logprob: f32,
+    /// The `k` most likely tokens, most likely first (ties by id): (id,
+    /// log-probability).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// [`TokenLogprob`] of `token` under `logits`, with the top `k` (in f64,
+/// then rounded: the sum over the vocabulary is exact to f32 precision).
+pub fn token_logprob(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&v| f64::from(v - max).exp()).sum();
+    let norm = f64::from(max) + sum.ln();
+    let lp = |id: u32| (f64::from(logits[id as usize]) - norm) as f32;
+    let k = k.min(logits.len());
+    let mut top = Vec::with_capacity(k);
+    if k > 0 {
+        let order = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        if k < ids.len() {
+            ids.select_nth_unstable_by(k - 1, order);
+            ids.truncate(k);
+        }
+        ids.sort_by(order);
+        top.extend(ids.into_iter().map(|id| (id, lp(id))));
+    }
+    TokenLogprob {
+        logprob: lp(token),
+        top,
+    }
+}
+
 /// The index of the largest logit (the first one on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -190,6 +232,24 @@ mod tests {
             (0..200).all(|_| s.sample(&logits) == 0),
             "token 0 alone holds half the mass"
         );
+    }
+
+    #[test]
+    fn logprobs_are_the_raw_log_softmax() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let t = token_logprob(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&v| f64::from(v).exp()).sum();
+        assert!((f64::from(t.logprob) - (2.0 - z.ln())).abs() < 1e-6);
+        // Most likely first, ties by id.
+        let ids: Vec<u32> = t.top.iter().map(|p| p.0).collect();
+        assert_eq!(ids, [1, 3, 2]);
+        let mass: f64 = logits
+            .iter()
+            .enumerate()
+            .map(|(i, _)| f64::from(token_logprob(&logits, i as u32, 0).logprob).exp())
+            .sum();
+        assert!((mass - 1.0).abs() < 1e-6, "{mass}");
+        assert!(token_logprob(&logits, 0, 0).top.is_empty());
     }
 
     #[test]

@@ -1,237 +1,761 @@
-//! The request bodies of `/v1/completions` and `/v1/chat/completions` as
-//! typed values (serde). A field of the wrong type is refused with a 400
-//! that names it (`` `temperature` must be a number, not "hot" ``); the
-//! checks that need several fields (`n`, the sampling ranges, a positive
-//! `max_tokens`) follow.
+//! The request bodies of `/v1/completions` and `/v1/chat/completions`,
+//! checked field by field against OpenAI's API.
 //!
-//! Fields the server does not read yet are ignored, as before; the
-//! OpenAI fields it will honour or refuse come with the API issue.
+//! Every field OpenAI documents (and the vLLM extensions clients send) is
+//! in one of three groups, each listed in `docs/inference.md`:
+//! - honoured: `prompt`, `messages`, `max_tokens`, `max_completion_tokens`,
+//!   `n`, `stop`, `stop_token_ids`, `logprobs`, `top_logprobs`, `echo`,
+//!   `seed`, `temperature`, `top_p`, `top_k`, `stream`, `stream_options`,
+//!   `add_generation_prompt`, `add_special_tokens`, `best_of` (= `n`);
+//! - accepted because they ask nothing of the output (`user`, `metadata`,
+//!   `prompt_cache_key`, `safety_identifier`, `service_tier`), or because
+//!   the value given is the neutral one (`frequency_penalty: 0`,
+//!   `logit_bias: {}`, `tools: []`, `response_format: {"type":"text"}`, …);
+//! - refused with a 400 naming the field (`param`), for any other value.
+//!
+//! A field OpenAI does not know is refused as OpenAI refuses it
+//! ("Unrecognized request argument supplied"), so a misspelt parameter is
+//! never silently dropped. `null` is the same as leaving a field out.
 
-use serde::Deserialize;
-use serde::de::{Deserializer, Error as _};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::ServeError;
 use crate::gemma::Sampling;
-use crate::gemma::chat::{Message, Role};
+use crate::gemma::chat::Role;
+use crate::gemma::engine::{MAX_CHOICES, MAX_TOP_LOGPROBS};
 
-/// What both endpoints take (`model` is checked before the body is typed).
-#[derive(Debug, Deserialize)]
-pub struct Common {
-    /// Completions to generate: only 1.
-    #[serde(default, deserialize_with = "whole")]
-    pub n: Option<u64>,
-    /// Sampling temperature (default 1; 0 is greedy).
-    #[serde(default, deserialize_with = "number")]
-    pub temperature: Option<f64>,
-    /// Sample among the K most likely tokens (0: all).
-    #[serde(default, deserialize_with = "whole")]
-    pub top_k: Option<u64>,
-    /// Nucleus sampling (default 1).
-    #[serde(default, deserialize_with = "number")]
-    pub top_p: Option<f64>,
-    /// Sampling seed (default 0).
-    #[serde(default, deserialize_with = "whole")]
-    pub seed: Option<u64>,
-    /// Most tokens to generate (default 16).
-    #[serde(default, deserialize_with = "whole")]
-    pub max_tokens: Option<u64>,
-    /// Server-sent events instead of one answer.
-    #[serde(default, deserialize_with = "boolean")]
-    pub stream: Option<bool>,
+/// Most stop strings a request may give (OpenAI's limit).
+pub const MAX_STOPS: usize = 4;
+
+/// Most prompts one `/v1/completions` request may batch.
+pub const MAX_PROMPTS: usize = 64;
+
+/// Which endpoint a body came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/chat/completions`.
+    Chat,
 }
 
-/// A `/v1/completions` body.
-#[derive(Debug)]
-pub struct CompletionRequest {
-    /// Parameters both endpoints share.
-    pub common: Common,
-    /// The prompt.
-    pub prompt: String,
+/// One prompt of `/v1/completions`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prompt {
+    /// Text, tokenized by the server (special-token strings stay text).
+    Text(String),
+    /// Token ids, run as given.
+    Ids(Vec<u32>),
 }
 
-/// A `/v1/chat/completions` body.
-#[derive(Debug)]
-pub struct ChatRequest {
-    /// Parameters both endpoints share.
-    pub common: Common,
-    /// The conversation.
-    pub messages: Vec<ChatMessage>,
+/// One message of a conversation, its content parts joined.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Turn {
+    /// Who said it.
+    pub role: Role,
+    /// The text.
+    pub content: String,
 }
 
-#[derive(Debug, Deserialize)]
-struct PromptField {
-    #[serde(default, deserialize_with = "string")]
-    prompt: Option<String>,
+/// What the request asks the model to continue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// `/v1/completions`: one or more prompts.
+    Prompts {
+        /// The prompts, in order (choice `i` of prompt `p` is choice
+        /// `p * n + i` of the answer).
+        prompts: Vec<Prompt>,
+        /// Put BOS before text prompts (vLLM's `add_special_tokens`,
+        /// default true).
+        add_special_tokens: bool,
+    },
+    /// `/v1/chat/completions`: a conversation.
+    Chat {
+        /// The messages.
+        messages: Vec<Turn>,
+        /// End with the start of the model's turn (HF's
+        /// `add_generation_prompt`, default true).
+        add_generation_prompt: bool,
+    },
 }
 
-#[derive(Debug, Deserialize)]
-struct MessagesField {
-    #[serde(default, deserialize_with = "messages")]
-    messages: Option<Vec<ChatMessage>>,
-}
-
-impl CompletionRequest {
-    /// Types a body (a JSON object whose `model` was checked).
-    pub fn from_body(body: Value) -> Result<Self, ServeError> {
-        let common = typed(body.clone())?;
-        let prompt = typed::<PromptField>(body)?
-            .prompt
-            .ok_or_else(|| ServeError::bad_request("`prompt` must be a string"))?;
-        Ok(Self { common, prompt })
-    }
-}
-
-impl ChatRequest {
-    /// Types a body (a JSON object whose `model` was checked).
-    pub fn from_body(body: Value) -> Result<Self, ServeError> {
-        let common = typed(body.clone())?;
-        let messages = typed::<MessagesField>(body)?
-            .messages
-            .ok_or_else(|| ServeError::bad_request("`messages` must be a non-empty array"))?;
-        Ok(Self { common, messages })
-    }
-}
-
-/// One message of a conversation.
-#[derive(Debug, Deserialize)]
-pub struct ChatMessage {
-    /// `system`, `developer`, `user` or `assistant` (checked when the
-    /// prompt is rendered, naming the message).
-    #[serde(default)]
-    pub role: Value,
-    /// The text (required: checked when the prompt is rendered).
-    #[serde(default, deserialize_with = "string")]
-    pub content: Option<String>,
-}
-
-/// The parameters a request runs with.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Params {
-    /// Most tokens to generate.
-    pub max_tokens: usize,
+/// A checked request: everything the server does with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// The prompt(s) or conversation.
+    pub input: Input,
+    /// Most tokens per choice; `None`: until end of generation or the
+    /// context.
+    pub max_tokens: Option<usize>,
     /// Sampling parameters and seed.
     pub sampling: Sampling,
-    /// Stream server-sent events.
+    /// Choices per prompt.
+    pub n: usize,
+    /// Stop strings, matched on the decoded text.
+    pub stop: Vec<String>,
+    /// Stop token ids.
+    pub stop_token_ids: Vec<u32>,
+    /// Log-probabilities of the generated tokens, with this many
+    /// alternatives each.
+    pub logprobs: Option<usize>,
+    /// Return the prompt (and, with `logprobs`, its tokens' log-probabilities).
+    pub echo: bool,
+    /// Server-sent events.
     pub stream: bool,
+    /// A last streamed chunk with the usage.
+    pub include_usage: bool,
 }
 
-impl Common {
-    /// The checked parameters; `default_max` when `max_tokens` is absent.
-    pub fn params(&self, default_max: usize) -> Result<Params, ServeError> {
-        if self.n.unwrap_or(1) != 1 {
-            return Err(ServeError::bad_request("only `n` = 1 is supported"));
-        }
-        let sampling = Sampling {
-            temperature: self.temperature.unwrap_or(1.0) as f32,
-            top_k: self.top_k.unwrap_or(0) as usize,
-            top_p: self.top_p.unwrap_or(1.0) as f32,
-            seed: self.seed.unwrap_or(0),
+impl Generation {
+    /// Checks `body` (a JSON object whose `model` was checked) for
+    /// `endpoint`.
+    pub fn from_body(endpoint: Endpoint, body: Value) -> Result<Self, ServeError> {
+        let Value::Object(map) = body else {
+            return Err(ServeError::bad_request("the body must be a JSON object"));
         };
-        sampling
-            .check()
-            .map_err(|e| ServeError::bad_request(e.to_string()))?;
-        let max_tokens = self.max_tokens.unwrap_or(default_max as u64) as usize;
-        if max_tokens == 0 {
-            return Err(ServeError::bad_request("`max_tokens` must be at least 1"));
+        let mut f = Fields { map };
+        f.map.remove("model");
+        let chat = endpoint == Endpoint::Chat;
+
+        let input = if chat {
+            let messages = messages(f.take("messages"))?;
+            let add_generation_prompt = f.boolean("add_generation_prompt")?.unwrap_or(true);
+            f.neutral("continue_final_message", |v| v == &Value::Bool(false))?;
+            f.neutral("chat_template_kwargs", empty_object)?;
+            Input::Chat {
+                messages,
+                add_generation_prompt,
+            }
+        } else {
+            let prompts = prompts(f.take("prompt"))?;
+            let add_special_tokens = f.boolean("add_special_tokens")?.unwrap_or(true);
+            Input::Prompts {
+                prompts,
+                add_special_tokens,
+            }
+        };
+
+        // Lengths: chat's `max_completion_tokens` wins over the older
+        // `max_tokens`.
+        let max_completion = if chat {
+            f.whole("max_completion_tokens")?
+        } else {
+            None
+        };
+        let max_tokens = f.whole("max_tokens")?;
+        let (length_param, max_tokens) = match (max_completion, max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", Some(m)),
+            (None, m) => ("max_tokens", m),
+        };
+        let echo = if chat {
+            false
+        } else {
+            f.boolean("echo")?.unwrap_or(false)
+        };
+        if max_tokens == Some(0) && !echo {
+            return Err(ServeError::invalid(
+                length_param,
+                format!("`{length_param}` must be at least 1 (0 is allowed only with `echo`)"),
+            ));
         }
-        Ok(Params {
-            max_tokens,
+
+        let n = f.whole("n")?.unwrap_or(1);
+        if !(1..=MAX_CHOICES as u64).contains(&n) {
+            return Err(ServeError::invalid(
+                "n",
+                format!("`n` must be between 1 and {MAX_CHOICES}, not {n}"),
+            ));
+        }
+        if !chat
+            && let Some(best_of) = f.whole("best_of")?
+            && best_of != n
+        {
+            return Err(ServeError::invalid(
+                "best_of",
+                format!(
+                    "`best_of` {best_of} is not supported: this server returns every \
+                     sample it draws (`best_of` must equal `n`, {n})"
+                ),
+            ));
+        }
+
+        let temperature = f.number("temperature")?.unwrap_or(1.0);
+        let top_p = f.number("top_p")?.unwrap_or(1.0);
+        let top_k = match f.integer("top_k")? {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(k) => {
+                return Err(ServeError::invalid(
+                    "top_k",
+                    format!("`top_k` must be a positive integer, or 0 or -1 for all, not {k}"),
+                ));
+            }
+        };
+        // Any integer: a negative seed is taken as its two's complement.
+        let seed = f.integer("seed")?.unwrap_or(0) as u64;
+        let sampling = Sampling {
+            temperature: temperature as f32,
+            top_k,
+            top_p: top_p as f32,
+            seed,
+        };
+        if let Err(e) = sampling.check() {
+            let param = if e.flag == "top-p" { "top_p" } else { e.flag };
+            return Err(ServeError::invalid(
+                param,
+                format!("`{param}` {}: {}", e.value, e.reason),
+            ));
+        }
+
+        let stop = stops(f.take("stop"))?;
+        let stop_token_ids = match f.take("stop_token_ids") {
+            None => Vec::new(),
+            Some(Value::Array(ids)) => ids
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|v| u32::try_from(v).ok())
+                        .ok_or_else(|| {
+                            ServeError::invalid(
+                                "stop_token_ids",
+                                format!("`stop_token_ids` must hold token ids, not {v}"),
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+            Some(v) => {
+                return Err(ServeError::invalid(
+                    "stop_token_ids",
+                    format!("`stop_token_ids` must be an array of token ids, not {v}"),
+                ));
+            }
+        };
+
+        let logprobs = if chat {
+            let on = f.boolean("logprobs")?.unwrap_or(false);
+            let top = f.whole("top_logprobs")?;
+            match (on, top) {
+                (false, Some(_)) => {
+                    return Err(ServeError::invalid(
+                        "top_logprobs",
+                        "`top_logprobs` needs `logprobs: true`",
+                    ));
+                }
+                (false, None) => None,
+                (true, top) => Some(top.unwrap_or(0)),
+            }
+        } else {
+            f.whole("logprobs")?
+        };
+        if let Some(k) = logprobs
+            && k > MAX_TOP_LOGPROBS as u64
+        {
+            let param = if chat { "top_logprobs" } else { "logprobs" };
+            return Err(ServeError::invalid(
+                param,
+                format!("`{param}` must be between 0 and {MAX_TOP_LOGPROBS}, not {k}"),
+            ));
+        }
+
+        let stream = f.boolean("stream")?.unwrap_or(false);
+        let include_usage = match f.take("stream_options") {
+            None => false,
+            Some(_) if !stream => {
+                return Err(ServeError::invalid(
+                    "stream_options",
+                    "`stream_options` is only allowed with `stream: true`",
+                ));
+            }
+            Some(Value::Object(options)) => {
+                let mut o = Fields { map: options };
+                let usage = o.boolean("include_usage")?.unwrap_or(false);
+                o.neutral("continuous_usage_stats", |v| v == &Value::Bool(false))?;
+                o.done_in("stream_options")?;
+                usage
+            }
+            Some(v) => {
+                return Err(ServeError::invalid(
+                    "stream_options",
+                    format!("`stream_options` must be an object, not {v}"),
+                ));
+            }
+        };
+
+        // Structured output lands with constrained decoding; until then a
+        // format other than plain text is refused, never ignored.
+        f.neutral("response_format", |v| {
+            v.get("type") == Some(&Value::String("text".into()))
+                && v.as_object().is_some_and(|o| o.len() == 1)
+        })?;
+        f.neutral("frequency_penalty", zero)?;
+        f.neutral("presence_penalty", zero)?;
+        f.neutral("repetition_penalty", |v| v.as_f64() == Some(1.0))?;
+        f.neutral("min_p", zero)?;
+        f.neutral("logit_bias", empty_object)?;
+        f.neutral("ignore_eos", |v| v == &Value::Bool(false))?;
+        f.neutral("include_stop_str_in_output", |v| v == &Value::Bool(false))?;
+        f.neutral("skip_special_tokens", |v| v == &Value::Bool(true))?;
+        if chat {
+            f.neutral("tools", empty_array)?;
+            f.neutral("functions", empty_array)?;
+            f.neutral("tool_choice", |v| v == "none")?;
+            f.neutral("function_call", |v| v == "none")?;
+            f.neutral("parallel_tool_calls", |v| v.is_boolean())?;
+            f.neutral("modalities", |v| v == &serde_json::json!(["text"]))?;
+            f.neutral("store", |v| v == &Value::Bool(false))?;
+            f.neutral("service_tier", |v| v == "auto" || v == "default")?;
+            f.metadata("metadata", Value::is_object)?;
+            f.metadata("prompt_cache_key", Value::is_string)?;
+            f.metadata("safety_identifier", Value::is_string)?;
+        } else {
+            f.neutral("suffix", |v| v == "")?;
+        }
+        f.metadata("user", Value::is_string)?;
+        f.done()?;
+
+        Ok(Self {
+            input,
+            max_tokens: max_tokens.map(|m| m as usize),
             sampling,
-            stream: self.stream.unwrap_or(false),
+            n: n as usize,
+            stop,
+            stop_token_ids,
+            logprobs: logprobs.map(|k| k as usize),
+            echo,
+            stream,
+            include_usage,
         })
     }
 }
 
-impl ChatRequest {
-    /// The messages as the chat template takes them.
-    pub fn turns(&self) -> Result<Vec<Message<'_>>, ServeError> {
-        self.messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let content = m.content.as_deref().ok_or_else(|| {
-                    ServeError::bad_request(format!("messages[{i}].content must be a string"))
-                })?;
-                let role = m.role.as_str().unwrap_or("");
-                let role = Role::from_openai(role).ok_or_else(|| {
-                    ServeError::bad_request(format!(
-                        "messages[{i}].role {role:?} is not system, user or assistant"
-                    ))
-                })?;
-                Ok(Message { role, content })
-            })
-            .collect()
-    }
+/// A `POST /tokenize` body (vLLM's shape): a `prompt`, or chat
+/// `messages` rendered with the chat template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tokenize {
+    /// What to tokenize.
+    pub input: Input,
+    /// Also return each token's text (`token_strs`).
+    pub return_token_strs: bool,
 }
 
-/// Types `body` (a JSON object whose `model` was checked) as `T`; a field
-/// of the wrong type is a 400 naming it.
-fn typed<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ServeError> {
-    serde_path_to_error::deserialize(body).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        ServeError::bad_request(
-            if inner.starts_with("messages[") || path.is_empty() || path == "." {
-                inner
-            } else {
-                format!("`{path}` {inner}")
-            },
-        )
-    })
-}
-
-fn number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    match Option::<Value>::deserialize(d)? {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| D::Error::custom(format!("must be a number, not {v}"))),
-    }
-}
-
-fn whole<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    match Option::<Value>::deserialize(d)? {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| D::Error::custom(format!("must be a non-negative integer, not {v}"))),
-    }
-}
-
-fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
-    match Option::<Value>::deserialize(d)? {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(b)),
-        Some(v) => Err(D::Error::custom(format!("must be true or false, not {v}"))),
-    }
-}
-
-fn string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    match Option::<Value>::deserialize(d)? {
-        Some(Value::String(s)) => Ok(Some(s)),
-        _ => Err(D::Error::custom("must be a string")),
-    }
-}
-
-fn messages<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<ChatMessage>>, D::Error> {
-    match Option::<Value>::deserialize(d)? {
-        Some(Value::Array(list)) if !list.is_empty() => {
-            let mut out = Vec::with_capacity(list.len());
-            for (i, m) in list.into_iter().enumerate() {
-                let message =
-                    serde_path_to_error::deserialize::<_, ChatMessage>(m).map_err(|e| {
-                        let path = e.path().to_string();
-                        D::Error::custom(format!("messages[{i}].{path} {}", e.into_inner()))
-                    })?;
-                out.push(message);
+impl Tokenize {
+    /// Checks a body (its `model`, if any, was checked).
+    pub fn from_body(body: Value) -> Result<Self, ServeError> {
+        let Value::Object(map) = body else {
+            return Err(ServeError::bad_request("the body must be a JSON object"));
+        };
+        let mut f = Fields { map };
+        f.map.remove("model");
+        let input = match (f.take("prompt"), f.take("messages")) {
+            (Some(_), Some(_)) => {
+                return Err(ServeError::invalid(
+                    "messages",
+                    "give `prompt` or `messages`, not both",
+                ));
             }
-            Ok(Some(out))
-        }
-        _ => Err(D::Error::custom("must be a non-empty array")),
+            (Some(Value::String(text)), None) => Input::Prompts {
+                prompts: vec![Prompt::Text(text)],
+                add_special_tokens: f.boolean("add_special_tokens")?.unwrap_or(true),
+            },
+            (Some(v), None) => {
+                return Err(ServeError::invalid(
+                    "prompt",
+                    format!("`prompt` must be a string, not {}", short(&v)),
+                ));
+            }
+            (None, Some(m)) => {
+                // The template puts BOS in; vLLM adds no other.
+                f.neutral("add_special_tokens", |v| v == &Value::Bool(false))?;
+                f.neutral("continue_final_message", |v| v == &Value::Bool(false))?;
+                f.neutral("chat_template_kwargs", empty_object)?;
+                Input::Chat {
+                    messages: messages(Some(m))?,
+                    add_generation_prompt: f.boolean("add_generation_prompt")?.unwrap_or(true),
+                }
+            }
+            (None, None) => {
+                return Err(ServeError::invalid(
+                    "prompt",
+                    "`prompt` (a string) or `messages` is required",
+                ));
+            }
+        };
+        let return_token_strs = f.boolean("return_token_strs")?.unwrap_or(false);
+        f.done()?;
+        Ok(Self {
+            input,
+            return_token_strs,
+        })
     }
+}
+
+/// A `POST /detokenize` body: the token ids.
+pub fn detokenize(body: Value) -> Result<Vec<u32>, ServeError> {
+    let Value::Object(map) = body else {
+        return Err(ServeError::bad_request("the body must be a JSON object"));
+    };
+    let mut f = Fields { map };
+    f.map.remove("model");
+    let tokens = match f.take("tokens") {
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok()))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| ServeError::invalid("tokens", "`tokens` must hold token ids"))?,
+        _ => {
+            return Err(ServeError::invalid(
+                "tokens",
+                "`tokens` (an array of token ids) is required",
+            ));
+        }
+    };
+    f.done()?;
+    Ok(tokens)
+}
+
+fn zero(v: &Value) -> bool {
+    v.as_f64() == Some(0.0)
+}
+
+fn empty_object(v: &Value) -> bool {
+    v.as_object().is_some_and(Map::is_empty)
+}
+
+fn empty_array(v: &Value) -> bool {
+    v.as_array().is_some_and(Vec::is_empty)
+}
+
+/// A body's fields, taken one by one; what is left at the end is unknown.
+struct Fields {
+    map: Map<String, Value>,
+}
+
+impl Fields {
+    /// The field's value; `None` when absent or `null`.
+    fn take(&mut self, name: &str) -> Option<Value> {
+        self.map.remove(name).filter(|v| !v.is_null())
+    }
+
+    fn wrong(name: &str, what: &str, v: &Value) -> ServeError {
+        ServeError::invalid(name, format!("`{name}` must be {what}, not {v}"))
+    }
+
+    fn number(&mut self, name: &str) -> Result<Option<f64>, ServeError> {
+        self.take(name)
+            .map(|v| v.as_f64().ok_or_else(|| Self::wrong(name, "a number", &v)))
+            .transpose()
+    }
+
+    fn whole(&mut self, name: &str) -> Result<Option<u64>, ServeError> {
+        self.take(name)
+            .map(|v| {
+                v.as_u64()
+                    .ok_or_else(|| Self::wrong(name, "a non-negative integer", &v))
+            })
+            .transpose()
+    }
+
+    fn integer(&mut self, name: &str) -> Result<Option<i64>, ServeError> {
+        self.take(name)
+            .map(|v| {
+                v.as_i64()
+                    .or_else(|| v.as_u64().map(|u| u as i64))
+                    .ok_or_else(|| Self::wrong(name, "an integer", &v))
+            })
+            .transpose()
+    }
+
+    fn boolean(&mut self, name: &str) -> Result<Option<bool>, ServeError> {
+        self.take(name)
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| Self::wrong(name, "true or false", &v))
+            })
+            .transpose()
+    }
+
+    /// A field this server does not act on, accepted only with the value
+    /// that asks for nothing.
+    fn neutral(&mut self, name: &str, ok: impl Fn(&Value) -> bool) -> Result<(), ServeError> {
+        match self.take(name) {
+            Some(v) if !ok(&v) => Err(ServeError::invalid(
+                name,
+                format!(
+                    "`{name}` {} is not supported by this server (see docs/inference.md)",
+                    short(&v)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A field that asks nothing of the output (a caller's label), checked
+    /// for its type only.
+    fn metadata(&mut self, name: &str, ok: impl Fn(&Value) -> bool) -> Result<(), ServeError> {
+        match self.take(name) {
+            Some(v) if !ok(&v) => Err(ServeError::invalid(
+                name,
+                format!("`{name}` has the wrong type: {}", short(&v)),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn done(self) -> Result<(), ServeError> {
+        match self.map.into_iter().next() {
+            Some((name, _)) => Err(ServeError::invalid(
+                name.clone(),
+                format!("Unrecognized request argument supplied: {name}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn done_in(self, parent: &str) -> Result<(), ServeError> {
+        match self.map.into_iter().next() {
+            Some((name, _)) => Err(ServeError::invalid(
+                format!("{parent}.{name}"),
+                format!("Unrecognized argument in `{parent}`: {name}"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A value for an error message, cut to a readable length.
+fn short(v: &Value) -> String {
+    let text = v.to_string();
+    match text.char_indices().nth(80) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
+    }
+}
+
+fn prompts(value: Option<Value>) -> Result<Vec<Prompt>, ServeError> {
+    let bad = |what: String| ServeError::invalid("prompt", what);
+    let ids = |list: &[Value]| -> Option<Vec<u32>> {
+        list.iter()
+            .map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok()))
+            .collect()
+    };
+    let out = match value {
+        None => return Err(bad("`prompt` is required".into())),
+        Some(Value::String(s)) => vec![Prompt::Text(s)],
+        Some(Value::Array(list)) if list.is_empty() => {
+            return Err(bad("`prompt` must not be an empty array".into()));
+        }
+        Some(Value::Array(list)) => match &list[0] {
+            Value::String(_) => list
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(Prompt::Text(s)),
+                    v => Err(bad(format!(
+                        "`prompt[{i}]` must be a string, not {}",
+                        short(&v)
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+            Value::Number(_) => vec![Prompt::Ids(ids(&list).ok_or_else(|| {
+                bad("`prompt` must be a string, strings, token ids or arrays of token ids".into())
+            })?)],
+            Value::Array(_) => list
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v.as_array().and_then(|l| ids(l)) {
+                    Some(t) if !t.is_empty() => Ok(Prompt::Ids(t)),
+                    _ => Err(bad(format!(
+                        "`prompt[{i}]` must be a non-empty array of token ids"
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+            v => {
+                return Err(bad(format!(
+                    "`prompt` must be a string, strings, token ids or arrays of token ids, not \
+                     an array of {}",
+                    short(v)
+                )));
+            }
+        },
+        Some(v) => return Err(bad(format!("`prompt` must be a string, not {}", short(&v)))),
+    };
+    if out.len() > MAX_PROMPTS {
+        return Err(bad(format!(
+            "`prompt` has {} prompts; at most {MAX_PROMPTS} go in one request",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+fn stops(value: Option<Value>) -> Result<Vec<String>, ServeError> {
+    let bad = |what: String| ServeError::invalid("stop", what);
+    let list = match value {
+        None => return Ok(Vec::new()),
+        Some(Value::String(s)) => vec![Value::String(s)],
+        Some(Value::Array(list)) => list,
+        Some(v) => {
+            return Err(bad(format!(
+                "`stop` must be a string or an array of strings, not {}",
+                short(&v)
+            )));
+        }
+    };
+    if list.len() > MAX_STOPS {
+        return Err(bad(format!(
+            "`stop` has {} strings; at most {MAX_STOPS} are allowed",
+            list.len()
+        )));
+    }
+    list.into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::String(s) if !s.is_empty() => Ok(s),
+            Value::String(_) => Err(bad(format!("`stop[{i}]` is empty"))),
+            v => Err(bad(format!(
+                "`stop[{i}]` must be a string, not {}",
+                short(&v)
+            ))),
+        })
+        .collect()
+}
+
+fn messages(value: Option<Value>) -> Result<Vec<Turn>, ServeError> {
+    let Some(Value::Array(list)) = value else {
+        return Err(ServeError::invalid(
+            "messages",
+            "`messages` must be a non-empty array",
+        ));
+    };
+    if list.is_empty() {
+        return Err(ServeError::invalid(
+            "messages",
+            "`messages` must be a non-empty array",
+        ));
+    }
+    list.into_iter()
+        .enumerate()
+        .map(|(i, m)| message(i, m))
+        .collect()
+}
+
+fn message(i: usize, value: Value) -> Result<Turn, ServeError> {
+    let at = format!("messages[{i}]");
+    let Value::Object(map) = value else {
+        return Err(ServeError::invalid(
+            at.clone(),
+            format!("`{at}` must be an object"),
+        ));
+    };
+    let mut f = Fields { map };
+    let role = match f.take("role") {
+        Some(Value::String(r)) => match Role::from_openai(&r) {
+            Some(role) => role,
+            None if r == "tool" || r == "function" => {
+                return Err(ServeError::invalid(
+                    format!("{at}.role"),
+                    format!("`{at}.role` {r:?}: tool calling is not supported by this server"),
+                ));
+            }
+            None => {
+                return Err(ServeError::invalid(
+                    format!("{at}.role"),
+                    format!("`{at}.role` {r:?} is not system, developer, user or assistant"),
+                ));
+            }
+        },
+        _ => {
+            return Err(ServeError::invalid(
+                format!("{at}.role"),
+                format!("`{at}.role` must be a string"),
+            ));
+        }
+    };
+    let content = match f.take("content") {
+        Some(Value::String(s)) => s,
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.into_iter().enumerate() {
+                texts.push(text_part(&at, j, part)?);
+            }
+            texts.join("\n")
+        }
+        None => {
+            return Err(ServeError::invalid(
+                format!("{at}.content"),
+                format!("`{at}.content` is required (a string or an array of text parts)"),
+            ));
+        }
+        Some(v) => {
+            return Err(ServeError::invalid(
+                format!("{at}.content"),
+                format!(
+                    "`{at}.content` must be a string or an array of text parts, not {}",
+                    short(&v)
+                ),
+            ));
+        }
+    };
+    f.neutral("refusal", |_| false)?;
+    f.neutral("tool_calls", empty_array)?;
+    if let Some(v) = f.take("name") {
+        return Err(ServeError::invalid(
+            format!("{at}.name"),
+            format!(
+                "`{at}.name` {}: participant names are not supported (Gemma's chat \
+                 template has no place for them)",
+                short(&v)
+            ),
+        ));
+    }
+    f.done_in(&at)?;
+    Ok(Turn { role, content })
+}
+
+fn text_part(at: &str, j: usize, part: Value) -> Result<String, ServeError> {
+    let here = format!("{at}.content[{j}]");
+    let Value::Object(map) = part else {
+        return Err(ServeError::invalid(
+            here.clone(),
+            format!("`{here}` must be an object"),
+        ));
+    };
+    let mut f = Fields { map };
+    match f.take("type") {
+        Some(Value::String(t)) if t == "text" => {}
+        Some(Value::String(t)) => {
+            let kind = match t.as_str() {
+                "image_url" | "input_image" | "image" => "an image",
+                "input_audio" | "audio" => "audio",
+                "file" => "a file",
+                _ => "an unknown part",
+            };
+            return Err(ServeError::invalid(
+                format!("{here}.type"),
+                format!(
+                    "`{here}.type` is {t:?} ({kind}): this model takes text only; \
+                     content parts must be {{\"type\": \"text\", \"text\": …}}"
+                ),
+            ));
+        }
+        _ => {
+            return Err(ServeError::invalid(
+                format!("{here}.type"),
+                format!("`{here}.type` must be \"text\""),
+            ));
+        }
+    }
+    let text = match f.take("text") {
+        Some(Value::String(s)) => s,
+        _ => {
+            return Err(ServeError::invalid(
+                format!("{here}.text"),
+                format!("`{here}.text` must be a string"),
+            ));
+        }
+    };
+    f.done_in(&here)?;
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -239,97 +763,248 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn completion(body: Value) -> Result<CompletionRequest, ServeError> {
-        CompletionRequest::from_body(body)
+    fn completion(extra: Value) -> Result<Generation, ServeError> {
+        let mut body = json!({"model": "m", "prompt": "x"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        Generation::from_body(Endpoint::Completions, body)
     }
 
-    fn chat(body: Value) -> Result<ChatRequest, ServeError> {
-        ChatRequest::from_body(body)
+    fn chat(body: Value) -> Result<Generation, ServeError> {
+        Generation::from_body(Endpoint::Chat, body)
     }
 
-    fn error<T: std::fmt::Debug>(typed: Result<T, ServeError>) -> String {
-        typed.unwrap_err().to_string()
-    }
-
-    #[test]
-    fn fields_of_the_wrong_type_are_named() {
-        let m = "gemma3-270m";
-        assert_eq!(
-            error(completion(json!({"model": m, "prompt": 7}))),
-            "`prompt` must be a string"
-        );
-        assert_eq!(
-            error(completion(
-                json!({"model": m, "prompt": "x", "temperature": "hot"})
-            )),
-            "`temperature` must be a number, not \"hot\""
-        );
-        assert_eq!(
-            error(completion(
-                json!({"model": m, "prompt": "x", "max_tokens": -1})
-            )),
-            "`max_tokens` must be a non-negative integer, not -1"
-        );
-        assert_eq!(
-            error(completion(json!({"model": m, "prompt": "x", "stream": 1}))),
-            "`stream` must be true or false, not 1"
-        );
-        assert_eq!(
-            error(chat(json!({"model": m, "messages": []}))),
-            "`messages` must be a non-empty array"
-        );
-        assert_eq!(
-            error(chat(
-                json!({"model": m, "messages": [{"role": "user", "content": 3}]})
-            )),
-            "messages[0].content must be a string"
-        );
+    /// The error's `param` and message.
+    fn refused(r: Result<Generation, ServeError>) -> (String, String) {
+        let e = r.unwrap_err();
+        (e.param().unwrap_or("").to_owned(), e.to_string())
     }
 
     #[test]
-    fn parameters_are_checked_together() {
-        let body = |extra: Value| {
-            let mut b = json!({"model": "m", "prompt": "x"});
-            b.as_object_mut()
-                .unwrap()
-                .extend(extra.as_object().unwrap().clone());
-            completion(b).unwrap().common.params(16)
-        };
-        let p = body(json!({})).unwrap();
+    fn defaults_and_honoured_fields() {
+        let g = completion(json!({})).unwrap();
         assert_eq!(
-            (p.max_tokens, p.stream, p.sampling.temperature),
-            (16, false, 1.0)
+            g.max_tokens, None,
+            "no max_tokens: until the end or the context"
         );
-        assert!(
-            body(json!({"n": 2}))
-                .unwrap_err()
-                .to_string()
-                .contains("`n` = 1")
+        assert_eq!(
+            (g.n, g.echo, g.stream, g.sampling.temperature),
+            (1, false, false, 1.0)
         );
-        assert!(
-            body(json!({"max_tokens": 0}))
-                .unwrap_err()
-                .to_string()
-                .contains("max_tokens")
-        );
-        assert!(
-            body(json!({"temperature": -1}))
-                .unwrap_err()
-                .to_string()
-                .contains("temperature")
-        );
-        let good = chat(json!({"model": "m", "messages": [
-            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}
-        ]}))
+        let g = completion(json!({
+            "max_tokens": 0, "echo": true, "logprobs": 1, "stop": ["\n", "Q:"],
+            "n": 3, "best_of": 3, "seed": -1, "top_k": -1, "stop_token_ids": [1, 106],
+            "stream": true, "stream_options": {"include_usage": true}, "user": "u",
+            "frequency_penalty": 0, "logit_bias": {}, "prompt": [[2, 5], [2, 6]],
+        }))
         .unwrap();
-        assert_eq!(good.turns().unwrap()[0].role, Role::System);
-        let bad =
-            chat(json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]})).unwrap();
-        assert!(
-            bad.turns()
-                .unwrap_err()
-                .to_string()
-                .contains("messages[0].role \"tool\"")
+        assert_eq!(g.max_tokens, Some(0));
+        assert_eq!(g.stop, ["\n", "Q:"]);
+        assert_eq!(g.stop_token_ids, [1, 106]);
+        assert_eq!((g.n, g.logprobs, g.include_usage), (3, Some(1), true));
+        assert_eq!(g.sampling.seed, u64::MAX);
+        assert_eq!(
+            g.input,
+            Input::Prompts {
+                prompts: vec![Prompt::Ids(vec![2, 5]), Prompt::Ids(vec![2, 6])],
+                add_special_tokens: true
+            }
         );
+        let g = chat(
+            json!({"model": "m", "max_tokens": 5, "max_completion_tokens": 9,
+            "logprobs": true, "top_logprobs": 2,
+            "messages": [{"role": "developer", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                                      {"type": "text", "text": "there"}]}]}),
+        )
+        .unwrap();
+        assert_eq!((g.max_tokens, g.logprobs), (Some(9), Some(2)));
+        let Input::Chat {
+            messages,
+            add_generation_prompt,
+        } = g.input
+        else {
+            panic!("chat input")
+        };
+        assert!(add_generation_prompt);
+        assert_eq!(messages[0].role, Role::System);
+        assert_eq!(messages[1].content, "Hi\nthere");
+    }
+
+    #[test]
+    fn tokenize_bodies() {
+        let t = Tokenize::from_body(json!({"prompt": "Hi", "add_special_tokens": false})).unwrap();
+        assert_eq!(
+            t.input,
+            Input::Prompts {
+                prompts: vec![Prompt::Text("Hi".into())],
+                add_special_tokens: false
+            }
+        );
+        let t = Tokenize::from_body(
+            json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+            "add_generation_prompt": false, "return_token_strs": true}),
+        )
+        .unwrap();
+        assert!(t.return_token_strs);
+        assert!(matches!(
+            t.input,
+            Input::Chat {
+                add_generation_prompt: false,
+                ..
+            }
+        ));
+        let e = Tokenize::from_body(json!({})).unwrap_err();
+        assert_eq!(e.param(), Some("prompt"));
+        let e = Tokenize::from_body(json!({"prompt": "x", "foo": 1})).unwrap_err();
+        assert_eq!(e.param(), Some("foo"));
+        assert_eq!(detokenize(json!({"tokens": [2, 9259]})).unwrap(), [2, 9259]);
+        assert_eq!(
+            detokenize(json!({"tokens": ["a"]})).unwrap_err().param(),
+            Some("tokens")
+        );
+    }
+
+    #[test]
+    fn every_refusal_names_its_param() {
+        let cases = [
+            (
+                json!({"stop": ["a", "b", "c", "d", "e"]}),
+                "stop",
+                "at most 4",
+            ),
+            (json!({"stop": ["a", ""]}), "stop", "`stop[1]` is empty"),
+            (json!({"stop": 3}), "stop", "string or an array"),
+            (json!({"logprobs": 21}), "logprobs", "between 0 and 20"),
+            (json!({"n": 17}), "n", "between 1 and 16"),
+            (json!({"n": 0}), "n", "between 1 and 16"),
+            (json!({"best_of": 2}), "best_of", "must equal `n`"),
+            (json!({"max_tokens": 0}), "max_tokens", "only with `echo`"),
+            (
+                json!({"temperature": "hot"}),
+                "temperature",
+                "must be a number, not \"hot\"",
+            ),
+            (
+                json!({"temperature": -1}),
+                "temperature",
+                "finite number >= 0",
+            ),
+            (json!({"top_p": 0}), "top_p", "(0, 1]"),
+            (
+                json!({"presence_penalty": 0.5}),
+                "presence_penalty",
+                "not supported",
+            ),
+            (
+                json!({"logit_bias": {"5": 1}}),
+                "logit_bias",
+                "not supported",
+            ),
+            (json!({"suffix": "end"}), "suffix", "not supported"),
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+                "not supported",
+            ),
+            (
+                json!({"stream_options": {"include_usage": true}}),
+                "stream_options",
+                "only allowed with `stream: true`",
+            ),
+            (
+                json!({"stream": true, "stream_options": {"x": 1}}),
+                "stream_options.x",
+                "Unrecognized",
+            ),
+            (
+                json!({"temprature": 0}),
+                "temprature",
+                "Unrecognized request argument supplied: temprature",
+            ),
+            (json!({"prompt": 7}), "prompt", "must be a string"),
+            (json!({"prompt": []}), "prompt", "empty array"),
+            (
+                json!({"prompt": [[1], []]}),
+                "prompt",
+                "`prompt[1]` must be a non-empty array",
+            ),
+            (
+                json!({"stop_token_ids": [-1]}),
+                "stop_token_ids",
+                "token ids",
+            ),
+            (json!({"stream": 1}), "stream", "true or false, not 1"),
+            (
+                json!({"max_tokens": -1}),
+                "max_tokens",
+                "non-negative integer, not -1",
+            ),
+        ];
+        for (extra, param, text) in cases {
+            let (p, message) = refused(completion(extra.clone()));
+            assert_eq!(p, param, "{extra}: {message}");
+            assert!(message.contains(text), "{extra}: {message}");
+        }
+        let chat_cases = [
+            (json!([]), "messages", "non-empty array"),
+            (
+                json!([{"role": "tool", "content": "x"}]),
+                "messages[0].role",
+                "tool calling",
+            ),
+            (
+                json!([{"role": "critic", "content": "x"}]),
+                "messages[0].role",
+                "\"critic\"",
+            ),
+            (
+                json!([{"role": "user", "content": 3}]),
+                "messages[0].content",
+                "string or an array",
+            ),
+            (json!([{"role": "user"}]), "messages[0].content", "required"),
+            (
+                json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+                "messages[0].content[0].type",
+                "text only",
+            ),
+            (
+                json!([{"role": "user", "content": [{"type": "text"}]}]),
+                "messages[0].content[0].text",
+                "must be a string",
+            ),
+            (
+                json!([{"role": "user", "content": "x", "name": "bob"}]),
+                "messages[0].name",
+                "not supported",
+            ),
+            (
+                json!([{"role": "user", "content": "x", "extra": 1}]),
+                "messages[0].extra",
+                "Unrecognized",
+            ),
+        ];
+        for (messages, param, text) in chat_cases {
+            let (p, message) = refused(chat(json!({"model": "m", "messages": messages})));
+            assert_eq!(p, param, "{message}");
+            assert!(message.contains(text), "{message}");
+        }
+        let (p, m) = refused(chat(
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+        ));
+        assert_eq!(
+            (p.as_str(), m.contains("needs `logprobs: true`")),
+            ("top_logprobs", true)
+        );
+        let (p, _) = refused(chat(
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
+        ));
+        assert_eq!(p, "tools");
+        let (p, _) = refused(chat(
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "echo": true}),
+        ));
+        assert_eq!(p, "echo", "echo is a completions field");
     }
 }

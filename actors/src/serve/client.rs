@@ -78,7 +78,7 @@ pub fn stream_completion(
     let url = format!("http://{address}/v1/completions");
     let body = serde_json::json!({
         "model": model, "prompt": prompt, "max_tokens": max_tokens,
-        "temperature": 0, "stream": true,
+        "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
     })
     .to_string();
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -125,17 +125,20 @@ pub fn stream_completion(
                 break 'read;
             }
             let now = started.elapsed().as_secs_f64();
-            match last {
-                None => first = Some(now),
-                Some(t) => gaps.push(now - t),
-            }
-            last = Some(now);
             let chunk: serde_json::Value =
                 serde_json::from_str(&event.data).map_err(|source| ClientError::Event {
                     url: url.clone(),
                     data: event.data.clone(),
                     source,
                 })?;
+            // Token chunks are timed; the usage chunk (no choices) is not.
+            if chunk["choices"].as_array().is_some_and(|c| !c.is_empty()) {
+                match last {
+                    None => first = Some(now),
+                    Some(t) => gaps.push(now - t),
+                }
+                last = Some(now);
+            }
             if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
                 tokens = n;
             }

@@ -22,6 +22,8 @@ pub enum ServeError {
     BadRequest {
         /// What is wrong, naming the field.
         message: String,
+        /// The request field at fault (OpenAI's `param`), when one is.
+        param: Option<String>,
     },
     /// The bearer token is missing or wrong.
     #[error("missing or wrong bearer token (Authorization: Bearer …)")]
@@ -160,6 +162,34 @@ impl ServeError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::BadRequest {
             message: message.into(),
+            param: None,
+        }
+    }
+
+    /// A 400 about the request field `param`.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param: Some(param.into()),
+        }
+    }
+
+    /// The request field at fault, when one is (OpenAI's `param`).
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            Self::BadRequest { param, .. } => param.as_deref(),
+            Self::ModelNotFound { .. } => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// OpenAI's `code` for this error, when it has one.
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::ModelNotFound { .. } => Some("model_not_found"),
+            Self::Unauthorized => Some("invalid_api_key"),
+            Self::BadRequest { .. } => Some("invalid_value"),
+            _ => None,
         }
     }
 

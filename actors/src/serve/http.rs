@@ -15,17 +15,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
 
 use super::ServeError;
-use super::body::{ChatRequest, CompletionRequest};
+use super::answer::{self, Answer, Echo, Meta, Shape, TokenClock};
+use super::body::{self, Endpoint, Generation, Input, Prompt, Tokenize};
+use super::choice::token_text;
 use crate::gemma::Gemma;
 use crate::gemma::chat;
-use crate::gemma::engine::{Engine, EngineConfig, Event, FinishReason, Request};
+use crate::gemma::engine::{Engine, EngineConfig, Event, Rejected, Request};
 use crate::tokenizer::Tokenizer;
 
 /// What `dima serve` runs.
@@ -121,7 +123,7 @@ struct Clock {
     last: Option<std::time::Instant>,
 }
 
-impl Clock {
+impl TokenClock for Clock {
     fn token(&mut self) {
         let now = std::time::Instant::now();
         match self.last {
@@ -147,9 +149,7 @@ fn error_response(error: &ServeError) -> HttpResponse {
     if matches!(status.as_u16(), 429 | 503) {
         response.insert_header(("retry-after", "1"));
     }
-    response.json(json!({
-        "error": {"message": error.to_string(), "type": error.error_type(), "param": null, "code": null}
-    }))
+    response.json(answer::error_body(error))
 }
 
 /// The most bytes a request body may have.
@@ -211,6 +211,16 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 /// Parses the body and checks the model name and token.
 fn body_of(state: &State, req: &HttpRequest, bytes: &[u8]) -> Result<Value, ServeError> {
+    json_of(state, req, bytes, true)
+}
+
+/// [`body_of`], where `model` may be left out unless `model_required`.
+fn json_of(
+    state: &State,
+    req: &HttpRequest,
+    bytes: &[u8],
+    model_required: bool,
+) -> Result<Value, ServeError> {
     if let Some(denied) = unauthorized(state, req) {
         return Err(denied);
     }
@@ -225,14 +235,134 @@ fn body_of(state: &State, req: &HttpRequest, bytes: &[u8]) -> Result<Value, Serv
             requested: m.to_owned(),
             served: state.name.clone(),
         }),
-        None => Err(bad_request("`model` is required")),
+        None if !model_required && body.get("model").is_none_or(Value::is_null) => Ok(body),
+        None => Err(ServeError::invalid(
+            "model",
+            "`model` is required (a string)",
+        )),
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Completion,
-    Chat,
+/// Reads a small JSON body for the tokenizer routes.
+async fn small_json(
+    state: &State,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<Value, ServeError> {
+    let bytes = read_body(payload).await?;
+    json_of(state, req, &bytes, false)
+}
+
+/// Counts a response into the requests metric.
+fn counted(state: &State, response: HttpResponse) -> HttpResponse {
+    state
+        .metrics
+        .requests
+        .with_label_values(&[response.status().as_str()])
+        .inc();
+    response
+}
+
+/// `POST /tokenize` (vLLM's shape): `{"count", "max_model_len",
+/// "tokens", "token_strs"}` of a prompt or of chat messages rendered with
+/// the chat template.
+async fn tokenize(
+    state: web::Data<State>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> HttpResponse {
+    let answered = async {
+        let body = Tokenize::from_body(small_json(&state, &req, payload).await?)?;
+        let ids = match &body.input {
+            Input::Prompts {
+                prompts,
+                add_special_tokens,
+            } => match prompts.first() {
+                Some(Prompt::Text(text)) => {
+                    state.tokenizer.encode(text, *add_special_tokens, false)
+                }
+                _ => Vec::new(),
+            },
+            chat => prepare_chat(&state.tokenizer, chat),
+        };
+        let strs = body.return_token_strs.then(|| {
+            ids.iter()
+                .map(|&id| token_text(&state.tokenizer, id))
+                .collect::<Vec<_>>()
+        });
+        Ok::<_, ServeError>(HttpResponse::Ok().json(json!({
+            "count": ids.len(),
+            "max_model_len": state.engine.context(),
+            "tokens": ids,
+            "token_strs": strs,
+        })))
+    }
+    .await;
+    counted(&state, answered.unwrap_or_else(|e| error_response(&e)))
+}
+
+/// `POST /detokenize`: `{"prompt"}`, the text of `tokens`.
+async fn detokenize(
+    state: web::Data<State>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> HttpResponse {
+    let answered = async {
+        let ids = body::detokenize(small_json(&state, &req, payload).await?)?;
+        let vocab = state.tokenizer.len();
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ServeError::invalid(
+                "tokens",
+                format!("`tokens` has {bad}; the vocabulary has {vocab} tokens"),
+            ));
+        }
+        Ok(HttpResponse::Ok().json(json!({"prompt": state.tokenizer.decode(&ids)})))
+    }
+    .await;
+    counted(&state, answered.unwrap_or_else(|e| error_response(&e)))
+}
+
+/// `GET /tokenizer_info`: what a client needs to tokenize as the server
+/// does.
+async fn tokenizer_info(state: web::Data<State>, req: HttpRequest) -> HttpResponse {
+    if let Some(denied) = unauthorized(&state, &req) {
+        return counted(&state, error_response(&denied));
+    }
+    let t = &state.tokenizer;
+    let text = |id: u32| t.piece(id).map(str::to_owned);
+    counted(
+        &state,
+        HttpResponse::Ok().json(json!({
+            "tokenizer_class": "GemmaTokenizer",
+            "vocab_size": t.len(),
+            "model_max_length": state.engine.context(),
+            "bos_token": text(t.bos()),
+            "bos_token_id": t.bos(),
+            "eos_token": text(crate::gemma::END_OF_GENERATION[0]),
+            "eos_token_ids": crate::gemma::END_OF_GENERATION,
+            "add_bos_token": true,
+            "chat_template": chat::BUILT_IN_TEMPLATE,
+        })),
+    )
+}
+
+/// Chat messages as the chat template renders them, tokenized.
+fn prepare_chat(tokenizer: &Tokenizer, input: &Input) -> Vec<u32> {
+    let Input::Chat {
+        messages,
+        add_generation_prompt,
+    } = input
+    else {
+        return Vec::new();
+    };
+    let turns: Vec<chat::Message<'_>> = messages
+        .iter()
+        .map(|t| chat::Message {
+            role: t.role,
+            content: &t.content,
+        })
+        .collect();
+    chat::encode_with(tokenizer, &turns, *add_generation_prompt)
 }
 
 async fn completions(
@@ -240,7 +370,7 @@ async fn completions(
     req: HttpRequest,
     payload: web::Payload,
 ) -> HttpResponse {
-    respond(&state, &req, payload, Kind::Completion).await
+    respond(&state, &req, payload, Endpoint::Completions).await
 }
 
 async fn chat_completions(
@@ -248,21 +378,14 @@ async fn chat_completions(
     req: HttpRequest,
     payload: web::Payload,
 ) -> HttpResponse {
-    respond(&state, &req, payload, Kind::Chat).await
-}
-
-fn finish_reason(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    }
+    respond(&state, &req, payload, Endpoint::Chat).await
 }
 
 async fn respond(
     state: &web::Data<State>,
     req: &HttpRequest,
     payload: web::Payload,
-    kind: Kind,
+    endpoint: Endpoint,
 ) -> HttpResponse {
     // A declared length over the limit is refused before reading.
     let declared = req
@@ -275,7 +398,7 @@ async fn respond(
         _ => read_body(payload).await,
     };
     let answered = match body {
-        Ok(bytes) => answer(state, req, &bytes, kind).await,
+        Ok(bytes) => answer(state, req, &bytes, endpoint).await,
         Err(e) => Err(e),
     };
     let response = match answered {
@@ -294,242 +417,177 @@ async fn answer(
     state: &web::Data<State>,
     req: &HttpRequest,
     bytes: &[u8],
-    kind: Kind,
+    endpoint: Endpoint,
 ) -> Result<HttpResponse, ServeError> {
     let body = body_of(state, req, bytes)?;
-    // What clients send is text: special-token strings in it stay text;
-    // only the chat template puts control tokens in.
-    let (p, prompt) = match kind {
-        Kind::Completion => {
-            let body = CompletionRequest::from_body(body)?;
-            let p = body.common.params(16)?;
-            (p, state.tokenizer.encode(&body.prompt, true, false))
+    let g = Generation::from_body(endpoint, body)?;
+    let prompts = prepare(state, &g.input)?;
+    let context = state.engine.context();
+    let vocab = state.tokenizer.len();
+    if let Some(&bad) = g.stop_token_ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(ServeError::invalid(
+            "stop_token_ids",
+            format!("`stop_token_ids` has {bad}; the vocabulary has {vocab} tokens"),
+        ));
+    }
+    let length_param = match endpoint {
+        Endpoint::Chat => "max_completion_tokens",
+        Endpoint::Completions => "max_tokens",
+    };
+    if let Some(m) = g.max_tokens
+        && m > context
+    {
+        return Err(ServeError::invalid(
+            length_param,
+            format!("`{length_param}` {m} is more than the model's context ({context} tokens)"),
+        ));
+    }
+    let n = g.n;
+    let ended: Arc<[AtomicBool]> = (0..prompts.len() * n)
+        .map(|_| AtomicBool::new(false))
+        .collect();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Event)>();
+    for (p, prompt) in prompts.iter().enumerate() {
+        let request = Request {
+            prompt: prompt.ids.clone(),
+            // Without a length: until end of generation or the context.
+            max_tokens: g
+                .max_tokens
+                .unwrap_or(context.saturating_sub(prompt.ids.len())),
+            sampling: g.sampling,
+            n,
+            stop_token_ids: g.stop_token_ids.clone(),
+            logprobs: g.logprobs,
+            prompt_logprobs: if g.echo { g.logprobs } else { None },
+        };
+        let (tx, ended_here) = (tx.clone(), Arc::clone(&ended));
+        let sink = Box::new(move |e: Event| {
+            if let Event::Token { choice, .. } | Event::Finished { choice, .. } = &e
+                && ended_here[p * n + choice].load(Ordering::SeqCst)
+            {
+                return false;
+            }
+            tx.send((p, e)).is_ok()
+        });
+        if let Err(refused) = state.engine.submit(request, sink) {
+            // The prompts already taken stop at their next token.
+            for e in ended.iter() {
+                e.store(true, Ordering::SeqCst);
+            }
+            return Err(match refused {
+                Rejected::Invalid(message) => ServeError::invalid(
+                    match endpoint {
+                        Endpoint::Chat => "messages",
+                        Endpoint::Completions => "prompt",
+                    },
+                    message,
+                ),
+                other => ServeError::Rejected(other),
+            });
         }
-        Kind::Chat => {
-            let body = ChatRequest::from_body(body)?;
-            let p = body.common.params(16)?;
-            (p, chat::encode(&state.tokenizer, &body.turns()?))
-        }
+    }
+    drop(tx);
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completions => "cmpl",
+    };
+    let meta = Meta {
+        id: format!("{prefix}-{}", state.next_id.fetch_add(1, Ordering::Relaxed)),
+        created: now(),
+        model: state.name.clone(),
+        endpoint,
+    };
+    let mut hidden = g.stop_token_ids.clone();
+    hidden.extend(crate::gemma::END_OF_GENERATION);
+    let shape = Shape {
+        n,
+        stop: g.stop.clone(),
+        hidden,
+        logprobs: g.logprobs.is_some(),
+        echo: g.echo,
+        include_usage: g.include_usage,
     };
     let clock = Clock {
         metrics: state.metrics.clone(),
         arrived: std::time::Instant::now(),
         last: None,
     };
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let request = Request {
-        prompt,
-        max_tokens: p.max_tokens,
-        sampling: p.sampling,
-    };
-    state
-        .engine
-        .submit(request, Box::new(move |e| tx.send(e).is_ok()))
-        .map_err(ServeError::Rejected)?;
-    let id = format!(
-        "{}-{}",
-        if kind == Kind::Chat {
-            "chatcmpl"
-        } else {
-            "cmpl"
-        },
-        state.next_id.fetch_add(1, Ordering::Relaxed)
-    );
-    let meta = Meta {
-        id,
-        created: now(),
-        model: state.name.clone(),
-        kind,
-    };
-    if p.stream {
-        Ok(stream(meta, rx, Arc::clone(&state.tokenizer), clock))
-    } else {
-        let body = whole(&meta, rx, &state.tokenizer, clock).await?;
-        Ok(HttpResponse::Ok().json(body))
-    }
-}
-
-struct Meta {
-    id: String,
-    created: u64,
-    model: String,
-    kind: Kind,
-}
-
-impl Meta {
-    fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
-        json!({
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        })
-    }
-
-    /// The response object (`streamed`: one chunk of a stream), with
-    /// `usage` when given.
-    fn object(
-        &self,
-        text: &str,
-        reason: Option<&str>,
-        usage: Option<Value>,
-        streamed: bool,
-    ) -> Value {
-        let choice = match (self.kind, streamed) {
-            (Kind::Completion, _) => {
-                json!({"index": 0, "text": text, "finish_reason": reason, "logprobs": null})
-            }
-            (Kind::Chat, false) => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": reason,
-            }),
-            (Kind::Chat, true) => json!({
-                "index": 0,
-                "delta": {"content": text},
-                "finish_reason": reason,
-            }),
-        };
-        let object = match (self.kind, streamed) {
-            (Kind::Completion, _) => "text_completion",
-            (Kind::Chat, false) => "chat.completion",
-            (Kind::Chat, true) => "chat.completion.chunk",
-        };
-        let mut value = json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        });
-        if let Some(usage) = usage {
-            value["usage"] = usage;
-        }
-        value
-    }
-}
-
-/// The text of generated ids: end-of-generation tokens print nothing.
-fn visible(tokenizer: &Tokenizer, ids: &[u32]) -> String {
-    let kept: Vec<u32> = ids
-        .iter()
-        .copied()
-        .filter(|id| !crate::gemma::END_OF_GENERATION.contains(id))
-        .collect();
-    tokenizer.decode(&kept)
-}
-
-/// Waits for the whole completion and answers with one JSON object.
-async fn whole(
-    meta: &Meta,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    tokenizer: &Tokenizer,
-    mut clock: Clock,
-) -> Result<Value, ServeError> {
-    let mut ids = Vec::new();
-    while let Some(event) = rx.recv().await {
-        match event {
-            Event::Token(id) => {
-                clock.token();
-                ids.push(id);
-            }
-            Event::Finished {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                return Ok(meta.object(
-                    &visible(tokenizer, &ids),
-                    Some(finish_reason(reason)),
-                    Some(Meta::usage(prompt_tokens, completion_tokens)),
-                    false,
-                ));
-            }
-            Event::Failed(reason) => return Err(ServeError::Failed { reason }),
-        }
-    }
-    Err(ServeError::Failed {
-        reason: "the engine stopped before the request finished".into(),
-    })
-}
-
-/// Streams the completion as server-sent events.
-fn stream(
-    meta: Meta,
-    rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    tokenizer: Arc<Tokenizer>,
-    clock: Clock,
-) -> HttpResponse {
-    struct Progress {
-        rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
-        meta: Meta,
-        tokenizer: Arc<Tokenizer>,
-        pending: Vec<u8>,
-        done: bool,
-        clock: Clock,
-    }
-    let sse = |value: &Value| web::Bytes::from(format!("data: {value}\n\n"));
-    let start = Progress {
-        rx,
+    let answer = Answer::new(
         meta,
-        tokenizer,
-        pending: Vec::new(),
-        done: false,
-        clock,
+        Arc::clone(&state.tokenizer),
+        prompts,
+        shape,
+        ended,
+        Box::new(clock),
+    );
+    if g.stream {
+        Ok(answer::stream(answer, rx))
+    } else {
+        Ok(HttpResponse::Ok().json(answer::whole(answer, rx).await?))
+    }
+}
+
+/// The request's prompts as token ids (checked against the vocabulary and
+/// the context) and the text `echo` shows.
+fn prepare(state: &State, input: &Input) -> Result<Vec<Echo>, ServeError> {
+    let tokenizer = &state.tokenizer;
+    let context = state.engine.context();
+    let vocab = tokenizer.len();
+    let (param, prompts) = match input {
+        // What clients send is text: special-token strings in it stay
+        // text; only the chat template puts control tokens in.
+        Input::Prompts {
+            prompts,
+            add_special_tokens,
+        } => (
+            "prompt",
+            prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| match p {
+                    Prompt::Text(text) => Ok(Echo {
+                        ids: tokenizer.encode(text, *add_special_tokens, false),
+                        text: text.clone(),
+                    }),
+                    Prompt::Ids(ids) => match ids.iter().find(|&&id| id as usize >= vocab) {
+                        Some(bad) => Err(ServeError::invalid(
+                            "prompt",
+                            format!(
+                                "`prompt[{i}]` has token id {bad}; the vocabulary has {vocab} tokens"
+                            ),
+                        )),
+                        None => Ok(Echo {
+                            ids: ids.clone(),
+                            text: tokenizer.decode(ids),
+                        }),
+                    },
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        chat => {
+            let ids = prepare_chat(tokenizer, chat);
+            let text = tokenizer.decode(&ids);
+            ("messages", vec![Echo { ids, text }])
+        }
     };
-    let events = futures_util::stream::unfold(start, move |mut p| async move {
-        if p.done {
-            return None;
+    for (i, p) in prompts.iter().enumerate() {
+        if p.ids.is_empty() {
+            return Err(ServeError::invalid(
+                param,
+                format!("`{param}[{i}]` is empty"),
+            ));
         }
-        loop {
-            match p.rx.recv().await {
-                Some(Event::Token(id)) => {
-                    p.clock.token();
-                    if crate::gemma::END_OF_GENERATION.contains(&id) {
-                        continue;
-                    }
-                    p.pending.extend(p.tokenizer.piece_bytes(id, false));
-                    // Whole UTF-8 characters only.
-                    let valid = match std::str::from_utf8(&p.pending) {
-                        Ok(s) => s.len(),
-                        Err(e) => e.valid_up_to(),
-                    };
-                    if valid == 0 {
-                        continue;
-                    }
-                    let text = String::from_utf8_lossy(&p.pending[..valid]).into_owned();
-                    p.pending.drain(..valid);
-                    let chunk = sse(&p.meta.object(&text, None, None, true));
-                    return Some((Ok::<_, actix_web::Error>(chunk), p));
-                }
-                Some(Event::Finished {
-                    reason,
-                    prompt_tokens,
-                    completion_tokens,
-                }) => {
-                    p.done = true;
-                    let rest = String::from_utf8_lossy(&p.pending).into_owned();
-                    let last = p.meta.object(
-                        &rest,
-                        Some(finish_reason(reason)),
-                        Some(Meta::usage(prompt_tokens, completion_tokens)),
-                        true,
-                    );
-                    let bytes = web::Bytes::from(format!("data: {last}\n\ndata: [DONE]\n\n"));
-                    return Some((Ok(bytes), p));
-                }
-                Some(Event::Failed(reason)) => {
-                    p.done = true;
-                    let err = json!({"error": {"message": reason, "type": "server_error", "param": null, "code": null}});
-                    return Some((Ok(sse(&err)), p));
-                }
-                None => return None,
-            }
+        if p.ids.len() >= context {
+            return Err(ServeError::invalid(
+                param,
+                format!(
+                    "the prompt has {} tokens; the model's context is {context}",
+                    p.ids.len()
+                ),
+            ));
         }
-    });
-    HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .insert_header(("cache-control", "no-cache"))
-        .streaming(events)
+    }
+    Ok(prompts)
 }
 
 async fn models(state: web::Data<State>, req: HttpRequest) -> HttpResponse {
@@ -683,6 +741,23 @@ pub fn start_engine(
                                 .route(web::post().to(chat_completions))
                                 .default_service(web::to(|| {
                                     wrong_method("/v1/chat/completions", "POST")
+                                })),
+                        )
+                        .service(
+                            web::resource("/tokenize")
+                                .route(web::post().to(tokenize))
+                                .default_service(web::to(|| wrong_method("/tokenize", "POST"))),
+                        )
+                        .service(
+                            web::resource("/detokenize")
+                                .route(web::post().to(detokenize))
+                                .default_service(web::to(|| wrong_method("/detokenize", "POST"))),
+                        )
+                        .service(
+                            web::resource("/tokenizer_info")
+                                .route(web::get().to(tokenizer_info))
+                                .default_service(web::to(|| {
+                                    wrong_method("/tokenizer_info", "GET")
                                 })),
                         )
                         .service(

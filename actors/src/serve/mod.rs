@@ -9,7 +9,9 @@
 //! ([`client`]), and [`ServeError`], whose variants carry a stable
 //! `error_type()` and HTTP status.
 
+mod answer;
 mod body;
+mod choice;
 pub mod client;
 mod error;
 #[cfg(feature = "cuda")]

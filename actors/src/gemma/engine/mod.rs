@@ -51,7 +51,7 @@ use super::device::{DeviceGemma, KvPool};
 use super::forward::{Backend, Head, Row, forward};
 use super::generate::END_OF_GENERATION;
 use super::model::{Gemma, KvCache};
-use super::sampling::{Sampler, Sampling};
+use super::sampling::{Sampler, Sampling, TokenLogprob, token_logprob};
 
 mod shard;
 
@@ -188,10 +188,50 @@ pub enum EngineError {
 pub struct Request {
     /// Prompt token ids (BOS included).
     pub prompt: Vec<u32>,
-    /// Most tokens to generate.
+    /// Most tokens to generate (each choice).
     pub max_tokens: usize,
-    /// Sampling parameters and seed.
+    /// Sampling parameters and seed (choice `i > 0` draws with a seed
+    /// derived from this one and `i`: [`choice_seed`]).
     pub sampling: Sampling,
+    /// Choices: samples of the same prompt, which is prefilled once and
+    /// its cache copied to the others.
+    pub n: usize,
+    /// Tokens that end a choice like an end-of-generation token.
+    pub stop_token_ids: Vec<u32>,
+    /// Report each generated token's log-probability and this many most
+    /// likely alternatives ([`TokenLogprob`]).
+    pub logprobs: Option<usize>,
+    /// Report each prompt token's log-probability (after the first) and
+    /// this many alternatives, once, before the first token
+    /// ([`Event::Prompt`]).
+    pub prompt_logprobs: Option<usize>,
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Self {
+            prompt: Vec::new(),
+            max_tokens: 16,
+            sampling: Sampling::default(),
+            n: 1,
+            stop_token_ids: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: None,
+        }
+    }
+}
+
+/// Most alternatives a log-probability report lists (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Most choices of one request.
+pub const MAX_CHOICES: usize = 16;
+
+/// The seed choice `choice` of a request seeded `seed` samples with
+/// (choice 0 keeps the request's seed, so `n = 1` is unchanged).
+pub fn choice_seed(seed: u64, choice: usize) -> u64 {
+    // SplitMix64's increment: a different, fixed stream per choice.
+    seed.wrapping_add((choice as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// Why a request ended.
@@ -203,26 +243,42 @@ pub enum FinishReason {
     Length,
 }
 
-/// What the engine reports about a request, in order.
+/// What the engine reports about a request, in order (each choice's
+/// tokens in order, the choices interleaved).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// The next generated token.
-    Token(u32),
-    /// The request is done.
+    /// With [`Request::prompt_logprobs`]: the log-probability of each
+    /// prompt token after the first, once, before any token.
+    Prompt(Vec<TokenLogprob>),
+    /// A choice's next generated token.
+    Token {
+        /// The choice (0 to `n - 1`).
+        choice: usize,
+        /// The token.
+        id: u32,
+        /// With [`Request::logprobs`]: its log-probability.
+        logprob: Option<TokenLogprob>,
+    },
+    /// A choice is done.
     Finished {
+        /// The choice.
+        choice: usize,
         /// Why.
         reason: FinishReason,
         /// Prompt tokens.
         prompt_tokens: usize,
-        /// Generated tokens.
+        /// Tokens this choice generated.
         completion_tokens: usize,
     },
-    /// The request failed (the model or a collective failed); nothing more follows.
+    /// The request failed (the model or a collective failed); nothing more
+    /// follows for any choice.
     Failed(String),
 }
 
-/// Receives a request's events; returns `false` when the client has gone
-/// away, which ends the request and frees its cache.
+/// Receives a request's events; returns `false` to end the choice the
+/// event was about (a stop string matched, or the client has gone away:
+/// then every choice ends at its next event), which frees its cache. No
+/// `Finished` follows for a choice ended so.
 pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
 
 /// Why a request was not accepted.
@@ -245,6 +301,21 @@ pub enum Rejected {
     /// The engine has stopped.
     #[error("the engine has stopped")]
     Stopped,
+}
+
+/// A prompt a step admits.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Admit {
+    /// The request (its first choice).
+    pub id: u64,
+    /// Its prompt.
+    pub prompt: Vec<u32>,
+    /// The other choices: after the step each gets a copy of the prompt's
+    /// cache (a backend that cannot copy prefills it again).
+    pub siblings: Vec<u64>,
+    /// Rank 0 reports the log-probabilities of the prompt's tokens with
+    /// this many alternatives.
+    pub prompt_logprobs: Option<u8>,
 }
 
 /// The engine's limits.
@@ -286,7 +357,7 @@ pub struct Schedule {
     /// Requests whose caches are dropped.
     pub free: Vec<u64>,
     /// New requests and their prompts.
-    pub admit: Vec<(u64, Vec<u32>)>,
+    pub admit: Vec<Admit>,
     /// Running requests and the token each feeds.
     pub decode: Vec<(u64, u32)>,
     /// The engine is stopping.
@@ -300,8 +371,10 @@ impl Schedule {
     }
 
     /// Little-endian bytes: stop (u8); free: count (u32), ids (u64);
-    /// admit: count (u32), per request id (u64), length (u32), tokens
-    /// (u32); decode: count (u32), per request id (u64), token (u32).
+    /// admit: count (u32), per request id (u64), siblings: count (u32),
+    /// ids (u64), prompt log-probabilities (u8: 0 none, else one more than
+    /// the alternatives), length (u32), tokens (u32); decode: count (u32),
+    /// per request id (u64), token (u32).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![u8::from(self.stop)];
         let count = |out: &mut Vec<u8>, n: usize| out.extend((n as u32).to_le_bytes());
@@ -310,10 +383,15 @@ impl Schedule {
             out.extend(id.to_le_bytes());
         }
         count(&mut out, self.admit.len());
-        for (id, prompt) in &self.admit {
-            out.extend(id.to_le_bytes());
-            count(&mut out, prompt.len());
-            for t in prompt {
+        for a in &self.admit {
+            out.extend(a.id.to_le_bytes());
+            count(&mut out, a.siblings.len());
+            for id in &a.siblings {
+                out.extend(id.to_le_bytes());
+            }
+            out.push(a.prompt_logprobs.map_or(0, |k| k.saturating_add(1)));
+            count(&mut out, a.prompt.len());
+            for t in &a.prompt {
                 out.extend(t.to_le_bytes());
             }
         }
@@ -383,13 +461,23 @@ impl Schedule {
         for _ in 0..r.count("free count", 8)? {
             s.free.push(r.u64("freed id")?);
         }
-        for _ in 0..r.count("admit count", 12)? {
+        for _ in 0..r.count("admit count", 17)? {
             let id = r.u64("admitted id")?;
+            let n = r.count("sibling count", 8)?;
+            let siblings = (0..n)
+                .map(|_| r.u64("sibling id"))
+                .collect::<Result<_, _>>()?;
+            let prompt_logprobs = r.take::<1>("prompt logprobs")?[0].checked_sub(1);
             let n = r.count("prompt length", 4)?;
             let prompt = (0..n)
                 .map(|_| r.u32("prompt token"))
                 .collect::<Result<_, _>>()?;
-            s.admit.push((id, prompt));
+            s.admit.push(Admit {
+                id,
+                prompt,
+                siblings,
+                prompt_logprobs,
+            });
         }
         for _ in 0..r.count("decode count", 12)? {
             let id = r.u64("decoded id")?;
@@ -413,11 +501,22 @@ struct Job {
     sink: Sink,
 }
 
-/// A request being decoded.
+/// A sink the choices of one request share (the engine's thread alone
+/// calls it).
+type Shared = Arc<Mutex<Sink>>;
+
+fn send(sink: &Shared, event: Event) -> bool {
+    sink.lock().map(|mut s| s(event)).unwrap_or(false)
+}
+
+/// A choice being decoded.
 struct Active {
     id: u64,
-    sink: Sink,
+    choice: usize,
+    sink: Shared,
     sampler: Sampler,
+    stop_ids: Arc<[u32]>,
+    logprobs: Option<usize>,
     prompt_tokens: usize,
     generated: usize,
     limit: usize,
@@ -523,9 +622,13 @@ impl EngineActor {
         };
         let mut joining = Vec::new();
         let mut reserved = self.reserved();
-        while self.active.len() + joining.len() < self.config.max_batch.max(1) {
-            let Some(job) = self.queue.front() else { break };
-            let need = budget(&job.request, self.context);
+        let mut places = self.active.len();
+        while let Some(job) = self.queue.front() {
+            let n = job.request.n.max(1);
+            if places + n > self.config.max_batch.max(1) && places > 0 {
+                break;
+            }
+            let need = n * budget(&job.request, self.context);
             // First come, first served: a big request is not overtaken.
             if reserved + need > self.config.max_tokens_in_flight && reserved > 0 {
                 break;
@@ -534,10 +637,19 @@ impl EngineActor {
                 break;
             };
             reserved += need;
+            places += n;
             self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
             let id = self.next_id;
-            self.next_id += 1;
-            schedule.admit.push((id, job.request.prompt.clone()));
+            self.next_id += n as u64;
+            schedule.admit.push(Admit {
+                id,
+                prompt: job.request.prompt.clone(),
+                siblings: (1..n as u64).map(|i| id + i).collect(),
+                prompt_logprobs: job
+                    .request
+                    .prompt_logprobs
+                    .map(|k| k.min(MAX_TOP_LOGPROBS) as u8),
+            });
             joining.push((id, job));
         }
         if schedule.is_empty() {
@@ -600,8 +712,14 @@ impl EngineActor {
         }
         if let Some(reason) = failure {
             tracing::error!(%reason, "a step failed; the engine takes no more requests");
-            for mut a in self.active.drain(..) {
-                (a.sink)(Event::Failed(reason.clone()));
+            // One `Failed` per request, not per choice.
+            let mut told: Vec<u64> = Vec::new();
+            for a in self.active.drain(..) {
+                let first = a.id - a.choice as u64;
+                if !told.contains(&first) {
+                    told.push(first);
+                    send(&a.sink, Event::Failed(reason.clone()));
+                }
             }
             for (_, mut job) in joining {
                 (job.sink)(Event::Failed(reason.clone()));
@@ -614,10 +732,10 @@ impl EngineActor {
             return;
         }
         let kv_bytes = outputs.iter().map(|o| o.kv_bytes).sum();
-        let logits = outputs
+        let (logits, mut prompts) = outputs
             .into_iter()
             .next()
-            .map(|o| o.logits)
+            .map(|o| (o.logits, o.prompt_logprobs))
             .unwrap_or_default();
         let vocab = self.vocab;
         let row = |i: usize| &logits[i * vocab..(i + 1) * vocab];
@@ -634,20 +752,41 @@ impl EngineActor {
             keep
         });
         for (k, (id, job)) in joining.into_iter().enumerate() {
-            let mut a = Active {
-                id,
-                sink: job.sink,
-                sampler: Sampler::new(job.request.sampling),
-                prompt_tokens: job.request.prompt.len(),
-                generated: 0,
-                limit: limit(&job.request, self.context),
-                reserved: budget(&job.request, self.context),
-                next: 0,
-            };
-            if emit(&mut a, row(k)) {
-                self.active.push(a);
-            } else {
-                to_free.push(id);
+            let r = job.request;
+            let sink: Shared = Arc::new(Mutex::new(job.sink));
+            if r.prompt_logprobs.is_some() {
+                let scored = prompts
+                    .iter_mut()
+                    .find(|(of, _)| *of == id)
+                    .map(|(_, list)| std::mem::take(list))
+                    .unwrap_or_default();
+                if !send(&sink, Event::Prompt(scored)) {
+                    to_free.extend((0..r.n.max(1) as u64).map(|i| id + i));
+                    continue;
+                }
+            }
+            let stop_ids: Arc<[u32]> = r.stop_token_ids.clone().into();
+            for choice in 0..r.n.max(1) {
+                let mut sampling = r.sampling;
+                sampling.seed = choice_seed(sampling.seed, choice);
+                let mut a = Active {
+                    id: id + choice as u64,
+                    choice,
+                    sink: Arc::clone(&sink),
+                    sampler: Sampler::new(sampling),
+                    stop_ids: Arc::clone(&stop_ids),
+                    logprobs: r.logprobs.map(|k| k.min(MAX_TOP_LOGPROBS)),
+                    prompt_tokens: r.prompt.len(),
+                    generated: 0,
+                    limit: limit(&r, self.context),
+                    reserved: budget(&r, self.context),
+                    next: 0,
+                };
+                if emit(&mut a, row(k)) {
+                    self.active.push(a);
+                } else {
+                    to_free.push(a.id);
+                }
             }
         }
         self.to_free.extend(to_free);
@@ -691,10 +830,16 @@ fn emit(a: &mut Active, logits: &[f32]) -> bool {
     let next = a.sampler.sample(logits);
     a.generated += 1;
     a.next = next;
-    if !(a.sink)(Event::Token(next)) {
+    let logprob = a.logprobs.map(|k| token_logprob(logits, next, k));
+    let token = Event::Token {
+        choice: a.choice,
+        id: next,
+        logprob,
+    };
+    if !send(&a.sink, token) {
         return false;
     }
-    if END_OF_GENERATION.contains(&next) {
+    if END_OF_GENERATION.contains(&next) || a.stop_ids.contains(&next) {
         return finish(a, FinishReason::Stop);
     }
     if a.generated >= a.limit {
@@ -704,11 +849,15 @@ fn emit(a: &mut Active, logits: &[f32]) -> bool {
 }
 
 fn finish(a: &mut Active, reason: FinishReason) -> bool {
-    (a.sink)(Event::Finished {
-        reason,
-        prompt_tokens: a.prompt_tokens,
-        completion_tokens: a.generated,
-    });
+    send(
+        &a.sink,
+        Event::Finished {
+            choice: a.choice,
+            reason,
+            prompt_tokens: a.prompt_tokens,
+            completion_tokens: a.generated,
+        },
+    );
     false
 }
 
@@ -865,6 +1014,11 @@ impl Engine {
         self.world
     }
 
+    /// Most positions a request may use (prompt plus generation).
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
     /// The engine's limits.
     pub fn config(&self) -> &EngineConfig {
         &self.config
@@ -886,6 +1040,23 @@ impl Engine {
         if request.prompt.is_empty() {
             return Err(Rejected::Invalid("the prompt is empty".into()));
         }
+        let n = request.n.max(1);
+        if n > self.config.max_batch || n > MAX_CHOICES {
+            return Err(Rejected::Invalid(format!(
+                "`n` is {n}; this server decodes at most {} choices of one request",
+                self.config.max_batch.min(MAX_CHOICES)
+            )));
+        }
+        for (what, k) in [
+            ("logprobs", request.logprobs),
+            ("prompt_logprobs", request.prompt_logprobs),
+        ] {
+            if k.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+                return Err(Rejected::Invalid(format!(
+                    "`{what}` asks for more than {MAX_TOP_LOGPROBS} alternatives"
+                )));
+            }
+        }
         if request.prompt.len() >= self.context {
             return Err(Rejected::Invalid(format!(
                 "the prompt has {} tokens; the model's context is {}",
@@ -900,11 +1071,11 @@ impl Engine {
                 request.max_tokens, self.context
             )));
         }
-        let need = budget(&request, self.context);
+        let need = n * budget(&request, self.context);
         if need > self.config.max_tokens_in_flight {
             return Err(Rejected::Invalid(format!(
-                "the prompt ({} tokens) plus max_tokens ({}) is {need} tokens; \
-                 the server holds at most {} tokens in flight",
+                "the prompt ({} tokens) plus max_tokens ({}), times {n} choice(s), is {need} \
+                 tokens; the server holds at most {} tokens in flight",
                 request.prompt.len(),
                 limit(&request, self.context),
                 self.config.max_tokens_in_flight
@@ -959,7 +1130,18 @@ mod tests {
     fn schedules_round_trip_and_bad_bytes_are_named() {
         let s = Schedule {
             free: vec![3, u64::MAX],
-            admit: vec![(7, vec![2, 818, 262_143]), (8, vec![])],
+            admit: vec![
+                Admit {
+                    id: 7,
+                    prompt: vec![2, 818, 262_143],
+                    siblings: vec![9, 10],
+                    prompt_logprobs: Some(5),
+                },
+                Admit {
+                    id: 8,
+                    ..Admit::default()
+                },
+            ],
             decode: vec![(1, 5), (2, 106)],
             stop: false,
         };
@@ -973,7 +1155,7 @@ mod tests {
             matches!(
                 e,
                 EngineError::ScheduleCount {
-                    at: 61,
+                    at: 87,
                     count: 2,
                     ..
                 }
@@ -981,7 +1163,7 @@ mod tests {
             "{e}"
         );
         assert!(
-            e.to_string().contains("decode count at byte 61 says 2"),
+            e.to_string().contains("decode count at byte 87 says 2"),
             "{e}"
         );
         let mut extra = bytes.clone();

@@ -13,7 +13,14 @@ pub struct StepOutput {
     pub logits: Vec<f32>,
     /// Bytes of KV cache this rank holds after the step.
     pub kv_bytes: usize,
+    /// Rank 0: the prompt log-probabilities asked for, by request.
+    pub prompt_logprobs: Vec<(u64, Vec<TokenLogprob>)>,
 }
+
+/// Most prompt rows whose logits one pass computes when a prompt's
+/// log-probabilities are asked for (32 rows of a 262,144-token vocabulary
+/// are 32 MiB of logits).
+const SCORED_ROWS: usize = 32;
 
 /// Run this step.
 #[derive(Debug, Message)]
@@ -73,6 +80,12 @@ pub trait ShardBackend: Backend + Send + 'static {
     fn chunk(&self, slots: &Self::Slots) -> usize;
     /// Most rows in one pass.
     fn max_rows(&self) -> usize;
+    /// Makes slot `to` a copy of slot `from` (a request's other choices
+    /// share its prefill); `false` when this backend cannot, and the
+    /// prompt is run again for `to`.
+    fn fork(&self, _slots: &mut Self::Slots, _from: usize, _to: usize) -> bool {
+        false
+    }
     /// One forward pass of `rows` (`Row::seq` is a slot); the logits of the
     /// rows `want`, `vocab` each, into `logits`.
     fn pass(
@@ -119,6 +132,17 @@ impl ShardBackend for Gemma {
 
     fn max_rows(&self) -> usize {
         usize::MAX
+    }
+
+    fn fork(&self, slots: &mut Vec<KvCache>, from: usize, to: usize) -> bool {
+        let Some(copy) = slots.get(from).cloned() else {
+            return false;
+        };
+        while slots.len() <= to {
+            slots.push(self.new_cache());
+        }
+        slots[to] = copy;
+        true
     }
 
     fn pass(
@@ -300,18 +324,31 @@ impl<M: ShardBackend> ShardModel for Shard<M> {
         let chunk = self.model.chunk(&self.slots).max(1);
         // Every sequence of the step: its slot and the tokens it runs now.
         let mut work: Vec<(usize, &[u32])> = Vec::with_capacity(s.admit.len() + s.decode.len());
-        for (id, prompt) in &s.admit {
+        let mut prompt_logprobs = Vec::new();
+        for a in &s.admit {
+            let prompt = &a.prompt;
             if prompt.is_empty() {
-                return Err(EngineError::EmptyPrompt { id: *id });
+                return Err(EngineError::EmptyPrompt { id: a.id });
             }
-            let slot = self.take(*id)?;
-            // A prompt longer than a chunk runs its earlier chunks alone
-            // first; its last chunk joins the step.
-            let keep = crate::gemma::forward::leading_chunks(prompt.len(), chunk);
-            for part in prompt[..keep].chunks(chunk) {
-                let rows: Vec<Row> = self.rows(slot, part).collect();
-                self.model.pass(&mut self.slots, &rows, &[], &mut [])?;
-            }
+            let slot = self.take(a.id)?;
+            let keep = match a.prompt_logprobs {
+                // Every row but the last is scored, a few rows a pass.
+                Some(k) => {
+                    let scored = self.score_prompt(slot, prompt, usize::from(k), chunk)?;
+                    if rank == 0 {
+                        prompt_logprobs.push((a.id, scored));
+                    }
+                    prompt.len() - 1
+                }
+                // A prompt longer than a chunk runs its earlier chunks
+                // alone first.
+                None => {
+                    let keep = crate::gemma::forward::leading_chunks(prompt.len(), chunk);
+                    self.prefill(slot, &prompt[..keep], chunk)?;
+                    keep
+                }
+            };
+            // Its last chunk joins the step.
             work.push((slot, &prompt[keep..]));
         }
         for (id, token) in &s.decode {
@@ -341,13 +378,67 @@ impl<M: ShardBackend> ShardModel for Shard<M> {
             self.model.pass(&mut self.slots, &rows, &want, out)?;
             done = end;
         }
+        // The other choices of each admitted request get its cache.
+        for a in &s.admit {
+            let from = self.live.get(&a.id).copied();
+            for &sibling in &a.siblings {
+                let to = self.take(sibling)?;
+                let copied = from.is_some_and(|from| self.model.fork(&mut self.slots, from, to));
+                if !copied {
+                    self.prefill(to, &a.prompt, chunk)?;
+                }
+            }
+        }
         if rank != 0 {
             logits = Vec::new();
         }
         Ok(StepOutput {
             logits,
             kv_bytes: self.model.bytes(&self.slots),
+            prompt_logprobs,
         })
+    }
+}
+
+impl<M: ShardBackend> Shard<M> {
+    /// Runs `tokens` into `slot`'s cache, `chunk` at a time, without logits.
+    fn prefill(&mut self, slot: usize, tokens: &[u32], chunk: usize) -> Result<(), EngineError> {
+        for part in tokens.chunks(chunk) {
+            let rows: Vec<Row> = self.rows(slot, part).collect();
+            self.model.pass(&mut self.slots, &rows, &[], &mut [])?;
+        }
+        Ok(())
+    }
+
+    /// Runs every token of `prompt` but the last into `slot`'s cache, a few
+    /// rows a pass with their logits, and scores each next prompt token
+    /// (rank 0; every rank runs the same passes, the LM head gathers).
+    fn score_prompt(
+        &mut self,
+        slot: usize,
+        prompt: &[u32],
+        k: usize,
+        chunk: usize,
+    ) -> Result<Vec<TokenLogprob>, EngineError> {
+        let vocab = self.model.config().vocab;
+        let rank = self.model.shard().rank;
+        let body = &prompt[..prompt.len() - 1];
+        let mut scored = Vec::with_capacity(body.len());
+        let piece = SCORED_ROWS.min(chunk).max(1);
+        let mut logits = vec![0f32; piece * vocab];
+        for (p, part) in body.chunks(piece).enumerate() {
+            let rows: Vec<Row> = self.rows(slot, part).collect();
+            let want: Vec<usize> = (0..rows.len()).collect();
+            let out = &mut logits[..rows.len() * vocab];
+            self.model.pass(&mut self.slots, &rows, &want, out)?;
+            if rank == 0 {
+                for (r, row) in out.chunks_exact(vocab).enumerate() {
+                    let next = prompt[p * piece + r + 1];
+                    scored.push(token_logprob(row, next, k));
+                }
+            }
+        }
+        Ok(scored)
     }
 }
 
