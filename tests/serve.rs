@@ -622,3 +622,33 @@ fn the_api_key_can_come_from_a_file() {
     assert_eq!(done.status.code(), Some(2), "{}", done.stderr);
     assert!(done.stderr.contains("holds no key"), "{}", done.stderr);
 }
+
+/// The official `openai` Python client against the server
+/// (tests/python/openai_client.py): models, completions and chat, plain and
+/// streamed, with stop strings, logprobs checked against `dima score`,
+/// echo, n, seed, content parts, the tokenizer routes and the error cases.
+/// Needs a Python with `openai` (`DIMA_API_PYTHON`, set by scripts/test.sh);
+/// without it the test says so and passes.
+#[test]
+fn the_official_openai_client_gets_what_it_asks_for() {
+    let Some(python) = std::env::var_os("DIMA_API_PYTHON") else {
+        eprintln!(
+            "DIMA_API_PYTHON is not set: skipping the openai client checks (scripts/test.sh sets it)"
+        );
+        return;
+    };
+    let server = Server::start(&[]);
+    let script = dima_tests::repo_root().join("tests/python/openai_client.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg(format!("http://{}", server.address))
+        .arg("gemma3-270m")
+        .arg(dima_tests::dima_bin())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+}

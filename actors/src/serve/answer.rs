@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::ServeError;
 use super::body::Endpoint;
-use super::choice::{Choice, Piece, chat_logprobs, completion_logprobs, token_text};
+use super::choice::{Choice, Names, Piece, chat_logprobs, completion_logprobs, token_text};
 use crate::gemma::TokenLogprob;
 use crate::gemma::engine::{Event, FinishReason};
 use crate::tokenizer::Tokenizer;
@@ -56,6 +56,7 @@ pub struct Answer {
     stop: Arc<[String]>,
     hidden: Arc<[u32]>,
     logprobs: bool,
+    tokens_as_ids: bool,
     echo: bool,
     include_usage: bool,
     /// Set for a choice a stop string ended: its sink tells the engine.
@@ -83,6 +84,8 @@ pub struct Shape {
     pub hidden: Vec<u32>,
     /// Log-probabilities were asked for.
     pub logprobs: bool,
+    /// Tokens in the listings are named `token_id:<id>`.
+    pub tokens_as_ids: bool,
     /// The prompt goes in front of the text.
     pub echo: bool,
     /// A last stream chunk with the usage.
@@ -114,6 +117,7 @@ impl Answer {
             stop: shape.stop.into(),
             hidden: shape.hidden.into(),
             logprobs: shape.logprobs,
+            tokens_as_ids: shape.tokens_as_ids,
             echo: shape.echo,
             include_usage: shape.include_usage,
             ended,
@@ -158,6 +162,13 @@ impl Answer {
                 Ok(Some(k))
             }
             Event::Failed(reason) => Err(ServeError::Failed { reason }),
+        }
+    }
+
+    fn names(&self) -> Names<'_> {
+        Names {
+            tokenizer: &self.tokenizer,
+            as_ids: self.tokens_as_ids,
         }
     }
 
@@ -219,7 +230,7 @@ impl Answer {
                             offset: p.offset + shift,
                             ..p.clone()
                         }));
-                        completion_logprobs(&self.tokenizer, &all, 0)
+                        completion_logprobs(self.names(), &all, 0)
                     });
                     json!({
                         "index": c.index,
@@ -231,7 +242,7 @@ impl Answer {
                 Endpoint::Chat => json!({
                     "index": c.index,
                     "message": {"role": "assistant", "content": c.text, "refusal": null},
-                    "logprobs": self.logprobs.then(|| chat_logprobs(&self.tokenizer, &c.pieces)),
+                    "logprobs": self.logprobs.then(|| chat_logprobs(self.names(), &c.pieces)),
                     "finish_reason": c.finish,
                 }),
             })
@@ -251,7 +262,7 @@ impl Answer {
                 "text": d.text,
                 "logprobs": self.logprobs.then(|| {
                     let shift = if self.echo { self.prompts[k / self.n].text.chars().count() } else { 0 };
-                    completion_logprobs(&self.tokenizer, &d.pieces, shift)
+                    completion_logprobs(self.names(), &d.pieces, shift)
                 }),
                 "finish_reason": d.finish,
             }),
@@ -264,7 +275,7 @@ impl Answer {
                 json!({
                     "index": k,
                     "delta": delta,
-                    "logprobs": self.logprobs.then(|| chat_logprobs(&self.tokenizer, &d.pieces)),
+                    "logprobs": self.logprobs.then(|| chat_logprobs(self.names(), &d.pieces)),
                     "finish_reason": d.finish,
                 })
             }
@@ -299,7 +310,7 @@ impl Answer {
         let choice = json!({
             "index": k,
             "text": text,
-            "logprobs": self.logprobs.then(|| completion_logprobs(&self.tokenizer, pieces, 0)),
+            "logprobs": self.logprobs.then(|| completion_logprobs(self.names(), pieces, 0)),
             "finish_reason": null,
         });
         self.object(vec![choice], true)

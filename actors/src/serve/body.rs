@@ -6,7 +6,8 @@
 //! - honoured: `prompt`, `messages`, `max_tokens`, `max_completion_tokens`,
 //!   `n`, `stop`, `stop_token_ids`, `logprobs`, `top_logprobs`, `echo`,
 //!   `seed`, `temperature`, `top_p`, `top_k`, `stream`, `stream_options`,
-//!   `add_generation_prompt`, `add_special_tokens`, `best_of` (= `n`);
+//!   `add_generation_prompt`, `add_special_tokens`, `best_of` (= `n`),
+//!   `return_tokens_as_token_ids`;
 //! - accepted because they ask nothing of the output (`user`, `metadata`,
 //!   `prompt_cache_key`, `safety_identifier`, `service_tier`), or because
 //!   the value given is the neutral one (`frequency_penalty: 0`,
@@ -100,6 +101,9 @@ pub struct Generation {
     pub logprobs: Option<usize>,
     /// Return the prompt (and, with `logprobs`, its tokens' log-probabilities).
     pub echo: bool,
+    /// Name the tokens of log-probability listings `token_id:<id>` (vLLM's
+    /// `return_tokens_as_token_ids`).
+    pub tokens_as_ids: bool,
     /// Server-sent events.
     pub stream: bool,
     /// A last streamed chunk with the usage.
@@ -257,6 +261,7 @@ impl Generation {
             ));
         }
 
+        let tokens_as_ids = f.boolean("return_tokens_as_token_ids")?.unwrap_or(false);
         let stream = f.boolean("stream")?.unwrap_or(false);
         let include_usage = match f.take("stream_options") {
             None => false,
@@ -322,6 +327,7 @@ impl Generation {
             stop_token_ids,
             logprobs: logprobs.map(|k| k as usize),
             echo,
+            tokens_as_ids,
             stream,
             include_usage,
         })

@@ -206,15 +206,35 @@ pub fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
     String::from_utf8_lossy(&tokenizer.piece_bytes(id, false)).into_owned()
 }
 
+/// How tokens are named in log-probability listings: by their text, or
+/// (vLLM's `return_tokens_as_token_ids`) as `token_id:<id>`.
+#[derive(Clone, Copy, Debug)]
+pub struct Names<'a> {
+    /// The vocabulary.
+    pub tokenizer: &'a Tokenizer,
+    /// Name tokens by id.
+    pub as_ids: bool,
+}
+
+impl Names<'_> {
+    fn name(&self, id: u32) -> String {
+        if self.as_ids {
+            format!("token_id:{id}")
+        } else {
+            token_text(self.tokenizer, id)
+        }
+    }
+}
+
 /// `/v1/completions`' `logprobs` object (`tokens`, `token_logprobs`,
 /// `top_logprobs`, `text_offset`) of `pieces`, offsets moved by `shift`.
-pub fn completion_logprobs(tokenizer: &Tokenizer, pieces: &[Piece], shift: usize) -> Value {
+pub fn completion_logprobs(names: Names<'_>, pieces: &[Piece], shift: usize) -> Value {
     let mut tokens = Vec::with_capacity(pieces.len());
     let mut token_logprobs = Vec::with_capacity(pieces.len());
     let mut top_logprobs = Vec::with_capacity(pieces.len());
     let mut text_offset = Vec::with_capacity(pieces.len());
     for p in pieces {
-        tokens.push(Value::String(token_text(tokenizer, p.id)));
+        tokens.push(Value::String(names.name(p.id)));
         text_offset.push(json!(p.offset + shift));
         match &p.logprob {
             None => {
@@ -225,11 +245,10 @@ pub fn completion_logprobs(tokenizer: &Tokenizer, pieces: &[Piece], shift: usize
                 token_logprobs.push(json!(lp.logprob));
                 let mut top = serde_json::Map::new();
                 for (id, l) in &lp.top {
-                    top.entry(token_text(tokenizer, *id)).or_insert(json!(l));
+                    top.entry(names.name(*id)).or_insert(json!(l));
                 }
                 // The chosen token is always listed (as OpenAI does).
-                top.entry(token_text(tokenizer, p.id))
-                    .or_insert(json!(lp.logprob));
+                top.entry(names.name(p.id)).or_insert(json!(lp.logprob));
                 top_logprobs.push(Value::Object(top));
             }
         }
@@ -244,11 +263,11 @@ pub fn completion_logprobs(tokenizer: &Tokenizer, pieces: &[Piece], shift: usize
 
 /// `/v1/chat/completions`' `logprobs` object (`content`: per token its
 /// `token`, `logprob`, `bytes` and `top_logprobs`).
-pub fn chat_logprobs(tokenizer: &Tokenizer, pieces: &[Piece]) -> Value {
+pub fn chat_logprobs(names: Names<'_>, pieces: &[Piece]) -> Value {
     let entry = |id: u32, logprob: f32| {
-        let bytes = tokenizer.piece_bytes(id, false);
+        let bytes = names.tokenizer.piece_bytes(id, false);
         json!({
-            "token": String::from_utf8_lossy(&bytes),
+            "token": names.name(id),
             "logprob": logprob,
             "bytes": bytes,
         })

@@ -504,6 +504,7 @@ async fn answer(
         stop: g.stop.clone(),
         hidden,
         logprobs: g.logprobs.is_some(),
+        tokens_as_ids: g.tokens_as_ids,
         echo: g.echo,
         include_usage: g.include_usage,
     };
