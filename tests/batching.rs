@@ -455,4 +455,132 @@ mod engine {
         .unwrap_err();
         assert!(e.to_string().contains("max_batch (0)"), "{e}");
     }
+
+    /// Every event of one request until each of its `n` choices finished:
+    /// per choice, its tokens with their log-probabilities; and the time
+    /// to the first token.
+    fn run_choices(
+        engine: &Engine,
+        request: Request,
+    ) -> (Vec<Vec<(u32, actors::gemma::TokenLogprob)>>, Duration) {
+        let n = request.n;
+        let (sink, rx) = channel();
+        let started = std::time::Instant::now();
+        engine.submit(request, sink).unwrap();
+        let mut out = vec![Vec::new(); n];
+        let (mut finished, mut first) = (0, None);
+        while finished < n {
+            match rx.recv_timeout(Duration::from_secs(300)).unwrap() {
+                Event::Token {
+                    choice,
+                    id,
+                    logprob,
+                } => {
+                    first.get_or_insert_with(|| started.elapsed());
+                    out[choice].push((id, logprob.expect("logprobs were asked for")));
+                }
+                Event::Finished { .. } => finished += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        (out, first.unwrap_or_default())
+    }
+
+    /// A prompt of `shared` tokens (BOS first) followed by `suffix`.
+    fn long_prompt(gemma: &actors::gemma::Gemma, shared: usize, suffix: &str) -> Vec<u32> {
+        let text = "The river runs past the old mill, under the stone bridge and on \
+                    towards the sea, where the boats wait for the tide. "
+            .repeat(40);
+        let mut ids = gemma.tokenizer().encode(&text, true, false);
+        assert!(ids.len() > shared);
+        ids.truncate(shared);
+        ids.extend(gemma.tokenizer().encode(suffix, false, false));
+        ids
+    }
+
+    /// The prefix cache: a second request sharing a 600-token prefix (longer
+    /// than the 512-position window of the local layers) gets exactly the
+    /// log-probabilities (so the logits) of a cold run, bit for bit, and
+    /// its first token sooner.
+    #[test]
+    fn a_shared_prefix_longer_than_the_window_is_reused_bit_for_bit() {
+        let gemma = super::model();
+        assert!(gemma.config().window < 600);
+        let first = long_prompt(&gemma, 600, " Where does the river go?");
+        let second = long_prompt(&gemma, 600, " What waits for the tide?");
+        let ask = |prompt: &Vec<u32>| Request {
+            prompt: prompt.clone(),
+            max_tokens: 6,
+            logprobs: Some(20),
+            ..Request::default()
+        };
+        let cold_engine = Engine::start(
+            vec![gemma],
+            EngineConfig {
+                prefix_cache_bytes: 0,
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(cold_engine.prefix_cache_capacity(), 0);
+        let (cold, cold_ttft) = run_choices(&cold_engine, ask(&second));
+        drop(cold_engine);
+        let engine = Engine::start(vec![super::model()], EngineConfig::default()).unwrap();
+        assert!(engine.prefix_cache_capacity() >= 1200);
+        run_choices(&engine, ask(&first));
+        let (warm, warm_ttft) = run_choices(&engine, ask(&second));
+        assert_eq!(
+            warm, cold,
+            "the same tokens and log-probabilities, bit for bit"
+        );
+        let (queries, hits) = engine.prefix_cache_counts();
+        assert_eq!(queries, first.len() + second.len());
+        assert!(hits >= 600, "{hits} of {queries} prompt tokens reused");
+        assert!(
+            warm_ttft.as_secs_f64() < 0.5 * cold_ttft.as_secs_f64(),
+            "time to first token: warm {warm_ttft:?}, cold {cold_ttft:?}"
+        );
+        // The same prompt again (a few positions more than the entry it
+        // reused were not worth an entry of their own: the shared 600 are
+        // reused again).
+        let (again, _) = run_choices(&engine, ask(&second));
+        assert_eq!(again, cold);
+        assert!(engine.prefix_cache_counts().1 >= hits + 600);
+    }
+
+    /// `n` choices share one prefill (the cache is copied): choice `i`
+    /// gets the tokens a request alone with the choice's seed gets (the
+    /// log-probabilities to rounding: three rows through the weights at
+    /// once are summed in another order than one).
+    #[test]
+    fn choices_share_a_prefill_and_each_gets_its_own_draw() {
+        use actors::gemma::engine::choice_seed;
+        let gemma = super::model();
+        let base = request(&gemma, "Once upon a time", 8, 21);
+        let engine = Engine::start(vec![gemma], EngineConfig::default()).unwrap();
+        let ask = |n: usize, seed: u64| Request {
+            n,
+            logprobs: Some(0),
+            sampling: Sampling {
+                seed,
+                ..base.sampling
+            },
+            ..base.clone()
+        };
+        let (together, _) = run_choices(&engine, ask(3, 21));
+        for (i, choice) in together.iter().enumerate() {
+            let (alone, _) = run_choices(&engine, ask(1, choice_seed(21, i)));
+            let ids = |c: &[(u32, actors::gemma::TokenLogprob)]| -> Vec<u32> {
+                c.iter().map(|t| t.0).collect()
+            };
+            assert_eq!(ids(choice), ids(&alone[0]), "choice {i}");
+            for (a, b) in choice.iter().zip(&alone[0]) {
+                assert!(
+                    (a.1.logprob - b.1.logprob).abs() < 1e-4,
+                    "choice {i}: {a:?} {b:?}"
+                );
+            }
+        }
+        assert_ne!(together[0], together[1], "choices draw differently");
+    }
 }

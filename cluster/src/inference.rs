@@ -181,6 +181,7 @@ fn serve_config(spec: &InferenceSpec) -> anyhow::Result<serve::ServeConfig> {
             max_waiting: spec.max_waiting,
             max_tokens_in_flight: spec.max_tokens_in_flight,
             heartbeat: spec.collective_timeout.mul_f64(0.25),
+            prefix_cache_bytes: spec.prefix_cache_mib << 20,
         },
         handle_signals: false,
     })

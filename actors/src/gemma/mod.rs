@@ -16,5 +16,7 @@ pub mod shard;
 pub use checkpoint::{Checkpoint, CheckpointError, hf_name};
 pub use config::{ConfigError, GemmaConfig, LayerKind};
 pub use generate::{END_OF_GENERATION, GenerateError, GenerationStats, Scored, generate, score};
-pub use model::{Gemma, KvCache, LayerWeight, LoadError, PREFILL_CHUNK, Weight, load_tokenizer};
+pub use model::{
+    Gemma, KvCache, KvSnapshot, LayerWeight, LoadError, PREFILL_CHUNK, Weight, load_tokenizer,
+};
 pub use sampling::{Sampler, Sampling, SamplingError, TokenLogprob, argmax, token_logprob};

@@ -67,6 +67,8 @@ struct Metrics {
     first_token: prometheus::Histogram,
     inter_token: prometheus::Histogram,
     tokens: prometheus::IntCounter,
+    prefix_queries: prometheus::IntCounter,
+    prefix_hits: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -103,6 +105,14 @@ impl Metrics {
                 .buckets(buckets(0.001)?),
             )?,
             tokens: IntCounter::new("dima_serve_generated_tokens_total", "Tokens generated")?,
+            prefix_queries: IntCounter::new(
+                "dima_serve_prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache",
+            )?,
+            prefix_hits: IntCounter::new(
+                "dima_serve_prefix_cache_hits_total",
+                "Prompt tokens reused from the prefix cache instead of computed",
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.requests.clone()))?;
@@ -112,6 +122,8 @@ impl Metrics {
         m.registry.register(Box::new(m.first_token.clone()))?;
         m.registry.register(Box::new(m.inter_token.clone()))?;
         m.registry.register(Box::new(m.tokens.clone()))?;
+        m.registry.register(Box::new(m.prefix_queries.clone()))?;
+        m.registry.register(Box::new(m.prefix_hits.clone()))?;
         Ok(m)
     }
 }
@@ -624,6 +636,11 @@ async fn metrics(state: web::Data<State>) -> HttpResponse {
     m.running.set(state.engine.running() as i64);
     m.waiting.set(state.engine.waiting() as i64);
     m.kv_bytes.set(state.engine.kv_bytes() as i64);
+    let (queries, hits) = state.engine.prefix_cache_counts();
+    m.prefix_queries
+        .inc_by((queries as u64).saturating_sub(m.prefix_queries.get()));
+    m.prefix_hits
+        .inc_by((hits as u64).saturating_sub(m.prefix_hits.get()));
     let encoder = prometheus::TextEncoder::new();
     let mut body = Vec::new();
     match encoder.encode(&m.registry.gather(), &mut body) {

@@ -72,6 +72,12 @@ pub struct ServeArgs {
     /// fit alone gets a 400.
     #[arg(long, default_value_t = 65_536)]
     max_tokens_in_flight: usize,
+    /// MiB of keys and values each rank keeps for the prefix cache
+    /// (prompts sharing a prefix with an earlier or running one reuse its
+    /// cache for the shared part; least recently used entries go first);
+    /// 0 turns it off.
+    #[arg(long, default_value_t = 512)]
+    prefix_cache_mib: usize,
     /// Require `Authorization: Bearer KEY` (default: the DIMA_API_KEY variable, if set).
     /// On the command line the key is visible to every user in the process
     /// list: prefer DIMA_API_KEY or --api-key-file.
@@ -301,6 +307,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         // Well inside the ranks' timeout: a lost rank is found while idle,
         // before the next request.
         heartbeat: tp.timeout.mul_f64(0.25),
+        prefix_cache_bytes: args.prefix_cache_mib << 20,
     };
     let http = actors::serve::ServeConfig {
         model_name: args

@@ -62,6 +62,8 @@ pub struct InferenceSpec {
     pub max_waiting: usize,
     /// Prompt plus generation budget over the running requests.
     pub max_tokens_in_flight: usize,
+    /// MiB each rank keeps for the prefix cache (0: off).
+    pub prefix_cache_mib: usize,
     /// How long a rank waits for its peers.
     pub collective_timeout: Duration,
     /// Keep serving after the jobs finish, until `dima up` is stopped.

@@ -37,6 +37,7 @@ pub(super) struct RawInference {
     pub max_batch: Option<u64>,
     pub max_waiting: Option<u64>,
     pub max_tokens_in_flight: Option<u64>,
+    pub prefix_cache_mib: Option<u64>,
     pub collective_timeout_s: Option<f64>,
     pub keep_serving: Option<bool>,
     pub load: Option<RawInferenceLoad>,

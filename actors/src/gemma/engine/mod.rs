@@ -50,9 +50,10 @@ use kernels::device::Device;
 use super::device::{DeviceGemma, KvPool};
 use super::forward::{Backend, Head, Row, forward};
 use super::generate::END_OF_GENERATION;
-use super::model::{Gemma, KvCache};
+use super::model::{Gemma, KvCache, KvSnapshot};
 use super::sampling::{Sampler, Sampling, TokenLogprob, token_logprob};
 
+mod prefix;
 mod shard;
 
 pub use shard::{
@@ -89,6 +90,30 @@ pub enum EngineError {
     ScheduleStopFlag {
         /// The byte.
         value: u8,
+    },
+    /// A schedule's flag byte is neither 0 nor 1.
+    #[error("schedule: {what} at byte {at} is {value}")]
+    ScheduleFlag {
+        /// The field.
+        what: &'static str,
+        /// Its byte offset.
+        at: usize,
+        /// The byte.
+        value: u8,
+    },
+    /// A schedule reuses a prefix-cache entry this rank does not hold.
+    #[error("rank {rank}: no prefix-cache entry {entry}")]
+    NoPrefix {
+        /// The rank.
+        rank: usize,
+        /// The entry.
+        entry: u64,
+    },
+    /// A schedule reuses a prefix-cache entry on a backend without one.
+    #[error("rank {rank}: this backend keeps no prefix cache")]
+    NoPrefixCache {
+        /// The rank.
+        rank: usize,
     },
     /// Bytes after a schedule's last field.
     #[error("schedule: {left} bytes left over after byte {at}")]
@@ -316,6 +341,11 @@ pub struct Admit {
     /// Rank 0 reports the log-probabilities of the prompt's tokens with
     /// this many alternatives.
     pub prompt_logprobs: Option<u8>,
+    /// Start from this prefix-cache entry's first positions (entry id,
+    /// positions) and run only the rest of the prompt.
+    pub reuse: Option<(u64, u32)>,
+    /// Keep the prompt's keys and values as this prefix-cache entry.
+    pub save: Option<u64>,
 }
 
 /// The engine's limits.
@@ -332,6 +362,10 @@ pub struct EngineConfig {
     /// With ranks in other processes: how often an idle engine checks on
     /// them (keep it well under their collective timeout).
     pub heartbeat: Duration,
+    /// Bytes of KV each rank may keep for the prefix cache (0: off). A
+    /// backend that keeps none (the device model) ignores it, and
+    /// [`Engine::prefix_cache_capacity`] says 0.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -341,6 +375,7 @@ impl Default for EngineConfig {
             max_waiting: 64,
             max_tokens_in_flight: 65_536,
             heartbeat: Duration::from_secs(5),
+            prefix_cache_bytes: 512 << 20,
         }
     }
 }
@@ -356,6 +391,8 @@ impl Default for EngineConfig {
 pub struct Schedule {
     /// Requests whose caches are dropped.
     pub free: Vec<u64>,
+    /// Prefix-cache entries dropped.
+    pub evict: Vec<u64>,
     /// New requests and their prompts.
     pub admit: Vec<Admit>,
     /// Running requests and the token each feeds.
@@ -367,19 +404,29 @@ pub struct Schedule {
 impl Schedule {
     /// Whether the step does nothing.
     pub fn is_empty(&self) -> bool {
-        self.free.is_empty() && self.admit.is_empty() && self.decode.is_empty() && !self.stop
+        self.free.is_empty()
+            && self.evict.is_empty()
+            && self.admit.is_empty()
+            && self.decode.is_empty()
+            && !self.stop
     }
 
     /// Little-endian bytes: stop (u8); free: count (u32), ids (u64);
-    /// admit: count (u32), per request id (u64), siblings: count (u32),
-    /// ids (u64), prompt log-probabilities (u8: 0 none, else one more than
-    /// the alternatives), length (u32), tokens (u32); decode: count (u32),
-    /// per request id (u64), token (u32).
+    /// evict: count (u32), ids (u64); admit: count (u32), per request id
+    /// (u64), siblings: count (u32), ids (u64), prompt log-probabilities
+    /// (u8: 0 none, else one more than the alternatives), reuse (u8 flag,
+    /// then entry u64 and positions u32), save (u8 flag, then entry u64),
+    /// length (u32), tokens (u32); decode: count (u32), per request id
+    /// (u64), token (u32).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![u8::from(self.stop)];
         let count = |out: &mut Vec<u8>, n: usize| out.extend((n as u32).to_le_bytes());
         count(&mut out, self.free.len());
         for id in &self.free {
+            out.extend(id.to_le_bytes());
+        }
+        count(&mut out, self.evict.len());
+        for id in &self.evict {
             out.extend(id.to_le_bytes());
         }
         count(&mut out, self.admit.len());
@@ -390,6 +437,21 @@ impl Schedule {
                 out.extend(id.to_le_bytes());
             }
             out.push(a.prompt_logprobs.map_or(0, |k| k.saturating_add(1)));
+            match a.reuse {
+                Some((entry, len)) => {
+                    out.push(1);
+                    out.extend(entry.to_le_bytes());
+                    out.extend(len.to_le_bytes());
+                }
+                None => out.push(0),
+            }
+            match a.save {
+                Some(entry) => {
+                    out.push(1);
+                    out.extend(entry.to_le_bytes());
+                }
+                None => out.push(0),
+            }
             count(&mut out, a.prompt.len());
             for t in &a.prompt {
                 out.extend(t.to_le_bytes());
@@ -426,6 +488,14 @@ impl Schedule {
                 out.copy_from_slice(chunk);
                 Ok(out)
             }
+            fn flag(&mut self, what: &'static str) -> Result<bool, EngineError> {
+                let at = self.at;
+                match self.take::<1>(what)?[0] {
+                    0 => Ok(false),
+                    1 => Ok(true),
+                    value => Err(EngineError::ScheduleFlag { what, at, value }),
+                }
+            }
             fn u32(&mut self, what: &'static str) -> Result<u32, EngineError> {
                 self.take::<4>(what).map(u32::from_le_bytes)
             }
@@ -461,13 +531,24 @@ impl Schedule {
         for _ in 0..r.count("free count", 8)? {
             s.free.push(r.u64("freed id")?);
         }
-        for _ in 0..r.count("admit count", 17)? {
+        for _ in 0..r.count("evict count", 8)? {
+            s.evict.push(r.u64("evicted entry")?);
+        }
+        for _ in 0..r.count("admit count", 19)? {
             let id = r.u64("admitted id")?;
             let n = r.count("sibling count", 8)?;
             let siblings = (0..n)
                 .map(|_| r.u64("sibling id"))
                 .collect::<Result<_, _>>()?;
             let prompt_logprobs = r.take::<1>("prompt logprobs")?[0].checked_sub(1);
+            let reuse = match r.flag("reuse flag")? {
+                true => Some((r.u64("reused entry")?, r.u32("reused positions")?)),
+                false => None,
+            };
+            let save = match r.flag("save flag")? {
+                true => Some(r.u64("saved entry")?),
+                false => None,
+            };
             let n = r.count("prompt length", 4)?;
             let prompt = (0..n)
                 .map(|_| r.u32("prompt token"))
@@ -477,6 +558,8 @@ impl Schedule {
                 prompt,
                 siblings,
                 prompt_logprobs,
+                reuse,
+                save,
             });
         }
         for _ in 0..r.count("decode count", 12)? {
@@ -531,6 +614,8 @@ struct Counters {
     waiting: AtomicUsize,
     running: AtomicUsize,
     kv_bytes: AtomicUsize,
+    prefix_queries: AtomicUsize,
+    prefix_hits: AtomicUsize,
     unavailable: Mutex<Option<String>>,
 }
 
@@ -558,6 +643,7 @@ struct EngineActor {
     broken: Option<String>,
     next_id: u64,
     counters: Arc<Counters>,
+    prefixes: Option<prefix::PrefixIndex>,
 }
 
 impl Actor for EngineActor {
@@ -641,14 +727,42 @@ impl EngineActor {
             self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
             let id = self.next_id;
             self.next_id += n as u64;
+            let prompt = &job.request.prompt;
+            // A prompt whose every token is scored runs whole; others reuse
+            // and save prefix-cache entries.
+            let (mut reuse, mut save) = (None, None);
+            if job.request.prompt_logprobs.is_none()
+                && let Some(index) = self.prefixes.as_mut()
+            {
+                reuse = index.lookup(prompt);
+                self.counters
+                    .prefix_queries
+                    .fetch_add(prompt.len(), Ordering::Relaxed);
+                let reused = reuse.map_or(0, |(_, r)| r);
+                self.counters
+                    .prefix_hits
+                    .fetch_add(reused, Ordering::Relaxed);
+                let mut keep: Vec<u64> = schedule
+                    .admit
+                    .iter()
+                    .filter_map(|a| a.reuse.map(|r| r.0))
+                    .collect();
+                keep.extend(reuse.map(|r| r.0));
+                if let Some((entry, evicted)) = index.save(prompt, reused, &keep) {
+                    save = Some(entry);
+                    schedule.evict.extend(evicted);
+                }
+            }
             schedule.admit.push(Admit {
                 id,
-                prompt: job.request.prompt.clone(),
+                prompt: prompt.clone(),
                 siblings: (1..n as u64).map(|i| id + i).collect(),
                 prompt_logprobs: job
                     .request
                     .prompt_logprobs
                     .map(|k| k.min(MAX_TOP_LOGPROBS) as u8),
+                reuse: reuse.map(|(entry, r)| (entry, r as u32)),
+                save,
             });
             joining.push((id, job));
         }
@@ -730,6 +844,9 @@ impl EngineActor {
             self.broken = Some(reason);
             self.publish(0);
             return;
+        }
+        if let Some(index) = self.prefixes.as_mut() {
+            index.step_done();
         }
         let kv_bytes = outputs.iter().map(|o| o.kv_bytes).sum();
         let (logits, mut prompts) = outputs
@@ -869,6 +986,7 @@ pub struct Engine {
     counters: Arc<Counters>,
     config: EngineConfig,
     context: usize,
+    prefix_capacity: usize,
     world: usize,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -924,6 +1042,10 @@ impl Engine {
         let world = first.world();
         let vocab = first.vocab();
         let context = first.context();
+        let prefix_capacity = first
+            .kv_bytes_per_token()
+            .filter(|&b| b > 0)
+            .map_or(0, |b| config.prefix_cache_bytes / b);
         let mut seen: Vec<usize> = ranks.iter().map(|g| g.rank()).collect();
         seen.sort_unstable();
         let relay = if ranks.len() == world && seen.iter().copied().eq(0..world) {
@@ -973,6 +1095,8 @@ impl Engine {
                         broken: None,
                         next_id: 1,
                         counters: shared,
+                        prefixes: (prefix_capacity > 0)
+                            .then(|| prefix::PrefixIndex::new(prefix_capacity)),
                     }
                     .start();
                     let _ = tx.send(engine);
@@ -988,6 +1112,7 @@ impl Engine {
             counters,
             config,
             context,
+            prefix_capacity,
             world,
             thread: Mutex::new(Some(thread)),
         })
@@ -1012,6 +1137,21 @@ impl Engine {
     /// Tensor-parallel ranks.
     pub fn world(&self) -> usize {
         self.world
+    }
+
+    /// Positions the prefix cache holds at most (0: off, or a backend
+    /// without one).
+    pub fn prefix_cache_capacity(&self) -> usize {
+        self.prefix_capacity
+    }
+
+    /// Prompt tokens looked up in the prefix cache, and those found there
+    /// (reused instead of computed), since the start.
+    pub fn prefix_cache_counts(&self) -> (usize, usize) {
+        (
+            self.counters.prefix_queries.load(Ordering::Relaxed),
+            self.counters.prefix_hits.load(Ordering::Relaxed),
+        )
     }
 
     /// Most positions a request may use (prompt plus generation).
@@ -1130,12 +1270,15 @@ mod tests {
     fn schedules_round_trip_and_bad_bytes_are_named() {
         let s = Schedule {
             free: vec![3, u64::MAX],
+            evict: vec![1],
             admit: vec![
                 Admit {
                     id: 7,
                     prompt: vec![2, 818, 262_143],
                     siblings: vec![9, 10],
                     prompt_logprobs: Some(5),
+                    reuse: Some((3, 2)),
+                    save: Some(4),
                 },
                 Admit {
                     id: 8,
@@ -1155,7 +1298,7 @@ mod tests {
             matches!(
                 e,
                 EngineError::ScheduleCount {
-                    at: 87,
+                    at: 123,
                     count: 2,
                     ..
                 }
@@ -1163,7 +1306,7 @@ mod tests {
             "{e}"
         );
         assert!(
-            e.to_string().contains("decode count at byte 87 says 2"),
+            e.to_string().contains("decode count at byte 123 says 2"),
             "{e}"
         );
         let mut extra = bytes.clone();

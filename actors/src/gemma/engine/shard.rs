@@ -48,6 +48,10 @@ pub trait ShardModel: Send + 'static {
     fn vocab(&self) -> usize;
     /// Most positions a request may use (prompt plus generation).
     fn context(&self) -> usize;
+    /// Bytes of keys and values one position takes on this rank (every
+    /// layer, stored linearly): the prefix cache's unit; `None` when the
+    /// backend keeps no prefix cache.
+    fn kv_bytes_per_token(&self) -> Option<usize>;
     /// Copies rank 0's bytes to every rank (the schedule, for ranks in
     /// other processes).
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), EngineError>;
@@ -84,6 +88,33 @@ pub trait ShardBackend: Backend + Send + 'static {
     /// share its prefill); `false` when this backend cannot, and the
     /// prompt is run again for `to`.
     fn fork(&self, _slots: &mut Self::Slots, _from: usize, _to: usize) -> bool {
+        false
+    }
+    /// Bytes of keys and values one position takes (the prefix cache's
+    /// unit); `None` when this backend keeps no prefix cache.
+    fn kv_bytes_per_token(&self) -> Option<usize> {
+        None
+    }
+    /// Appends slot `slot`'s positions `snapshot.len()..to` to `snapshot`;
+    /// `false` when this backend cannot.
+    fn copy_out(
+        &self,
+        _slots: &Self::Slots,
+        _slot: usize,
+        _to: usize,
+        _snapshot: &mut KvSnapshot,
+    ) -> bool {
+        false
+    }
+    /// Makes slot `slot` hold `snapshot`'s first `len` positions; `false`
+    /// when this backend cannot.
+    fn restore(
+        &self,
+        _slots: &mut Self::Slots,
+        _slot: usize,
+        _snapshot: &KvSnapshot,
+        _len: usize,
+    ) -> bool {
         false
     }
     /// One forward pass of `rows` (`Row::seq` is a slot); the logits of the
@@ -132,6 +163,43 @@ impl ShardBackend for Gemma {
 
     fn max_rows(&self) -> usize {
         usize::MAX
+    }
+
+    fn kv_bytes_per_token(&self) -> Option<usize> {
+        let c = self.config();
+        Some(c.layers * 2 * self.shard().kv_heads.len() * c.head_dim * 4)
+    }
+
+    fn copy_out(
+        &self,
+        slots: &Vec<KvCache>,
+        slot: usize,
+        to: usize,
+        snapshot: &mut KvSnapshot,
+    ) -> bool {
+        match slots.get(slot) {
+            Some(cache) => {
+                cache.copy_out(snapshot.len(), to, snapshot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn restore(
+        &self,
+        slots: &mut Vec<KvCache>,
+        slot: usize,
+        snapshot: &KvSnapshot,
+        len: usize,
+    ) -> bool {
+        while slots.len() <= slot {
+            slots.push(self.new_cache());
+        }
+        let mut cache = self.new_cache();
+        cache.restore(snapshot, len);
+        slots[slot] = cache;
+        true
     }
 
     fn fork(&self, slots: &mut Vec<KvCache>, from: usize, to: usize) -> bool {
@@ -231,6 +299,8 @@ pub struct Shard<M: ShardBackend> {
     free: Vec<usize>,
     /// Slots handed out so far.
     used: usize,
+    /// Prefix-cache entries, by id.
+    prefixes: HashMap<u64, KvSnapshot>,
 }
 
 /// A rank of the CPU model and its requests' caches.
@@ -259,6 +329,7 @@ impl<M: ShardBackend> Shard<M> {
             live: HashMap::new(),
             free: Vec::new(),
             used: 0,
+            prefixes: HashMap::new(),
         })
     }
 
@@ -312,6 +383,10 @@ impl<M: ShardBackend> ShardModel for Shard<M> {
         Ok(self.model.collective().broadcast_bytes(bytes, 0)?)
     }
 
+    fn kv_bytes_per_token(&self) -> Option<usize> {
+        self.model.kv_bytes_per_token()
+    }
+
     fn step(&mut self, s: &Schedule) -> Result<StepOutput, EngineError> {
         for id in &s.free {
             if let Some(slot) = self.live.remove(id) {
@@ -319,18 +394,41 @@ impl<M: ShardBackend> ShardModel for Shard<M> {
                 self.free.push(slot);
             }
         }
+        for entry in &s.evict {
+            self.prefixes.remove(entry);
+        }
         let vocab = self.model.config().vocab;
         let rank = self.model.shard().rank;
         let chunk = self.model.chunk(&self.slots).max(1);
         // Every sequence of the step: its slot and the tokens it runs now.
         let mut work: Vec<(usize, &[u32])> = Vec::with_capacity(s.admit.len() + s.decode.len());
         let mut prompt_logprobs = Vec::new();
+        // Prompts saved to the prefix cache: entry, slot, what is copied.
+        let mut saving: Vec<(u64, usize, KvSnapshot)> = Vec::new();
         for a in &s.admit {
             let prompt = &a.prompt;
             if prompt.is_empty() {
                 return Err(EngineError::EmptyPrompt { id: a.id });
             }
             let slot = self.take(a.id)?;
+            // From a prefix-cache entry: its first positions, restored.
+            let mut start = 0;
+            let mut saved = a.save.map(|_| KvSnapshot::default());
+            if let Some((entry, len)) = a.reuse {
+                let len = len as usize;
+                let snapshot = self
+                    .prefixes
+                    .get(&entry)
+                    .ok_or(EngineError::NoPrefix { rank, entry })?;
+                if len >= prompt.len() || !self.model.restore(&mut self.slots, slot, snapshot, len)
+                {
+                    return Err(EngineError::NoPrefixCache { rank });
+                }
+                if saved.is_some() {
+                    saved = Some(snapshot.prefix(len));
+                }
+                start = len;
+            }
             let keep = match a.prompt_logprobs {
                 // Every row but the last is scored, a few rows a pass.
                 Some(k) => {
@@ -343,11 +441,25 @@ impl<M: ShardBackend> ShardModel for Shard<M> {
                 // A prompt longer than a chunk runs its earlier chunks
                 // alone first.
                 None => {
-                    let keep = crate::gemma::forward::leading_chunks(prompt.len(), chunk);
-                    self.prefill(slot, &prompt[..keep], chunk)?;
-                    keep
+                    let rest = &prompt[start..];
+                    let keep = crate::gemma::forward::leading_chunks(rest.len(), chunk);
+                    for part in rest[..keep].chunks(chunk) {
+                        self.prefill(slot, part, chunk)?;
+                        // Each chunk's positions are copied out while a
+                        // local layer's ring still holds them.
+                        if let Some(snapshot) = saved.as_mut() {
+                            let to = self.model.filled(&self.slots, slot);
+                            if !self.model.copy_out(&self.slots, slot, to, snapshot) {
+                                return Err(EngineError::NoPrefixCache { rank });
+                            }
+                        }
+                    }
+                    start + keep
                 }
             };
+            if let (Some(entry), Some(snapshot)) = (a.save, saved) {
+                saving.push((entry, slot, snapshot));
+            }
             // Its last chunk joins the step.
             work.push((slot, &prompt[keep..]));
         }
@@ -377,6 +489,14 @@ impl<M: ShardBackend> ShardModel for Shard<M> {
             let out = &mut logits[done * vocab..end * vocab];
             self.model.pass(&mut self.slots, &rows, &want, out)?;
             done = end;
+        }
+        // The saved prompts' last chunks, then the entries are complete.
+        for (entry, slot, mut snapshot) in saving {
+            let to = self.model.filled(&self.slots, slot);
+            if !self.model.copy_out(&self.slots, slot, to, &mut snapshot) {
+                return Err(EngineError::NoPrefixCache { rank });
+            }
+            self.prefixes.insert(entry, snapshot);
         }
         // The other choices of each admitted request get its cache.
         for a in &s.admit {

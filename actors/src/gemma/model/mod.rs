@@ -290,6 +290,54 @@ pub enum LayerWeight {
     Down,
 }
 
+/// A prefix-cache entry: the keys and values of a prompt's first `len`
+/// positions, every layer linear (a local layer's too, not only its
+/// window), so any shorter prefix can be restored, rings included.
+#[derive(Debug, Clone, Default)]
+pub struct KvSnapshot {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    kv_dim: usize,
+    len: usize,
+}
+
+impl KvSnapshot {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|v| v.len() * 4)
+            .sum()
+    }
+
+    /// The first `len` positions (a new entry starts from a reused one).
+    pub fn prefix(&self, len: usize) -> Self {
+        let len = len.min(self.len);
+        let cut = |v: &Vec<Vec<f32>>| {
+            v.iter()
+                .map(|layer| layer[..len * self.kv_dim].to_vec())
+                .collect()
+        };
+        Self {
+            keys: cut(&self.keys),
+            values: cut(&self.values),
+            kv_dim: self.kv_dim,
+            len,
+        }
+    }
+}
+
 /// The key/value cache of one sequence.
 ///
 /// Local layers keep only their window in a ring buffer (slot = position
@@ -325,6 +373,55 @@ impl KvCache {
 
     fn slot(&self, layer: usize, position: usize) -> usize {
         self.slots[layer].slot(position)
+    }
+
+    /// Appends the keys and values of positions `from..to` (every layer;
+    /// on a ring layer they must still be in its window) to `into`, which
+    /// holds every position up to `from`.
+    pub fn copy_out(&self, from: usize, to: usize, into: &mut KvSnapshot) {
+        let kv = self.kv_dim;
+        if into.keys.is_empty() {
+            into.keys = vec![Vec::new(); self.keys.len()];
+            into.values = vec![Vec::new(); self.values.len()];
+            into.kv_dim = kv;
+        }
+        debug_assert_eq!(into.len, from, "a snapshot grows from its end");
+        for layer in 0..self.keys.len() {
+            for p in from..to {
+                let at = self.slot(layer, p) * kv;
+                into.keys[layer].extend_from_slice(&self.keys[layer][at..at + kv]);
+                into.values[layer].extend_from_slice(&self.values[layer][at..at + kv]);
+            }
+        }
+        into.len = to;
+    }
+
+    /// Makes this cache hold the first `len` positions of `snapshot`: a
+    /// global layer all of them, a ring layer the last window's.
+    pub fn restore(&mut self, snapshot: &KvSnapshot, len: usize) {
+        let kv = self.kv_dim;
+        let len = len.min(snapshot.len);
+        for layer in 0..self.keys.len() {
+            let (keys, values) = (&snapshot.keys[layer], &snapshot.values[layer]);
+            match self.slots[layer] {
+                LayerSlots::All => {
+                    self.keys[layer] = keys[..len * kv].to_vec();
+                    self.values[layer] = values[..len * kv].to_vec();
+                }
+                LayerSlots::Ring(window) => {
+                    let size = len.min(window) * kv;
+                    self.keys[layer] = vec![0.0; size];
+                    self.values[layer] = vec![0.0; size];
+                    for p in len.saturating_sub(window)..len {
+                        let at = (p % window) * kv;
+                        self.keys[layer][at..at + kv].copy_from_slice(&keys[p * kv..(p + 1) * kv]);
+                        self.values[layer][at..at + kv]
+                            .copy_from_slice(&values[p * kv..(p + 1) * kv]);
+                    }
+                }
+            }
+        }
+        self.len = len;
     }
 
     fn store(&mut self, layer: usize, position: usize, k: &[f32], v: &[f32]) {

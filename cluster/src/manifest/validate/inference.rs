@@ -234,6 +234,7 @@ pub(super) fn inference(
             "max_tokens_in_flight",
             problems,
         ),
+        prefix_cache_mib: raw.prefix_cache_mib.unwrap_or(512) as usize,
         collective_timeout: Duration::from_secs_f64(if timeout.is_finite() && timeout > 0.0 {
             timeout
         } else {
