@@ -652,3 +652,43 @@ fn the_official_openai_client_gets_what_it_asks_for() {
     assert!(stdout.contains("all checks passed"), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
 }
+
+/// `dima bench serve --shared-prefix` on a small load: one row with the
+/// prefix cache (most prompt tokens reused) and one without (none).
+#[test]
+fn bench_serve_shared_prefix_reports_both_servers() {
+    let done = run_dima(
+        &[
+            "bench",
+            "serve",
+            "--model",
+            "gemma3-270m",
+            "--shared-prefix",
+            "160",
+            "--suffix-tokens",
+            "8",
+            "--streams",
+            "3",
+            "--requests",
+            "1",
+            "--max-tokens",
+            "2",
+        ],
+        LIMIT,
+    );
+    done.assert_success();
+    let rows = done.json_lines();
+    assert_eq!(rows.len(), 2, "{}", done.stdout);
+    assert_eq!(rows[0]["server"], "dima (prefix cache)");
+    assert_eq!(rows[1]["server"], "dima (no prefix cache)");
+    for row in &rows {
+        assert_eq!(row["workload"], "shared-prefix");
+        assert_eq!(row["completion_tokens"], 6, "{row}");
+        assert!(row["ttft_p50_s"].as_f64().unwrap() > 0.0);
+    }
+    // Three prompts of ~175 tokens sharing 160: the two that wait a step
+    // reuse the first one's entry.
+    let hit = rows[0]["prefix_cache_hit_rate"].as_f64().unwrap();
+    assert!(hit > 0.5, "hit rate {hit}");
+    assert_eq!(rows[1]["prefix_cache_hit_rate"], 0.0);
+}

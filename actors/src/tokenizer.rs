@@ -106,6 +106,8 @@ pub struct Tokenizer {
     specials: Vec<u32>,
     bos: u32,
     add_bos: bool,
+    /// The model's chat template (Jinja), when its file has one.
+    chat_template: Option<String>,
 }
 
 /// A piece of text awaiting tokenization, or a token already found.
@@ -178,7 +180,11 @@ impl Tokenizer {
         };
         let bos = u64_of(header, "tokenizer.ggml.bos_token_id")? as u32;
         let add_bos = opt_bool(header, "tokenizer.ggml.add_bos_token")?.unwrap_or(true);
-        Self::new(pieces, scores, kinds, bos, add_bos)
+        let template = header
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
+        Ok(Self::new(pieces, scores, kinds, bos, add_bos)?.with_chat_template(template))
     }
 
     /// The vocabulary of a SentencePiece `tokenizer.model` file (the
@@ -299,6 +305,7 @@ impl Tokenizer {
             specials,
             bos,
             add_bos,
+            chat_template: None,
         })
     }
 
@@ -320,6 +327,17 @@ impl Tokenizer {
         }
         let scores = vec![0f32; pieces.len()];
         Self::new(pieces, scores, kinds, 2, true)
+    }
+
+    /// The same vocabulary with the model's chat template (Jinja).
+    pub fn with_chat_template(mut self, template: Option<String>) -> Self {
+        self.chat_template = template;
+        self
+    }
+
+    /// The model's chat template (Jinja), when its file has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
     }
 
     /// Vocabulary size.
@@ -355,11 +373,22 @@ impl Tokenizer {
     /// Token ids of `text`. `add_bos` prepends `<bos>` if the vocabulary asks
     /// for it; `parse_special` recognises control-token strings in the text.
     pub fn encode(&self, text: &str, add_bos: bool, parse_special: bool) -> Vec<u32> {
+        self.encode_fragments(text, add_bos, self.partition(text, parse_special, &[]))
+    }
+
+    /// Token ids of `text` with control-token strings recognised except
+    /// inside the `text_only` byte ranges (what a chat template put in
+    /// from the messages: a message's `<end_of_turn>` stays text).
+    pub fn encode_guarded(&self, text: &str, text_only: &[std::ops::Range<usize>]) -> Vec<u32> {
+        self.encode_fragments(text, false, self.partition(text, true, text_only))
+    }
+
+    fn encode_fragments(&self, text: &str, add_bos: bool, fragments: Vec<Fragment>) -> Vec<u32> {
         let mut out = Vec::new();
         if add_bos && self.add_bos {
             out.push(self.bos);
         }
-        for fragment in self.partition(text, parse_special) {
+        for fragment in fragments {
             match fragment {
                 Fragment::Token(id) => out.push(id),
                 Fragment::Raw(start, end) => {
@@ -371,16 +400,25 @@ impl Tokenizer {
         out
     }
 
-    fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+    fn partition(
+        &self,
+        text: &str,
+        parse_special: bool,
+        text_only: &[std::ops::Range<usize>],
+    ) -> Vec<Fragment> {
         let mut fragments = vec![Fragment::Raw(0, text.len())];
         if text.is_empty() {
             return Vec::new();
         }
         for &id in &self.specials {
             let kind = self.kinds[id as usize];
-            if !parse_special && matches!(kind, TokenKind::Control | TokenKind::Unknown) {
+            let control = matches!(kind, TokenKind::Control | TokenKind::Unknown);
+            if !parse_special && control {
                 continue;
             }
+            let guarded = |at: usize, len: usize| {
+                control && text_only.iter().any(|r| at < r.end && r.start < at + len)
+            };
             let needle = self.pieces[id as usize].as_str();
             if !fragments
                 .iter()
@@ -394,12 +432,20 @@ impl Tokenizer {
                     next.push(fragment);
                     continue;
                 };
-                while let Some(at) = text[start..end].find(needle) {
-                    if at > 0 {
-                        next.push(Fragment::Raw(start, start + at));
+                let mut from = start;
+                while let Some(at) = text[from..end].find(needle) {
+                    let at = from + at;
+                    if guarded(at, needle.len()) {
+                        // Text here: look again after this match's start.
+                        from = at + text[at..].chars().next().map_or(1, char::len_utf8);
+                        continue;
+                    }
+                    if at > start {
+                        next.push(Fragment::Raw(start, at));
                     }
                     next.push(Fragment::Token(id));
-                    start += at + needle.len();
+                    start = at + needle.len();
+                    from = start;
                 }
                 if start < end {
                     next.push(Fragment::Raw(start, end));

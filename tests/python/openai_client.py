@@ -14,6 +14,9 @@ import sys
 import threading
 import urllib.request
 
+import re
+
+import jsonschema
 import openai
 
 BASE, MODEL, DIMA = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -214,6 +217,42 @@ def _():
     assert "".join(t.token for t in content) == r.choices[0].message.content
 
 
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+@check("structured output: json_schema and json_object outputs parse and validate; a Lark grammar is followed")
+def _():
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        max_completion_tokens=80,
+        temperature=0.7,
+        seed=3,
+        n=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+    )
+    for c in r.choices:
+        assert c.finish_reason == "stop", (c.finish_reason, c.message.content)
+        jsonschema.validate(json.loads(c.message.content), PERSON)
+    r = complete(prompt="A JSON object:", max_tokens=60, extra_body={"response_format": {"type": "json_object"}})
+    assert r.choices[0].finish_reason == "stop", r.choices[0]
+    assert isinstance(json.loads(r.choices[0].text), dict), r.choices[0].text
+    chunks = complete(
+        prompt="Numbers:", max_tokens=12, stream=True, extra_body={"grammar": "start: /[0-9]{1,3}(, [0-9]{1,3}){0,5}/"}
+    )
+    text = "".join(ch.choices[0].text for ch in chunks)
+    assert re.fullmatch(r"[0-9]{1,3}(, [0-9]{1,3}){0,5}", text), text
+
+
 @check("tokenize / detokenize / tokenizer_info")
 def _():
     t = post("/tokenize", {"model": MODEL, "prompt": "Hello world", "return_token_strs": True})
@@ -250,6 +289,13 @@ def _():
             model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[{"type": "function", "function": {"name": "f"}}]
         ),
     )
+    refused(
+        400,
+        "response_format",
+        "Invalid type",
+        lambda: complete(prompt="x", max_tokens=2, extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}}),
+    )
+    refused(400, "grammar", "cannot match any text", lambda: complete(prompt="x", max_tokens=2, extra_body={"grammar": 'start: x\nx: x "a"'}))
     refused(404, "model", "does not exist", lambda: client.completions.create(model="nope", prompt="x", max_tokens=1))
 
 

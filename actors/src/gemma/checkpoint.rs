@@ -270,8 +270,14 @@ impl Checkpoint {
     pub fn tokenizer(&self) -> Result<Tokenizer, CheckpointError> {
         let path = self.dir.join("tokenizer.model");
         let bytes = read(&path)?;
-        Tokenizer::from_sentencepiece(&bytes, self.bos)
-            .map_err(|source| CheckpointError::Tokenizer { path, source })
+        let tokenizer = Tokenizer::from_sentencepiece(&bytes, self.bos)
+            .map_err(|source| CheckpointError::Tokenizer { path, source })?;
+        // Hugging Face keeps the chat template in tokenizer_config.json.
+        let template = std::fs::read(self.dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("chat_template")?.as_str().map(str::to_owned));
+        Ok(tokenizer.with_chat_template(template))
     }
 }
 

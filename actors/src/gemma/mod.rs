@@ -4,6 +4,7 @@
 pub mod chat;
 mod checkpoint;
 pub mod config;
+pub mod constrain;
 pub mod device;
 pub mod engine;
 pub mod forward;

@@ -23,6 +23,7 @@ use serde_json::{Map, Value};
 use super::ServeError;
 use crate::gemma::Sampling;
 use crate::gemma::chat::Role;
+use crate::gemma::constrain::Grammar;
 use crate::gemma::engine::{MAX_CHOICES, MAX_TOP_LOGPROBS};
 
 /// Most stop strings a request may give (OpenAI's limit).
@@ -108,6 +109,8 @@ pub struct Generation {
     pub stream: bool,
     /// A last streamed chunk with the usage.
     pub include_usage: bool,
+    /// Structured output: the grammar every choice follows.
+    pub grammar: Option<Grammar>,
 }
 
 impl Generation {
@@ -286,12 +289,7 @@ impl Generation {
             }
         };
 
-        // Structured output lands with constrained decoding; until then a
-        // format other than plain text is refused, never ignored.
-        f.neutral("response_format", |v| {
-            v.get("type") == Some(&Value::String("text".into()))
-                && v.as_object().is_some_and(|o| o.len() == 1)
-        })?;
+        let grammar = structured(f.take("response_format"), f.take("grammar"))?;
         f.neutral("frequency_penalty", zero)?;
         f.neutral("presence_penalty", zero)?;
         f.neutral("repetition_penalty", |v| v.as_f64() == Some(1.0))?;
@@ -330,6 +328,7 @@ impl Generation {
             tokens_as_ids,
             stream,
             include_usage,
+            grammar,
         })
     }
 }
@@ -417,6 +416,104 @@ pub fn detokenize(body: Value) -> Result<Vec<u32>, ServeError> {
     };
     f.done()?;
     Ok(tokens)
+}
+
+/// `response_format` and the `grammar` extension (a Lark grammar) as one
+/// grammar, or none for plain text.
+fn structured(
+    format: Option<Value>,
+    grammar: Option<Value>,
+) -> Result<Option<Grammar>, ServeError> {
+    let from_format = match format {
+        None => None,
+        Some(Value::Object(mut o)) => {
+            let kind = o.remove("type");
+            let grammar = match kind.as_ref().and_then(Value::as_str) {
+                Some("text") => None,
+                Some("json_object") => Some(Grammar::JsonObject),
+                Some("json_schema") => {
+                    let Some(Value::Object(mut spec)) = o.remove("json_schema") else {
+                        return Err(ServeError::invalid(
+                            "response_format.json_schema",
+                            "`response_format.json_schema` must be an object with a `schema`",
+                        ));
+                    };
+                    match spec.remove("name") {
+                        None | Some(Value::String(_)) => {}
+                        Some(v) => {
+                            return Err(ServeError::invalid(
+                                "response_format.json_schema.name",
+                                format!(
+                                    "`response_format.json_schema.name` must be a string, not {}",
+                                    short(&v)
+                                ),
+                            ));
+                        }
+                    }
+                    for metadata in ["description", "strict"] {
+                        spec.remove(metadata);
+                    }
+                    let schema = match spec.remove("schema") {
+                        Some(schema @ (Value::Object(_) | Value::Bool(_))) => schema,
+                        None => serde_json::json!({}),
+                        Some(v) => {
+                            return Err(ServeError::invalid(
+                                "response_format.json_schema.schema",
+                                format!(
+                                    "`response_format.json_schema.schema` must be a JSON Schema (an object), not {}",
+                                    short(&v)
+                                ),
+                            ));
+                        }
+                    };
+                    Fields { map: spec }.done_in("response_format.json_schema")?;
+                    Some(Grammar::JsonSchema(schema))
+                }
+                _ => {
+                    return Err(ServeError::invalid(
+                        "response_format.type",
+                        format!(
+                            "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\", not {}",
+                            kind.map_or("nothing".into(), |k| short(&k))
+                        ),
+                    ));
+                }
+            };
+            if let Some((extra, _)) = o.into_iter().next() {
+                return Err(ServeError::invalid(
+                    format!("response_format.{extra}"),
+                    format!("Unrecognized argument in `response_format`: {extra}"),
+                ));
+            }
+            grammar
+        }
+        Some(v) => {
+            return Err(ServeError::invalid(
+                "response_format",
+                format!("`response_format` must be an object, not {}", short(&v)),
+            ));
+        }
+    };
+    let from_grammar = match grammar {
+        None => None,
+        Some(Value::String(text)) if !text.trim().is_empty() => Some(Grammar::Lark(text)),
+        Some(v) => {
+            return Err(ServeError::invalid(
+                "grammar",
+                format!(
+                    "`grammar` must be a Lark grammar (a non-empty string), not {}",
+                    short(&v)
+                ),
+            ));
+        }
+    };
+    match (from_format, from_grammar) {
+        (Some(_), Some(_)) => Err(ServeError::invalid(
+            "grammar",
+            "give `response_format` or `grammar`, not both",
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
 }
 
 fn zero(v: &Value) -> bool {
@@ -806,6 +903,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(g.max_tokens, Some(0));
+        assert_eq!(g.grammar, None);
         assert_eq!(g.stop, ["\n", "Q:"]);
         assert_eq!(g.stop_token_ids, [1, 106]);
         assert_eq!((g.n, g.logprobs, g.include_usage), (3, Some(1), true));
@@ -826,6 +924,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!((g.max_tokens, g.logprobs), (Some(9), Some(2)));
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let structured = completion(json!({"response_format": {"type": "json_schema",
+            "json_schema": {"name": "thing", "strict": true, "schema": schema.clone()}}}))
+        .unwrap();
+        assert_eq!(structured.grammar, Some(Grammar::JsonSchema(schema)));
+        let lark = completion(json!({"grammar": "start: /[0-9]+/"})).unwrap();
+        assert_eq!(lark.grammar, Some(Grammar::Lark("start: /[0-9]+/".into())));
+        let text = completion(json!({"response_format": {"type": "text"}})).unwrap();
+        assert_eq!(text.grammar, None);
         let Input::Chat {
             messages,
             add_generation_prompt,
@@ -910,9 +1017,30 @@ mod tests {
             ),
             (json!({"suffix": "end"}), "suffix", "not supported"),
             (
-                json!({"response_format": {"type": "json_object"}}),
-                "response_format",
-                "not supported",
+                json!({"response_format": {"type": "xml"}}),
+                "response_format.type",
+                "\"json_schema\"",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}}),
+                "response_format.json_schema.schema",
+                "must be a JSON Schema",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema"}}),
+                "response_format.json_schema",
+                "with a `schema`",
+            ),
+            (
+                json!({"response_format": {"type": "json_object", "x": 1}}),
+                "response_format.x",
+                "Unrecognized",
+            ),
+            (json!({"grammar": ""}), "grammar", "Lark grammar"),
+            (
+                json!({"grammar": "start: /a/", "response_format": {"type": "json_object"}}),
+                "grammar",
+                "not both",
             ),
             (
                 json!({"stream_options": {"include_usage": true}}),

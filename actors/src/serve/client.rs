@@ -62,7 +62,8 @@ pub struct StreamStats {
     pub first_event_s: f64,
     /// Seconds between consecutive later events.
     pub gaps_s: Vec<f64>,
-    /// `usage.completion_tokens` of the last event that had it.
+    /// `usage.completion_tokens` of the last event that had it (a server
+    /// that sends no usage: the chunks with text, one per token).
     pub completion_tokens: u64,
 }
 
@@ -109,7 +110,8 @@ pub fn stream_completion(
     }
     let mut parser = SseParser::default();
     let mut buffer = [0u8; 4096];
-    let (mut first, mut last, mut gaps, mut tokens) = (None, None, Vec::new(), 0u64);
+    let (mut first, mut last, mut gaps, mut tokens) = (None, None, Vec::new(), None);
+    let mut chunks = 0u64;
     'read: loop {
         let n = reader
             .read(&mut buffer)
@@ -133,6 +135,12 @@ pub fn stream_completion(
                 })?;
             // Token chunks are timed; the usage chunk (no choices) is not.
             if chunk["choices"].as_array().is_some_and(|c| !c.is_empty()) {
+                let text = &chunk["choices"][0];
+                let shown = text["text"]
+                    .as_str()
+                    .or_else(|| text["delta"]["content"].as_str())
+                    .is_some_and(|t| !t.is_empty());
+                chunks += u64::from(shown);
                 match last {
                     None => first = Some(now),
                     Some(t) => gaps.push(now - t),
@@ -140,7 +148,7 @@ pub fn stream_completion(
                 last = Some(now);
             }
             if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
-                tokens = n;
+                tokens = Some(n);
             }
         }
     }
@@ -148,7 +156,7 @@ pub fn stream_completion(
     Ok(StreamStats {
         first_event_s,
         gaps_s: gaps,
-        completion_tokens: tokens,
+        completion_tokens: tokens.unwrap_or(chunks),
     })
 }
 

@@ -27,6 +27,7 @@ use super::body::{self, Endpoint, Generation, Input, Prompt, Tokenize};
 use super::choice::token_text;
 use crate::gemma::Gemma;
 use crate::gemma::chat;
+use crate::gemma::constrain::{Grammar, Guide};
 use crate::gemma::engine::{Engine, EngineConfig, Event, Rejected, Request};
 use crate::tokenizer::Tokenizer;
 
@@ -50,6 +51,10 @@ struct State {
     engine: Engine,
     /// Shared with every streaming response (a vocabulary is large to copy).
     tokenizer: Arc<Tokenizer>,
+    /// How conversations become prompts.
+    template: chat::ChatTemplate,
+    /// Constrained decoding over the vocabulary, built on first use.
+    guide: std::sync::OnceLock<Result<Guide, String>>,
     name: String,
     api_key: Option<String>,
     next_id: AtomicU64,
@@ -295,7 +300,7 @@ async fn tokenize(
                 }
                 _ => Vec::new(),
             },
-            chat => prepare_chat(&state.tokenizer, chat),
+            chat => prepare_chat(&state, chat)?,
         };
         let strs = body.return_token_strs.then(|| {
             ids.iter()
@@ -353,19 +358,20 @@ async fn tokenizer_info(state: web::Data<State>, req: HttpRequest) -> HttpRespon
             "eos_token": text(crate::gemma::END_OF_GENERATION[0]),
             "eos_token_ids": crate::gemma::END_OF_GENERATION,
             "add_bos_token": true,
-            "chat_template": chat::BUILT_IN_TEMPLATE,
+            "chat_template": state.template.source(),
+            "chat_template_is_the_models": matches!(state.template, chat::ChatTemplate::Jinja { .. }),
         })),
     )
 }
 
 /// Chat messages as the chat template renders them, tokenized.
-fn prepare_chat(tokenizer: &Tokenizer, input: &Input) -> Vec<u32> {
+fn prepare_chat(state: &State, input: &Input) -> Result<Vec<u32>, ServeError> {
     let Input::Chat {
         messages,
         add_generation_prompt,
     } = input
     else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     let turns: Vec<chat::Message<'_>> = messages
         .iter()
@@ -374,7 +380,10 @@ fn prepare_chat(tokenizer: &Tokenizer, input: &Input) -> Vec<u32> {
             content: &t.content,
         })
         .collect();
-    chat::encode_with(tokenizer, &turns, *add_generation_prompt)
+    state
+        .template
+        .encode(&state.tokenizer, &turns, *add_generation_prompt)
+        .map_err(|e| ServeError::invalid("messages", e.to_string()))
 }
 
 async fn completions(
@@ -454,6 +463,25 @@ async fn answer(
             format!("`{length_param}` {m} is more than the model's context ({context} tokens)"),
         ));
     }
+    let constraint = match &g.grammar {
+        None => None,
+        Some(grammar) => {
+            let param = match grammar {
+                Grammar::Lark(_) => "grammar",
+                _ => "response_format",
+            };
+            let guide = state
+                .guide
+                .get_or_init(|| Guide::new(Arc::clone(&state.tokenizer)).map_err(|e| e.to_string()))
+                .as_ref()
+                .map_err(|e| ServeError::Failed { reason: e.clone() })?;
+            Some(
+                guide
+                    .constraint(grammar)
+                    .map_err(|e| ServeError::invalid(param, format!("`{param}`: {e}")))?,
+            )
+        }
+    };
     let n = g.n;
     let ended: Arc<[AtomicBool]> = (0..prompts.len() * n)
         .map(|_| AtomicBool::new(false))
@@ -471,6 +499,7 @@ async fn answer(
             stop_token_ids: g.stop_token_ids.clone(),
             logprobs: g.logprobs,
             prompt_logprobs: if g.echo { g.logprobs } else { None },
+            constraint: constraint.clone(),
         };
         let (tx, ended_here) = (tx.clone(), Arc::clone(&ended));
         let sink = Box::new(move |e: Event| {
@@ -578,7 +607,7 @@ fn prepare(state: &State, input: &Input) -> Result<Vec<Echo>, ServeError> {
                 .collect::<Result<Vec<_>, _>>()?,
         ),
         chat => {
-            let ids = prepare_chat(tokenizer, chat);
+            let ids = prepare_chat(state, chat)?;
             let text = tokenizer.decode(&ids);
             ("messages", vec![Echo { ids, text }])
         }
@@ -720,9 +749,18 @@ pub fn start_engine(
 ) -> Result<Running, ServeError> {
     let tokenizer = Arc::new(tokenizer);
     let address = listener.local_addr().map_err(ServeError::Start)?;
+    let template = match chat::ChatTemplate::from_source(tokenizer.chat_template()) {
+        Ok(template) => template,
+        Err(e) => {
+            eprintln!("warning: {e}; chats use the built-in Gemma template");
+            chat::ChatTemplate::BuiltIn
+        }
+    };
     let state = web::Data::new(State {
         engine,
         tokenizer,
+        template,
+        guide: std::sync::OnceLock::new(),
         name: config.model_name.clone(),
         api_key: config.api_key.clone(),
         next_id: AtomicU64::new(1),

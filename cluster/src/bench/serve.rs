@@ -117,3 +117,243 @@ pub fn bench_serve(
     let _ = child.wait();
     result
 }
+
+/// The shared-prefix workload of `dima bench serve --shared-prefix`.
+#[derive(Debug, Clone)]
+pub struct SharedPrefix {
+    /// Tokens of the system prompt every request starts with.
+    pub shared: usize,
+    /// Tokens of each request's own suffix.
+    pub suffix: usize,
+    /// Concurrent streams.
+    pub streams: usize,
+    /// Completions per stream.
+    pub requests: usize,
+    /// Tokens per completion.
+    pub max_tokens: usize,
+    /// The server's --max-batch.
+    pub max_batch: usize,
+    /// The Python with `llama-cpp-python[server]` for the anchor.
+    pub llama_python: Option<String>,
+}
+
+/// One server under the shared-prefix load.
+struct Measured {
+    ttft: Vec<f64>,
+    tokens: u64,
+    wall: f64,
+}
+
+/// Runs `streams` concurrent streams of `prompts` (stream `s` sends
+/// `prompts[s]` in turn) against the server at `address`.
+fn drive(
+    address: &str,
+    model: &str,
+    prompts: &[Vec<String>],
+    max_tokens: usize,
+) -> anyhow::Result<Measured> {
+    let started = Instant::now();
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|mine| {
+            let (address, model) = (address.to_owned(), model.to_owned());
+            std::thread::spawn(move || {
+                mine.iter()
+                    .map(|p| stream_completion(&address, &model, p, max_tokens, None))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+        })
+        .collect();
+    let (mut ttft, mut tokens) = (Vec::new(), 0);
+    for h in handles {
+        for run in h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??
+        {
+            ttft.push(run.first_event_s);
+            tokens += run.completion_tokens;
+        }
+    }
+    Ok(Measured {
+        ttft,
+        tokens,
+        wall: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Waits until `address` takes connections (or the child exits).
+fn wait_listening(
+    address: &str,
+    child: &mut std::process::Child,
+    what: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(300);
+    while std::net::TcpStream::connect(address).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on {address}");
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited: {status}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// The body of `GET path` (HTTP/1.0, so the server closes when done).
+fn get_text(address: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_owned()))
+}
+
+/// A counter's value in Prometheus text.
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// `dima bench serve --shared-prefix`: every request is one system prompt
+/// of `shared` tokens followed by its own `suffix` tokens (`streams`
+/// streams, `requests` each). The same load runs against `dima serve` with
+/// its prefix cache, without it (`--prefix-cache-mib 0`), and, given a
+/// Python with `llama-cpp-python[server]`, against llama.cpp's OpenAI
+/// server on the same GGUF with the same thread count. One JSON row per
+/// server: time to first token p50/p99, aggregate tokens/s, the prefix
+/// cache's hit rate (prompt tokens reused over looked up), and the ratios
+/// to the cached run (TTFT) and to llama.cpp (tokens/s).
+pub fn bench_serve_shared_prefix(
+    exe: &Path,
+    model: &str,
+    w: &SharedPrefix,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let path = actors::models::gguf_path(model).unwrap_or_else(|_| model.into());
+    let tokenizer = actors::gemma::load_tokenizer(&path)?;
+    let system = tokenizer.decode(&super::bench_prompt(&tokenizer, w.shared + 1, 0)[1..]);
+    let prompts: Vec<Vec<String>> = (0..w.streams)
+        .map(|s| {
+            (0..w.requests)
+                .map(|r| {
+                    let own = super::bench_prompt(&tokenizer, w.suffix + 1, 7 * s + 3 * r + 1);
+                    format!(
+                        "{system}\n\nRequest {s}.{r}: {}",
+                        tokenizer.decode(&own[1..])
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rows = Vec::new();
+    for cache in [true, false] {
+        let address = format!("127.0.0.1:{}", free_port()?);
+        let mut child = Command::new(exe)
+            .args(["serve", "--model", model, "--listen", &address])
+            .args([
+                "--max-batch",
+                &w.max_batch.to_string(),
+                "--max-waiting",
+                "1024",
+            ])
+            .args(["--prefix-cache-mib", if cache { "1024" } else { "0" }])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting dima serve")?;
+        let run = (|| {
+            wait_listening(&address, &mut child, "dima serve")?;
+            let m = drive(&address, model, &prompts, w.max_tokens)?;
+            let metrics = get_text(&address, "/metrics").unwrap_or_default();
+            let hits = counter(&metrics, "dima_serve_prefix_cache_hits_total");
+            let queries = counter(&metrics, "dima_serve_prefix_cache_queries_total");
+            anyhow::Ok((m, if queries > 0.0 { hits / queries } else { 0.0 }))
+        })();
+        let _ = child.kill();
+        let _ = child.wait();
+        let (m, hit_rate) = run?;
+        rows.push((
+            if cache {
+                "dima (prefix cache)"
+            } else {
+                "dima (no prefix cache)"
+            },
+            m,
+            Some(hit_rate),
+        ));
+    }
+    match &w.llama_python {
+        None => eprintln!(
+            "llama.cpp anchor skipped: give --llama-python (a Python with llama-cpp-python[server])"
+        ),
+        Some(python) => {
+            let port = free_port()?;
+            let address = format!("127.0.0.1:{port}");
+            let mut child = Command::new(python)
+                .args(["-m", "llama_cpp.server", "--model"])
+                .arg(&path)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args([
+                    "--n_threads",
+                    &threads.to_string(),
+                    "--n_threads_batch",
+                    &threads.to_string(),
+                ])
+                .args([
+                    "--n_ctx",
+                    &(w.shared + w.suffix + w.max_tokens + 256).to_string(),
+                ])
+                .args(["--model_alias", model])
+                // Its default cuts a streaming request short when the next
+                // one arrives; here every request runs to its end.
+                .args(["--interrupt_requests", "False"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {python} -m llama_cpp.server"))?;
+            let run = wait_listening(&address, &mut child, "the llama.cpp server")
+                .and_then(|()| drive(&address, model, &prompts, w.max_tokens));
+            let _ = child.kill();
+            let _ = child.wait();
+            rows.push(("llama.cpp server (llama-cpp-python)", run?, None));
+        }
+    }
+    let rate = |m: &Measured| m.tokens as f64 / m.wall;
+    let cached_p50 = percentile(&mut rows[0].1.ttft.clone(), 0.5);
+    let llama_rate = rows.get(2).map(|r| rate(&r.1));
+    Ok(rows
+        .into_iter()
+        .map(|(server, mut m, hit_rate)| {
+            let p50 = percentile(&mut m.ttft, 0.5);
+            serde_json::json!({
+                "bench": "serve",
+                "workload": "shared-prefix",
+                "server": server,
+                "streams": w.streams,
+                "requests": w.streams * w.requests,
+                "shared_prefix_tokens": w.shared,
+                "suffix_tokens": w.suffix,
+                "max_tokens": w.max_tokens,
+                "threads": threads,
+                "completion_tokens": m.tokens,
+                "wall_s": m.wall,
+                "tokens_per_s": rate(&m),
+                "ttft_p50_s": p50,
+                "ttft_p99_s": percentile(&mut m.ttft, 0.99),
+                "prefix_cache_hit_rate": hit_rate,
+                "ttft_p50_over_prefix_cache": p50 / cached_p50,
+                "tokens_per_s_over_llama_cpp": llama_rate.map(|l| rate(&m) / l),
+            })
+        })
+        .collect())
+}

@@ -55,6 +55,19 @@ pub enum BenchCommand {
         /// The server's CUDA device with `--backend cuda`.
         #[arg(long, default_value_t = 0)]
         device: usize,
+        /// The shared-prefix workload instead: every request is a system
+        /// prompt of this many tokens plus its own --suffix-tokens, sent by
+        /// the largest --streams level; run with and without the prefix
+        /// cache (and against llama.cpp's server with --llama-python).
+        #[arg(long)]
+        shared_prefix: Option<usize>,
+        /// Tokens of each request's own suffix (with --shared-prefix).
+        #[arg(long, default_value_t = 64)]
+        suffix_tokens: usize,
+        /// A Python with `llama-cpp-python[server]`: the shared-prefix
+        /// workload's anchor.
+        #[arg(long)]
+        llama_python: Option<String>,
     },
     /// Aggregate decode tokens/s when several sequences take each step
     /// together (the core of continuous batching), per batch size, next to
@@ -304,7 +317,32 @@ pub fn run(command: &BenchCommand) -> Result<(), Failure> {
             max_batch,
             backend,
             device,
+            shared_prefix,
+            suffix_tokens,
+            llama_python,
         } => {
+            if let Some(shared) = shared_prefix {
+                if *backend == Backend::Cuda {
+                    return Err(Failure::usage(
+                        "--shared-prefix runs the CPU server (the prefix cache is CPU-only)",
+                    ));
+                }
+                let workload = crate::bench::SharedPrefix {
+                    shared: (*shared).max(1),
+                    suffix: (*suffix_tokens).max(1),
+                    streams: streams.iter().copied().max().unwrap_or(16).max(1),
+                    requests: (*requests).max(1),
+                    max_tokens: (*max_tokens).max(1),
+                    max_batch: (*max_batch).max(1),
+                    llama_python: llama_python.clone(),
+                };
+                print_rows(crate::bench::bench_serve_shared_prefix(
+                    &this_exe()?,
+                    model,
+                    &workload,
+                )?);
+                return Ok(());
+            }
             let server_args: Vec<String> = if *backend == Backend::Cuda {
                 vec![
                     "--backend".into(),

@@ -47,6 +47,7 @@ use actix::prelude::*;
 
 use kernels::device::Device;
 
+use super::constrain::Constraint;
 use super::device::{DeviceGemma, KvPool};
 use super::forward::{Backend, Head, Row, forward};
 use super::generate::END_OF_GENERATION;
@@ -209,7 +210,7 @@ pub enum EngineError {
 }
 
 /// One generation request.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Request {
     /// Prompt token ids (BOS included).
     pub prompt: Vec<u32>,
@@ -230,6 +231,9 @@ pub struct Request {
     /// this many alternatives, once, before the first token
     /// ([`Event::Prompt`]).
     pub prompt_logprobs: Option<usize>,
+    /// The grammar every choice follows (structured output); each choice
+    /// gets its own copy of its state.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for Request {
@@ -242,6 +246,7 @@ impl Default for Request {
             stop_token_ids: Vec::new(),
             logprobs: None,
             prompt_logprobs: None,
+            constraint: None,
         }
     }
 }
@@ -600,6 +605,7 @@ struct Active {
     sampler: Sampler,
     stop_ids: Arc<[u32]>,
     logprobs: Option<usize>,
+    constraint: Option<Constraint>,
     prompt_tokens: usize,
     generated: usize,
     limit: usize,
@@ -717,6 +723,17 @@ impl EngineActor {
             let need = n * budget(&job.request, self.context);
             // First come, first served: a big request is not overtaken.
             if reserved + need > self.config.max_tokens_in_flight && reserved > 0 {
+                break;
+            }
+            // A prompt sharing a long prefix with one this step saves waits
+            // a step and reuses it (16 streams with one system prompt
+            // compute it once, not 16 times side by side).
+            if job.request.prompt_logprobs.is_none()
+                && self
+                    .prefixes
+                    .as_ref()
+                    .is_some_and(|index| index.worth_waiting(&job.request.prompt))
+            {
                 break;
             }
             let Some(job) = self.queue.pop_front() else {
@@ -893,6 +910,7 @@ impl EngineActor {
                     sampler: Sampler::new(sampling),
                     stop_ids: Arc::clone(&stop_ids),
                     logprobs: r.logprobs.map(|k| k.min(MAX_TOP_LOGPROBS)),
+                    constraint: r.constraint.clone(),
                     prompt_tokens: r.prompt.len(),
                     generated: 0,
                     limit: limit(&r, self.context),
@@ -944,7 +962,29 @@ fn emit(a: &mut Active, logits: &[f32]) -> bool {
     if a.generated >= a.limit {
         return finish(a, FinishReason::Length);
     }
-    let next = a.sampler.sample(logits);
+    // A grammar masks what it does not allow; log-probabilities stay the
+    // model's own.
+    let next = match a.constraint.as_mut() {
+        Some(c) => {
+            let mut masked = logits.to_vec();
+            if let Err(e) = c.mask(&mut masked) {
+                send(&a.sink, Event::Failed(e.to_string()));
+                return false;
+            }
+            a.sampler.sample(&masked)
+        }
+        None => a.sampler.sample(logits),
+    };
+    let complete = match a.constraint.as_mut() {
+        Some(c) if !END_OF_GENERATION.contains(&next) => match c.advance(next) {
+            Ok(done) => done,
+            Err(e) => {
+                send(&a.sink, Event::Failed(e.to_string()));
+                return false;
+            }
+        },
+        _ => false,
+    };
     a.generated += 1;
     a.next = next;
     let logprob = a.logprobs.map(|k| token_logprob(logits, next, k));
@@ -956,7 +996,7 @@ fn emit(a: &mut Active, logits: &[f32]) -> bool {
     if !send(&a.sink, token) {
         return false;
     }
-    if END_OF_GENERATION.contains(&next) || a.stop_ids.contains(&next) {
+    if END_OF_GENERATION.contains(&next) || a.stop_ids.contains(&next) || complete {
         return finish(a, FinishReason::Stop);
     }
     if a.generated >= a.limit {

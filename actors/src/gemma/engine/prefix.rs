@@ -48,6 +48,23 @@ impl PrefixIndex {
         }
     }
 
+    /// Whether `prompt` should wait one step: an entry this step is saving
+    /// shares at least [`MIN_NEW`] more of its tokens than any ready one,
+    /// so after the step it reuses that much instead of computing it again
+    /// alongside.
+    pub(super) fn worth_waiting(&self, prompt: &[u32]) -> bool {
+        let shared = |ready: bool| {
+            self.entries
+                .iter()
+                .filter(|e| e.ready == ready)
+                .map(|e| common(&e.tokens, prompt))
+                .max()
+                .unwrap_or(0)
+                .min(prompt.len().saturating_sub(1))
+        };
+        shared(false) >= shared(true) + MIN_NEW
+    }
+
     /// The ready entry sharing the longest prefix with `prompt` (at most
     /// all but its last token, which must run for the logits): its id and
     /// the positions to reuse.
@@ -57,16 +74,7 @@ impl PrefixIndex {
             .entries
             .iter_mut()
             .filter(|e| e.ready)
-            .map(|e| {
-                let shared = e
-                    .tokens
-                    .iter()
-                    .zip(prompt)
-                    .take_while(|(a, b)| a == b)
-                    .count()
-                    .min(most);
-                (shared, e)
-            })
+            .map(|e| (common(&e.tokens, prompt).min(most), e))
             .filter(|(shared, _)| *shared > 0)
             .max_by_key(|(shared, e)| (*shared, e.last_used))?;
         self.clock += 1;
@@ -138,6 +146,11 @@ impl PrefixIndex {
     }
 }
 
+/// Tokens two sequences share from the start.
+fn common(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,9 +162,12 @@ mod tests {
         assert_eq!(index.lookup(&a), None);
         let (first, evicted) = index.save(&a, 0, &[]).unwrap();
         assert!(evicted.is_empty());
+        // A prompt like it waits for the step that saves it.
+        assert!(index.worth_waiting(&a));
         // Not before the step that saves it finished.
         assert_eq!(index.lookup(&a), None);
         index.step_done();
+        assert!(!index.worth_waiting(&a));
         // The same prompt: all but its last token.
         assert_eq!(index.lookup(&a), Some((first, 99)));
         // A prompt sharing 60 tokens.
