@@ -692,3 +692,22 @@ fn bench_serve_shared_prefix_reports_both_servers() {
     assert!(hit > 0.5, "hit rate {hit}");
     assert_eq!(rows[1]["prefix_cache_hit_rate"], 0.0);
 }
+
+/// `dima bench constrain`: a schema-valid document followed token by token
+/// through the llguidance constraint, next to a draw and a decode step.
+#[test]
+fn bench_constrain_reports_the_cost_per_token() {
+    let done = run_dima(&["bench", "constrain", "--tokens", "60"], LIMIT);
+    done.assert_success();
+    let row: Value = serde_json::from_str(done.last_line()).unwrap();
+    assert_eq!(row["bench"], "constrain");
+    assert!(row["tokens"].as_u64().unwrap() >= 60);
+    for key in [
+        "mask_and_follow_us_per_token",
+        "sample_us_per_token",
+        "decode_step_us",
+        "over_decode_step",
+    ] {
+        assert!(row[key].as_f64().unwrap() > 0.0, "{key}: {row}");
+    }
+}

@@ -5,6 +5,7 @@
 //! Python anchor scripts.
 
 mod assign;
+mod constrain;
 mod count;
 mod decode;
 mod dispatch;
@@ -18,6 +19,7 @@ mod matching;
 mod serve;
 
 pub use assign::bench_assign;
+pub use constrain::bench_constrain;
 pub use count::bench_count;
 pub use decode::bench_decode;
 pub use dispatch::{bench_dispatch, gain, plot_learning};

@@ -236,7 +236,7 @@ pub fn bench_serve_shared_prefix(
     model: &str,
     w: &SharedPrefix,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
-    let path = actors::models::gguf_path(model).unwrap_or_else(|_| model.into());
+    let path = actors::models::gguf_path(model)?;
     let tokenizer = actors::gemma::load_tokenizer(&path)?;
     let system = tokenizer.decode(&super::bench_prompt(&tokenizer, w.shared + 1, 0)[1..]);
     let prompts: Vec<Vec<String>> = (0..w.streams)

@@ -69,6 +69,18 @@ pub enum BenchCommand {
         #[arg(long)]
         llama_python: Option<String>,
     },
+    /// What structured output costs per token: a JSON document valid under
+    /// a schema fed token by token through the llguidance constraint (mask
+    /// and follow), next to the sampler's draw and one decode step of the
+    /// model in the same run. One JSON line.
+    Constrain {
+        /// A catalog name (`gemma3-270m`) or a .gguf file.
+        #[arg(long, default_value = "gemma3-270m")]
+        model: String,
+        /// Tokens of the document, at least.
+        #[arg(long, default_value_t = 400)]
+        tokens: usize,
+    },
     /// Aggregate decode tokens/s when several sequences take each step
     /// together (the core of continuous batching), per batch size, next to
     /// one sequence alone in the same run. One JSON line per batch size.
@@ -364,6 +376,10 @@ pub fn run(command: &BenchCommand) -> Result<(), Failure> {
             )?);
         }
         BenchCommand::Decode(args) => decode(args)?,
+        BenchCommand::Constrain { model, tokens } => {
+            let path = crate::models::gguf_path(model)?;
+            print_rows([crate::bench::bench_constrain(&path, *tokens)?]);
+        }
         BenchCommand::Count {
             events,
             keys,
