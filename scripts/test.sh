@@ -38,9 +38,9 @@ OPENBLAS_NUM_THREADS=1 "$venv/bin/python" scripts/reference/lambda_learner_refer
 
 echo "== the official OpenAI client the API tests drive (cached venv in \${DIMA_CACHE_DIR:-~/.cache/dima}/venv-api)"
 api="${DIMA_CACHE_DIR:-$HOME/.cache/dima}/venv-api"
-if ! "$api/bin/python" -c 'import openai, jsonschema' 2>/dev/null; then
+if ! "$api/bin/python" -c 'import openai, jsonschema, lm_eval' 2>/dev/null; then
   python3 -m venv "$api"
-  "$api/bin/python" -m pip install -q 'openai>=1.40,<4' 'jsonschema>=4,<5'
+  "$api/bin/python" -m pip install -q 'openai>=1.40,<4' 'jsonschema>=4,<5' 'lm-eval[api]==0.4.13'
 fi
 export DIMA_API_PYTHON="$api/bin/python"
 

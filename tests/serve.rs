@@ -711,3 +711,62 @@ fn bench_constrain_reports_the_cost_per_token() {
         assert!(row[key].as_f64().unwrap() > 0.0, "{key}: {row}");
     }
 }
+
+/// lm-evaluation-harness (`local-completions`, its remote tokenizer over
+/// `/tokenize`) on two small tasks the test writes (tests/lm_eval): a
+/// 50-item multiple choice scored by loglikelihood (`echo` + `logprobs`)
+/// and a `generate_until` task with stop sequences, compared item by item
+/// with the committed fixture tests/lm_eval/llama_cpp.json
+/// (tests/lm_eval/compare.py): within 0.05 of exact arithmetic (float64)
+/// on every loglikelihood, the same answers and greedy texts up to
+/// near-ties; llama.cpp's numbers are reported next to them, and its
+/// chosen answers must agree on at least 80%. Needs `DIMA_API_PYTHON` with
+/// `lm-eval[api]` (scripts/test.sh).
+#[test]
+fn lm_evaluation_harness_matches_exact_arithmetic_and_llama_cpp() {
+    let Some(python) = std::env::var_os("DIMA_API_PYTHON") else {
+        eprintln!("DIMA_API_PYTHON is not set: skipping lm-eval (scripts/test.sh sets it)");
+        return;
+    };
+    let root = dima_tests::repo_root().join("tests/lm_eval");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(&python)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: String = stderr
+            .chars()
+            .rev()
+            .take(4000)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        (out.status.success(), stdout, tail)
+    };
+    let tasks = dir.path().join("tasks");
+    let (ok, out, err) = run(&[root.join("make_tasks.py").as_os_str(), tasks.as_os_str()]);
+    assert!(ok, "{out}\n{err}");
+    let server = Server::start(&[]);
+    let ours = dir.path().join("ours.json");
+    let base = format!("http://{}", server.address);
+    let (ok, out, err) = run(&[
+        root.join("run_lm_eval.py").as_os_str(),
+        std::ffi::OsStr::new(&base),
+        std::ffi::OsStr::new("gemma3-270m"),
+        tasks.as_os_str(),
+        ours.as_os_str(),
+    ]);
+    assert!(ok, "lm-eval failed:\n{out}\n{err}");
+    let (ok, out, err) = run(&[
+        root.join("compare.py").as_os_str(),
+        root.join("llama_cpp.json").as_os_str(),
+        ours.as_os_str(),
+    ]);
+    eprintln!("{out}");
+    assert!(ok, "{out}\n{err}");
+}

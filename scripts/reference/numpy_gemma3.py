@@ -110,12 +110,13 @@ def forward(ids):
     return emb @ last
 
 
-prompts = json.loads(PROMPTS.read_text())["prompts"]
-out = []
-for prompt in prompts:
-    logits = forward(prompt["prompt_ids"])
-    top = np.argsort(-logits, kind="stable")[:20]
-    out.append({"prompt_ids": prompt["prompt_ids"], "top20": [[int(t), float(logits[t])] for t in top]})
-    print(f"{len(prompt['prompt_ids'])} tokens: top-1 {int(top[0])} at {logits[top[0]]:.4f}")
-OUT.write_text(json.dumps({"reference": "numpy float64 over gguf-dequantized weights", "prompts": out}) + "\n")
-print(f"wrote {OUT}")
+if __name__ == "__main__":
+    prompts = json.loads(PROMPTS.read_text())["prompts"]
+    out = []
+    for prompt in prompts:
+        logits = forward(prompt["prompt_ids"])
+        top = np.argsort(-logits, kind="stable")[:20]
+        out.append({"prompt_ids": prompt["prompt_ids"], "top20": [[int(t), float(logits[t])] for t in top]})
+        print(f"{len(prompt['prompt_ids'])} tokens: top-1 {int(top[0])} at {logits[top[0]]:.4f}")
+    OUT.write_text(json.dumps({"reference": "numpy float64 over gguf-dequantized weights", "prompts": out}) + "\n")
+    print(f"wrote {OUT}")
