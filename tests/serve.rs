@@ -637,7 +637,7 @@ fn the_official_openai_client_gets_what_it_asks_for() {
         );
         return;
     };
-    let server = Server::start(&[]);
+    let server = Server::start(&["--max-batch", "4"]);
     let script = dima_tests::repo_root().join("tests/python/openai_client.py");
     let out = std::process::Command::new(python)
         .arg(&script)

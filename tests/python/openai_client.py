@@ -296,6 +296,8 @@ def _():
         lambda: complete(prompt="x", max_tokens=2, extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}}),
     )
     refused(400, "grammar", "cannot match any text", lambda: complete(prompt="x", max_tokens=2, extra_body={"grammar": 'start: x\nx: x "a"'}))
+    refused(400, "grammar", "GBNF", lambda: complete(prompt="x", max_tokens=2, extra_body={"grammar": 'root ::= "a"'}))
+    refused(400, "n", "at most 4", lambda: complete(prompt="x", max_tokens=2, n=5))
     refused(404, "model", "does not exist", lambda: client.completions.create(model="nope", prompt="x", max_tokens=1))
 
 

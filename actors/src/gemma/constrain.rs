@@ -107,7 +107,18 @@ impl Guide {
                 TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"}))
             }
             Grammar::JsonSchema(schema) => TopLevelGrammar::from_json_schema(schema.clone()),
-            Grammar::Lark(text) => TopLevelGrammar::from_lark(text.clone()),
+            Grammar::Lark(text) => {
+                // GBNF (llama.cpp's grammars) defines rules with `::=`;
+                // llguidance's Rust library reads Lark only.
+                if text.lines().any(|l| l.contains("::=")) {
+                    return Err(ConstraintError::Invalid(
+                        "this looks like GBNF (`::=`); the `grammar` field takes Lark \
+                         (`rule: …`, see llguidance's syntax)"
+                            .into(),
+                    ));
+                }
+                TopLevelGrammar::from_lark(text.clone())
+            }
         };
         let parser = self
             .factory

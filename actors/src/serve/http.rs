@@ -483,6 +483,15 @@ async fn answer(
         }
     };
     let n = g.n;
+    let batch = state.engine.config().max_batch;
+    if n > batch {
+        return Err(ServeError::invalid(
+            "n",
+            format!(
+                "`n` is {n}; this server decodes at most {batch} sequences together (--max-batch)"
+            ),
+        ));
+    }
     let ended: Arc<[AtomicBool]> = (0..prompts.len() * n)
         .map(|_| AtomicBool::new(false))
         .collect();
