@@ -83,38 +83,57 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits);
         }
-        let mut candidates: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l))
-            .collect();
         // Highest logit first, ties by token id: a total order, so the
         // top k found by selection and then sorted are exactly the first k
         // of a full sort (which over a 262,144-token vocabulary costs far
         // more than the selection).
         let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && p.top_k < candidates.len() {
-            candidates.select_nth_unstable_by(p.top_k - 1, order);
-            candidates.truncate(p.top_k);
-        }
-        candidates.sort_by(order);
-        // Probabilities at temperature 1 decide the top-p cut, as in llama.cpp.
-        let max = candidates[0].1;
-        let weights: Vec<f64> = candidates
-            .iter()
-            .map(|c| f64::from(c.1 - max).exp())
-            .collect();
-        let total: f64 = weights.iter().sum();
-        let mut kept = 0;
-        let mut mass = 0.0;
-        for w in &weights {
-            kept += 1;
-            mass += w / total;
-            if mass >= f64::from(p.top_p) {
-                break;
+        let all = || -> Vec<(u32, f32)> {
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l))
+                .collect()
+        };
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let top_p = f64::from(p.top_p);
+        let mut candidates = if p.top_k > 0 && p.top_k < logits.len() {
+            let mut top = all();
+            top.select_nth_unstable_by(p.top_k - 1, order);
+            top.truncate(p.top_k);
+            top.sort_by(order);
+            nucleus(top, max, None, top_p)
+        } else if top_p < 1.0 {
+            // The nucleus without sorting the vocabulary: the tokens within
+            // `gap` of the top, sorted, are the first entries of the full
+            // order (every other token is less likely than each of them);
+            // once their mass reaches top-p the cut lies among them. The
+            // gap widens until it does (a peaked distribution stops at
+            // the first).
+            let total: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+            let mut cut = None;
+            for gap in GAPS {
+                let mut near: Vec<(u32, f32)> = logits
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &l)| l >= max - gap)
+                    .map(|(i, &l)| (i as u32, l))
+                    .collect();
+                let mass: f64 = near.iter().map(|c| f64::from(c.1 - max).exp()).sum();
+                if mass / total >= top_p || gap == f32::INFINITY {
+                    near.sort_by(order);
+                    cut = Some(nucleus(near, max, Some(total), top_p));
+                    break;
+                }
             }
+            cut.unwrap_or_default()
+        } else {
+            // No cut: every token, in id order.
+            all()
+        };
+        if candidates.is_empty() {
+            candidates.push((argmax(logits), max));
         }
-        candidates.truncate(kept.max(1));
         let scaled: Vec<f64> = candidates
             .iter()
             .map(|c| (f64::from(c.1 - max) / f64::from(p.temperature)).exp())
@@ -171,6 +190,35 @@ pub fn token_logprob(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
         logprob: lp(token),
         top,
     }
+}
+
+/// How far below the largest logit the tries at a top-p cut look, in turn
+/// (the last takes every token).
+const GAPS: [f32; 5] = [4.0, 8.0, 16.0, 32.0, f32::INFINITY];
+
+/// The shortest prefix of `sorted` (most likely first) whose probability
+/// at temperature 1 reaches `top_p`, as llama.cpp cuts; `total` is the
+/// mass of the whole distribution (`None`: of `sorted`), relative to the
+/// largest logit `max`.
+fn nucleus(
+    mut sorted: Vec<(u32, f32)>,
+    max: f32,
+    total: Option<f64>,
+    top_p: f64,
+) -> Vec<(u32, f32)> {
+    let weights: Vec<f64> = sorted.iter().map(|c| f64::from(c.1 - max).exp()).collect();
+    let total = total.unwrap_or_else(|| weights.iter().sum());
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for w in &weights {
+        kept += 1;
+        mass += w / total;
+        if mass >= top_p {
+            break;
+        }
+    }
+    sorted.truncate(kept.max(1));
+    sorted
 }
 
 /// The index of the largest logit (the first one on ties).
@@ -232,6 +280,51 @@ mod tests {
             (0..200).all(|_| s.sample(&logits) == 0),
             "token 0 alone holds half the mass"
         );
+    }
+
+    /// The top-p cut found among the tokens near the top is the cut of a
+    /// full sort: the same draws, seed for seed, as sorting everything.
+    #[test]
+    fn top_p_cut_equals_a_full_sort() {
+        // The old way: sort the whole vocabulary, cut, draw in that order.
+        fn full_sort(logits: &[f32], p: Sampling, rng: &mut StdRng) -> u32 {
+            let mut all: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l))
+                .collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let max = all[0].1;
+            let total: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+            let kept = nucleus(all, max, Some(total), f64::from(p.top_p));
+            let scaled: Vec<f64> = kept
+                .iter()
+                .map(|c| (f64::from(c.1 - max) / f64::from(p.temperature)).exp())
+                .collect();
+            let mut draw = rng.random::<f64>() * scaled.iter().sum::<f64>();
+            for (c, w) in kept.iter().zip(&scaled) {
+                if draw < *w {
+                    return c.0;
+                }
+                draw -= w;
+            }
+            kept[kept.len() - 1].0
+        }
+        let mut values = StdRng::seed_from_u64(9);
+        for (spread, top_p) in [(1.0f32, 0.9f32), (6.0, 0.95), (20.0, 0.5), (0.1, 0.99)] {
+            let logits: Vec<f32> = (0..5000).map(|_| values.random::<f32>() * spread).collect();
+            let p = Sampling {
+                temperature: 0.7,
+                top_k: 0,
+                top_p,
+                seed: 4,
+            };
+            let mut fast = Sampler::new(p);
+            let mut slow = StdRng::seed_from_u64(4);
+            for _ in 0..50 {
+                assert_eq!(fast.sample(&logits), full_sort(&logits, p, &mut slow));
+            }
+        }
     }
 
     #[test]
