@@ -731,9 +731,12 @@ fn lm_evaluation_harness_matches_exact_arithmetic_and_llama_cpp() {
     let root = dima_tests::repo_root().join("tests/lm_eval");
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&std::ffi::OsStr]| {
+        // The tasks are local files: nothing is fetched from the hub.
         let out = std::process::Command::new(&python)
             .args(args)
             .current_dir(dir.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_DATASETS_OFFLINE", "1")
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
