@@ -583,4 +583,65 @@ mod engine {
         }
         assert_ne!(together[0], together[1], "choices draw differently");
     }
+
+    /// A shard whose model has gone wrong: every logit is NaN.
+    struct NanShard;
+
+    impl actors::gemma::engine::ShardModel for NanShard {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world(&self) -> usize {
+            1
+        }
+        fn vocab(&self) -> usize {
+            8
+        }
+        fn context(&self) -> usize {
+            64
+        }
+        fn kv_bytes_per_token(&self) -> Option<usize> {
+            None
+        }
+        fn broadcast_bytes(
+            &self,
+            _bytes: &mut Vec<u8>,
+        ) -> Result<(), actors::gemma::engine::EngineError> {
+            Ok(())
+        }
+        fn step(
+            &mut self,
+            s: &actors::gemma::engine::Schedule,
+        ) -> Result<actors::gemma::engine::StepOutput, actors::gemma::engine::EngineError> {
+            Ok(actors::gemma::engine::StepOutput {
+                logits: vec![f32::NAN; (s.admit.len() + s.decode.len()) * 8],
+                ..Default::default()
+            })
+        }
+    }
+
+    /// Non-finite logits end the request with the reason (not token 0),
+    /// and the engine goes on taking requests.
+    #[test]
+    fn non_finite_logits_end_the_request_with_an_error() {
+        let engine =
+            Engine::start_shards(vec![Box::new(NanShard)], EngineConfig::default()).unwrap();
+        for _ in 0..2 {
+            let (sink, rx) = channel();
+            engine
+                .submit(
+                    Request {
+                        prompt: vec![2, 3, 4],
+                        max_tokens: 4,
+                        ..Request::default()
+                    },
+                    sink,
+                )
+                .unwrap();
+            match rx.recv_timeout(Duration::from_secs(30)).unwrap() {
+                Event::Failed(reason) => assert!(reason.contains("non-finite logit"), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 }

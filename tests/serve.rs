@@ -599,12 +599,33 @@ fn the_api_key_can_come_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("key");
     std::fs::write(&file, "from-a-file\n").unwrap();
-    let server = Server::start(&["--api-key-file", file.to_str().unwrap()]);
+    let server = Server::start(&["--api-key-file", file.to_str().unwrap(), "--public-health"]);
     let a = &server.address;
     let body = completion("Hi", 2, false);
     let (status, text) = post(a, "/v1/completions", &body, Some("from-a-file"));
     assert_eq!(status, 200, "{text}");
     let (status, text) = post(a, "/v1/completions", &body, None);
+    assert_eq!(status, 401, "{text}");
+    // Every route wants the key, but for what the operator opened
+    // (`--public-health` here; `/metrics` stays guarded).
+    for (path, without) in [
+        ("/health", "200"),
+        ("/metrics", "401"),
+        ("/v1/models", "401"),
+        ("/tokenizer_info", "401"),
+    ] {
+        let (head, _) = raw_get(a, path, None);
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {without}")),
+            "{path}: {head}"
+        );
+        let (head, _) = raw_get(a, path, Some("from-a-file"));
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "{path} with the key: {head}"
+        );
+    }
+    let (status, text) = post(a, "/tokenize", &json!({"prompt": "x"}).to_string(), None);
     assert_eq!(status, 401, "{text}");
     // An empty key file is refused at start.
     let empty = dir.path().join("empty");
@@ -772,4 +793,61 @@ fn lm_evaluation_harness_matches_exact_arithmetic_and_llama_cpp() {
     ]);
     eprintln!("{out}");
     assert!(ok, "{out}\n{err}");
+}
+
+/// `GET path`, with a bearer token when given: the status line and headers,
+/// and the body.
+fn raw_get(address: &str, path: &str, token: Option<&str>) -> (String, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.to_owned(), body.to_owned())
+}
+
+/// A non-streaming client that closes its connection (FIN) while its
+/// request runs: generation stops within a step or two (`running` back to
+/// 0), and the server goes on answering.
+#[test]
+fn a_client_that_closes_ends_its_request() {
+    let server = Server::start(&[]);
+    let a = server.address.clone();
+    let body = completion("Tell me a long story:", 3000, false);
+    let mut stream = TcpStream::connect(&a).unwrap();
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: {a}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let running = |a: &str| -> u64 {
+        let health: Value = serde_json::from_str(&http_get(a, "/health").unwrap()).unwrap();
+        health["running"].as_u64().unwrap()
+    };
+    let started =
+        dima_tests::eventually(Duration::from_secs(60), || (running(&a) == 1).then_some(()));
+    assert!(started.is_some(), "the request did not start");
+    std::thread::sleep(Duration::from_secs(1));
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    drop(stream);
+    let closed = std::time::Instant::now();
+    let stopped =
+        dima_tests::eventually(Duration::from_secs(5), || (running(&a) == 0).then_some(()));
+    assert!(stopped.is_some(), "still running 5 s after the client left");
+    assert!(
+        closed.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        closed.elapsed()
+    );
+    let (status, text) = post(&a, "/v1/completions", &completion("Hi", 2, false), None);
+    assert_eq!(status, 200, "{text}");
 }

@@ -184,6 +184,8 @@ fn serve_config(spec: &InferenceSpec) -> anyhow::Result<serve::ServeConfig> {
             prefix_cache_bytes: spec.prefix_cache_mib << 20,
         },
         handle_signals: false,
+        public_health: spec.public_health,
+        public_metrics: spec.public_metrics,
     })
 }
 

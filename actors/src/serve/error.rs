@@ -62,6 +62,10 @@ pub enum ServeError {
     /// The engine did not take the request.
     #[error(transparent)]
     Rejected(#[from] Rejected),
+    /// The client closed its connection before its answer was ready (the
+    /// request was stopped; nothing is sent).
+    #[error("the client closed the connection before the answer")]
+    ClientGone,
     /// The engine failed the request after taking it.
     #[error("{reason}")]
     Failed {
@@ -200,6 +204,8 @@ impl ServeError {
                 400
             }
             Self::MethodNotAllowed { .. } => 405,
+            // nginx's "client closed request": only the metrics see it.
+            Self::ClientGone => 499,
             Self::TooLarge { .. } => 413,
             Self::Unauthorized => 401,
             Self::ModelNotFound { .. } | Self::NoSuchEndpoint => 404,
@@ -215,7 +221,7 @@ impl ServeError {
     /// body, and its label in metrics.
     pub fn error_type(&self) -> &'static str {
         match self.status() {
-            400 | 401 | 404 | 405 | 413 => "invalid_request_error",
+            400 | 401 | 404 | 405 | 413 | 499 => "invalid_request_error",
             429 => "rate_limit_error",
             _ => "server_error",
         }

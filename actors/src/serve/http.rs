@@ -45,6 +45,10 @@ pub struct ServeConfig {
     /// Stop gracefully on SIGINT/SIGTERM (`dima serve`); off where the
     /// process handles signals itself (`dima up`).
     pub handle_signals: bool,
+    /// With a key: `/health` answers without it.
+    pub public_health: bool,
+    /// With a key: `/metrics` answers without it.
+    pub public_metrics: bool,
 }
 
 struct State {
@@ -57,6 +61,8 @@ struct State {
     guide: std::sync::OnceLock<Result<Guide, String>>,
     name: String,
     api_key: Option<String>,
+    public_health: bool,
+    public_metrics: bool,
     next_id: AtomicU64,
     metrics: Metrics,
 }
@@ -155,6 +161,43 @@ impl TokenClock for Clock {
     }
 }
 
+/// The raw socket of a request's connection (held open by the server for
+/// as long as the request runs).
+#[derive(Clone, Copy, Debug)]
+struct ClientSocket(std::os::fd::RawFd);
+
+impl ClientSocket {
+    /// Whether the client has closed its side (FIN or RST): a peek at the
+    /// socket reads end-of-stream or fails with anything but "would block".
+    /// Bytes waiting (a pipelined next request) mean it is still there.
+    fn gone(self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: `self.0` is the socket of the connection this request
+        // arrived on, which the server keeps open until the request's
+        // response is done; `recv` writes at most one byte into `byte`,
+        // and MSG_PEEK | MSG_DONTWAIT neither consumes data nor blocks.
+        let read = unsafe {
+            libc::recv(
+                self.0,
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match read {
+            0 => true,
+            n if n > 0 => false,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                )
+            }
+        }
+    }
+}
+
 /// The error's answer in OpenAI's shape.
 fn error_response(error: &ServeError) -> HttpResponse {
     let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -168,6 +211,10 @@ fn error_response(error: &ServeError) -> HttpResponse {
     }
     response.json(answer::error_body(error))
 }
+
+/// How often a request that answers at the end checks that its client is
+/// still connected.
+const CLIENT_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The most bytes a request body may have.
 const MAX_BODY: usize = 1 << 22;
@@ -568,13 +615,32 @@ async fn answer(
         Arc::clone(&state.tokenizer),
         prompts,
         shape,
-        ended,
+        Arc::clone(&ended),
         Box::new(clock),
     );
     if g.stream {
+        // A streaming client that leaves is found at the next write.
         Ok(answer::stream(answer, rx))
     } else {
-        Ok(HttpResponse::Ok().json(answer::whole(answer, rx).await?))
+        let socket = req.conn_data::<ClientSocket>().copied();
+        let waiting = answer::whole(answer, rx);
+        tokio::pin!(waiting);
+        let mut every = actix_web::rt::time::interval(CLIENT_CHECK);
+        loop {
+            tokio::select! {
+                done = &mut waiting => return Ok(HttpResponse::Ok().json(done?)),
+                _ = every.tick() => {
+                    if socket.is_some_and(ClientSocket::gone) {
+                        // Every choice stops at its next token.
+                        for e in ended.iter() {
+                            e.store(true, Ordering::SeqCst);
+                        }
+                        tracing::info!("the client left before its answer: generation stopped");
+                        return Err(ServeError::ClientGone);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -651,7 +717,12 @@ async fn models(state: web::Data<State>, req: HttpRequest) -> HttpResponse {
     }))
 }
 
-async fn health(state: web::Data<State>) -> HttpResponse {
+async fn health(state: web::Data<State>, req: HttpRequest) -> HttpResponse {
+    if !state.public_health
+        && let Some(denied) = unauthorized(&state, &req)
+    {
+        return error_response(&denied);
+    }
     if let Some(reason) = state.engine.unavailable() {
         return HttpResponse::ServiceUnavailable().json(json!({
             "status": "unavailable",
@@ -668,7 +739,12 @@ async fn health(state: web::Data<State>) -> HttpResponse {
     }))
 }
 
-async fn metrics(state: web::Data<State>) -> HttpResponse {
+async fn metrics(state: web::Data<State>, req: HttpRequest) -> HttpResponse {
+    if !state.public_metrics
+        && let Some(denied) = unauthorized(&state, &req)
+    {
+        return error_response(&denied);
+    }
     use prometheus::Encoder;
     let m = &state.metrics;
     m.running.set(state.engine.running() as i64);
@@ -772,6 +848,8 @@ pub fn start_engine(
         guide: std::sync::OnceLock::new(),
         name: config.model_name.clone(),
         api_key: config.api_key.clone(),
+        public_health: config.public_health,
+        public_metrics: config.public_metrics,
         next_id: AtomicU64::new(1),
         metrics: Metrics::new()?,
     });
@@ -842,7 +920,16 @@ pub fn start_engine(
                         )
                         .default_service(web::to(not_found))
                 })
-                .workers(2);
+                .workers(2)
+                // Each connection's socket, so a waiting request can see
+                // its client leave (`client_gone`).
+                .on_connect(|connection, data| {
+                    use std::os::fd::AsRawFd as _;
+                    if let Some(socket) = connection.downcast_ref::<actix_web::rt::net::TcpStream>()
+                    {
+                        data.insert(ClientSocket(socket.as_raw_fd()));
+                    }
+                });
                 let server = if handle_signals {
                     server
                 } else {

@@ -78,6 +78,14 @@ pub struct ServeArgs {
     /// 0 turns it off.
     #[arg(long, default_value_t = 512)]
     prefix_cache_mib: usize,
+    /// With an API key: let `/health` answer without it (a load balancer's
+    /// probe).
+    #[arg(long)]
+    public_health: bool,
+    /// With an API key: let `/metrics` answer without it (a Prometheus
+    /// scraper on a trusted network).
+    #[arg(long)]
+    public_metrics: bool,
     /// Require `Authorization: Bearer KEY` (default: the DIMA_API_KEY variable, if set).
     /// On the command line the key is visible to every user in the process
     /// list: prefer DIMA_API_KEY or --api-key-file.
@@ -318,6 +326,8 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         api_key: api_key(args)?,
         engine,
         handle_signals: true,
+        public_health: args.public_health,
+        public_metrics: args.public_metrics,
     };
     let backend = match args.backend {
         Backend::Cpu => actors::serve::Backend::Cpu,

@@ -64,6 +64,10 @@ pub struct InferenceSpec {
     pub max_tokens_in_flight: usize,
     /// MiB each rank keeps for the prefix cache (0: off).
     pub prefix_cache_mib: usize,
+    /// With an API key: `/health` answers without it.
+    pub public_health: bool,
+    /// With an API key: `/metrics` answers without it.
+    pub public_metrics: bool,
     /// How long a rank waits for its peers.
     pub collective_timeout: Duration,
     /// Keep serving after the jobs finish, until `dima up` is stopped.

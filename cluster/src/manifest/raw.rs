@@ -38,6 +38,8 @@ pub(super) struct RawInference {
     pub max_waiting: Option<u64>,
     pub max_tokens_in_flight: Option<u64>,
     pub prefix_cache_mib: Option<u64>,
+    pub public_health: Option<bool>,
+    pub public_metrics: Option<bool>,
     pub collective_timeout_s: Option<f64>,
     pub keep_serving: Option<bool>,
     pub load: Option<RawInferenceLoad>,

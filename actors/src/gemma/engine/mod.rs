@@ -962,6 +962,19 @@ fn emit(a: &mut Active, logits: &[f32]) -> bool {
     if a.generated >= a.limit {
         return finish(a, FinishReason::Length);
     }
+    // A model gone numerically wrong (a NaN weight, an overflow) ends the
+    // request with the reason, never a made-up token.
+    if let Some(bad) = logits.iter().find(|v| !v.is_finite()) {
+        send(
+            &a.sink,
+            Event::Failed(format!(
+                "the model produced a non-finite logit ({bad}) at generated token {}; \
+                 the request is ended",
+                a.generated + 1
+            )),
+        );
+        return false;
+    }
     // A grammar masks what it does not allow; log-probabilities stay the
     // model's own.
     let next = match a.constraint.as_mut() {

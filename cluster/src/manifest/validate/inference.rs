@@ -235,6 +235,8 @@ pub(super) fn inference(
             problems,
         ),
         prefix_cache_mib: raw.prefix_cache_mib.unwrap_or(512) as usize,
+        public_health: raw.public_health.unwrap_or(false),
+        public_metrics: raw.public_metrics.unwrap_or(false),
         collective_timeout: Duration::from_secs_f64(if timeout.is_finite() && timeout > 0.0 {
             timeout
         } else {
