@@ -272,7 +272,7 @@ fn completions_stream_and_not_equal_dima_generate_under_concurrency() {
 
 #[test]
 fn bad_requests_get_openai_errors_and_nothing_breaks_the_server() {
-    let server = Server::start(&["--api-key", "s3cret"]);
+    let server = Server::start(&["--api-key", "s3cret", "--public-health", "--public-metrics"]);
     let a = &server.address;
     let ok = Some("s3cret");
     let cases: [(&str, Option<&str>, u16, &str); 8] = [
@@ -536,7 +536,7 @@ fn exchange(address: &str, request: &str) -> (u16, String, String) {
 /// case-insensitive and a wrong token is still a 401.
 #[test]
 fn http_edges_answer_in_the_openai_shape() {
-    let server = Server::start(&["--api-key", "s3cret"]);
+    let server = Server::start(&["--api-key", "s3cret", "--public-health"]);
     let a = &server.address;
     let shaped = |body: &str| -> Value {
         let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{body}"));
@@ -850,4 +850,23 @@ fn a_client_that_closes_ends_its_request() {
     );
     let (status, text) = post(&a, "/v1/completions", &completion("Hi", 2, false), None);
     assert_eq!(status, 200, "{text}");
+}
+
+/// Every response carries `x-request-id`; an error body carries the same id
+/// as `error.request_id` (and the server logs one line per request).
+#[test]
+fn every_response_has_a_request_id() {
+    let server = Server::start(&[]);
+    let (head, body) = raw_get(&server.address, "/no/such/route", None);
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_else(|| panic!("no x-request-id: {head}"))
+        .trim()
+        .to_owned();
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"]["request_id"], id.as_str(), "{body}");
+    let (head, _) = raw_get(&server.address, "/v1/models", None);
+    assert!(head.contains("x-request-id: req-"), "{head}");
 }

@@ -120,7 +120,13 @@ fn execute(command: &Command, globals: &Globals) -> Result<(), Failure> {
         Command::Up(args) => cli::cluster::up(args, globals),
         Command::Run(args) => cli::cluster::run(args, globals),
         Command::Generate(args) => cli::model::generate(args),
-        Command::Serve(args) => cli::model::serve(args),
+        Command::Serve(args) => {
+            ::cluster::telemetry::stderr_logging(
+                globals.log_level.as_deref(),
+                globals.log_format.unwrap_or(::cluster::LogFormat::Human),
+            );
+            cli::model::serve(args)
+        }
         Command::Tokenize(args) => cli::model::tokenize(args),
         Command::Score(args) => cli::model::score(args),
         Command::Events { events } => cli::events::run(events),

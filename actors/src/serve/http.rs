@@ -161,6 +161,81 @@ impl TokenClock for Clock {
     }
 }
 
+/// What the request log needs from a handler: the tokens and how the
+/// choices ended (non-streaming answers; a stream logs its own end).
+#[derive(Clone, Debug, Default)]
+struct Facts {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    finish_reasons: String,
+}
+
+/// Gives every request an id (`x-request-id` on every response, and
+/// `request_id` in every error body) and writes one structured line per
+/// request to the `dima::requests` log target: id, method, route, status,
+/// client address, total seconds, and for answers the prompt and completion
+/// tokens and finish reasons.
+async fn request_log(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<actix_web::body::BoxBody>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let id = format!("req-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let started = std::time::Instant::now();
+    let (method, route) = (req.method().to_string(), req.path().to_owned());
+    let client = req
+        .peer_addr()
+        .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+    let res = next.call(req).await?;
+    let status = res.status();
+    let facts = res
+        .response()
+        .extensions()
+        .get::<Facts>()
+        .cloned()
+        .unwrap_or_default();
+    let (req, response) = res.into_parts();
+    let (mut response, body) = response.into_parts();
+    let body = if status.is_client_error() || status.is_server_error() {
+        // Error bodies are small and whole: the id goes into them.
+        let bytes = actix_web::body::to_bytes(body).await.unwrap_or_default();
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(mut v) => {
+                if let Some(error) = v.get_mut("error").and_then(Value::as_object_mut) {
+                    error.insert("request_id".into(), Value::String(id.clone()));
+                }
+                actix_web::body::BoxBody::new(v.to_string())
+            }
+            Err(_) => actix_web::body::BoxBody::new(bytes),
+        }
+    } else {
+        body
+    };
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("x-request-id"),
+            value,
+        );
+    }
+    tracing::info!(
+        target: "dima::requests",
+        request_id = %id,
+        %method,
+        %route,
+        status = status.as_u16(),
+        %client,
+        total_s = started.elapsed().as_secs_f64(),
+        prompt_tokens = facts.prompt_tokens,
+        completion_tokens = facts.completion_tokens,
+        finish_reasons = %facts.finish_reasons,
+        "request"
+    );
+    Ok(actix_web::dev::ServiceResponse::new(
+        req,
+        response.set_body(body),
+    ))
+}
+
 /// The raw socket of a request's connection (held open by the server for
 /// as long as the request runs).
 #[derive(Clone, Copy, Debug)]
@@ -628,7 +703,25 @@ async fn answer(
         let mut every = actix_web::rt::time::interval(CLIENT_CHECK);
         loop {
             tokio::select! {
-                done = &mut waiting => return Ok(HttpResponse::Ok().json(done?)),
+                done = &mut waiting => {
+                    let value = done?;
+                    let facts = Facts {
+                        prompt_tokens: value["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+                        completion_tokens: value["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+                        finish_reasons: value["choices"]
+                            .as_array()
+                            .map(|c| {
+                                c.iter()
+                                    .filter_map(|c| c["finish_reason"].as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .unwrap_or_default(),
+                    };
+                    let mut response = HttpResponse::Ok().json(value);
+                    response.extensions_mut().insert(facts);
+                    return Ok(response);
+                }
                 _ = every.tick() => {
                     if socket.is_some_and(ClientSocket::gone) {
                         // Every choice stops at its next token.
@@ -871,6 +964,7 @@ pub fn start_engine(
             actix_web::rt::System::new().block_on(async move {
                 let server = HttpServer::new(move || {
                     App::new()
+                        .wrap(actix_web::middleware::from_fn(request_log))
                         .app_data(state.clone())
                         .service(
                             web::resource("/v1/completions")

@@ -67,6 +67,27 @@ pub struct Telemetry {
     endpoint: Option<MetricsEndpoint>,
 }
 
+/// Log lines on stderr for a command without a manifest (`dima serve`):
+/// `RUST_LOG`, else `level`, else `info`; actix-server's worker lines only
+/// at warn. Does nothing if a subscriber is already installed.
+pub fn stderr_logging(level: Option<&str>, format: LogFormat) {
+    let level = format!("{},actix_server=warn", level.unwrap_or("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::builder().parse(&level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(true);
+    let fmt = match format {
+        LogFormat::Human => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .try_init();
+}
+
 impl Telemetry {
     /// Installs logging (and OTLP tracing when configured) for this process.
     pub fn init(spec: &TelemetrySpec, identity: &Identity) -> Result<Self, TelemetryError> {
