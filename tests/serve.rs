@@ -870,3 +870,47 @@ fn every_response_has_a_request_id() {
     let (head, _) = raw_get(&server.address, "/v1/models", None);
     assert!(head.contains("x-request-id: req-"), "{head}");
 }
+
+/// `--max-tokens-cap`: more is a 400 naming `max_tokens` (never a silent
+/// cap); a body sent too slowly is a 408 in OpenAI's shape.
+#[test]
+fn the_max_tokens_cap_and_a_slow_body_are_refused() {
+    let server = Server::start(&["--max-tokens-cap", "64", "--body-timeout-s", "1"]);
+    let a = server.address.clone();
+    let (status, text) = post(&a, "/v1/completions", &completion("Hi", 65, false), None);
+    assert_eq!(status, 400, "{text}");
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["param"], "max_tokens", "{text}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-tokens-cap")
+    );
+    let (status, text) = post(&a, "/v1/completions", &completion("Hi", 64, false), None);
+    assert_eq!(status, 200, "{text}");
+    // Headers, then a body that never finishes arriving.
+    let mut stream = TcpStream::connect(&a).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: {a}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\""
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(
+        response.contains("\"type\":\"invalid_request_error\""),
+        "{response}"
+    );
+    assert!(response.contains("did not arrive within 1 s"), "{response}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

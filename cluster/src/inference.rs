@@ -186,6 +186,8 @@ fn serve_config(spec: &InferenceSpec) -> anyhow::Result<serve::ServeConfig> {
         handle_signals: false,
         public_health: spec.public_health,
         public_metrics: spec.public_metrics,
+        max_tokens_cap: spec.max_tokens_cap,
+        body_timeout: spec.body_timeout,
     })
 }
 

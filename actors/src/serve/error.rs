@@ -42,6 +42,12 @@ pub enum ServeError {
         /// The limit.
         limit: usize,
     },
+    /// The client took too long to send the body.
+    #[error("the request body did not arrive within {seconds} s")]
+    BodyTimeout {
+        /// The limit.
+        seconds: f64,
+    },
     /// The body could not be read.
     #[error("cannot read the body: {reason}")]
     Body {
@@ -204,6 +210,7 @@ impl ServeError {
                 400
             }
             Self::MethodNotAllowed { .. } => 405,
+            Self::BodyTimeout { .. } => 408,
             // nginx's "client closed request": only the metrics see it.
             Self::ClientGone => 499,
             Self::TooLarge { .. } => 413,
@@ -221,7 +228,7 @@ impl ServeError {
     /// body, and its label in metrics.
     pub fn error_type(&self) -> &'static str {
         match self.status() {
-            400 | 401 | 404 | 405 | 413 | 499 => "invalid_request_error",
+            400 | 401 | 404 | 405 | 408 | 413 | 499 => "invalid_request_error",
             429 => "rate_limit_error",
             _ => "server_error",
         }

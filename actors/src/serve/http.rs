@@ -49,6 +49,12 @@ pub struct ServeConfig {
     pub public_health: bool,
     /// With a key: `/metrics` answers without it.
     pub public_metrics: bool,
+    /// Most tokens one request may ask for (`max_tokens`); `None`: the
+    /// model's context.
+    pub max_tokens_cap: Option<usize>,
+    /// How long a client may take to send a request's body (a slower one
+    /// gets a 408).
+    pub body_timeout: std::time::Duration,
 }
 
 struct State {
@@ -63,6 +69,8 @@ struct State {
     api_key: Option<String>,
     public_health: bool,
     public_metrics: bool,
+    max_tokens_cap: Option<usize>,
+    body_timeout: std::time::Duration,
     next_id: AtomicU64,
     metrics: Metrics,
 }
@@ -538,7 +546,11 @@ async fn respond(
         .and_then(|v| v.parse::<usize>().ok());
     let body = match declared {
         Some(n) if n > MAX_BODY => Err(ServeError::TooLarge { limit: MAX_BODY }),
-        _ => read_body(payload).await,
+        _ => actix_web::rt::time::timeout(state.body_timeout, read_body(payload))
+            .await
+            .unwrap_or(Err(ServeError::BodyTimeout {
+                seconds: state.body_timeout.as_secs_f64(),
+            })),
     };
     let answered = match body {
         Ok(bytes) => answer(state, req, &bytes, endpoint).await,
@@ -583,6 +595,16 @@ async fn answer(
         return Err(ServeError::invalid(
             length_param,
             format!("`{length_param}` {m} is more than the model's context ({context} tokens)"),
+        ));
+    }
+    if let (Some(m), Some(cap)) = (g.max_tokens, state.max_tokens_cap)
+        && m > cap
+    {
+        return Err(ServeError::invalid(
+            length_param,
+            format!(
+                "`{length_param}` {m} is more than this server allows per request ({cap}, --max-tokens-cap)"
+            ),
         ));
     }
     let constraint = match &g.grammar {
@@ -943,6 +965,8 @@ pub fn start_engine(
         api_key: config.api_key.clone(),
         public_health: config.public_health,
         public_metrics: config.public_metrics,
+        max_tokens_cap: config.max_tokens_cap,
+        body_timeout: config.body_timeout,
         next_id: AtomicU64::new(1),
         metrics: Metrics::new()?,
     });

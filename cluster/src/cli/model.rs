@@ -86,6 +86,14 @@ pub struct ServeArgs {
     /// scraper on a trusted network).
     #[arg(long)]
     public_metrics: bool,
+    /// Most tokens one request may ask for (`max_tokens`); more is a 400
+    /// naming it (default: the model's context).
+    #[arg(long)]
+    max_tokens_cap: Option<usize>,
+    /// Seconds a client may take to send a request's body; a slower one
+    /// gets a 408.
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout_s: f64,
     /// Require `Authorization: Bearer KEY` (default: the DIMA_API_KEY variable, if set).
     /// On the command line the key is visible to every user in the process
     /// list: prefer DIMA_API_KEY or --api-key-file.
@@ -300,6 +308,17 @@ pub fn generate(args: &GenerateArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `--body-timeout-s` as a duration: positive and finite.
+fn body_timeout(seconds: f64) -> Result<std::time::Duration, Failure> {
+    if seconds.is_finite() && seconds > 0.0 {
+        Ok(std::time::Duration::from_secs_f64(seconds))
+    } else {
+        Err(Failure::usage(format!(
+            "--body-timeout-s {seconds}: must be a positive number of seconds"
+        )))
+    }
+}
+
 /// `dima serve`: one [`Deployment`], served until stopped.
 pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
     if args.max_batch == 0 || args.max_waiting == 0 || args.max_tokens_in_flight == 0 {
@@ -328,6 +347,8 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         handle_signals: true,
         public_health: args.public_health,
         public_metrics: args.public_metrics,
+        max_tokens_cap: args.max_tokens_cap,
+        body_timeout: body_timeout(args.body_timeout_s)?,
     };
     let backend = match args.backend {
         Backend::Cpu => actors::serve::Backend::Cpu,

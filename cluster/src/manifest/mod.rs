@@ -68,6 +68,10 @@ pub struct InferenceSpec {
     pub public_health: bool,
     /// With an API key: `/metrics` answers without it.
     pub public_metrics: bool,
+    /// Most tokens one request may ask for (`None`: the context).
+    pub max_tokens_cap: Option<usize>,
+    /// How long a client may take to send a request's body.
+    pub body_timeout: Duration,
     /// How long a rank waits for its peers.
     pub collective_timeout: Duration,
     /// Keep serving after the jobs finish, until `dima up` is stopped.

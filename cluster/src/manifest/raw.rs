@@ -40,6 +40,8 @@ pub(super) struct RawInference {
     pub prefix_cache_mib: Option<u64>,
     pub public_health: Option<bool>,
     pub public_metrics: Option<bool>,
+    pub max_tokens_cap: Option<u64>,
+    pub body_timeout_s: Option<f64>,
     pub collective_timeout_s: Option<f64>,
     pub keep_serving: Option<bool>,
     pub load: Option<RawInferenceLoad>,

@@ -237,6 +237,20 @@ pub(super) fn inference(
         prefix_cache_mib: raw.prefix_cache_mib.unwrap_or(512) as usize,
         public_health: raw.public_health.unwrap_or(false),
         public_metrics: raw.public_metrics.unwrap_or(false),
+        max_tokens_cap: raw
+            .max_tokens_cap
+            .map(|c| positive(Some(c), 1, "max_tokens_cap", problems)),
+        body_timeout: Duration::from_secs_f64(match raw.body_timeout_s {
+            None => 30.0,
+            Some(s) if s.is_finite() && s > 0.0 => s,
+            Some(s) => {
+                problems.add(
+                    field("body_timeout_s"),
+                    format!("{s} must be a positive number of seconds"),
+                );
+                30.0
+            }
+        }),
         collective_timeout: Duration::from_secs_f64(if timeout.is_finite() && timeout > 0.0 {
             timeout
         } else {
