@@ -94,3 +94,49 @@ fn corrupt_and_unknown_models_are_clear_errors() {
     );
     done.assert_no_panic();
 }
+
+/// A corrupted file in the model cache is refused by catalog name, naming
+/// the file and both hashes; `dima models verify` checks the real one.
+#[test]
+fn a_corrupted_cached_model_is_refused_and_verify_checks_the_cache() {
+    let done = run_dima(&["models", "verify", "gemma3-270m"], LIMIT);
+    done.assert_success();
+    assert!(
+        done.stdout.contains("ok (sha256 a5fd3b62"),
+        "{}",
+        done.stdout
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::write(models.join("gemma-3-270m-q4_k_m.gguf"), b"GGUF not really").unwrap();
+    for args in [
+        &[
+            "generate",
+            "--model",
+            "gemma3-270m",
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "1",
+        ][..],
+        &["models", "verify", "gemma3-270m"][..],
+    ] {
+        let out = std::process::Command::new(dima_tests::dima_bin())
+            .args(args)
+            .env("DIMA_CACHE_DIR", dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("gemma-3-270m-q4_k_m.gguf"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("is corrupted or was replaced"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -115,6 +115,20 @@ pub enum ModelError {
         problem: String,
     },
     /// The assembled file has the wrong hash.
+    #[error(
+        "{} (catalog model {name}) has sha256 {got}, expected {expected}: the file is corrupted or was replaced; run `dima models fetch {name}` to fetch it again",
+        path.display()
+    )]
+    Corrupted {
+        /// The catalog name.
+        name: String,
+        /// The cached file.
+        path: PathBuf,
+        /// Its hash.
+        got: String,
+        /// The catalog's hash.
+        expected: String,
+    },
     #[error("assembled {} has sha256 {got}, expected {expected}; the partial file was removed", path.display())]
     Checksum {
         /// The file.
@@ -196,6 +210,7 @@ pub fn resolve(model: &str) -> Result<ModelSource, ModelError> {
     })?;
     let cached = cache_dir().join(entry.file_name);
     if cached.is_file() {
+        verify_cached(entry, &cached)?;
         Ok(ModelSource::Gguf(cached))
     } else {
         Err(ModelError::NotFetched {
@@ -219,6 +234,37 @@ pub fn gguf_path(model: &str) -> Result<PathBuf, ModelError> {
         ModelSource::Gguf(path) => Ok(path),
         ModelSource::Checkpoint(path) => Err(ModelError::NotGguf { path }),
     }
+}
+
+/// Checks a cached catalog file against the catalog's sha256: hashed on
+/// the first load after a fetch and whenever its size or modification time
+/// changed; the verdict is kept beside it (`<file>.verified`: size, mtime,
+/// hash), so later loads cost a `stat`.
+pub fn verify_cached(entry: &CatalogEntry, path: &Path) -> Result<(), ModelError> {
+    let meta = std::fs::metadata(path).map_err(io(path))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let stamp = format!("{} {mtime} {}", meta.len(), entry.sha256);
+    let verdict = path.with_extension("gguf.verified");
+    if std::fs::read_to_string(&verdict).is_ok_and(|v| v.trim() == stamp) {
+        return Ok(());
+    }
+    let got = sha256_file(path)?;
+    if got != entry.sha256 {
+        let _ = std::fs::remove_file(&verdict);
+        return Err(ModelError::Corrupted {
+            name: entry.name.to_owned(),
+            path: path.to_owned(),
+            got,
+            expected: entry.sha256.to_owned(),
+        });
+    }
+    // A verdict that cannot be written only means hashing again next time.
+    let _ = std::fs::write(&verdict, format!("{stamp}\n"));
+    Ok(())
 }
 
 /// SHA-256 of a file, hex.

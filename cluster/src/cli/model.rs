@@ -162,6 +162,12 @@ pub enum ModelsCommand {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+    /// Check a fetched catalog model's file against the catalog's SHA-256
+    /// (hashing it now, whatever the cached verdict says).
+    Verify {
+        /// Catalog name (`gemma3-270m`).
+        name: String,
+    },
     /// Print a model file's header (metadata, tensor names, types and shapes) as JSON.
     Inspect {
         /// A catalog name, a .gguf file, or a checkpoint directory.
@@ -463,6 +469,27 @@ pub fn score(args: &ScoreArgs) -> Result<(), Failure> {
 /// `dima models fetch` and `dima models inspect`.
 pub fn models(command: &ModelsCommand) -> Result<(), Failure> {
     match command {
+        ModelsCommand::Verify { name } => {
+            let entry = actors::models::catalog_entry(name)
+                .ok_or_else(|| anyhow::anyhow!("unknown model {name:?}"))?;
+            let path = actors::models::cache_dir().join(entry.file_name);
+            if !path.is_file() {
+                return Err(anyhow::anyhow!(
+                    "{name} is not in the cache ({}): run `dima models fetch {name}`",
+                    path.display()
+                )
+                .into());
+            }
+            let verdict = path.with_extension("gguf.verified");
+            let _ = std::fs::remove_file(&verdict);
+            actors::models::verify_cached(entry, &path)?;
+            println!(
+                "{} {}  ok (sha256 {})",
+                entry.name,
+                path.display(),
+                entry.sha256
+            );
+        }
         ModelsCommand::Fetch { name, python } => {
             let entry = actors::models::catalog_entry(name).ok_or_else(|| {
                 let known: Vec<_> = actors::models::CATALOG.iter().map(|e| e.name).collect();
