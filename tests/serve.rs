@@ -914,3 +914,36 @@ fn the_max_tokens_cap_and_a_slow_body_are_refused() {
         started.elapsed()
     );
 }
+
+/// `/health` says `degraded` once the oldest waiting request has waited
+/// longer than `--degraded-after-s`, and `ok` again when none waits.
+#[test]
+fn health_is_degraded_while_a_request_waits_too_long() {
+    let server = Server::start(&["--max-batch", "1", "--degraded-after-s", "0.5"]);
+    let a = server.address.clone();
+    let health =
+        |a: &str| -> Value { serde_json::from_str(&http_get(a, "/health").unwrap()).unwrap() };
+    assert_eq!(health(&a)["status"], "ok");
+    // One long request runs; a second waits behind it.
+    let long = {
+        let (a, body) = (a.clone(), completion("Tell me a long story:", 200, false));
+        std::thread::spawn(move || post(&a, "/v1/completions", &body, None))
+    };
+    let queued = dima_tests::eventually(Duration::from_secs(60), || {
+        (health(&a)["running"] == 1).then_some(())
+    });
+    assert!(queued.is_some());
+    let waiting = {
+        let (a, body) = (a.clone(), completion("Hi", 2, false));
+        std::thread::spawn(move || post(&a, "/v1/completions", &body, None))
+    };
+    let degraded = dima_tests::eventually(Duration::from_secs(30), || {
+        let h = health(&a);
+        (h["status"] == "degraded").then_some(h)
+    });
+    let h = degraded.expect("degraded while a request waits");
+    assert!(h["oldest_wait_s"].as_f64().unwrap() > 0.5, "{h}");
+    assert_eq!(long.join().unwrap().0, 200);
+    assert_eq!(waiting.join().unwrap().0, 200);
+    assert_eq!(health(&a)["status"], "ok");
+}

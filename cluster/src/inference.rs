@@ -188,6 +188,7 @@ fn serve_config(spec: &InferenceSpec) -> anyhow::Result<serve::ServeConfig> {
         public_metrics: spec.public_metrics,
         max_tokens_cap: spec.max_tokens_cap,
         body_timeout: spec.body_timeout,
+        degraded_after: spec.degraded_after,
     })
 }
 

@@ -55,6 +55,9 @@ pub struct ServeConfig {
     /// How long a client may take to send a request's body (a slower one
     /// gets a 408).
     pub body_timeout: std::time::Duration,
+    /// `/health` says `degraded` once the oldest waiting request has waited
+    /// this long.
+    pub degraded_after: std::time::Duration,
 }
 
 struct State {
@@ -71,6 +74,7 @@ struct State {
     public_metrics: bool,
     max_tokens_cap: Option<usize>,
     body_timeout: std::time::Duration,
+    degraded_after: std::time::Duration,
     next_id: AtomicU64,
     metrics: Metrics,
 }
@@ -845,12 +849,22 @@ async fn health(state: web::Data<State>, req: HttpRequest) -> HttpResponse {
             "reason": reason,
         }));
     }
+    // Still serving, but a request has waited past the bound: degraded
+    // (a 200: the server works; a probe that wants it out reads `status`).
+    let oldest = state.engine.oldest_wait();
+    let status = if oldest > state.degraded_after {
+        "degraded"
+    } else {
+        "ok"
+    };
     HttpResponse::Ok().json(json!({
-        "status": "ok",
+        "status": status,
         "model": state.name,
         "tensor_parallel": state.engine.world(),
         "running": state.engine.running(),
         "waiting": state.engine.waiting(),
+        "oldest_wait_s": oldest.as_secs_f64(),
+        "degraded_after_s": state.degraded_after.as_secs_f64(),
     }))
 }
 
@@ -967,6 +981,7 @@ pub fn start_engine(
         public_metrics: config.public_metrics,
         max_tokens_cap: config.max_tokens_cap,
         body_timeout: config.body_timeout,
+        degraded_after: config.degraded_after,
         next_id: AtomicU64::new(1),
         metrics: Metrics::new()?,
     });

@@ -94,6 +94,10 @@ pub struct ServeArgs {
     /// gets a 408.
     #[arg(long, default_value_t = 30.0)]
     body_timeout_s: f64,
+    /// `/health` says `degraded` once the oldest waiting request has waited
+    /// this many seconds.
+    #[arg(long, default_value_t = 10.0)]
+    degraded_after_s: f64,
     /// Require `Authorization: Bearer KEY` (default: the DIMA_API_KEY variable, if set).
     /// On the command line the key is visible to every user in the process
     /// list: prefer DIMA_API_KEY or --api-key-file.
@@ -314,13 +318,13 @@ pub fn generate(args: &GenerateArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `--body-timeout-s` as a duration: positive and finite.
-fn body_timeout(seconds: f64) -> Result<std::time::Duration, Failure> {
+/// A flag's seconds as a duration: positive and finite.
+fn positive_seconds(flag: &str, seconds: f64) -> Result<std::time::Duration, Failure> {
     if seconds.is_finite() && seconds > 0.0 {
         Ok(std::time::Duration::from_secs_f64(seconds))
     } else {
         Err(Failure::usage(format!(
-            "--body-timeout-s {seconds}: must be a positive number of seconds"
+            "{flag} {seconds}: must be a positive number of seconds"
         )))
     }
 }
@@ -354,7 +358,8 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         public_health: args.public_health,
         public_metrics: args.public_metrics,
         max_tokens_cap: args.max_tokens_cap,
-        body_timeout: body_timeout(args.body_timeout_s)?,
+        body_timeout: positive_seconds("--body-timeout-s", args.body_timeout_s)?,
+        degraded_after: positive_seconds("--degraded-after-s", args.degraded_after_s)?,
     };
     let backend = match args.backend {
         Backend::Cpu => actors::serve::Backend::Cpu,

@@ -72,6 +72,8 @@ pub struct InferenceSpec {
     pub max_tokens_cap: Option<usize>,
     /// How long a client may take to send a request's body.
     pub body_timeout: Duration,
+    /// `/health` says `degraded` once a request has waited this long.
+    pub degraded_after: Duration,
     /// How long a rank waits for its peers.
     pub collective_timeout: Duration,
     /// Keep serving after the jobs finish, until `dima up` is stopped.

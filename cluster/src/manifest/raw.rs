@@ -42,6 +42,7 @@ pub(super) struct RawInference {
     pub public_metrics: Option<bool>,
     pub max_tokens_cap: Option<u64>,
     pub body_timeout_s: Option<f64>,
+    pub degraded_after_s: Option<f64>,
     pub collective_timeout_s: Option<f64>,
     pub keep_serving: Option<bool>,
     pub load: Option<RawInferenceLoad>,

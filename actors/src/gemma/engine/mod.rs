@@ -587,6 +587,8 @@ impl Schedule {
 struct Job {
     request: Request,
     sink: Sink,
+    /// When it was submitted (the queue's oldest wait).
+    submitted: std::time::Instant,
 }
 
 /// A sink the choices of one request share (the engine's thread alone
@@ -622,6 +624,7 @@ struct Counters {
     kv_bytes: AtomicUsize,
     prefix_queries: AtomicUsize,
     prefix_hits: AtomicUsize,
+    oldest_waiting: Mutex<Option<std::time::Instant>>,
     unavailable: Mutex<Option<String>>,
 }
 
@@ -677,6 +680,7 @@ impl Handler<Submit> for EngineActor {
             return;
         }
         self.queue.push_back(job);
+        self.publish_oldest();
         self.kick(ctx);
     }
 }
@@ -783,6 +787,7 @@ impl EngineActor {
             });
             joining.push((id, job));
         }
+        self.publish_oldest();
         if schedule.is_empty() {
             if self.closing && self.queue.is_empty() {
                 self.stepping = true;
@@ -934,9 +939,18 @@ impl EngineActor {
             self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
             (job.sink)(Event::Failed(format!("the model is unavailable: {reason}")));
         }
+        self.publish_oldest();
+    }
+
+    /// When the oldest waiting request was submitted, for `/health`.
+    fn publish_oldest(&self) {
+        if let Ok(mut oldest) = self.counters.oldest_waiting.lock() {
+            *oldest = self.queue.front().map(|j| j.submitted);
+        }
     }
 
     fn publish(&self, kv_bytes: usize) {
+        self.publish_oldest();
         self.counters
             .running
             .store(self.active.len(), Ordering::SeqCst);
@@ -1207,6 +1221,17 @@ impl Engine {
         )
     }
 
+    /// How long the oldest waiting request has waited (zero when none
+    /// waits).
+    pub fn oldest_wait(&self) -> std::time::Duration {
+        self.counters
+            .oldest_waiting
+            .lock()
+            .ok()
+            .and_then(|o| o.map(|t| t.elapsed()))
+            .unwrap_or_default()
+    }
+
     /// Most positions a request may use (prompt plus generation).
     pub fn context(&self) -> usize {
         self.context
@@ -1289,7 +1314,11 @@ impl Engine {
             self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(Rejected::Stopped);
         }
-        self.addr.do_send(Submit(Job { request, sink }));
+        self.addr.do_send(Submit(Job {
+            request,
+            sink,
+            submitted: std::time::Instant::now(),
+        }));
         Ok(())
     }
 }

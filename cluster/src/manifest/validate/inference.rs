@@ -251,6 +251,17 @@ pub(super) fn inference(
                 30.0
             }
         }),
+        degraded_after: Duration::from_secs_f64(match raw.degraded_after_s {
+            None => 10.0,
+            Some(s) if s.is_finite() && s > 0.0 => s,
+            Some(s) => {
+                problems.add(
+                    field("degraded_after_s"),
+                    format!("{s} must be a positive number of seconds"),
+                );
+                10.0
+            }
+        }),
         collective_timeout: Duration::from_secs_f64(if timeout.is_finite() && timeout > 0.0 {
             timeout
         } else {
