@@ -548,6 +548,43 @@ mod engine {
         assert!(engine.prefix_cache_counts().1 >= hits + 600);
     }
 
+    /// The same answer at two layouts: with the prefix cache, a request
+    /// sharing a 600-token prefix gets the same greedy tokens on two
+    /// tensor-parallel ranks (each keeping its slice of every entry) as a
+    /// cold run on one rank.
+    #[test]
+    fn the_prefix_cache_gives_one_rank_s_tokens_on_two_ranks() {
+        let gemma = super::model();
+        let first = long_prompt(&gemma, 600, " Where does the river go?");
+        let second = long_prompt(&gemma, 600, " What waits for the tide?");
+        let ask = |prompt: &Vec<u32>| Request {
+            prompt: prompt.clone(),
+            max_tokens: 6,
+            logprobs: Some(0),
+            ..Request::default()
+        };
+        let ids = |c: &[(u32, actors::gemma::TokenLogprob)]| -> Vec<u32> {
+            c.iter().map(|t| t.0).collect()
+        };
+        let cold = Engine::start(
+            vec![gemma],
+            EngineConfig {
+                prefix_cache_bytes: 0,
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap();
+        let (alone, _) = run_choices(&cold, ask(&second));
+        drop(cold);
+        let path = actors::models::gguf_path("gemma3-270m").unwrap();
+        let engine = Engine::start(two_ranks(&path), EngineConfig::default()).unwrap();
+        assert_eq!(engine.world(), 2);
+        run_choices(&engine, ask(&first));
+        let (warm, _) = run_choices(&engine, ask(&second));
+        assert!(engine.prefix_cache_counts().1 >= 600);
+        assert_eq!(ids(&warm[0]), ids(&alone[0]));
+    }
+
     /// `n` choices share one prefill (the cache is copied): choice `i`
     /// gets the tokens a request alone with the choice's seed gets (the
     /// log-probabilities to rounding: three rows through the weights at

@@ -313,6 +313,13 @@ impl Tokenizer {
     /// weights: `<pad>`, `<eos>`, `<bos>` (id 2), `<unk>`, the 256 byte
     /// tokens, then `<unused_N>` placeholders. Text encodes byte by byte.
     pub fn synthetic(size: usize) -> Result<Self, VocabError> {
+        Self::synthetic_with(&[], size)
+    }
+
+    /// [`synthetic`](Self::synthetic) with `own` pieces (text, GGUF token
+    /// type: 1 normal, 3 control, …) right after the byte tokens, from id
+    /// 260, then placeholders up to `size`.
+    pub fn synthetic_with(own: &[(&str, i32)], size: usize) -> Result<Self, VocabError> {
         let mut pieces: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>"]
             .map(String::from)
             .to_vec();
@@ -320,6 +327,10 @@ impl Tokenizer {
         for b in 0..=255u8 {
             pieces.push(format!("<0x{b:02X}>"));
             kinds.push(6);
+        }
+        for (piece, kind) in own {
+            pieces.push((*piece).to_owned());
+            kinds.push(*kind);
         }
         while pieces.len() < size {
             pieces.push(format!("<unused_{}>", pieces.len()));

@@ -387,18 +387,9 @@ mod tests {
     #[test]
     fn the_jinja_template_renders_and_tokenizes_as_the_built_in_one() {
         // Specials, the byte tokens, and Gemma's two turn tokens.
-        let mut pieces: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>"]
-            .map(String::from)
-            .to_vec();
-        let mut kinds = vec![3, 3, 3, 2];
-        for b in 0..=255u8 {
-            pieces.push(format!("<0x{b:02X}>"));
-            kinds.push(6);
-        }
-        pieces.extend(["<start_of_turn>".into(), "<end_of_turn>".into()]);
-        kinds.extend([3, 3]);
-        let scores = vec![0f32; pieces.len()];
-        let tokenizer = Tokenizer::new(pieces, scores, kinds, 2, true).expect("a vocabulary");
+        let tokenizer =
+            Tokenizer::synthetic_with(&[("<start_of_turn>", 3), ("<end_of_turn>", 3)], 0)
+                .expect("a vocabulary");
         let end_of_turn = tokenizer.id("<end_of_turn>").unwrap();
         let jinja = ChatTemplate::from_source(Some(BUILT_IN_TEMPLATE)).expect("it compiles");
         let messages = [

@@ -294,20 +294,8 @@ mod tests {
 
     /// A vocabulary with the given pieces at ids `BASE..`.
     fn vocab(own: &[&str]) -> Tokenizer {
-        let mut pieces: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>"]
-            .map(String::from)
-            .to_vec();
-        let mut kinds = vec![3, 3, 3, 2];
-        for b in 0..=255u8 {
-            pieces.push(format!("<0x{b:02X}>"));
-            kinds.push(6);
-        }
-        for p in own {
-            pieces.push(p.to_string());
-            kinds.push(1);
-        }
-        let scores = vec![0f32; pieces.len()];
-        Tokenizer::new(pieces, scores, kinds, 2, true).expect("a vocabulary")
+        let normal: Vec<(&str, i32)> = own.iter().map(|p| (*p, 1)).collect();
+        Tokenizer::synthetic_with(&normal, 0).expect("a vocabulary")
     }
 
     /// Feeds `ids` (indices into [`vocab`]'s pieces) one by one; the

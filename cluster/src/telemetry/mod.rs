@@ -71,7 +71,25 @@ pub struct Telemetry {
 /// `RUST_LOG`, else `level`, else `info`; actix-server's worker lines only
 /// at warn. Does nothing if a subscriber is already installed.
 pub fn stderr_logging(level: Option<&str>, format: LogFormat) {
-    let level = format!("{},actix_server=warn", level.unwrap_or("info"));
+    let (filter, fmt) = stderr_layer(level.unwrap_or("info"), format);
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .try_init();
+}
+
+/// The filter (`RUST_LOG`, else `level`; actix-server's worker lines only
+/// at warn unless `level` names actix) and the stderr line format.
+fn stderr_layer<S>(level: &str, format: LogFormat) -> (EnvFilter, Box<dyn Layer<S> + Send + Sync>)
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    // actix-server announces every worker start and stop at INFO; that is
+    // noise next to the dataflow's own lines unless asked for.
+    let level = if level.contains("actix") {
+        level.to_owned()
+    } else {
+        format!("{level},actix_server=warn")
+    };
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::builder().parse(&level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -81,11 +99,13 @@ pub fn stderr_logging(level: Option<&str>, format: LogFormat) {
         .with_target(true);
     let fmt = match format {
         LogFormat::Human => fmt.boxed(),
-        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
     };
-    let _ = tracing_subscriber::registry()
-        .with(fmt.with_filter(filter))
-        .try_init();
+    (filter, fmt)
 }
 
 impl Telemetry {
@@ -96,28 +116,7 @@ impl Telemetry {
             .as_ref()
             .map(|o| otlp::Otlp::start(o, &spec.service_name, identity))
             .transpose()?;
-        // actix-server announces every worker start and stop at INFO; that is
-        // noise next to the dataflow's own lines unless asked for.
-        let level = if spec.log_level.contains("actix") {
-            spec.log_level.clone()
-        } else {
-            format!("{},actix_server=warn", spec.log_level)
-        };
-        let filter = EnvFilter::try_from_default_env()
-            .or_else(|_| EnvFilter::builder().parse(&level))
-            .unwrap_or_else(|_| EnvFilter::new("info"));
-        let fmt = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .with_target(true);
-        let fmt = match spec.log_format {
-            LogFormat::Human => fmt.boxed(),
-            LogFormat::Json => fmt
-                .json()
-                .with_current_span(true)
-                .with_span_list(false)
-                .boxed(),
-        };
+        let (filter, fmt) = stderr_layer(&spec.log_level, spec.log_format);
         let tracer = otlp
             .as_ref()
             .map(|o| tracing_opentelemetry::layer().with_tracer(o.tracer()));

@@ -39,6 +39,19 @@ pub(super) fn inference(
         }
         usize::try_from(v).unwrap_or(usize::MAX)
     };
+    let seconds = |value: Option<f64>, default: f64, name: &str, problems: &mut Problems| {
+        Duration::from_secs_f64(match value {
+            None => default,
+            Some(s) if s.is_finite() && s > 0.0 => s,
+            Some(s) => {
+                problems.add(
+                    field(name),
+                    format!("{s} must be a positive number of seconds"),
+                );
+                default
+            }
+        })
+    };
     let tp = positive(raw.tp, 1, "tp", problems);
     if tp > 64 {
         problems.add(
@@ -240,28 +253,8 @@ pub(super) fn inference(
         max_tokens_cap: raw
             .max_tokens_cap
             .map(|c| positive(Some(c), 1, "max_tokens_cap", problems)),
-        body_timeout: Duration::from_secs_f64(match raw.body_timeout_s {
-            None => 30.0,
-            Some(s) if s.is_finite() && s > 0.0 => s,
-            Some(s) => {
-                problems.add(
-                    field("body_timeout_s"),
-                    format!("{s} must be a positive number of seconds"),
-                );
-                30.0
-            }
-        }),
-        degraded_after: Duration::from_secs_f64(match raw.degraded_after_s {
-            None => 10.0,
-            Some(s) if s.is_finite() && s > 0.0 => s,
-            Some(s) => {
-                problems.add(
-                    field("degraded_after_s"),
-                    format!("{s} must be a positive number of seconds"),
-                );
-                10.0
-            }
-        }),
+        body_timeout: seconds(raw.body_timeout_s, 30.0, "body_timeout_s", problems),
+        degraded_after: seconds(raw.degraded_after_s, 10.0, "degraded_after_s", problems),
         collective_timeout: Duration::from_secs_f64(if timeout.is_finite() && timeout > 0.0 {
             timeout
         } else {
