@@ -848,6 +848,11 @@ impl EngineActor {
         }
         if let Some(reason) = failure {
             tracing::error!(%reason, "a step failed; the engine takes no more requests");
+            // Unavailable before anyone hears of the failure: a client that
+            // retries after its error must find the engine refusing at once.
+            if let Ok(mut slot) = self.counters.unavailable.lock() {
+                *slot = Some(reason.clone());
+            }
             // One `Failed` per request, not per choice.
             let mut told: Vec<u64> = Vec::new();
             for a in self.active.drain(..) {
@@ -859,9 +864,6 @@ impl EngineActor {
             }
             for (_, mut job) in joining {
                 (job.sink)(Event::Failed(reason.clone()));
-            }
-            if let Ok(mut slot) = self.counters.unavailable.lock() {
-                *slot = Some(reason.clone());
             }
             self.broken = Some(reason);
             self.publish(0);
