@@ -406,6 +406,161 @@ mod engine {
         }
     }
 
+    /// Admission charges what a request has used plus a short look-ahead:
+    /// three requests start together although their whole budgets do not
+    /// fit, and when their caches outgrow `max_tokens_in_flight` the
+    /// newest is preempted and later recomputed. Each still gets exactly
+    /// the tokens it gets alone, greedy and sampled.
+    #[test]
+    fn preempted_requests_are_recomputed_to_what_they_get_alone() {
+        let gemma = super::model();
+        let requests = [
+            request(&gemma, "The capital of France is", 40, 0),
+            request(&gemma, "Once upon a time", 40, 9),
+            request(&gemma, "Write a poem about the sea:", 40, 0),
+        ];
+        let alone = alone_tokens(&gemma, &requests);
+        let biggest = requests.iter().map(|r| r.prompt.len() + 40).max().unwrap();
+        let engine = Engine::start(
+            vec![gemma],
+            EngineConfig {
+                max_tokens_in_flight: biggest + 20,
+                lookahead: 4,
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel();
+        for (i, r) in requests.iter().enumerate() {
+            let tx = tx.clone();
+            engine
+                .submit(r.clone(), Box::new(move |e| tx.send((i, e)).is_ok()))
+                .unwrap();
+        }
+        drop(tx);
+        let log: Vec<(usize, Event)> = rx.iter().collect();
+        // All three were running before any finished.
+        let first_finish = log
+            .iter()
+            .position(|(_, e)| matches!(e, Event::Finished { .. }))
+            .unwrap();
+        for i in 0..3 {
+            assert!(
+                log[..first_finish].iter().any(|(j, _)| *j == i),
+                "request {i} had not started when the first finished"
+            );
+        }
+        assert!(engine.preemptions() > 0, "nothing was preempted");
+        for (i, want) in alone.iter().enumerate() {
+            let tokens: Vec<u32> = log
+                .iter()
+                .filter_map(|(j, e)| match e {
+                    Event::Token { id, .. } if *j == i => Some(*id),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(&tokens, want, "request {i}");
+            let end = log.iter().rev().find(|(j, _)| *j == i).unwrap();
+            assert!(
+                matches!(end.1, Event::Finished { completion_tokens, .. } if completion_tokens == want.len()),
+                "request {i}: {:?}",
+                end.1
+            );
+        }
+    }
+
+    /// A tiny model with random weights over a 512-token vocabulary: its
+    /// sampled text ends by itself often enough to find such a seed.
+    fn tiny_random() -> actors::gemma::Gemma {
+        use actors::gemma::{GemmaConfig, LayerKind};
+        let config = GemmaConfig {
+            vocab: 512,
+            hidden: 64,
+            layers: 2,
+            ffn: 128,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 32,
+            window: 16,
+            layer_kinds: vec![LayerKind::Local, LayerKind::Global],
+            context: 256,
+            ..GemmaConfig::preset("270m").unwrap()
+        };
+        actors::gemma::Gemma::random(
+            config,
+            actors::Tokenizer::synthetic(512).unwrap(),
+            kernels::gguf::GgmlType::Q8_0,
+            3,
+            Box::new(kernels::collective::SingleRank),
+        )
+        .unwrap()
+    }
+
+    /// `ignore_eos`: generation goes on past an end-of-generation token to
+    /// `max_tokens`, with the same tokens up to it; a stop token id still
+    /// ends it.
+    #[test]
+    fn ignore_eos_runs_to_max_tokens() {
+        let gemma = tiny_random();
+        let ask = |seed| Request {
+            prompt: vec![2, 300, 301, 302],
+            max_tokens: 40,
+            sampling: Sampling {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed,
+            },
+            ..Request::default()
+        };
+        // A seed whose text ends by itself.
+        let (r, plain) = (1..500)
+            .map(|seed| {
+                let r = ask(seed);
+                let tokens = alone_tokens(&gemma, std::slice::from_ref(&r)).remove(0);
+                (r, tokens)
+            })
+            .find(|(_, t)| t.len() < 30)
+            .expect("no seed in 1..500 ends within 30 tokens");
+        assert!(actors::gemma::END_OF_GENERATION.contains(plain.last().unwrap()));
+        let engine = Engine::start(vec![gemma], EngineConfig::default()).unwrap();
+        let mut ignoring = r.clone();
+        ignoring.ignore_eos = true;
+        let (sink, rx) = channel();
+        engine.submit(ignoring.clone(), sink).unwrap();
+        let (tokens, end) = collect(&rx);
+        assert_eq!(tokens.len(), 40, "{tokens:?}");
+        assert_eq!(tokens[..plain.len()], plain[..]);
+        assert!(
+            matches!(
+                end,
+                Event::Finished {
+                    reason: FinishReason::Length,
+                    ..
+                }
+            ),
+            "{end:?}"
+        );
+        // A stop token id still stops it (the first token after the end).
+        let after = tokens[plain.len()];
+        ignoring.stop_token_ids = vec![after];
+        let (sink, rx) = channel();
+        engine.submit(ignoring, sink).unwrap();
+        let (stopped, end) = collect(&rx);
+        let at = tokens.iter().position(|&t| t == after).unwrap();
+        assert_eq!(stopped, tokens[..=at], "stops at the first {after}");
+        assert!(
+            matches!(
+                end,
+                Event::Finished {
+                    reason: FinishReason::Stop,
+                    ..
+                }
+            ),
+            "{end:?}"
+        );
+    }
+
     /// Shard actors for two in-process ranks: the engine's tokens equal
     /// one rank's, for greedy and sampled requests decoding together.
     #[test]

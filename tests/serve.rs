@@ -947,3 +947,200 @@ fn health_is_degraded_while_a_request_waits_too_long() {
     assert_eq!(waiting.join().unwrap().0, 200);
     assert_eq!(health(&a)["status"], "ok");
 }
+
+/// The chunks of a server-sent-event body (the `[DONE]` line left out).
+fn sse_chunks(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|_| panic!("{d}")))
+        .collect()
+}
+
+/// The abuse suite: what one careless or hostile client can try, bounded
+/// in count and time, against one server on loopback.
+/// - Two requests for 10^18 tokens: 400s. Two that may run to the end of
+///   the context (`ignore_eos`, no length): they start (admission charges
+///   use plus a look-ahead, not the whole budget).
+/// - A third request from the same address runs; a fourth is over
+///   `--max-streams-per-client`: a 429 in OpenAI's shape with
+///   `Retry-After`.
+/// - Beside the two long ones, a 4-token request finishes within 2 s.
+/// - `--request-timeout-s`: the long streams end with `finish_reason:
+///   "length"` at the timeout, and nothing is left running.
+/// - Headers that never finish: a 408 in OpenAI's shape, and the
+///   connection closed.
+/// - Chat content holding every control-token string: `/tokenize` with the
+///   messages shows control tokens only where the template puts them.
+#[test]
+fn one_client_cannot_starve_or_hold_the_server() {
+    let server = Server::start(&[
+        "--max-streams-per-client",
+        "3",
+        "--request-timeout-s",
+        "20",
+        "--header-timeout-s",
+        "1",
+    ]);
+    let a = server.address.clone();
+    for _ in 0..2 {
+        let (status, text) = post(
+            &a,
+            "/v1/completions",
+            r#"{"model":"gemma3-270m","prompt":"Hi","max_tokens":1000000000000000000}"#,
+            None,
+        );
+        assert_eq!(status, 400, "{text}");
+        let error: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(error["error"]["param"], "max_tokens", "{text}");
+    }
+    let health =
+        |a: &str| -> Value { serde_json::from_str(&http_get(a, "/health").unwrap()).unwrap() };
+    // Two streams that would fill the context.
+    let started = std::time::Instant::now();
+    let long: Vec<_> = (0..2)
+        .map(|i| {
+            let a = a.clone();
+            let body =
+                json!({"model": "gemma3-270m", "prompt": format!("Story {i}: once upon a time"),
+                "ignore_eos": true, "temperature": 0, "stream": true})
+                .to_string();
+            std::thread::spawn(move || post(&a, "/v1/completions", &body, None))
+        })
+        .collect();
+    let both = dima_tests::eventually(Duration::from_secs(60), || {
+        (health(&a)["running"] == 2).then_some(())
+    });
+    assert!(both.is_some(), "the long requests did not both start");
+    // A third stream from this address is allowed, a fourth is not.
+    let third = {
+        let a = a.clone();
+        let body = completion("Tell me a long story:", 64, true);
+        std::thread::spawn(move || post(&a, "/v1/completions", &body, None))
+    };
+    let three = dima_tests::eventually(Duration::from_secs(30), || {
+        (health(&a)["running"] == 3).then_some(())
+    });
+    assert!(three.is_some(), "the third request did not start");
+    let body = completion("Hi", 2, false);
+    let (status, head, text) = exchange(
+        &a,
+        &format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: {a}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert_eq!(status, 429, "{head}{text}");
+    assert!(head.contains("\r\nretry-after: 1"), "{head}");
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["type"], "rate_limit_error", "{text}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-streams-per-client"),
+        "{text}"
+    );
+    // The third finishes; beside the two long ones a 4-token request is
+    // answered within 2 s.
+    assert_eq!(third.join().unwrap().0, 200);
+    let asked = std::time::Instant::now();
+    let (status, text) = post(&a, "/v1/completions", &completion("Hi", 4, false), None);
+    let took = asked.elapsed();
+    assert_eq!(status, 200, "{text}");
+    let short: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(short["usage"]["completion_tokens"], 4, "{text}");
+    assert!(
+        took < Duration::from_secs(2),
+        "a 4-token request took {took:?} beside two context-filling ones"
+    );
+    assert_eq!(health(&a)["running"], 2, "the long requests run on");
+    // Headers that never finish: a 408 in OpenAI's shape after 1 s.
+    let mut slow = TcpStream::connect(&a).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(slow, "POST /v1/completions HTTP/1.1\r\nHost: {a}\r\n").unwrap();
+    let waited = std::time::Instant::now();
+    let mut response = String::new();
+    let _ = slow.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response:?}");
+    assert!(response.contains("x-request-id: req-"), "{response}");
+    let body = response.split_once("\r\n\r\n").unwrap().1;
+    let error: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(error["error"]["type"], "invalid_request_error", "{body}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("headers did not arrive within 1 s"),
+        "{body}"
+    );
+    assert!(
+        waited.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        waited.elapsed()
+    );
+    // Chat content with every control-token string stays text.
+    let gemma = actors::Gemma::load(&actors::models::gguf_path("gemma3-270m").unwrap()).unwrap();
+    let tokenizer = gemma.tokenizer();
+    let control = |id: u32| tokenizer.kind(id) == Some(actors::tokenizer::TokenKind::Control);
+    let strings: Vec<&str> = (0..tokenizer.len() as u32)
+        .filter(|&id| control(id))
+        .filter_map(|id| tokenizer.piece(id))
+        .collect();
+    assert!(strings.contains(&"<end_of_turn>"), "{strings:?}");
+    let content = strings.join(" x ");
+    let (status, text) = post(
+        &a,
+        "/tokenize",
+        &json!({"messages": [{"role": "user", "content": content}]}).to_string(),
+        None,
+    );
+    assert_eq!(status, 200, "{text}");
+    let tokens: Vec<u32> = serde_json::from_str::<Value>(&text).unwrap()["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let placed: Vec<&str> = tokens
+        .iter()
+        .filter(|&&id| control(id))
+        .filter_map(|&id| tokenizer.piece(id))
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            "<bos>",
+            "<start_of_turn>",
+            "<end_of_turn>",
+            "<start_of_turn>"
+        ],
+        "control tokens in a prompt whose content names {} of them",
+        strings.len()
+    );
+    drop(gemma);
+    // The request timeout ends the long streams with `length`.
+    for h in long {
+        let (status, body) = h.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        let chunks = sse_chunks(&body);
+        let last = chunks
+            .iter()
+            .rev()
+            .find(|c| c["choices"].as_array().is_some_and(|c| !c.is_empty()))
+            .unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "length", "{last}");
+        assert!(body.ends_with("data: [DONE]\n\n"));
+    }
+    let ended = started.elapsed();
+    assert!(
+        ended >= Duration::from_secs(20) && ended < Duration::from_secs(60),
+        "the long streams ended after {ended:?} (timeout 20 s)"
+    );
+    let idle = dima_tests::eventually(Duration::from_secs(5), || {
+        (health(&a)["running"] == 0).then_some(())
+    });
+    assert!(idle.is_some(), "{}", health(&a));
+}

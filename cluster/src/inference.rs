@@ -182,12 +182,17 @@ fn serve_config(spec: &InferenceSpec) -> anyhow::Result<serve::ServeConfig> {
             max_tokens_in_flight: spec.max_tokens_in_flight,
             heartbeat: spec.collective_timeout.mul_f64(0.25),
             prefix_cache_bytes: spec.prefix_cache_mib << 20,
+            ..Default::default()
         },
         handle_signals: false,
         public_health: spec.public_health,
         public_metrics: spec.public_metrics,
         max_tokens_cap: spec.max_tokens_cap,
         body_timeout: spec.body_timeout,
+        header_timeout: spec.header_timeout,
+        request_timeout: spec.request_timeout,
+        max_connections: spec.max_connections,
+        max_streams_per_client: spec.max_streams_per_client,
         degraded_after: spec.degraded_after,
     })
 }

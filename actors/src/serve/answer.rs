@@ -42,7 +42,53 @@ pub struct Echo {
 pub trait TokenClock: Send {
     /// A token arrived.
     fn token(&mut self);
+    /// Seconds from the request's arrival to its first token, once there
+    /// was one.
+    fn first_token_s(&self) -> Option<f64>;
 }
+
+/// What the request log says about an answer.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    /// Prompt tokens, over every prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated, over every choice.
+    pub completion_tokens: usize,
+    /// Each choice's finish reason (`-` where it has none), comma-separated.
+    pub finish_reasons: String,
+    /// Seconds to the first token.
+    pub first_token_s: Option<f64>,
+    /// The server's request timeout ended it.
+    pub timed_out: bool,
+}
+
+/// How a streamed answer ended, for its log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Every choice finished.
+    Done,
+    /// The request timeout cut it.
+    TimedOut,
+    /// The engine failed it (an error event ended the stream).
+    Failed,
+    /// The client left before the end.
+    ClientLeft,
+}
+
+impl Ending {
+    /// The log's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::TimedOut => "timed out",
+            Self::Failed => "failed",
+            Self::ClientLeft => "client left",
+        }
+    }
+}
+
+/// Called once when a stream ends, however it ends.
+pub type OnEnd = Box<dyn FnOnce(Summary, Ending) + Send>;
 
 /// The answer to one request.
 pub struct Answer {
@@ -128,6 +174,36 @@ impl Answer {
     /// Whether every choice has finished.
     pub fn done(&self) -> bool {
         self.choices.iter().all(|c| c.finish.is_some())
+    }
+
+    /// Ends every unfinished choice with `length` (the request timeout):
+    /// the engine stops each at its next token. The indices it ended.
+    fn cut(&mut self) -> Vec<usize> {
+        let mut cut = Vec::new();
+        for (k, c) in self.choices.iter_mut().enumerate() {
+            self.ended[k].store(true, Ordering::SeqCst);
+            if c.finish.is_none() {
+                c.end("length", &self.stop);
+                cut.push(k);
+            }
+        }
+        cut
+    }
+
+    /// What the request log says about it.
+    pub fn summary(&self, timed_out: bool) -> Summary {
+        Summary {
+            prompt_tokens: self.prompts.iter().map(|p| p.ids.len()).sum(),
+            completion_tokens: self.choices.iter().map(|c| c.generated).sum(),
+            finish_reasons: self
+                .choices
+                .iter()
+                .map(|c| c.finish.unwrap_or("-"))
+                .collect::<Vec<_>>()
+                .join(","),
+            first_token_s: self.clock.first_token_s(),
+            timed_out,
+        }
     }
 
     /// Applies prompt `p`'s event; the index of the choice it changed.
@@ -343,29 +419,70 @@ fn pieces_of(tokenizer: &Tokenizer, ids: &[u32], scored: Option<Vec<TokenLogprob
 /// Events of every prompt, tagged with the prompt's index.
 pub type Events = tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>;
 
-/// Waits for every choice and answers with one JSON object.
-pub async fn whole(mut answer: Answer, mut rx: Events) -> Result<Value, ServeError> {
+/// Waits for every choice and answers with one JSON object; at the
+/// `deadline` (the request timeout) the unfinished choices end with
+/// `length`, and the answer holds what they had.
+pub async fn whole(
+    mut answer: Answer,
+    mut rx: Events,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<(Value, Summary), ServeError> {
+    let mut timed_out = false;
     while !answer.done() {
-        let Some((p, event)) = rx.recv().await else {
+        let event = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
+                Ok(event) => event,
+                Err(_) => {
+                    answer.cut();
+                    timed_out = true;
+                    break;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some((p, event)) = event else {
             return Err(ServeError::Failed {
                 reason: "the engine stopped before the request finished".into(),
             });
         };
         answer.apply(p, event)?;
     }
-    Ok(answer.whole())
+    Ok((answer.whole(), answer.summary(timed_out)))
 }
 
 /// Streams the answer as server-sent events: each choice's text as it
 /// becomes final, its last chunk with `finish_reason`, with
 /// `include_usage` a last chunk with no choices and the usage, then
-/// `[DONE]`.
-pub fn stream(answer: Answer, rx: Events) -> HttpResponse {
+/// `[DONE]`. At the `deadline` (the request timeout) the unfinished
+/// choices end with `length`. `on_end` runs once when the stream ends or
+/// is dropped (the client left).
+pub fn stream(
+    answer: Answer,
+    rx: Events,
+    deadline: Option<tokio::time::Instant>,
+    on_end: OnEnd,
+) -> HttpResponse {
     struct Progress {
         answer: Answer,
         rx: Events,
         queue: VecDeque<web::Bytes>,
         over: bool,
+        deadline: Option<tokio::time::Instant>,
+        ending: Ending,
+        on_end: Option<OnEnd>,
+    }
+    impl Drop for Progress {
+        fn drop(&mut self) {
+            if let Some(on_end) = self.on_end.take() {
+                let timed_out = self.ending == Ending::TimedOut;
+                if !self.over {
+                    // Dropped before the end: the client left. Every choice
+                    // stops at its next token.
+                    self.answer.cut();
+                }
+                on_end(self.answer.summary(timed_out), self.ending);
+            }
+        }
     }
     fn sse(value: &Value) -> web::Bytes {
         web::Bytes::from(format!("data: {value}\n\n"))
@@ -376,6 +493,9 @@ pub fn stream(answer: Answer, rx: Events) -> HttpResponse {
         rx,
         queue,
         over: false,
+        deadline,
+        ending: Ending::ClientLeft,
+        on_end: Some(on_end),
     };
     let events = futures_util::stream::unfold(start, |mut p| async move {
         loop {
@@ -387,6 +507,9 @@ pub fn stream(answer: Answer, rx: Events) -> HttpResponse {
             }
             if p.answer.done() {
                 p.over = true;
+                if p.ending == Ending::ClientLeft {
+                    p.ending = Ending::Done;
+                }
                 if p.answer.include_usage {
                     let mut last = p.answer.object(Vec::new(), true);
                     last["usage"] = p.answer.usage();
@@ -396,8 +519,23 @@ pub fn stream(answer: Answer, rx: Events) -> HttpResponse {
                     .push_back(web::Bytes::from_static(b"data: [DONE]\n\n"));
                 continue;
             }
-            let Some((prompt, event)) = p.rx.recv().await else {
+            let next = match p.deadline {
+                Some(at) => tokio::time::timeout_at(at, p.rx.recv()).await,
+                None => Ok(p.rx.recv().await),
+            };
+            let Ok(next) = next else {
+                // The request timeout: the unfinished choices end here.
+                p.ending = Ending::TimedOut;
+                for k in p.answer.cut() {
+                    if let Some(chunk) = p.answer.chunk(k) {
+                        p.queue.push_back(sse(&chunk));
+                    }
+                }
+                continue;
+            };
+            let Some((prompt, event)) = next else {
                 p.over = true;
+                p.ending = Ending::Failed;
                 let err = ServeError::Failed {
                     reason: "the engine stopped before the request finished".into(),
                 };
@@ -421,6 +559,7 @@ pub fn stream(answer: Answer, rx: Events) -> HttpResponse {
                 Ok(None) => {}
                 Err(e) => {
                     p.over = true;
+                    p.ending = Ending::Failed;
                     p.queue.push_back(sse(&error_body(&e)));
                 }
             }

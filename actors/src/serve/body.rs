@@ -7,7 +7,7 @@
 //!   `n`, `stop`, `stop_token_ids`, `logprobs`, `top_logprobs`, `echo`,
 //!   `seed`, `temperature`, `top_p`, `top_k`, `stream`, `stream_options`,
 //!   `add_generation_prompt`, `add_special_tokens`, `best_of` (= `n`),
-//!   `return_tokens_as_token_ids`;
+//!   `return_tokens_as_token_ids`, `ignore_eos` (vLLM);
 //! - accepted because they ask nothing of the output (`user`, `metadata`,
 //!   `prompt_cache_key`, `safety_identifier`, `service_tier`), or because
 //!   the value given is the neutral one (`frequency_penalty: 0`,
@@ -111,6 +111,8 @@ pub struct Generation {
     pub include_usage: bool,
     /// Structured output: the grammar every choice follows.
     pub grammar: Option<Grammar>,
+    /// Generate past end-of-generation tokens (vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 impl Generation {
@@ -295,7 +297,7 @@ impl Generation {
         f.neutral("repetition_penalty", |v| v.as_f64() == Some(1.0))?;
         f.neutral("min_p", zero)?;
         f.neutral("logit_bias", empty_object)?;
-        f.neutral("ignore_eos", |v| v == &Value::Bool(false))?;
+        let ignore_eos = f.boolean("ignore_eos")?.unwrap_or(false);
         f.neutral("include_stop_str_in_output", |v| v == &Value::Bool(false))?;
         f.neutral("skip_special_tokens", |v| v == &Value::Bool(true))?;
         if chat {
@@ -329,6 +331,7 @@ impl Generation {
             stream,
             include_usage,
             grammar,
+            ignore_eos,
         })
     }
 }

@@ -48,6 +48,23 @@ pub enum ServeError {
         /// The limit.
         seconds: f64,
     },
+    /// The client took too long to send a request's headers.
+    #[error("the request headers did not arrive within {seconds} s")]
+    HeaderTimeout {
+        /// The limit.
+        seconds: f64,
+    },
+    /// One client address has as many generation requests in progress as
+    /// the server allows it.
+    #[error(
+        "{client} already has {limit} requests in progress, the most this server allows one client (--max-streams-per-client); try again when one ends"
+    )]
+    TooManyStreams {
+        /// The client's address.
+        client: std::net::IpAddr,
+        /// The limit.
+        limit: usize,
+    },
     /// The body could not be read.
     #[error("cannot read the body: {reason}")]
     Body {
@@ -210,13 +227,13 @@ impl ServeError {
                 400
             }
             Self::MethodNotAllowed { .. } => 405,
-            Self::BodyTimeout { .. } => 408,
+            Self::BodyTimeout { .. } | Self::HeaderTimeout { .. } => 408,
             // nginx's "client closed request": only the metrics see it.
             Self::ClientGone => 499,
             Self::TooLarge { .. } => 413,
             Self::Unauthorized => 401,
             Self::ModelNotFound { .. } | Self::NoSuchEndpoint => 404,
-            Self::Rejected(Rejected::Busy { .. }) => 429,
+            Self::Rejected(Rejected::Busy { .. }) | Self::TooManyStreams { .. } => 429,
             Self::Rejected(Rejected::Stopped | Rejected::Unavailable(_)) | Self::Failed { .. } => {
                 503
             }

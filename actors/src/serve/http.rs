@@ -13,16 +13,17 @@
 //!   full 429, engine gone 503. A client that disconnects ends its request
 //!   and frees its KV cache.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
 
 use super::ServeError;
-use super::answer::{self, Answer, Echo, Meta, Shape, TokenClock};
+use super::answer::{self, Answer, Echo, Ending, Meta, Shape, Summary, TokenClock};
 use super::body::{self, Endpoint, Generation, Input, Prompt, Tokenize};
 use super::choice::token_text;
 use crate::gemma::Gemma;
@@ -58,6 +59,19 @@ pub struct ServeConfig {
     /// `/health` says `degraded` once the oldest waiting request has waited
     /// this long.
     pub degraded_after: std::time::Duration,
+    /// How long a new connection may take to send its first request's
+    /// headers (a slower one gets a 408 in OpenAI's shape and is closed).
+    pub header_timeout: std::time::Duration,
+    /// A generation request running longer is ended: its unfinished
+    /// choices finish with `length`, and the log says `timed_out`. `None`:
+    /// no limit.
+    pub request_timeout: Option<std::time::Duration>,
+    /// Most open connections; beyond, the server stops accepting until one
+    /// closes.
+    pub max_connections: usize,
+    /// Most generation requests (streamed or not) one client address may
+    /// have running or waiting at once; beyond, a 429. 0: no limit.
+    pub max_streams_per_client: usize,
 }
 
 struct State {
@@ -75,8 +89,53 @@ struct State {
     max_tokens_cap: Option<usize>,
     body_timeout: std::time::Duration,
     degraded_after: std::time::Duration,
+    request_timeout: Option<std::time::Duration>,
+    max_streams_per_client: usize,
+    /// Generation requests in progress per client address.
+    streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
     next_id: AtomicU64,
     metrics: Metrics,
+}
+
+/// A client address's place among its concurrent generation requests
+/// (`--max-streams-per-client`), given back on drop.
+struct StreamSlot {
+    streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    client: IpAddr,
+}
+
+impl StreamSlot {
+    /// Takes a place for `client`, or says the limit is reached.
+    fn take(state: &State, client: Option<IpAddr>) -> Result<Option<Self>, ServeError> {
+        let (limit, Some(client)) = (state.max_streams_per_client, client) else {
+            return Ok(None);
+        };
+        if limit == 0 {
+            return Ok(None);
+        }
+        let mut streams = state.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let count = streams.entry(client).or_insert(0);
+        if *count >= limit {
+            return Err(ServeError::TooManyStreams { client, limit });
+        }
+        *count += 1;
+        Ok(Some(Self {
+            streams: Arc::clone(&state.streams),
+            client,
+        }))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = streams.get_mut(&self.client) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                streams.remove(&self.client);
+            }
+        }
+    }
 }
 
 /// The server's Prometheus metrics (`GET /metrics`).
@@ -92,6 +151,7 @@ struct Metrics {
     tokens: prometheus::IntCounter,
     prefix_queries: prometheus::IntCounter,
     prefix_hits: prometheus::IntCounter,
+    preemptions: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -136,6 +196,10 @@ impl Metrics {
                 "dima_serve_prefix_cache_hits_total",
                 "Prompt tokens reused from the prefix cache instead of computed",
             )?,
+            preemptions: IntCounter::new(
+                "dima_serve_preemptions_total",
+                "Running choices preempted (caches freed, recomputed later) because KV ran short",
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.requests.clone()))?;
@@ -147,6 +211,7 @@ impl Metrics {
         m.registry.register(Box::new(m.tokens.clone()))?;
         m.registry.register(Box::new(m.prefix_queries.clone()))?;
         m.registry.register(Box::new(m.prefix_hits.clone()))?;
+        m.registry.register(Box::new(m.preemptions.clone()))?;
         Ok(m)
     }
 }
@@ -155,6 +220,7 @@ impl Metrics {
 struct Clock {
     metrics: Metrics,
     arrived: std::time::Instant,
+    first: Option<f64>,
     last: Option<std::time::Instant>,
 }
 
@@ -162,48 +228,100 @@ impl TokenClock for Clock {
     fn token(&mut self) {
         let now = std::time::Instant::now();
         match self.last {
-            None => self
-                .metrics
-                .first_token
-                .observe((now - self.arrived).as_secs_f64()),
+            None => {
+                let first = (now - self.arrived).as_secs_f64();
+                self.first = Some(first);
+                self.metrics.first_token.observe(first);
+            }
             Some(last) => self.metrics.inter_token.observe((now - last).as_secs_f64()),
         }
         self.metrics.tokens.inc();
         self.last = Some(now);
     }
+
+    fn first_token_s(&self) -> Option<f64> {
+        self.first
+    }
 }
 
-/// What the request log needs from a handler: the tokens and how the
-/// choices ended (non-streaming answers; a stream logs its own end).
-#[derive(Clone, Debug, Default)]
-struct Facts {
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    finish_reasons: String,
+/// Request ids: `req-1`, `req-2`, … over the server's life.
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
+fn next_request_id() -> String {
+    format!("req-{}", REQUEST_IDS.fetch_add(1, Ordering::Relaxed))
 }
+
+/// Who asked what, and when: what a request's log line starts from. The
+/// middleware puts it in the request's extensions; a stream takes it along
+/// and writes the line when it ends.
+#[derive(Clone, Debug)]
+struct Logbook {
+    id: String,
+    method: String,
+    route: String,
+    client: String,
+    started: std::time::Instant,
+}
+
+impl Logbook {
+    /// The request's one line on the `dima::requests` target.
+    fn write(&self, status: u16, summary: &Summary, ending: Option<Ending>) {
+        tracing::info!(
+            target: "dima::requests",
+            request_id = %self.id,
+            method = %self.method,
+            route = %self.route,
+            status,
+            client = %self.client,
+            total_s = self.started.elapsed().as_secs_f64(),
+            time_to_first_token_s = summary.first_token_s.unwrap_or(f64::NAN),
+            prompt_tokens = summary.prompt_tokens,
+            completion_tokens = summary.completion_tokens,
+            finish_reasons = %summary.finish_reasons,
+            timed_out = summary.timed_out,
+            stream = ending.map_or("", Ending::as_str),
+            "request"
+        );
+    }
+}
+
+/// Marks a response whose stream writes its own log line at its end.
+#[derive(Clone, Copy, Debug)]
+struct LogsAtEnd;
 
 /// Gives every request an id (`x-request-id` on every response, and
 /// `request_id` in every error body) and writes one structured line per
 /// request to the `dima::requests` log target: id, method, route, status,
 /// client address, total seconds, and for answers the prompt and completion
-/// tokens and finish reasons.
+/// tokens, time to first token, finish reasons and whether the request
+/// timeout cut it. A stream's line is written when the stream ends, with
+/// how it ended.
 async fn request_log(
     req: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<actix_web::body::BoxBody>,
 ) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let id = format!("req-{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let started = std::time::Instant::now();
-    let (method, route) = (req.method().to_string(), req.path().to_owned());
-    let client = req
-        .peer_addr()
-        .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+    use actix_web::HttpMessage as _;
+    if let Some(watch) = req.conn_data::<HeadWatch>() {
+        watch.0.set(true);
+    }
+    let id = next_request_id();
+    let book = Logbook {
+        id: id.clone(),
+        method: req.method().to_string(),
+        route: req.path().to_owned(),
+        client: req
+            .peer_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+        started: std::time::Instant::now(),
+    };
+    req.extensions_mut().insert(book.clone());
     let res = next.call(req).await?;
     let status = res.status();
+    let logs_at_end = res.response().extensions().get::<LogsAtEnd>().is_some();
     let facts = res
         .response()
         .extensions()
-        .get::<Facts>()
+        .get::<Summary>()
         .cloned()
         .unwrap_or_default();
     let (req, response) = res.into_parts();
@@ -229,23 +347,69 @@ async fn request_log(
             value,
         );
     }
-    tracing::info!(
-        target: "dima::requests",
-        request_id = %id,
-        %method,
-        %route,
-        status = status.as_u16(),
-        %client,
-        total_s = started.elapsed().as_secs_f64(),
-        prompt_tokens = facts.prompt_tokens,
-        completion_tokens = facts.completion_tokens,
-        finish_reasons = %facts.finish_reasons,
-        "request"
-    );
+    if !logs_at_end {
+        book.write(status.as_u16(), &facts, None);
+    }
     Ok(actix_web::dev::ServiceResponse::new(
         req,
         response.set_body(body),
     ))
+}
+
+/// Set once a connection's first request has its headers: until then the
+/// header timeout may answer a 408 on the raw socket.
+struct HeadWatch(std::rc::Rc<std::cell::Cell<bool>>);
+
+/// After `timeout`, answers a connection that has not sent its first
+/// request's headers with a 408 in OpenAI's shape and closes it. Runs on
+/// the connection's worker thread, like the connection itself, so the
+/// connection cannot close between the check that it is still open (its
+/// `HeadWatch` alive) and the write.
+fn watch_head(
+    fd: std::os::fd::RawFd,
+    seen: std::rc::Weak<std::cell::Cell<bool>>,
+    timeout: std::time::Duration,
+) {
+    actix_web::rt::spawn(async move {
+        actix_web::rt::time::sleep(timeout).await;
+        let Some(seen) = seen.upgrade() else {
+            return;
+        };
+        if seen.get() {
+            return;
+        }
+        let id = next_request_id();
+        let error = ServeError::HeaderTimeout {
+            seconds: timeout.as_secs_f64(),
+        };
+        let mut body = answer::error_body(&error);
+        body["error"]["request_id"] = Value::String(id.clone());
+        let body = body.to_string();
+        let response = format!(
+            "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        // SAFETY: `fd` is the socket of a connection still open (its
+        // `HeadWatch` is alive, and only this thread could drop it); `send`
+        // reads `response.len()` bytes from it and never blocks.
+        unsafe {
+            libc::send(
+                fd,
+                response.as_ptr().cast(),
+                response.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+            libc::shutdown(fd, libc::SHUT_RDWR);
+        }
+        tracing::info!(
+            target: "dima::requests",
+            request_id = %id,
+            status = 408,
+            timeout_s = timeout.as_secs_f64(),
+            "request headers too slow: connection closed"
+        );
+    });
 }
 
 /// The raw socket of a request's connection (held open by the server for
@@ -580,6 +744,7 @@ async fn answer(
 ) -> Result<HttpResponse, ServeError> {
     let body = body_of(state, req, bytes)?;
     let g = Generation::from_body(endpoint, body)?;
+    let slot = StreamSlot::take(state, req.peer_addr().map(|a| a.ip()))?;
     let prompts = prepare(state, &g.input)?;
     let context = state.engine.context();
     let vocab = state.tokenizer.len();
@@ -657,6 +822,7 @@ async fn answer(
             logprobs: g.logprobs,
             prompt_logprobs: if g.echo { g.logprobs } else { None },
             constraint: constraint.clone(),
+            ignore_eos: g.ignore_eos,
         };
         let (tx, ended_here) = (tx.clone(), Arc::clone(&ended));
         let sink = Box::new(move |e: Event| {
@@ -706,11 +872,20 @@ async fn answer(
         echo: g.echo,
         include_usage: g.include_usage,
     };
+    use actix_web::HttpMessage as _;
+    let book = req.extensions().get::<Logbook>().cloned();
+    let arrived = book
+        .as_ref()
+        .map_or_else(std::time::Instant::now, |b| b.started);
     let clock = Clock {
         metrics: state.metrics.clone(),
-        arrived: std::time::Instant::now(),
+        arrived,
+        first: None,
         last: None,
     };
+    let deadline = state
+        .request_timeout
+        .map(|t| tokio::time::Instant::from_std(arrived + t));
     let answer = Answer::new(
         meta,
         Arc::clone(&state.tokenizer),
@@ -720,32 +895,35 @@ async fn answer(
         Box::new(clock),
     );
     if g.stream {
-        // A streaming client that leaves is found at the next write.
-        Ok(answer::stream(answer, rx))
+        // A streaming client that leaves is found at the next write; the
+        // stream writes the log line when it ends, and gives the client's
+        // place back.
+        let on_end: answer::OnEnd = Box::new(move |summary, ending| {
+            drop(slot);
+            if let Some(book) = book {
+                book.write(200, &summary, Some(ending));
+            }
+        });
+        let mut response = answer::stream(answer, rx, deadline, on_end);
+        response.extensions_mut().insert(LogsAtEnd);
+        Ok(response)
     } else {
         let socket = req.conn_data::<ClientSocket>().copied();
-        let waiting = answer::whole(answer, rx);
+        let waiting = answer::whole(answer, rx, deadline);
         tokio::pin!(waiting);
         let mut every = actix_web::rt::time::interval(CLIENT_CHECK);
         loop {
             tokio::select! {
                 done = &mut waiting => {
-                    let value = done?;
-                    let facts = Facts {
-                        prompt_tokens: value["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
-                        completion_tokens: value["usage"]["completion_tokens"].as_u64().unwrap_or(0),
-                        finish_reasons: value["choices"]
-                            .as_array()
-                            .map(|c| {
-                                c.iter()
-                                    .filter_map(|c| c["finish_reason"].as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            })
-                            .unwrap_or_default(),
-                    };
+                    let (value, summary) = done?;
+                    if summary.timed_out {
+                        tracing::info!(
+                            timeout_s = state.request_timeout.unwrap_or_default().as_secs_f64(),
+                            "a request ran past the request timeout: its choices end with `length`"
+                        );
+                    }
                     let mut response = HttpResponse::Ok().json(value);
-                    response.extensions_mut().insert(facts);
+                    response.extensions_mut().insert(summary);
                     return Ok(response);
                 }
                 _ = every.tick() => {
@@ -884,6 +1062,8 @@ async fn metrics(state: web::Data<State>, req: HttpRequest) -> HttpResponse {
         .inc_by((queries as u64).saturating_sub(m.prefix_queries.get()));
     m.prefix_hits
         .inc_by((hits as u64).saturating_sub(m.prefix_hits.get()));
+    m.preemptions
+        .inc_by((state.engine.preemptions() as u64).saturating_sub(m.preemptions.get()));
     let encoder = prometheus::TextEncoder::new();
     let mut body = Vec::new();
     match encoder.encode(&m.registry.gather(), &mut body) {
@@ -982,6 +1162,9 @@ pub fn start_engine(
         max_tokens_cap: config.max_tokens_cap,
         body_timeout: config.body_timeout,
         degraded_after: config.degraded_after,
+        request_timeout: config.request_timeout,
+        max_streams_per_client: config.max_streams_per_client,
+        streams: Arc::default(),
         next_id: AtomicU64::new(1),
         metrics: Metrics::new()?,
     });
@@ -996,6 +1179,12 @@ pub fn start_engine(
     );
     let (tx, rx) = std::sync::mpsc::channel();
     let handle_signals = config.handle_signals;
+    let header_timeout = config.header_timeout;
+    // actix's own header timer answers an empty 408: it is only the
+    // backstop behind `watch_head`'s.
+    let backstop = header_timeout * 2 + std::time::Duration::from_secs(1);
+    const WORKERS: usize = 2;
+    let per_worker = config.max_connections.div_ceil(WORKERS).max(1);
     let kept = state.clone();
     let thread = std::thread::Builder::new()
         .name("dima-http".into())
@@ -1053,14 +1242,20 @@ pub fn start_engine(
                         )
                         .default_service(web::to(not_found))
                 })
-                .workers(2)
+                .workers(WORKERS)
+                .max_connections(per_worker)
+                .client_request_timeout(backstop)
                 // Each connection's socket, so a waiting request can see
-                // its client leave (`client_gone`).
-                .on_connect(|connection, data| {
+                // its client leave (`client_gone`), and its header timer.
+                .on_connect(move |connection, data| {
                     use std::os::fd::AsRawFd as _;
                     if let Some(socket) = connection.downcast_ref::<actix_web::rt::net::TcpStream>()
                     {
-                        data.insert(ClientSocket(socket.as_raw_fd()));
+                        let fd = socket.as_raw_fd();
+                        data.insert(ClientSocket(fd));
+                        let seen = std::rc::Rc::new(std::cell::Cell::new(false));
+                        watch_head(fd, std::rc::Rc::downgrade(&seen), header_timeout);
+                        data.insert(HeadWatch(seen));
                     }
                 });
                 let server = if handle_signals {

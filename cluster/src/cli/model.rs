@@ -98,6 +98,24 @@ pub struct ServeArgs {
     /// this many seconds.
     #[arg(long, default_value_t = 10.0)]
     degraded_after_s: f64,
+    /// Seconds a new connection may take to send its first request's
+    /// headers; a slower one gets a 408 and is closed.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout_s: f64,
+    /// End a generation request that runs longer than this many seconds:
+    /// its unfinished choices finish with `length` and the request log
+    /// says `timed_out` (default: no limit).
+    #[arg(long)]
+    request_timeout_s: Option<f64>,
+    /// Most open connections; beyond, the server stops accepting until one
+    /// closes.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Most generation requests (streamed or not) one client address may
+    /// have in progress; beyond, a 429 (0: no limit; behind a proxy every
+    /// client has the proxy's address).
+    #[arg(long, default_value_t = 0)]
+    max_streams_per_client: usize,
     /// Require `Authorization: Bearer KEY` (default: the DIMA_API_KEY variable, if set).
     /// On the command line the key is visible to every user in the process
     /// list: prefer DIMA_API_KEY or --api-key-file.
@@ -331,9 +349,13 @@ fn positive_seconds(flag: &str, seconds: f64) -> Result<std::time::Duration, Fai
 
 /// `dima serve`: one [`Deployment`], served until stopped.
 pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
-    if args.max_batch == 0 || args.max_waiting == 0 || args.max_tokens_in_flight == 0 {
+    if args.max_batch == 0
+        || args.max_waiting == 0
+        || args.max_tokens_in_flight == 0
+        || args.max_connections == 0
+    {
         return Err(Failure::usage(
-            "--max-batch, --max-waiting and --max-tokens-in-flight must be at least 1",
+            "--max-batch, --max-waiting, --max-tokens-in-flight and --max-connections must be at least 1",
         ));
     }
     let tp = args.ranks.check()?;
@@ -345,6 +367,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         // before the next request.
         heartbeat: tp.timeout.mul_f64(0.25),
         prefix_cache_bytes: args.prefix_cache_mib << 20,
+        ..Default::default()
     };
     let http = actors::serve::ServeConfig {
         model_name: args
@@ -360,6 +383,13 @@ pub fn serve(args: &ServeArgs) -> Result<(), Failure> {
         max_tokens_cap: args.max_tokens_cap,
         body_timeout: positive_seconds("--body-timeout-s", args.body_timeout_s)?,
         degraded_after: positive_seconds("--degraded-after-s", args.degraded_after_s)?,
+        header_timeout: positive_seconds("--header-timeout-s", args.header_timeout_s)?,
+        request_timeout: args
+            .request_timeout_s
+            .map(|s| positive_seconds("--request-timeout-s", s))
+            .transpose()?,
+        max_connections: args.max_connections,
+        max_streams_per_client: args.max_streams_per_client,
     };
     let backend = match args.backend {
         Backend::Cpu => actors::serve::Backend::Cpu,

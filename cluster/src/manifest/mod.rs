@@ -74,6 +74,15 @@ pub struct InferenceSpec {
     pub body_timeout: Duration,
     /// `/health` says `degraded` once a request has waited this long.
     pub degraded_after: Duration,
+    /// How long a new connection may take to send its first headers.
+    pub header_timeout: Duration,
+    /// A generation request running longer is ended (`None`: no limit).
+    pub request_timeout: Option<Duration>,
+    /// Most open connections.
+    pub max_connections: usize,
+    /// Most generation requests in progress per client address (0: no
+    /// limit).
+    pub max_streams_per_client: usize,
     /// How long a rank waits for its peers.
     pub collective_timeout: Duration,
     /// Keep serving after the jobs finish, until `dima up` is stopped.

@@ -33,10 +33,21 @@
 //! the reason ([`Rejected::Unavailable`], an HTTP 503): the ranks' caches
 //! can no longer be trusted to agree.
 //!
-//! Limits: at most `max_batch` requests decode together, and their prompt
-//! plus generation budget stays within `max_tokens_in_flight`; at most
+//! Limits: at most `max_batch` requests decode together; at most
 //! `max_waiting` wait for a place; a request over that is refused at once
-//! ([`Rejected::Busy`], an HTTP 429), never queued without bound.
+//! ([`Rejected::Busy`], an HTTP 429), never queued without bound. KV is
+//! charged by use, as vLLM's paged allocator does: a running choice holds
+//! the positions it has filled plus a bounded look-ahead
+//! ([`EngineConfig::lookahead`], or its remaining budget if smaller), not
+//! its whole `max_tokens`, and a request is admitted (first come, first
+//! served) while the charges stay within `max_tokens_in_flight`. So a
+//! request that may run to the end of the context does not keep a short
+//! one waiting. When the running choices would grow past
+//! `max_tokens_in_flight` in the next step, the newest is preempted: its
+//! cache is freed, and it waits at the head of the queue to be recomputed
+//! (its prompt and the tokens it has so far prefilled again, its sampler
+//! and grammar state kept), so its tokens are the ones it would have
+//! produced without the interruption.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -234,6 +245,10 @@ pub struct Request {
     /// The grammar every choice follows (structured output); each choice
     /// gets its own copy of its state.
     pub constraint: Option<Constraint>,
+    /// Keep generating after an end-of-generation token (vLLM's
+    /// `ignore_eos`, used to measure fixed-length loads); a stop token id
+    /// or a completed grammar still ends the choice.
+    pub ignore_eos: bool,
 }
 
 impl Default for Request {
@@ -247,6 +262,7 @@ impl Default for Request {
             logprobs: None,
             prompt_logprobs: None,
             constraint: None,
+            ignore_eos: false,
         }
     }
 }
@@ -360,10 +376,15 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Requests waiting for a place.
     pub max_waiting: usize,
-    /// Prompt tokens plus generation budget (`max_tokens`, within the
-    /// context) summed over the running requests: what their KV caches can
-    /// grow to.
+    /// KV positions the running requests may hold together: each is
+    /// charged what it has filled plus [`lookahead`](Self::lookahead); a
+    /// request that cannot fit alone (prompt plus `max_tokens`, per
+    /// choice) is refused.
     pub max_tokens_in_flight: usize,
+    /// Positions a running choice is charged beyond those it has filled
+    /// (at most its remaining budget): how far the running requests may
+    /// grow before one is preempted.
+    pub lookahead: usize,
     /// With ranks in other processes: how often an idle engine checks on
     /// them (keep it well under their collective timeout).
     pub heartbeat: Duration,
@@ -379,6 +400,7 @@ impl Default for EngineConfig {
             max_batch: 16,
             max_waiting: 64,
             max_tokens_in_flight: 65_536,
+            lookahead: 256,
             heartbeat: Duration::from_secs(5),
             prefix_cache_bytes: 512 << 20,
         }
@@ -599,21 +621,58 @@ fn send(sink: &Shared, event: Event) -> bool {
     sink.lock().map(|mut s| s(event)).unwrap_or(false)
 }
 
+/// A request waiting for a place: new, or a choice preempted to be
+/// recomputed.
+enum Waiting {
+    New(Box<Job>),
+    Resume {
+        active: Box<Active>,
+        since: std::time::Instant,
+    },
+}
+
+impl Waiting {
+    fn since(&self) -> std::time::Instant {
+        match self {
+            Self::New(job) => job.submitted,
+            Self::Resume { since, .. } => *since,
+        }
+    }
+}
+
 /// A choice being decoded.
 struct Active {
+    /// Its cache's id (a new one each time it is admitted).
     id: u64,
+    /// The first id its request got: the order of arrival, and the
+    /// request's identity across its choices and preemptions.
+    arrival: u64,
     choice: usize,
     sink: Shared,
     sampler: Sampler,
     stop_ids: Arc<[u32]>,
     logprobs: Option<usize>,
     constraint: Option<Constraint>,
+    prompt: Arc<[u32]>,
+    /// The tokens generated so far (the last is `next`, not yet fed).
+    tokens: Vec<u32>,
+    ignore_eos: bool,
     prompt_tokens: usize,
     generated: usize,
     limit: usize,
-    /// Prompt plus generation budget, held against `max_tokens_in_flight`.
-    reserved: usize,
     next: u32,
+}
+
+impl Active {
+    /// Positions its cache holds after the next step.
+    fn held(&self) -> usize {
+        self.prompt_tokens + self.generated
+    }
+
+    /// What it is charged against `max_tokens_in_flight`.
+    fn charge(&self, lookahead: usize) -> usize {
+        (self.held() + lookahead).min(self.prompt_tokens + self.limit)
+    }
 }
 
 /// What the engine publishes for the handle (and the server's metrics).
@@ -624,6 +683,7 @@ struct Counters {
     kv_bytes: AtomicUsize,
     prefix_queries: AtomicUsize,
     prefix_hits: AtomicUsize,
+    preemptions: AtomicUsize,
     oldest_waiting: Mutex<Option<std::time::Instant>>,
     unavailable: Mutex<Option<String>>,
 }
@@ -644,7 +704,7 @@ struct EngineActor {
     vocab: usize,
     context: usize,
     relay: bool,
-    queue: VecDeque<Job>,
+    queue: VecDeque<Waiting>,
     active: Vec<Active>,
     to_free: Vec<u64>,
     stepping: bool,
@@ -679,7 +739,7 @@ impl Handler<Submit> for EngineActor {
             (job.sink)(Event::Failed(format!("the model is unavailable: {reason}")));
             return;
         }
-        self.queue.push_back(job);
+        self.queue.push_back(Waiting::New(Box::new(job)));
         self.publish_oldest();
         self.kick(ctx);
     }
@@ -695,8 +755,33 @@ impl Handler<Shutdown> for EngineActor {
 }
 
 impl EngineActor {
-    fn reserved(&self) -> usize {
-        self.active.iter().map(|a| a.reserved).sum()
+    /// Frees the newest choices while the running ones would hold more
+    /// than `max_tokens_in_flight` after the next step; each waits at the
+    /// head of the queue to be recomputed. The oldest request always
+    /// stays (it fits alone: [`Engine::submit`] checks).
+    fn preempt(&mut self) {
+        let max = self.config.max_tokens_in_flight;
+        while self.active.len() > 1 && self.active.iter().map(Active::held).sum::<usize>() > max {
+            let Some(newest) = (0..self.active.len())
+                .max_by_key(|&i| (self.active[i].arrival, self.active[i].choice))
+            else {
+                break;
+            };
+            let a = self.active.remove(newest);
+            tracing::info!(
+                request = a.arrival,
+                choice = a.choice,
+                held = a.held(),
+                max_tokens_in_flight = max,
+                "KV short: the newest choice is preempted, to be recomputed"
+            );
+            self.to_free.push(a.id);
+            self.counters.preemptions.fetch_add(1, Ordering::Relaxed);
+            self.queue.push_front(Waiting::Resume {
+                active: Box::new(a),
+                since: std::time::Instant::now(),
+            });
+        }
     }
 
     /// Starts the next step if there is work and none is running.
@@ -711,28 +796,38 @@ impl EngineActor {
             }
             return;
         }
+        self.preempt();
         let mut schedule = Schedule {
             free: std::mem::take(&mut self.to_free),
             decode: self.active.iter().map(|a| (a.id, a.next)).collect(),
             ..Schedule::default()
         };
         let mut joining = Vec::new();
-        let mut reserved = self.reserved();
+        let lookahead = self.config.lookahead;
+        let mut charged: usize = self.active.iter().map(|a| a.charge(lookahead)).sum();
         let mut places = self.active.len();
-        while let Some(job) = self.queue.front() {
-            let n = job.request.n.max(1);
+        while let Some(waiting) = self.queue.front() {
+            let (n, need) = match waiting {
+                Waiting::New(job) => {
+                    let n = job.request.n.max(1);
+                    let r = &job.request;
+                    let first = (r.prompt.len() + lookahead).min(budget(r, self.context));
+                    (n, n * first)
+                }
+                Waiting::Resume { active, .. } => (1, active.charge(lookahead)),
+            };
             if places + n > self.config.max_batch.max(1) && places > 0 {
                 break;
             }
-            let need = n * budget(&job.request, self.context);
             // First come, first served: a big request is not overtaken.
-            if reserved + need > self.config.max_tokens_in_flight && reserved > 0 {
+            if charged + need > self.config.max_tokens_in_flight && charged > 0 {
                 break;
             }
             // A prompt sharing a long prefix with one this step saves waits
             // a step and reuses it (16 streams with one system prompt
             // compute it once, not 16 times side by side).
-            if job.request.prompt_logprobs.is_none()
+            if let Waiting::New(job) = waiting
+                && job.request.prompt_logprobs.is_none()
                 && self
                     .prefixes
                     .as_ref()
@@ -740,14 +835,38 @@ impl EngineActor {
             {
                 break;
             }
-            let Some(job) = self.queue.pop_front() else {
+            let Some(waiting) = self.queue.pop_front() else {
                 break;
             };
-            reserved += need;
+            charged += need;
             places += n;
-            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
             let id = self.next_id;
             self.next_id += n as u64;
+            let job = match waiting {
+                Waiting::New(job) => job,
+                Waiting::Resume { active, since } => {
+                    // Its prompt and the tokens it has so far, prefilled
+                    // again (from the prefix cache where it can).
+                    let tokens: Vec<u32> = active
+                        .prompt
+                        .iter()
+                        .chain(&active.tokens)
+                        .copied()
+                        .collect();
+                    let reuse = self.prefixes.as_mut().and_then(|i| i.lookup(&tokens));
+                    schedule.admit.push(Admit {
+                        id,
+                        prompt: tokens,
+                        siblings: Vec::new(),
+                        prompt_logprobs: None,
+                        reuse: reuse.map(|(entry, r)| (entry, r as u32)),
+                        save: None,
+                    });
+                    joining.push((id, Waiting::Resume { active, since }));
+                    continue;
+                }
+            };
+            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
             let prompt = &job.request.prompt;
             // A prompt whose every token is scored runs whole; others reuse
             // and save prefix-cache entries.
@@ -785,7 +904,7 @@ impl EngineActor {
                 reuse: reuse.map(|(entry, r)| (entry, r as u32)),
                 save,
             });
-            joining.push((id, job));
+            joining.push((id, Waiting::New(job)));
         }
         self.publish_oldest();
         if schedule.is_empty() {
@@ -812,7 +931,7 @@ impl EngineActor {
     }
 
     /// Sends `schedule` to every local shard and handles the outcome.
-    fn step(&mut self, schedule: Schedule, joining: Vec<(u64, Job)>, ctx: &mut Context<Self>) {
+    fn step(&mut self, schedule: Schedule, joining: Vec<(u64, Waiting)>, ctx: &mut Context<Self>) {
         self.stepping = true;
         let sends: Vec<_> = self
             .shards
@@ -831,7 +950,7 @@ impl EngineActor {
     fn finish_step(
         &mut self,
         results: Vec<Result<Result<StepOutput, EngineError>, MailboxError>>,
-        joining: Vec<(u64, Job)>,
+        joining: Vec<(u64, Waiting)>,
     ) {
         let mut outputs = Vec::with_capacity(results.len());
         let mut failure = None;
@@ -856,14 +975,23 @@ impl EngineActor {
             // One `Failed` per request, not per choice.
             let mut told: Vec<u64> = Vec::new();
             for a in self.active.drain(..) {
-                let first = a.id - a.choice as u64;
-                if !told.contains(&first) {
-                    told.push(first);
+                if !told.contains(&a.arrival) {
+                    told.push(a.arrival);
                     send(&a.sink, Event::Failed(reason.clone()));
                 }
             }
-            for (_, mut job) in joining {
-                (job.sink)(Event::Failed(reason.clone()));
+            for (_, waiting) in joining {
+                match waiting {
+                    Waiting::New(mut job) => {
+                        (job.sink)(Event::Failed(reason.clone()));
+                    }
+                    Waiting::Resume { active, .. } => {
+                        if !told.contains(&active.arrival) {
+                            told.push(active.arrival);
+                            send(&active.sink, Event::Failed(reason.clone()));
+                        }
+                    }
+                }
             }
             self.broken = Some(reason);
             self.publish(0);
@@ -892,7 +1020,19 @@ impl EngineActor {
             }
             keep
         });
-        for (k, (id, job)) in joining.into_iter().enumerate() {
+        for (k, (id, waiting)) in joining.into_iter().enumerate() {
+            let job = match waiting {
+                Waiting::New(job) => job,
+                Waiting::Resume { mut active, .. } => {
+                    active.id = id;
+                    if emit(&mut active, row(k)) {
+                        self.active.push(*active);
+                    } else {
+                        to_free.push(id);
+                    }
+                    continue;
+                }
+            };
             let r = job.request;
             let sink: Shared = Arc::new(Mutex::new(job.sink));
             if r.prompt_logprobs.is_some() {
@@ -907,21 +1047,25 @@ impl EngineActor {
                 }
             }
             let stop_ids: Arc<[u32]> = r.stop_token_ids.clone().into();
+            let prompt: Arc<[u32]> = r.prompt.clone().into();
             for choice in 0..r.n.max(1) {
                 let mut sampling = r.sampling;
                 sampling.seed = choice_seed(sampling.seed, choice);
                 let mut a = Active {
                     id: id + choice as u64,
+                    arrival: id,
                     choice,
                     sink: Arc::clone(&sink),
                     sampler: Sampler::new(sampling),
                     stop_ids: Arc::clone(&stop_ids),
                     logprobs: r.logprobs.map(|k| k.min(MAX_TOP_LOGPROBS)),
                     constraint: r.constraint.clone(),
+                    prompt: Arc::clone(&prompt),
+                    tokens: Vec::new(),
+                    ignore_eos: r.ignore_eos,
                     prompt_tokens: r.prompt.len(),
                     generated: 0,
                     limit: limit(&r, self.context),
-                    reserved: budget(&r, self.context),
                     next: 0,
                 };
                 if emit(&mut a, row(k)) {
@@ -937,9 +1081,21 @@ impl EngineActor {
 
     fn fail_queue(&mut self) {
         let reason = self.broken.clone().unwrap_or_default();
-        for mut job in self.queue.drain(..) {
-            self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
-            (job.sink)(Event::Failed(format!("the model is unavailable: {reason}")));
+        let mut told: Vec<u64> = Vec::new();
+        for waiting in self.queue.drain(..) {
+            let failed = Event::Failed(format!("the model is unavailable: {reason}"));
+            match waiting {
+                Waiting::New(mut job) => {
+                    self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
+                    (job.sink)(failed);
+                }
+                Waiting::Resume { active, .. } => {
+                    if !told.contains(&active.arrival) {
+                        told.push(active.arrival);
+                        send(&active.sink, failed);
+                    }
+                }
+            }
         }
         self.publish_oldest();
     }
@@ -947,7 +1103,7 @@ impl EngineActor {
     /// When the oldest waiting request was submitted, for `/health`.
     fn publish_oldest(&self) {
         if let Ok(mut oldest) = self.counters.oldest_waiting.lock() {
-            *oldest = self.queue.front().map(|j| j.submitted);
+            *oldest = self.queue.front().map(Waiting::since);
         }
     }
 
@@ -1016,6 +1172,7 @@ fn emit(a: &mut Active, logits: &[f32]) -> bool {
     };
     a.generated += 1;
     a.next = next;
+    a.tokens.push(next);
     let logprob = a.logprobs.map(|k| token_logprob(logits, next, k));
     let token = Event::Token {
         choice: a.choice,
@@ -1025,7 +1182,10 @@ fn emit(a: &mut Active, logits: &[f32]) -> bool {
     if !send(&a.sink, token) {
         return false;
     }
-    if END_OF_GENERATION.contains(&next) || a.stop_ids.contains(&next) || complete {
+    // Under `ignore_eos` an end-of-generation token ends the choice only
+    // where a grammar allowed it (the grammar is then complete).
+    let end = END_OF_GENERATION.contains(&next) && (!a.ignore_eos || a.constraint.is_some());
+    if end || a.stop_ids.contains(&next) || complete {
         return finish(a, FinishReason::Stop);
     }
     if a.generated >= a.limit {
@@ -1221,6 +1381,12 @@ impl Engine {
             self.counters.prefix_queries.load(Ordering::Relaxed),
             self.counters.prefix_hits.load(Ordering::Relaxed),
         )
+    }
+
+    /// Choices preempted (their caches freed to be recomputed) since the
+    /// start.
+    pub fn preemptions(&self) -> usize {
+        self.counters.preemptions.load(Ordering::Relaxed)
     }
 
     /// How long the oldest waiting request has waited (zero when none

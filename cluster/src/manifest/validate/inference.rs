@@ -255,6 +255,13 @@ pub(super) fn inference(
             .map(|c| positive(Some(c), 1, "max_tokens_cap", problems)),
         body_timeout: seconds(raw.body_timeout_s, 30.0, "body_timeout_s", problems),
         degraded_after: seconds(raw.degraded_after_s, 10.0, "degraded_after_s", problems),
+        header_timeout: seconds(raw.header_timeout_s, 10.0, "header_timeout_s", problems),
+        request_timeout: raw
+            .request_timeout_s
+            .map(|s| seconds(Some(s), 600.0, "request_timeout_s", problems)),
+        max_connections: positive(raw.max_connections, 1024, "max_connections", problems),
+        max_streams_per_client: usize::try_from(raw.max_streams_per_client.unwrap_or(0))
+            .unwrap_or(usize::MAX),
         collective_timeout: Duration::from_secs_f64(if timeout.is_finite() && timeout > 0.0 {
             timeout
         } else {
