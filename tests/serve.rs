@@ -419,6 +419,64 @@ fn bench_serve_reports_each_level() {
     assert_eq!(rows[0]["over_single_stream"], 1.0);
 }
 
+/// `dima bench serve --mix` runs the plain and the mixed load and reports
+/// the short requests' time to first token in both, with the ratio; every
+/// request runs its full length (`ignore_eos`).
+#[test]
+fn bench_serve_mix_reports_both_runs() {
+    let done = run_dima(
+        &[
+            "bench",
+            "serve",
+            "--mix",
+            "--streams",
+            "3",
+            "--long-streams",
+            "1",
+            "--long-tokens",
+            "24",
+            "--short-tokens",
+            "4",
+            "--requests",
+            "1",
+        ],
+        LIMIT,
+    );
+    done.assert_success();
+    let rows = done.json_lines();
+    assert_eq!(rows.len(), 2, "{}", done.stdout);
+    assert_eq!(rows[0]["short_requests"], 3, "{}", rows[0]);
+    assert_eq!(rows[1]["short_requests"], 2, "{}", rows[1]);
+    assert_eq!(rows[1]["long_completion_tokens"], 24, "{}", rows[1]);
+    for row in &rows {
+        for key in ["short_ttft_p50_s", "short_ttft_p99_s", "tokens_per_s"] {
+            assert!(row[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {row}");
+        }
+    }
+    let ratio = rows[1]["short_ttft_p99_over_plain"].as_f64().unwrap();
+    let want = rows[1]["short_ttft_p99_s"].as_f64().unwrap()
+        / rows[0]["short_ttft_p99_s"].as_f64().unwrap();
+    assert!((ratio - want).abs() < 1e-9, "{ratio} vs {want}");
+    let refused = run_dima(
+        &[
+            "bench",
+            "serve",
+            "--mix",
+            "--streams",
+            "2",
+            "--long-streams",
+            "2",
+        ],
+        LIMIT,
+    );
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("leaves no short stream"),
+        "{}",
+        refused.stderr
+    );
+}
+
 /// Tensor parallelism across two processes: rank 1 follows rank 0's
 /// engine over TCP, and the server answers exactly what `dima generate`
 /// gives alone. Killing rank 1 turns the next request, and `/health`,

@@ -76,12 +76,22 @@ pub fn stream_completion(
     max_tokens: usize,
     api_key: Option<&str>,
 ) -> Result<StreamStats, ClientError> {
-    let url = format!("http://{address}/v1/completions");
     let body = serde_json::json!({
         "model": model, "prompt": prompt, "max_tokens": max_tokens,
         "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
-    })
-    .to_string();
+    });
+    stream_body(address, &body, api_key)
+}
+
+/// One streaming `/v1/completions` request with `body` as given (it must
+/// ask for a stream), timed as [`stream_completion`] times it.
+pub fn stream_body(
+    address: &str,
+    body: &serde_json::Value,
+    api_key: Option<&str>,
+) -> Result<StreamStats, ClientError> {
+    let url = format!("http://{address}/v1/completions");
+    let body = body.to_string();
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(600)))

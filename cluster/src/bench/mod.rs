@@ -28,7 +28,7 @@ pub use features::bench_features;
 pub use generate::bench_generate;
 pub use learner::{LearnerBench, bench_learner};
 pub use matching::bench_matching;
-pub use serve::{SharedPrefix, bench_serve, bench_serve_shared_prefix};
+pub use serve::{Mix, SharedPrefix, bench_serve, bench_serve_mix, bench_serve_shared_prefix};
 
 use std::path::Path;
 use std::process::{Command, Stdio};

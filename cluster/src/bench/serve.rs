@@ -357,3 +357,213 @@ pub fn bench_serve_shared_prefix(
         })
         .collect())
 }
+
+/// The mixed workload of `dima bench serve --mix`.
+#[derive(Debug, Clone)]
+pub struct Mix {
+    /// Concurrent streams in both runs.
+    pub streams: usize,
+    /// Of those, the streams that send one long request each in the mixed
+    /// run.
+    pub long_streams: usize,
+    /// Tokens of a short request.
+    pub short_tokens: usize,
+    /// Tokens of a long request.
+    pub long_tokens: usize,
+    /// Short requests per stream.
+    pub requests: usize,
+    /// The server's --max-batch.
+    pub max_batch: usize,
+}
+
+/// `streams` threads, stream `s` sending `bodies[s]` in turn; every run's
+/// stats by stream.
+fn drive_bodies(
+    address: &str,
+    bodies: Vec<Vec<serde_json::Value>>,
+) -> Vec<std::thread::JoinHandle<anyhow::Result<Vec<actors::serve::client::StreamStats>>>> {
+    bodies
+        .into_iter()
+        .map(|mine| {
+            let address = address.to_owned();
+            std::thread::spawn(move || {
+                mine.iter()
+                    .map(|b| {
+                        actors::serve::client::stream_body(&address, b, None)
+                            .map_err(anyhow::Error::from)
+                    })
+                    .collect()
+            })
+        })
+        .collect()
+}
+
+fn joined(
+    handles: Vec<std::thread::JoinHandle<anyhow::Result<Vec<actors::serve::client::StreamStats>>>>,
+) -> anyhow::Result<Vec<actors::serve::client::StreamStats>> {
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))??,
+        );
+    }
+    Ok(all)
+}
+
+/// `dima bench serve --mix`: does a long request keep short ones waiting?
+/// One server; first `streams` streams of short requests alone (the plain
+/// figure: `requests` each, `short_tokens` tokens), then the same number
+/// of streams of which `long_streams` each send one long request
+/// (`long_tokens`) and the others the short requests, started once the
+/// long ones are running. Every request is greedy with `ignore_eos`, so
+/// each runs exactly its length. One row per run: the short requests' time
+/// to first token p50/p99 and inter-token p99, aggregate tokens/s, and for
+/// the mixed run the ratio of the short p99 to the plain run's (the bar: at
+/// most 2).
+pub fn bench_serve_mix(
+    exe: &Path,
+    model: &str,
+    w: &Mix,
+    server_args: &[String],
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    if w.long_streams >= w.streams {
+        bail!(
+            "--long-streams {} leaves no short stream among --streams {}",
+            w.long_streams,
+            w.streams
+        );
+    }
+    let address = format!("127.0.0.1:{}", free_port()?);
+    let mut child = Command::new(exe)
+        .args(["serve", "--model", model, "--listen", &address])
+        .args([
+            "--max-batch",
+            &w.max_batch.to_string(),
+            "--max-waiting",
+            "1024",
+        ])
+        .args(server_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting dima serve")?;
+    let texts = [
+        "The river carried the boat past quiet villages and",
+        "Write a short story about a lighthouse keeper who",
+        "The three most important ideas in economics are",
+        "Once upon a time in a city of glass,",
+    ];
+    let body = |prompt: String, tokens: usize| {
+        serde_json::json!({
+            "model": model, "prompt": prompt, "max_tokens": tokens, "ignore_eos": true,
+            "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
+        })
+    };
+    let shorts = |streams: usize, tag: &str| -> Vec<Vec<serde_json::Value>> {
+        (0..streams)
+            .map(|s| {
+                (0..w.requests)
+                    .map(|r| {
+                        let text = texts[(s + r) % texts.len()];
+                        body(format!("{text} ({tag} {s}.{r})"), w.short_tokens)
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let result = (|| -> anyhow::Result<Vec<serde_json::Value>> {
+        wait_listening(&address, &mut child, "dima serve")?;
+        let running = || -> f64 {
+            get_text(&address, "/health")
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|h| h["running"].as_f64())
+                .unwrap_or(0.0)
+        };
+        // The plain run: short requests only.
+        let started = Instant::now();
+        let plain = joined(drive_bodies(&address, shorts(w.streams, "plain")))?;
+        let plain_wall = started.elapsed().as_secs_f64();
+        // The mixed run: the long requests first, then the short ones.
+        let started = Instant::now();
+        let long_bodies = (0..w.long_streams)
+            .map(|s| {
+                vec![body(
+                    format!("{} (long {s})", texts[s % texts.len()]),
+                    w.long_tokens,
+                )]
+            })
+            .collect();
+        let long = drive_bodies(&address, long_bodies);
+        let deadline = Instant::now() + std::time::Duration::from_secs(120);
+        while running() < w.long_streams as f64 {
+            if Instant::now() > deadline {
+                bail!("the long requests did not start within 120 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let short_started = Instant::now();
+        let short = joined(drive_bodies(
+            &address,
+            shorts(w.streams - w.long_streams, "mixed"),
+        ))?;
+        let short_wall = short_started.elapsed().as_secs_f64();
+        let long = joined(long)?;
+        let mixed_wall = started.elapsed().as_secs_f64();
+        let summary = |runs: &[actors::serve::client::StreamStats]| {
+            let mut first: Vec<f64> = runs.iter().map(|r| r.first_event_s).collect();
+            let mut gaps: Vec<f64> = runs.iter().flat_map(|r| r.gaps_s.clone()).collect();
+            let tokens: u64 = runs.iter().map(|r| r.completion_tokens).sum();
+            (
+                percentile(&mut first, 0.5),
+                percentile(&mut first, 0.99),
+                percentile(&mut gaps, 0.99),
+                tokens,
+            )
+        };
+        let (p50, p99, itl99, tokens) = summary(&plain);
+        let (mp50, mp99, mitl99, mtokens) = summary(&short);
+        let (lp50, _, litl99, ltokens) = summary(&long);
+        Ok(vec![
+            serde_json::json!({
+                "bench": "serve",
+                "workload": "mix",
+                "run": "plain (short requests only)",
+                "streams": w.streams,
+                "short_requests": plain.len(),
+                "short_tokens": w.short_tokens,
+                "wall_s": plain_wall,
+                "tokens_per_s": tokens as f64 / plain_wall,
+                "short_ttft_p50_s": p50,
+                "short_ttft_p99_s": p99,
+                "short_itl_p99_s": itl99,
+            }),
+            serde_json::json!({
+                "bench": "serve",
+                "workload": "mix",
+                "run": "mixed (long and short requests)",
+                "streams": w.streams,
+                "long_streams": w.long_streams,
+                "long_tokens": w.long_tokens,
+                "short_requests": short.len(),
+                "short_tokens": w.short_tokens,
+                "wall_s": mixed_wall,
+                "short_phase_s": short_wall,
+                "tokens_per_s": (mtokens + ltokens) as f64 / mixed_wall,
+                "short_ttft_p50_s": mp50,
+                "short_ttft_p99_s": mp99,
+                "short_itl_p99_s": mitl99,
+                "long_ttft_p50_s": lp50,
+                "long_itl_p99_s": litl99,
+                "long_completion_tokens": ltokens,
+                "short_ttft_p99_over_plain": mp99 / p99,
+                "bar": "short_ttft_p99_over_plain <= 2",
+            }),
+        ])
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}

@@ -68,6 +68,22 @@ pub enum BenchCommand {
         /// workload's anchor.
         #[arg(long)]
         llama_python: Option<String>,
+        /// The mixed workload instead: the largest --streams level of
+        /// short requests alone, then the same number of streams of which
+        /// --long-streams send one long request each: does a long request
+        /// keep short ones waiting (short p99 time to first token, mixed
+        /// over plain)?
+        #[arg(long, conflicts_with = "shared_prefix")]
+        mix: bool,
+        /// With --mix: streams that send a long request.
+        #[arg(long, default_value_t = 4)]
+        long_streams: usize,
+        /// With --mix: tokens of a long request.
+        #[arg(long, default_value_t = 1000)]
+        long_tokens: usize,
+        /// With --mix: tokens of a short request.
+        #[arg(long, default_value_t = 16)]
+        short_tokens: usize,
     },
     /// What structured output costs per token: a JSON document valid under
     /// a schema fed token by token through the llguidance constraint (mask
@@ -332,6 +348,10 @@ pub fn run(command: &BenchCommand) -> Result<(), Failure> {
             shared_prefix,
             suffix_tokens,
             llama_python,
+            mix,
+            long_streams,
+            long_tokens,
+            short_tokens,
         } => {
             if let Some(shared) = shared_prefix {
                 if *backend == Backend::Cuda {
@@ -365,6 +385,23 @@ pub fn run(command: &BenchCommand) -> Result<(), Failure> {
             } else {
                 Vec::new()
             };
+            if *mix {
+                let workload = crate::bench::Mix {
+                    streams: streams.iter().copied().max().unwrap_or(16).max(2),
+                    long_streams: *long_streams,
+                    short_tokens: (*short_tokens).max(1),
+                    long_tokens: (*long_tokens).max(1),
+                    requests: (*requests).max(1),
+                    max_batch: (*max_batch).max(1),
+                };
+                print_rows(crate::bench::bench_serve_mix(
+                    &this_exe()?,
+                    model,
+                    &workload,
+                    &server_args,
+                )?);
+                return Ok(());
+            }
             print_rows(crate::bench::bench_serve(
                 &this_exe()?,
                 model,
