@@ -478,3 +478,133 @@ fn chat_messages_cannot_forge_turns() {
         tokenizer.decode(&ids)
     );
 }
+
+/// Every kernel path this CPU runs (`DIMA_KERNELS`: the int8 products on
+/// AMX or AVX-512 VNNI, and the f32 rows of each instruction set) holds
+/// the same bounds on every fixture prompt's top-20 logits after the
+/// prompt: within 0.05 of float64 and 0.75 of llama.cpp. `dima generate
+/// --stats` names the path it used, and a value the variable does not
+/// know is refused naming it.
+#[test]
+fn every_kernel_path_holds_the_float64_bound() {
+    use std::process::{Command, Stdio};
+    let reference = reference();
+    let exact = float64_reference();
+    let mut paths = vec!["portable"];
+    for (path, supported) in [
+        ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+        ("avx512", std::arch::is_x86_feature_detected!("avx512bw")),
+        ("avx512vnni", kernels::quant::Int8::Avx512Vnni.supported()),
+        ("amx", kernels::quant::Int8::Amx.supported()),
+    ] {
+        if supported {
+            paths.push(path);
+        }
+    }
+    let run = |kernels: &str, args: &[&str]| {
+        let child = Command::new(dima_tests::dima_bin())
+            .args(args)
+            .env("DIMA_KERNELS", kernels)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        dima_tests::wait(child, LIMIT)
+    };
+    for path in &paths {
+        let mut worst = (0f64, 0f64);
+        for (prompt, exact) in reference["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(exact["prompts"].as_array().unwrap())
+        {
+            let list: Vec<String> = ids(&prompt["prompt_ids"])
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            let from = (list.len() - 1).to_string();
+            let done = run(
+                path,
+                &[
+                    "score",
+                    "--model",
+                    "gemma3-270m",
+                    "--ids",
+                    &list.join(","),
+                    "--from",
+                    &from,
+                    "--top-k",
+                    "40",
+                ],
+            );
+            done.assert_success();
+            let scored: Value = serde_json::from_str(done.last_line()).unwrap();
+            let top = scored["positions"][0]["top"].as_array().unwrap().clone();
+            let logit = |id: u64| {
+                top.iter()
+                    .find(|p| p[0].as_u64() == Some(id))
+                    .and_then(|p| p[1].as_f64())
+            };
+            for (reference, bar, slot) in [(&exact["top20"], 0.05, 0), (&prompt["top20"], 0.75, 1)]
+            {
+                for pair in reference.as_array().unwrap() {
+                    let (id, want) = (pair[0].as_u64().unwrap(), pair[1].as_f64().unwrap());
+                    let Some(ours) = logit(id) else {
+                        assert!(
+                            slot == 1,
+                            "{path}: float64 top-20 id {id} not in our top-40"
+                        );
+                        continue;
+                    };
+                    let diff = (ours - want).abs();
+                    assert!(
+                        diff < bar,
+                        "{path}: logit of {id} is {ours}, {want} in the reference"
+                    );
+                    if slot == 0 {
+                        worst.0 = worst.0.max(diff);
+                    } else {
+                        worst.1 = worst.1.max(diff);
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "DIMA_KERNELS={path}: largest top-20 logit difference from float64 {:.5}, from llama.cpp {:.3}",
+            worst.0, worst.1
+        );
+        let done = run(
+            path,
+            &[
+                "generate",
+                "--model",
+                "gemma3-270m",
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "2",
+                "--stats",
+            ],
+        );
+        done.assert_success();
+        let stats: Value = serde_json::from_str(done.stderr.lines().last().unwrap()).unwrap();
+        let prompt_path = stats["kernel_prompt"].as_str().unwrap();
+        match *path {
+            "amx" | "avx512vnni" => assert_eq!(prompt_path, *path, "{stats}"),
+            rows => assert_eq!(prompt_path, rows, "{stats}"),
+        }
+    }
+    let done = run(
+        "avx9000",
+        &["score", "--model", "gemma3-270m", "--ids", "2,3"],
+    );
+    assert!(!done.status.success());
+    assert!(
+        done.stderr.contains("DIMA_KERNELS=\"avx9000\""),
+        "{}",
+        done.stderr
+    );
+}

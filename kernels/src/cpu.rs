@@ -26,9 +26,16 @@ impl Kernel {
     }
 
     fn probe() -> Self {
-        if std::env::var_os("DIMA_KERNELS").is_some_and(|v| v == "portable") {
-            return Self::Portable;
+        let best = Self::best();
+        match Choice::from_env() {
+            Ok(Choice::Portable) => Self::Portable,
+            Ok(Choice::Avx2) => best.min(Self::Avx2),
+            _ => best,
         }
+    }
+
+    /// The widest variant this CPU runs.
+    fn best() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx512f")
@@ -46,6 +53,20 @@ impl Kernel {
         Self::Portable
     }
 
+    /// Its name, as `DIMA_KERNELS` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512",
+        }
+    }
+
+    /// Checks `DIMA_KERNELS`: an error names a value it does not know.
+    pub fn check_env() -> Result<(), String> {
+        Choice::from_env().map(|_| ())
+    }
+
     /// Every variant this CPU can run (for tests).
     pub fn available() -> Vec<Self> {
         let best = Self::detect();
@@ -53,5 +74,48 @@ impl Kernel {
             .into_iter()
             .filter(|k| *k <= best)
             .collect()
+    }
+}
+
+/// What `DIMA_KERNELS` asks for: one kernel path, forced (for tests and
+/// benchmarks), or the best this CPU has (unset or `auto`). A path the CPU
+/// lacks falls back to the next narrower one it has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// The best this CPU has: AMX, then AVX-512 VNNI, then the f32 rows.
+    Auto,
+    /// The baseline f32 kernels, no int8 products.
+    Portable,
+    /// The AVX2 f32 kernels, no int8 products.
+    Avx2,
+    /// The AVX-512 f32 kernels, no int8 products.
+    Avx512,
+    /// AVX-512 VNNI int8 products for two or more tokens (no AMX).
+    Avx512Vnni,
+    /// The AMX tiles (where the CPU has them).
+    Amx,
+}
+
+impl Choice {
+    /// The values `DIMA_KERNELS` takes.
+    pub const VALUES: &'static str = "auto, amx, avx512vnni, avx512, avx2, portable";
+
+    /// `DIMA_KERNELS`, read.
+    pub fn from_env() -> Result<Self, String> {
+        let Some(value) = std::env::var_os("DIMA_KERNELS") else {
+            return Ok(Self::Auto);
+        };
+        match value.to_str().unwrap_or("") {
+            "" | "auto" => Ok(Self::Auto),
+            "portable" => Ok(Self::Portable),
+            "avx2" => Ok(Self::Avx2),
+            "avx512" => Ok(Self::Avx512),
+            "avx512vnni" => Ok(Self::Avx512Vnni),
+            "amx" => Ok(Self::Amx),
+            other => Err(format!(
+                "DIMA_KERNELS={other:?} is not a kernel path (one of: {})",
+                Self::VALUES
+            )),
+        }
     }
 }

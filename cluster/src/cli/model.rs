@@ -330,6 +330,8 @@ pub fn generate(args: &GenerateArgs) -> Result<(), Failure> {
                 "kv_bytes_per_token_per_layer": run.kv_bytes_per_token_per_layer,
                 "kv_bytes": run.kv_bytes,
                 "kv_bytes_formula": run.kv_bytes_formula,
+                "kernel_prompt": kernels::quant::paths().0,
+                "kernel_one_token": kernels::quant::paths().1,
             })
         );
     }

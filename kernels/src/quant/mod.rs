@@ -391,6 +391,94 @@ impl Kernel {
 mod rows512;
 #[cfg(target_arch = "x86_64")]
 pub mod tiles;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
+
+/// Activation parts of the VNNI path (`vnni`): 2 gives about 15 bits per
+/// activation, 3 about 23 (as the tiles).
+pub const VNNI_PARTS: usize = 3;
+
+/// The int8 path products of two or more tokens take (chosen once per
+/// process): the AMX tiles, AVX-512 VNNI, or none (the f32 row kernels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int8 {
+    /// Intel AMX tiles (`tiles`).
+    Amx,
+    /// AVX-512 VNNI `VPDPBUSD` (`vnni`).
+    Avx512Vnni,
+    /// No int8 products: the f32 row kernels.
+    None,
+}
+
+impl Int8 {
+    /// The path for this CPU and `DIMA_KERNELS`/`DIMA_AMX`.
+    pub fn detect() -> Self {
+        static DETECTED: std::sync::OnceLock<Int8> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(Self::probe)
+    }
+
+    fn probe() -> Self {
+        use crate::cpu::Choice;
+        #[cfg(target_arch = "x86_64")]
+        {
+            if tiles::available() {
+                return Self::Amx;
+            }
+            if Self::Avx512Vnni.supported()
+                && matches!(
+                    Choice::from_env(),
+                    Ok(Choice::Auto | Choice::Amx | Choice::Avx512Vnni)
+                )
+            {
+                return Self::Avx512Vnni;
+            }
+        }
+        Self::None
+    }
+
+    /// Whether one token (a decode step alone) takes this path too, not
+    /// the f32 row kernels: on VNNI it is as fast or faster (measured:
+    /// `docs/benchmarks.md`), and a token's result is then the same alone
+    /// and in any batch, bit for bit; on the tiles one token costs more.
+    pub fn one_token(self) -> bool {
+        self == Self::Avx512Vnni
+    }
+
+    /// Whether this CPU (and process) can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Amx => tiles::available(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => {
+                Kernel::detect() == Kernel::Avx512 && is_x86_feature_detected!("avx512vnni")
+            }
+            _ => false,
+        }
+    }
+
+    /// The path's name (`dima generate --stats`, the benchmarks' JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Amx => "amx",
+            Self::Avx512Vnni => "avx512vnni",
+            Self::None => "f32",
+        }
+    }
+}
+
+/// The kernel paths block-quantized products take here: (two or more
+/// tokens, one token), e.g. `("amx", "avx512")` or `("avx512vnni",
+/// "avx512vnni")`; the f32 row kernels are named by their instruction set
+/// (`avx512`, `avx2`, `portable`).
+pub fn paths() -> (&'static str, &'static str) {
+    let rows = Kernel::detect().name();
+    match Int8::detect() {
+        Int8::None => (rows, rows),
+        path if path.one_token() => (path.name(), path.name()),
+        path => (path.name(), rows),
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -552,7 +640,11 @@ impl<'a> QMatrix<'a> {
             (n * self.cols, n * self.rows),
             "matmul shapes"
         );
-        if n == 1 {
+        #[cfg(target_arch = "x86_64")]
+        let int8_one = self.packed.is_some() && Int8::detect().one_token();
+        #[cfg(not(target_arch = "x86_64"))]
+        let int8_one = false;
+        if n == 1 && !int8_one {
             // One token (decoding): the plain row kernel, no scratch. On
             // the tiles one token costs more than it does here (each block
             // is three tile products for one row of activations).

@@ -277,3 +277,97 @@ fn every_row_kernel_variant_agrees_on_random_blocks() {
         }
     }
 }
+
+/// The int8 paths this CPU runs (the AMX tiles, AVX-512 VNNI), each
+/// against exact f64 products of the decoded rows, on random blocks of
+/// every packed format: within the activations' quantization bound, and a
+/// token's result bit for bit the same alone and in any batch. A packing
+/// with one block's scales swapped between rows fails the same check.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn int8_products_follow_the_exact_product_and_ignore_the_batch() {
+    use super::tiles::Packed;
+    let paths: Vec<Int8> = [Int8::Amx, Int8::Avx512Vnni]
+        .into_iter()
+        .filter(|p| p.supported())
+        .collect();
+    if paths.is_empty() {
+        eprintln!("skipped: no int8 path on this CPU");
+        return;
+    }
+    for path in paths {
+        for t in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4K, GgmlType::Q6K] {
+            let (rows, cols) = (37, if t.block_elements() == 256 { 768 } else { 640 });
+            let bytes = random_blocks(t, rows * cols / t.block_elements(), 11);
+            let m = QMatrix::new(t, rows, cols, &bytes).unwrap();
+            let mut packed = Packed::new_for(&m, path).unwrap();
+            let mut weights = vec![0f32; rows * cols];
+            for r in 0..rows {
+                m.dequantize_row(r, &mut weights[r * cols..(r + 1) * cols]);
+            }
+            let n = 21;
+            let xs: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0 * (1.0 + (i % 7) as f32))
+                .collect();
+            // The bound: each activation is off by at most half a unit of
+            // its last part (amax / 127 / 254 for two parts, / 254² for
+            // three; the tiles use three).
+            let parts = if path == Int8::Amx { 3 } else { VNNI_PARTS };
+            let unit = 1.0 / (127.0 * 254f64.powi(parts as i32 - 1));
+            let check = |all: &[f32]| -> Result<(), String> {
+                for tok in 0..n {
+                    let x = &xs[tok * cols..(tok + 1) * cols];
+                    for r in 0..rows {
+                        let w = &weights[r * cols..(r + 1) * cols];
+                        let exact: f64 = w
+                            .iter()
+                            .zip(x)
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum();
+                        let size: f64 =
+                            w.iter().zip(x).map(|(a, b)| f64::from((a * b).abs())).sum();
+                        let bound: f64 = w
+                            .chunks(32)
+                            .zip(x.chunks(32))
+                            .map(|(wb, xb)| {
+                                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                                let wsum: f64 = wb.iter().map(|v| f64::from(v.abs())).sum();
+                                wsum * f64::from(amax) * unit
+                            })
+                            .sum::<f64>()
+                            + 1e-6 * size;
+                        let got = f64::from(all[tok * rows + r]);
+                        if (got - exact).abs() > bound {
+                            return Err(format!(
+                                "{path:?} {t:?} token {tok} row {r}: {got} vs {exact} (bound {bound})"
+                            ));
+                        }
+                    }
+                }
+                Ok(())
+            };
+            let mut all = vec![0f32; n * rows];
+            packed.matmul(&xs, n, &mut all);
+            check(&all).unwrap();
+            for (start, k) in [(0, 1), (5, 2), (n - 7, 7)] {
+                let mut part = vec![0f32; k * rows];
+                packed.matmul(&xs[start * cols..(start + k) * cols], k, &mut part);
+                assert!(
+                    part.iter()
+                        .zip(&all[start * rows..(start + k) * rows])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{path:?} {t:?}: tokens {start}..{} alone differ from them in a batch of {n}",
+                    start + k
+                );
+            }
+            // A wrong scale index (rows 0 and 1 of the first block swapped)
+            // must fail the check.
+            packed.scales.swap(0, 1);
+            packed.matmul(&xs, n, &mut all);
+            assert!(
+                check(&all).is_err(),
+                "{path:?} {t:?}: the check does not see swapped scales"
+            );
+        }
+    }
+}

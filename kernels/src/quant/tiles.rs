@@ -27,9 +27,9 @@ use std::arch::asm;
 use super::{GgmlType, QMatrix};
 
 /// Weight rows per tile (and tokens per tile).
-const ROWS: usize = 16;
+pub(super) const ROWS: usize = 16;
 /// Columns per block (one scale each).
-const BLOCK: usize = 32;
+pub(super) const BLOCK: usize = 32;
 
 /// Whether the tile kernels run in this process (checked once): AMX-TILE
 /// and AMX-INT8 on an AVX-512 CPU, the tile state granted by Linux.
@@ -39,10 +39,12 @@ pub fn available() -> bool {
 }
 
 fn probe() -> bool {
-    // The row kernels' choice: AVX-512 present and not
-    // `DIMA_KERNELS=portable`.
+    // The row kernels' choice: AVX-512 present, and `DIMA_KERNELS` unset,
+    // `auto` or `amx`.
+    use crate::cpu::Choice;
     if std::env::var_os("DIMA_AMX").is_some_and(|v| v == "0")
         || super::Kernel::detect() != super::Kernel::Avx512
+        || !matches!(Choice::from_env(), Ok(Choice::Auto | Choice::Amx))
     {
         return false;
     }
@@ -70,21 +72,27 @@ fn probe() -> bool {
     ret == 0
 }
 
-/// A Q8_0 or Q5_0 matrix in tile order.
+/// A Q8_0, Q5_0, Q4_K or Q6_K matrix in tile order (for the AMX tiles, or
+/// for the VNNI products of `super::vnni`).
 #[derive(Debug)]
 pub struct Packed {
-    rows: usize,
-    cols: usize,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
     /// Per group of 16 rows, per block: 16 rows × 32 signed values.
-    quants: Vec<i8>,
-    /// Per group, per block: the 16 rows' scales.
-    scales: Vec<f32>,
+    pub(super) quants: Vec<i8>,
+    /// Per group, per block (per half): the 16 rows' scales.
+    pub(super) scales: Vec<f32>,
     /// Per group, per block: the 16 rows' mins (Q4_K: a weight is
     /// `scale · q − min`); empty for the types without.
-    mins: Vec<f32>,
+    pub(super) mins: Vec<f32>,
+    /// Per group, per block (per half): −128 times each of the 16 rows'
+    /// sums of their integers, laid out as `scales` (where the VNNI
+    /// path's int32 sums start, taking off the activations' bias of 128);
+    /// empty on the tiles.
+    pub(super) sums: Vec<i32>,
     /// Scales per 32-column block: 1, or 2 for Q6_K (one per 16 columns,
     /// each half its own tile product).
-    halves: usize,
+    pub(super) halves: usize,
 }
 
 /// Q6_K super-block `b` (256 values): its values minus 32 and its 16
@@ -147,18 +155,28 @@ fn block_ints(t: GgmlType, b: &[u8], out: &mut [i8]) -> f32 {
 }
 
 impl Packed {
-    /// The tile order of `m`, when it is Q8_0 or Q5_0 and the tiles run
-    /// here ([`available`]).
+    /// The tile order of `m`, when it is Q8_0, Q5_0, Q4_K or Q6_K and an
+    /// int8 path runs here ([`super::Int8::detect`]: the tiles or VNNI).
     pub fn new(m: &QMatrix<'_>) -> Option<Self> {
+        Self::new_for(m, super::Int8::detect())
+    }
+
+    /// [`new`](Self::new) for the int8 path `path` (which must run here:
+    /// [`super::Int8::supported`]).
+    pub fn new_for(m: &QMatrix<'_>, path: super::Int8) -> Option<Self> {
+        if !path.supported() {
+            return None;
+        }
         if !matches!(
             m.ggml_type,
             GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4K | GgmlType::Q6K
         ) || !m.cols.is_multiple_of(BLOCK)
             || m.rows == 0
-            || !available()
+            || path == super::Int8::None
         {
             return None;
         }
+        let vnni = path == super::Int8::Avx512Vnni;
         let (rows, cols) = (m.rows, m.cols);
         let (groups, blocks) = (rows.div_ceil(ROWS), cols / BLOCK);
         let k4 = m.ggml_type == GgmlType::Q4K;
@@ -176,6 +194,11 @@ impl Packed {
         let mut six_scales = [0f32; 16];
         let mut mins = if k4 {
             vec![0f32; groups * blocks * ROWS]
+        } else {
+            Vec::new()
+        };
+        let mut sums = if vnni {
+            vec![0i32; groups * blocks * ROWS * halves]
         } else {
             Vec::new()
         };
@@ -213,6 +236,13 @@ impl Packed {
                 for (c, v) in ints.iter().enumerate() {
                     quants[tile + (c / 4) * ROWS * 4 + j * 4 + c % 4] = *v;
                 }
+                if vnni {
+                    let part = BLOCK / halves;
+                    for (h, half) in ints.chunks_exact(part).enumerate() {
+                        let sum: i32 = half.iter().map(|&v| i32::from(v)).sum();
+                        sums[((g * blocks + k) * halves + h) * ROWS + j] = -128 * sum;
+                    }
+                }
             }
         }
         Some(Self {
@@ -221,18 +251,29 @@ impl Packed {
             quants,
             scales,
             mins,
+            sums,
             halves,
         })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.quants.len() + (self.scales.len() + self.mins.len()) * 4
+        self.quants.len() + (self.scales.len() + self.mins.len() + self.sums.len()) * 4
     }
 
-    /// `out (n × rows) = xs (n × cols) · Wᵀ`, rows split across the rayon
-    /// pool.
+    /// `out (n × rows) = xs (n × cols) · Wᵀ` on the int8 path it was
+    /// packed for.
     pub fn matmul(&self, xs: &[f32], n: usize, out: &mut [f32]) {
+        if self.sums.is_empty() {
+            self.tile_matmul(xs, n, out)
+        } else {
+            self.vnni_matmul::<{ super::VNNI_PARTS }>(xs, n, out)
+        }
+    }
+
+    /// `out (n × rows) = xs (n × cols) · Wᵀ` on the AMX tiles, rows split
+    /// across the rayon pool.
+    fn tile_matmul(&self, xs: &[f32], n: usize, out: &mut [f32]) {
         use rayon::prelude::*;
         let (rows, cols) = (self.rows, self.cols);
         assert_eq!(
@@ -414,9 +455,9 @@ impl Packed {
 
 /// The product's output, shared by the tasks of [`Packed::matmul`], each
 /// writing only its own rows of every token.
-struct SharedOut {
-    ptr: *mut f32,
-    len: usize,
+pub(super) struct SharedOut {
+    pub(super) ptr: *mut f32,
+    pub(super) len: usize,
 }
 
 // SAFETY: tasks write disjoint elements (see `Packed::groups`), and the

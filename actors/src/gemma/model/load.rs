@@ -381,6 +381,7 @@ impl Gemma {
         embed_scale: f32,
         (layout, collective): (&ShardPlan, Box<dyn Collective>),
     ) -> Result<Self, LoadError> {
+        kernels::quant::Kernel::check_env().map_err(LoadError::Kernels)?;
         if tokenizer.len() > config.vocab {
             return Err(LoadError::VocabTooLarge {
                 tokens: tokenizer.len(),
@@ -411,13 +412,15 @@ impl Gemma {
         Ok(model)
     }
 
-    /// Repacks every Q8_0 and Q5_0 matrix for the AMX tiles, when this CPU
-    /// has them (`kernels::quant::tiles`): their products (prompts, batched
-    /// and single decode steps alike) then run there.
+    /// Repacks every Q8_0, Q5_0, Q4_K and Q6_K matrix for the int8 path of
+    /// this CPU (`kernels::quant::Int8`: the AMX tiles or AVX-512 VNNI):
+    /// products of two or more tokens (prompts, batched decode steps) then
+    /// run there.
     #[cfg(target_arch = "x86_64")]
     fn pack_for_tiles(&mut self) {
-        use kernels::quant::tiles::{Packed, available};
-        if !available() {
+        use kernels::quant::Int8;
+        use kernels::quant::tiles::Packed;
+        if Int8::detect() == Int8::None {
             return;
         }
         let mut layers = std::mem::take(&mut self.layers);

@@ -53,6 +53,9 @@ pub enum LoadError {
     /// The file is not a readable GGUF.
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    /// `DIMA_KERNELS` names no kernel path.
+    #[error("{0}")]
+    Kernels(String),
     /// The configuration is missing or unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -195,7 +198,8 @@ struct MatrixRef {
     cols: usize,
     start: usize,
     bytes: usize,
-    /// Its AMX tile copy in [`Gemma::packed`], where it has one.
+    /// Its int8 repacking (AMX tiles or VNNI) in [`Gemma::packed`], where
+    /// it has one.
     packed: Option<usize>,
 }
 
@@ -256,8 +260,9 @@ pub struct Gemma {
     vocab_per_rank: usize,
     /// This rank's copies of column slices (row-parallel weights, tp > 1).
     owned: Vec<Vec<u8>>,
-    /// Q8_0 and Q5_0 matrices repacked for AMX tiles (where the CPU has
-    /// them; see `kernels::quant::tiles`), indexed by `MatrixRef::packed`.
+    /// Block-quantized matrices repacked for this CPU's int8 path (the AMX
+    /// tiles or AVX-512 VNNI; see `kernels::quant::Int8`), indexed by
+    /// `MatrixRef::packed`.
     #[cfg(target_arch = "x86_64")]
     packed: Vec<kernels::quant::tiles::Packed>,
 }

@@ -1,0 +1,304 @@
+//! Products on AVX-512 VNNI int8 dot products (`VPDPBUSD`): the path for
+//! prompts and batched decode steps on CPUs without AMX (and the one-token
+//! path where it is faster than the f32 rows; see [`super::Int8::one_token`]).
+//!
+//! The weights are the AMX tiles' repacking ([`Packed`]): per 16 weight rows
+//! and 32-column block, 8 quads of 64 bytes, quad `q` holding each row's
+//! columns `4q..4q+4` as signed bytes, with the rows' scales (and Q4_K's
+//! mins) beside, and here also each row's sum of the block's integers
+//! (`Packed::sums`). A token's block of activations is written as `P`
+//! parts of unsigned bytes: `x ≈ scale · Σₚ (partₚ − 128) / 254ᵖ`, each part
+//! the rounded remainder of the one before (two parts: about 15 bits, three:
+//! about 23, as on the tiles). One `VPDPBUSD` multiplies a quad of 4
+//! activation bytes, broadcast, by the quad of 16 rows, adding 4 products
+//! into each row's int32 lane; the lanes start at −128 times the row's
+//! sum, which takes the bias off exactly (`Σ (a + 128) w − 128 Σ w =
+//! Σ a w`), so the int32 sums are those the tiles get. Per block the lanes are scaled into
+//! f32 sums (weight scale × token scale; Q4_K's mins times the block's
+//! activation sum come off), block after block in a fixed order, so a
+//! token's result depends only on its own activations, whatever the batch
+//! around it, and equals what it gets alone.
+//!
+//! The inner tile is `G` row groups × `T` tokens: every weight quad is
+//! loaded once per `T` tokens, every broadcast used for `G` groups.
+
+use std::arch::x86_64::{
+    __m512, __m512i, _MM_HINT_T0, _mm_prefetch, _mm512_cvtepi32_ps, _mm512_dpbusd_epi32,
+    _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps,
+    _mm512_mul_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
+};
+
+use super::tiles::{BLOCK, Packed, ROWS, SharedOut};
+
+/// The finer parts' unit: `x ≈ scale · (high + mid / 254 + low / 254²)`.
+const LOW: f32 = 254.0;
+
+/// Up to all the tokens of a product, quantized for [`Packed::vnni_matmul`]:
+/// per block, per token, `P` parts of 32 unsigned bytes (the signed part
+/// plus 128), the token's scale and its block's sum.
+pub(super) struct Acts<const P: usize> {
+    bytes: Vec<u8>,
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+    tokens: usize,
+}
+
+impl<const P: usize> Acts<P> {
+    /// Quantizes `tokens` rows of `cols` activations (`xs`, row-major).
+    pub(super) fn new(xs: &[f32], tokens: usize, cols: usize) -> Self {
+        let blocks = cols / BLOCK;
+        let mut acts = Self {
+            bytes: vec![0u8; blocks * tokens * P * BLOCK],
+            scales: vec![0f32; blocks * tokens],
+            sums: vec![0f32; blocks * tokens],
+            tokens,
+        };
+        for t in 0..tokens {
+            for k in 0..blocks {
+                let x = &xs[t * cols + k * BLOCK..t * cols + (k + 1) * BLOCK];
+                let at = k * tokens + t;
+                // SAFETY: the VNNI path is chosen only where AVX-512 runs.
+                let (d, sum) = unsafe { acts.block(x, at * P * BLOCK) };
+                acts.scales[at] = d;
+                acts.sums[at] = sum;
+            }
+        }
+        acts
+    }
+
+    /// One block `x` (32 values) into its `P` parts at byte `at`; returns
+    /// its scale and its sum.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW, VL).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn block(&mut self, x: &[f32], at: usize) -> (f32, f32) {
+        use std::arch::x86_64::{
+            _mm_storeu_si128, _mm512_abs_ps, _mm512_add_epi32, _mm512_add_ps, _mm512_cvtepi32_epi8,
+            _mm512_cvtps_epi32, _mm512_max_ps, _mm512_reduce_add_ps, _mm512_reduce_max_ps,
+            _mm512_sub_ps,
+        };
+        assert!(x.len() == BLOCK && at + P * BLOCK <= self.bytes.len());
+        // SAFETY: `x` holds 32 floats and the parts 32·P bytes from `at`
+        // (checked); conversions round to nearest even (the default
+        // rounding mode), each remainder exact.
+        unsafe {
+            let (a, b) = (
+                _mm512_loadu_ps(x.as_ptr()),
+                _mm512_loadu_ps(x.as_ptr().add(16)),
+            );
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            let sum = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+            let d = amax / 127.0;
+            let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let unit = _mm512_set1_ps(LOW);
+            let bias = _mm512_set1_epi32(128);
+            for (half, v) in [a, b].into_iter().enumerate() {
+                let mut rest = _mm512_mul_ps(v, inv);
+                for p in 0..P {
+                    let whole = _mm512_cvtps_epi32(rest);
+                    // |whole| ≤ 127, so whole + 128 is a byte.
+                    _mm_storeu_si128(
+                        self.bytes
+                            .as_mut_ptr()
+                            .add(at + p * BLOCK + 16 * half)
+                            .cast(),
+                        _mm512_cvtepi32_epi8(_mm512_add_epi32(whole, bias)),
+                    );
+                    rest = _mm512_mul_ps(_mm512_sub_ps(rest, _mm512_cvtepi32_ps(whole)), unit);
+                }
+            }
+            (d, sum)
+        }
+    }
+}
+
+/// Row groups × tokens per inner tile (with three parts, 2 × 2 keeps every
+/// sum, broadcast and weight quad in the 32 vector registers).
+const G: usize = 2;
+const T: usize = 2;
+
+impl Packed {
+    /// `out (n × rows) = xs (n × cols) · Wᵀ` on VNNI, with `P`-part
+    /// activations; rows split across the rayon pool.
+    ///
+    /// # Panics
+    /// If the shapes disagree, or the matrix was not packed for VNNI
+    /// ([`Packed::new_for`]).
+    pub fn vnni_matmul<const P: usize>(&self, xs: &[f32], n: usize, out: &mut [f32]) {
+        use rayon::prelude::*;
+        let (rows, cols) = (self.rows, self.cols);
+        assert_eq!(
+            (xs.len(), out.len()),
+            (n * cols, n * rows),
+            "vnni matmul shapes"
+        );
+        assert!(
+            self.sums.len() == self.scales.len() && super::Int8::Avx512Vnni.supported(),
+            "packed for the VNNI path on a CPU that has it"
+        );
+        let acts = Acts::<P>::new(xs, n, cols);
+        let groups = rows.div_ceil(ROWS);
+        let shared = SharedOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        };
+        // A task: G groups, every token.
+        (0..groups.div_ceil(G)).into_par_iter().for_each(|task| {
+            let g0 = task * G;
+            let live = (groups - g0).min(G);
+            let mut t0 = 0;
+            while t0 < n {
+                let left = n - t0;
+                // SAFETY: VNNI runs here (asserted above); this task writes only
+                // the rows of groups g0..g0+live, which no other task does.
+                unsafe {
+                    if self.halves == 2 {
+                        self.tiles::<P, 2>(live, left, &acts, g0, t0, &shared);
+                    } else {
+                        self.tiles::<P, 1>(live, left, &acts, g0, t0, &shared);
+                    }
+                }
+                t0 += left.min(T);
+            }
+        });
+    }
+
+    /// The tile for `live` groups (at most `G`) × `left` tokens (at most
+    /// `T` of them taken).
+    ///
+    /// # Safety
+    /// As [`tile`](Self::tile).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    unsafe fn tiles<const P: usize, const H: usize>(
+        &self,
+        live: usize,
+        left: usize,
+        acts: &Acts<P>,
+        g0: usize,
+        t0: usize,
+        out: &SharedOut,
+    ) {
+        // SAFETY: the caller's guarantees, for a tile within them.
+        unsafe {
+            match (live >= G, left.min(T)) {
+                (true, 2) => self.tile::<G, 2, P, H>(acts, g0, t0, out),
+                (true, _) => self.tile::<G, 1, P, H>(acts, g0, t0, out),
+                (false, 2) => self.tile::<1, 2, P, H>(acts, g0, t0, out),
+                (false, _) => self.tile::<1, 1, P, H>(acts, g0, t0, out),
+            }
+        }
+    }
+
+    /// Groups `g0..g0 + GG` × tokens `t0..t0 + TT` into `out`, `H` scales
+    /// per block.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 VNNI; the groups exist and no other thread
+    /// writes their rows of these tokens.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    unsafe fn tile<const GG: usize, const TT: usize, const P: usize, const H: usize>(
+        &self,
+        acts: &Acts<P>,
+        g0: usize,
+        t0: usize,
+        out: &SharedOut,
+    ) {
+        let blocks = self.cols / BLOCK;
+        let halves = H;
+        let quads = BLOCK / 4 / H;
+        assert_eq!(self.halves, H);
+        let tokens = acts.tokens;
+        assert!(t0 + TT <= tokens && (g0 + GG) * ROWS * blocks * BLOCK <= self.quants.len());
+        // SAFETY: (the whole body) every pointer below stays inside the
+        // buffers whose bounds were checked above (the quants of groups
+        // g0.., the activations of tokens t0..t0 + TT, their scales and
+        // sums); `out` is written only at rows of groups g0.. of tokens
+        // t0.., in bounds (checked before each store).
+        unsafe {
+            let mut facc: [[__m512; TT]; GG] = [[_mm512_setzero_ps(); TT]; GG];
+            let unit = _mm512_set1_ps(1.0 / LOW);
+            for k in 0..blocks {
+                // Each group's next block, for the next pass (a hint: it
+                // never faults).
+                for g in 0..GG {
+                    let next = self
+                        .quants
+                        .as_ptr()
+                        .wrapping_add(((g0 + g) * blocks + k + 1) * ROWS * BLOCK);
+                    for line in 0..8 {
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line).cast());
+                    }
+                }
+                for h in 0..halves {
+                    // Each row's lanes start at −128 · its sum: the bias off.
+                    let mut iacc: [[[__m512i; P]; TT]; GG] =
+                        [[[_mm512_setzero_si512(); P]; TT]; GG];
+                    for (g, ig) in iacc.iter_mut().enumerate() {
+                        let at = (((g0 + g) * blocks + k) * halves + h) * ROWS;
+                        let start = _mm512_loadu_si512(self.sums.as_ptr().add(at).cast());
+                        for it in ig.iter_mut() {
+                            *it = [start; P];
+                        }
+                    }
+                    for q in h * quads..(h + 1) * quads {
+                        let mut b: [[__m512i; P]; TT] = [[_mm512_setzero_si512(); P]; TT];
+                        for (t, bt) in b.iter_mut().enumerate() {
+                            let row = ((k * tokens + t0 + t) * P) * BLOCK + 4 * q;
+                            for (p, bp) in bt.iter_mut().enumerate() {
+                                let at = acts.bytes.as_ptr().add(row + p * BLOCK);
+                                *bp = _mm512_set1_epi32(at.cast::<i32>().read_unaligned());
+                            }
+                        }
+                        for (g, ig) in iacc.iter_mut().enumerate() {
+                            let tile = ((g0 + g) * blocks + k) * ROWS * BLOCK + q * 64;
+                            let w = _mm512_loadu_si512(self.quants.as_ptr().add(tile).cast());
+                            for (it, bt) in ig.iter_mut().zip(&b) {
+                                for (acc, bp) in it.iter_mut().zip(bt) {
+                                    *acc = _mm512_dpbusd_epi32(*acc, *bp, w);
+                                }
+                            }
+                        }
+                    }
+                    for (g, (fg, ig)) in facc.iter_mut().zip(&iacc).enumerate() {
+                        let at = (((g0 + g) * blocks + k) * halves + h) * ROWS;
+                        let ws = _mm512_loadu_ps(self.scales.as_ptr().add(at));
+                        for (t, (f, it)) in fg.iter_mut().zip(ig).enumerate() {
+                            // The finest part first, as on the tiles.
+                            let mut v = _mm512_cvtepi32_ps(it[P - 1]);
+                            for p in (0..P - 1).rev() {
+                                v = _mm512_fmadd_ps(v, unit, _mm512_cvtepi32_ps(it[p]));
+                            }
+                            let s = *acts.scales.get_unchecked(k * tokens + t0 + t);
+                            *f = _mm512_fmadd_ps(v, _mm512_mul_ps(ws, _mm512_set1_ps(s)), *f);
+                        }
+                    }
+                }
+                if !self.mins.is_empty() {
+                    for (g, fg) in facc.iter_mut().enumerate() {
+                        let at = ((g0 + g) * blocks + k) * ROWS;
+                        let ms = _mm512_loadu_ps(self.mins.as_ptr().add(at));
+                        for (t, f) in fg.iter_mut().enumerate() {
+                            let x = *acts.sums.get_unchecked(k * tokens + t0 + t);
+                            *f = _mm512_fnmadd_ps(ms, _mm512_set1_ps(x), *f);
+                        }
+                    }
+                }
+            }
+            for (g, fg) in facc.iter().enumerate() {
+                let first_row = (g0 + g) * ROWS;
+                let live = self.rows.saturating_sub(first_row).min(ROWS);
+                let mask: u16 = if live == ROWS {
+                    u16::MAX
+                } else {
+                    (1u16 << live) - 1
+                };
+                for (t, f) in fg.iter().enumerate() {
+                    let at = (t0 + t) * self.rows + first_row;
+                    assert!(at + live <= out.len, "vnni output rows in bounds");
+                    _mm512_mask_storeu_ps(out.ptr.add(at), mask, *f);
+                }
+            }
+        }
+    }
+}
