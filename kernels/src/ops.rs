@@ -321,6 +321,9 @@ mod x86 {
         attend_body::<true>(qs, head_dim, positions, kv, scores, out)
     }
 
+    /// [`attend_body`] on AVX-512; with 2 or 4 query heads per KV head
+    /// and a head size that is a multiple of 16 · 16 / heads (Gemma 3's
+    /// 256 always is), the register-blocked passes below instead.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub(super) unsafe fn attend_avx512<'a>(
         qs: &[f32],
@@ -330,7 +333,156 @@ mod x86 {
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        attend_body::<true>(qs, head_dim, positions, kv, scores, out)
+        let heads = qs.len() / head_dim.max(1);
+        let blocked = |h: usize| heads == h && head_dim.is_multiple_of(256 / h);
+        // SAFETY: the caller saw AVX-512 (F, BW, VL) and FMA.
+        unsafe {
+            if blocked(4) {
+                attend_blocked::<4>(qs, head_dim, positions, kv, scores, out)
+            } else if blocked(2) {
+                attend_blocked::<2>(qs, head_dim, positions, kv, scores, out)
+            } else {
+                attend_body::<true>(qs, head_dim, positions, kv, scores, out)
+            }
+        }
+    }
+
+    /// Attention for `H` query heads sharing one KV head, every product
+    /// register-blocked so a vector load feeds two or more FMAs:
+    /// - scores: `16 / H` keys × `H` heads at a time, 16 sums in 16
+    ///   registers over the head's 16-wide chunks (each key and query chunk
+    ///   loaded once for all of them), then one transposing reduction of
+    ///   the 16 registers into their 16 totals;
+    /// - softmax per head, as [`attend_body`];
+    /// - values: `16 / H` chunks of 16 columns × `H` heads at a time in 16
+    ///   registers, each value chunk loaded once for every head.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW, VL) and FMA; `head_dim` is a multiple
+    /// of `256 / H` and `qs` holds `H` heads.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn attend_blocked<'a, const H: usize>(
+        qs: &[f32],
+        head_dim: usize,
+        positions: RangeInclusive<usize>,
+        kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        use std::arch::x86_64::{
+            __m512, _mm512_add_ps, _mm512_castpd_ps, _mm512_castps_pd, _mm512_fmadd_ps,
+            _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_shuffle_f32x4,
+            _mm512_storeu_ps, _mm512_unpackhi_pd, _mm512_unpackhi_ps, _mm512_unpacklo_pd,
+            _mm512_unpacklo_ps,
+        };
+        // Keys per score tile, and 16-column chunks per value tile.
+        let keys_per: usize = 16 / H;
+        assert!(qs.len() == H * head_dim && out.len() == H * head_dim);
+        assert!(head_dim.is_multiple_of(16 * keys_per));
+        let rows: Vec<(&[f32], &[f32])> = positions.map(kv).collect();
+        let n = rows.len();
+        assert!(rows.iter().all(|(k, v)| k.len() == head_dim && v.len() == head_dim));
+        scores.clear();
+        scores.resize(H * n, 0.0);
+        // SAFETY: (the whole body) every load reads 16 floats at offsets
+        // below `head_dim` of a key, value or query row (all `head_dim`
+        // long, checked above), and every store writes within `out` (H ·
+        // head_dim, checked) or a local array.
+        unsafe {
+            // 16 registers → their 16 totals. Lane 4a + b of the result is
+            // the total of register 4b + a.
+            let reduce = |x: [__m512; 16]| -> [f32; 16] {
+                let mut v = [_mm512_setzero_ps(); 8];
+                for (i, v) in v.iter_mut().enumerate() {
+                    let (a, b) = (x[2 * i], x[2 * i + 1]);
+                    *v = _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                        _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+                    );
+                }
+                let mut w = [_mm512_setzero_ps(); 4];
+                for (i, w) in w.iter_mut().enumerate() {
+                    let (a, b) = (v[2 * i], v[2 * i + 1]);
+                    *w = _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                        _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+                    );
+                }
+                let t0 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+                let t1 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+                let r = _mm512_add_ps(
+                    _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+                    _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+                );
+                let mut lanes = [0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), r);
+                lanes
+            };
+            let full = n - n % keys_per;
+            for i0 in (0..full).step_by(keys_per) {
+                // Register 4b + a ... in order h · keys_per + j.
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for d in (0..head_dim).step_by(16) {
+                    let mut k = [_mm512_setzero_ps(); 16];
+                    for (j, k) in k.iter_mut().enumerate().take(keys_per) {
+                        *k = _mm512_loadu_ps(rows[i0 + j].0.as_ptr().add(d));
+                    }
+                    for h in 0..H {
+                        let q = _mm512_loadu_ps(qs.as_ptr().add(h * head_dim + d));
+                        for j in 0..keys_per {
+                            let at = h * keys_per + j;
+                            acc[at] = _mm512_fmadd_ps(q, k[j], acc[at]);
+                        }
+                    }
+                }
+                let lanes = reduce(acc);
+                for (lane, total) in lanes.iter().enumerate() {
+                    let x = 4 * (lane % 4) + lane / 4;
+                    let (h, j) = (x / keys_per, x % keys_per);
+                    scores[h * n + i0 + j] = *total;
+                }
+            }
+            for (i, (k, _)) in rows.iter().enumerate().skip(full) {
+                for (h, q) in qs.chunks_exact(head_dim).enumerate() {
+                    scores[h * n + i] = super::dot_wide::<true>(q, k);
+                }
+            }
+            for row in scores.chunks_exact_mut(n.max(1)) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in row.iter_mut() {
+                    *s = super::exp_small((*s - max).max(-30.0));
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|s| *s *= inv);
+            }
+            let chunks = keys_per;
+            for c0 in (0..head_dim).step_by(16 * chunks) {
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for (i, (_, v)) in rows.iter().enumerate() {
+                    let mut x = [_mm512_setzero_ps(); 16];
+                    for (c, x) in x.iter_mut().enumerate().take(chunks) {
+                        *x = _mm512_loadu_ps(v.as_ptr().add(c0 + 16 * c));
+                    }
+                    for h in 0..H {
+                        let w = _mm512_set1_ps(*scores.get_unchecked(h * n + i));
+                        for c in 0..chunks {
+                            let at = h * chunks + c;
+                            acc[at] = _mm512_fmadd_ps(w, x[c], acc[at]);
+                        }
+                    }
+                }
+                for h in 0..H {
+                    for c in 0..chunks {
+                        _mm512_storeu_ps(
+                            out.as_mut_ptr().add(h * head_dim + c0 + 16 * c),
+                            acc[h * chunks + c],
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -344,12 +496,13 @@ mod tests {
     #[test]
     fn attention_follows_float64() {
         for heads in 1..=4 {
-            attention_follows_float64_with(heads);
+            for hd in [64, 128] {
+                attention_follows_float64_with(heads, hd);
+            }
         }
     }
 
-    fn attention_follows_float64_with(heads: usize) {
-        let hd = 64;
+    fn attention_follows_float64_with(heads: usize, hd: usize) {
         let keys: Vec<f32> = (0..40 * hd)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
