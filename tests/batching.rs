@@ -284,7 +284,8 @@ mod engine {
     #[test]
     fn a_full_queue_refuses_and_a_gone_client_frees_its_place() {
         let gemma = super::model();
-        let long = request(&gemma, "Tell me a long story:", 400, 5);
+        let mut long = request(&gemma, "Tell me a long story:", 400, 5);
+        long.ignore_eos = true;
         let short = request(&gemma, "The capital of France is", 3, 0);
         let engine = Engine::start(
             vec![gemma],

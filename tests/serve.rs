@@ -111,6 +111,15 @@ fn completion(prompt: &str, max_tokens: usize, stream: bool) -> String {
     body.to_string()
 }
 
+/// A request that runs its full `max_tokens` (`ignore_eos`): whatever the
+/// kernels' rounding, it does not end early at an end-of-generation token.
+fn long_completion(max_tokens: usize, stream: bool) -> String {
+    let mut body: Value =
+        serde_json::from_str(&completion("Tell me a long story:", max_tokens, stream)).unwrap();
+    body["ignore_eos"] = Value::Bool(true);
+    body.to_string()
+}
+
 /// The text of a stream of server-sent events, checking the framing: every
 /// event is one `data: …` line and a blank line, the last chunk with a
 /// choice has `finish_reason`, a last chunk without choices has the
@@ -341,7 +350,7 @@ fn a_full_queue_answers_429() {
     let a = server.address.clone();
     // A long streaming request; read its first event, keep the socket open.
     let mut long = TcpStream::connect(&a).unwrap();
-    let body = completion("Tell me a long story:", 400, true);
+    let body = long_completion(400, true);
     write!(
         long,
         "POST /v1/completions HTTP/1.1\r\nHost: {a}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -879,7 +888,7 @@ fn raw_get(address: &str, path: &str, token: Option<&str>) -> (String, String) {
 fn a_client_that_closes_ends_its_request() {
     let server = Server::start(&[]);
     let a = server.address.clone();
-    let body = completion("Tell me a long story:", 3000, false);
+    let body = long_completion(3000, false);
     let mut stream = TcpStream::connect(&a).unwrap();
     write!(
         stream,
@@ -984,7 +993,7 @@ fn health_is_degraded_while_a_request_waits_too_long() {
     assert_eq!(health(&a)["status"], "ok");
     // One long request runs; a second waits behind it.
     let long = {
-        let (a, body) = (a.clone(), completion("Tell me a long story:", 200, false));
+        let (a, body) = (a.clone(), long_completion(200, false));
         std::thread::spawn(move || post(&a, "/v1/completions", &body, None))
     };
     let queued = dima_tests::eventually(Duration::from_secs(60), || {
@@ -1073,7 +1082,7 @@ fn one_client_cannot_starve_or_hold_the_server() {
     // A third stream from this address is allowed, a fourth is not.
     let third = {
         let a = a.clone();
-        let body = completion("Tell me a long story:", 64, true);
+        let body = long_completion(64, true);
         std::thread::spawn(move || post(&a, "/v1/completions", &body, None))
     };
     let three = dima_tests::eventually(Duration::from_secs(30), || {

@@ -381,7 +381,10 @@ mod x86 {
         assert!(head_dim.is_multiple_of(16 * keys_per));
         let rows: Vec<(&[f32], &[f32])> = positions.map(kv).collect();
         let n = rows.len();
-        assert!(rows.iter().all(|(k, v)| k.len() == head_dim && v.len() == head_dim));
+        assert!(
+            rows.iter()
+                .all(|(k, v)| k.len() == head_dim && v.len() == head_dim)
+        );
         scores.clear();
         scores.resize(H * n, 0.0);
         // SAFETY: (the whole body) every load reads 16 floats at offsets
@@ -408,11 +411,23 @@ mod x86 {
                         _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
                     );
                 }
-                let t0 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
-                let t1 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+                let t0 = _mm512_add_ps(
+                    _mm512_unpacklo_ps(w[0], w[1]),
+                    _mm512_unpackhi_ps(w[0], w[1]),
+                );
+                let t1 = _mm512_add_ps(
+                    _mm512_unpacklo_ps(w[2], w[3]),
+                    _mm512_unpackhi_ps(w[2], w[3]),
+                );
                 let r = _mm512_add_ps(
-                    _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
-                    _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+                    _mm512_castpd_ps(_mm512_unpacklo_pd(
+                        _mm512_castps_pd(t0),
+                        _mm512_castps_pd(t1),
+                    )),
+                    _mm512_castpd_ps(_mm512_unpackhi_pd(
+                        _mm512_castps_pd(t0),
+                        _mm512_castps_pd(t1),
+                    )),
                 );
                 let mut lanes = [0f32; 16];
                 _mm512_storeu_ps(lanes.as_mut_ptr(), r);
