@@ -444,9 +444,9 @@ mod x86 {
                     }
                     for h in 0..H {
                         let q = _mm512_loadu_ps(qs.as_ptr().add(h * head_dim + d));
-                        for j in 0..keys_per {
-                            let at = h * keys_per + j;
-                            acc[at] = _mm512_fmadd_ps(q, k[j], acc[at]);
+                        let sums = &mut acc[h * keys_per..(h + 1) * keys_per];
+                        for (a, k) in sums.iter_mut().zip(&k) {
+                            *a = _mm512_fmadd_ps(q, *k, *a);
                         }
                     }
                 }
@@ -482,9 +482,9 @@ mod x86 {
                     }
                     for h in 0..H {
                         let w = _mm512_set1_ps(*scores.get_unchecked(h * n + i));
-                        for c in 0..chunks {
-                            let at = h * chunks + c;
-                            acc[at] = _mm512_fmadd_ps(w, x[c], acc[at]);
+                        let sums = &mut acc[h * chunks..(h + 1) * chunks];
+                        for (a, x) in sums.iter_mut().zip(&x) {
+                            *a = _mm512_fmadd_ps(w, *x, *a);
                         }
                     }
                 }
