@@ -236,16 +236,7 @@ fn attend_body<'a, const F: bool>(
             scores[h * n + i] = dot_wide::<F>(q, k);
         }
     }
-    for row in scores.chunks_exact_mut(n.max(1)) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for s in row.iter_mut() {
-            *s = exp_small((*s - max).max(-30.0));
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|s| *s *= inv);
-    }
+    softmax_rows(scores, n);
     match heads {
         1 if head_dim.is_multiple_of(16) => values::<1, F>(head_dim, &rows, scores, out),
         2 if head_dim.is_multiple_of(16) => values::<2, F>(head_dim, &rows, scores, out),
@@ -261,6 +252,23 @@ fn attend_body<'a, const F: bool>(
                 }
             }
         }
+    }
+}
+
+/// Each row of `n` attention scores (one per head) into its softmax
+/// weights, through [`exp_small`] (scores more than 30 below the row's
+/// largest count as 30 below).
+#[inline(always)]
+fn softmax_rows(scores: &mut [f32], n: usize) {
+    for row in scores.chunks_exact_mut(n.max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in row.iter_mut() {
+            *s = exp_small((*s - max).max(-30.0));
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|s| *s *= inv);
     }
 }
 
@@ -462,16 +470,7 @@ mod x86 {
                     scores[h * n + i] = super::dot_wide::<true>(q, k);
                 }
             }
-            for row in scores.chunks_exact_mut(n.max(1)) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in row.iter_mut() {
-                    *s = super::exp_small((*s - max).max(-30.0));
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|s| *s *= inv);
-            }
+            super::softmax_rows(scores, n);
             let chunks = keys_per;
             for c0 in (0..head_dim).step_by(16 * chunks) {
                 let mut acc = [_mm512_setzero_ps(); 16];

@@ -12,6 +12,31 @@ use anyhow::{Context, bail};
 
 use super::{free_port, levels_with_one};
 
+/// Starts `dima serve` (this executable, `exe`) on `address` with a deep
+/// queue, so a load test's requests wait rather than being refused.
+fn spawn_server(
+    exe: &Path,
+    model: &str,
+    address: &str,
+    max_batch: usize,
+    server_args: &[String],
+) -> anyhow::Result<std::process::Child> {
+    Command::new(exe)
+        .args(["serve", "--model", model, "--listen", address])
+        .args([
+            "--max-batch",
+            &max_batch.to_string(),
+            "--max-waiting",
+            "1024",
+        ])
+        .args(server_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting dima serve")
+}
+
 /// `dima bench serve`: starts `dima serve` (this executable) on a free
 /// loopback port and, for each number of concurrent streams, has every
 /// stream send `requests` streaming completions one after another (each
@@ -30,31 +55,9 @@ pub fn bench_serve(
     server_args: &[String],
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     let address = format!("127.0.0.1:{}", free_port()?);
-    let mut child = Command::new(exe)
-        .args(["serve", "--model", model, "--listen", &address])
-        .args([
-            "--max-batch",
-            &max_batch.to_string(),
-            "--max-waiting",
-            "1024",
-        ])
-        .args(server_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting dima serve")?;
+    let mut child = spawn_server(exe, model, &address, max_batch, server_args)?;
     let result = (|| -> anyhow::Result<Vec<serde_json::Value>> {
-        let deadline = Instant::now() + std::time::Duration::from_secs(300);
-        while std::net::TcpStream::connect(&address).is_err() {
-            if Instant::now() > deadline {
-                bail!("dima serve did not listen on {address}");
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!("dima serve exited: {status}");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+        wait_listening(&address, &mut child, "dima serve")?;
         let texts = [
             "The river carried the boat past quiet villages and",
             "Write a short story about a lighthouse keeper who",
@@ -435,20 +438,7 @@ pub fn bench_serve_mix(
         );
     }
     let address = format!("127.0.0.1:{}", free_port()?);
-    let mut child = Command::new(exe)
-        .args(["serve", "--model", model, "--listen", &address])
-        .args([
-            "--max-batch",
-            &w.max_batch.to_string(),
-            "--max-waiting",
-            "1024",
-        ])
-        .args(server_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting dima serve")?;
+    let mut child = spawn_server(exe, model, &address, w.max_batch, server_args)?;
     let texts = [
         "The river carried the boat past quiet villages and",
         "Write a short story about a lighthouse keeper who",
