@@ -6,8 +6,9 @@
 //! format's 256-column super-blocks whole) in Q8_0, Q5_0, Q4_K and Q6_K,
 //! on each path this CPU runs: `f32` (blocks decoded to f32 and multiplied
 //! in 16 lanes, the AVX-512/AVX2/portable row kernels of
-//! `Kernel::detect`), `avx512vnni` (`kernels::quant::vnni`, int8
-//! `VPDPBUSD` on the repacked blocks) and `amx` (`kernels::quant::tiles`),
+//! `Kernel::detect`), `avx512vnni` and `avxvnni` (`kernels::quant::vnni`,
+//! int8 `VPDPBUSD` on the repacked blocks, 512 and 256 bits wide) and
+//! `amx` (`kernels::quant::tiles`),
 //! each with its activation quantization included.
 //! Leaves out: the rest of the model, repacking (done once at load).
 //! Anchor: `anchor_read_bytes`, a sum over the matrix's bytes with the same
@@ -85,7 +86,11 @@ fn quant_matmul(c: &mut Criterion) {
             |b| b.iter(|| m.matmul(&xs, TOKENS, &mut out)),
         );
         #[cfg(target_arch = "x86_64")]
-        for path in [kernels::quant::Int8::Avx512Vnni, kernels::quant::Int8::Amx] {
+        for path in [
+            kernels::quant::Int8::Avx512Vnni,
+            kernels::quant::Int8::AvxVnni,
+            kernels::quant::Int8::Amx,
+        ] {
             let Some(packed) = kernels::quant::tiles::Packed::new_for(&m, path) else {
                 continue;
             };

@@ -495,6 +495,7 @@ fn every_kernel_path_holds_the_float64_bound() {
         ("avx2", std::arch::is_x86_feature_detected!("avx2")),
         ("avx512", std::arch::is_x86_feature_detected!("avx512bw")),
         ("avx512vnni", kernels::quant::Int8::Avx512Vnni.supported()),
+        ("avxvnni", kernels::quant::Int8::AvxVnni.supported()),
         ("amx", kernels::quant::Int8::Amx.supported()),
     ] {
         if supported {
@@ -593,7 +594,7 @@ fn every_kernel_path_holds_the_float64_bound() {
         let stats: Value = serde_json::from_str(done.stderr.lines().last().unwrap()).unwrap();
         let prompt_path = stats["kernel_prompt"].as_str().unwrap();
         match *path {
-            "amx" | "avx512vnni" => assert_eq!(prompt_path, *path, "{stats}"),
+            "amx" | "avx512vnni" | "avxvnni" => assert_eq!(prompt_path, *path, "{stats}"),
             rows => assert_eq!(prompt_path, rows, "{stats}"),
         }
     }

@@ -29,7 +29,7 @@ impl Kernel {
         let best = Self::best();
         match Choice::from_env() {
             Ok(Choice::Portable) => Self::Portable,
-            Ok(Choice::Avx2) => best.min(Self::Avx2),
+            Ok(Choice::Avx2 | Choice::AvxVnni) => best.min(Self::Avx2),
             _ => best,
         }
     }
@@ -90,15 +90,18 @@ pub enum Choice {
     Avx2,
     /// The AVX-512 f32 kernels, no int8 products.
     Avx512,
-    /// AVX-512 VNNI int8 products for two or more tokens (no AMX).
+    /// AVX-512 VNNI int8 products (no AMX).
     Avx512Vnni,
+    /// AVX-VNNI (256-bit) int8 products, with the AVX2 f32 rows: what a CPU
+    /// with AVX-VNNI and no AVX-512 runs.
+    AvxVnni,
     /// The AMX tiles (where the CPU has them).
     Amx,
 }
 
 impl Choice {
     /// The values `DIMA_KERNELS` takes.
-    pub const VALUES: &'static str = "auto, amx, avx512vnni, avx512, avx2, portable";
+    pub const VALUES: &'static str = "auto, amx, avx512vnni, avxvnni, avx512, avx2, portable";
 
     /// `DIMA_KERNELS`, read.
     pub fn from_env() -> Result<Self, String> {
@@ -111,6 +114,7 @@ impl Choice {
             "avx2" => Ok(Self::Avx2),
             "avx512" => Ok(Self::Avx512),
             "avx512vnni" => Ok(Self::Avx512Vnni),
+            "avxvnni" => Ok(Self::AvxVnni),
             "amx" => Ok(Self::Amx),
             other => Err(format!(
                 "DIMA_KERNELS={other:?} is not a kernel path (one of: {})",

@@ -406,6 +406,9 @@ pub enum Int8 {
     Amx,
     /// AVX-512 VNNI `VPDPBUSD` (`vnni`).
     Avx512Vnni,
+    /// AVX-VNNI: the same products 256 bits wide (`vnni`), for CPUs with
+    /// AVX-VNNI and no AVX-512.
+    AvxVnni,
     /// No int8 products: the f32 row kernels.
     None,
 }
@@ -424,13 +427,19 @@ impl Int8 {
             if tiles::available() {
                 return Self::Amx;
             }
+            let choice = Choice::from_env();
             if Self::Avx512Vnni.supported()
-                && matches!(
-                    Choice::from_env(),
-                    Ok(Choice::Auto | Choice::Amx | Choice::Avx512Vnni)
-                )
+                && matches!(choice, Ok(Choice::Auto | Choice::Amx | Choice::Avx512Vnni))
             {
                 return Self::Avx512Vnni;
+            }
+            if Self::AvxVnni.supported()
+                && matches!(
+                    choice,
+                    Ok(Choice::Auto | Choice::Amx | Choice::Avx512Vnni | Choice::AvxVnni)
+                )
+            {
+                return Self::AvxVnni;
             }
         }
         Self::None
@@ -441,7 +450,7 @@ impl Int8 {
     /// `docs/benchmarks.md`), and a token's result is then the same alone
     /// and in any batch, bit for bit; on the tiles one token costs more.
     pub fn one_token(self) -> bool {
-        self == Self::Avx512Vnni
+        matches!(self, Self::Avx512Vnni | Self::AvxVnni)
     }
 
     /// Whether this CPU (and process) can run the path.
@@ -453,6 +462,10 @@ impl Int8 {
             Self::Avx512Vnni => {
                 Kernel::detect() == Kernel::Avx512 && is_x86_feature_detected!("avx512vnni")
             }
+            #[cfg(target_arch = "x86_64")]
+            Self::AvxVnni => {
+                Kernel::detect() >= Kernel::Avx2 && is_x86_feature_detected!("avxvnni")
+            }
             _ => false,
         }
     }
@@ -462,6 +475,7 @@ impl Int8 {
         match self {
             Self::Amx => "amx",
             Self::Avx512Vnni => "avx512vnni",
+            Self::AvxVnni => "avxvnni",
             Self::None => "f32",
         }
     }

@@ -287,7 +287,7 @@ fn every_row_kernel_variant_agrees_on_random_blocks() {
 #[test]
 fn int8_products_follow_the_exact_product_and_ignore_the_batch() {
     use super::tiles::Packed;
-    let paths: Vec<Int8> = [Int8::Amx, Int8::Avx512Vnni]
+    let paths: Vec<Int8> = [Int8::Amx, Int8::Avx512Vnni, Int8::AvxVnni]
         .into_iter()
         .filter(|p| p.supported())
         .collect();
@@ -295,6 +295,9 @@ fn int8_products_follow_the_exact_product_and_ignore_the_batch() {
         eprintln!("skipped: no int8 path on this CPU");
         return;
     }
+    // Per format, the products of each VNNI width (the same arithmetic
+    // lane for lane: equal bit for bit where no activation sum enters).
+    let mut widths: Vec<(GgmlType, Int8, Vec<f32>)> = Vec::new();
     for path in paths {
         for t in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4K, GgmlType::Q6K] {
             let (rows, cols) = (37, if t.block_elements() == 256 { 768 } else { 640 });
@@ -349,6 +352,17 @@ fn int8_products_follow_the_exact_product_and_ignore_the_batch() {
             let mut all = vec![0f32; n * rows];
             packed.matmul(&xs, n, &mut all);
             check(&all).unwrap();
+            if path != Int8::Amx && t != GgmlType::Q4K {
+                if let Some((_, other, theirs)) = widths.iter().find(|w| w.0 == t) {
+                    assert!(
+                        all.iter()
+                            .zip(theirs)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{t:?}: {path:?} and {other:?} differ"
+                    );
+                }
+                widths.push((t, path, all.clone()));
+            }
             for (start, k) in [(0, 1), (5, 2), (n - 7, 7)] {
                 let mut part = vec![0f32; k * rows];
                 packed.matmul(&xs[start * cols..(start + k) * cols], k, &mut part);

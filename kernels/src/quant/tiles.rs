@@ -93,6 +93,8 @@ pub struct Packed {
     /// Scales per 32-column block: 1, or 2 for Q6_K (one per 16 columns,
     /// each half its own tile product).
     pub(super) halves: usize,
+    /// The int8 path it was packed for.
+    pub(super) path: super::Int8,
 }
 
 /// Q6_K super-block `b` (256 values): its values minus 32 and its 16
@@ -176,7 +178,7 @@ impl Packed {
         {
             return None;
         }
-        let vnni = path == super::Int8::Avx512Vnni;
+        let vnni = matches!(path, super::Int8::Avx512Vnni | super::Int8::AvxVnni);
         let (rows, cols) = (m.rows, m.cols);
         let (groups, blocks) = (rows.div_ceil(ROWS), cols / BLOCK);
         let k4 = m.ggml_type == GgmlType::Q4K;
@@ -253,6 +255,7 @@ impl Packed {
             mins,
             sums,
             halves,
+            path,
         })
     }
 
@@ -264,10 +267,9 @@ impl Packed {
     /// `out (n × rows) = xs (n × cols) · Wᵀ` on the int8 path it was
     /// packed for.
     pub fn matmul(&self, xs: &[f32], n: usize, out: &mut [f32]) {
-        if self.sums.is_empty() {
-            self.tile_matmul(xs, n, out)
-        } else {
-            self.vnni_matmul::<{ super::VNNI_PARTS }>(xs, n, out)
+        match self.path {
+            super::Int8::Amx => self.tile_matmul(xs, n, out),
+            _ => self.vnni_matmul::<{ super::VNNI_PARTS }>(xs, n, out),
         }
     }
 

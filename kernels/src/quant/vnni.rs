@@ -1,6 +1,6 @@
-//! Products on AVX-512 VNNI int8 dot products (`VPDPBUSD`): the path for
-//! prompts and batched decode steps on CPUs without AMX (and the one-token
-//! path where it is faster than the f32 rows; see [`super::Int8::one_token`]).
+//! Products on VNNI int8 dot products (`VPDPBUSD`), AVX-512 or AVX-VNNI
+//! (256 bits): the path for prompts, batched decode steps and single tokens
+//! on CPUs without AMX (see [`super::Int8::one_token`]).
 //!
 //! The weights are the AMX tiles' repacking ([`Packed`]): per 16 weight rows
 //! and 32-column block, 8 quads of 64 bytes, quad `q` holding each row's
@@ -19,8 +19,12 @@
 //! token's result depends only on its own activations, whatever the batch
 //! around it, and equals what it gets alone.
 //!
-//! The inner tile is `G` row groups × `T` tokens: every weight quad is
-//! loaded once per `T` tokens, every broadcast used for `G` groups.
+//! The AVX-512 inner tile is `G` row groups × `T` tokens: every weight
+//! quad is loaded once per `T` tokens, every broadcast used for `G` groups.
+//! AVX-VNNI has 16 vector registers: its tile is one group (two halves of 8
+//! rows) × one token, the same arithmetic lane for lane, so its results
+//! equal AVX-512's bit for bit where no activation sum enters (all formats
+//! but Q4_K, whose mins multiply the block sum).
 
 use std::arch::x86_64::{
     __m512, __m512i, _MM_HINT_T0, _mm_prefetch, _mm512_cvtepi32_ps, _mm512_dpbusd_epi32,
@@ -44,8 +48,9 @@ pub(super) struct Acts<const P: usize> {
 }
 
 impl<const P: usize> Acts<P> {
-    /// Quantizes `tokens` rows of `cols` activations (`xs`, row-major).
-    pub(super) fn new(xs: &[f32], tokens: usize, cols: usize) -> Self {
+    /// Quantizes `tokens` rows of `cols` activations (`xs`, row-major);
+    /// `wide`: with AVX-512 (else plain code with the same arithmetic).
+    pub(super) fn new(xs: &[f32], tokens: usize, cols: usize, wide: bool) -> Self {
         let blocks = cols / BLOCK;
         let mut acts = Self {
             bytes: vec![0u8; blocks * tokens * P * BLOCK],
@@ -57,13 +62,76 @@ impl<const P: usize> Acts<P> {
             for k in 0..blocks {
                 let x = &xs[t * cols + k * BLOCK..t * cols + (k + 1) * BLOCK];
                 let at = k * tokens + t;
-                // SAFETY: the VNNI path is chosen only where AVX-512 runs.
-                let (d, sum) = unsafe { acts.block(x, at * P * BLOCK) };
+                let (d, sum) = if wide {
+                    // SAFETY: `wide` only where AVX-512 runs (the caller's
+                    // path is AVX-512 VNNI).
+                    unsafe { acts.block(x, at * P * BLOCK) }
+                } else {
+                    // SAFETY: the other VNNI path, AVX-VNNI, runs only
+                    // where AVX2 and FMA do.
+                    unsafe { acts.block_plain(x, at * P * BLOCK) }
+                };
                 acts.scales[at] = d;
                 acts.sums[at] = sum;
             }
         }
         acts
+    }
+
+    /// [`block`](Self::block) on AVX2: the same arithmetic (multiply by
+    /// the inverse scale, round to nearest even, remainder times 254), so
+    /// the same parts.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block_plain(&mut self, x: &[f32], at: usize) -> (f32, f32) {
+        use std::arch::x86_64::{
+            __m256, _mm256_add_epi32, _mm256_andnot_ps, _mm256_cvtepi32_ps, _mm256_cvtps_epi32,
+            _mm256_loadu_ps, _mm256_max_ps, _mm256_mul_ps, _mm256_packus_epi16,
+            _mm256_packus_epi32, _mm256_permutevar8x32_epi32, _mm256_set1_epi32, _mm256_set1_ps,
+            _mm256_setr_epi32, _mm256_storeu_ps, _mm256_storeu_si256, _mm256_sub_ps,
+        };
+        assert!(x.len() == BLOCK && at + P * BLOCK <= self.bytes.len());
+        // SAFETY: `x` holds 32 floats and the parts 32·P bytes from `at`
+        // (checked); conversions round to nearest even (the default
+        // rounding mode), each remainder exact.
+        unsafe {
+            let v: [__m256; 4] = std::array::from_fn(|c| _mm256_loadu_ps(x.as_ptr().add(8 * c)));
+            let sign = _mm256_set1_ps(-0.0);
+            let mut m = _mm256_andnot_ps(sign, v[0]);
+            for c in &v[1..] {
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *c));
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+            let amax = lanes.iter().fold(0f32, |a, b| a.max(*b));
+            let sum = x.iter().sum();
+            let d = amax / 127.0;
+            let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let unit = _mm256_set1_ps(LOW);
+            let bias = _mm256_set1_epi32(128);
+            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            let mut rest: [__m256; 4] = std::array::from_fn(|c| _mm256_mul_ps(v[c], inv));
+            for p in 0..P {
+                let whole: [_; 4] = std::array::from_fn(|c| _mm256_cvtps_epi32(rest[c]));
+                for (r, w) in rest.iter_mut().zip(&whole) {
+                    *r = _mm256_mul_ps(_mm256_sub_ps(*r, _mm256_cvtepi32_ps(*w)), unit);
+                }
+                // whole + 128 is a byte (|whole| ≤ 127): pack the 32 of
+                // them in order.
+                let b: [_; 4] = std::array::from_fn(|c| _mm256_add_epi32(whole[c], bias));
+                let packed = _mm256_packus_epi16(
+                    _mm256_packus_epi32(b[0], b[1]),
+                    _mm256_packus_epi32(b[2], b[3]),
+                );
+                _mm256_storeu_si256(
+                    self.bytes.as_mut_ptr().add(at + p * BLOCK).cast(),
+                    _mm256_permutevar8x32_epi32(packed, order),
+                );
+            }
+            (d, sum)
+        }
     }
 
     /// One block `x` (32 values) into its `P` parts at byte `at`; returns
@@ -133,16 +201,36 @@ impl Packed {
             (n * cols, n * rows),
             "vnni matmul shapes"
         );
+        let wide = self.path == super::Int8::Avx512Vnni;
         assert!(
-            self.sums.len() == self.scales.len() && super::Int8::Avx512Vnni.supported(),
-            "packed for the VNNI path on a CPU that has it"
+            self.sums.len() == self.scales.len()
+                && self.path.supported()
+                && self.path != super::Int8::Amx,
+            "packed for a VNNI path on a CPU that has it"
         );
-        let acts = Acts::<P>::new(xs, n, cols);
+        let acts = Acts::<P>::new(xs, n, cols, wide);
         let groups = rows.div_ceil(ROWS);
         let shared = SharedOut {
             ptr: out.as_mut_ptr(),
             len: out.len(),
         };
+        if !wide {
+            // AVX-VNNI: a task is one group, every token, one at a time.
+            (0..groups).into_par_iter().for_each(|g| {
+                for t in 0..n {
+                    // SAFETY: AVX-VNNI runs here (asserted above); this
+                    // task writes only group g's rows.
+                    unsafe {
+                        if self.halves == 2 {
+                            self.tile256::<P, 2>(&acts, g, t, &shared);
+                        } else {
+                            self.tile256::<P, 1>(&acts, g, t, &shared);
+                        }
+                    }
+                }
+            });
+            return;
+        }
         // A task: G groups, every token.
         (0..groups.div_ceil(G)).into_par_iter().for_each(|task| {
             let g0 = task * G;
@@ -299,6 +387,100 @@ impl Packed {
                     _mm512_mask_storeu_ps(out.ptr.add(at), mask, *f);
                 }
             }
+        }
+    }
+}
+
+impl Packed {
+    /// Group `g` (16 rows, as two halves of 8) × token `t` on AVX-VNNI
+    /// (256 bits), `H` scales per block: the arithmetic of
+    /// [`tile`](Self::tile), lane for lane.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and AVX-VNNI; the group and token exist and no
+    /// other thread writes the group's rows of this token.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    unsafe fn tile256<const P: usize, const H: usize>(
+        &self,
+        acts: &Acts<P>,
+        g: usize,
+        t: usize,
+        out: &SharedOut,
+    ) {
+        use std::arch::x86_64::{
+            __m256i, _mm256_cvtepi32_ps, _mm256_dpbusd_avx_epi32, _mm256_fmadd_ps,
+            _mm256_fnmadd_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_mul_ps,
+            _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+        };
+        let blocks = self.cols / BLOCK;
+        let quads = BLOCK / 4 / H;
+        assert_eq!(self.halves, H);
+        let tokens = acts.tokens;
+        assert!(t < tokens && (g + 1) * ROWS * blocks * BLOCK <= self.quants.len());
+        // SAFETY: (the whole body) every pointer stays inside the buffers
+        // whose bounds were checked above (group g's quants, scales, sums
+        // and mins, token t's activations); `out` is written at group g's
+        // rows of token t, in bounds (checked before the copy).
+        unsafe {
+            let mut facc = [_mm256_setzero_ps(); 2];
+            let unit = _mm256_set1_ps(1.0 / LOW);
+            for k in 0..blocks {
+                let next = self
+                    .quants
+                    .as_ptr()
+                    .wrapping_add((g * blocks + k + 1) * ROWS * BLOCK);
+                for line in 0..8 {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line).cast());
+                }
+                let s = _mm256_set1_ps(*acts.scales.get_unchecked(k * tokens + t));
+                for h in 0..H {
+                    let at = ((g * blocks + k) * H + h) * ROWS;
+                    let start = |half: usize| {
+                        _mm256_loadu_si256(self.sums.as_ptr().add(at + 8 * half).cast())
+                    };
+                    let mut iacc: [[__m256i; P]; 2] = [[start(0); P], [start(1); P]];
+                    for q in h * quads..(h + 1) * quads {
+                        let row = ((k * tokens + t) * P) * BLOCK + 4 * q;
+                        let b: [__m256i; P] = std::array::from_fn(|p| {
+                            let at = acts.bytes.as_ptr().add(row + p * BLOCK);
+                            _mm256_set1_epi32(at.cast::<i32>().read_unaligned())
+                        });
+                        let tile = (g * blocks + k) * ROWS * BLOCK + q * 64;
+                        for (half, ih) in iacc.iter_mut().enumerate() {
+                            let w = _mm256_loadu_si256(
+                                self.quants.as_ptr().add(tile + 32 * half).cast(),
+                            );
+                            for (acc, bp) in ih.iter_mut().zip(&b) {
+                                *acc = _mm256_dpbusd_avx_epi32(*acc, *bp, w);
+                            }
+                        }
+                    }
+                    for (half, (f, ih)) in facc.iter_mut().zip(&iacc).enumerate() {
+                        let ws = _mm256_loadu_ps(self.scales.as_ptr().add(at + 8 * half));
+                        let mut v = _mm256_cvtepi32_ps(ih[P - 1]);
+                        for p in (0..P - 1).rev() {
+                            v = _mm256_fmadd_ps(v, unit, _mm256_cvtepi32_ps(ih[p]));
+                        }
+                        *f = _mm256_fmadd_ps(v, _mm256_mul_ps(ws, s), *f);
+                    }
+                }
+                if !self.mins.is_empty() {
+                    let x = _mm256_set1_ps(*acts.sums.get_unchecked(k * tokens + t));
+                    for (half, f) in facc.iter_mut().enumerate() {
+                        let at = (g * blocks + k) * ROWS + 8 * half;
+                        let ms = _mm256_loadu_ps(self.mins.as_ptr().add(at));
+                        *f = _mm256_fnmadd_ps(ms, x, *f);
+                    }
+                }
+            }
+            let mut lanes = [0f32; ROWS];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), facc[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), facc[1]);
+            let first_row = g * ROWS;
+            let live = self.rows.saturating_sub(first_row).min(ROWS);
+            let at = t * self.rows + first_row;
+            assert!(at + live <= out.len, "vnni output rows in bounds");
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.ptr.add(at), live);
         }
     }
 }
