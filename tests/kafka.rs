@@ -396,3 +396,115 @@ path = "out/examples.jsonl"
     assert!(kafka.1.len() > 25_000);
     assert!(kafka.1 == file.1, "the examples differ");
 }
+
+/// A partition that goes silent does not hold event time back forever
+/// (`time.idle_s`, Flink's idleness): the first 200 events (the earliest)
+/// are on partition 1 of a two-partition topic and nothing more comes
+/// there; the rest are on partition 0. Following the live topic, the
+/// pipeline must emit examples while it runs, once partition 1 has been
+/// silent for `idle_s`; without idleness its watermark would stop every
+/// window. Every line it emits is one the file run emits.
+#[test]
+fn a_silent_partition_does_not_stop_event_time() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&dir.path().join("broker"));
+    let address = broker.address();
+    let file = dir.path().join("ads.jsonl");
+    generate("ads", 20_000, 4, 0.0, &format!("jsonl:{}", file.display()));
+    let topic = "ads-idle";
+    dataflows::pipelines::kafka::ensure_topic(&address, topic, 2).unwrap();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &address)
+        .create()
+        .unwrap();
+    for (i, line) in lines(&file).iter().enumerate() {
+        let partition = if i < 200 { 1 } else { 0 };
+        loop {
+            match producer.send::<(), _>(
+                BaseRecord::to(topic)
+                    .partition(partition)
+                    .payload(line.as_str()),
+            ) {
+                Ok(()) => break,
+                Err((e, _)) => {
+                    assert!(
+                        matches!(
+                            e,
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull
+                            )
+                        ),
+                        "{e}"
+                    );
+                    producer.poll(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    let stages = r#"
+[pipelines.ads.time]
+idle_s = 5
+
+[pipelines.ads.attribution]
+window_s = 600
+
+[pipelines.ads.examples]
+kind = "jsonl"
+path = "out/examples.jsonl"
+"#;
+    // The oracle: the same events from the file.
+    let here = dir.path().join("file");
+    std::fs::create_dir_all(&here).unwrap();
+    let source = format!(
+        "[pipelines.ads.source]\nkind = \"jsonl\"\npath = \"{}\"\n",
+        file.display()
+    );
+    let pipelines = format!(
+        "[pipelines.ads]\nepoch_events = 2000\n{source}{}",
+        stages.replace("idle_s = 5\n", "")
+    );
+    let manifest = write(&here, "m.toml", &layout_manifest(1, 1, &pipelines));
+    run_dima(
+        &["up", manifest.to_str().unwrap(), "--job", "pipelines"],
+        LIMIT,
+    )
+    .assert_success()
+    .assert_no_panic();
+    let want: BTreeSet<String> = lines(&here.join("out/examples.jsonl"))
+        .into_iter()
+        .collect();
+    assert!(want.len() > 15_000, "{}", want.len());
+    // The live run.
+    let here = dir.path().join("kafka");
+    std::fs::create_dir_all(&here).unwrap();
+    let source = format!(
+        "[pipelines.ads.source]\nkind = \"kafka\"\nbrokers = \"{address}\"\ntopic = \"{topic}\"\ngroup = \"idle\"\nstop_at_end = false\n"
+    );
+    let pipelines = format!("[pipelines.ads]\nepoch_events = 2000\n{source}{stages}");
+    let manifest = write(&here, "m.toml", &layout_manifest(1, 1, &pipelines));
+    let up = dima_tests::spawn_dima(&["up", manifest.to_str().unwrap(), "--job", "pipelines"]);
+    let out = here.join("out/examples.jsonl");
+    let enough = want.len() * 8 / 10;
+    let emitted = dima_tests::eventually(Duration::from_secs(120), || {
+        let got = std::fs::read_to_string(&out).ok()?;
+        (got.lines().count() >= enough).then_some(())
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status();
+    let done = dima_tests::wait(up, LIMIT);
+    assert!(
+        emitted.is_some(),
+        "fewer than {enough} examples within 120 s while following the topic: {}\n{}",
+        lines(&out).len(),
+        done.stderr
+    );
+    let got = lines(&out);
+    let stray: Vec<&String> = got.iter().filter(|l| !want.contains(*l)).take(3).collect();
+    assert!(
+        stray.is_empty(),
+        "lines the file run does not have: {stray:?}"
+    );
+}

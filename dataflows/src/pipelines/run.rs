@@ -335,8 +335,12 @@ impl Runner {
         Ok(())
     }
 
-    /// The worker's watermark: the least of its shares' (`None` while a
-    /// share that is neither finished nor idle has read nothing).
+    /// The worker's watermark: the least of its active shares' (`None`
+    /// while a share that is neither finished nor idle has read nothing).
+    /// When every share that is not finished is idle (the whole stream
+    /// paused), the greatest of their watermarks: nothing holds event time
+    /// back, so the windows up to what was read complete, whenever the
+    /// shares went quiet relative to each other.
     fn watermark(&self) -> Option<u64> {
         let shares = self.source.shares();
         if shares.is_empty() {
@@ -345,6 +349,7 @@ impl Runner {
         let idle = Duration::from_millis(self.spec.time.idle_ms);
         let follows = self.source.unbounded();
         let mut least: Option<u64> = None;
+        let (mut active, mut idle_greatest) = (false, None::<u64>);
         for share in shares {
             if self.source.share_finished(share) {
                 continue;
@@ -352,8 +357,12 @@ impl Runner {
             match self.clocks.get(&share) {
                 Some(s) => {
                     if follows && s.seen.elapsed() >= idle {
+                        if let Some(w) = s.clock.watermark() {
+                            idle_greatest = Some(idle_greatest.map_or(w, |g| g.max(w)));
+                        }
                         continue;
                     }
+                    active = true;
                     let w = s.clock.watermark()?;
                     least = Some(least.map_or(w, |l| l.min(w)));
                 }
@@ -361,7 +370,7 @@ impl Runner {
                 None => return None,
             }
         }
-        least
+        if active { least } else { idle_greatest }
     }
 
     /// Reads and sends what backpressure and the rate allow; returns
