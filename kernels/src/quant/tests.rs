@@ -278,7 +278,7 @@ fn every_row_kernel_variant_agrees_on_random_blocks() {
     }
 }
 
-/// The int8 paths this CPU runs (the AMX tiles, AVX-512 VNNI), each
+/// The int8 paths this CPU runs (the AMX tiles, AVX-512 VNNI, AVX-VNNI), each
 /// against exact f64 products of the decoded rows, on random blocks of
 /// every packed format: within the activations' quantization bound, and a
 /// token's result bit for bit the same alone and in any batch. A packing
