@@ -657,21 +657,24 @@ struct Active {
     /// The tokens generated so far (the last is `next`, not yet fed).
     tokens: Vec<u32>,
     ignore_eos: bool,
-    prompt_tokens: usize,
-    generated: usize,
     limit: usize,
     next: u32,
 }
 
 impl Active {
+    /// Tokens generated so far.
+    fn generated(&self) -> usize {
+        self.tokens.len()
+    }
+
     /// Positions its cache holds after the next step.
     fn held(&self) -> usize {
-        self.prompt_tokens + self.generated
+        self.prompt.len() + self.generated()
     }
 
     /// What it is charged against `max_tokens_in_flight`.
     fn charge(&self, lookahead: usize) -> usize {
-        (self.held() + lookahead).min(self.prompt_tokens + self.limit)
+        (self.held() + lookahead).min(self.prompt.len() + self.limit)
     }
 }
 
@@ -975,22 +978,14 @@ impl EngineActor {
             // One `Failed` per request, not per choice.
             let mut told: Vec<u64> = Vec::new();
             for a in self.active.drain(..) {
-                if !told.contains(&a.arrival) {
-                    told.push(a.arrival);
-                    send(&a.sink, Event::Failed(reason.clone()));
-                }
+                tell_failed(&mut told, &a, &reason);
             }
             for (_, waiting) in joining {
                 match waiting {
                     Waiting::New(mut job) => {
                         (job.sink)(Event::Failed(reason.clone()));
                     }
-                    Waiting::Resume { active, .. } => {
-                        if !told.contains(&active.arrival) {
-                            told.push(active.arrival);
-                            send(&active.sink, Event::Failed(reason.clone()));
-                        }
-                    }
+                    Waiting::Resume { active, .. } => tell_failed(&mut told, &active, &reason),
                 }
             }
             self.broken = Some(reason);
@@ -1063,8 +1058,6 @@ impl EngineActor {
                     prompt: Arc::clone(&prompt),
                     tokens: Vec::new(),
                     ignore_eos: r.ignore_eos,
-                    prompt_tokens: r.prompt.len(),
-                    generated: 0,
                     limit: limit(&r, self.context),
                     next: 0,
                 };
@@ -1081,20 +1074,15 @@ impl EngineActor {
 
     fn fail_queue(&mut self) {
         let reason = self.broken.clone().unwrap_or_default();
+        let failed = format!("the model is unavailable: {reason}");
         let mut told: Vec<u64> = Vec::new();
         for waiting in self.queue.drain(..) {
-            let failed = Event::Failed(format!("the model is unavailable: {reason}"));
             match waiting {
                 Waiting::New(mut job) => {
                     self.counters.waiting.fetch_sub(1, Ordering::SeqCst);
-                    (job.sink)(failed);
+                    (job.sink)(Event::Failed(failed.clone()));
                 }
-                Waiting::Resume { active, .. } => {
-                    if !told.contains(&active.arrival) {
-                        told.push(active.arrival);
-                        send(&active.sink, failed);
-                    }
-                }
+                Waiting::Resume { active, .. } => tell_failed(&mut told, &active, &failed),
             }
         }
         self.publish_oldest();
@@ -1128,10 +1116,19 @@ fn budget(request: &Request, context: usize) -> usize {
     request.prompt.len() + limit(request, context)
 }
 
+/// Tells `a`'s request it failed, once for all its choices (`told`: the
+/// requests, by arrival, already told).
+fn tell_failed(told: &mut Vec<u64>, a: &Active, reason: &str) {
+    if !told.contains(&a.arrival) {
+        told.push(a.arrival);
+        send(&a.sink, Event::Failed(reason.to_owned()));
+    }
+}
+
 /// Samples the next token from `logits` and reports it; `false` when the
 /// request is finished (or its client gone).
 fn emit(a: &mut Active, logits: &[f32]) -> bool {
-    if a.generated >= a.limit {
+    if a.generated() >= a.limit {
         return finish(a, FinishReason::Length);
     }
     // A model gone numerically wrong (a NaN weight, an overflow) ends the
@@ -1142,7 +1139,7 @@ fn emit(a: &mut Active, logits: &[f32]) -> bool {
             Event::Failed(format!(
                 "the model produced a non-finite logit ({bad}) at generated token {}; \
                  the request is ended",
-                a.generated + 1
+                a.generated() + 1
             )),
         );
         return false;
@@ -1170,7 +1167,6 @@ fn emit(a: &mut Active, logits: &[f32]) -> bool {
         },
         _ => false,
     };
-    a.generated += 1;
     a.next = next;
     a.tokens.push(next);
     let logprob = a.logprobs.map(|k| token_logprob(logits, next, k));
@@ -1188,7 +1184,7 @@ fn emit(a: &mut Active, logits: &[f32]) -> bool {
     if end || a.stop_ids.contains(&next) || complete {
         return finish(a, FinishReason::Stop);
     }
-    if a.generated >= a.limit {
+    if a.generated() >= a.limit {
         return finish(a, FinishReason::Length);
     }
     true
@@ -1200,8 +1196,8 @@ fn finish(a: &mut Active, reason: FinishReason) -> bool {
         Event::Finished {
             choice: a.choice,
             reason,
-            prompt_tokens: a.prompt_tokens,
-            completion_tokens: a.generated,
+            prompt_tokens: a.prompt.len(),
+            completion_tokens: a.generated(),
         },
     );
     false
