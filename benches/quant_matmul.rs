@@ -7,7 +7,8 @@
 //! on each path this CPU runs: `f32` (blocks decoded to f32 and multiplied
 //! in 16 lanes, the AVX-512/AVX2/portable row kernels of
 //! `Kernel::detect`), `avx512vnni` and `avxvnni` (`kernels::quant::vnni`,
-//! int8 `VPDPBUSD` on the repacked blocks, 512 and 256 bits wide) and
+//! int8 `VPDPBUSD` on the repacked blocks, 512 and 256 bits wide),
+//! `avx2` (the same products as `VPMADDUBSW` + `VPMADDWD`) and
 //! `amx` (`kernels::quant::tiles`),
 //! each with its activation quantization included.
 //! Leaves out: the rest of the model, repacking (done once at load).
@@ -15,7 +16,9 @@
 //! rayon pool: what reading the weights once costs. A product of 64 tokens
 //! reads them once too, so product time / anchor time is how many reads'
 //! worth of time the arithmetic takes.
-//! Run: `cargo bench -p dima-benches --bench quant_matmul`
+//! Run: `cargo bench -p dima-benches --bench quant_matmul` (with
+//! `DIMA_KERNELS=avx2` the f32 rows are AVX2's, `f32_avx2f32`, the anchor
+//! of `avx2`).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
@@ -48,6 +51,14 @@ fn random_blocks(t: GgmlType) -> Vec<u8> {
         for &at in scales {
             let scale = f16::from_f32(0.001 + (state % 1000) as f32 * 1e-5);
             block[at..at + 2].copy_from_slice(&scale.to_le_bytes());
+        }
+        if t == GgmlType::Q8_0 {
+            // As llama.cpp writes Q8_0: −127..127.
+            for q in &mut block[2..] {
+                if *q == 0x80 {
+                    *q = 0x81;
+                }
+            }
         }
     }
     bytes
@@ -89,6 +100,7 @@ fn quant_matmul(c: &mut Criterion) {
         for path in [
             kernels::quant::Int8::Avx512Vnni,
             kernels::quant::Int8::AvxVnni,
+            kernels::quant::Int8::Avx2,
             kernels::quant::Int8::Amx,
         ] {
             let Some(packed) = kernels::quant::tiles::Packed::new_for(&m, path) else {

@@ -480,7 +480,8 @@ fn chat_messages_cannot_forge_turns() {
 }
 
 /// Every kernel path this CPU runs (`DIMA_KERNELS`: the int8 products on
-/// AMX or AVX-512 VNNI, and the f32 rows of each instruction set) holds
+/// AMX, AVX-512 VNNI, AVX-VNNI or plain AVX2, and the f32 rows of each
+/// instruction set) holds
 /// the same bounds on every fixture prompt's top-20 logits after the
 /// prompt: within 0.05 of float64 and 0.75 of llama.cpp. `dima generate
 /// --stats` names the path it used, and a value the variable does not
@@ -492,7 +493,8 @@ fn every_kernel_path_holds_the_float64_bound() {
     let exact = float64_reference();
     let mut paths = vec!["portable"];
     for (path, supported) in [
-        ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+        ("avx2f32", std::arch::is_x86_feature_detected!("avx2")),
+        ("avx2", kernels::quant::Int8::Avx2.supported()),
         ("avx512", std::arch::is_x86_feature_detected!("avx512bw")),
         ("avx512vnni", kernels::quant::Int8::Avx512Vnni.supported()),
         ("avxvnni", kernels::quant::Int8::AvxVnni.supported()),
@@ -594,7 +596,9 @@ fn every_kernel_path_holds_the_float64_bound() {
         let stats: Value = serde_json::from_str(done.stderr.lines().last().unwrap()).unwrap();
         let prompt_path = stats["kernel_prompt"].as_str().unwrap();
         match *path {
-            "amx" | "avx512vnni" | "avxvnni" => assert_eq!(prompt_path, *path, "{stats}"),
+            "amx" | "avx512vnni" | "avxvnni" | "avx2" => {
+                assert_eq!(prompt_path, *path, "{stats}")
+            }
             rows => assert_eq!(prompt_path, rows, "{stats}"),
         }
     }

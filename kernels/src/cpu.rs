@@ -29,7 +29,7 @@ impl Kernel {
         let best = Self::best();
         match Choice::from_env() {
             Ok(Choice::Portable) => Self::Portable,
-            Ok(Choice::Avx2 | Choice::AvxVnni) => best.min(Self::Avx2),
+            Ok(Choice::Avx2 | Choice::AvxVnni | Choice::Avx2F32) => best.min(Self::Avx2),
             _ => best,
         }
     }
@@ -57,7 +57,7 @@ impl Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Self::Portable => "portable",
-            Self::Avx2 => "avx2",
+            Self::Avx2 => "avx2f32",
             Self::Avx512 => "avx512",
         }
     }
@@ -82,12 +82,16 @@ impl Kernel {
 /// lacks falls back to the next narrower one it has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Choice {
-    /// The best this CPU has: AMX, then AVX-512 VNNI, then the f32 rows.
+    /// The best this CPU has: AMX, then AVX-512 VNNI, AVX-VNNI, plain
+    /// AVX2 int8, then the f32 rows.
     Auto,
     /// The baseline f32 kernels, no int8 products.
     Portable,
-    /// The AVX2 f32 kernels, no int8 products.
+    /// Plain AVX2: int8 products (`VPMADDUBSW` + `VPMADDWD`) for prompts,
+    /// batches and one token, as a CPU with AVX2 and no VNNI runs them.
     Avx2,
+    /// The AVX2 f32 kernels, no int8 products.
+    Avx2F32,
     /// The AVX-512 f32 kernels, no int8 products.
     Avx512,
     /// AVX-512 VNNI int8 products (no AMX).
@@ -101,7 +105,8 @@ pub enum Choice {
 
 impl Choice {
     /// The values `DIMA_KERNELS` takes.
-    pub const VALUES: &'static str = "auto, amx, avx512vnni, avxvnni, avx512, avx2, portable";
+    pub const VALUES: &'static str =
+        "auto, amx, avx512vnni, avxvnni, avx2, avx512, avx2f32, portable";
 
     /// `DIMA_KERNELS`, read.
     pub fn from_env() -> Result<Self, String> {
@@ -116,6 +121,7 @@ impl Choice {
             "avx512vnni" => Ok(Self::Avx512Vnni),
             "avxvnni" => Ok(Self::AvxVnni),
             "amx" => Ok(Self::Amx),
+            "avx2f32" => Ok(Self::Avx2F32),
             other => Err(format!(
                 "DIMA_KERNELS={other:?} is not a kernel path (one of: {})",
                 Self::VALUES

@@ -398,6 +398,9 @@ mod vnni;
 /// activation, 3 about 23 (as the tiles).
 pub const VNNI_PARTS: usize = 3;
 
+/// Activation parts of the plain AVX2 int8 path ([`Int8::parts`]).
+pub const AVX2_PARTS: usize = 2;
+
 /// The int8 path products of two or more tokens take (chosen once per
 /// process): the AMX tiles, AVX-512 VNNI, or none (the f32 row kernels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -409,6 +412,9 @@ pub enum Int8 {
     /// AVX-VNNI: the same products 256 bits wide (`vnni`), for CPUs with
     /// AVX-VNNI and no AVX-512.
     AvxVnni,
+    /// Plain AVX2: each `VPDPBUSD` done as `VPMADDUBSW` + `VPMADDWD`
+    /// (`vnni`), for CPUs with neither AVX-512 nor AVX-VNNI.
+    Avx2,
     /// No int8 products: the f32 row kernels.
     None,
 }
@@ -441,16 +447,46 @@ impl Int8 {
             {
                 return Self::AvxVnni;
             }
+            if Self::Avx2.supported()
+                && matches!(
+                    choice,
+                    Ok(Choice::Auto
+                        | Choice::Amx
+                        | Choice::Avx512Vnni
+                        | Choice::AvxVnni
+                        | Choice::Avx2)
+                )
+            {
+                return Self::Avx2;
+            }
         }
         Self::None
     }
 
     /// Whether one token (a decode step alone) takes this path too, not
-    /// the f32 row kernels: on VNNI it is as fast or faster (measured:
-    /// `docs/benchmarks.md`), and a token's result is then the same alone
-    /// and in any batch, bit for bit; on the tiles one token costs more.
+    /// the f32 row kernels: on VNNI, and on plain AVX2 where AVX-512 does
+    /// not run, it is faster (measured: `docs/benchmarks.md`), and a
+    /// token's result is then the same alone and in any batch, bit for
+    /// bit; on the tiles one token costs more.
     pub fn one_token(self) -> bool {
-        matches!(self, Self::Avx512Vnni | Self::AvxVnni)
+        match self {
+            Self::Avx512Vnni | Self::AvxVnni => true,
+            // Measured against the AVX2 f32 rows: 1.6× the decode speed;
+            // where AVX-512 runs, its hand-written f32 rows are kept.
+            Self::Avx2 => Kernel::detect() < Kernel::Avx512,
+            _ => false,
+        }
+    }
+
+    /// Activation parts per block (`vnni`): 3 (about 23 bits) on the tiles
+    /// and VNNI; 2 (about 15 bits) on plain AVX2, where each part costs
+    /// three instructions instead of one and two hold the float64 bound
+    /// (`tests/gemma.rs`).
+    pub fn parts(self) -> usize {
+        match self {
+            Self::Avx2 => AVX2_PARTS,
+            _ => VNNI_PARTS,
+        }
     }
 
     /// Whether this CPU (and process) can run the path.
@@ -466,6 +502,8 @@ impl Int8 {
             Self::AvxVnni => {
                 Kernel::detect() >= Kernel::Avx2 && is_x86_feature_detected!("avxvnni")
             }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => Kernel::detect() >= Kernel::Avx2,
             _ => false,
         }
     }
@@ -476,6 +514,7 @@ impl Int8 {
             Self::Amx => "amx",
             Self::Avx512Vnni => "avx512vnni",
             Self::AvxVnni => "avxvnni",
+            Self::Avx2 => "avx2",
             Self::None => "f32",
         }
     }

@@ -278,7 +278,8 @@ fn every_row_kernel_variant_agrees_on_random_blocks() {
     }
 }
 
-/// The int8 paths this CPU runs (the AMX tiles, AVX-512 VNNI, AVX-VNNI), each
+/// The int8 paths this CPU runs (the AMX tiles, AVX-512 VNNI, AVX-VNNI,
+/// plain AVX2), each
 /// against exact f64 products of the decoded rows, on random blocks of
 /// every packed format: within the activations' quantization bound, and a
 /// token's result bit for bit the same alone and in any batch. A packing
@@ -287,7 +288,7 @@ fn every_row_kernel_variant_agrees_on_random_blocks() {
 #[test]
 fn int8_products_follow_the_exact_product_and_ignore_the_batch() {
     use super::tiles::Packed;
-    let paths: Vec<Int8> = [Int8::Amx, Int8::Avx512Vnni, Int8::AvxVnni]
+    let paths: Vec<Int8> = [Int8::Amx, Int8::Avx512Vnni, Int8::AvxVnni, Int8::Avx2]
         .into_iter()
         .filter(|p| p.supported())
         .collect();
@@ -301,7 +302,20 @@ fn int8_products_follow_the_exact_product_and_ignore_the_batch() {
     for path in paths {
         for t in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4K, GgmlType::Q6K] {
             let (rows, cols) = (37, if t.block_elements() == 256 { 768 } else { 640 });
-            let bytes = random_blocks(t, rows * cols / t.block_elements(), 11);
+            let mut bytes = random_blocks(t, rows * cols / t.block_elements(), 11);
+            if path == Int8::Avx2 && t == GgmlType::Q8_0 {
+                // Plain AVX2 keeps the f32 rows for a Q8_0 matrix holding
+                // −128 (llama.cpp writes −127..127): take it out.
+                let m = QMatrix::new(t, rows, cols, &bytes).unwrap();
+                assert!(Packed::new_for(&m, path).is_none(), "−128 is refused");
+                for block in bytes.chunks_mut(34) {
+                    for q in &mut block[2..] {
+                        if *q == 0x80 {
+                            *q = 0x81;
+                        }
+                    }
+                }
+            }
             let m = QMatrix::new(t, rows, cols, &bytes).unwrap();
             let mut packed = Packed::new_for(&m, path).unwrap();
             let mut weights = vec![0f32; rows * cols];
@@ -315,7 +329,7 @@ fn int8_products_follow_the_exact_product_and_ignore_the_batch() {
             // The bound: each activation is off by at most half a unit of
             // its last part (amax / 127 / 254 for two parts, / 254² for
             // three; the tiles use three).
-            let parts = if path == Int8::Amx { 3 } else { VNNI_PARTS };
+            let parts = if path == Int8::Amx { 3 } else { path.parts() };
             let unit = 1.0 / (127.0 * 254f64.powi(parts as i32 - 1));
             let check = |all: &[f32]| -> Result<(), String> {
                 for tok in 0..n {
@@ -352,7 +366,7 @@ fn int8_products_follow_the_exact_product_and_ignore_the_batch() {
             let mut all = vec![0f32; n * rows];
             packed.matmul(&xs, n, &mut all);
             check(&all).unwrap();
-            if path != Int8::Amx && t != GgmlType::Q4K {
+            if matches!(path, Int8::Avx512Vnni | Int8::AvxVnni) && t != GgmlType::Q4K {
                 if let Some((_, other, theirs)) = widths.iter().find(|w| w.0 == t) {
                     assert!(
                         all.iter()

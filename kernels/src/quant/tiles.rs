@@ -95,6 +95,10 @@ pub struct Packed {
     pub(super) halves: usize,
     /// The int8 path it was packed for.
     pub(super) path: super::Int8,
+    /// Q8_0 on plain AVX2: `VPMADDUBSW` would saturate on unsigned
+    /// activations times full-range weights, so the activations' signs
+    /// move onto the weights (`sums` are then zero).
+    pub(super) signed: bool,
 }
 
 /// Q6_K super-block `b` (256 values): its values minus 32 and its 16
@@ -178,7 +182,11 @@ impl Packed {
         {
             return None;
         }
-        let vnni = matches!(path, super::Int8::Avx512Vnni | super::Int8::AvxVnni);
+        let vnni = matches!(
+            path,
+            super::Int8::Avx512Vnni | super::Int8::AvxVnni | super::Int8::Avx2
+        );
+        let signed = path == super::Int8::Avx2 && m.ggml_type == GgmlType::Q8_0;
         let (rows, cols) = (m.rows, m.cols);
         let (groups, blocks) = (rows.div_ceil(ROWS), cols / BLOCK);
         let k4 = m.ggml_type == GgmlType::Q4K;
@@ -233,12 +241,18 @@ impl Packed {
                         &mut ints,
                     );
                 }
+                // The signs of the activations move onto Q8_0's weights on
+                // plain AVX2, and −128 has no positive twin: such a matrix
+                // keeps the f32 rows (llama.cpp writes −127..127).
+                if signed && ints.contains(&i8::MIN) {
+                    return None;
+                }
                 // The B tile's quad layout: row q holds, for each of the
                 // 16 weight rows, its columns 4q..4q+4.
                 for (c, v) in ints.iter().enumerate() {
                     quants[tile + (c / 4) * ROWS * 4 + j * 4 + c % 4] = *v;
                 }
-                if vnni {
+                if vnni && !signed {
                     let part = BLOCK / halves;
                     for (h, half) in ints.chunks_exact(part).enumerate() {
                         let sum: i32 = half.iter().map(|&v| i32::from(v)).sum();
@@ -256,6 +270,7 @@ impl Packed {
             sums,
             halves,
             path,
+            signed,
         })
     }
 
@@ -269,6 +284,9 @@ impl Packed {
     pub fn matmul(&self, xs: &[f32], n: usize, out: &mut [f32]) {
         match self.path {
             super::Int8::Amx => self.tile_matmul(xs, n, out),
+            path if path.parts() == super::AVX2_PARTS => {
+                self.vnni_matmul::<{ super::AVX2_PARTS }>(xs, n, out)
+            }
             _ => self.vnni_matmul::<{ super::VNNI_PARTS }>(xs, n, out),
         }
     }

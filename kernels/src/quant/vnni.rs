@@ -1,6 +1,7 @@
 //! Products on VNNI int8 dot products (`VPDPBUSD`), AVX-512 or AVX-VNNI
-//! (256 bits): the path for prompts, batched decode steps and single tokens
-//! on CPUs without AMX (see [`super::Int8::one_token`]).
+//! (256 bits), or their plain-AVX2 form (`VPMADDUBSW` + `VPMADDWD`): the
+//! path for prompts, batched decode steps and single tokens on CPUs without
+//! AMX (see [`super::Int8::one_token`]).
 //!
 //! The weights are the AMX tiles' repacking ([`Packed`]): per 16 weight rows
 //! and 32-column block, 8 quads of 64 bytes, quad `q` holding each row's
@@ -215,16 +216,28 @@ impl Packed {
             len: out.len(),
         };
         if !wide {
-            // AVX-VNNI: a task is one group, every token, one at a time.
+            // 256 bits: a task is one group, every token, one at a time.
+            let avx2 = self.path == super::Int8::Avx2;
             (0..groups).into_par_iter().for_each(|g| {
                 for t in 0..n {
-                    // SAFETY: AVX-VNNI runs here (asserted above); this
-                    // task writes only group g's rows.
+                    // SAFETY: the path runs here (asserted above): AVX-VNNI,
+                    // or plain AVX2; this task writes only group g's rows.
                     unsafe {
-                        if self.halves == 2 {
-                            self.tile256::<P, 2>(&acts, g, t, &shared);
-                        } else {
-                            self.tile256::<P, 1>(&acts, g, t, &shared);
+                        match (avx2, self.halves == 2, self.signed) {
+                            (false, true, _) => self.tile256::<P, 2>(&acts, g, t, &shared),
+                            (false, false, _) => self.tile256::<P, 1>(&acts, g, t, &shared),
+                            (true, true, false) => {
+                                self.tile_avx2::<P, 2, false>(&acts, g, t, &shared)
+                            }
+                            (true, false, false) => {
+                                self.tile_avx2::<P, 1, false>(&acts, g, t, &shared)
+                            }
+                            (true, true, true) => {
+                                self.tile_avx2::<P, 2, true>(&acts, g, t, &shared)
+                            }
+                            (true, false, true) => {
+                                self.tile_avx2::<P, 1, true>(&acts, g, t, &shared)
+                            }
                         }
                     }
                 }
@@ -452,6 +465,142 @@ impl Packed {
                             );
                             for (acc, bp) in ih.iter_mut().zip(&b) {
                                 *acc = _mm256_dpbusd_avx_epi32(*acc, *bp, w);
+                            }
+                        }
+                    }
+                    for (half, (f, ih)) in facc.iter_mut().zip(&iacc).enumerate() {
+                        let ws = _mm256_loadu_ps(self.scales.as_ptr().add(at + 8 * half));
+                        let mut v = _mm256_cvtepi32_ps(ih[P - 1]);
+                        for p in (0..P - 1).rev() {
+                            v = _mm256_fmadd_ps(v, unit, _mm256_cvtepi32_ps(ih[p]));
+                        }
+                        *f = _mm256_fmadd_ps(v, _mm256_mul_ps(ws, s), *f);
+                    }
+                }
+                if !self.mins.is_empty() {
+                    let x = _mm256_set1_ps(*acts.sums.get_unchecked(k * tokens + t));
+                    for (half, f) in facc.iter_mut().enumerate() {
+                        let at = (g * blocks + k) * ROWS + 8 * half;
+                        let ms = _mm256_loadu_ps(self.mins.as_ptr().add(at));
+                        *f = _mm256_fnmadd_ps(ms, x, *f);
+                    }
+                }
+            }
+            let mut lanes = [0f32; ROWS];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), facc[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), facc[1]);
+            let first_row = g * ROWS;
+            let live = self.rows.saturating_sub(first_row).min(ROWS);
+            let at = t * self.rows + first_row;
+            assert!(at + live <= out.len, "vnni output rows in bounds");
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.ptr.add(at), live);
+        }
+    }
+}
+
+impl Packed {
+    /// [`tile256`](Self::tile256) on plain AVX2: each `VPDPBUSD` is
+    /// `VPMADDUBSW` (pairs of unsigned activation bytes times signed
+    /// weights, added into 16 bits) then `VPMADDWD` by ones (pairs of those
+    /// into the 32-bit lane). The 16-bit pairs cannot saturate: the packed
+    /// weights of Q5_0, Q4_K and Q6_K lie in −32..31, so a pair is at most
+    /// 2 · 255 · 32 < 2¹⁵. Q8_0's weights reach ±127 (`SIGNED`): there the
+    /// activation part goes in as its magnitude (|a| ≤ 127) and its sign
+    /// moves onto the weight (`VPSIGNB`), a pair at most 2 · 127 · 127, and
+    /// the lanes start at zero (no bias to take off). Either way the int32
+    /// sums are those of the VNNI paths, exactly.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the group and token exist and no other
+    /// thread writes the group's rows of this token.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2<const P: usize, const H: usize, const SIGNED: bool>(
+        &self,
+        acts: &Acts<P>,
+        g: usize,
+        t: usize,
+        out: &SharedOut,
+    ) {
+        use std::arch::x86_64::{
+            __m256i, _mm256_add_epi16, _mm256_add_epi32, _mm256_cvtepi32_ps, _mm256_fmadd_ps,
+            _mm256_fnmadd_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_madd_epi16,
+            _mm256_maddubs_epi16, _mm256_mul_ps, _mm256_set1_epi8, _mm256_set1_epi16,
+            _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_setzero_si256,
+            _mm256_sign_epi8, _mm256_storeu_ps, _mm256_xor_si256,
+        };
+        let blocks = self.cols / BLOCK;
+        let quads = BLOCK / 4 / H;
+        assert_eq!(self.halves, H);
+        assert_eq!(self.signed, SIGNED);
+        let tokens = acts.tokens;
+        assert!(t < tokens && (g + 1) * ROWS * blocks * BLOCK <= self.quants.len());
+        // SAFETY: (the whole body) as in `tile256`: every pointer stays
+        // inside the buffers whose bounds were checked above; `out` is
+        // written at group g's rows of token t, in bounds (checked).
+        unsafe {
+            let mut facc = [_mm256_setzero_ps(); 2];
+            let unit = _mm256_set1_ps(1.0 / LOW);
+            let ones = _mm256_set1_epi16(1);
+            let flip = _mm256_set1_epi8(i8::MIN);
+            for k in 0..blocks {
+                let next = self
+                    .quants
+                    .as_ptr()
+                    .wrapping_add((g * blocks + k + 1) * ROWS * BLOCK);
+                for line in 0..8 {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line).cast());
+                }
+                let s = _mm256_set1_ps(*acts.scales.get_unchecked(k * tokens + t));
+                for h in 0..H {
+                    let at = ((g * blocks + k) * H + h) * ROWS;
+                    let start = |half: usize| {
+                        if SIGNED {
+                            _mm256_setzero_si256()
+                        } else {
+                            _mm256_loadu_si256(self.sums.as_ptr().add(at + 8 * half).cast())
+                        }
+                    };
+                    let mut iacc: [[__m256i; P]; 2] = [[start(0); P], [start(1); P]];
+                    let quad = |q: usize, p: usize| {
+                        let row = ((k * tokens + t) * P) * BLOCK + 4 * q;
+                        let at = acts.bytes.as_ptr().add(row + p * BLOCK);
+                        _mm256_set1_epi32(at.cast::<i32>().read_unaligned())
+                    };
+                    let weights = |q: usize, half: usize| {
+                        let tile = (g * blocks + k) * ROWS * BLOCK + q * 64;
+                        _mm256_loadu_si256(self.quants.as_ptr().add(tile + 32 * half).cast())
+                    };
+                    if SIGNED {
+                        for q in h * quads..(h + 1) * quads {
+                            // The signed parts (each byte minus 128) and
+                            // their magnitudes.
+                            let b: [__m256i; P] =
+                                std::array::from_fn(|p| _mm256_xor_si256(quad(q, p), flip));
+                            let magnitude: [__m256i; P] =
+                                std::array::from_fn(|p| _mm256_sign_epi8(b[p], b[p]));
+                            for (half, ih) in iacc.iter_mut().enumerate() {
+                                let w = weights(q, half);
+                                for ((acc, bp), mp) in ih.iter_mut().zip(&b).zip(&magnitude) {
+                                    let pairs = _mm256_maddubs_epi16(*mp, _mm256_sign_epi8(w, *bp));
+                                    *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(pairs, ones));
+                                }
+                            }
+                        }
+                    } else {
+                        // Two quads' 16-bit pairs add before widening: each
+                        // is at most 2 · 255 · 32, two of them < 2¹⁵.
+                        for q in (h * quads..(h + 1) * quads).step_by(2) {
+                            let b0: [__m256i; P] = std::array::from_fn(|p| quad(q, p));
+                            let b1: [__m256i; P] = std::array::from_fn(|p| quad(q + 1, p));
+                            for (half, ih) in iacc.iter_mut().enumerate() {
+                                let (w0, w1) = (weights(q, half), weights(q + 1, half));
+                                for (p, acc) in ih.iter_mut().enumerate() {
+                                    let pairs = _mm256_add_epi16(
+                                        _mm256_maddubs_epi16(b0[p], w0),
+                                        _mm256_maddubs_epi16(b1[p], w1),
+                                    );
+                                    *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(pairs, ones));
+                                }
                             }
                         }
                     }
