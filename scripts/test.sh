@@ -44,6 +44,14 @@ if ! "$api/bin/python" -c 'import openai, jsonschema, lm_eval' 2>/dev/null; then
 fi
 export DIMA_API_PYTHON="$api/bin/python"
 
+echo "== Confluent's Kafka client, the independent producer and consumer of the Kafka tests (cached venv in \${DIMA_CACHE_DIR:-~/.cache/dima}/venv-kafka)"
+kafka="${DIMA_CACHE_DIR:-$HOME/.cache/dima}/venv-kafka"
+if ! "$kafka/bin/python" -c 'import confluent_kafka' 2>/dev/null; then
+  python3 -m venv "$kafka"
+  "$kafka/bin/python" -m pip install -q 'confluent-kafka>=2.5,<3'
+fi
+export DIMA_KAFKA_PYTHON="$kafka/bin/python"
+
 echo "== tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -508,3 +508,159 @@ path = "out/examples.jsonl"
         "lines the file run does not have: {stray:?}"
     );
 }
+
+/// The Python with `confluent-kafka` (`DIMA_KAFKA_PYTHON`, set by
+/// scripts/test.sh), or `None` with a note that the test is skipped.
+fn independent_client() -> Option<std::ffi::OsString> {
+    let python = std::env::var_os("DIMA_KAFKA_PYTHON");
+    if python.is_none() {
+        eprintln!(
+            "DIMA_KAFKA_PYTHON is not set: skipping the independent-client checks (scripts/test.sh sets it)"
+        );
+    }
+    python
+}
+
+/// Runs `tests/python/kafka_client.py` with `args`; its JSON answer.
+fn independent(python: &std::ffi::OsStr, args: &[&str]) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/kafka_client.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kafka_client.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Topics written by Confluent's own client with each codec the test
+/// broker can serve (gzip, lz4, zstd; tansu 0.6.0 refuses to fetch snappy
+/// batches, `UnexpectedType("Snappy")`, so snappy is checked on librdkafka's
+/// mock cluster in `dataflows`) are read exactly: every event once, the
+/// counts those of `dima events check` of the same lines. And Dima's sink
+/// writing each codec is read back by that client, event for event.
+#[test]
+fn every_codec_is_read_and_written_with_an_independent_client() {
+    let Some(python) = independent_client() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&dir.path().join("broker"));
+    let address = broker.address();
+    let file = dir.path().join("ads.jsonl");
+    generate("ads", 20_000, 31, 0.0, &format!("jsonl:{}", file.display()));
+    let report = check_events(&file).1;
+    let codecs = ["gzip", "lz4", "zstd"];
+    let mut pipelines = String::new();
+    for codec in codecs {
+        let sent = independent(
+            &python,
+            &[
+                "produce",
+                &address,
+                &format!("in-{codec}"),
+                codec,
+                file.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(sent["sent"], 20_000);
+        independent(&python, &["create", &address, &format!("out-{codec}")]);
+        // Read each topic, and write the lines back with the same codec.
+        pipelines += &format!(
+            r#"
+[pipelines.{codec}]
+family = "ads"
+epoch_events = 2000
+[pipelines.{codec}.source]
+kind = "kafka"
+brokers = "{address}"
+topic = "in-{codec}"
+group = "g-{codec}"
+stop_at_end = true
+missing_topic_timeout_s = 30
+[pipelines.{codec}.sink]
+kind = "kafka"
+brokers = "{address}"
+topic = "out-{codec}"
+compression = "{codec}"
+properties = {{ "linger.ms" = 10, "client.id" = "dima-codec-test" }}
+"#
+        );
+    }
+    let manifest = write(dir.path(), "m.toml", &layout_manifest(1, 2, &pipelines));
+    let done = run_dima(&["up", manifest.to_str().unwrap()], LIMIT);
+    done.assert_success().assert_no_panic();
+    let result: Value = serde_json::from_str(done.last_line()).unwrap();
+    let mut expected_lines: Vec<String> = lines(&file);
+    expected_lines.sort();
+    for summary in result["pipelines"].as_array().unwrap() {
+        let codec = summary["name"].as_str().unwrap();
+        assert_eq!(summary["read"], 20_000, "{codec}");
+        assert_eq!(summary["valid"], report["valid"], "{codec}");
+        assert_eq!(summary["by_type"], report["by_type"], "{codec}");
+        assert_eq!(summary["malformed"], 0, "{codec}");
+        let back = independent(
+            &python,
+            &["consume", &address, &format!("out-{codec}"), "20000"],
+        );
+        assert_eq!(back["count"], 20_000, "{codec}: written once each");
+        let got: Vec<String> = back["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_owned())
+            .collect();
+        // Dima writes each valid event as its canonical line: the same
+        // events, so the same set once both are parsed.
+        let parse = |l: &String| event_json(l);
+        let mut got: Vec<Value> = got.iter().map(parse).collect();
+        let mut want: Vec<Value> = expected_lines.iter().map(parse).collect();
+        got.sort_by_key(|v| v.to_string());
+        want.sort_by_key(|v| v.to_string());
+        assert!(
+            got == want,
+            "{codec}: the lines read back are the events written"
+        );
+    }
+}
+
+/// An event line as JSON (for comparing lines whose key order may differ).
+fn event_json(line: &str) -> Value {
+    serde_json::from_str(line).unwrap()
+}
+
+/// A topic that never appears ends the run after
+/// `missing_topic_timeout_s`, naming the topic and the setting.
+#[test]
+fn a_topic_that_never_appears_ends_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&dir.path().join("broker"));
+    let pipelines = kafka_pipeline(
+        "ads",
+        &broker.address(),
+        "never-created",
+        "g-missing",
+        "missing_topic_timeout_s = 2",
+    );
+    let manifest = write(dir.path(), "m.toml", &layout_manifest(1, 1, &pipelines));
+    let started = std::time::Instant::now();
+    let done = run_dima(&["up", manifest.to_str().unwrap()], LIMIT);
+    assert!(!done.status.success(), "{}", done.stderr);
+    done.assert_no_panic();
+    assert!(
+        done.stderr.contains("never-created")
+            && done.stderr.contains("does not exist after")
+            && done.stderr.contains("missing_topic_timeout_s"),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -53,7 +53,12 @@ pub fn parse_target(text: &str) -> anyhow::Result<Target> {
 
 /// Writes `spec.events` generated lines to `to` (creating a Kafka topic
 /// with `partitions` partitions if it does not exist); returns how many.
-pub fn generate(spec: &GeneratorSpec, to: &str, partitions: i32) -> anyhow::Result<u64> {
+pub fn generate(
+    spec: &GeneratorSpec,
+    to: &str,
+    partitions: i32,
+    compression: dataflows::pipelines::kafka::Compression,
+) -> anyhow::Result<u64> {
     let lines = GeneratedLines::new(spec, 0, 1);
     match parse_target(to)? {
         Target::Stdout => write_lines(lines, std::io::stdout().lock(), Path::new("-")),
@@ -65,11 +70,9 @@ pub fn generate(spec: &GeneratorSpec, to: &str, partitions: i32) -> anyhow::Resu
         Target::Kafka { brokers, topic } => {
             use dataflows::pipelines::kafka::{KafkaProducer, KafkaSinkSpec, ensure_topic};
             ensure_topic(&brokers, &topic, partitions)?;
-            let producer = KafkaProducer::new(&KafkaSinkSpec {
-                brokers: brokers.clone(),
-                topic: topic.clone(),
-            })
-            .with_context(|| format!("kafka {brokers}"))?;
+            let mut spec = KafkaSinkSpec::new(&brokers, &topic);
+            spec.compression = compression;
+            let producer = KafkaProducer::new(&spec).with_context(|| format!("kafka {brokers}"))?;
             let mut written = 0;
             for line in lines {
                 // Keyed by the event's entity, so one member's (or one

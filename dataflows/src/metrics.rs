@@ -101,6 +101,43 @@ const PIPELINE_WATERMARK_LAG: MetricFamily = MetricFamily {
     kind: MetricKind::Gauge,
 };
 
+const KAFKA_LAG: MetricFamily = MetricFamily {
+    name: "dima_kafka_consumer_lag_records",
+    help: "Records between a Kafka partition's high watermark and the next offset its source reads, by partition.",
+    kind: MetricKind::Gauge,
+};
+const KAFKA_FETCH_AGE: MetricFamily = MetricFamily {
+    name: "dima_kafka_fetch_age_seconds",
+    help: "Seconds since a Kafka partition last fetched successfully (a message, or its fetcher active against a leader that is up).",
+    kind: MetricKind::Gauge,
+};
+
+/// The Kafka source gauges of one pipeline on one process (created per
+/// partition on the first value: a process exports only the partitions it
+/// reads).
+#[derive(Clone, Debug)]
+pub struct KafkaMetrics {
+    lag: IntGaugeVec,
+    fetch_age: prometheus::GaugeVec,
+    dataflow: String,
+}
+
+impl KafkaMetrics {
+    /// Partition `partition`'s lag in records.
+    pub fn set_lag(&self, topic: &str, partition: i32, records: i64) {
+        self.lag
+            .with_label_values(&[&self.dataflow, topic, &partition.to_string()])
+            .set(records);
+    }
+
+    /// Seconds since partition `partition` last fetched successfully.
+    pub fn set_fetch_age(&self, topic: &str, partition: i32, seconds: f64) {
+        self.fetch_age
+            .with_label_values(&[&self.dataflow, topic, &partition.to_string()])
+            .set(seconds);
+    }
+}
+
 /// Metric families shared by every dataflow of one process.
 #[derive(Clone, Debug)]
 pub struct DataflowMetrics {
@@ -118,6 +155,8 @@ pub struct DataflowMetrics {
     pipeline_orphans: IntCounterVec,
     pipeline_examples: IntCounterVec,
     pipeline_watermark_lag: prometheus::GaugeVec,
+    kafka_lag: IntGaugeVec,
+    kafka_fetch_age: prometheus::GaugeVec,
 }
 
 /// The matcher's metrics of one pipeline (set by worker 0). The gauges are
@@ -228,7 +267,14 @@ impl DataflowMetrics {
         registry.register(Box::new(pipeline_orphans.clone()))?;
         registry.register(Box::new(pipeline_examples.clone()))?;
         registry.register(Box::new(pipeline_watermark_lag.clone()))?;
+        let kafka_lag = IntGaugeVec::new(opts(KAFKA_LAG), &["dataflow", "topic", "partition"])?;
+        let kafka_fetch_age =
+            prometheus::GaugeVec::new(opts(KAFKA_FETCH_AGE), &["dataflow", "topic", "partition"])?;
+        registry.register(Box::new(kafka_lag.clone()))?;
+        registry.register(Box::new(kafka_fetch_age.clone()))?;
         Ok(Self {
+            kafka_lag,
+            kafka_fetch_age,
             pipeline_late,
             pipeline_orphans,
             pipeline_examples,
@@ -277,9 +323,18 @@ impl DataflowMetrics {
         }
     }
 
+    /// The Kafka source gauges of `dataflow`.
+    pub fn kafka(&self, dataflow: &str) -> KafkaMetrics {
+        KafkaMetrics {
+            lag: self.kafka_lag.clone(),
+            fetch_age: self.kafka_fetch_age.clone(),
+            dataflow: dataflow.to_owned(),
+        }
+    }
+
     /// The families [`register`](Self::register) adds, for exporters that
     /// need to declare instruments before any sample exists.
-    pub fn families() -> [MetricFamily; 14] {
+    pub fn families() -> [MetricFamily; 16] {
         [
             RECORDS,
             LAG_EPOCHS,
@@ -295,6 +350,8 @@ impl DataflowMetrics {
             PIPELINE_ORPHANS,
             PIPELINE_EXAMPLES,
             PIPELINE_WATERMARK_LAG,
+            KAFKA_LAG,
+            KAFKA_FETCH_AGE,
         ]
     }
 

@@ -82,7 +82,12 @@ pub fn bench_events(
         seed: 1,
         ..GeneratorSpec::new(Family::Ads)
     };
-    crate::events::generate(&spec, &format!("jsonl:{}", path.display()), 4)?;
+    crate::events::generate(
+        &spec,
+        &format!("jsonl:{}", path.display()),
+        4,
+        Default::default(),
+    )?;
 
     let mut ceiling = Vec::new();
     for _ in 0..repeat {
@@ -121,7 +126,12 @@ pub fn bench_events(
         return Ok(());
     };
     let topic = format!("dima-bench-{}", std::process::id());
-    crate::events::generate(&spec, &format!("kafka:{brokers}/{topic}"), 4)?;
+    crate::events::generate(
+        &spec,
+        &format!("kafka:{brokers}/{topic}"),
+        4,
+        Default::default(),
+    )?;
     let mut ceiling = Vec::new();
     for _ in 0..repeat {
         let started = Instant::now();

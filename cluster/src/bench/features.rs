@@ -107,7 +107,12 @@ pub fn bench_features(
         late_fraction: 0.002,
         ..GeneratorSpec::new(Family::Ads)
     };
-    crate::events::generate(&spec, &format!("jsonl:{}", path.display()), 4)?;
+    crate::events::generate(
+        &spec,
+        &format!("jsonl:{}", path.display()),
+        4,
+        Default::default(),
+    )?;
     let mut one_process: Option<f64> = None;
     for layout in layouts {
         let (mut plain, mut staged) = (Vec::new(), Vec::new());

@@ -28,6 +28,10 @@ pub enum EventsCommand {
         /// Partitions of a Kafka topic that does not exist yet.
         #[arg(long, default_value_t = 4, value_name = "N")]
         partitions: i32,
+        /// Kafka: the codec of the batches written (`none`, `gzip`,
+        /// `snappy`, `lz4`, `zstd`).
+        #[arg(long, default_value = "none", value_name = "CODEC", value_parser = parse_compression)]
+        compression: dataflows::pipelines::kafka::Compression,
         /// Ads: campaigns.
         #[arg(long, value_name = "N")]
         campaigns: Option<u64>,
@@ -56,6 +60,12 @@ pub enum EventsCommand {
     },
 }
 
+/// A `--compression` value.
+fn parse_compression(text: &str) -> Result<dataflows::pipelines::kafka::Compression, String> {
+    use dataflows::pipelines::kafka::Compression;
+    Compression::parse(text).ok_or_else(|| format!("not one of {}", Compression::VALUES))
+}
+
 /// `dima events …`.
 pub fn run(command: &EventsCommand) -> Result<(), Failure> {
     match command {
@@ -66,6 +76,7 @@ pub fn run(command: &EventsCommand) -> Result<(), Failure> {
             to,
             malformed,
             partitions,
+            compression,
             campaigns,
             simulated_rate,
             walk_sd,
@@ -104,7 +115,7 @@ pub fn run(command: &EventsCommand) -> Result<(), Failure> {
                 },
                 ..defaults
             };
-            let written = crate::events::generate(&spec, to, *partitions)?;
+            let written = crate::events::generate(&spec, to, *partitions, *compression)?;
             eprintln!("wrote {written} {} events to {to}", pipeline.name());
             Ok(())
         }

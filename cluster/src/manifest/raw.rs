@@ -217,6 +217,9 @@ pub(super) struct RawSource {
     pub topic: Option<String>,
     pub group: Option<String>,
     pub stop_at_end: Option<bool>,
+    pub missing_topic_timeout_s: Option<f64>,
+    pub security: Option<RawSecurity>,
+    pub properties: Option<std::collections::BTreeMap<String, toml::Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -226,6 +229,30 @@ pub(super) struct RawSink {
     pub path: Option<String>,
     pub brokers: Option<String>,
     pub topic: Option<String>,
+    pub compression: Option<String>,
+    pub security: Option<RawSecurity>,
+    pub properties: Option<std::collections::BTreeMap<String, toml::Value>>,
+}
+
+/// `[….security]` of a Kafka source or sink. `password` and
+/// `key_password` are parsed only to be refused by name (secrets never
+/// inline).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSecurity {
+    pub protocol: Option<String>,
+    pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub key_password: Option<toml::Value>,
+    pub key_password_env: Option<String>,
+    pub key_password_file: Option<String>,
+    pub sasl_mechanism: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<toml::Value>,
+    pub password_env: Option<String>,
+    pub password_file: Option<String>,
+    pub token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

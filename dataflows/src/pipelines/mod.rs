@@ -122,7 +122,7 @@ pub enum SinkSpec {
         path: PathBuf,
     },
     /// Produced to a Kafka topic, keyed by the event's entity.
-    Kafka(kafka::KafkaSinkSpec),
+    Kafka(Box<kafka::KafkaSinkSpec>),
 }
 
 impl SinkSpec {
@@ -220,12 +220,14 @@ pub struct LearnerSpec {
     pub window_ms: u64,
 }
 
-/// Opens worker `worker`'s share (of `workers`) of `spec`.
+/// Opens worker `worker`'s share (of `workers`) of `spec`; a Kafka source
+/// publishes its partitions' lag on `kafka`.
 pub fn open_source(
     spec: &SourceSpec,
     pipeline: &str,
     worker: usize,
     workers: usize,
+    kafka: Option<crate::metrics::KafkaMetrics>,
 ) -> Result<Box<dyn source::RecordSource>, source::SourceError> {
     Ok(match spec {
         SourceSpec::Generator(g) => Box::new(source::GeneratorShards::new(
@@ -234,6 +236,12 @@ pub fn open_source(
             workers as u64,
         )),
         SourceSpec::Jsonl { path } => Box::new(source::JsonlSplit::open(path, worker, workers)?),
-        SourceSpec::Kafka(k) => Box::new(kafka::KafkaSource::new(k, pipeline, worker, workers)?),
+        SourceSpec::Kafka(k) => {
+            let source = kafka::KafkaSource::new(k, pipeline, worker, workers)?;
+            Box::new(match kafka {
+                Some(metrics) => source.with_metrics(metrics),
+                None => source,
+            })
+        }
     })
 }

@@ -668,10 +668,12 @@ fn build(
     let failed = |e: String| {
         errors.borrow_mut().get_or_insert(e);
     };
-    let source = super::open_source(&spec.source, &spec.name, index, peers).unwrap_or_else(|e| {
-        failed(e.to_string());
-        Box::new(source::Empty)
-    });
+    let kafka_metrics = metrics.kafka(&format!("pipeline.{}", spec.name));
+    let source = super::open_source(&spec.source, &spec.name, index, peers, Some(kafka_metrics))
+        .unwrap_or_else(|e| {
+            failed(e.to_string());
+            Box::new(source::Empty)
+        });
     let sink = open_writer(&spec.sink, index, &failed);
     let dead = Rc::new(RefCell::new(if index == 0 {
         LineWriter::file(&spec.dead_letter)

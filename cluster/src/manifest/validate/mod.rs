@@ -5,6 +5,7 @@
 mod dataflow;
 mod inference;
 mod jobs;
+mod kafka;
 mod pipelines;
 mod telemetry;
 #[cfg(test)]

@@ -5,7 +5,11 @@ use std::path::Path;
 
 use dataflows::events::Family;
 use dataflows::learner::StepParams;
-use dataflows::pipelines::kafka::{KafkaSinkSpec, KafkaSourceSpec, Until};
+use std::time::Duration;
+
+use dataflows::pipelines::kafka::{
+    KafkaSinkSpec, KafkaSourceSpec, MISSING_TOPIC_TIMEOUT, Role, Until,
+};
 use dataflows::pipelines::{
     GeneratorSpec, LearnerSpec, MatchingSpec, PipelineSpec, SinkSpec, SourceSpec,
 };
@@ -14,7 +18,7 @@ use dataflows::features::{AttributionSpec, EventTime, FeatureSpec, KeyField, Mea
 
 use crate::manifest::raw::{RawFeature, RawMatching, RawPipeline, RawSink, RawSource, RawTime};
 
-use super::{Problems, required_text, resolve_path};
+use super::{Problems, kafka, required_text, resolve_path};
 
 /// Resolves a sink table (`field` is its dotted path, for problems).
 fn sink_spec(
@@ -34,6 +38,9 @@ fn sink_spec(
         for (set, name) in [
             (sink_raw.brokers.is_some(), "brokers"),
             (sink_raw.topic.is_some(), "topic"),
+            (sink_raw.compression.is_some(), "compression"),
+            (sink_raw.security.is_some(), "security"),
+            (sink_raw.properties.is_some(), "properties"),
         ] {
             if set {
                 problems.add(
@@ -62,9 +69,21 @@ fn sink_spec(
                 problems,
             );
             let topic = required_text(sink_raw.topic.clone(), &format!("{field}.topic"), problems);
+            let compression = kafka::compression(sink_raw.compression.as_deref(), field, problems);
+            let security = kafka::security(sink_raw.security, field, base, problems);
+            let properties =
+                kafka::properties(sink_raw.properties, field, Role::Producer, problems);
             match (brokers, topic) {
                 (Some(brokers), Some(topic)) => {
-                    Some(SinkSpec::Kafka(KafkaSinkSpec { brokers, topic }))
+                    let spec = KafkaSinkSpec {
+                        brokers,
+                        topic,
+                        security,
+                        properties,
+                        compression,
+                    };
+                    kafka::librdkafka_accepts(&spec.client(), field, problems);
+                    Some(SinkSpec::Kafka(Box::new(spec)))
                 }
                 _ => None,
             }
@@ -106,6 +125,12 @@ fn foreign_fields(raw: &RawSource, kind: &str) -> Vec<&'static str> {
         ("topic", raw.topic.is_some()),
         ("group", raw.group.is_some()),
         ("stop_at_end", raw.stop_at_end.is_some()),
+        (
+            "missing_topic_timeout_s",
+            raw.missing_topic_timeout_s.is_some(),
+        ),
+        ("security", raw.security.is_some()),
+        ("properties", raw.properties.is_some()),
     ];
     let mut foreign = Vec::new();
     for (owner, fields) in [
@@ -307,20 +332,46 @@ pub(super) fn pipeline(
             if group.trim().is_empty() {
                 problems.add(format!("{field}.source.group"), "must not be empty");
             }
+            let source_field = format!("{field}.source");
+            let security = kafka::security(source_raw.security, &source_field, base, problems);
+            let properties = kafka::properties(
+                source_raw.properties,
+                &source_field,
+                Role::Consumer,
+                problems,
+            );
+            let missing_topic_timeout = match source_raw.missing_topic_timeout_s {
+                None => MISSING_TOPIC_TIMEOUT,
+                Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+                Some(s) => {
+                    problems.add(
+                        format!("{field}.source.missing_topic_timeout_s"),
+                        format!("{s} is not a positive number of seconds"),
+                    );
+                    MISSING_TOPIC_TIMEOUT
+                }
+            };
             match (brokers, topic) {
-                (Some(brokers), Some(topic)) => Some(SourceSpec::Kafka(KafkaSourceSpec {
-                    brokers,
-                    topic,
-                    group,
-                    until: if source_raw.stop_at_end.unwrap_or(false) {
-                        Until::End
-                    } else {
-                        Until::Stopped
-                    },
-                    events_per_second: source_raw
-                        .events_per_second
-                        .filter(|r| r.is_finite() && *r > 0.0),
-                })),
+                (Some(brokers), Some(topic)) => {
+                    let spec = KafkaSourceSpec {
+                        brokers,
+                        topic,
+                        group,
+                        until: if source_raw.stop_at_end.unwrap_or(false) {
+                            Until::End
+                        } else {
+                            Until::Stopped
+                        },
+                        events_per_second: source_raw
+                            .events_per_second
+                            .filter(|r| r.is_finite() && *r > 0.0),
+                        security,
+                        properties,
+                        missing_topic_timeout,
+                    };
+                    kafka::librdkafka_accepts(&spec.client(), &source_field, problems);
+                    Some(SourceSpec::Kafka(spec))
+                }
                 _ => None,
             }
         }

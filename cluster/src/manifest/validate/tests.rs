@@ -497,3 +497,111 @@ fn event_time_sections_resolve_with_their_defaults() {
     assert_eq!(dispatch.time.watermark_delay_ms, 6_000);
     assert_eq!(dispatch.ads_stages(), None);
 }
+
+#[test]
+fn kafka_security_properties_and_codecs_are_checked() {
+    let p = problems(
+        r#"
+        [pipelines.ads.source]
+        kind = "kafka"
+        brokers = "127.0.0.1:9092"
+        topic = "ads"
+        missing_topic_timeout_s = -1
+        properties = { "fetch.max.bytes" = 1048576, "group.id" = "mine" }
+        [pipelines.ads.source.security]
+        protocol = "sasl_ssl"
+        sasl_mechanism = "SCRAM-SHA-512"
+        username = "dima"
+        password = "hunter2"
+        ca_file = "no-such-ca.pem"
+        [pipelines.ads.sink]
+        kind = "kafka"
+        brokers = "127.0.0.1:9092"
+        topic = "out"
+        compression = "brotli"
+        properties = { "fetch.max.bytez" = "1" }
+        [pipelines.ads.sink.security]
+        protocol = "plaintext"
+        username = "dima"
+        password_env = "DIMA_TEST_SURELY_UNSET_VARIABLE"
+        [pipelines.dispatch.sink]
+        kind = "jsonl"
+        path = "d.jsonl"
+        compression = "zstd"
+        "#,
+    );
+    let expected = [
+        "pipelines.ads.sink.compression: \"brotli\" is not one of \"none\", \"gzip\", \"snappy\", \"lz4\", \"zstd\"",
+        "pipelines.ads.sink.security.password_env: the environment variable DIMA_TEST_SURELY_UNSET_VARIABLE is not set (or is not UTF-8)",
+        "pipelines.ads.sink.security.username: applies to protocol \"sasl_plaintext\" or \"sasl_ssl\" (protocol is \"plaintext\")",
+        "pipelines.ads.sink.security.password_env: applies to protocol \"sasl_plaintext\" or \"sasl_ssl\" (protocol is \"plaintext\")",
+        "pipelines.ads.source.security.ca_file: no-such-ca.pem does not exist or is not a file",
+        "pipelines.ads.source.security.password: a secret is never written in the manifest: name an environment variable (password_env) or a file (password_file)",
+        "pipelines.ads.source.properties.\"group.id\": is owned by Dima: set `group`",
+        "pipelines.ads.source.missing_topic_timeout_s: -1 is not a positive number of seconds",
+        "pipelines.dispatch.sink.compression: does not apply to kind = \"jsonl\"",
+    ];
+    for want in expected {
+        assert!(p.iter().any(|got| got == want), "{want} in {p:#?}");
+    }
+    // librdkafka's own check names a property it does not know.
+    assert!(
+        p.iter()
+            .any(|got| got.starts_with("pipelines.ads.sink.properties:")
+                && got.contains("fetch.max.bytez")),
+        "{p:#?}"
+    );
+    // The secret itself is never echoed.
+    assert!(p.iter().all(|got| !got.contains("hunter2")), "{p:#?}");
+}
+
+#[test]
+fn kafka_settings_reach_the_specs() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not checked here").unwrap();
+    let secret = dir.path().join("password");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let text = format!(
+        r#"
+        [pipelines.ads.source]
+        kind = "kafka"
+        brokers = "127.0.0.1:9092"
+        topic = "ads"
+        missing_topic_timeout_s = 5
+        properties = {{ "fetch.max.bytes" = 1048576, "client.id" = "ads-reader" }}
+        [pipelines.ads.source.security]
+        protocol = "sasl_ssl"
+        ca_file = "{}"
+        sasl_mechanism = "SCRAM-SHA-256"
+        username = "dima"
+        password_file = "{}"
+        [pipelines.ads.sink]
+        kind = "kafka"
+        brokers = "127.0.0.1:9092"
+        topic = "out"
+        compression = "zstd"
+        "#,
+        ca.display(),
+        secret.display()
+    );
+    let m = parse(&text).unwrap();
+    let ads = m.pipelines.iter().find(|p| p.name == "ads").unwrap();
+    let dataflows::pipelines::SourceSpec::Kafka(source) = &ads.source else {
+        panic!("a kafka source");
+    };
+    use dataflows::pipelines::kafka::{Compression, Mechanism, Protocol, Secret};
+    assert_eq!(source.missing_topic_timeout, Duration::from_secs(5));
+    assert_eq!(source.properties["fetch.max.bytes"], "1048576");
+    assert_eq!(source.security.protocol, Protocol::SaslSsl);
+    assert_eq!(source.security.mechanism, Some(Mechanism::ScramSha256));
+    assert_eq!(source.security.password, Some(Secret::File(secret.clone())));
+    let config = source.client().config().unwrap();
+    assert_eq!(config.get("sasl.password"), Some("s3cret"));
+    assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
+    assert_eq!(config.get("client.id"), Some("ads-reader"));
+    let dataflows::pipelines::SinkSpec::Kafka(sink) = &ads.sink else {
+        panic!("a kafka sink");
+    };
+    assert_eq!(sink.compression, Compression::Zstd);
+}
