@@ -664,3 +664,143 @@ fn a_topic_that_never_appears_ends_the_run() {
         started.elapsed()
     );
 }
+
+/// Sum of a gauge family's samples whose labels contain `labels`.
+fn gauge_sum(body: &str, family: &str, labels: &str) -> Option<f64> {
+    let samples: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with(family) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!samples.is_empty()).then(|| samples.iter().sum())
+}
+
+/// Lag: a source that stops at the end offsets it saw when it connected
+/// leaves the records produced after that in the topic. Once its input
+/// closes, `dima_kafka_consumer_lag_records` summed over its partitions is
+/// exactly that remainder, and so is `kafka_lag_records` in the summary;
+/// `dima_kafka_fetch_age_seconds` is exported per partition.
+#[test]
+fn the_lag_gauge_is_what_is_left_in_the_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&dir.path().join("broker"));
+    let address = broker.address();
+    generate("ads", 3_000, 41, 0.0, &format!("kafka:{address}/lag"));
+    let port = free_port();
+    // The ads source reads 3,000 records at 1,000/s; the dispatch pipeline
+    // keeps the process up (and its metrics served) for a while after.
+    let pipelines = format!(
+        "[telemetry]\nmetrics_address = \"127.0.0.1:{port}\"\n\n{}\n\
+         [pipelines.dispatch]\n[pipelines.dispatch.source]\nkind = \"generator\"\n\
+         events = 12000\nevents_per_second = 1000.0\n",
+        kafka_pipeline(
+            "ads",
+            &address,
+            "lag",
+            "g-lag",
+            "events_per_second = 1000.0"
+        )
+    );
+    let manifest = write(dir.path(), "m.toml", &layout_manifest(1, 2, &pipelines));
+    let up = spawn_dima(&["up", manifest.to_str().unwrap()]);
+    let metrics = format!("127.0.0.1:{port}");
+    // Once every partition is connected (its gauges exist), 250 more.
+    let connected = dima_tests::eventually(Duration::from_secs(60), || {
+        let body = dima_tests::http_get(&metrics, "/metrics")?;
+        let partitions = body
+            .lines()
+            .filter(|l| {
+                l.starts_with("dima_kafka_fetch_age_seconds")
+                    && l.contains(r#"dataflow="pipeline.ads""#)
+            })
+            .count();
+        (partitions == 4).then_some(())
+    });
+    assert!(connected.is_some(), "the fetch-age gauges of 4 partitions");
+    let extra = dir.path().join("extra.jsonl");
+    generate("ads", 250, 42, 0.0, &format!("jsonl:{}", extra.display()));
+    let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &address)
+        .create()
+        .unwrap();
+    for (i, line) in lines(&extra).iter().enumerate() {
+        producer
+            .send(
+                rdkafka::producer::BaseRecord::to("lag")
+                    .key(&i.to_be_bytes())
+                    .payload(line),
+            )
+            .unwrap();
+    }
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).unwrap();
+    // The ads input closes after its 3,000; the gauge then holds the 250.
+    let lag = dima_tests::eventually(Duration::from_secs(60), || {
+        let body = dima_tests::http_get(&metrics, "/metrics")?;
+        let read = gauge_sum(
+            &body,
+            "dima_operator_records_total",
+            r#"dataflow="pipeline.ads",operator="read""#,
+        )?;
+        let lag = gauge_sum(
+            &body,
+            "dima_kafka_consumer_lag_records",
+            r#"dataflow="pipeline.ads""#,
+        )?;
+        (read == 3000.0 && lag == 250.0).then_some(lag)
+    });
+    assert_eq!(lag, Some(250.0), "the lag gauge after the input closed");
+    let done = wait(up, LIMIT);
+    done.assert_success().assert_no_panic();
+    let result: Value = serde_json::from_str(done.last_line()).unwrap();
+    let ads = result["pipelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "ads")
+        .unwrap();
+    assert_eq!(ads["read"], 3000);
+    assert_eq!(ads["kafka_lag_records"], 250, "{ads}");
+}
+
+/// A sink topic that does not exist (on a broker that does not create
+/// topics) ends the run with the broker's reason once librdkafka gives up
+/// on it (`topic.metadata.propagation.max.ms`, passed through
+/// `properties`), not epoch after epoch.
+#[test]
+fn a_sink_topic_that_does_not_exist_ends_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&dir.path().join("broker"));
+    let file = dir.path().join("ads.jsonl");
+    generate("ads", 5_000, 43, 0.0, &format!("jsonl:{}", file.display()));
+    let pipelines = format!(
+        r#"
+[pipelines.ads]
+epoch_events = 200
+[pipelines.ads.source]
+kind = "jsonl"
+path = "{}"
+[pipelines.ads.sink]
+kind = "kafka"
+brokers = "{}"
+topic = "no-such-topic"
+properties = {{ "topic.metadata.propagation.max.ms" = 2000 }}
+"#,
+        file.display(),
+        broker.address()
+    );
+    let manifest = write(dir.path(), "m.toml", &layout_manifest(1, 1, &pipelines));
+    let started = std::time::Instant::now();
+    let done = run_dima(&["up", manifest.to_str().unwrap()], LIMIT);
+    assert!(!done.status.success(), "{}", done.stdout);
+    done.assert_no_panic();
+    assert!(
+        done.stderr.contains("no-such-topic") && done.stderr.contains("UnknownTopicOrPartition"),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}

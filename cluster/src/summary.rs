@@ -36,6 +36,13 @@ pub fn human(result: &Value) -> Vec<String> {
                             p["sink"]["kind"].as_str().unwrap_or("?"),
                             number(&p["sink"]["written"]),
                         )];
+                        if let Some(lag) = p["kafka_lag_records"].as_u64() {
+                            lines.push(format!(
+                                "{}: kafka: {} records left in the topic beyond what was read",
+                                p["name"].as_str().unwrap_or("?"),
+                                number(&Value::from(lag)),
+                            ));
+                        }
                         let a = &p["attribution"];
                         if a.is_object() {
                             let features: Vec<String> = p["features"]

@@ -60,9 +60,27 @@ enum Parsed {
     /// A valid event and its entity key (computed once, at parse time).
     Valid(u64, WireEvent),
     Invalid(DeadLetter, Refusal),
-    /// A worker's valid events per type (indexed as [`TYPES`]), sent once
-    /// when its input closes.
-    Counts([u64; 6]),
+    /// What a worker tells worker 0 once, when its input closes.
+    Counts(Closing),
+}
+
+/// A worker's valid events per type (indexed as [`TYPES`]) and, for a
+/// Kafka source, the records left in its partitions beyond what it read.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+struct Closing {
+    types: [u64; 6],
+    lag: Option<u64>,
+}
+
+impl Closing {
+    fn add(&mut self, other: Closing) {
+        for (t, c) in self.types.iter_mut().zip(other.types) {
+            *t += c;
+        }
+        if let Some(lag) = other.lag {
+            self.lag = Some(self.lag.unwrap_or(0) + lag);
+        }
+    }
 }
 
 /// A valid event of `family` with its key and event time, or why not.
@@ -103,8 +121,13 @@ pub struct PipelineSummary {
     pub name: String,
     /// Its event family.
     pub family: String,
-    /// `generator` or `jsonl`.
+    /// `generator`, `jsonl` or `kafka`.
     pub source: String,
+    /// Kafka sources: records left in the topic's partitions beyond what
+    /// the run read (high watermark − next offset, summed, measured when
+    /// each worker's input closed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_lag_records: Option<u64>,
     /// Records read, valid or not.
     pub read: u64,
     /// Valid events (on time).
@@ -201,8 +224,8 @@ pub struct PipelinesRun {
     pub error: Option<String>,
 }
 
-/// Valid events per type (indexed as [`TYPES`]), gathered on worker 0.
-type Totals = Rc<RefCell<[u64; 6]>>;
+/// What the workers said when their inputs closed, gathered on worker 0.
+type Totals = Rc<RefCell<Closing>>;
 
 /// A sink that worker 0's operators and the runner share.
 type SharedWriter = Rc<RefCell<Option<LineWriter>>>;
@@ -499,10 +522,14 @@ impl Runner {
 
     fn finish(&mut self) {
         if let Some((mut handle, cap)) = self.input.take() {
+            let closing = Closing {
+                types: self.counts,
+                lag: self.source.final_lag(),
+            };
             handle
                 .activate()
                 .session(&cap)
-                .give(Parsed::Counts(self.counts));
+                .give(Parsed::Counts(closing));
             self.closed_at.push_back((*cap.time(), Instant::now()));
             self.source.epoch_closed(self.sent_upto.max(*cap.time()));
         }
@@ -589,20 +616,18 @@ fn open_writer(spec: &SinkSpec, index: usize, failed: &dyn Fn(String)) -> Shared
     Rc::new(RefCell::new(writer))
 }
 
-/// Gathers the workers' counts of valid events per type on worker 0.
-fn gather_counts(counts: StreamVec<'_, u64, [u64; 6]>, totals: Totals, probe: &ProbeHandle<u64>) {
+/// Gathers what the workers said when their inputs closed on worker 0.
+fn gather_counts(counts: StreamVec<'_, u64, Closing>, totals: Totals, probe: &ProbeHandle<u64>) {
     counts
         .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
-            Exchange::new(|_: &[u64; 6]| 0),
+            Exchange::new(|_: &Closing| 0),
             "GatherTypes",
             move |_cap, _info| {
                 move |input, _output| {
                     input.for_each(|_time, data| {
                         let mut totals = totals.borrow_mut();
-                        for counts in data.drain(..) {
-                            for (t, c) in totals.iter_mut().zip(counts) {
-                                *t += c;
-                            }
+                        for closing in data.drain(..) {
+                            totals.add(closing);
                         }
                     });
                 }
@@ -683,7 +708,7 @@ fn build(
         None
     }));
     let examples = open_writer(&spec.examples, index, &failed);
-    let totals: Totals = Rc::new(RefCell::new([0; 6]));
+    let totals: Totals = Rc::new(RefCell::new(Closing::default()));
     let dead_counts = Rc::new(DeadCounts::default());
     let tally = Rc::new(RefCell::new(LearnerTally::default()));
     let ads_report = Rc::new(RefCell::new(AdsReport {
@@ -1171,7 +1196,8 @@ pub fn run_pipelines(
 impl Runner {
     /// Worker 0's summary of a finished run.
     fn summary(&self) -> PipelineSummary {
-        let counts = *self.totals.borrow();
+        let closing = *self.totals.borrow();
+        let counts = closing.types;
         let valid: u64 = counts.iter().sum();
         let dead = &self.dead_counts;
         let by_type = TYPES
@@ -1186,6 +1212,7 @@ impl Runner {
             name: self.spec.name.clone(),
             family: self.spec.family.name().to_owned(),
             source: self.spec.source.kind().to_owned(),
+            kafka_lag_records: closing.lag,
             read: valid + dead.malformed.get() + dead.late.get(),
             valid,
             malformed: dead.malformed.get(),

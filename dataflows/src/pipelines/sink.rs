@@ -81,6 +81,10 @@ pub struct LineWriter {
     kafka: Option<super::kafka::KafkaProducer>,
     path: PathBuf,
     written: u64,
+    /// A Kafka sink whose flush failed fails every later write and flush at
+    /// once with the same reason (rather than waiting for each epoch's
+    /// messages to time out in turn).
+    failed: Option<String>,
 }
 
 impl std::fmt::Debug for LineWriter {
@@ -101,12 +105,14 @@ impl LineWriter {
                 kafka: None,
                 path: PathBuf::from("(none)"),
                 written: 0,
+                failed: None,
             }),
             SinkSpec::Stdout => Ok(Self {
                 out: Some(Box::new(BufWriter::new(std::io::stdout()))),
                 kafka: None,
                 path: PathBuf::from("-"),
                 written: 0,
+                failed: None,
             }),
             SinkSpec::Jsonl { path } => Self::file(path),
             SinkSpec::Kafka(k) => {
@@ -120,6 +126,7 @@ impl LineWriter {
                     kafka: Some(producer),
                     path,
                     written: 0,
+                    failed: None,
                 })
             }
         }
@@ -147,6 +154,7 @@ impl LineWriter {
             kafka: None,
             path: path.to_owned(),
             written: 0,
+            failed: None,
         })
     }
 
@@ -154,6 +162,12 @@ impl LineWriter {
     /// `key`, 8 bytes big-endian, when there is one) and counts it.
     pub fn write_keyed(&mut self, key: Option<u64>, line: &str) -> Result<(), SinkError> {
         self.written += 1;
+        if let Some(reason) = &self.failed {
+            return Err(SinkError {
+                path: self.path.clone(),
+                source: std::io::Error::other(reason.clone()),
+            });
+        }
         if let Some(kafka) = &self.kafka {
             let key = key.map(u64::to_be_bytes);
             return kafka
@@ -181,10 +195,20 @@ impl LineWriter {
 
     /// Flushes buffered lines.
     pub fn flush(&mut self) -> Result<(), SinkError> {
-        if let Some(kafka) = &self.kafka {
-            return kafka.flush().map_err(|e| SinkError {
+        if let Some(reason) = &self.failed {
+            return Err(SinkError {
                 path: self.path.clone(),
-                source: std::io::Error::other(e),
+                source: std::io::Error::other(reason.clone()),
+            });
+        }
+        if let Some(kafka) = &self.kafka {
+            return kafka.flush().map_err(|e| {
+                let reason = e.to_string();
+                self.failed = Some(reason.clone());
+                SinkError {
+                    path: self.path.clone(),
+                    source: std::io::Error::other(reason),
+                }
             });
         }
         match self.out.as_mut() {

@@ -132,6 +132,13 @@ pub trait RecordSource {
         false
     }
 
+    /// The records left beyond what was read (Kafka: high watermark − next
+    /// offset, summed over the shares, asked of the broker now); `None` for
+    /// sources without such a notion.
+    fn final_lag(&mut self) -> Option<u64> {
+        None
+    }
+
     /// Every epoch before `epoch` is complete at every output: a source with
     /// offsets commits them here.
     fn complete_below(&mut self, _epoch: u64) -> Result<(), SourceError> {

@@ -633,6 +633,36 @@ impl RecordSource for KafkaSource {
         Ok(!self.at_end())
     }
 
+    fn final_lag(&mut self) -> Option<u64> {
+        if !matches!(self.state, State::Reading) {
+            return None;
+        }
+        let mut total = 0;
+        for (&p, &at) in &self.position {
+            match self
+                .consumer
+                .fetch_watermarks(&self.spec.topic, p, REQUEST_TIMEOUT)
+            {
+                Ok((_, high)) => {
+                    self.high.insert(p, high);
+                }
+                Err(e) => tracing::warn!(
+                    pipeline = %self.pipeline,
+                    topic = %self.spec.topic,
+                    partition = p,
+                    error = %e,
+                    "kafka high watermark not available; the last reported one is used"
+                ),
+            }
+            let lag = self.high.get(&p).map_or(0, |h| (h - at).max(0));
+            if let Some(metrics) = &self.metrics {
+                metrics.set_lag(&self.spec.topic, p, lag);
+            }
+            total += lag as u64;
+        }
+        Some(total)
+    }
+
     fn epoch_closed(&mut self, epoch: u64) {
         if self.closed.back().is_some_and(|(_, p)| *p == self.position) {
             return;
