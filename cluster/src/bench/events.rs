@@ -125,38 +125,48 @@ pub fn bench_events(
         eprintln!("no --kafka BROKERS: Kafka rows skipped");
         return Ok(());
     };
-    let topic = format!("dima-bench-{}", std::process::id());
-    crate::events::generate(
-        &spec,
-        &format!("kafka:{brokers}/{topic}"),
-        4,
-        Default::default(),
-    )?;
-    let mut ceiling = Vec::new();
-    for _ in 0..repeat {
-        let started = Instant::now();
-        dataflows::pipelines::kafka::drain_topic(brokers, &topic, events)?;
-        ceiling.push(started.elapsed().as_secs_f64());
-    }
-    let ceiling_s = median(ceiling);
-    for (run, layout) in layouts.iter().enumerate() {
-        let mut times = Vec::new();
-        for attempt in 0..repeat {
-            let source = format!(
-                "kind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup = \"bench-{run}-{attempt}-{}\"\nstop_at_end = true\n",
-                std::process::id()
-            );
-            times.push(time_pipeline(exe, dir.path(), *layout, &source, events)?);
+    // The same events twice: uncompressed, and zstd-compressed (the codec
+    // most deployments default to); each zstd row says its rate over the
+    // uncompressed row of the same layout in this run.
+    use dataflows::pipelines::kafka::Compression;
+    let mut plain_rates: Vec<f64> = Vec::new();
+    for codec in [Compression::None, Compression::Zstd] {
+        let topic = format!("dima-bench-{}-{}", std::process::id(), codec.name());
+        crate::events::generate(&spec, &format!("kafka:{brokers}/{topic}"), 4, codec)?;
+        let mut ceiling = Vec::new();
+        for _ in 0..repeat {
+            let started = Instant::now();
+            dataflows::pipelines::kafka::drain_topic(brokers, &topic, events)?;
+            ceiling.push(started.elapsed().as_secs_f64());
         }
-        let row = events_row(
-            "kafka",
-            &layout.to_string(),
-            events,
-            median(times),
-            "rdkafka consumer, 1 thread, no parsing",
-            ceiling_s,
-        );
-        println!("{row}");
+        let ceiling_s = median(ceiling);
+        for (run, layout) in layouts.iter().enumerate() {
+            let mut times = Vec::new();
+            for attempt in 0..repeat {
+                let source = format!(
+                    "kind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup = \"bench-{run}-{attempt}-{}-{}\"\nstop_at_end = true\n",
+                    std::process::id(),
+                    codec.name()
+                );
+                times.push(time_pipeline(exe, dir.path(), *layout, &source, events)?);
+            }
+            let mut row = events_row(
+                "kafka",
+                &layout.to_string(),
+                events,
+                median(times),
+                "rdkafka consumer, 1 thread, no parsing",
+                ceiling_s,
+            );
+            row["compression"] = codec.name().into();
+            let rate = row["events_per_s"].as_f64().unwrap_or(0.0);
+            if codec == Compression::None {
+                plain_rates.push(rate);
+            } else if let Some(plain) = plain_rates.get(run) {
+                row["over_uncompressed"] = (rate / plain).into();
+            }
+            println!("{row}");
+        }
     }
     Ok(())
 }

@@ -180,9 +180,11 @@ pub enum BenchCommand {
     /// line per row, then a summary with the ratios.
     Learner(LearnerArgs),
     /// The ads pipeline (parse, validate, keyed exchange, count) through
-    /// `dima up` from JSONL and, with `--kafka`, from a Kafka topic, per
-    /// layout, next to each source's ceiling in the same run (one thread
-    /// reading the lines; one plain rdkafka consumer). One JSON line per row.
+    /// `dima up` from JSONL and, with `--kafka`, from a Kafka topic written
+    /// uncompressed and again zstd-compressed, per layout, next to each
+    /// source's ceiling in the same run (one thread reading the lines; one
+    /// plain rdkafka consumer); a zstd row has `over_uncompressed`. One JSON
+    /// line per row.
     Events {
         /// Events per run.
         #[arg(long, default_value_t = 1_000_000)]
@@ -193,8 +195,8 @@ pub enum BenchCommand {
         /// Runs per layout; the median is reported.
         #[arg(long, default_value_t = 3)]
         repeat: usize,
-        /// Bootstrap servers of a broker for the Kafka rows (a topic
-        /// `dima-bench-<pid>` is created and filled).
+        /// Bootstrap servers of a broker for the Kafka rows (topics
+        /// `dima-bench-<pid>-none` and `-zstd` are created and filled).
         #[arg(long, value_name = "BROKERS")]
         kafka: Option<String>,
     },
