@@ -804,3 +804,45 @@ properties = {{ "topic.metadata.propagation.max.ms" = 2000 }}
         started.elapsed()
     );
 }
+
+/// Authentication refused by a real broker (tansu with `--authentication`
+/// and a SCRAM-SHA-512 user; the client sends a wrong password, read from a
+/// file) ends the run within a bound, naming the cause and the topic, and
+/// the password is not printed. Before, the source retried forever.
+#[test]
+fn refused_authentication_ends_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("broker");
+    let port = free_port();
+    let mut open = Broker::start_with(&data, port, &[]);
+    open.create_user("dima", "s3cret-pw");
+    let address = open.address();
+    generate("ads", 500, 51, 0.0, &format!("kafka:{address}/secured"));
+    open.stop();
+    let _broker = Broker::start_with(&data, port, &["--authentication"]);
+    let wrong = write(dir.path(), "wrong", "not-the-password\n");
+    let pipelines = kafka_pipeline("ads", &address, "secured", "g-sasl", "")
+        + &format!(
+            "[pipelines.ads.source.security]\nprotocol = \"sasl_plaintext\"\n\
+             sasl_mechanism = \"SCRAM-SHA-512\"\nusername = \"dima\"\npassword_file = \"{}\"\n",
+            wrong.display()
+        );
+    let manifest = write(dir.path(), "m.toml", &layout_manifest(1, 1, &pipelines));
+    let started = std::time::Instant::now();
+    let done = run_dima(&["up", manifest.to_str().unwrap()], LIMIT);
+    assert!(!done.status.success(), "{}", done.stdout);
+    done.assert_no_panic();
+    assert!(
+        done.stderr.contains("topic secured")
+            && done.stderr.contains("Authentication")
+            && done.stderr.contains("not retried"),
+        "{}",
+        done.stderr
+    );
+    assert!(!done.stderr.contains("not-the-password"), "{}", done.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -300,6 +300,12 @@ impl Broker {
     /// Starts a broker on `port`, storing its data in `dir` (reusing what an
     /// earlier broker on the same `dir` stored).
     pub fn start_on(dir: &Path, port: u16) -> Self {
+        Self::start_with(dir, port, &[])
+    }
+
+    /// [`start_on`](Self::start_on) with more of tansu's broker flags
+    /// (`--authentication`: SASL SCRAM for the users created before).
+    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let url = format!("tcp://127.0.0.1:{port}");
         let log = std::fs::OpenOptions::new()
@@ -317,6 +323,7 @@ impl Broker {
                 "--storage-engine",
                 "sqlite://tansu.db",
             ])
+            .args(extra)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -352,6 +359,28 @@ impl Broker {
     /// Where its data lives.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Creates a SCRAM-SHA-512 user with tansu's own tool (on a broker
+    /// started without `--authentication`: the tool cannot sign in).
+    pub fn create_user(&self, name: &str, password: &str) {
+        let status = Command::new(tansu_bin())
+            .args([
+                "user",
+                "create",
+                name,
+                password,
+                "--mechanism",
+                "scram512",
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", self.port),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "tansu user create {name}");
     }
 
     /// Stops the broker (SIGKILL) and waits for it.

@@ -438,11 +438,14 @@ impl KafkaSource {
     fn fatal(&self) -> Option<SourceError> {
         let fatal = self.consumer.context().fatal()?;
         let partitions: Vec<i32> = self.partitions.keys().copied().collect();
+        let which = if partitions.is_empty() {
+            String::new()
+        } else {
+            format!("partitions {partitions:?}: ")
+        };
         Some(client_error(
             &self.spec,
-            format!(
-                "partitions {partitions:?}: {fatal} (not retried: it does not go away by retrying)"
-            ),
+            format!("{which}{fatal} (not retried: it does not go away by retrying)"),
         ))
     }
 
@@ -529,6 +532,15 @@ impl RecordSource for KafkaSource {
                 return Ok(true);
             }
             if let Err(e) = self.connect() {
+                // librdkafka hands a consumer its logs and errors through its
+                // poll (the error also reaches the context, `fatal`): serve
+                // what is queued, so that a failed authentication or TLS
+                // handshake ends the run instead of being retried. Nothing
+                // is assigned yet, so no message comes; a poll that served a
+                // log line answers `None` too, so this does not stop there.
+                for _ in 0..256 {
+                    let _ = self.consumer.poll(Duration::ZERO);
+                }
                 if let Some(fatal) = self.fatal() {
                     return Err(fatal);
                 }
