@@ -846,3 +846,186 @@ fn refused_authentication_ends_the_run() {
         started.elapsed()
     );
 }
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// TLS against a real broker: tansu behind a TLS-terminating proxy
+/// (`tests/python/tls_proxy.py`, Python's `ssl`) with a certificate for
+/// 127.0.0.1 signed by a CA the test makes. Confluent's client writes the
+/// events over TLS; Dima with `protocol = "ssl"` and that CA reads every
+/// one; with another CA the certificate does not verify and the run ends
+/// within a bound, naming the cause.
+#[test]
+fn tls_reads_with_the_ca_and_a_wrong_ca_ends_the_run() {
+    let Some(python) = independent_client() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=dima-test-ca",
+            "-days",
+            "2",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other-ca.pem",
+            "-subj",
+            "/CN=another-ca",
+            "-days",
+            "2",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    write(d, "san.ext", "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+    let (broker_port, proxy_port) = (free_port(), free_port());
+    let _broker = Broker::start_advertising(&d.join("broker"), broker_port, proxy_port, &[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/tls_proxy.py");
+    let mut proxy = std::process::Command::new(&python)
+        .arg(script)
+        .args([
+            proxy_port.to_string(),
+            broker_port.to_string(),
+            d.join("server.pem").display().to_string(),
+            d.join("server.key").display().to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(proxy.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    let _proxy = Killed(proxy);
+    assert_eq!(ready.trim(), "ready");
+    let address = format!("127.0.0.1:{proxy_port}");
+    let file = d.join("ads.jsonl");
+    generate("ads", 1_000, 61, 0.0, &format!("jsonl:{}", file.display()));
+    let report = check_events(&file).1;
+    let out = std::process::Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("python/kafka_client.py"))
+        .args(["produce", &address, "tls", "none", file.to_str().unwrap()])
+        .env("KAFKA_CA", d.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (name, ca) in [("right", "ca.pem"), ("wrong", "other-ca.pem")] {
+        let pipelines = kafka_pipeline("ads", &address, "tls", &format!("g-{name}"), "")
+            + &format!(
+                "[pipelines.ads.source.security]\nprotocol = \"ssl\"\nca_file = \"{}\"\n",
+                d.join(ca).display()
+            );
+        let manifest = write(
+            d,
+            &format!("{name}.toml"),
+            &layout_manifest(1, 1, &pipelines),
+        );
+        let started = std::time::Instant::now();
+        let done = run_dima(&["up", manifest.to_str().unwrap()], LIMIT);
+        done.assert_no_panic();
+        if name == "right" {
+            done.assert_success();
+            let result: Value = serde_json::from_str(done.last_line()).unwrap();
+            let ads = &result["pipelines"][0];
+            assert_eq!(ads["read"], 1000, "{}", done.stdout);
+            assert_eq!(ads["valid"], report["valid"]);
+        } else {
+            assert!(!done.status.success(), "{}", done.stdout);
+            assert!(
+                done.stderr.contains("topic tls")
+                    && (done.stderr.contains("SSL") || done.stderr.contains("certificate")),
+                "{}",
+                done.stderr
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+    }
+}

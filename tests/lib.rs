@@ -306,8 +306,15 @@ impl Broker {
     /// [`start_on`](Self::start_on) with more of tansu's broker flags
     /// (`--authentication`: SASL SCRAM for the users created before).
     pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Self {
+        Self::start_advertising(dir, port, port, extra)
+    }
+
+    /// [`start_with`](Self::start_with), telling clients that the broker is
+    /// at `advertised` (a proxy in front of it).
+    pub fn start_advertising(dir: &Path, port: u16, advertised: u16, extra: &[&str]) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised}");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -319,7 +326,7 @@ impl Broker {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
                 "--storage-engine",
                 "sqlite://tansu.db",
             ])

@@ -5,27 +5,36 @@
   produce BROKERS TOPIC CODEC FILE   write FILE's lines to TOPIC with CODEC
                                      (4 partitions, keyed by line number)
   consume BROKERS TOPIC COUNT        read COUNT messages from the beginning;
-                                     print {"count", "codecs", "lines"} as JSON
+                                     print {"count", "lines"} as JSON
+
+With KAFKA_CA set, the client speaks TLS and trusts that CA.
 """
 
 import json
+import os
 import sys
 
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
+def connection(brokers):
+    """The client settings: TLS with the CA in $KAFKA_CA when it is set."""
+    settings = {"bootstrap.servers": brokers}
+    if os.environ.get("KAFKA_CA"):
+        settings.update({"security.protocol": "ssl", "ssl.ca.location": os.environ["KAFKA_CA"]})
+    return settings
+
+
 def create(brokers, topic):
-    admin = AdminClient({"bootstrap.servers": brokers})
+    admin = AdminClient(connection(brokers))
     for future in admin.create_topics([NewTopic(topic, 4, 1)]).values():
         future.result(timeout=30)
 
 
 def produce(brokers, topic, codec, path):
     create(brokers, topic)
-    producer = Producer(
-        {"bootstrap.servers": brokers, "compression.type": codec, "linger.ms": 20}
-    )
+    producer = Producer(dict(connection(brokers), **{"compression.type": codec, "linger.ms": 20}))
     sent = 0
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines):
@@ -46,7 +55,7 @@ def produce(brokers, topic, codec, path):
 def consume(brokers, topic, count):
     consumer = Consumer(
         {
-            "bootstrap.servers": brokers,
+            **connection(brokers),
             "group.id": f"independent-{topic}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
