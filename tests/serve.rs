@@ -134,7 +134,8 @@ fn hold_stream(a: &str) -> TcpStream {
     .unwrap();
     let mut first = [0u8; 256];
     let n = long.read(&mut first).unwrap();
-    assert!(String::from_utf8_lossy(&first[..n]).contains("200"));
+    let head = String::from_utf8_lossy(&first[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     long
 }
 
@@ -366,8 +367,20 @@ fn bad_requests_get_openai_errors_and_nothing_breaks_the_server() {
 fn a_full_queue_answers_429() {
     let server = Server::start(&["--max-batch", "1", "--max-waiting", "1"]);
     let a = server.address.clone();
-    // A long streaming request that runs until its client goes away.
+    // A long streaming request that runs until its client goes away. Its
+    // response head can come before the engine admits it (under load, CI):
+    // the next request is sent once it runs, or it would find the one
+    // waiting place still taken by it.
     let long = hold_stream(&a);
+    let runs = dima_tests::eventually(Duration::from_secs(60), || {
+        let health: Value = serde_json::from_str(&http_get(&a, "/health")?).ok()?;
+        (health["running"] == 1 && health["waiting"] == 0).then_some(())
+    });
+    assert!(
+        runs.is_some(),
+        "the long request runs: {:?}",
+        http_get(&a, "/health")
+    );
     let waiting = {
         let a = a.clone();
         std::thread::spawn(move || post(&a, "/v1/completions", &completion("Hi", 3, false), None))
@@ -377,7 +390,12 @@ fn a_full_queue_answers_429() {
         let health: Value = serde_json::from_str(&http_get(&a, "/health")?).ok()?;
         (health["running"] == 1 && health["waiting"] == 1).then_some(())
     });
-    assert!(full.is_some(), "one running and one waiting");
+    assert!(
+        full.is_some(),
+        "one running and one waiting: {:?}, the waiting request finished: {}",
+        http_get(&a, "/health"),
+        waiting.is_finished()
+    );
     let (status, busy) = post(&a, "/v1/completions", &completion("Hi", 3, false), None);
     assert_eq!(status, 429, "{busy}");
     assert!(
