@@ -80,6 +80,22 @@ fn lines(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// `dima up` of `pipelines` (one process, one worker) in `dir`: it must
+/// fail without a panic within `bound`, its error naming every one of
+/// `needles`; returns its stderr.
+fn up_fails_within(dir: &Path, pipelines: &str, bound: Duration, needles: &[&str]) -> String {
+    let manifest = write(dir, "m.toml", &layout_manifest(1, 1, pipelines));
+    let started = std::time::Instant::now();
+    let done = run_dima(&["up", manifest.to_str().unwrap()], LIMIT);
+    assert!(!done.status.success(), "{}", done.stdout);
+    done.assert_no_panic();
+    for needle in needles {
+        assert!(done.stderr.contains(needle), "{needle}: {}", done.stderr);
+    }
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    done.stderr
+}
+
 /// Offsets committed by `group` on `topic`'s partitions, summed.
 fn committed(broker: &str, topic: &str, group: &str, partitions: i32) -> i64 {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -646,22 +662,15 @@ fn a_topic_that_never_appears_ends_the_run() {
         "g-missing",
         "missing_topic_timeout_s = 2",
     );
-    let manifest = write(dir.path(), "m.toml", &layout_manifest(1, 1, &pipelines));
-    let started = std::time::Instant::now();
-    let done = run_dima(&["up", manifest.to_str().unwrap()], LIMIT);
-    assert!(!done.status.success(), "{}", done.stderr);
-    done.assert_no_panic();
-    assert!(
-        done.stderr.contains("never-created")
-            && done.stderr.contains("does not exist after")
-            && done.stderr.contains("missing_topic_timeout_s"),
-        "{}",
-        done.stderr
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "{:?}",
-        started.elapsed()
+    up_fails_within(
+        dir.path(),
+        &pipelines,
+        Duration::from_secs(60),
+        &[
+            "never-created",
+            "does not exist after",
+            "missing_topic_timeout_s",
+        ],
     );
 }
 
@@ -788,20 +797,11 @@ properties = {{ "topic.metadata.propagation.max.ms" = 2000 }}
         file.display(),
         broker.address()
     );
-    let manifest = write(dir.path(), "m.toml", &layout_manifest(1, 1, &pipelines));
-    let started = std::time::Instant::now();
-    let done = run_dima(&["up", manifest.to_str().unwrap()], LIMIT);
-    assert!(!done.status.success(), "{}", done.stdout);
-    done.assert_no_panic();
-    assert!(
-        done.stderr.contains("no-such-topic") && done.stderr.contains("UnknownTopicOrPartition"),
-        "{}",
-        done.stderr
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "{:?}",
-        started.elapsed()
+    up_fails_within(
+        dir.path(),
+        &pipelines,
+        Duration::from_secs(30),
+        &["no-such-topic", "UnknownTopicOrPartition"],
     );
 }
 
@@ -827,24 +827,13 @@ fn refused_authentication_ends_the_run() {
              sasl_mechanism = \"SCRAM-SHA-512\"\nusername = \"dima\"\npassword_file = \"{}\"\n",
             wrong.display()
         );
-    let manifest = write(dir.path(), "m.toml", &layout_manifest(1, 1, &pipelines));
-    let started = std::time::Instant::now();
-    let done = run_dima(&["up", manifest.to_str().unwrap()], LIMIT);
-    assert!(!done.status.success(), "{}", done.stdout);
-    done.assert_no_panic();
-    assert!(
-        done.stderr.contains("topic secured")
-            && done.stderr.contains("Authentication")
-            && done.stderr.contains("not retried"),
-        "{}",
-        done.stderr
+    let stderr = up_fails_within(
+        dir.path(),
+        &pipelines,
+        Duration::from_secs(60),
+        &["topic secured", "Authentication", "not retried"],
     );
-    assert!(!done.stderr.contains("not-the-password"), "{}", done.stderr);
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(!stderr.contains("not-the-password"), "{stderr}");
 }
 
 /// Runs `openssl` with `args` in `dir`.

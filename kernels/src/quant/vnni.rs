@@ -423,7 +423,7 @@ impl Packed {
         use std::arch::x86_64::{
             __m256i, _mm256_cvtepi32_ps, _mm256_dpbusd_avx_epi32, _mm256_fmadd_ps,
             _mm256_fnmadd_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_mul_ps,
-            _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+            _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps,
         };
         let blocks = self.cols / BLOCK;
         let quads = BLOCK / 4 / H;
@@ -486,14 +486,7 @@ impl Packed {
                     }
                 }
             }
-            let mut lanes = [0f32; ROWS];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), facc[0]);
-            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), facc[1]);
-            let first_row = g * ROWS;
-            let live = self.rows.saturating_sub(first_row).min(ROWS);
-            let at = t * self.rows + first_row;
-            assert!(at + live <= out.len, "vnni output rows in bounds");
-            std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.ptr.add(at), live);
+            self.store256(&facc, g, t, out);
         }
     }
 }
@@ -526,7 +519,7 @@ impl Packed {
             _mm256_fnmadd_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_madd_epi16,
             _mm256_maddubs_epi16, _mm256_mul_ps, _mm256_set1_epi8, _mm256_set1_epi16,
             _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_setzero_si256,
-            _mm256_sign_epi8, _mm256_storeu_ps, _mm256_xor_si256,
+            _mm256_sign_epi8, _mm256_xor_si256,
         };
         let blocks = self.cols / BLOCK;
         let quads = BLOCK / 4 / H;
@@ -622,13 +615,36 @@ impl Packed {
                     }
                 }
             }
-            let mut lanes = [0f32; ROWS];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), facc[0]);
-            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), facc[1]);
-            let first_row = g * ROWS;
-            let live = self.rows.saturating_sub(first_row).min(ROWS);
-            let at = t * self.rows + first_row;
-            assert!(at + live <= out.len, "vnni output rows in bounds");
+            self.store256(&facc, g, t, out);
+        }
+    }
+}
+
+impl Packed {
+    /// Group `g`'s 16 sums of token `t` (two halves of 8 lanes) into `out`,
+    /// the rows that exist.
+    ///
+    /// # Safety
+    /// The CPU has AVX; no other thread writes the group's rows of this
+    /// token.
+    #[target_feature(enable = "avx")]
+    unsafe fn store256(
+        &self,
+        facc: &[std::arch::x86_64::__m256; 2],
+        g: usize,
+        t: usize,
+        out: &SharedOut,
+    ) {
+        let mut lanes = [0f32; ROWS];
+        let first_row = g * ROWS;
+        let live = self.rows.saturating_sub(first_row).min(ROWS);
+        let at = t * self.rows + first_row;
+        assert!(at + live <= out.len, "vnni output rows in bounds");
+        // SAFETY: `lanes` holds 16 floats; `out` has `live` rows from `at`
+        // (checked), written by this thread only (the caller's promise).
+        unsafe {
+            std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), facc[0]);
+            std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr().add(8), facc[1]);
             std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.ptr.add(at), live);
         }
     }
