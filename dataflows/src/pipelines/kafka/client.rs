@@ -322,6 +322,13 @@ impl ClientSettings {
     /// read.
     pub fn config(&self) -> Result<ClientConfig, String> {
         let mut config = ClientConfig::new();
+        self.apply(&mut config)?;
+        Ok(config)
+    }
+
+    /// Sets [`config`](Self::config)'s settings on `config`, over what it
+    /// holds (a client's defaults, which the properties may override).
+    pub fn apply(&self, config: &mut ClientConfig) -> Result<(), String> {
         config.set("bootstrap.servers", &self.brokers);
         let s = &self.security;
         config.set("security.protocol", s.protocol.librdkafka());
@@ -356,7 +363,7 @@ impl ClientSettings {
         for (name, value) in &self.properties {
             config.set(name, value);
         }
-        Ok(config)
+        Ok(())
     }
 }
 

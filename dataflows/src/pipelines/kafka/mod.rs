@@ -253,12 +253,11 @@ impl ClientContext for TracingContext {
         let Ok(mut partitions) = self.partitions.lock() else {
             return;
         };
-        for (id, p) in &topic.partitions {
+        for p in topic.partitions.values() {
             // librdkafka also reports the internal partition -1.
             if p.partition < 0 {
                 continue;
             }
-            let _ = id;
             partitions.insert(
                 p.partition,
                 PartitionStats {
@@ -351,10 +350,9 @@ impl KafkaSource {
             .set("client.id", format!("dima-{pipeline}-w{worker}"))
             .set("reconnect.backoff.max.ms", "2000")
             .set("statistics.interval.ms", "1000");
-        let client = spec.client().config().map_err(|e| client_error(spec, e))?;
-        for (name, value) in client.config_map() {
-            config.set(name, value);
-        }
+        spec.client()
+            .apply(&mut config)
+            .map_err(|e| client_error(spec, e))?;
         let consumer: BaseConsumer<TracingContext> = config
             .set("group.id", &spec.group)
             .set("enable.auto.commit", "false")
@@ -806,16 +804,12 @@ impl KafkaProducer {
         config
             .set("linger.ms", "5")
             .set("message.timeout.ms", "60000");
-        let client = spec
-            .client()
-            .config()
+        spec.client()
+            .apply(&mut config)
             .map_err(|reason| KafkaOpError::Setup {
                 brokers: spec.brokers.clone(),
                 reason,
             })?;
-        for (name, value) in client.config_map() {
-            config.set(name, value);
-        }
         let context = DeliveryContext {
             client: TracingContext::new(&spec.security, &spec.topic),
             ..DeliveryContext::default()
