@@ -31,6 +31,7 @@
 //! assert_eq!(summaries[0], Some(expected));
 //! ```
 
+pub mod checkpoint;
 pub mod events;
 pub mod features;
 pub mod jobs;

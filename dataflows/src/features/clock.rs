@@ -69,6 +69,15 @@ impl ShareClock {
         }
     }
 
+    /// A clock that has already read up to `greatest` (a restored share).
+    pub fn resumed(delay_ms: u64, max_future_ms: u64, greatest: Option<u64>) -> Self {
+        Self {
+            greatest,
+            delay_ms,
+            max_future_ms,
+        }
+    }
+
     /// Judges a record at `time` and, when it is on time, moves the
     /// greatest event time.
     pub fn admit(&mut self, time: u64) -> Admission {

@@ -18,7 +18,9 @@
 //! it (with the default epochs of 10,000 events, about 1 to 2 simulated
 //! minutes of dispatch traffic).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -275,7 +277,7 @@ pub struct MatchStreams<'scope> {
     pub values: StreamVec<'scope, u64, (ValueKey, f64)>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct DriverInfo {
     at: LatLng,
     idle: bool,
@@ -284,7 +286,7 @@ struct DriverInfo {
     taken: bool,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct TripRecord {
     driver: u64,
     dispatched_ms: i64,
@@ -365,6 +367,87 @@ impl Regions {
                 m.match_window(window, out);
             }
         }
+    }
+}
+
+/// One region's matcher in a checkpoint (its configuration comes from the
+/// manifest).
+#[derive(Serialize, Deserialize)]
+struct SavedMatcher {
+    pending: BTreeMap<i64, Vec<MatchEvent>>,
+    next_window: Option<i64>,
+    open: BTreeMap<u64, OpenRequest>,
+    drivers: FxHashMap<u64, DriverInfo>,
+    trips: FxHashMap<u64, TripRecord>,
+    values: ValueTable,
+    late: u64,
+}
+
+/// The matching operator's state in a checkpoint.
+#[derive(Serialize, Deserialize)]
+struct SavedMatch {
+    regions: BTreeMap<u64, SavedMatcher>,
+    values: ValueTable,
+    values_due: BTreeMap<u64, Vec<(ValueKey, f64)>>,
+}
+
+impl Regions {
+    /// The state as of checkpoint time `time`: events that entered at
+    /// `time` or later (`entered_before` says which did not) are left out,
+    /// to be read again; a region left with nothing is dropped (it would
+    /// be made again, from the same values, by its next event).
+    fn save(&self, entered_before: impl Fn(&MatchEvent) -> bool) -> BTreeMap<u64, SavedMatcher> {
+        let mut out = BTreeMap::new();
+        for (&region, m) in &self.by_region {
+            let mut pending = BTreeMap::new();
+            for (&window, events) in &m.pending {
+                let kept: Vec<MatchEvent> = events
+                    .iter()
+                    .filter(|e| entered_before(e))
+                    .cloned()
+                    .collect();
+                if !kept.is_empty() {
+                    pending.insert(window, kept);
+                }
+            }
+            if pending.is_empty()
+                && m.next_window.is_none()
+                && m.open.is_empty()
+                && m.drivers.is_empty()
+                && m.trips.is_empty()
+            {
+                continue;
+            }
+            out.insert(
+                region,
+                SavedMatcher {
+                    pending,
+                    next_window: m.next_window,
+                    open: m.open.clone(),
+                    drivers: m.drivers.clone(),
+                    trips: m.trips.clone(),
+                    values: m.values.clone(),
+                    late: m.late,
+                },
+            );
+        }
+        out
+    }
+
+    fn restore(&mut self, saved: SavedMatch) -> BTreeMap<u64, Vec<(ValueKey, f64)>> {
+        self.values = saved.values;
+        for (region, s) in saved.regions {
+            let mut m = Matcher::new(self.config.clone(), self.worker);
+            m.pending = s.pending;
+            m.next_window = s.next_window;
+            m.open = s.open;
+            m.drivers = s.drivers;
+            m.trips = s.trips;
+            m.values = s.values;
+            m.late = s.late;
+            self.by_region.insert(region, m);
+        }
+        saved.values_due
     }
 }
 
@@ -627,7 +710,7 @@ impl Matcher {
 }
 
 /// What a pipeline's matcher did, gathered on worker 0.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MatchTally {
     windows: u64,
     requests: u64,
@@ -767,9 +850,15 @@ pub fn apply_epoch(table: &mut ValueTable, mut updates: Vec<TdUpdate>) -> Vec<(V
 }
 
 /// The matching dataflow on a stream of dispatch events.
+///
+/// With checkpoints, the matcher (`matcher`: regions, open requests,
+/// drivers, trips, values, values not yet applied) and the value owners
+/// (`value_owner`: their tables) register their state in `states`; events
+/// are timestamped at `bucket(at_ms, bucket_ms)`.
 pub fn match_dispatch<'scope>(
     events: StreamVec<'scope, u64, MatchEvent>,
     config: MatchConfig,
+    (states, bucket_ms): (&crate::checkpoint::States, u64),
 ) -> MatchStreams<'scope> {
     let scope = events.scope();
     let worker = scope.index();
@@ -814,10 +903,33 @@ pub fn match_dispatch<'scope>(
         Pipeline,
         "Match",
         move |initial, _info| {
-            let mut matcher = Regions::new(config, worker);
-            let mut clock = Some(initial);
+            let mut regions = Regions::new(config, worker);
             let mut values_due: BTreeMap<u64, Vec<(ValueKey, f64)>> = BTreeMap::new();
+            if let Some(saved) = states.take::<SavedMatch>("matcher") {
+                values_due = regions.restore(saved);
+            }
+            let state = Rc::new(RefCell::new((regions, values_due)));
+            {
+                let state = Rc::clone(&state);
+                let bucket_ms = bucket_ms.max(1) as i64;
+                states.register("matcher", move |time| {
+                    let (regions, values_due) = &*state.borrow();
+                    let before = |e: &MatchEvent| {
+                        let at = e.at_ms().max(0);
+                        ((at - at % bucket_ms) as u64) < time
+                    };
+                    // Values come back at a period's end + 1, before any
+                    // checkpoint time that follows the period: all are kept.
+                    crate::checkpoint::encode(&SavedMatch {
+                        regions: regions.save(before),
+                        values: regions.values.clone(),
+                        values_due: values_due.clone(),
+                    })
+                });
+            }
+            let mut clock = Some(initial);
             move |(input, frontier), (values, values_frontier), output| {
+                let (matcher, values_due) = &mut *state.borrow_mut();
                 input.for_each(|_cap, data| {
                     for e in data.drain(..) {
                         matcher.add(e);
@@ -891,9 +1003,22 @@ pub fn match_dispatch<'scope>(
             Exchange::new(move |u: &TdUpdate| route(u.key().cell)),
             "ValueOwner",
             move |_initial, _info| {
-                let mut table = ValueTable::new(alpha);
+                let table = states
+                    .take::<ValueTable>("value_owner")
+                    .unwrap_or_else(|| ValueTable::new(alpha));
+                let table = Rc::new(RefCell::new(table));
+                {
+                    // Updates are applied once their period's end is
+                    // complete; every period before a checkpoint time has
+                    // ended by then, so none waits here at a checkpoint.
+                    let table = Rc::clone(&table);
+                    states.register("value_owner", move |_| {
+                        crate::checkpoint::encode(&*table.borrow())
+                    });
+                }
                 let mut pending: BTreeMap<u64, (Capability<u64>, Vec<TdUpdate>)> = BTreeMap::new();
                 move |(input, frontier), output| {
+                    let mut table = table.borrow_mut();
                     input.for_each(|cap, data| {
                         let Some(&time) = cap.least() else {
                             return;
@@ -967,7 +1092,11 @@ mod tests {
             worker.dataflow::<u64, _, _>(|scope| {
                 let mut config = MatchConfig::default();
                 config.plan.policy = policy;
-                let streams = match_dispatch(scope.input_from(&mut input), config);
+                let streams = match_dispatch(
+                    scope.input_from(&mut input),
+                    config,
+                    (&crate::checkpoint::States::off(), 1),
+                );
                 let (s1, s2, s3) = (Arc::clone(&sink), Arc::clone(&sink), Arc::clone(&sink));
                 streams
                     .updates

@@ -205,7 +205,7 @@ impl TdUpdate {
 
 /// A value table: the whole function in the simulator, one worker's share
 /// of cells in the dataflow.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ValueTable {
     alpha: f64,
     values: FxHashMap<ValueKey, f64>,

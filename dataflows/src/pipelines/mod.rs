@@ -19,7 +19,7 @@ pub mod source;
 
 use std::path::PathBuf;
 
-pub use run::{MatchingReport, PipelineSummary, PipelinesRun, run_pipelines};
+pub use run::{MatchingReport, PipelineSummary, PipelinesRun, run_pipelines, run_pipelines_with};
 
 use crate::events::Family;
 

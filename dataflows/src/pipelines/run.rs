@@ -26,8 +26,11 @@ use timely::dataflow::{ProbeHandle, StreamVec};
 use timely::worker::Worker;
 
 use super::sink::{DeadLetter, LineWriter};
-use super::source::{self, Record, RecordSource, SourceError};
+use super::source::{self, Record, RecordSource, Resume, SourceError};
 use super::{LearnerSpec, PipelineSpec, SinkSpec, SourceSpec};
+use crate::checkpoint::{
+    Checkpointed, Checkpointing, Coordinator, PipelineState, ShareState, States, WorkerPart, encode,
+};
 use crate::events::{Event, Family, TYPES, WireEvent, parse_bytes};
 use crate::features::{
     AdEvent, Admission, Attribute, AttributionOutput, FeatureSpec, ShareClock, WindowCounts,
@@ -74,12 +77,16 @@ struct Closing {
 
 impl Closing {
     fn add(&mut self, other: Closing) {
-        for (t, c) in self.types.iter_mut().zip(other.types) {
-            *t += c;
-        }
+        add_types(&mut self.types, &other.types);
         if let Some(lag) = other.lag {
             self.lag = Some(self.lag.unwrap_or(0) + lag);
         }
+    }
+}
+
+fn add_types(to: &mut [u64; 6], from: &[u64; 6]) {
+    for (t, c) in to.iter_mut().zip(from) {
+        *t += c;
     }
 }
 
@@ -231,7 +238,7 @@ type Totals = Rc<RefCell<Closing>>;
 type SharedWriter = Rc<RefCell<Option<LineWriter>>>;
 
 /// Dead letters by why, counted on worker 0.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct DeadCounts {
     malformed: Cell<u64>,
     late: Cell<u64>,
@@ -273,6 +280,26 @@ struct Share {
     seen: Instant,
     /// Its watermark-lag gauge.
     lag: prometheus::Gauge,
+    /// With checkpoints: each time a record raised the share's greatest
+    /// checkpoint level (`⌈assigned time / grid⌉`), where that record
+    /// starts and the greatest event time before it. A checkpoint at
+    /// `c·grid + CHECKPOINT_OFFSET` resumes the share at the first mark above `c`.
+    marks: BTreeMap<u64, (Resume, Option<u64>)>,
+}
+
+impl Share {
+    fn new(
+        time: &crate::features::EventTime,
+        greatest: Option<u64>,
+        lag: prometheus::Gauge,
+    ) -> Self {
+        Self {
+            clock: ShareClock::resumed(time.watermark_delay_ms, time.max_future_ms, greatest),
+            seen: Instant::now(),
+            lag,
+            marks: BTreeMap::new(),
+        }
+    }
 }
 
 struct Runner {
@@ -287,8 +314,21 @@ struct Runner {
     in_flight: BTreeMap<u64, u64>,
     /// The greatest timestamp sent so far.
     sent_upto: u64,
-    /// Valid events read here, per type.
+    /// Valid events read here, per type, at complete timestamps.
     counts: [u64; 6],
+    /// Valid events read here, per type, by timestamp, not yet complete.
+    counts_at: BTreeMap<u64, [u64; 6]>,
+    /// With checkpoints: this pipeline's operator states.
+    states: States,
+    /// Checkpoint times are `c·grid + CHECKPOINT_OFFSET` ([`checkpoint_grid`]).
+    grid: u64,
+    /// After a restore: records whose time is before this were applied
+    /// before the checkpoint and are skipped.
+    skip_below: u64,
+    /// When the input closed: the capability's time then.
+    finished_at: Option<u64>,
+    /// Worker 0, during a checkpoint: holds the input frontier at its time.
+    hold: Option<ActivateCapability<u64>>,
     /// Records read since the input last gave up timestamps, and when.
     since_report: u64,
     reported_at: Instant,
@@ -315,7 +355,123 @@ struct Runner {
     matching: Option<(Rc<RefCell<MatchTally>>, SharedWriter)>,
 }
 
+/// Checkpoint times of a pipeline are `c·grid + CHECKPOINT_OFFSET`: `grid`
+/// is a multiple of every window its operators cut event time into
+/// (buckets, the matcher's windows and value periods), so that at a
+/// checkpoint every window that ends at or before `c·grid` is complete,
+/// with what it sends on one millisecond later (the matcher's value
+/// function comes back at a period's end + 1), and no later window has
+/// ended (windows are longer than the offset).
+const CHECKPOINT_OFFSET: u64 = 2;
+
+/// The checkpoint level of a record at time `at`: it comes after the
+/// checkpoint at `c·grid + CHECKPOINT_OFFSET` iff its level exceeds `c`.
+fn checkpoint_level(at: u64, grid: u64) -> u64 {
+    if at < CHECKPOINT_OFFSET {
+        0
+    } else {
+        (at - CHECKPOINT_OFFSET) / grid + 1
+    }
+}
+
+fn checkpoint_grid(spec: &PipelineSpec) -> u64 {
+    fn lcm(a: u64, b: u64) -> u64 {
+        fn gcd(a: u64, b: u64) -> u64 {
+            if b == 0 { a } else { gcd(b, a % b) }
+        }
+        let (a, b) = (a.max(1), b.max(1));
+        (a / gcd(a, b)).saturating_mul(b)
+    }
+    let mut grid = spec.time.bucket_ms.max(1);
+    if let Some(l) = &spec.learner {
+        grid = lcm(grid, l.window_ms);
+    }
+    if let Some(m) = &spec.matching {
+        let window_ms = ((m.config.plan.matching.window_s * 1000.0).round() as u64).max(1);
+        grid = lcm(grid, window_ms);
+        grid = lcm(grid, m.config.value_sync_ms.max(window_ms as i64) as u64);
+    }
+    grid
+}
+
 impl Runner {
+    /// Worker 0 at the start of a checkpoint: holds the input frontier at
+    /// the next checkpoint time and returns it (`u64::MAX` when the
+    /// pipeline has finished everywhere); `None` when it cannot (its input
+    /// closed while others still run: a later checkpoint will).
+    fn start_hold(&mut self) -> Option<u64> {
+        if self.probe.done() {
+            return Some(u64::MAX);
+        }
+        let (_, cap) = self.input.as_ref()?;
+        let level = cap
+            .time()
+            .saturating_sub(CHECKPOINT_OFFSET)
+            .div_ceil(self.grid);
+        let time = level.saturating_mul(self.grid) + CHECKPOINT_OFFSET;
+        self.hold = Some(cap.delayed(&time));
+        Some(time)
+    }
+
+    /// Whether every operator has applied every timestamp before `time`.
+    fn ready_for(&self, time: u64) -> bool {
+        if time == u64::MAX {
+            self.probe.done()
+        } else {
+            self.complete() >= time
+        }
+    }
+
+    /// This worker's state of the pipeline as of checkpoint time `time`.
+    fn save(&mut self, time: u64) -> Result<PipelineState, String> {
+        let level = if time == u64::MAX {
+            u64::MAX
+        } else {
+            (time - CHECKPOINT_OFFSET) / self.grid
+        };
+        let shares = self
+            .source
+            .shares()
+            .into_iter()
+            .map(|share| {
+                let here = self.clocks.get_mut(&share);
+                let marked = here.as_ref().and_then(|s| {
+                    s.marks
+                        .range(level.saturating_add(1)..)
+                        .next()
+                        .map(|(_, m)| *m)
+                });
+                let (resume, greatest) = marked.unwrap_or_else(|| {
+                    (
+                        self.source.next_position(share),
+                        here.as_ref().and_then(|s| s.clock.greatest()),
+                    )
+                });
+                if let Some(s) = here {
+                    // Later checkpoints are at higher levels.
+                    s.marks = s.marks.split_off(&level.saturating_add(1));
+                }
+                ShareState {
+                    share,
+                    resume,
+                    greatest,
+                }
+            })
+            .collect();
+        let mut counts = self.counts;
+        for c in self.counts_at.range(..time).map(|(_, c)| c) {
+            add_types(&mut counts, c);
+        }
+        Ok(PipelineState {
+            time,
+            finished: self.finished_at.is_some_and(|t| t < time),
+            shares,
+            counts,
+            read: 0,
+            operators: self.states.save(time)?,
+        })
+    }
+
     /// Every timestamp before this is complete at every output.
     fn complete(&self) -> u64 {
         self.probe
@@ -333,6 +489,10 @@ impl Runner {
             self.completed = complete;
             self.source.complete_below(complete)?;
             self.in_flight = self.in_flight.split_off(&complete);
+            let later = self.counts_at.split_off(&complete);
+            for done in std::mem::replace(&mut self.counts_at, later).into_values() {
+                add_types(&mut self.counts, &done);
+            }
         }
         while self.closed_at.front().is_some_and(|(t, _)| *t < complete) {
             self.closed_at.pop_front();
@@ -428,56 +588,69 @@ impl Runner {
         let now = Instant::now();
         let mut groups: BTreeMap<u64, Vec<Parsed>> = BTreeMap::new();
         let mut late = 0;
+        let marking = self.states.enabled();
         for record in batch {
-            let (key, event, t) = match classify(&self.spec.name, self.spec.family, &record) {
-                Ok(valid) => valid,
-                Err(dead) => {
-                    groups
-                        .entry(cap_time)
-                        .or_default()
-                        .push(Parsed::Invalid(dead, Refusal::Malformed));
-                    continue;
-                }
-            };
             let id = record.origin.share();
-            let share = self.clocks.entry(id).or_insert_with(|| Share {
-                clock: ShareClock::new(time.watermark_delay_ms, time.max_future_ms),
-                seen: now,
-                lag: self.metrics.watermark_lag(id),
-            });
-            share.seen = now;
-            let clock = &mut share.clock;
-            let at = bucket(t, time.bucket_ms);
-            let admission = match clock.admit(t) {
-                Admission::OnTime if at < cap_time => Admission::AfterIdle {
-                    behind_ms: cap_time - t,
-                },
-                other => other,
-            };
-            match admission.reason(time.watermark_delay_ms, time.max_future_ms) {
-                None => {
-                    *self.in_flight.entry(at).or_default() += 1;
-                    self.counts[event.type_index()] += 1;
-                    groups
-                        .entry(at)
-                        .or_default()
-                        .push(Parsed::Valid(key, event));
+            let share = match self.clocks.entry(id) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(Share::new(&time, None, self.metrics.watermark_lag(id)))
                 }
-                Some(reason) => {
-                    let refusal = if matches!(admission, Admission::Future { .. }) {
-                        Refusal::Malformed
-                    } else {
-                        late += 1;
-                        Refusal::Late
+            };
+            share.seen = now;
+            let before = share.clock.greatest();
+            // A refused record's time: its share's watermark before it
+            // (a function of the share's records, not of timing).
+            let refused_at = bucket(share.clock.watermark().unwrap_or(0), time.bucket_ms);
+            let (at, parsed) = match classify(&self.spec.name, self.spec.family, &record) {
+                Err(dead) => (refused_at, Parsed::Invalid(dead, Refusal::Malformed)),
+                Ok((key, event, t)) => {
+                    let at = bucket(t, time.bucket_ms);
+                    let admission = match share.clock.admit(t) {
+                        Admission::OnTime if at < cap_time => Admission::AfterIdle {
+                            behind_ms: cap_time - t,
+                        },
+                        other => other,
                     };
-                    let dead =
-                        DeadLetter::new(&self.spec.name, &record.origin, reason, &record.payload);
-                    groups
-                        .entry(cap_time)
-                        .or_default()
-                        .push(Parsed::Invalid(dead, refusal));
+                    match admission.reason(time.watermark_delay_ms, time.max_future_ms) {
+                        None => (at, Parsed::Valid(key, event)),
+                        Some(reason) => {
+                            let refusal = if matches!(admission, Admission::Future { .. }) {
+                                Refusal::Malformed
+                            } else {
+                                Refusal::Late
+                            };
+                            let dead = DeadLetter::new(
+                                &self.spec.name,
+                                &record.origin,
+                                reason,
+                                &record.payload,
+                            );
+                            (refused_at, Parsed::Invalid(dead, refusal))
+                        }
+                    }
+                }
+            };
+            if marking {
+                let level = checkpoint_level(at, self.grid);
+                if share.marks.last_key_value().is_none_or(|(l, _)| level > *l) {
+                    share.marks.insert(level, (record.resume(), before));
                 }
             }
+            if at < self.skip_below {
+                // Applied before the checkpoint this run restored.
+                continue;
+            }
+            let send_at = at.max(cap_time);
+            match &parsed {
+                Parsed::Valid(_, event) => {
+                    *self.in_flight.entry(send_at).or_default() += 1;
+                    self.counts_at.entry(send_at).or_default()[event.type_index()] += 1;
+                }
+                Parsed::Invalid(_, Refusal::Late) => late += 1,
+                _ => {}
+            }
+            groups.entry(send_at).or_default().push(parsed);
         }
         self.metrics.late.inc_by(late);
         // A worker reports progress (gives up timestamps) once per
@@ -522,10 +695,15 @@ impl Runner {
 
     fn finish(&mut self) {
         if let Some((mut handle, cap)) = self.input.take() {
+            let mut types = self.counts;
+            for counts in self.counts_at.values() {
+                add_types(&mut types, counts);
+            }
             let closing = Closing {
-                types: self.counts,
+                types,
                 lag: self.source.final_lag(),
             };
+            self.finished_at = Some(*cap.time());
             handle
                 .activate()
                 .session(&cap)
@@ -539,21 +717,23 @@ impl Runner {
 /// Lines waiting for their timestamp to complete, by timestamp.
 type Held = BTreeMap<u64, Vec<(Option<u64>, String)>>;
 
-/// Writes the held lines of every timestamp before `complete`, each
-/// timestamp's sorted by key and text, so that a file's bytes depend on the
-/// data only, not on which worker's records arrived first; then flushes.
-fn write_complete(
-    held: &mut Held,
+/// Writes the held records of every timestamp before `complete` as lines
+/// (`line`), each timestamp's sorted by key and text, so that a file's
+/// bytes depend on the data only, not on which worker's records arrived
+/// first; then flushes.
+fn write_complete<D>(
+    held: &mut BTreeMap<u64, Vec<D>>,
     complete: Option<u64>,
     writer: &mut Option<LineWriter>,
     errors: &RefCell<Option<String>>,
+    line: &impl Fn(D) -> (Option<u64>, String),
 ) {
     let mut wrote = false;
     while let Some(entry) = held.first_entry() {
         if complete.is_some_and(|c| *entry.key() >= c) {
             break;
         }
-        let mut lines = entry.remove();
+        let mut lines: Vec<(Option<u64>, String)> = entry.remove().into_iter().map(line).collect();
         lines.sort_unstable();
         wrote = true;
         if let Some(w) = writer.as_mut() {
@@ -572,9 +752,34 @@ fn write_complete(
     }
 }
 
-/// A sink operator on worker 0: holds each timestamp's lines until the
+/// A writer in a checkpoint: its file's length and the lines it wrote.
+#[derive(Serialize, Deserialize)]
+struct WriterState {
+    bytes: Option<u64>,
+    written: u64,
+}
+
+fn writer_state(writer: &SharedWriter) -> Result<Vec<u8>, String> {
+    let mut writer = writer.borrow_mut();
+    let state = match writer.as_mut() {
+        Some(w) => WriterState {
+            bytes: w.file_len().map_err(|e| e.to_string())?,
+            written: w.written(),
+        },
+        None => WriterState {
+            bytes: None,
+            written: 0,
+        },
+    };
+    encode(&state)
+}
+
+/// A sink operator on worker 0: holds each timestamp's records until the
 /// timestamp is complete, then writes them sorted ([`write_complete`]) and
-/// flushes (a timestamp complete here is on disk).
+/// flushes (a timestamp complete here is on disk). With checkpoints it
+/// saves, as `state`, the file's length once every timestamp before the
+/// checkpoint is written.
+#[allow(clippy::too_many_arguments)]
 fn write_lines<D: timely::ExchangeData>(
     stream: StreamVec<'_, u64, D>,
     name: &str,
@@ -583,53 +788,128 @@ fn write_lines<D: timely::ExchangeData>(
     line: impl Fn(D) -> (Option<u64>, String) + 'static,
     probe: &ProbeHandle<u64>,
     counter: IntCounter,
+    (states, state): (&States, &str),
 ) {
+    let held: Rc<RefCell<BTreeMap<u64, Vec<D>>>> = Rc::default();
+    let line = Rc::new(line);
+    {
+        let (held, writer, errors, line) = (
+            Rc::clone(&held),
+            Rc::clone(&writer),
+            Rc::clone(&errors),
+            Rc::clone(&line),
+        );
+        states.register(state, move |time| {
+            write_complete(
+                &mut held.borrow_mut(),
+                Some(time),
+                &mut writer.borrow_mut(),
+                &errors,
+                &*line,
+            );
+            writer_state(&writer)
+        });
+    }
     stream
         .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
             Exchange::new(|_: &D| 0),
             name,
             move |_cap, _info| {
-                let mut held = Held::new();
                 move |(input, frontier), _output| {
+                    let mut held = held.borrow_mut();
                     input.for_each(|cap, data| {
                         counter.inc_by(data.len() as u64);
                         let Some(&time) = cap.least() else { return };
-                        let lines = held.entry(time).or_default();
-                        lines.extend(data.drain(..).map(&line));
+                        held.entry(time).or_default().append(data);
                     });
                     let complete = frontier.frontier().iter().min().copied();
-                    write_complete(&mut held, complete, &mut writer.borrow_mut(), &errors);
+                    write_complete(
+                        &mut held,
+                        complete,
+                        &mut writer.borrow_mut(),
+                        &errors,
+                        &*line,
+                    );
                 }
             },
         )
         .probe_with(probe);
 }
 
-/// Opens worker 0's writer for `spec`, recording a failure.
-fn open_writer(spec: &SinkSpec, index: usize, failed: &dyn Fn(String)) -> SharedWriter {
+/// Opens worker 0's writer for `spec`, recording a failure; after a
+/// restore, cuts it back to what the checkpoint recorded as `state`.
+fn open_writer(
+    spec: &SinkSpec,
+    index: usize,
+    failed: &dyn Fn(String),
+    (states, state): (&States, &str),
+) -> SharedWriter {
     let writer = match (spec, index) {
         (SinkSpec::None, _) | (_, 1..) => None,
         (spec, 0) => LineWriter::open(spec)
             .map_err(|e| failed(e.to_string()))
             .ok(),
     };
+    resume_writer(writer, failed, (states, state))
+}
+
+fn resume_writer(
+    mut writer: Option<LineWriter>,
+    failed: &dyn Fn(String),
+    (states, state): (&States, &str),
+) -> SharedWriter {
+    if let Some(saved) = states.take::<WriterState>(state)
+        && let Some(w) = writer.as_mut()
+        && let Err(e) = w.resume(saved.bytes, saved.written)
+    {
+        failed(e.to_string());
+    }
     Rc::new(RefCell::new(writer))
 }
 
-/// Gathers what the workers said when their inputs closed on worker 0.
-fn gather_counts(counts: StreamVec<'_, u64, Closing>, totals: Totals, probe: &ProbeHandle<u64>) {
+/// Gathers what the workers said when their inputs closed on worker 0,
+/// each once its timestamp is complete.
+fn gather_counts(
+    counts: StreamVec<'_, u64, Closing>,
+    totals: Totals,
+    probe: &ProbeHandle<u64>,
+    states: &States,
+) {
+    if let Some(saved) = states.take::<Closing>("totals") {
+        *totals.borrow_mut() = saved;
+    }
+    let held: Rc<RefCell<BTreeMap<u64, Vec<Closing>>>> = Rc::default();
+    let apply = |held: &mut BTreeMap<u64, Vec<Closing>>, totals: &Totals, complete: u64| {
+        let later = held.split_off(&complete);
+        for closing in std::mem::replace(held, later).into_values().flatten() {
+            totals.borrow_mut().add(closing);
+        }
+    };
+    {
+        let (held, totals) = (Rc::clone(&held), Rc::clone(&totals));
+        states.register("totals", move |time| {
+            apply(&mut held.borrow_mut(), &totals, time);
+            encode(&*totals.borrow())
+        });
+    }
     counts
-        .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
+        .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
             Exchange::new(|_: &Closing| 0),
             "GatherTypes",
             move |_cap, _info| {
-                move |input, _output| {
-                    input.for_each(|_time, data| {
-                        let mut totals = totals.borrow_mut();
-                        for closing in data.drain(..) {
-                            totals.add(closing);
-                        }
+                move |(input, frontier), _output| {
+                    let mut held = held.borrow_mut();
+                    input.for_each(|cap, data| {
+                        let Some(&time) = cap.least() else { return };
+                        held.entry(time).or_default().append(data);
                     });
+                    let complete = frontier
+                        .frontier()
+                        .iter()
+                        .min()
+                        .copied()
+                        .unwrap_or(u64::MAX);
+                    apply(&mut held, &totals, complete);
                 }
             },
         )
@@ -679,11 +959,16 @@ fn to_window_end<D: timely::ExchangeData>(
     })
 }
 
+/// Builds `spec`'s dataflow on this worker. With checkpoints, `states`
+/// holds its operators' savers (and their restored states), and `saved` is
+/// this worker's part of the checkpoint it restores, if any.
 fn build(
     worker: &mut Worker,
     spec: &PipelineSpec,
     metrics: &DataflowMetrics,
     errors: &Rc<RefCell<Option<String>>>,
+    states: States,
+    saved: Option<&PipelineState>,
 ) -> Runner {
     let index = worker.index();
     let peers = worker.peers();
@@ -693,23 +978,51 @@ fn build(
     let failed = |e: String| {
         errors.borrow_mut().get_or_insert(e);
     };
+    if states.enabled() && spec.ads_stages().is_some() {
+        failed(format!(
+            "pipeline {}: checkpoints do not cover the ads stages (attribution, features, learner) yet",
+            spec.name
+        ));
+    }
     let kafka_metrics = metrics.kafka(&format!("pipeline.{}", spec.name));
-    let source = super::open_source(&spec.source, &spec.name, index, peers, Some(kafka_metrics))
-        .unwrap_or_else(|e| {
-            failed(e.to_string());
-            Box::new(source::Empty)
-        });
-    let sink = open_writer(&spec.sink, index, &failed);
-    let dead = Rc::new(RefCell::new(if index == 0 {
-        LineWriter::file(&spec.dead_letter)
-            .map_err(|e| failed(e.to_string()))
-            .ok()
-    } else {
-        None
-    }));
-    let examples = open_writer(&spec.examples, index, &failed);
+    let mut source =
+        super::open_source(&spec.source, &spec.name, index, peers, Some(kafka_metrics))
+            .unwrap_or_else(|e| {
+                failed(e.to_string());
+                Box::new(source::Empty)
+            });
+    let mut clocks = BTreeMap::new();
+    let pipeline_metrics_early = metrics.pipeline(&format!("pipeline.{}", spec.name));
+    if let Some(saved) = saved {
+        for share in &saved.shares {
+            if let Err(e) = source.seek(share.share, share.resume) {
+                failed(e.to_string());
+            }
+            clocks.insert(
+                share.share,
+                Share::new(
+                    &spec.time,
+                    share.greatest,
+                    pipeline_metrics_early.watermark_lag(share.share),
+                ),
+            );
+        }
+    }
+    let sink = open_writer(&spec.sink, index, &failed, (&states, "sink.events"));
+    let dead = resume_writer(
+        (index == 0)
+            .then(|| {
+                LineWriter::file(&spec.dead_letter)
+                    .map_err(|e| failed(e.to_string()))
+                    .ok()
+            })
+            .flatten(),
+        &failed,
+        (&states, "sink.dead_letter"),
+    );
+    let examples = open_writer(&spec.examples, index, &failed, (&states, "sink.examples"));
     let totals: Totals = Rc::new(RefCell::new(Closing::default()));
-    let dead_counts = Rc::new(DeadCounts::default());
+    let dead_counts = Rc::new(states.take::<DeadCounts>("dead_counts").unwrap_or_default());
     let tally = Rc::new(RefCell::new(LearnerTally::default()));
     let ads_report = Rc::new(RefCell::new(AdsReport {
         keys: vec![0; spec.features.len()],
@@ -729,7 +1042,7 @@ fn build(
     }));
     let match_tally = Rc::new(RefCell::new(MatchTally::default()));
     let dispatch_sink = match &spec.matching {
-        Some(m) => open_writer(&m.dispatches, index, &failed),
+        Some(m) => open_writer(&m.dispatches, index, &failed, (&states, "sink.dispatches")),
         None => Rc::new(RefCell::new(None)),
     };
     let probe = ProbeHandle::new();
@@ -758,6 +1071,7 @@ fn build(
             }),
             Rc::clone(&totals),
             &probe,
+            &states,
         );
         if let Some(attribution) = spec.ads_stages() {
             let events = valid.clone().flat_map(|p| match p {
@@ -864,7 +1178,7 @@ fn build(
                                 }
                             });
                             let complete = frontier.frontier().iter().min().copied();
-                            write_complete(&mut held, complete, &mut writer.borrow_mut(), &errors_here);
+                            write_complete(&mut held, complete, &mut writer.borrow_mut(), &errors_here, &|l| l);
                         }
                     },
                 )
@@ -910,10 +1224,19 @@ fn build(
                 Parsed::Valid(_, e) => MatchEvent::from_event(&Event::from(e)),
                 Parsed::Invalid(..) | Parsed::Counts(_) => None,
             });
-            let streams = match_dispatch(events, matching.config.clone());
+            let streams = match_dispatch(events, matching.config.clone(), (&states, bucket_ms));
             let policy = matching.config.plan.policy;
             let gauges = metrics.matching(&dataflow);
             let tally = Rc::clone(&match_tally);
+            if let Some(saved) = states.take::<MatchTally>("match_tally") {
+                *tally.borrow_mut() = saved;
+            }
+            {
+                // Outputs reach the tally only once the matcher emits them,
+                // at or after their (complete) window: nothing later is in.
+                let tally = Rc::clone(&tally);
+                states.register("match_tally", move |_| encode(&*tally.borrow()));
+            }
             streams
                 .outputs
                 .clone()
@@ -948,6 +1271,7 @@ fn build(
                 move |d: DispatchRecord| (Some(d.request_id), d.to_line(policy)),
                 &probe,
                 metrics.records(&dataflow, "dispatches", index),
+                (&states, "sink.dispatches"),
             );
         }
         if has_sink {
@@ -962,6 +1286,7 @@ fn build(
                 },
                 &probe,
                 metrics.records(&dataflow, "sink", index),
+                (&states, "sink.events"),
             );
         }
         let counts = Rc::clone(&dead_counts);
@@ -988,7 +1313,12 @@ fn build(
             },
             &probe,
             metrics.records(&dataflow, "dead_letter", index),
+            (&states, "sink.dead_letter"),
         );
+        // After the dead-letter sink's saver: it writes (and counts) every
+        // dead letter before the checkpoint first.
+        let counts = Rc::clone(&dead_counts);
+        states.register("dead_counts", move |_| encode(&*counts));
         input
     });
 
@@ -997,15 +1327,21 @@ fn build(
         SourceSpec::Kafka(k) => k.events_per_second.map(|r| r / peers as f64),
         SourceSpec::Jsonl { .. } => None,
     };
-    Runner {
+    let mut runner = Runner {
         spec: spec.clone(),
         input: Some(input),
         probe,
         source,
-        clocks: BTreeMap::new(),
+        clocks,
         in_flight: BTreeMap::new(),
         sent_upto: 0,
-        counts: [0; 6],
+        counts: saved.map_or([0; 6], |s| s.counts),
+        counts_at: BTreeMap::new(),
+        grid: checkpoint_grid(spec),
+        skip_below: saved.map_or(0, |s| s.time),
+        finished_at: None,
+        hold: None,
+        states,
         since_report: 0,
         reported_at: Instant::now(),
         read: 0,
@@ -1028,7 +1364,13 @@ fn build(
             .matching
             .is_some()
             .then_some((match_tally, dispatch_sink)),
+    };
+    if saved.is_some_and(|s| s.finished) {
+        // Its input had been read to the end before the checkpoint: what
+        // it told worker 0 then is in the restored totals.
+        runner.input = None;
     }
+    runner
 }
 
 /// What the learner's tally needs to write snapshot lines.
@@ -1138,10 +1480,103 @@ pub fn run_pipelines(
     metrics: &DataflowMetrics,
     stop: &AtomicBool,
 ) -> PipelinesRun {
+    run_pipelines_with(worker, specs, metrics, stop, None)
+}
+
+/// The runners as the checkpoint protocol sees them.
+struct Pipelines<'a>(&'a mut [Runner]);
+
+impl Checkpointed for Pipelines<'_> {
+    fn hold(&mut self) -> Option<Vec<u64>> {
+        let mut times = Vec::with_capacity(self.0.len());
+        for runner in self.0.iter_mut() {
+            match runner.start_hold() {
+                Some(t) => times.push(t),
+                None => {
+                    self.release();
+                    return None;
+                }
+            }
+        }
+        Some(times)
+    }
+
+    fn release(&mut self) {
+        for runner in self.0.iter_mut() {
+            runner.hold = None;
+        }
+    }
+
+    fn ready(&self, times: &[u64]) -> bool {
+        self.0.iter().zip(times).all(|(r, &t)| r.ready_for(t))
+    }
+
+    fn save(&mut self, times: &[u64]) -> Result<WorkerPart, String> {
+        let mut part = WorkerPart::default();
+        for (runner, &time) in self.0.iter_mut().zip(times) {
+            let state = runner
+                .save(time)
+                .map_err(|e| format!("pipeline {}: {e}", runner.spec.name))?;
+            part.pipelines.insert(runner.spec.name.clone(), state);
+        }
+        Ok(part)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0.iter().map(|r| r.spec.name.clone()).collect()
+    }
+}
+
+/// [`run_pipelines`], with checkpoints written (and one restored) as
+/// `checkpoints` says.
+pub fn run_pipelines_with(
+    worker: &mut Worker,
+    specs: &[PipelineSpec],
+    metrics: &DataflowMetrics,
+    stop: &AtomicBool,
+    checkpoints: Option<&Checkpointing>,
+) -> PipelinesRun {
     let errors: Rc<RefCell<Option<String>>> = Rc::new(RefCell::new(None));
+    let mut coordinator = checkpoints.and_then(|c| {
+        Coordinator::new(worker, c.spec.clone())
+            .map_err(|e| {
+                errors.borrow_mut().get_or_insert(e.to_string());
+            })
+            .ok()
+    });
+    let part = checkpoints
+        .and_then(|c| c.restore.as_ref())
+        .and_then(|loaded| {
+            loaded
+                .part(worker.index())
+                .map_err(|e| {
+                    errors.borrow_mut().get_or_insert(e.to_string());
+                })
+                .ok()
+        });
     let mut runners: Vec<Runner> = specs
         .iter()
-        .map(|spec| build(worker, spec, metrics, &errors))
+        .map(|spec| {
+            let saved = part.as_ref().and_then(|p| p.pipelines.get(&spec.name));
+            let states = match (checkpoints, saved) {
+                (None, _) => States::off(),
+                (Some(_), None) => States::on(BTreeMap::new()),
+                (Some(_), Some(s)) => States::on(s.operators.clone()),
+            };
+            if part.is_some() && saved.is_none() {
+                errors.borrow_mut().get_or_insert(format!(
+                    "the checkpoint has no state for pipeline {}",
+                    spec.name
+                ));
+            }
+            let runner = build(worker, spec, metrics, &errors, states, saved);
+            if let Some(e) = runner.states.error() {
+                errors
+                    .borrow_mut()
+                    .get_or_insert(format!("pipeline {}: restoring: {e}", spec.name));
+            }
+            runner
+        })
         .collect();
     if errors.borrow().is_some() {
         for runner in &mut runners {
@@ -1162,6 +1597,14 @@ pub fn run_pipelines(
                 errors.borrow_mut().get_or_insert(e.to_string());
             }
         }
+        if let Some(c) = coordinator.as_mut() {
+            if errors.borrow().is_some() || stop.load(Ordering::Relaxed) {
+                c.abandon(&mut Pipelines(&mut runners));
+            } else if let Err(e) = c.turn(&mut Pipelines(&mut runners)) {
+                errors.borrow_mut().get_or_insert(e);
+                c.abandon(&mut Pipelines(&mut runners));
+            }
+        }
         if errors.borrow().is_some() {
             runners.iter_mut().for_each(Runner::finish);
         }
@@ -1179,6 +1622,9 @@ pub fn run_pipelines(
         if let Err(e) = runner.observe() {
             errors.borrow_mut().get_or_insert(e.to_string());
         }
+    }
+    if let Some(c) = coordinator.as_mut() {
+        c.close();
     }
     let interrupted = stop.load(Ordering::Relaxed);
     let read = runners.iter().map(|r| r.read).sum();
@@ -1288,6 +1734,10 @@ fn fixed_effect_line(
         "theta": &theta[..p], "hash_bits": hash_bits, "hashed": hashed,
     })
 }
+
+#[cfg(test)]
+#[path = "checkpoint_tests.rs"]
+mod checkpoint_tests;
 
 #[cfg(test)]
 mod tests {

@@ -85,6 +85,8 @@ pub struct LineWriter {
     /// once with the same reason (rather than waiting for each epoch's
     /// messages to time out in turn).
     failed: Option<String>,
+    /// Whether it writes to a file at `path`.
+    is_file: bool,
 }
 
 impl std::fmt::Debug for LineWriter {
@@ -106,6 +108,7 @@ impl LineWriter {
                 path: PathBuf::from("(none)"),
                 written: 0,
                 failed: None,
+                is_file: false,
             }),
             SinkSpec::Stdout => Ok(Self {
                 out: Some(Box::new(BufWriter::new(std::io::stdout()))),
@@ -113,6 +116,7 @@ impl LineWriter {
                 path: PathBuf::from("-"),
                 written: 0,
                 failed: None,
+                is_file: false,
             }),
             SinkSpec::Jsonl { path } => Self::file(path),
             SinkSpec::Kafka(k) => {
@@ -127,6 +131,7 @@ impl LineWriter {
                     path,
                     written: 0,
                     failed: None,
+                    is_file: false,
                 })
             }
         }
@@ -155,6 +160,7 @@ impl LineWriter {
             path: path.to_owned(),
             written: 0,
             failed: None,
+            is_file: true,
         })
     }
 
@@ -223,5 +229,45 @@ impl LineWriter {
     /// Lines written so far.
     pub fn written(&self) -> u64 {
         self.written
+    }
+
+    /// A file sink's length on disk after a flush (`None` for other sinks).
+    pub fn file_len(&mut self) -> Result<Option<u64>, SinkError> {
+        if self.kafka.is_some() || !self.is_file {
+            return Ok(None);
+        }
+        self.flush()?;
+        std::fs::metadata(&self.path)
+            .map(|m| Some(m.len()))
+            .map_err(|source| SinkError {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Continues from a checkpoint: a file sink is cut back to `bytes`
+    /// (what it held when the checkpoint was taken: later lines are written
+    /// again), and `written` lines are counted as written.
+    pub fn resume(&mut self, bytes: Option<u64>, written: u64) -> Result<(), SinkError> {
+        self.written = written;
+        let (Some(bytes), true) = (bytes, self.is_file) else {
+            return Ok(());
+        };
+        let error = |source| SinkError {
+            path: self.path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(error)?;
+        let len = file.metadata().map_err(error)?.len();
+        if len < bytes {
+            return Err(error(std::io::Error::other(format!(
+                "{len} bytes, shorter than the {bytes} the checkpoint recorded: it was changed or replaced since"
+            ))));
+        }
+        file.set_len(bytes).map_err(error)?;
+        file.sync_all().map_err(error)
     }
 }

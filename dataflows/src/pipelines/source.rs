@@ -82,6 +82,31 @@ pub struct Record {
     pub payload: Vec<u8>,
     /// Its position in the source.
     pub origin: Origin,
+    /// Where reading starts again to read it again: a file's byte offset of
+    /// the line, a generator shard's sequence number, a Kafka offset.
+    pub offset: u64,
+}
+
+/// Where a share is read again from after a restore.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// [`Record::offset`] of the first record to read again.
+    pub offset: u64,
+    /// Its line (files; 0 otherwise).
+    pub line: u64,
+}
+
+impl Record {
+    /// Where reading starts again to read this record again.
+    pub fn resume(&self) -> Resume {
+        Resume {
+            offset: self.offset,
+            line: match self.origin {
+                Origin::File { line, .. } => line,
+                _ => 0,
+            },
+        }
+    }
 }
 
 /// Why a source could not be read.
@@ -94,6 +119,12 @@ pub enum SourceError {
         path: PathBuf,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// A restore asked for a position the source cannot go to.
+    #[error("restoring a checkpoint: {reason}")]
+    Resume {
+        /// Why.
+        reason: String,
     },
     /// A Kafka client could not be created or used.
     #[error("kafka {brokers} topic {topic}: {reason}")]
@@ -143,6 +174,19 @@ pub trait RecordSource {
     /// offsets commits them here.
     fn complete_below(&mut self, _epoch: u64) -> Result<(), SourceError> {
         Ok(())
+    }
+
+    /// Where `share` would read next (its next record's [`Resume`]).
+    fn next_position(&self, _share: u32) -> Resume {
+        Resume::default()
+    }
+
+    /// Reads `share` again from `at` (a restore); a source that cannot
+    /// says why.
+    fn seek(&mut self, share: u32, _at: Resume) -> Result<(), SourceError> {
+        Err(SourceError::Resume {
+            reason: format!("this source cannot resume share {share} at a position"),
+        })
     }
 }
 
@@ -333,9 +377,19 @@ impl RecordSource for GeneratedLines {
                     shard: self.shard,
                     seq,
                 },
+                offset: seq,
             });
         }
         Ok(self.remaining > 0)
+    }
+}
+
+impl GeneratedLines {
+    /// Generates and drops records until the next is number `seq` (the
+    /// stream is a function of the seed and shard, so this is where a
+    /// restored shard resumes).
+    fn skip_to(&mut self, seq: u64) {
+        while self.seq < seq && self.next().is_some() {}
     }
 }
 
@@ -384,6 +438,38 @@ impl RecordSource for GeneratorShards {
             .iter()
             .find(|s| s.shard as u32 == share)
             .is_none_or(|s| s.remaining == 0)
+    }
+
+    fn next_position(&self, share: u32) -> Resume {
+        let seq = self
+            .shards
+            .iter()
+            .find(|s| s.shard as u32 == share)
+            .map_or(0, |s| s.seq);
+        Resume {
+            offset: seq,
+            line: 0,
+        }
+    }
+
+    fn seek(&mut self, share: u32, at: Resume) -> Result<(), SourceError> {
+        let shard = self
+            .shards
+            .iter_mut()
+            .find(|s| s.shard as u32 == share)
+            .ok_or_else(|| SourceError::Resume {
+                reason: format!("generator shard {share} is not this worker's"),
+            })?;
+        if shard.seq > at.offset {
+            return Err(SourceError::Resume {
+                reason: format!(
+                    "generator shard {share} is already past event {} (at {})",
+                    at.offset, shard.seq
+                ),
+            });
+        }
+        shard.skip_to(at.offset);
+        Ok(())
     }
 }
 
@@ -480,6 +566,7 @@ impl RecordSource for JsonlSplit {
             if n == 0 {
                 return Ok(false);
             }
+            let offset = self.at;
             self.at += n as u64;
             if self.buffer.last() == Some(&b'\n') {
                 self.buffer.pop();
@@ -490,10 +577,38 @@ impl RecordSource for JsonlSplit {
                     path: self.display.clone(),
                     line: self.line,
                 },
+                offset,
             });
             self.line += 1;
         }
         Ok(self.at < self.end)
+    }
+
+    fn next_position(&self, _share: u32) -> Resume {
+        Resume {
+            offset: self.at,
+            line: self.line,
+        }
+    }
+
+    fn seek(&mut self, _share: u32, at: Resume) -> Result<(), SourceError> {
+        if at.offset < self.at || at.offset > self.end.max(self.at) {
+            return Err(SourceError::Resume {
+                reason: format!(
+                    "{}: byte {} is outside this worker's range {}..{} (was the file changed?)",
+                    self.display, at.offset, self.at, self.end
+                ),
+            });
+        }
+        self.reader
+            .seek(SeekFrom::Start(at.offset))
+            .map_err(|source| SourceError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.at = at.offset;
+        self.line = at.line;
+        Ok(())
     }
 }
 

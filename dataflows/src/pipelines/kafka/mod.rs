@@ -615,6 +615,7 @@ impl RecordSource for KafkaSource {
                             partition,
                             offset,
                         },
+                        offset: offset.max(0) as u64,
                     });
                 }
                 Err(KafkaError::PartitionEOF(p)) => {
