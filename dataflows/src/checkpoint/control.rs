@@ -112,19 +112,26 @@ impl Coordinator {
                             }
                         });
                     });
-                stream.sink(
-                    Exchange::new(|_: &Control| 0),
-                    "CheckpointAcks",
-                    move |(input, _)| {
-                        input.for_each(|_, data| {
-                            for c in data.drain(..) {
-                                if let Control::Ack { id, part } = c {
-                                    acks.borrow_mut().push((id, part));
+                // Through an operator of its own: an input's pushes reach
+                // another worker only when an operator's output is done.
+                stream
+                    .flat_map(|c| match c {
+                        Control::Ack { .. } => Some(c),
+                        Control::Request { .. } => None,
+                    })
+                    .sink(
+                        Exchange::new(|_: &Control| 0),
+                        "CheckpointAcks",
+                        move |(input, _)| {
+                            input.for_each(|_, data| {
+                                for c in data.drain(..) {
+                                    if let Control::Ack { id, part } = c {
+                                        acks.borrow_mut().push((id, part));
+                                    }
                                 }
-                            }
-                        });
-                    },
-                );
+                            });
+                        },
+                    );
             });
         }
         Ok(Self {

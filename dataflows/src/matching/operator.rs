@@ -78,6 +78,15 @@ pub enum MatchEvent {
         /// The request.
         request: u64,
     },
+    /// A worker's input has ended; no event it read is later than `at_ms`.
+    /// At the end of the stream every region's matcher walks its windows
+    /// up to the latest of these (the greatest event time of the stream),
+    /// so the windows walked do not depend on how far the input frontier
+    /// happened to move before the inputs closed.
+    End {
+        /// The greatest event time the worker read, ms.
+        at_ms: i64,
+    },
 }
 
 impl MatchEvent {
@@ -116,7 +125,8 @@ impl MatchEvent {
             Self::Request { at_ms, .. }
             | Self::Driver { at_ms, .. }
             | Self::Completed { at_ms, .. }
-            | Self::Cancelled { at_ms, .. } => *at_ms,
+            | Self::Cancelled { at_ms, .. }
+            | Self::End { at_ms } => *at_ms,
         }
     }
 
@@ -125,7 +135,7 @@ impl MatchEvent {
         match self {
             Self::Request { pickup, .. } => Some(*pickup),
             Self::Driver { location, .. } => Some(*location),
-            Self::Completed { .. } | Self::Cancelled { .. } => None,
+            Self::Completed { .. } | Self::Cancelled { .. } | Self::End { .. } => None,
         }
     }
 
@@ -136,6 +146,7 @@ impl MatchEvent {
             Self::Completed { at_ms, request, .. } => (*at_ms, 1, *request),
             Self::Driver { at_ms, id, .. } => (*at_ms, 2, *id),
             Self::Request { at_ms, id, .. } => (*at_ms, 3, *id),
+            Self::End { at_ms } => (*at_ms, 4, 0),
         }
     }
 }
@@ -309,6 +320,8 @@ struct Regions {
     /// The value function as this worker has received it (a new region's
     /// matcher starts from it).
     values: ValueTable,
+    /// The greatest event time of the inputs that have ended ([`MatchEvent::End`]).
+    end: Option<i64>,
 }
 
 impl Regions {
@@ -318,6 +331,7 @@ impl Regions {
             config,
             worker,
             by_region: BTreeMap::new(),
+            end: None,
         }
     }
 
@@ -325,6 +339,10 @@ impl Regions {
     /// cancellations) to every region's (only the one that knows the
     /// request acts on them).
     fn add(&mut self, event: MatchEvent) {
+        if let MatchEvent::End { at_ms } = event {
+            self.end = Some(self.end.map_or(at_ms, |e| e.max(at_ms)));
+            return;
+        }
         match event.location() {
             Some(at) => {
                 let region = cell_of(at, self.config.region_resolution);
@@ -354,16 +372,17 @@ impl Regions {
 
     /// The earliest window some region has due by `upto`.
     fn next_due(&mut self, upto: Option<i64>) -> Option<i64> {
+        let end = self.end;
         self.by_region
             .values_mut()
-            .filter_map(|m| m.next_due(upto))
+            .filter_map(|m| m.next_due(upto, end))
             .min()
     }
 
     /// Matches `window` in every region that has it due.
     fn match_window(&mut self, window: i64, upto: Option<i64>, out: &mut Vec<Matched>) {
         for m in self.by_region.values_mut() {
-            if m.next_due(upto) == Some(window) {
+            if m.next_due(upto, self.end) == Some(window) {
                 m.match_window(window, out);
             }
         }
@@ -387,6 +406,7 @@ struct SavedMatcher {
 #[derive(Serialize, Deserialize)]
 struct SavedMatch {
     regions: BTreeMap<u64, SavedMatcher>,
+    end: Option<i64>,
     values: ValueTable,
     values_due: BTreeMap<u64, Vec<(ValueKey, f64)>>,
 }
@@ -436,6 +456,7 @@ impl Regions {
 
     fn restore(&mut self, saved: SavedMatch) -> BTreeMap<u64, Vec<(ValueKey, f64)>> {
         self.values = saved.values;
+        self.end = saved.end;
         for (region, s) in saved.regions {
             let mut m = Matcher::new(self.config.clone(), self.worker);
             m.pending = s.pending;
@@ -503,10 +524,16 @@ impl Matcher {
     /// (ms; every window when `None`), skipping runs of windows in which
     /// nothing can happen: nothing waits, no driver is fresh enough to be
     /// offered, no event is due (a quiet night, a replay that jumps ahead).
-    fn next_due(&mut self, upto: Option<i64>) -> Option<i64> {
+    /// At the end (`upto` is `None`) windows are walked up to the one of
+    /// `end`, the greatest event time of the stream, when known.
+    fn next_due(&mut self, upto: Option<i64>, end: Option<i64>) -> Option<i64> {
         let last = match upto {
             Some(ms) => ms.div_euclid(self.window_ms) - 1,
-            None => *self.pending.last_key_value()?.0,
+            None => {
+                let pending = self.pending.last_key_value().map(|(w, _)| *w);
+                let end = end.map(|ms| ms.div_euclid(self.window_ms));
+                pending.max(end)?
+            }
         };
         let mut window = self
             .next_window
@@ -537,7 +564,7 @@ impl Matcher {
     /// when `upto` is `None`. (Values are whatever the table holds.)
     #[cfg(test)]
     fn run(&mut self, upto: Option<i64>, out: &mut Vec<Matched>) {
-        while let Some(window) = self.next_due(upto) {
+        while let Some(window) = self.next_due(upto, None) {
             self.match_window(window, out);
         }
     }
@@ -625,6 +652,7 @@ impl Matcher {
                         }));
                     }
                 }
+                MatchEvent::End { .. } => {}
                 MatchEvent::Cancelled { request, .. } => {
                     if self.open.remove(&request).is_some() {
                         stats.cancelled += 1;
@@ -922,6 +950,7 @@ pub fn match_dispatch<'scope>(
                     // checkpoint time that follows the period: all are kept.
                     crate::checkpoint::encode(&SavedMatch {
                         regions: regions.save(before),
+                        end: regions.end,
                         values: regions.values.clone(),
                         values_due: values_due.clone(),
                     })

@@ -93,6 +93,7 @@ fn run(
     })
     .unwrap();
     let mut runs: Vec<PipelinesRun> = guards.join().into_iter().map(Result::unwrap).collect();
+
     stop.store(true, Ordering::Relaxed);
     if let Some(w) = watcher {
         w.join().unwrap();
@@ -107,12 +108,6 @@ fn normalized(mut s: PipelineSummary) -> PipelineSummary {
     if let Some(m) = s.matching.as_mut() {
         // Wall-clock time of the solver: not a result.
         m.summary.window_p99_ms = 0.0;
-        // NOT YET EQUAL (issue 24 stays open): after a restore the value
-        // owners count about 0.2% more TD updates and the mean value moves
-        // in its 5th digit, while every dispatch, count and file is equal.
-        // Compared apart, below, within that bound until the cause is found.
-        m.summary.td_updates = 0;
-        m.summary.value_mean = 0.0;
     }
     s.dead_letter.path = String::new();
     s
@@ -123,10 +118,6 @@ fn files(out: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         .iter()
         .map(|f| (out.join(f), std::fs::read(out.join(f)).unwrap_or_default()))
         .collect()
-}
-
-struct Expected {
-    summaries_td: f64,
 }
 
 #[test]
@@ -147,23 +138,11 @@ fn a_stopped_run_restored_from_its_newest_checkpoint_ends_as_one_never_stopped()
         .map(|l| l + "\n")
         .collect();
     std::fs::write(&input, text).unwrap();
-    // NOT YET: with 2 workers no checkpoint completes in this test's time
-    // (the held frontier and backpressure interact; under investigation,
-    // issue 24 open), so it runs 1 worker only.
-    for workers in [1] {
+    for workers in [1, 2] {
         let reference = dir.path().join(format!("reference-{workers}"));
         let spec = dispatch_spec(&input, &reference);
         let expected = run(workers, &spec, None, None);
-        let expected_summary = expected.summaries.unwrap().remove(0);
-        let expected = Expected {
-            summaries_td: expected_summary
-                .matching
-                .as_ref()
-                .unwrap()
-                .summary
-                .td_updates as f64,
-        };
-        let expected_summary = normalized(expected_summary);
+        let expected_summary = normalized(expected.summaries.unwrap().remove(0));
         assert!(expected_summary.late > 0 && expected_summary.malformed > 0);
 
         let out = dir.path().join(format!("restored-{workers}"));
@@ -181,10 +160,7 @@ fn a_stopped_run_restored_from_its_newest_checkpoint_ends_as_one_never_stopped()
             loaded.manifest.pipelines[0].time < u64::MAX,
             "the checkpoint is from before the end"
         );
-        if stopped.interrupted {
-            // The stopped run wrote past its checkpoint; those lines are cut.
-            assert_ne!(files(&out), files(&reference));
-        }
+        assert!(stopped.interrupted, "the run was stopped before its end");
         let restored = run(
             workers,
             &spec,
@@ -195,14 +171,6 @@ fn a_stopped_run_restored_from_its_newest_checkpoint_ends_as_one_never_stopped()
             None,
         );
         let summary = restored.summaries.unwrap().remove(0);
-        let (got, want) = (
-            summary.matching.as_ref().unwrap().summary.td_updates as f64,
-            expected.summaries_td,
-        );
-        assert!(
-            (got - want).abs() <= want * 0.005,
-            "td updates {got} vs {want}"
-        );
         assert_eq!(normalized(summary), expected_summary, "{workers} workers");
         for ((path, got), (_, want)) in files(&out).into_iter().zip(files(&reference)) {
             assert!(
@@ -212,4 +180,53 @@ fn a_stopped_run_restored_from_its_newest_checkpoint_ends_as_one_never_stopped()
             );
         }
     }
+}
+
+#[test]
+fn restoring_from_any_of_several_checkpoints_ends_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let generator = GeneratorSpec {
+        events: 30_000,
+        ..GeneratorSpec::new(Family::Dispatch)
+    };
+    let text: String = GeneratedLines::new(&generator, 0, 1)
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(&input, text).unwrap();
+    let reference = dir.path().join("reference");
+    let want = run(1, &dispatch_spec(&input, &reference), None, None);
+    let want = normalized(want.summaries.unwrap().remove(0));
+    let mut times = Vec::new();
+    for n in [1usize, 2, 4, 8] {
+        let out = dir.path().join(format!("out-{n}"));
+        let store_dir = dir.path().join(format!("checkpoints-{n}"));
+        let spec = dispatch_spec(&input, &out);
+        let checkpoints = Checkpointing {
+            spec: ckpt_spec(&store_dir, 1),
+            restore: None,
+        };
+        run(1, &spec, Some(checkpoints.clone()), Some(n));
+        let loaded = Store::at(&store_dir)
+            .newest(&checkpoints.spec)
+            .unwrap()
+            .unwrap();
+        times.push(loaded.manifest.pipelines[0].time);
+        let restored = Checkpointing {
+            restore: Some(loaded),
+            ..checkpoints
+        };
+        let got = run(1, &spec, Some(restored), None);
+        assert_eq!(
+            normalized(got.summaries.unwrap().remove(0)),
+            want,
+            "restored at checkpoint {n}"
+        );
+        for ((path, got), (_, want)) in files(&out).into_iter().zip(files(&reference)) {
+            assert!(got == want, "{} differs (checkpoint {n})", path.display());
+        }
+    }
+    // Different points of the stream, not one point four times.
+    times.dedup();
+    assert!(times.len() >= 3, "{times:?}");
 }

@@ -73,6 +73,9 @@ enum Parsed {
 struct Closing {
     types: [u64; 6],
     lag: Option<u64>,
+    /// The greatest event time the worker read (the matcher walks its
+    /// windows up to the stream's greatest at the end).
+    greatest: Option<u64>,
 }
 
 impl Closing {
@@ -702,6 +705,11 @@ impl Runner {
             let closing = Closing {
                 types,
                 lag: self.source.final_lag(),
+                greatest: self
+                    .clocks
+                    .values()
+                    .filter_map(|s| s.clock.greatest())
+                    .max(),
             };
             self.finished_at = Some(*cap.time());
             handle
@@ -1064,11 +1072,12 @@ fn build(
         let mut invalid = parts.pop().unwrap_or_else(|| unreachable!("three parts"));
         let valid = parts.pop().unwrap_or_else(|| unreachable!("three parts"));
         // Valid events are counted by type where they are read.
+        let closings = counts.flat_map(|p| match p {
+            Parsed::Counts(c) => Some(c),
+            _ => None,
+        });
         gather_counts(
-            counts.flat_map(|p| match p {
-                Parsed::Counts(c) => Some(c),
-                _ => None,
-            }),
+            closings.clone(),
             Rc::clone(&totals),
             &probe,
             &states,
@@ -1224,6 +1233,11 @@ fn build(
                 Parsed::Valid(_, e) => MatchEvent::from_event(&Event::from(e)),
                 Parsed::Invalid(..) | Parsed::Counts(_) => None,
             });
+            let events = events.concat(closings.flat_map(|c| {
+                c.greatest.map(|g| MatchEvent::End {
+                    at_ms: g.min(i64::MAX as u64) as i64,
+                })
+            }));
             let streams = match_dispatch(events, matching.config.clone(), (&states, bucket_ms));
             let policy = matching.config.plan.policy;
             let gauges = metrics.matching(&dataflow);
