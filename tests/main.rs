@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod batching;
+mod checkpoints;
 mod cli;
 mod cluster;
 mod device_model;

@@ -44,6 +44,8 @@ pub struct UpOptions {
     pub log_level: Option<String>,
     /// Leave out `[inference]`.
     pub no_inference: bool,
+    /// Ignore existing checkpoints.
+    pub fresh: bool,
 }
 
 /// Why `dima up` did not finish cleanly.
@@ -223,6 +225,9 @@ pub fn up(
         }
         if options.no_inference {
             command.arg("--no-inference");
+        }
+        if options.fresh {
+            command.arg("--fresh");
         }
         // SAFETY: prctl is async-signal-safe and touches no memory of ours.
         // It makes the kernel SIGTERM the child if the launcher dies.

@@ -71,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         learner: cli::learner::LearnerCommand,
     },
+    /// List and inspect the checkpoints of a `[checkpoints] dir`.
+    Checkpoints {
+        #[command(subcommand)]
+        checkpoints: cli::checkpoints::CheckpointsCommand,
+    },
     /// Fetch and inspect model files.
     Models {
         #[command(subcommand)]
@@ -133,6 +138,7 @@ fn execute(command: &Command, globals: &Globals) -> Result<(), Failure> {
         Command::Assign(args) => cli::matching::assign(args),
         Command::Simulate(args) => cli::matching::simulate(args),
         Command::Learner { learner } => cli::learner::run(learner),
+        Command::Checkpoints { checkpoints } => cli::checkpoints::run(checkpoints),
         Command::Models { models } => cli::model::models(models),
         Command::Gpu { gpu } => cli::gpu::run(gpu),
         Command::Bench { bench } => cli::bench::run(bench),

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use dataflows::pipelines::{PipelineSpec, PipelinesRun, SourceSpec, run_pipelines};
+use dataflows::checkpoint::{CheckpointSpec, Checkpointing, Store};
+use dataflows::pipelines::{PipelineSpec, PipelinesRun, SourceSpec, run_pipelines_with};
 use dataflows::{CountJob, CountRun, DataflowMetrics, run_count};
 
 use timely::WorkerConfig;
@@ -55,6 +56,8 @@ pub struct RunOptions {
     pub job: Job,
     /// Overrides the job's event count.
     pub events: Option<u64>,
+    /// Ignore existing checkpoints (start from the beginning).
+    pub fresh: bool,
 }
 
 /// Why a process could not run its job to the end.
@@ -283,6 +286,70 @@ pub fn pipeline_specs(manifest: &Manifest, events: Option<u64>) -> Vec<PipelineS
         .collect()
 }
 
+/// A digest of what checkpointed state depends on: the pipelines as
+/// configured (a checkpoint of other pipelines is refused).
+pub fn pipelines_fingerprint(specs: &[PipelineSpec]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{specs:?}").as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `[checkpoints]` for this run, with the newest complete checkpoint to
+/// restore unless `fresh`; a directory that cannot be written, or a
+/// checkpoint that does not fit, ends the run before it starts.
+fn checkpointing(
+    manifest: &Manifest,
+    specs: &[PipelineSpec],
+    fresh: bool,
+) -> Result<Option<Checkpointing>, RunError> {
+    let Some(c) = &manifest.checkpoints else {
+        if fresh {
+            tracing::info!("--fresh: the manifest has no [checkpoints]; nothing to ignore");
+        }
+        return Ok(None);
+    };
+    let spec = CheckpointSpec {
+        dir: c.dir.clone(),
+        every: c.every,
+        keep: c.keep,
+        fingerprint: pipelines_fingerprint(specs),
+        processes: manifest.dataflow.processes.len(),
+        workers: manifest.dataflow.workers_per_process(),
+    };
+    let checkpoint_error = |e: dataflows::checkpoint::CheckpointError| {
+        RunError::Pipeline(format!("checkpoints.dir: {e}"))
+    };
+    let store = Store::open(&spec.dir).map_err(checkpoint_error)?;
+    let restore = if fresh {
+        tracing::info!(dir = %spec.dir.display(), "--fresh: existing checkpoints are ignored");
+        None
+    } else {
+        store.newest(&spec).map_err(checkpoint_error)?
+    };
+    match &restore {
+        Some(loaded) => {
+            let bytes: u64 = loaded.manifest.parts.iter().map(|p| p.bytes).sum();
+            tracing::info!(
+                checkpoint = loaded.manifest.id,
+                path = %loaded.path.display(),
+                bytes,
+                times = ?loaded
+                    .manifest
+                    .pipelines
+                    .iter()
+                    .map(|p| (&p.name, p.time))
+                    .collect::<Vec<_>>(),
+                "restoring from checkpoint"
+            );
+        }
+        None if !fresh => {
+            tracing::info!(dir = %spec.dir.display(), "no checkpoint to restore: starting from the beginning");
+        }
+        None => {}
+    }
+    Ok(Some(Checkpointing { spec, restore }))
+}
+
 fn run_pipelines_process(
     manifest: &Manifest,
     options: &RunOptions,
@@ -307,6 +374,7 @@ fn run_pipelines_process(
         pipelines = ?specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
         "starting"
     );
+    let checkpoints = checkpointing(manifest, &specs, options.fresh)?;
     let started = Instant::now();
     let (builders, guard) = communication(manifest, options.process, &stop)?;
     let worker_span = span.clone();
@@ -316,7 +384,7 @@ fn run_pipelines_process(
             let _span =
                 tracing::info_span!(parent: &worker_span, "worker", worker = worker.index())
                     .entered();
-            run_pipelines(worker, &specs, &metrics, &stop)
+            run_pipelines_with(worker, &specs, &metrics, &stop, checkpoints.as_ref())
         })
         .map_err(RunError::Timely)?;
     let mut runs: Vec<PipelinesRun> = join_workers(guards, manifest, options.process)?;

@@ -30,6 +30,10 @@ pub struct UpArgs {
     /// Run the jobs only, without the manifest's `[inference]`.
     #[arg(long)]
     no_inference: bool,
+    /// Ignore the checkpoints in `[checkpoints] dir` and start from the
+    /// beginning (they are not deleted; newer ones are written beside them).
+    #[arg(long)]
+    fresh: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -48,6 +52,9 @@ pub struct RunArgs {
     /// Run the job only, without the manifest's `[inference]` ranks.
     #[arg(long)]
     no_inference: bool,
+    /// Ignore existing checkpoints (as for `dima up`).
+    #[arg(long)]
+    fresh: bool,
 }
 
 fn telemetry_spec(globals: &Globals, manifest: &Manifest) -> TelemetrySpec {
@@ -224,6 +231,7 @@ pub fn up(args: &UpArgs, globals: &Globals) -> Result<(), Failure> {
         log_format: globals.log_format,
         log_level: globals.log_level.clone(),
         no_inference: args.no_inference,
+        fresh: args.fresh,
     };
     let outcome = cluster::up(&manifest, &options, &exe);
     telemetry.shutdown();
@@ -299,6 +307,7 @@ pub fn run(args: &RunArgs, globals: &Globals) -> Result<(), Failure> {
         process: args.process,
         job: args.job.unwrap_or_else(|| Job::default_for(&manifest)),
         events: args.events,
+        fresh: args.fresh,
     };
     let stop = stop_flag();
     let inference = if args.no_inference {

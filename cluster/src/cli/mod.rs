@@ -3,6 +3,7 @@
 //! parses and dispatches.
 
 pub mod bench;
+pub mod checkpoints;
 pub mod cluster;
 pub mod events;
 pub mod gpu;

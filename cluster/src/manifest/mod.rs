@@ -33,6 +33,20 @@ pub struct Manifest {
     pub pipelines: Vec<dataflows::pipelines::PipelineSpec>,
     /// `[inference]`, when the cluster serves a model.
     pub inference: Option<InferenceSpec>,
+    /// `[checkpoints]`, when the pipelines' state is checkpointed.
+    pub checkpoints: Option<CheckpointsSpec>,
+}
+
+/// `[checkpoints]`: where and how often the pipelines' state is saved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointsSpec {
+    /// The directory (resolved next to the manifest); every process must
+    /// see the same one.
+    pub dir: std::path::PathBuf,
+    /// Wall-clock time between checkpoints.
+    pub every: std::time::Duration,
+    /// Complete checkpoints kept.
+    pub keep: usize,
 }
 
 /// `[inference]`: a Gemma 3 model served over the OpenAI-compatible API by

@@ -14,10 +14,15 @@ pub(super) struct RawManifest {
     pub jobs: Option<RawJobs>,
     pub pipelines: Option<std::collections::BTreeMap<String, RawPipeline>>,
     pub inference: Option<RawInference>,
-    // `checkpoints` is filled in by later work. It is accepted by the parser
-    // only so that validation can say "not supported yet" instead of
-    // "unknown field".
-    pub checkpoints: Option<toml::Value>,
+    pub checkpoints: Option<RawCheckpoints>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCheckpoints {
+    pub dir: Option<String>,
+    pub every_s: Option<f64>,
+    pub keep: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

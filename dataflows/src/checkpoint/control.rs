@@ -88,6 +88,7 @@ impl Coordinator {
     /// Builds the control dataflow (every worker, before the pipelines).
     pub fn new(worker: &mut Worker, spec: CheckpointSpec) -> Result<Self, CheckpointError> {
         let store = Store::open(&spec.dir)?;
+        let spec_every = spec.every;
         let next_id = store.next_id()?;
         let requests: Requests = Rc::default();
         let acks: Acks = Rc::default();
@@ -145,7 +146,11 @@ impl Coordinator {
             owed: None,
             under_way: None,
             next_id,
-            last: Instant::now(),
+            // The first checkpoint is taken at once: a run killed before the
+            // next restarts from it rather than from nothing.
+            last: Instant::now()
+                .checked_sub(spec_every)
+                .unwrap_or_else(Instant::now),
         })
     }
 

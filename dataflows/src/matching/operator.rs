@@ -542,12 +542,15 @@ impl Matcher {
             && self.open.is_empty()
             && !self.anyone_available(window * self.window_ms)
         {
+            // Never back: after a restore the frontier starts below the
+            // windows already matched.
             window = self
                 .pending
                 .range(window..)
                 .next()
                 .map_or(last + 1, |(w, _)| *w)
-                .min(last + 1);
+                .min(last + 1)
+                .max(window);
             self.next_window = Some(window);
         }
         (window <= last).then_some(window)

@@ -866,7 +866,16 @@ fn resume_writer(
     failed: &dyn Fn(String),
     (states, state): (&States, &str),
 ) -> SharedWriter {
-    if let Some(saved) = states.take::<WriterState>(state)
+    // With checkpoints, a file's lines belong to the checkpointed run: a
+    // restore cuts it back to the checkpoint's length, a run that starts
+    // without one (the first, or --fresh) starts it empty.
+    let saved = states.take::<WriterState>(state).or_else(|| {
+        states.enabled().then_some(WriterState {
+            bytes: Some(0),
+            written: 0,
+        })
+    });
+    if let Some(saved) = saved
         && let Some(w) = writer.as_mut()
         && let Err(e) = w.resume(saved.bytes, saved.written)
     {
@@ -1379,10 +1388,15 @@ fn build(
             .is_some()
             .then_some((match_tally, dispatch_sink)),
     };
-    if saved.is_some_and(|s| s.finished) {
-        // Its input had been read to the end before the checkpoint: what
-        // it told worker 0 then is in the restored totals.
-        runner.input = None;
+    if let Some(saved) = saved {
+        if saved.finished {
+            // Its input had been read to the end before the checkpoint:
+            // what it told worker 0 then is in the restored totals.
+            runner.input = None;
+        } else if let Some((_, cap)) = runner.input.as_mut() {
+            // Nothing before the checkpoint time is read again.
+            cap.downgrade(&saved.time);
+        }
     }
     runner
 }

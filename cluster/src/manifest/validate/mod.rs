@@ -2,6 +2,7 @@
 //! problem collected. One file per manifest section; this one holds the
 //! entry point and what the sections share.
 
+mod checkpoints;
 mod dataflow;
 mod inference;
 mod jobs;
@@ -36,12 +37,6 @@ impl Problems {
 pub(super) fn validate(raw: RawManifest, base: &Path) -> Result<Manifest, Vec<Problem>> {
     let mut problems = Problems::default();
 
-    if raw.checkpoints.is_some() {
-        problems.add(
-            "checkpoints",
-            "not supported yet: it arrives with operator-state checkpointing",
-        );
-    }
     let cluster = cluster(raw.cluster.and_then(|c| c.name), &mut problems);
     let raw_dataflow = raw.dataflow.unwrap_or_default();
     let telemetry_raw = raw.telemetry.unwrap_or_default();
@@ -64,7 +59,7 @@ pub(super) fn validate(raw: RawManifest, base: &Path) -> Result<Manifest, Vec<Pr
         &mut problems,
     );
 
-    let pipelines = raw
+    let pipelines: Vec<dataflows::pipelines::PipelineSpec> = raw
         .pipelines
         .unwrap_or_default()
         .into_iter()
@@ -74,6 +69,9 @@ pub(super) fn validate(raw: RawManifest, base: &Path) -> Result<Manifest, Vec<Pr
     let inference = raw
         .inference
         .map(|raw| inference::inference(raw, &dataflow, base, &mut problems));
+    let checkpoints = raw
+        .checkpoints
+        .and_then(|raw| checkpoints::checkpoints(raw, &pipelines, base, &mut problems));
 
     if problems.0.is_empty() {
         Ok(Manifest {
@@ -83,6 +81,7 @@ pub(super) fn validate(raw: RawManifest, base: &Path) -> Result<Manifest, Vec<Pr
             jobs: JobsSpec { count },
             pipelines,
             inference,
+            checkpoints,
         })
     } else {
         Err(problems.0)

@@ -136,15 +136,47 @@ fn metrics_ports_follow_the_process_index_and_must_not_collide() {
 }
 
 #[test]
-fn unimplemented_sections_say_not_supported_yet() {
+fn checkpoints_fields_are_checked_and_uncovered_stages_refused() {
     let p = problems(
         r#"
         [checkpoints]
-        dir = "/tmp"
+        every_s = 0
+        keep = 0
         "#,
     );
-    assert_eq!(p.len(), 1, "{p:?}");
-    assert!(p[0].starts_with("checkpoints:") && p[0].contains("not supported yet"));
+    assert!(
+        p.iter()
+            .any(|m| m.starts_with("checkpoints.dir:") && m.contains("is required")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|m| m.starts_with("checkpoints.every_s:")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|m| m.starts_with("checkpoints.keep:")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|m| m.contains("no [pipelines.*] to checkpoint")),
+        "{p:?}"
+    );
+    // The ads stages are not covered yet: refused by name.
+    let p = problems(
+        r#"
+        [checkpoints]
+        dir = "ckpt"
+        [pipelines.ads]
+        family = "ads"
+        [pipelines.ads.learner]
+        "#,
+    );
+    assert!(
+        p.iter()
+            .any(|m| m.contains("pipelines.ads") && m.contains("ads stages")),
+        "{p:?}"
+    );
 }
 
 #[test]
