@@ -611,7 +611,7 @@ impl Runner {
                     let at = bucket(t, time.bucket_ms);
                     let admission = match share.clock.admit(t) {
                         Admission::OnTime if at < cap_time => Admission::AfterIdle {
-                            behind_ms: cap_time - t,
+                            behind_ms: cap_time.saturating_sub(t),
                         },
                         other => other,
                     };
@@ -1394,8 +1394,12 @@ fn build(
             // what it told worker 0 then is in the restored totals.
             runner.input = None;
         } else if let Some((_, cap)) = runner.input.as_mut() {
-            // Nothing before the checkpoint time is read again.
-            cap.downgrade(&saved.time);
+            // Nothing before the checkpoint time is read again (its bucket:
+            // a record of that bucket is admitted, then skipped).
+            let start = bucket(saved.time, spec.time.bucket_ms);
+            if start > *cap.time() {
+                cap.downgrade(&start);
+            }
         }
     }
     runner
