@@ -335,8 +335,34 @@ pub trait Learn<'scope> {
     fn learn(self, config: LearnerConfig) -> StreamVec<'scope, u64, LearnerOutput>;
 }
 
-/// Examples waiting for their window to complete, with a capability for it.
+/// Examples waiting for their window to complete, by timestamp, each
+/// timestamp's with a capability for it.
 type Pending = BTreeMap<u64, (timely::dataflow::operators::Capability<u64>, Vec<Example>)>;
+
+/// Takes the examples of the first pending window (`span` timestamps) once
+/// `complete(end)` says its last timestamp is complete: the window, a
+/// capability at its end, its examples.
+fn take_window(
+    pending: &mut Pending,
+    span: u64,
+    complete: impl Fn(u64, u64) -> bool,
+) -> Option<(u64, timely::dataflow::operators::Capability<u64>, Vec<Example>)> {
+    let (&first, _) = pending.first_key_value()?;
+    let window = first / span;
+    let end = window.saturating_mul(span).saturating_add(span - 1);
+    if !complete(window, end) {
+        return None;
+    }
+    let rest = pending.split_off(&end.saturating_add(1));
+    let taken = std::mem::replace(pending, rest);
+    let mut cap = None;
+    let mut examples = Vec::new();
+    for (_, (held, mut these)) in taken {
+        cap.get_or_insert_with(|| held.delayed(&end));
+        examples.append(&mut these);
+    }
+    Some((window, cap?, examples))
+}
 
 /// Adds `data` to its window in `pending`, retaining a capability for the
 /// window the first time it is seen.
@@ -377,12 +403,9 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
                         let mut trainer = FixedTrainer::default();
                         move |(input, frontier), output| {
                             input.for_each(|cap, data| hold(&mut pending, &cap, data));
-                            while let Some(entry) = pending.first_entry() {
-                                if frontier.less_equal(entry.key()) {
-                                    break;
-                                }
-                                let window = *entry.key() / span;
-                                let (cap, examples) = entry.remove();
+                            while let Some((window, cap, examples)) =
+                                take_window(&mut pending, span, |_, end| !frontier.less_equal(&end))
+                            {
                                 if let Some(model) =
                                     trainer.window_done(window, examples, config.p, &fe)
                                 {
@@ -414,18 +437,14 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
                         }
                     });
                     // Windows complete in time order; window t also waits for
-                    // every fixed effect fitted on windows before t.
-                    while let Some(entry) = pending.first_entry() {
-                        let time = *entry.key();
-                        let window = time / span;
-                        // The previous window's fixed effect is fitted at a
-                        // timestamp before this window's first.
-                        if frontier.less_equal(&time)
-                            || (window > 0 && fixed_frontier.less_equal(&(window * span - 1)))
-                        {
-                            break;
-                        }
-                        let (cap, mut examples) = entry.remove();
+                    // every fixed effect fitted on windows before t (the
+                    // previous window's is fitted at its last timestamp).
+                    while let Some((window, cap, mut examples)) =
+                        take_window(&mut pending, span, |window, end| {
+                            !frontier.less_equal(&end)
+                                && !(window > 0 && fixed_frontier.less_equal(&(window * span - 1)))
+                        })
+                    {
                         let newest = fixed.range(..window).next_back().map(|(_, m)| m);
                         if let Some(model) = newest
                             && current.as_ref().map(|c| c.version) != Some(model.version)

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::vec::unordered_input::UnorderedHandle;
 use timely::dataflow::operators::vec::{Map, Partition, UnorderedInput};
@@ -958,23 +958,6 @@ fn learner_example(
     }
 }
 
-/// Moves each record to the last timestamp of its `window_ms` window, so
-/// that the learner sees one window per timestamp.
-fn to_window_end<D: timely::ExchangeData>(
-    stream: StreamVec<'_, u64, D>,
-    window_ms: u64,
-) -> StreamVec<'_, u64, D> {
-    let span = window_ms.max(1);
-    stream.unary(Pipeline, "WindowEnd", move |_cap, _info| {
-        move |input, output| {
-            input.for_each(|cap, data| {
-                let Some(&t) = cap.least() else { return };
-                let end = (t / span) * span + (span - 1);
-                output.session(&cap.delayed(&end, 0)).give_container(data);
-            });
-        }
-    })
-}
 
 /// Builds `spec`'s dataflow on this worker. With checkpoints, `states`
 /// holds its operators' savers (and their restored states), and `saved` is
@@ -1222,7 +1205,7 @@ fn build(
                     _ => None,
                 });
                 learner_tally(
-                    to_window_end(examples, learner.window_ms).learn(config),
+                    examples.learn(config),
                     LearnerReport {
                         pipeline: name.clone(),
                         window_ms: learner.window_ms,
