@@ -32,7 +32,7 @@ pub enum AttributionOutput {
 }
 
 /// An impression waiting for its attribution window to close.
-#[derive(Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Waiting {
     impression: AdImpression,
     fingerprint: u64,
@@ -90,8 +90,38 @@ impl<'scope> Attribute<'scope> for Stream<'scope, u64, Vec<AdEvent>> {
         bucket_ms: u64,
         features: usize,
     ) -> StreamVec<'scope, u64, AttributionOutput> {
+        attribute_with(
+            self,
+            values,
+            spec,
+            (bucket_ms, features),
+            &crate::checkpoint::States::off(),
+        )
+    }
+}
+
+/// The attribution in a checkpoint: the impressions still waiting (with
+/// whether a click labelled them) and the feature values found for them.
+#[derive(Serialize, Deserialize)]
+struct SavedAttribution {
+    waiting: Vec<(u64, Vec<Waiting>)>,
+    found: Vec<(u64, Vec<Option<u64>>)>,
+}
+
+/// [`Attribute::attribute`], its state registered in `states` as
+/// `attribution` (checkpoints).
+pub fn attribute_with<'scope>(
+    events: Stream<'scope, u64, Vec<AdEvent>>,
+    values: StreamVec<'scope, u64, FeatureValue>,
+    spec: AttributionSpec,
+    (bucket_ms, features): (u64, usize),
+    states: &crate::checkpoint::States,
+) -> StreamVec<'scope, u64, AttributionOutput> {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    {
         let window = spec.window_ms;
-        self.binary_frontier(
+        events.binary_frontier(
             values,
             Exchange::new(|e: &AdEvent| route(e.impression_id())),
             Exchange::new(|v: &FeatureValue| match v {
@@ -99,14 +129,58 @@ impl<'scope> Attribute<'scope> for Stream<'scope, u64, Vec<AdEvent>> {
                 FeatureValue::Keys { .. } => 0,
             }),
             "Attribute",
-            move |_initial, _info| {
+            move |initial, _info| {
                 // Capabilities for the times something is due, and what is.
                 let mut caps: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
                 let mut due: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
                 let mut clicks: BTreeMap<u64, Vec<AdClick>> = BTreeMap::new();
                 let mut waiting: FxHashMap<u64, Vec<Waiting>> = FxHashMap::default();
                 let mut found: FxHashMap<u64, Vec<Option<u64>>> = FxHashMap::default();
+                if let Some(saved) = states.take::<SavedAttribution>("attribution") {
+                    for (id, list) in saved.waiting {
+                        for w in &list {
+                            let at = bucket(event_ms(w.impression.event_time) + window, bucket_ms);
+                            due.entry(at).or_default().push(id);
+                            caps.entry(at).or_insert_with(|| initial.delayed(&at));
+                        }
+                        waiting.insert(id, list);
+                    }
+                    found.extend(saved.found);
+                }
+                drop(initial);
+                let shared = Rc::new(RefCell::new((waiting, found)));
+                {
+                    let shared = Rc::clone(&shared);
+                    // Clicks are applied once their timestamp is complete:
+                    // every click before a checkpoint time already is.
+                    states.register("attribution", move |time| {
+                        let (waiting, found) = &*shared.borrow();
+                        let mut kept: Vec<(u64, Vec<Waiting>)> = waiting
+                            .iter()
+                            .map(|(id, list)| {
+                                let before: Vec<Waiting> = list
+                                    .iter()
+                                    .filter(|w| {
+                                        bucket(event_ms(w.impression.event_time), bucket_ms) < time
+                                    })
+                                    .cloned()
+                                    .collect();
+                                (*id, before)
+                            })
+                            .filter(|(_, list)| !list.is_empty())
+                            .collect();
+                        kept.sort_unstable_by_key(|(id, _)| *id);
+                        let mut values: Vec<(u64, Vec<Option<u64>>)> =
+                            found.iter().map(|(k, v)| (*k, v.clone())).collect();
+                        values.sort_unstable_by_key(|(k, _)| *k);
+                        crate::checkpoint::encode(&SavedAttribution {
+                            waiting: kept,
+                            found: values,
+                        })
+                    });
+                }
                 move |(events, events_frontier), (values, values_frontier), output| {
+                    let (waiting, found) = &mut *shared.borrow_mut();
                     events.for_each(|cap, data| {
                         for event in data.drain(..) {
                             let at = match &event {

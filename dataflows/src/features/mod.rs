@@ -28,10 +28,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::{AdClick, AdImpression};
 
-pub use attribute::{Attribute, AttributionOutput};
+pub use attribute::{Attribute, AttributionOutput, attribute_with};
 pub use clock::{Admission, ShareClock, bucket};
 pub use oracle::{Recomputed, recompute};
-pub use window_counts::{FeatureValue, Keyed, WindowCounts, split_for_features};
+pub use window_counts::{
+    FeatureValue, Keyed, WindowCounts, split_for_features, window_counts_with,
+};
 
 /// `[pipelines.<name>.time]`: the event-time clock of a pipeline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Capability;
@@ -201,7 +201,28 @@ impl<'scope> WindowCounts<'scope> for Stream<'scope, u64, Vec<AdEvent>> {
 /// The counts over features' views made by [`split_for_features`].
 impl<'scope> WindowCounts<'scope> for Stream<'scope, u64, Vec<Keyed>> {
     fn window_counts(self, features: Rc<[FeatureSpec]>) -> StreamVec<'scope, u64, FeatureValue> {
-        let keyed = self;
+        window_counts_with(self, features, (&crate::checkpoint::States::off(), 1))
+    }
+}
+
+/// The feature windows in a checkpoint: each (feature, key)'s event times
+/// and each feature's keys with when each was first counted.
+#[derive(Serialize, Deserialize)]
+struct SavedWindows {
+    state: Vec<((u32, u64), Vec<u64>)>,
+    seen: Vec<Vec<(u64, u64)>>,
+}
+
+/// [`WindowCounts::window_counts`] over [`split_for_features`]' keyed view,
+/// its state registered in `states` as `feature_windows` (checkpoints);
+/// records are timestamped at `bucket(event_time, bucket_ms)`.
+pub fn window_counts_with<'scope>(
+    keyed: Stream<'scope, u64, Vec<Keyed>>,
+    features: Rc<[FeatureSpec]>,
+    (states, bucket_ms): (&crate::checkpoint::States, u64),
+) -> StreamVec<'scope, u64, FeatureValue> {
+    use std::cell::RefCell;
+    {
         let windows: Vec<u64> = features.iter().map(|f| f.window_ms).collect();
         let longest = windows.iter().copied().max().unwrap_or(0);
         keyed.unary_frontier(
@@ -210,14 +231,61 @@ impl<'scope> WindowCounts<'scope> for Stream<'scope, u64, Vec<Keyed>> {
             move |initial, _info| {
                 let mut end_cap = Some(initial);
                 let mut state: FxHashMap<(u32, u64), Times> = FxHashMap::default();
-                let mut seen: Vec<FxHashSet<u64>> = vec![FxHashSet::default(); windows.len()];
+                // Each feature's keys, with the earliest event time counted.
+                let mut seen: Vec<FxHashMap<u64, u64>> = vec![FxHashMap::default(); windows.len()];
+                if let Some(saved) = states.take::<SavedWindows>("feature_windows") {
+                    state = saved
+                        .state
+                        .into_iter()
+                        .map(|(k, t)| (k, t.into()))
+                        .collect();
+                    for (f, keys) in saved.seen.into_iter().enumerate() {
+                        if let Some(s) = seen.get_mut(f) {
+                            s.extend(keys);
+                        }
+                    }
+                }
+                let shared = Rc::new(RefCell::new((state, seen)));
+                {
+                    let shared = Rc::clone(&shared);
+                    states.register("feature_windows", move |time| {
+                        let (state, seen) = &*shared.borrow();
+                        let kept = |t: &u64| super::bucket(*t, bucket_ms) < time;
+                        let mut saved_state: Vec<((u32, u64), Vec<u64>)> = state
+                            .iter()
+                            .map(|(k, times)| {
+                                (*k, times.iter().copied().filter(kept).collect::<Vec<u64>>())
+                            })
+                            .filter(|(_, times)| !times.is_empty())
+                            .collect();
+                        saved_state.sort_unstable_by_key(|(k, _)| *k);
+                        let saved_seen = seen
+                            .iter()
+                            .map(|keys| {
+                                let mut v: Vec<(u64, u64)> = keys
+                                    .iter()
+                                    .filter(|(_, t)| kept(t))
+                                    .map(|(k, t)| (*k, *t))
+                                    .collect();
+                                v.sort_unstable();
+                                v
+                            })
+                            .collect();
+                        crate::checkpoint::encode(&SavedWindows {
+                            state: saved_state,
+                            seen: saved_seen,
+                        })
+                    });
+                }
                 let mut queries: BTreeMap<u64, (Capability<u64>, Vec<Keyed>)> = BTreeMap::new();
                 let mut swept_at = 0u64;
                 move |(input, frontier), output| {
+                    let (state, seen) = &mut *shared.borrow_mut();
                     input.for_each(|cap, data| {
                         for k in data.drain(..) {
                             if k.counts {
-                                seen[k.feature as usize].insert(k.key);
+                                let first = seen[k.feature as usize].entry(k.key).or_insert(k.time);
+                                *first = (*first).min(k.time);
                                 let times = state.entry((k.feature, k.key)).or_default();
                                 let at = times.partition_point(|&t| t <= k.time);
                                 times.insert(at, k.time);

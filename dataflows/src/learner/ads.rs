@@ -371,7 +371,7 @@ fn in_id_order<'a>(scored: impl Iterator<Item = &'a (u64, f64, f64)>) -> Vec<(f6
 }
 
 /// Accumulates learner outputs (on worker 0) into a [`LearnerSummary`].
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct LearnerTally {
     /// Per window: (example id, p, y).
     scored: BTreeMap<u64, Vec<(u64, f64, f64)>>,

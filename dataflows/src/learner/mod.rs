@@ -39,7 +39,7 @@ pub use operator::{
 };
 
 /// A Gaussian posterior over one coefficient vector: mean and precision.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Posterior {
     /// Mean (the MAP coefficients).
     pub theta: Vec<f64>,
@@ -48,7 +48,7 @@ pub struct Posterior {
 }
 
 /// A precision matrix, full or diagonal.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Precision {
     /// p × p, row-major, symmetric.
     Full(Vec<f64>),

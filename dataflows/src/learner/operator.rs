@@ -140,7 +140,7 @@ pub struct FixedModel {
 }
 
 /// Keeps the fixed effect's training history and refits on schedule.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct FixedTrainer {
     windows: std::collections::VecDeque<(u64, Vec<Example>)>,
     version: u64,
@@ -234,7 +234,7 @@ pub struct LearnerConfig {
 }
 
 /// The state of one entity.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EntityModel {
     /// The posterior.
     pub posterior: Posterior,
@@ -333,6 +333,53 @@ pub trait Learn<'scope> {
     /// window `t` uses the newest model fitted on windows before `t` (so it is
     /// at most `every` windows stale).
     fn learn(self, config: LearnerConfig) -> StreamVec<'scope, u64, LearnerOutput>;
+
+    /// [`Learn::learn`], its state registered in `states` (checkpoints):
+    /// `learner` (every entity's posterior and version, the fixed effects
+    /// received and the one in use, examples of unfinished windows) and
+    /// `fixed_effect` (the refit history and version, examples waiting).
+    fn learn_with(
+        self,
+        config: LearnerConfig,
+        states: &crate::checkpoint::States,
+    ) -> StreamVec<'scope, u64, LearnerOutput>;
+}
+
+/// The learner in a checkpoint.
+#[derive(Serialize, Deserialize)]
+struct SavedLearner {
+    models: BTreeMap<u64, EntityModel>,
+    fixed: BTreeMap<u64, FixedModel>,
+    current: Option<FixedModel>,
+    pending: Vec<(u64, Vec<Example>)>,
+}
+
+/// The fixed effect's trainer in a checkpoint.
+#[derive(Serialize, Deserialize)]
+struct SavedTrainer {
+    trainer: FixedTrainer,
+    pending: Vec<(u64, Vec<Example>)>,
+}
+
+/// The examples of `pending` at timestamps before `time` (later ones are
+/// read again after a restore).
+fn pending_before(pending: &Pending, time: u64) -> Vec<(u64, Vec<Example>)> {
+    pending
+        .range(..time)
+        .map(|(t, (_, examples))| (*t, examples.clone()))
+        .collect()
+}
+
+/// Restored examples back into `pending`, with capabilities from `initial`.
+fn restore_pending(
+    pending: &mut Pending,
+    initial: &timely::dataflow::operators::Capability<u64>,
+    saved: Vec<(u64, Vec<Example>)>,
+    span: u64,
+) {
+    for (time, examples) in saved {
+        pending.insert(time, (initial.delayed(&window_end(time, span)), examples));
+    }
 }
 
 /// Examples waiting for their window to complete, by timestamp, each
@@ -346,10 +393,14 @@ fn take_window(
     pending: &mut Pending,
     span: u64,
     complete: impl Fn(u64, u64) -> bool,
-) -> Option<(u64, timely::dataflow::operators::Capability<u64>, Vec<Example>)> {
+) -> Option<(
+    u64,
+    timely::dataflow::operators::Capability<u64>,
+    Vec<Example>,
+)> {
     let (&first, _) = pending.first_key_value()?;
     let window = first / span;
-    let end = window.saturating_mul(span).saturating_add(span - 1);
+    let end = window_end(first, span);
     if !complete(window, end) {
         return None;
     }
@@ -370,19 +421,38 @@ fn hold(
     pending: &mut Pending,
     cap: &timely::dataflow::operators::InputCapability<u64>,
     data: &mut Vec<Example>,
+    span: u64,
 ) {
     let Some(&time) = cap.least() else {
         return;
     };
     if let Some((_, examples)) = pending.get_mut(&time) {
         examples.append(data);
-    } else if let Some(held) = cap.retain_least(0) {
+    } else {
+        // Held at the window's end, not at the example's time: what comes
+        // before the end completes downstream while the window fills.
+        let held = cap.delayed(&window_end(time, span), 0);
         pending.insert(time, (held, std::mem::take(data)));
     }
 }
 
+/// The last timestamp of the `span`-long window of `time`.
+fn window_end(time: u64, span: u64) -> u64 {
+    (time / span).saturating_mul(span).saturating_add(span - 1)
+}
+
 impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
     fn learn(self, config: LearnerConfig) -> StreamVec<'scope, u64, LearnerOutput> {
+        self.learn_with(config, &crate::checkpoint::States::off())
+    }
+
+    fn learn_with(
+        self,
+        config: LearnerConfig,
+        states: &crate::checkpoint::States,
+    ) -> StreamVec<'scope, u64, LearnerOutput> {
+        use std::cell::RefCell;
+        use std::rc::Rc;
         use timely::dataflow::channels::pact::Pipeline;
         use timely::dataflow::operators::Concat;
         use timely::dataflow::operators::vec::Broadcast;
@@ -398,13 +468,30 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
                 .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<FixedModel>>, _, _, _>(
                     Exchange::new(|_: &Example| 0),
                     "FitFixedEffect",
-                    move |_initial, _info| {
+                    move |initial, _info| {
                         let mut pending = Pending::new();
                         let mut trainer = FixedTrainer::default();
+                        if let Some(saved) = states.take::<SavedTrainer>("fixed_effect") {
+                            trainer = saved.trainer;
+                            restore_pending(&mut pending, &initial, saved.pending, span);
+                        }
+                        let state = Rc::new(RefCell::new((trainer, pending)));
+                        {
+                            let state = Rc::clone(&state);
+                            states.register("fixed_effect", move |time| {
+                                let (trainer, pending) = &*state.borrow();
+                                crate::checkpoint::encode(&SavedTrainer {
+                                    trainer: trainer.clone(),
+                                    pending: pending_before(pending, time),
+                                })
+                            });
+                        }
+                        drop(initial);
                         move |(input, frontier), output| {
-                            input.for_each(|cap, data| hold(&mut pending, &cap, data));
+                            let (trainer, pending) = &mut *state.borrow_mut();
+                            input.for_each(|cap, data| hold(pending, &cap, data, span));
                             while let Some((window, cap, examples)) =
-                                take_window(&mut pending, span, |_, end| !frontier.less_equal(&end))
+                                take_window(pending, span, |_, end| !frontier.less_equal(&end))
                             {
                                 if let Some(model) =
                                     trainer.window_done(window, examples, config.p, &fe)
@@ -424,13 +511,46 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
             pact,
             Pipeline,
             "Learn",
-            move |_initial, _info| {
+            move |initial, _info| {
+                let mut saved = SavedLearner {
+                    models: BTreeMap::new(),
+                    fixed: BTreeMap::new(),
+                    current: None,
+                    pending: Vec::new(),
+                };
                 let mut pending = Pending::new();
-                let mut fixed: BTreeMap<u64, FixedModel> = BTreeMap::new();
-                let mut models: BTreeMap<u64, EntityModel> = BTreeMap::new();
-                let mut current: Option<FixedModel> = None;
+                if let Some(restored) = states.take::<SavedLearner>("learner") {
+                    restore_pending(&mut pending, &initial, restored.pending, span);
+                    saved = SavedLearner {
+                        pending: Vec::new(),
+                        ..restored
+                    };
+                }
+                drop(initial);
+                let SavedLearner {
+                    models,
+                    fixed,
+                    current,
+                    ..
+                } = saved;
+                let state = Rc::new(RefCell::new((pending, fixed, models, current)));
+                {
+                    let state = Rc::clone(&state);
+                    // Fixed effects reach the learner only once the window
+                    // they were fitted on is complete: none from later.
+                    states.register("learner", move |time| {
+                        let (pending, fixed, models, current) = &*state.borrow();
+                        crate::checkpoint::encode(&SavedLearner {
+                            models: models.clone(),
+                            fixed: fixed.clone(),
+                            current: current.clone(),
+                            pending: pending_before(pending, time),
+                        })
+                    });
+                }
                 move |(input, frontier), (fixed_input, fixed_frontier), output| {
-                    input.for_each(|cap, data| hold(&mut pending, &cap, data));
+                    let (pending, fixed, models, current) = &mut *state.borrow_mut();
+                    input.for_each(|cap, data| hold(pending, &cap, data, span));
                     fixed_input.for_each(|_cap, data| {
                         for model in data.drain(..) {
                             fixed.insert(model.window, model);
@@ -440,9 +560,9 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
                     // every fixed effect fitted on windows before t (the
                     // previous window's is fitted at its last timestamp).
                     while let Some((window, cap, mut examples)) =
-                        take_window(&mut pending, span, |window, end| {
-                            !frontier.less_equal(&end)
-                                && !(window > 0 && fixed_frontier.less_equal(&(window * span - 1)))
+                        take_window(pending, span, |window, end| {
+                            !(frontier.less_equal(&end)
+                                || (window > 0 && fixed_frontier.less_equal(&(window * span - 1))))
                         })
                     {
                         let newest = fixed.range(..window).next_back().map(|(_, m)| m);
@@ -450,13 +570,13 @@ impl<'scope> Learn<'scope> for Stream<'scope, u64, Vec<Example>> {
                             && current.as_ref().map(|c| c.version) != Some(model.version)
                         {
                             if let Some(fe) = &config.fixed {
-                                reanchor(&mut models, fe.reanchor, current.as_ref(), model);
+                                reanchor(models, fe.reanchor, current.as_ref(), model);
                             }
-                            current = Some(model.clone());
+                            *current = Some(model.clone());
                         }
                         apply_offsets(&mut examples, newest);
                         let mut out = Vec::new();
-                        learn_window(&mut models, examples, &config, &mut out);
+                        learn_window(models, examples, &config, &mut out);
                         output.session(&cap).give_iterator(out.into_iter());
                     }
                 }

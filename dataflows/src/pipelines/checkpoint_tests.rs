@@ -230,3 +230,132 @@ fn restoring_from_any_of_several_checkpoints_ends_the_same() {
     times.dedup();
     assert!(times.len() >= 3, "{times:?}");
 }
+
+fn ads_spec(input: &Path, out: &Path) -> PipelineSpec {
+    use crate::features::{AttributionSpec, FeatureSpec, KeyField, Measure};
+    let feature = |name: &str, key, measure, window_ms| FeatureSpec {
+        name: name.into(),
+        key,
+        measure,
+        window_ms,
+    };
+    PipelineSpec {
+        name: "ads".into(),
+        family: Family::Ads,
+        source: SourceSpec::Jsonl {
+            path: input.to_owned(),
+        },
+        sink: SinkSpec::None,
+        dead_letter: out.join("dead.jsonl"),
+        epoch_events: 300,
+        epoch_ms: 1000,
+        max_epochs_in_flight: 2,
+        time: crate::features::EventTime::default(),
+        attribution: Some(AttributionSpec { window_ms: 600_000 }),
+        features: vec![
+            feature(
+                "member_clicks_1h",
+                KeyField::MemberId,
+                Measure::Clicks,
+                3_600_000,
+            ),
+            feature(
+                "campaign_impressions_10m",
+                KeyField::CampaignId,
+                Measure::Impressions,
+                600_000,
+            ),
+        ],
+        examples: SinkSpec::Jsonl {
+            path: out.join("examples.jsonl"),
+        },
+        learner: Some(crate::pipelines::LearnerSpec {
+            delta: 0.8,
+            lambda: 1.0,
+            full: false,
+            snapshots: Some(out.join("models.jsonl")),
+            fixed: Some(crate::learner::FixedEffectConfig {
+                every: 2,
+                history: 0,
+                lambda: 1.0,
+                reanchor: crate::learner::Reanchor::Shift,
+                hash_bits: 10,
+            }),
+            hashing: crate::learner::ads::AdHashing::parse(&["member".into()], 10).unwrap(),
+            features: vec![0, 1],
+            window_ms: 1_800_000,
+        }),
+        matching: None,
+    }
+}
+
+fn ads_files(out: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    ["examples.jsonl", "dead.jsonl", "models.jsonl"]
+        .iter()
+        .map(|f| (out.join(f), std::fs::read(out.join(f)).unwrap_or_default()))
+        .collect()
+}
+
+#[test]
+fn the_ads_stages_and_the_learner_restore_to_the_same_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("ads.jsonl");
+    let generator = GeneratorSpec {
+        events: 40_000,
+        malformed_fraction: 0.005,
+        jitter_ms: 20_000,
+        late_fraction: 0.005,
+        ..GeneratorSpec::new(Family::Ads)
+    };
+    let text: String = GeneratedLines::new(&generator, 0, 2)
+        .zip(GeneratedLines::new(&generator, 1, 2))
+        .flat_map(|(a, b)| [a, b])
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(&input, text).unwrap();
+    for workers in [1, 2] {
+        let reference = dir.path().join(format!("ads-reference-{workers}"));
+        let expected = run(workers, &ads_spec(&input, &reference), None, None);
+        let expected_summary = normalized(expected.summaries.unwrap().remove(0));
+        let learner = expected_summary.learner.as_ref().unwrap();
+        assert!(
+            learner.updates > 0 && learner.fixed_effect_refits > 0,
+            "{learner:?}"
+        );
+        for n in [2usize, 3] {
+            let out = dir.path().join(format!("ads-{workers}-{n}"));
+            let store_dir = dir.path().join(format!("ads-checkpoints-{workers}-{n}"));
+            let spec = ads_spec(&input, &out);
+            let checkpoints = Checkpointing {
+                spec: ckpt_spec(&store_dir, workers),
+                restore: None,
+            };
+            run(workers, &spec, Some(checkpoints.clone()), Some(n));
+            let loaded = Store::at(&store_dir)
+                .newest(&checkpoints.spec)
+                .unwrap()
+                .expect("a checkpoint");
+            assert!(
+                loaded.manifest.pipelines[0].time < u64::MAX,
+                "from before the end"
+            );
+            let restored = Checkpointing {
+                restore: Some(loaded),
+                ..checkpoints
+            };
+            let got = run(workers, &spec, Some(restored), None);
+            assert_eq!(
+                normalized(got.summaries.unwrap().remove(0)),
+                expected_summary,
+                "{workers} workers, checkpoint {n}"
+            );
+            for ((path, got), (_, want)) in ads_files(&out).into_iter().zip(ads_files(&reference)) {
+                assert!(
+                    got == want,
+                    "{} differs ({workers} workers, checkpoint {n})",
+                    path.display()
+                );
+            }
+        }
+    }
+}

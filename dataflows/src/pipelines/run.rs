@@ -33,8 +33,8 @@ use crate::checkpoint::{
 };
 use crate::events::{Event, Family, TYPES, WireEvent, parse_bytes};
 use crate::features::{
-    AdEvent, Admission, Attribute, AttributionOutput, FeatureSpec, ShareClock, WindowCounts,
-    bucket, learner_value, split_for_features,
+    AdEvent, Admission, AttributionOutput, FeatureSpec, ShareClock, bucket, learner_value,
+    split_for_features,
 };
 use crate::learner::ads::{AD_FEATURES, LearnerTally, ad_features};
 use crate::learner::{Example, Learn, LearnerConfig, LearnerOutput, StepParams};
@@ -249,7 +249,7 @@ struct DeadCounts {
 }
 
 /// What worker 0 gathers of the ads stages.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct AdsReport {
     positives: u64,
     negatives: u64,
@@ -958,7 +958,6 @@ fn learner_example(
     }
 }
 
-
 /// Builds `spec`'s dataflow on this worker. With checkpoints, `states`
 /// holds its operators' savers (and their restored states), and `saved` is
 /// this worker's part of the checkpoint it restores, if any.
@@ -978,12 +977,6 @@ fn build(
     let failed = |e: String| {
         errors.borrow_mut().get_or_insert(e);
     };
-    if states.enabled() && spec.ads_stages().is_some() {
-        failed(format!(
-            "pipeline {}: checkpoints do not cover the ads stages (attribution, features, learner) yet",
-            spec.name
-        ));
-    }
     let kafka_metrics = metrics.kafka(&format!("pipeline.{}", spec.name));
     let mut source =
         super::open_source(&spec.source, &spec.name, index, peers, Some(kafka_metrics))
@@ -1028,18 +1021,47 @@ fn build(
         keys: vec![0; spec.features.len()],
         ..AdsReport::default()
     }));
-    let snapshots = Rc::new(RefCell::new(match (&spec.learner, index) {
-        (
-            Some(LearnerSpec {
-                snapshots: Some(path),
-                ..
-            }),
-            0,
-        ) => LineWriter::file(path)
-            .map_err(|e| failed(e.to_string()))
-            .ok(),
-        _ => None,
-    }));
+    let snapshots = resume_writer(
+        match (&spec.learner, index) {
+            (
+                Some(LearnerSpec {
+                    snapshots: Some(path),
+                    ..
+                }),
+                0,
+            ) => LineWriter::file(path)
+                .map_err(|e| failed(e.to_string()))
+                .ok(),
+            _ => None,
+        },
+        &failed,
+        (&states, "sink.snapshots"),
+    );
+    if let Some(saved) = states.take::<LearnerTally>("learner_tally") {
+        *tally.borrow_mut() = saved;
+    }
+    let snapshot_lines: Rc<RefCell<Held>> = Rc::default();
+    if spec.learner.is_some() {
+        // The learner's outputs reach worker 0 at their (complete) window
+        // ends: every one before the checkpoint time is in.
+        let (tally, snapshots, held, errors) = (
+            Rc::clone(&tally),
+            Rc::clone(&snapshots),
+            Rc::clone(&snapshot_lines),
+            Rc::clone(errors),
+        );
+        states.register("learner_tally", move |_| encode(&*tally.borrow()));
+        states.register("sink.snapshots", move |time| {
+            write_complete(
+                &mut held.borrow_mut(),
+                Some(time),
+                &mut snapshots.borrow_mut(),
+                &errors,
+                &|l| l,
+            );
+            writer_state(&snapshots)
+        });
+    }
     let match_tally = Rc::new(RefCell::new(MatchTally::default()));
     let dispatch_sink = match &spec.matching {
         Some(m) => open_writer(&m.dispatches, index, &failed, (&states, "sink.dispatches")),
@@ -1082,9 +1104,18 @@ fn build(
             });
             let features: Rc<[FeatureSpec]> = spec.features.clone().into();
             let (keyed, events) = split_for_features(events, Rc::clone(&features));
-            let values = keyed.window_counts(Rc::clone(&features));
-            let attributed =
-                events.attribute(values, attribution, bucket_ms, features.len());
+            let values = crate::features::window_counts_with(
+                keyed,
+                Rc::clone(&features),
+                (&states, bucket_ms),
+            );
+            let attributed = crate::features::attribute_with(
+                events,
+                values,
+                attribution,
+                (bucket_ms, features.len()),
+                &states,
+            );
             // One pass over the attribution's output (each example is
             // moved, never copied for a second consumer): orphan clicks
             // become dead letters with their reason; examples are reported
@@ -1148,13 +1179,32 @@ fn build(
             let report = Rc::clone(&ads_report);
             let writer = Rc::clone(&examples);
             let errors_here = Rc::clone(errors);
+            if let Some(saved) = states.take::<AdsReport>("ads_report") {
+                *report.borrow_mut() = saved;
+            }
+            let held: Rc<RefCell<Held>> = Rc::default();
+            {
+                // Examples reach worker 0 at their (complete) timestamps:
+                // every one before the checkpoint time is in.
+                let (held, writer, errors, report) = (
+                    Rc::clone(&held),
+                    Rc::clone(&writer),
+                    Rc::clone(errors),
+                    Rc::clone(&report),
+                );
+                states.register("sink.examples", move |time| {
+                    write_complete(&mut held.borrow_mut(), Some(time), &mut writer.borrow_mut(), &errors, &|l| l);
+                    writer_state(&writer)
+                });
+                states.register("ads_report", move |_| encode(&*report.borrow()));
+            }
             reported
                 .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
                     Exchange::new(|_: &Reported| 0),
                     "Examples",
                     move |_cap, _info| {
-                        let mut held = Held::new();
                         move |(input, frontier), _output| {
+                            let mut held = held.borrow_mut();
                             let mut report = report.borrow_mut();
                             input.for_each(|cap, data| {
                                 let Some(&time) = cap.least() else { return };
@@ -1205,7 +1255,7 @@ fn build(
                     _ => None,
                 });
                 learner_tally(
-                    examples.learn(config),
+                    examples.learn_with(config, &states),
                     LearnerReport {
                         pipeline: name.clone(),
                         window_ms: learner.window_ms,
@@ -1213,7 +1263,7 @@ fn build(
                         dense: p,
                     },
                     Rc::clone(&tally),
-                    Rc::clone(&snapshots),
+                    (Rc::clone(&snapshots), Rc::clone(&snapshot_lines)),
                     Rc::clone(errors),
                     metrics.learner(&dataflow),
                     &probe,
@@ -1399,11 +1449,12 @@ struct LearnerReport {
 
 /// Gathers the learner's outputs on worker 0: snapshot lines, the tally,
 /// and each window's metrics once it is complete.
+#[allow(clippy::too_many_arguments)]
 fn learner_tally(
     outputs: StreamVec<'_, u64, LearnerOutput>,
     report: LearnerReport,
     tally: Rc<RefCell<LearnerTally>>,
-    snapshots: SharedWriter,
+    (snapshots, held): (SharedWriter, Rc<RefCell<Held>>),
     errors: Rc<RefCell<Option<String>>>,
     gauges: crate::metrics::LearnerMetrics,
     probe: &ProbeHandle<u64>,
@@ -1419,9 +1470,15 @@ fn learner_tally(
                     input.for_each(|cap, data| {
                         let window = cap.least().copied().unwrap_or(0) / span;
                         let mut tally = tally.borrow_mut();
-                        let mut snapshots = snapshots.borrow_mut();
+                        let with_lines = snapshots.borrow().is_some();
+                        let mut held = held.borrow_mut();
+                        let Some(&time) = cap.least() else { return };
                         for output in data.drain(..) {
-                            let line = match (&output, snapshots.is_some()) {
+                            let key = match &output {
+                                LearnerOutput::Snapshot { entity, .. } => Some(*entity),
+                                _ => None,
+                            };
+                            let line = match (&output, with_lines) {
                                 (
                                     LearnerOutput::Snapshot {
                                         entity,
@@ -1446,27 +1503,30 @@ fn learner_tally(
                                 }
                                 _ => None,
                             };
-                            if let (Some(w), Some(line)) = (snapshots.as_mut(), line)
-                                && let Err(e) = w.write_line(&line.to_string())
-                            {
-                                errors.borrow_mut().get_or_insert(e.to_string());
+                            if let Some(line) = line {
+                                held.entry(time).or_default().push((key, line.to_string()));
                             }
                             tally.add(window, output);
                         }
-                        if let Some(w) = snapshots.as_mut()
-                            && let Err(e) = w.flush()
-                        {
-                            errors.borrow_mut().get_or_insert(e.to_string());
-                        }
                     });
-                    // Publish each window's metrics once it is complete here.
-                    let tally = tally.borrow();
+                    // Snapshot lines are written once their timestamp is
+                    // complete, sorted (the file does not depend on which
+                    // worker's models arrived first).
                     let complete = frontier
                         .frontier()
                         .iter()
                         .min()
                         .copied()
                         .unwrap_or(u64::MAX);
+                    write_complete(
+                        &mut held.borrow_mut(),
+                        Some(complete),
+                        &mut snapshots.borrow_mut(),
+                        &errors,
+                        &|l| l,
+                    );
+                    // Publish each window's metrics once it is complete here.
+                    let tally = tally.borrow();
                     for window in tally.windows_from(reported) {
                         if window.saturating_mul(span).saturating_add(span - 1) >= complete {
                             break;

@@ -50,12 +50,6 @@ pub(super) fn checkpoints(
         );
     }
     for p in pipelines {
-        if p.ads_stages().is_some() {
-            problems.add(
-                format!("checkpoints (pipelines.{})", p.name),
-                "checkpoints do not cover the ads stages (attribution, features, examples, learner) yet: run this pipeline without [checkpoints]",
-            );
-        }
         if let SourceSpec::Kafka(_) = p.source {
             problems.add(
                 format!("checkpoints (pipelines.{}.source)", p.name),

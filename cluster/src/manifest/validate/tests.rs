@@ -136,7 +136,7 @@ fn metrics_ports_follow_the_process_index_and_must_not_collide() {
 }
 
 #[test]
-fn checkpoints_fields_are_checked_and_uncovered_stages_refused() {
+fn checkpoints_fields_are_checked_and_kafka_sources_refused() {
     let p = problems(
         r#"
         [checkpoints]
@@ -162,19 +162,21 @@ fn checkpoints_fields_are_checked_and_uncovered_stages_refused() {
             .any(|m| m.contains("no [pipelines.*] to checkpoint")),
         "{p:?}"
     );
-    // The ads stages are not covered yet: refused by name.
+    // A Kafka source cannot resume yet: refused by name.
     let p = problems(
         r#"
         [checkpoints]
         dir = "ckpt"
         [pipelines.ads]
         family = "ads"
-        [pipelines.ads.learner]
+        [pipelines.ads.source]
+        kind = "kafka"
+        brokers = "127.0.0.1:9092"
+        topic = "ads"
         "#,
     );
     assert!(
-        p.iter()
-            .any(|m| m.contains("pipelines.ads") && m.contains("ads stages")),
+        p.iter().any(|m| m.contains("pipelines.ads.source") && m.contains("Kafka source cannot resume")),
         "{p:?}"
     );
 }
