@@ -95,9 +95,20 @@ fn duplicate_addresses_and_zero_workers_are_reported_together() {
 }
 
 #[test]
-fn unimplemented_section_is_not_supported_yet() {
-    let done = validate("[checkpoints]\ndir = \"/tmp\"\n");
-    assert_rejected(&done, 2, &["checkpoints: not supported yet"]);
+fn checkpoints_fields_are_named_when_wrong() {
+    let done = validate("[checkpoints]\nevery_s = -1\nkeep = 0\n");
+    assert_rejected(
+        &done,
+        2,
+        &[
+            "checkpoints.dir: is required",
+            "checkpoints.every_s: -1 is not a number of seconds",
+            "checkpoints.keep: must be at least 1",
+            "checkpoints: there are no [pipelines.*] to checkpoint",
+        ],
+    );
+    let done = validate("[checkpoints]\ndir = \"c\"\nevery = 3\n");
+    assert_rejected(&done, 2, &["checkpoints.every", "unknown field"]);
 }
 
 #[test]
