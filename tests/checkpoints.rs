@@ -90,13 +90,8 @@ fn kill_when(manifest: &Path, victim: usize, ready: impl Fn() -> bool) {
     );
 }
 
-/// When to kill, from the run's output and checkpoint directories.
-type KillPoint = Box<dyn Fn(&Path, &Path) -> bool>;
-
-#[test]
-fn a_run_killed_anywhere_and_started_again_ends_as_one_never_killed() {
-    let dir = tempfile::tempdir().unwrap();
-    let events = dir.path().join("city.jsonl");
+/// Writes `count` dispatch events (a `malformed` fraction corrupted) to `path`.
+fn generate_dispatch(path: &Path, count: u64, malformed: f64) {
     run_dima(
         &[
             "events",
@@ -104,15 +99,25 @@ fn a_run_killed_anywhere_and_started_again_ends_as_one_never_killed() {
             "--pipeline",
             "dispatch",
             "--count",
-            "150000",
+            &count.to_string(),
             "--malformed",
-            "0.01",
+            &malformed.to_string(),
             "--to",
-            &format!("jsonl:{}", events.display()),
+            &format!("jsonl:{}", path.display()),
         ],
         LIMIT,
     )
     .assert_success();
+}
+
+/// When to kill, from the run's output and checkpoint directories.
+type KillPoint = Box<dyn Fn(&Path, &Path) -> bool>;
+
+#[test]
+fn a_run_killed_anywhere_and_started_again_ends_as_one_never_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("city.jsonl");
+    generate_dispatch(&events, 150_000, 0.01);
     let reference = manifest(dir.path(), "reference.toml", &events, "reference", None);
     let done = run_dima(&["up", reference.to_str().unwrap()], LIMIT);
     done.assert_success().assert_no_panic();
@@ -189,20 +194,7 @@ fn a_run_killed_anywhere_and_started_again_ends_as_one_never_killed() {
 fn checkpoints_of_other_pipelines_and_unwritable_directories_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("city.jsonl");
-    run_dima(
-        &[
-            "events",
-            "generate",
-            "--pipeline",
-            "dispatch",
-            "--count",
-            "60000",
-            "--to",
-            &format!("jsonl:{}", events.display()),
-        ],
-        LIMIT,
-    )
-    .assert_success();
+    generate_dispatch(&events, 60_000, 0.0);
     let first = manifest(dir.path(), "first.toml", &events, "first", Some("shared"));
     run_dima(&["up", first.to_str().unwrap()], LIMIT).assert_success();
     assert!(complete_checkpoints(&dir.path().join("shared")) >= 1);

@@ -131,8 +131,6 @@ pub struct PipelineState {
     pub shares: Vec<ShareState>,
     /// Valid events before `time`, per type (the summary's counts).
     pub counts: [u64; 6],
-    /// Records read before `time`.
-    pub read: u64,
     /// Each stateful operator's encoded state, by name.
     pub operators: BTreeMap<String, Vec<u8>>,
 }

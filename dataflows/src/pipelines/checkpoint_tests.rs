@@ -113,11 +113,26 @@ fn normalized(mut s: PipelineSummary) -> PipelineSummary {
     s
 }
 
-fn files(out: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    ["events.jsonl", "dead.jsonl", "dispatches.jsonl"]
+/// The `names` files under `out`, with their bytes (empty when missing).
+fn read_files(out: &Path, names: &[&str]) -> Vec<(PathBuf, Vec<u8>)> {
+    names
         .iter()
         .map(|f| (out.join(f), std::fs::read(out.join(f)).unwrap_or_default()))
         .collect()
+}
+
+fn files(out: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    read_files(out, &["events.jsonl", "dead.jsonl", "dispatches.jsonl"])
+}
+
+/// Writes the generator's two shards, interleaved as one stream, to `path`.
+fn write_interleaved(path: &Path, generator: &GeneratorSpec) {
+    let text: String = GeneratedLines::new(generator, 0, 2)
+        .zip(GeneratedLines::new(generator, 1, 2))
+        .flat_map(|(a, b)| [a, b])
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(path, text).unwrap();
 }
 
 #[test]
@@ -131,13 +146,7 @@ fn a_stopped_run_restored_from_its_newest_checkpoint_ends_as_one_never_stopped()
         late_fraction: 0.01,
         ..GeneratorSpec::new(Family::Dispatch)
     };
-    // The two shards interleaved, as one stream.
-    let text: String = GeneratedLines::new(&generator, 0, 2)
-        .zip(GeneratedLines::new(&generator, 1, 2))
-        .flat_map(|(a, b)| [a, b])
-        .map(|l| l + "\n")
-        .collect();
-    std::fs::write(&input, text).unwrap();
+    write_interleaved(&input, &generator);
     for workers in [1, 2] {
         let reference = dir.path().join(format!("reference-{workers}"));
         let spec = dispatch_spec(&input, &reference);
@@ -290,10 +299,7 @@ fn ads_spec(input: &Path, out: &Path) -> PipelineSpec {
 }
 
 fn ads_files(out: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    ["examples.jsonl", "dead.jsonl", "models.jsonl"]
-        .iter()
-        .map(|f| (out.join(f), std::fs::read(out.join(f)).unwrap_or_default()))
-        .collect()
+    read_files(out, &["examples.jsonl", "dead.jsonl", "models.jsonl"])
 }
 
 #[test]
@@ -307,12 +313,7 @@ fn the_ads_stages_and_the_learner_restore_to_the_same_models() {
         late_fraction: 0.005,
         ..GeneratorSpec::new(Family::Ads)
     };
-    let text: String = GeneratedLines::new(&generator, 0, 2)
-        .zip(GeneratedLines::new(&generator, 1, 2))
-        .flat_map(|(a, b)| [a, b])
-        .map(|l| l + "\n")
-        .collect();
-    std::fs::write(&input, text).unwrap();
+    write_interleaved(&input, &generator);
     for workers in [1, 2] {
         let reference = dir.path().join(format!("ads-reference-{workers}"));
         let expected = run(workers, &ads_spec(&input, &reference), None, None);

@@ -470,7 +470,6 @@ impl Runner {
             finished: self.finished_at.is_some_and(|t| t < time),
             shares,
             counts,
-            read: 0,
             operators: self.states.save(time)?,
         })
     }
@@ -782,6 +781,28 @@ fn writer_state(writer: &SharedWriter) -> Result<Vec<u8>, String> {
     encode(&state)
 }
 
+/// Registers a sink's saver as `state`: it writes every held record before
+/// the checkpoint time, then saves the writer's length.
+fn register_sink<D: 'static>(
+    (states, state): (&States, &str),
+    held: &Rc<RefCell<BTreeMap<u64, Vec<D>>>>,
+    writer: &SharedWriter,
+    errors: &Rc<RefCell<Option<String>>>,
+    line: impl Fn(D) -> (Option<u64>, String) + 'static,
+) {
+    let (held, writer, errors) = (Rc::clone(held), Rc::clone(writer), Rc::clone(errors));
+    states.register(state, move |time| {
+        write_complete(
+            &mut held.borrow_mut(),
+            Some(time),
+            &mut writer.borrow_mut(),
+            &errors,
+            &line,
+        );
+        writer_state(&writer)
+    });
+}
+
 /// A sink operator on worker 0: holds each timestamp's records until the
 /// timestamp is complete, then writes them sorted ([`write_complete`]) and
 /// flushes (a timestamp complete here is on disk). With checkpoints it
@@ -801,22 +822,8 @@ fn write_lines<D: timely::ExchangeData>(
     let held: Rc<RefCell<BTreeMap<u64, Vec<D>>>> = Rc::default();
     let line = Rc::new(line);
     {
-        let (held, writer, errors, line) = (
-            Rc::clone(&held),
-            Rc::clone(&writer),
-            Rc::clone(&errors),
-            Rc::clone(&line),
-        );
-        states.register(state, move |time| {
-            write_complete(
-                &mut held.borrow_mut(),
-                Some(time),
-                &mut writer.borrow_mut(),
-                &errors,
-                &*line,
-            );
-            writer_state(&writer)
-        });
+        let line = Rc::clone(&line);
+        register_sink((states, state), &held, &writer, &errors, move |d| line(d));
     }
     stream
         .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
@@ -985,7 +992,8 @@ fn build(
                 Box::new(source::Empty)
             });
     let mut clocks = BTreeMap::new();
-    let pipeline_metrics_early = metrics.pipeline(&format!("pipeline.{}", spec.name));
+    let dataflow = format!("pipeline.{}", spec.name);
+    let pipeline_metrics = metrics.pipeline(&dataflow);
     if let Some(saved) = saved {
         for share in &saved.shares {
             if let Err(e) = source.seek(share.share, share.resume) {
@@ -996,7 +1004,7 @@ fn build(
                 Share::new(
                     &spec.time,
                     share.greatest,
-                    pipeline_metrics_early.watermark_lag(share.share),
+                    pipeline_metrics.watermark_lag(share.share),
                 ),
             );
         }
@@ -1044,23 +1052,15 @@ fn build(
     if spec.learner.is_some() {
         // The learner's outputs reach worker 0 at their (complete) window
         // ends: every one before the checkpoint time is in.
-        let (tally, snapshots, held, errors) = (
-            Rc::clone(&tally),
-            Rc::clone(&snapshots),
-            Rc::clone(&snapshot_lines),
-            Rc::clone(errors),
-        );
+        let tally = Rc::clone(&tally);
         states.register("learner_tally", move |_| encode(&*tally.borrow()));
-        states.register("sink.snapshots", move |time| {
-            write_complete(
-                &mut held.borrow_mut(),
-                Some(time),
-                &mut snapshots.borrow_mut(),
-                &errors,
-                &|l| l,
-            );
-            writer_state(&snapshots)
-        });
+        register_sink(
+            (&states, "sink.snapshots"),
+            &snapshot_lines,
+            &snapshots,
+            errors,
+            |l| l,
+        );
     }
     let match_tally = Rc::new(RefCell::new(MatchTally::default()));
     let dispatch_sink = match &spec.matching {
@@ -1070,8 +1070,6 @@ fn build(
     let probe = ProbeHandle::new();
     let name = spec.name.clone();
     let family = spec.family;
-    let dataflow = format!("pipeline.{name}");
-    let pipeline_metrics = metrics.pipeline(&dataflow);
     let has_sink = spec.sink != SinkSpec::None;
     let bucket_ms = spec.time.bucket_ms;
 
@@ -1186,16 +1184,8 @@ fn build(
             {
                 // Examples reach worker 0 at their (complete) timestamps:
                 // every one before the checkpoint time is in.
-                let (held, writer, errors, report) = (
-                    Rc::clone(&held),
-                    Rc::clone(&writer),
-                    Rc::clone(errors),
-                    Rc::clone(&report),
-                );
-                states.register("sink.examples", move |time| {
-                    write_complete(&mut held.borrow_mut(), Some(time), &mut writer.borrow_mut(), &errors, &|l| l);
-                    writer_state(&writer)
-                });
+                register_sink((&states, "sink.examples"), &held, &writer, errors, |l| l);
+                let report = Rc::clone(&report);
                 states.register("ads_report", move |_| encode(&*report.borrow()));
             }
             reported
